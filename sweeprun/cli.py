@@ -1,0 +1,148 @@
+"""The ``sweeprun`` command: parse flags, call the library, render, exit code.
+
+Exit codes (SPEC): 0 all runs done; 1 some run failed for good; 2 bad input,
+printed as one line with no traceback; 130/143 interrupted by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .errors import SpecError, SweeprunError
+from .runner import LaunchOptions, Launcher
+from .spec import SweepSpec, load_spec
+from .sweep import Sweep
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  help="Idempotent hyperparameter sweeps: run the same command again after any interruption.")
+
+SweepFile = Annotated[Path, typer.Argument(help="The sweep file (YAML).", show_default=False, metavar="SWEEP.yaml")]
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Store path or fsspec URL; overrides the file.")]
+LedgerOpt = Annotated[str | None, typer.Option(
+    "--ledger", help="Ledger file on local disk (default: under ~/.local/state/sweeprun).")]
+GraceOpt = Annotated[float | None, typer.Option(
+    "--grace-s", min=0, help="Seconds a run gets to checkpoint and exit after SIGTERM (default 30).")]
+LeaseOpt = Annotated[float | None, typer.Option(
+    "--lease-s", min=1, help="Seconds a claim lives without a heartbeat before another worker may take it (default 60).")]
+AttemptsOpt = Annotated[int | None, typer.Option(
+    "--max-attempts", min=1, help="Real failures before a run is marked failed; overrides the file.")]
+
+
+def _spec(path: Path, **overrides: object) -> SweepSpec:
+    return load_spec(path).with_overrides(**overrides)
+
+
+def _parse_gpus(gpus: str | None) -> list[str] | None:
+    if gpus is None:
+        return None
+    items = [g.strip() for g in gpus.split(",")]
+    if not items or any(not g.isdigit() for g in items):
+        raise SpecError(f"--gpus {gpus!r}: give GPU indices separated by commas, e.g. --gpus 0,1")
+    if len(set(items)) != len(items):
+        raise SpecError(f"--gpus {gpus!r} names a GPU twice")
+    return items
+
+
+def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None) -> int:
+    gpu_list = _parse_gpus(gpus)
+    sweep = Sweep(spec, ledger)
+    led = sweep.prepare()
+    console = Console(stderr=False)
+    try:
+        done = sum(1 for r in led.rows() if r.state.value == "done")
+        from .render import make_events
+
+        events = make_events(console, len(sweep.runs), done)
+        try:
+            result = Launcher(sweep, led, LaunchOptions(workers=workers, gpus=gpu_list), events).run()
+        finally:
+            events.close()
+    finally:
+        led.close()
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(result.states.items()))
+    console.print(f"[sweeprun] {spec.name}: {summary}; {result.started} process(es) started; "
+                  f"exit {result.exit_code}", markup=False, highlight=False)
+    return result.exit_code
+
+
+@app.command()
+def launch(
+    sweep_file: SweepFile,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Runs in parallel on this machine.")] = 1,
+    gpus: Annotated[str | None, typer.Option(
+        "--gpus", help="Comma-separated GPU indices: one slot per GPU, each with its own CUDA_VISIBLE_DEVICES.")] = None,
+    store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
+    lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None,
+) -> None:
+    """Run every run that is not done: skip done, resume interrupted, retry failed.
+
+    Safe to start several times at once; after any interruption, run the same command again.
+    """
+    spec = _spec(sweep_file, store=store, ledger=ledger, grace_s=grace_s, lease_s=lease_s,
+                 max_attempts=max_attempts)
+    raise typer.Exit(_launch(spec, ledger, workers, gpus))
+
+
+@app.command()
+def worker(
+    sweep_file: SweepFile,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Runs in parallel in this worker.")] = 1,
+    gpus: Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, one slot each.")] = None,
+    store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
+    lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None,
+) -> None:
+    """Join a running sweep as one more worker, from a second notebook or terminal."""
+    spec = _spec(sweep_file, store=store, ledger=ledger, grace_s=grace_s, lease_s=lease_s,
+                 max_attempts=max_attempts)
+    raise typer.Exit(_launch(spec, ledger, workers, gpus))
+
+
+@app.command()
+def status(
+    sweep_file: SweepFile,
+    store: StoreOpt = None, ledger: LedgerOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")] = False,
+) -> None:
+    """Show each run's state, attempts, progress, checkpoint age and worker. Writes nothing."""
+    spec = _spec(sweep_file, store=store, ledger=ledger)
+    rows = Sweep(spec, ledger).status()
+    if as_json:
+        sys.stdout.write(json.dumps([r.as_json() for r in rows], indent=1) + "\n")
+        return
+    from .render import status_table
+
+    Console().print(status_table(rows, title=f"sweep {spec.name} · {spec.store}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: every user mistake becomes one line on stderr and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=argv, prog_name="sweeprun", standalone_mode=False)
+    except SweeprunError as exc:
+        _error(str(exc))
+        return 2
+    except click.ClickException as exc:
+        _error(exc.format_message())
+        return 2
+    except click.exceptions.Abort:
+        return 130
+    return rc if isinstance(rc, int) else 0
+
+
+def _error(message: str) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[red]error:[/] {escape(' '.join(message.split()))}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

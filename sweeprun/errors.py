@@ -1,0 +1,31 @@
+"""The few exception types sweeprun raises.
+
+Every message names the object at fault and what the user can do next; the CLI
+prints it as one line and exits with code 2, so messages must stand on their own.
+"""
+
+from __future__ import annotations
+
+
+class SweeprunError(Exception):
+    """Base class: anything the user can fix; the CLI prints it and exits 2."""
+
+
+class SpecError(SweeprunError):
+    """The sweep file or a command-line flag is invalid."""
+
+
+class StoreError(SweeprunError):
+    """The store cannot be reached, read or written."""
+
+
+class LedgerError(SweeprunError):
+    """The ledger database is unusable (corrupt, locked, on a network mount)."""
+
+
+class CheckpointError(SweeprunError):
+    """No usable checkpoint, or one that belongs to another run or sweep."""
+
+
+class LeaseLost(SweeprunError):
+    """This worker's claim on a run was taken over; it must stop and write nothing."""

@@ -1,0 +1,131 @@
+"""Rows and events to rich tables, live progress or plain lines. Decides nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .ledger import RunState
+from .sweep import StatusRow
+
+STATE_STYLE = {RunState.PENDING: "dim", RunState.RUNNING: "cyan", RunState.INTERRUPTED: "yellow",
+               RunState.FAILED: "red", RunState.DONE: "green"}
+
+
+def format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _value(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def totals_line(rows: Sequence[StatusRow]) -> str:
+    counts = Counter(r.state for r in rows)
+    parts = [f"{counts[s]} {s.value}" for s in RunState if counts[s]]
+    return f"{len(rows)} runs: " + ", ".join(parts)
+
+
+def status_table(rows: Sequence[StatusRow], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in ("run", "params", "state", "attempts", "progress", "checkpoint", "worker"):
+        table.add_column(name, overflow="fold")
+    for r in rows:
+        progress = "-"
+        if r.step is not None:
+            progress = f"step {r.step}"
+            if r.metric:
+                progress += f" · {r.metric[0]} {r.metric[1]:.4g}"
+        attempts = str(r.attempts) + (f" ({r.failures} failed)" if r.failures else "")
+        table.add_row(escape(r.run_id), escape(" ".join(f"{k}={_value(v)}" for k, v in r.params.items())),
+                      f"[{STATE_STYLE[r.state]}]{r.state.value}[/]", attempts, escape(progress),
+                      format_age(r.checkpoint_age_s), escape(r.worker or "-"))
+    table.caption = totals_line(rows)
+    table.caption_justify = "left"
+    return table
+
+
+class PlainEvents:
+    """One line per event, for logs and pipes (and the tests)."""
+
+    def __init__(self, console: Console, total: int, done: int) -> None:
+        self.console = console
+        self.total = total
+        self.done = done
+        self._lock = threading.Lock()
+
+    def _print(self, text: str) -> None:
+        with self._lock:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def started(self, run_id: str, attempt: int, slot: int) -> None:
+        self._print(f"[sweeprun] start {run_id} (attempt {attempt}, slot {slot})")
+
+    def output(self, run_id: str, line: str) -> None:
+        self._print(f"[{run_id}] {line}")
+
+    def ended(self, run_id: str, attempt: int, state: RunState | None, exit_code: int | None,
+              elapsed_s: float) -> None:
+        if state is RunState.DONE:
+            self.done += 1
+        what = state.value if state else "lost the lease (another worker owns it)"
+        self._print(f"[sweeprun] {run_id} {what} (exit {exit_code}, {elapsed_s:.1f} s) "
+                    f"[{self.done}/{self.total} done]")
+
+    def note(self, message: str) -> None:
+        self._print(f"[sweeprun] {message}")
+
+    def close(self) -> None:
+        pass
+
+
+class LiveEvents(PlainEvents):
+    """A progress bar for terminals: runs done of total, running, failed, ETA; output scrolls above."""
+
+    def __init__(self, console: Console, total: int, done: int) -> None:
+        super().__init__(console, total, done)
+        self.running = 0
+        self.failed = 0
+        self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[detail]}"), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self.task = self.progress.add_task("runs", total=total, completed=done, detail="")
+        self.started_at = time.monotonic()
+        self.progress.start()
+
+    def _refresh(self) -> None:
+        self.progress.update(self.task, completed=self.done,
+                             detail=f"{self.running} running · {self.failed} failed")
+
+    def started(self, run_id: str, attempt: int, slot: int) -> None:
+        self.running += 1
+        self._refresh()
+        super().started(run_id, attempt, slot)
+
+    def ended(self, run_id: str, attempt: int, state: RunState | None, exit_code: int | None,
+              elapsed_s: float) -> None:
+        self.running -= 1
+        self.failed += state is RunState.FAILED
+        super().ended(run_id, attempt, state, exit_code, elapsed_s)
+        self._refresh()
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def make_events(console: Console, total: int, done: int) -> PlainEvents:
+    return (LiveEvents if console.is_terminal else PlainEvents)(console, total, done)

@@ -1,0 +1,72 @@
+"""A tiny training stand-in for launcher tests: no torch, starts in milliseconds.
+
+It counts ``steps`` steps of ``sleep`` seconds, checkpoints its step to a JSON
+file in its run directory after each one (atomically), and records in a side
+log (``SIDE_LOG``) every start, resume point and finish, so tests can prove what
+ran and when. A per-run ``flock`` detects two processes on one run at once.
+"""
+
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+
+run_dir = os.environ["SWEEPRUN_RUN_DIR"]
+run_id = os.environ["SWEEPRUN_RUN_ID"]
+attempt = int(os.environ["SWEEPRUN_ATTEMPT"])
+params = json.loads(os.environ["SWEEPRUN_PARAMS"])
+side_log = os.environ["SIDE_LOG"]
+steps = int(params.get("steps", 5))
+sleep_s = float(params.get("sleep", 0.05))
+
+
+def side(event: str, **extra: object) -> None:
+    line = json.dumps({"run": run_id, "attempt": attempt, "pid": os.getpid(), "event": event, **extra})
+    with open(side_log, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+lock = open(os.path.join(os.environ["LOCK_DIR"], run_id + ".lock"), "w")
+try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    side("overlap")
+    sys.exit(3)
+
+ckpt = os.path.join(run_dir, "ckpt.json")
+step = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
+side("start", from_step=step)
+
+stop = False
+
+
+def on_term(signum, frame):
+    global stop
+    stop = True
+
+
+signal.signal(signal.SIGTERM, on_term)
+if params.get("fail"):
+    print("failing on purpose", flush=True)
+    side("fail")
+    sys.exit(7)
+while step < steps:
+    time.sleep(sleep_s)
+    step += 1
+    tmp = ckpt + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"step": step}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+    print(f"step {step}", flush=True)
+    if stop:
+        side("preempted", step=step)
+        sys.exit(75)
+side("finish", step=step)
