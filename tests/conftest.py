@@ -1,0 +1,96 @@
+"""Shared fixtures: an isolated sweep folder, a sweep-file writer and a launcher started as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import settings
+
+# Shared 2-core machines: a property test must fail on a wrong answer, never on a slow one.
+settings.register_profile("sweeprun", deadline=None, derandomize=True)
+settings.load_profile("sweeprun")
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_SCRIPT = REPO / "tests" / "scripts" / "steps.py"
+
+
+@dataclass
+class Sandbox:
+    """One test's world: where the store, the ledger, the side log and the locks live."""
+
+    root: Path
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def side_log(self) -> Path:
+        return self.root / "side.log"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "state" / "ledger.sqlite"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(SIDE_LOG=str(self.side_log), LOCK_DIR=str(self.root / "locks"),
+                   SWEEPRUN_HOME=str(self.root / "state"), PYTHONPATH=str(REPO), **extra)
+        return env
+
+    def write_sweep(self, grid: dict[str, list[Any]], params: dict[str, Any] | None = None,
+                    name: str = "t", command: str | None = None, **extra: Any) -> Path:
+        spec = {"name": name,
+                "command": command or f"python {STEPS_SCRIPT} --x 1",
+                "store": str(self.store), "grid": grid, "params": params or {}, **extra}
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return path
+
+    def sweeprun(self, *args: str, **popen: Any) -> subprocess.Popen[str]:
+        """Start ``sweeprun ARGS`` as its own process group, like a terminal would."""
+        return subprocess.Popen([sys.executable, "-m", "sweeprun", *args, "--ledger", str(self.ledger)]
+                                if args and args[0] in ("launch", "worker", "status") else
+                                [sys.executable, "-m", "sweeprun", *args],
+                                env=self.env(), cwd=self.root, text=True, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        proc = self.sweeprun(*args)
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.side_log.exists():
+            return []
+        return [json.loads(line) for line in self.side_log.read_text().splitlines() if line.strip()]
+
+    def status(self, sweep: Path) -> dict[str, dict[str, Any]]:
+        result = self.run("status", str(sweep), "--json")
+        assert result.returncode == 0, result.stderr
+        return {row["run_id"]: row for row in json.loads(result.stdout)}
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Sandbox:
+    (tmp_path / "locks").mkdir()
+    return Sandbox(tmp_path)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    """Poll until ``predicate()``; the timeout only guards against a hung test, it asserts nothing about speed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -1,0 +1,65 @@
+"""Run identity: one id per parameter set, whatever its spelling; every id a safe path segment."""
+
+from __future__ import annotations
+
+import string
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sweeprun.identity import LABEL_MAX_CHARS, run_id
+
+names = st.text(alphabet=string.ascii_letters + "_", min_size=1, max_size=12)
+scalars = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
+                    st.booleans(), st.text(max_size=300), st.none())
+values = st.one_of(scalars, st.lists(scalars, max_size=4))
+param_sets = st.dictionaries(names, values, min_size=0, max_size=6)
+
+
+def test_spec_example_shape() -> None:
+    rid = run_id({"lr": 0.01, "seed": 0, "weight_decay": 0.0001, "epochs": 20},
+                 label_keys=["lr", "weight_decay", "seed"])
+    assert rid.startswith("lr=0.01,seed=0,weight_decay=0.0001-")
+    assert len(rid.rsplit("-", 1)[1]) == 8
+
+
+@given(param_sets, st.randoms())
+def test_key_order_does_not_matter(params: dict, rnd) -> None:
+    items = list(params.items())
+    rnd.shuffle(items)
+    assert run_id(dict(items)) == run_id(params)
+
+
+@given(st.integers(-10**9, 10**9))
+def test_int_and_float_spellings_are_one_id(n: int) -> None:
+    assert run_id({"x": n}) == run_id({"x": float(n)})
+
+
+def test_number_spellings() -> None:
+    assert run_id({"lr": 1e-4}) == run_id({"lr": 0.0001}) == run_id({"lr": float("1E-04")})
+    assert run_id({"x": -0.0}) == run_id({"x": 0})
+    assert run_id({"flag": True}) != run_id({"flag": 1})
+    assert run_id({"s": "caf\u00e9"}) == run_id({"s": "cafe\u0301"})  # NFC
+
+
+@given(param_sets, param_sets)
+def test_different_params_give_different_ids(a: dict, b: dict) -> None:
+    from sweeprun.identity import canonical_json
+
+    if canonical_json(a) != canonical_json(b):
+        assert run_id(a) != run_id(b)
+
+
+@given(param_sets)
+def test_ids_are_safe_path_segments(params: dict) -> None:
+    rid = run_id(params)
+    assert rid and rid not in (".", "..")
+    assert "/" not in rid and "\\" not in rid and "\x00" not in rid
+    assert all(c in string.ascii_letters + string.digits + "._+=,-" for c in rid)
+    assert len(rid) <= LABEL_MAX_CHARS + 9
+
+
+def test_hostile_values_stay_inside_the_store() -> None:
+    for value in ["../../etc/passwd", "/abs/path", "..", "a\nb", "; rm -rf ~", "x" * 10_000, "日本語"]:
+        rid = run_id({"name": value})
+        assert "/" not in rid and ".." != rid and len(rid) <= LABEL_MAX_CHARS + 9
