@@ -25,6 +25,8 @@ from .base import Claim, Ledger, Outcome, RunRow, RunState
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "ceph", "glusterfs", "lustre", "afs")
 ALLOW_NETWORK_ENV = "SWEEPRUN_ALLOW_NETWORK_LEDGER"
 
+BUSY_TIMEOUT_ENV = "SWEEPRUN_BUSY_TIMEOUT_S"  # how long to wait for another process's lock
+
 SCHEMA_VERSION = 1
 
 
@@ -53,11 +55,12 @@ def _is_network_fs(fstype: str | None) -> bool:
 class SqliteLedger(Ledger):
     """The default ledger. Safe for many processes on one host; never on a network mount."""
 
-    def __init__(self, path: str | Path, sweep: str, *, busy_timeout_s: float = 30.0,
+    def __init__(self, path: str | Path, sweep: str, *, busy_timeout_s: float | None = None,
                  readonly: bool = False) -> None:
         self.path = Path(path).expanduser()
         self.sweep = sweep
-        self.busy_timeout_s = busy_timeout_s
+        self.busy_timeout_s = (busy_timeout_s if busy_timeout_s is not None
+                               else float(os.environ.get(BUSY_TIMEOUT_ENV, 30.0)))
         self.readonly = readonly
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
