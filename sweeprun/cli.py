@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -20,6 +19,11 @@ from .errors import SpecError, SweeprunError
 from .runner import LaunchOptions, Launcher
 from .spec import SweepSpec, load_spec
 from .sweep import Sweep
+
+try:  # typer >= 0.20 vendors its own click; older releases use click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import ClickException  # type: ignore[no-redef]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
@@ -131,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     except SweeprunError as exc:
         _error(str(exc))
         return 2
-    except click.ClickException as exc:
+    except ClickException as exc:
         _error(exc.format_message())
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         return 130
     return rc if isinstance(rc, int) else 0
 
