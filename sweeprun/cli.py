@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import SpecError, SweeprunError
-from .runner import LaunchOptions, Launcher
+from .runner import Launcher, LaunchOptions
 from .spec import SweepSpec, load_spec
 from .sweep import Sweep
 
@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(exc))
         return 2
     except ClickException as exc:
-        _error(exc.format_message())
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `sweeprun`: the help, as written
+            sys.stderr.write(exc.format_message() + "\n")
+        else:
+            _error(exc.format_message())
         return 2
     except typer.Abort:
         return 130

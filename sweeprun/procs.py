@@ -12,7 +12,9 @@ import signal
 import socket
 from dataclasses import dataclass
 
-HOST = socket.gethostname()
+#: This machine's name in the ledger. ``SWEEPRUN_HOST`` overrides it, e.g. for containers that
+#: share a hostname, or for tests that play several machines on one.
+HOST = os.environ.get("SWEEPRUN_HOST") or socket.gethostname()
 
 
 def start_time(pid: int) -> int | None:

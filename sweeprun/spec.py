@@ -55,7 +55,7 @@ class SweepSpec:
         out: list[RunSpec] = []
         seen: dict[str, dict[str, Any]] = {}
         for index, values in enumerate(itertools.product(*(self.grid[a] for a in axes))):
-            params = {**self.params, **dict(zip(axes, values))}
+            params = {**self.params, **dict(zip(axes, values, strict=True))}
             run = RunSpec.from_params(params, label_keys=axes, index=index)
             if run.run_id in seen:
                 raise SpecError(f"{self.source}: grid gives the same run twice ({run.run_id}); "

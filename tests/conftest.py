@@ -57,16 +57,17 @@ class Sandbox:
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
         return path
 
-    def sweeprun(self, *args: str, **popen: Any) -> subprocess.Popen[str]:
-        """Start ``sweeprun ARGS`` as its own process group, like a terminal would."""
+    def sweeprun(self, *args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen[str]:
+        """Start ``sweeprun ARGS`` as its own process group, like a terminal would; ``env`` adds variables."""
         return subprocess.Popen([sys.executable, "-m", "sweeprun", *args, "--ledger", str(self.ledger)]
                                 if args and args[0] in ("launch", "worker", "status") else
                                 [sys.executable, "-m", "sweeprun", *args],
-                                env=self.env(), cwd=self.root, text=True, start_new_session=True,
+                                env=self.env(**(env or {})), cwd=self.root, text=True, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        proc = self.sweeprun(*args)
+    def run(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        proc = self.sweeprun(*args, env=env)
         out, err = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
