@@ -70,3 +70,31 @@ def test_worker_joins_a_sweep(sandbox: Sandbox) -> None:
     sweep = sandbox.write_sweep({"a": [1, 2, 3]}, {"steps": 1, "sleep": 0})
     assert sandbox.run("worker", str(sweep)).returncode == 0
     assert {r["state"] for r in sandbox.status(sweep).values()} == {"done"}
+
+
+def test_gpus_give_each_slot_its_own_device(sandbox: Sandbox) -> None:
+    sweep = sandbox.write_sweep(
+        {"a": [1, 2, 3, 4]},
+        command="python -c \"import os; print('cvd=' + os.environ['CUDA_VISIBLE_DEVICES'])\" {a}")
+    result = sandbox.run("launch", str(sweep), "--gpus", "3,5")
+    assert result.returncode == 0, result.stderr
+    logs = sorted((sandbox.store / "t" / "runs").glob("*/logs/attempt-1.log"))
+    assert len(logs) == 4
+    assert {log.read_text().strip() for log in logs} <= {"cvd=3", "cvd=5"}
+    assert "slot 1" in result.stdout or "slot 0" in result.stdout
+
+
+def test_live_view_on_a_terminal() -> None:
+    from sweeprun.ledger import RunState
+    from sweeprun.render import LiveEvents, make_events
+
+    console = Console(record=True, width=100, force_terminal=True)
+    events = make_events(console, total=3, done=1)
+    assert isinstance(events, LiveEvents)
+    events.started("a=1-0000", 1, 0)
+    events.output("a=1-0000", "epoch 1 loss 0.5")
+    events.ended("a=1-0000", 1, RunState.DONE, 0, 1.5)
+    events.close()
+    text = console.export_text()
+    assert "[a=1-0000] epoch 1 loss 0.5" in text
+    assert "2/3" in text and "0 running · 0 failed" in text
