@@ -232,9 +232,15 @@ class Launcher:
             if not self.ledger.heartbeat(claim, self.spec.lease_s):
                 self.events.ended(claim.run_id, claim.attempt, None, rc, time.monotonic() - start)
                 return
-            paths.write_done({"run_id": claim.run_id, "attempt": claim.attempt,
-                              "params": claim.params, "worker": self.me.label,
-                              "elapsed_s": round(time.monotonic() - start, 3)})
+            try:
+                paths.write_done({"run_id": claim.run_id, "attempt": claim.attempt,
+                                  "params": claim.params, "worker": self.me.label,
+                                  "elapsed_s": round(time.monotonic() - start, 3)})
+            except SweeprunError:
+                # The run's work is saved; only its marker is not. Leave it resumable
+                # (its final checkpoint makes the next attempt instant) and stop.
+                self._end(claim, Outcome.INTERRUPTED, rc, start)
+                raise
             self._end(claim, Outcome.DONE, rc, start)
         elif (rc == PREEMPTED_EXIT or -rc in _PREEMPTION_SIGNALS or active.killed_by_us
               or self._stop_signal is not None):
