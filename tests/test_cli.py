@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from conftest import Sandbox
 from sweeprun import Sweep, load_spec
 from sweeprun.cli import app
 from sweeprun.render import status_table
+
+from conftest import Sandbox
 
 
 @pytest.mark.parametrize("command", ["launch", "worker", "status"])

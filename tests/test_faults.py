@@ -14,9 +14,10 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import Sandbox, wait_for
 
 from sweeprun.faults import POINTS
+
+from conftest import Sandbox, wait_for
 
 
 def starts(sandbox: Sandbox) -> list[dict]:

@@ -1,0 +1,118 @@
+"""Chaos: a 3x3 sweep of the real example under two launchers whose process groups are
+killed at random moments (SIGKILL as a lost machine, SIGTERM as a preemption notice)
+and restarted, until every run is done. Then every run must equal an uninterrupted
+reference bit for bit, no run may ever have had two processes, and a relaunch starts
+nothing. The figures are printed (run with -s) and, with SWEEPRUN_CHAOS_REPORT=path,
+written as JSON for the README's reliability section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sweeprun.training import load_checkpoint
+
+from _training_helpers import REPO, assert_same_tree
+from conftest import Sandbox
+
+LRS = [0.01, 0.003, 0.03]
+SEEDS = [0, 1, 2]
+EPOCHS = 2
+STEPS = EPOCHS * 16
+EXAMPLE_FLAGS = "--weight-decay 0.0001 --epochs {epochs} --save-every-steps 5 --step-sleep-s 0.02"
+KILLS = 10
+
+
+def reference(tmp: Path, lr: float, seed: int) -> dict:
+    """The same run, never interrupted, standalone."""
+    import subprocess
+    import sys
+
+    out = tmp / f"ref-{lr}-{seed}"
+    subprocess.run([sys.executable, str(REPO / "examples" / "train_mlp.py"), "--lr", str(lr),
+                    "--seed", str(seed), *EXAMPLE_FLAGS.format(epochs=EPOCHS).split(), "--out", str(out)],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    return load_checkpoint(out)
+
+
+def max_steps(runs: Path) -> dict[str, int]:
+    """The furthest step each run has logged so far (its metrics file, one line per step)."""
+    out = {}
+    for metrics in runs.glob("*/metrics.jsonl"):
+        steps = [json.loads(line)["step"] for line in metrics.read_text().split("\n")[:-1] if line.strip()]
+        out[metrics.parent.name] = max(steps, default=0)
+    return out
+
+
+def test_chaos_sweep_survives_random_kills(sandbox: Sandbox) -> None:
+    rnd = random.Random(20261123)
+    sweep = sandbox.write_sweep(
+        {"lr": LRS, "seed": SEEDS}, {"epochs": EPOCHS}, name="chaos", lease_s=3, grace_s=10,
+        command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
+                f"--lr {{lr}} --seed {{seed}} {EXAMPLE_FLAGS}")
+    runs_dir = sandbox.store / "chaos" / "runs"
+    launchers = [sandbox.sweeprun("launch", str(sweep)) for _ in range(2)]
+    kills = {"SIGKILL": 0, "SIGTERM": 0}
+    lost_at: list[tuple[str, int, int]] = []  # (run, attempt killed, furthest step it had logged)
+    started = time.monotonic()
+    for _ in range(KILLS):
+        time.sleep(rnd.uniform(1.0, 3.5))
+        i = rnd.randrange(2)
+        sig = signal.SIGKILL if rnd.random() < 0.6 else signal.SIGTERM
+        if launchers[i].poll() is None:
+            held = {r: row["attempts"] for r, row in sandbox.status(sweep).items()
+                    if row["worker"] and row["worker"].endswith(f":{launchers[i].pid}")}
+            steps = max_steps(runs_dir)
+            os.killpg(launchers[i].pid, sig)
+            lost_at.extend((r, n, steps.get(r, 0)) for r, n in held.items())
+            kills[sig.name] += 1
+        launchers[i].communicate(timeout=120)
+        launchers[i] = sandbox.sweeprun("launch", str(sweep))
+    codes = [p.communicate(timeout=600)[0] and p.returncode for p in launchers]
+    if any(code != 0 for code in codes):  # the last kill may have hit the last run
+        assert sandbox.run("launch", str(sweep), timeout=600).returncode == 0
+    chaos_s = time.monotonic() - started
+
+    status = sandbox.status(sweep)
+    assert len(status) == 9 and {row["state"] for row in status.values()} == {"done"}
+
+    events = sandbox.events()
+    assert not [e for e in events if e["event"] == "overlap"], "a run had two processes at once"
+
+    with ThreadPoolExecutor(2) as pool:
+        refs = dict(zip(status, pool.map(lambda r: reference(sandbox.root, r["params"]["lr"], r["params"]["seed"]),
+                                         status.values()), strict=True))
+    for run_id, ref in refs.items():
+        got = load_checkpoint(runs_dir / run_id)
+        assert got["step"] == ref["step"] == STEPS
+        assert_same_tree(got["objects"]["model"], ref["objects"]["model"], f"{run_id} model")
+        assert_same_tree(got["objects"]["optimizer"], ref["objects"]["optimizer"], f"{run_id} optimizer")
+        entries = [json.loads(line) for line in (runs_dir / run_id / "metrics.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in entries] == list(range(1, STEPS + 1))
+
+    again = sandbox.run("launch", str(sweep))
+    assert again.returncode == 0 and "0 process(es) started" in again.stdout
+
+    # Figures: how much work the interruptions cost. A run killed at attempt n had logged
+    # `reached` steps; attempt n+1 says where it resumed; the difference was computed twice.
+    recomputed = 0
+    for run_id, attempt, reached in lost_at:
+        log = runs_dir / run_id / "logs" / f"attempt-{attempt + 1}.log"
+        m = re.search(r"resumed from .* \(step (\d+)", log.read_text()) if log.exists() else None
+        recomputed += max(0, reached - (int(m.group(1)) if m else 0))
+    resumes = sum(1 for log in runs_dir.glob("*/logs/attempt-*.log") if "resumed from" in log.read_text())
+    starts = sum(1 for e in events if e["event"] == "start")
+    report = {"kills": kills, "process_starts": starts, "ideal_starts": 9, "resumes": resumes,
+              "ideal_steps": 9 * STEPS, "steps_recomputed": recomputed,
+              "save_every_steps": 5, "chaos_s": round(chaos_s, 1)}
+    print("\nchaos report:", json.dumps(report))
+    if os.environ.get("SWEEPRUN_CHAOS_REPORT"):
+        Path(os.environ["SWEEPRUN_CHAOS_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
+    assert sum(kills.values()) >= 5
