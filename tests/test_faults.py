@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from sweeprun.faults import POINTS
+from sweeprun.training import load_checkpoint
 
+from _training_helpers import TOTAL_STEPS, ExampleRun, assert_same_run
 from conftest import Sandbox, wait_for
 
 
@@ -81,3 +85,68 @@ def test_worker_paused_past_its_lease_is_fenced_out(sandbox: Sandbox) -> None:
     events = sandbox.events()
     assert not [e for e in events if e["event"] == "overlap"]
     assert [e["attempt"] for e in events if e["event"] == "finish"] == [2]
+
+
+# -- storage faults: the store fills up or turns read-only during a save -----------------
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A real 2 MiB filesystem (tmpfs), where this machine lets us mount one."""
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "2m"):
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(path: Path) -> Path:
+    filler = path / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_store_fault_during_a_save_keeps_the_previous_checkpoint(small_fs: Path, tmp_path: Path,
+                                                                  fault: str) -> None:
+    reference = ExampleRun(tmp_path / "reference")
+    assert reference.complete().returncode == 0
+    run = ExampleRun(small_fs / "run")
+    proc = run.start("--step-sleep-s", "0.05")
+    wait_for(lambda: any((small_fs / "run" / "checkpoints").glob("*.json")), what="a first checkpoint")
+    if fault == "full":
+        filler = _fill(small_fs)
+    else:
+        # The run holds its metrics file open, and Linux refuses to remount a filesystem
+        # read-only under an open writer; so the store turns read-only between two attempts
+        # (a drive remounted read-only while the run was preempted), and the next one meets it.
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 75
+        subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+        proc = run.start()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, 75), err
+    reason = "No space left on device" if fault == "full" else "Read-only file system"
+    assert reason in err
+    saved = load_checkpoint(small_fs / "run")  # the previous checkpoint is intact and verifies
+    assert 0 < saved["step"] < TOTAL_STEPS
+
+    if fault == "full":
+        filler.unlink()
+    else:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+    again = run.complete()  # the same command, once there is room: resumes and matches exactly
+    assert again.returncode == 0, again.stderr
+    assert f"(step {saved['step']}" in again.stderr
+    assert_same_run(run, reference)
