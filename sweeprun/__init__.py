@@ -18,7 +18,8 @@ from .sweep import Sweep
 __version__ = "0.1.0"
 
 #: Training-side names, imported lazily (they pull in torch).
-_TRAINING = {}
+_TRAINING = {"init": "training", "Run": "training", "load_checkpoint": "training",
+             "ResumableSampler": "sampler"}
 
 __all__ = [
     "PREEMPTED_EXIT", "CheckpointError", "LeaseLost", "LedgerError", "RunPaths", "RunSpec",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import IO, Any
 
 import fsspec
@@ -51,7 +52,7 @@ class MetricsLog:
             atomic_write(self.fs, self.path, "".join(self._lines).encode())
         if is_local(self.fs):
             with store_errors("open", self.path):
-                self.fs.makedirs(self.fs._parent(self.path), exist_ok=True)
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for appends
         self.opened = True
 

@@ -12,7 +12,7 @@ import pytest
 from sweeprun import Sweep, open_store, parse_spec
 from sweeprun.errors import StoreError
 from sweeprun.render import PlainEvents
-from sweeprun.runner import LaunchOptions, Launcher
+from sweeprun.runner import Launcher, LaunchOptions
 from sweeprun.store import atomic_write
 
 

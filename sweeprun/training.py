@@ -1,0 +1,306 @@
+"""The training-side API: parameters, run directory, checkpoint/resume, metrics, preemption.
+
+A script calls :func:`init` once, registers what makes up its state with
+:meth:`Run.track`, calls :meth:`Run.restore`, then :meth:`Run.end_step` after each
+optimizer step. Everything else (cadence, retention, SIGTERM, time budget, the
+metrics file) follows from that, so the promise holds without the script's help:
+a run resumed after any interruption ends with the same parameters, bit for bit on
+CPU, as the same run never interrupted.
+
+This module does not import torch at import time (:mod:`.checkpoint` loads it when
+a save or restore needs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from types import FrameType, TracebackType
+from typing import Any, Literal
+
+from .checkpoint import (
+    FORMAT,
+    CheckpointDir,
+    CheckpointWriter,
+    Manifest,
+    Owner,
+    Retention,
+    Snapshot,
+    Stateful,
+    capture_rng,
+    from_safe,
+    restore_rng,
+    stateful,
+    to_safe,
+)
+from .errors import CheckpointError
+from .metrics import MetricsLog, plain
+from .runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
+from .store import RunPaths, open_store
+
+#: Save every 5 minutes when neither ``every_s`` nor ``every_steps`` is given.
+DEFAULT_EVERY_S = 300.0
+
+
+class Run:
+    """One run of a training script, under the launcher or standalone. Create with :func:`init`."""
+
+    def __init__(self, *, params: dict[str, Any], paths: RunPaths, owner: Owner, attempt: int,
+                 every_s: float | None, every_steps: int | None, retention: Retention,
+                 time_limit_s: float | None, stop_signals: Iterable[int], rng: bool,
+                 clock: Callable[[], float]) -> None:
+        self.params = params
+        self.paths = paths
+        self.run_id = owner.run_id
+        self.sweep = owner.sweep
+        self.attempt = attempt
+        self.step = 0
+        """Optimizer steps completed; :meth:`end_step` advances it."""
+        self.epoch = 0
+        """Yours to advance; saved and restored with the rest."""
+        self.extras: dict[str, Any] = {}
+        """Plain values saved with the state (best metric, counters): numbers, strings, tensors."""
+        self.every_s = every_s
+        self.every_steps = every_steps
+        self.time_limit_s = time_limit_s
+        self.capture_rng = rng
+        self._clock = clock
+        self._objects: dict[str, Stateful] = {}
+        self._dir = CheckpointDir(paths.fs, paths.checkpoints)
+        self._writer = CheckpointWriter(self._dir, owner, retention)
+        self._metrics = MetricsLog(paths.fs, paths.metrics)
+        self._last_metrics: dict[str, float] = {}
+        self._started = self._step_started = self._saved_at = clock()
+        self._saved_step: int | None = None
+        self._step_s = self._save_s = 0.0
+        self._stop_reason: str | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._install_handlers({signal.SIGTERM, signal.SIGINT, *stop_signals})
+
+    @property
+    def dir(self) -> str:
+        """The run directory as a path (local) or fsspec URL."""
+        return self.paths.url
+
+    # -- registering and restoring state ------------------------------------------------
+
+    def track(self, **objects: Any) -> Run:
+        """Register state to save under these names: models, optimizers, LR schedulers, a
+        GradScaler, samplers or StatefulDataLoaders, numpy/torch Generators, any object with
+        ``state_dict()``/``load_state_dict()``. Global RNGs are always captured."""
+        for name, obj in objects.items():
+            if obj is not None:
+                self._objects[name] = stateful(name, obj)
+        return self
+
+    def restore(self) -> bool:
+        """Load the newest checkpoint that verifies into every tracked object; ``False`` when
+        the run starts fresh. Also trims metrics.jsonl to the restored step."""
+        loaded = self._dir.load_latest(Owner(self.run_id, self.sweep))
+        if loaded is None:
+            self._open_metrics()
+            return False
+        state = loaded.state
+        missing = sorted(set(self._objects) - set(state["objects"]))
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {self._dir.join(loaded.manifest.data)} has no state for "
+                f"{', '.join(missing)} (it has {', '.join(sorted(state['objects'])) or 'none'}); "
+                "the script registers more than it did when the checkpoint was written: "
+                "track the same objects, or delete the checkpoints folder to start over")
+        for name, obj in self._objects.items():
+            obj.load_state_dict(from_safe(state["objects"][name]))
+        if self.capture_rng and state.get("rng") is not None:
+            restore_rng(state["rng"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.extras = from_safe(state["extras"])
+        self._saved_step, self._saved_at = self.step, self._clock()
+        self._step_started = self._saved_at
+        self._open_metrics()
+        print(f"sweeprun: resumed from {loaded.manifest.data} (step {self.step}, epoch {self.epoch})",
+              file=sys.stderr, flush=True)
+        return True
+
+    def _open_metrics(self) -> None:
+        if not self._metrics.opened:
+            self._metrics.open(resume_step=self.step)
+
+    # -- the training loop --------------------------------------------------------------
+
+    def log(self, **metrics: Any) -> None:
+        """Append ``{"step": run.step, **metrics}`` to metrics.jsonl (e.g. an evaluation)."""
+        self._open_metrics()
+        values = {k: plain(v) for k, v in metrics.items()}
+        self._last_metrics.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
+        self._metrics.append({"step": self.step, **values})
+
+    def end_step(self, **metrics: Any) -> None:
+        """Call after each optimizer step: counts it, logs its metrics, saves when due, and on a
+        stop request (signal or time budget) saves and exits with PREEMPTED_EXIT (75)."""
+        now = self._clock()
+        self.step += 1
+        if metrics:
+            self.log(**metrics)
+        self._step_s, self._step_started = now - self._step_started, now
+        if self._stop_reason is None and self.time_limit_s is not None:
+            if now - self._started + self._step_s + self._save_s >= self.time_limit_s:
+                self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
+        if self._stop_reason is not None:
+            manifest = self.save()
+            self.close()
+            print(f"sweeprun: {self._stop_reason}; saved {manifest.data} at step {self.step}; "
+                  f"exiting with {PREEMPTED_EXIT} (resumable)", file=sys.stderr, flush=True)
+            raise SystemExit(PREEMPTED_EXIT)
+        if self._due(now):
+            self.save()
+
+    @property
+    def should_stop(self) -> bool:
+        """A stop was requested; the next :meth:`end_step` will save and exit."""
+        return self._stop_reason is not None
+
+    def _due(self, now: float) -> bool:
+        since = self.step - (self._saved_step or 0)
+        return ((self.every_steps is not None and since >= self.every_steps)
+                or (self.every_s is not None and now - self._saved_at >= self.every_s))
+
+    # -- saving -------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The state as of now, copied to CPU: the part of a save that must block training."""
+        state = {"format": FORMAT, "step": self.step, "epoch": self.epoch,
+                 "extras": to_safe(self.extras),
+                 "objects": {name: to_safe(obj.state_dict()) for name, obj in self._objects.items()},
+                 "rng": capture_rng() if self.capture_rng else None}
+        return Snapshot(step=self.step, state=state, metrics=dict(self._last_metrics))
+
+    def save(self) -> Manifest:
+        """Save now. Metrics go first: a crash in between leaves extra entries, which the next
+        restore trims, never a checkpoint ahead of its metrics."""
+        self._open_metrics()
+        start = self._clock()
+        snapshot = self.snapshot()
+        self._metrics.flush()
+        manifest = self._writer.write(snapshot)
+        self._saved_step, self._saved_at = self.step, self._clock()
+        self._save_s = self._saved_at - start
+        return manifest
+
+    def checkpoints(self) -> list[Manifest]:
+        """The manifests in the run's checkpoints folder, oldest first."""
+        return self._dir.manifests()
+
+    def finish(self) -> Manifest:
+        """The final save (always written, even right after a cadence save), then :meth:`close`."""
+        manifest = self.save()
+        self.close()
+        return manifest
+
+    def close(self) -> None:
+        """Flush metrics, wait for the writer, give the signal handlers back. Idempotent."""
+        self._metrics.close()
+        self._writer.close()
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is None:
+            self.finish()
+        else:
+            self.close()  # mid-step state is not worth saving; the last checkpoint is
+
+    # -- preemption -----------------------------------------------------------------------
+
+    def _install_handlers(self, signals: set[int]) -> None:
+        """Only the main thread may install handlers; elsewhere stops come from the time budget."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in signals:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._stop_reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the step
+        self._stop_reason = f"{signal.Signals(signum).name} received"
+
+
+def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[str] | None = None,
+         *, every_s: float | None = None, every_steps: int | None = None, keep_last: int = 3,
+         best: str | None = None, mode: Literal["min", "max"] = "min",
+         time_limit_s: float | None = None, stop_signals: Iterable[int] = (), rng: bool = True,
+         clock: Callable[[], float] = time.monotonic, env: Mapping[str, str] | None = None) -> Run:
+    """Start (or continue) this process's run.
+
+    Under ``sweeprun launch`` the parameters and directory come from the environment
+    (SWEEPRUN_PARAMS, SWEEPRUN_RUN_DIR); standalone, from ``params`` and ``local_dir``
+    (a path or fsspec URL). Saves happen every ``every_s`` seconds and/or every
+    ``every_steps`` steps (every 300 s if neither is given), keeping the last
+    ``keep_last`` plus the best by metric ``best``. ``time_limit_s`` (or
+    SWEEPRUN_TIME_LIMIT, the smaller wins) makes the run save and exit with 75 before
+    that many seconds have passed. ``rng=False`` leaves RNG states out: only to show
+    why they matter. ``clock`` and ``env`` are for tests.
+    """
+    env = os.environ if env is None else env
+    run_dir = env.get(RUN_DIR)
+    if run_dir:
+        store = open_store(run_dir)
+        try:
+            params = json.loads(env[PARAMS]) if env.get(PARAMS) else dict(params or {})
+        except ValueError as exc:
+            raise CheckpointError(f"{PARAMS} is not valid JSON ({exc}); it is set by sweeprun launch") from exc
+        owner = Owner(env.get(RUN_ID) or None, env.get(SWEEP) or None)
+    elif local_dir is not None:
+        store = open_store(os.fspath(local_dir))
+        params, owner = dict(params or {}), Owner(None, None)
+    else:
+        raise CheckpointError(f"no run directory: {RUN_DIR} is not set (the script is not under "
+                              "sweeprun launch) and init() got no local_dir; pass local_dir=...")
+    limits = [t for t in (time_limit_s, _float_env(env, TIME_LIMIT)) if t is not None]
+    if every_s is None and every_steps is None:
+        every_s = DEFAULT_EVERY_S
+    return Run(params=dict(params), paths=RunPaths(store.fs, store.root), owner=owner,
+               attempt=int(env.get(ATTEMPT) or 1), every_s=every_s, every_steps=every_steps,
+               retention=Retention(keep_last=keep_last, best=best, mode=mode),
+               time_limit_s=min(limits) if limits else None, stop_signals=stop_signals, rng=rng,
+               clock=clock)
+
+
+def _float_env(env: Mapping[str, str], name: str) -> float | None:
+    value = env.get(name)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise CheckpointError(f"{name}={value!r} is not a number of seconds") from None
+
+
+def load_checkpoint(run_dir: str | os.PathLike[str], which: Literal["latest", "best"] = "latest",
+                    best: str | None = None, mode: Literal["min", "max"] = "min") -> dict[str, Any]:
+    """The full saved state of a run (``{"step", "epoch", "extras", "objects", "rng"}``),
+    from its newest verified checkpoint or, with ``which="best"``, the best by ``best``.
+    For evaluation and tests: ``load_checkpoint(d)["objects"]["model"]``."""
+    store = open_store(os.fspath(run_dir))
+    directory = CheckpointDir(store.fs, RunPaths(store.fs, store.root).checkpoints)
+    if which == "best":
+        chosen = Retention(best=best, mode=mode).best_of(directory.manifests())
+        if chosen is None:
+            raise CheckpointError(f"no checkpoint in {directory.path} has metric {best!r}")
+        try:
+            return from_safe(directory.load(chosen))
+        except ValueError as exc:
+            raise CheckpointError(f"best checkpoint {directory.join(chosen.data)} does not verify: {exc}") from None
+    loaded = directory.load_latest()
+    if loaded is None:
+        raise CheckpointError(f"no checkpoint in {directory.path}; has the run saved yet?")
+    return from_safe(loaded.state)

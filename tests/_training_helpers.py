@@ -1,0 +1,111 @@
+"""Helpers for the training-side tests: run the example as a real process, interrupt it, compare.
+
+Kills come from outside, as on a real machine: the test watches metrics.jsonl (one
+line per finished step, flushed as it goes) and signals the process once it has
+passed a chosen step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sweeprun.training import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "train_mlp.py"
+#: Example flags every test uses: saves land mid-epoch (16 steps per epoch), steps slow
+#: enough that a kill lands mid-run. 4 epochs = 64 steps.
+FLAGS = ("--lr", "0.01", "--weight-decay", "0.0001", "--seed", "3", "--epochs", "4",
+         "--save-every-steps", "7", "--step-sleep-s", "0.01")
+TOTAL_STEPS = 64
+
+
+@dataclass
+class ExampleRun:
+    """One standalone run directory of examples/train_mlp.py, started as often as a test needs."""
+
+    out: Path
+    flags: tuple[str, ...] = FLAGS
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        full_env.pop("SWEEPRUN_RUN_DIR", None)  # standalone, whatever the test runner's environment
+        return subprocess.Popen([sys.executable, str(EXAMPLE), *self.flags, "--out", str(self.out), *extra],
+                                env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def complete(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        proc = self.start(*extra, env=env)
+        out, err = proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def last_step(self) -> int:
+        """The last whole line's step (a line being written is not counted)."""
+        if not self.metrics.exists():
+            return 0
+        lines = self.metrics.read_text().split("\n")[:-1]
+        return json.loads(lines[-1])["step"] if lines else 0
+
+    def interrupt_at(self, step: int, signum: int, *extra: str) -> tuple[int, int, str]:
+        """Start the run, signal it once it has logged ``step``; returns (exit code, step seen, stderr)."""
+        proc = self.start(*extra)
+        deadline = time.monotonic() + 120  # guards a hung test only; nothing here asserts speed
+        seen = self.last_step()
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen = self.last_step()
+            if seen >= step:
+                proc.send_signal(signum)
+                break
+            time.sleep(0.002)
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, seen, err
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.metrics.read_text().splitlines()]
+
+    def final_state(self) -> dict[str, Any]:
+        return load_checkpoint(self.out)
+
+
+def assert_same_tree(a: Any, b: Any, where: str = "state") -> None:
+    """Exact equality of nested state: tensors bit for bit (``torch.equal``), the rest with ``==``."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_run(run: ExampleRun, reference: ExampleRun) -> None:
+    """What the product promises: the same weights and optimizer state bit for bit, the same
+    loss and LR at every step, and exactly one metrics entry per step."""
+    got, want = run.final_state(), reference.final_state()
+    assert got["step"] == want["step"] == TOTAL_STEPS
+    assert_same_tree(got["objects"]["model"], want["objects"]["model"], "model")
+    assert_same_tree(got["objects"]["optimizer"], want["objects"]["optimizer"], "optimizer")
+    entries = run.entries()
+    assert [e["step"] for e in entries] == list(range(1, TOTAL_STEPS + 1))
+    assert entries == reference.entries()
+
+
+SIGKILL, SIGTERM = signal.SIGKILL, signal.SIGTERM
