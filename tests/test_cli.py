@@ -98,3 +98,11 @@ def test_live_view_on_a_terminal() -> None:
     text = console.export_text()
     assert "[a=1-0000] epoch 1 loss 0.5" in text
     assert "2/3" in text and "0 running · 0 failed" in text
+
+
+def test_the_cli_never_imports_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, sweeprun, sweeprun.cli, sweeprun.runner; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
