@@ -38,7 +38,7 @@ from .checkpoint import (
     stateful,
     to_safe,
 )
-from .errors import CheckpointError
+from .errors import CheckpointError, SweeprunError
 from .metrics import MetricsLog, plain
 from .runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
 from .store import RunPaths, open_store
@@ -234,6 +234,29 @@ class Run:
         self._stop_reason = f"{signal.Signals(signum).name} received"
 
 
+def _exit_2_on_sweeprun_errors() -> None:
+    """Make an uncaught :class:`SweeprunError` end the script as the CLI does: one line, exit 2.
+
+    A checkpoint from another run or a full disk is the user's to fix, and a traceback
+    through the training loop only hides the message. The script can still catch the
+    error; only an uncaught one is turned into the line.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_sweeprun", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if not issubclass(kind, SweeprunError):
+            previous(kind, value, tb)
+            return
+        print(f"sweeprun: error: {' '.join(str(value).split())}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+    hook._sweeprun = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
 def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[str] | None = None,
          *, every_s: float | None = None, every_steps: int | None = None, keep_last: int = 3,
          best: str | None = None, mode: Literal["min", "max"] = "min",
@@ -251,6 +274,7 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     why they matter. ``clock`` and ``env`` are for tests.
     """
     env = os.environ if env is None else env
+    _exit_2_on_sweeprun_errors()
     run_dir = env.get(RUN_DIR)
     if run_dir:
         store = open_store(run_dir)

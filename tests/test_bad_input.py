@@ -183,3 +183,35 @@ def test_real_process_prints_no_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("source", ["another run", "another sweep"])
+def test_a_checkpoint_from_elsewhere_is_refused_in_one_line(sandbox, source: str) -> None:
+    """Checkpoints copied into a run's folder from another run or sweep are never loaded:
+    the training script stops with one line and exit 2; the files are left as they were."""
+    import shutil
+
+    from conftest import REPO
+
+    command = (f"python {REPO}/examples/train_mlp.py --lr {{lr}} --seed 0 --epochs 1 "
+               "--save-every-steps 4")
+    sweep = sandbox.write_sweep({"lr": [0.01, 0.02]}, command=command, max_attempts=1)
+    other = sandbox.write_sweep({"lr": [0.01, 0.02]}, command=command, name="other")
+    assert sandbox.run("launch", str(sweep), "--workers", "2").returncode == 0
+    assert sandbox.run("launch", str(other)).returncode == 0
+    runs = sandbox.store / "t" / "runs"
+    victim, neighbour = sorted(runs.iterdir())
+    donor = neighbour if source == "another run" else sandbox.store / "other" / "runs" / victim.name
+    (victim / "DONE").unlink()
+    shutil.rmtree(victim / "checkpoints")
+    shutil.copytree(donor / "checkpoints", victim / "checkpoints")
+    before = sorted((p.name, p.read_bytes()) for p in (victim / "checkpoints").iterdir())
+
+    result = sandbox.run("launch", str(sweep))
+    assert result.returncode == 1  # the run failed for good (max_attempts: 1); the other stays done
+    log = (victim / "logs" / "attempt-2.log").read_text()
+    assert log.count("\n") == 1 and "Traceback" not in log
+    assert log.startswith("sweeprun: error: checkpoint") and "belongs to" in log
+    assert sorted((p.name, p.read_bytes()) for p in (victim / "checkpoints").iterdir()) == before
+    status = sandbox.status(sweep)
+    assert status[victim.name]["state"] == "failed" and status[neighbour.name]["state"] == "done"
