@@ -42,7 +42,10 @@ def totals_line(rows: Sequence[StatusRow]) -> str:
 
 def status_table(rows: Sequence[StatusRow], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for name in ("run", "params", "state", "attempts", "progress", "checkpoint", "worker"):
+    # The run column shows the id's hash (the readable part repeats the params column);
+    # `status --json` has the full folder names.
+    table.add_column("run", no_wrap=True)
+    for name in ("params", "state", "attempts", "progress", "ckpt age", "worker"):
         table.add_column(name, overflow="fold")
     for r in rows:
         progress = "-"
@@ -51,7 +54,7 @@ def status_table(rows: Sequence[StatusRow], title: str) -> Table:
             if r.metric:
                 progress += f" · {r.metric[0]} {r.metric[1]:.4g}"
         attempts = str(r.attempts) + (f" ({r.failures} failed)" if r.failures else "")
-        table.add_row(escape(r.run_id), escape(" ".join(f"{k}={_value(v)}" for k, v in r.params.items())),
+        table.add_row(escape(r.run_id.rsplit("-", 1)[-1]), escape(" ".join(f"{k}={_value(v)}" for k, v in r.params.items())),
                       f"[{STATE_STYLE[r.state]}]{r.state.value}[/]", attempts, escape(progress),
                       format_age(r.checkpoint_age_s), escape(r.worker or "-"))
     table.caption = totals_line(rows)
