@@ -163,3 +163,18 @@ def test_a_launcher_killed_alone_takes_its_children_with_it(sandbox: Sandbox) ->
         return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
     wait_for(lambda: all(gone(p) for p in pids), timeout=10, what="children to die with the launcher")
+
+
+def test_ctrl_c_in_a_terminal_interrupts_the_sweep_with_130(sandbox: Sandbox) -> None:
+    """A terminal sends SIGINT to the whole foreground group: launcher and children alike."""
+    sweep = sandbox.write_sweep({"a": [1, 2]}, {"steps": 200, "sleep": 0.02})
+    launcher = sandbox.sweeprun("launch", str(sweep), "--workers", "2")
+    wait_for(lambda: len(list((sandbox.store / "t" / "runs").glob("*/ckpt.json"))) == 2,
+             what="both runs to checkpoint")
+    os.killpg(launcher.pid, signal.SIGINT)
+    launcher.communicate(timeout=60)
+    assert launcher.returncode == 130
+    assert {(r["state"], r["failures"]) for r in sandbox.status(sweep).values()} == {("interrupted", 0)}
+    assert sandbox.run("launch", str(sweep), "--workers", "2").returncode == 0
+    resumed = [e for e in sandbox.events() if e["event"] == "start" and e["attempt"] == 2]
+    assert len(resumed) == 2 and all(e["from_step"] > 0 for e in resumed)
