@@ -90,8 +90,13 @@ def _step_of(line: str) -> int | float | None:
     return step
 
 
+def parse_entries(raw: bytes) -> list[dict[str, Any]]:
+    """The whole entries of a metrics file's bytes (a torn last line is left out)."""
+    text = raw.decode(errors="replace")
+    return [json.loads(line) for line in text.split("\n")[:-1] if _step_of(line) is not None]
+
+
 def read_metrics(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
     """The whole entries of a metrics file (a torn last line is left out)."""
     with store_errors("read", path):
-        raw = fs.cat_file(path).decode(errors="replace")
-    return [json.loads(line) for line in raw.split("\n")[:-1] if _step_of(line) is not None]
+        return parse_entries(fs.cat_file(path))

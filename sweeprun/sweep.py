@@ -6,7 +6,6 @@ This is the library face of the CLI: ``Sweep.open(spec)`` then ``prepare()`` and
 
 from __future__ import annotations
 
-import json
 import posixpath
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 from .errors import LedgerError, StoreError
 from .identity import RunSpec
 from .ledger import Ledger, RunRow, RunState, default_ledger_path, open_ledger
+from .metrics import parse_entries
 from .spec import SweepSpec
 from .store import SweepPaths, atomic_write, open_store, store_errors, write_json
 
@@ -110,7 +110,7 @@ class Sweep:
         listing = self.paths.listing()
         metrics_paths = {run.run_id: self.paths.run(run.run_id).metrics for run in self.runs
                          if "metrics.jsonl" in listing.get(run.run_id, {})}
-        last_lines = self._last_metric_lines(list(metrics_paths.values()))
+        last_entries = self._last_entries(list(metrics_paths.values()))
         now = time.time()
         rows = []
         for run in self.runs:
@@ -124,7 +124,7 @@ class Sweep:
             if state is RunState.RUNNING and row and (row.lease_until or 0) < now:
                 state = RunState.INTERRUPTED  # the holder stopped renewing: the run is up for grabs
             ckpt = [m for p, m in files.items() if p.startswith("checkpoints/")]
-            step, metric = _progress(last_lines.get(metrics_paths.get(run.run_id, "")))
+            step, metric = _progress(last_entries.get(metrics_paths.get(run.run_id, "")))
             rows.append(StatusRow(
                 run_id=run.run_id, params={k: run.params[k] for k in self.spec.grid},
                 state=state, attempts=row.attempts if row else 0, failures=row.failures if row else 0,
@@ -132,7 +132,8 @@ class Sweep:
                 worker=row.worker if row and state is RunState.RUNNING else None))
         return rows
 
-    def _last_metric_lines(self, paths: list[str]) -> dict[str, str]:
+    def _last_entries(self, paths: list[str]) -> dict[str, dict[str, Any]]:
+        """``path -> last whole metrics entry``, read with one (concurrent) call for all runs."""
         if not paths:
             return {}
         with store_errors("read", self.paths.runs):
@@ -141,22 +142,14 @@ class Sweep:
             blobs = {paths[0]: blobs}
         out = {}
         for path, blob in blobs.items():
-            lines = [ln for ln in blob.decode(errors="replace").splitlines() if ln.strip()]
-            for line in reversed(lines):
-                if line.rstrip().endswith("}"):
-                    out[self.store.fs._strip_protocol(path)] = line
-                    break
+            entries = parse_entries(blob)
+            if entries:
+                out[self.store.fs._strip_protocol(path)] = entries[-1]
         return out
 
 
-def _progress(line: str | None) -> tuple[int | None, tuple[str, float] | None]:
-    if not line:
-        return None, None
-    try:
-        entry = json.loads(line)
-    except ValueError:
-        return None, None
-    if not isinstance(entry, dict):
+def _progress(entry: dict[str, Any] | None) -> tuple[int | None, tuple[str, float] | None]:
+    if not entry:
         return None, None
     step = entry.get("step")
     metric = next(((k, float(v)) for k, v in entry.items()
