@@ -13,6 +13,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,9 +34,6 @@ KILLS = 10
 
 def reference(tmp: Path, lr: float, seed: int) -> dict:
     """The same run, never interrupted, standalone."""
-    import subprocess
-    import sys
-
     out = tmp / f"ref-{lr}-{seed}"
     subprocess.run([sys.executable, str(REPO / "examples" / "train_mlp.py"), "--lr", str(lr),
                     "--seed", str(seed), *EXAMPLE_FLAGS.format(epochs=EPOCHS).split(), "--out", str(out)],
@@ -75,8 +74,9 @@ def test_chaos_sweep_survives_random_kills(sandbox: Sandbox) -> None:
             kills[sig.name] += 1
         launchers[i].communicate(timeout=120)
         launchers[i] = sandbox.sweeprun("launch", str(sweep))
-    codes = [p.communicate(timeout=600)[0] and p.returncode for p in launchers]
-    if any(code != 0 for code in codes):  # the last kill may have hit the last run
+    for p in launchers:
+        p.communicate(timeout=600)
+    if any(p.returncode != 0 for p in launchers):  # the last kill may have hit the last run
         assert sandbox.run("launch", str(sweep), timeout=600).returncode == 0
     chaos_s = time.monotonic() - started
 
