@@ -146,6 +146,27 @@ class RunPaths:
     def done(self) -> str:
         return posixpath.join(self.dir, "DONE")
 
+    @property
+    def attempts(self) -> str:
+        """``attempts/``: the durable record of every start of the run (the ledger may be rebuilt)."""
+        return posixpath.join(self.dir, "attempts")
+
+    def attempt_record(self, attempt: int) -> str:
+        """``attempts/<n>.json``: written create-only by the launcher when it starts attempt ``n``."""
+        return posixpath.join(self.attempts, f"{attempt}.json")
+
+    def api_started(self, attempt: int) -> str:
+        """``attempts/<n>.started``: written by ``sweeprun.init()`` under the launcher.
+
+        Its presence says the script uses the training API, so exit 0 alone does not make
+        the run done: :meth:`api_finished` must exist too.
+        """
+        return posixpath.join(self.attempts, f"{attempt}.started")
+
+    def api_finished(self, attempt: int) -> str:
+        """``attempts/<n>.finished``: written by ``Run.finish()`` after the final checkpoint."""
+        return posixpath.join(self.attempts, f"{attempt}.finished")
+
     def is_done(self) -> bool:
         with store_errors("read", self.done):
             return self.fs.exists(self.done)
@@ -221,6 +242,18 @@ class Store:
     fs: fsspec.AbstractFileSystem
     root: str
     url: str
+
+    @property
+    def canonical_url(self) -> str:
+        """One spelling per place: what identifies the store (the default ledger is keyed by it).
+
+        ``/x``, ``file:///x`` and a symlink to ``/x`` all give ``/x``, so two spellings of
+        one store never get two ledgers.
+        """
+        if is_local(self.fs):
+            return os.path.realpath(self.root)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return f"{protocol}://{self.root}"
 
     def sweep(self, name: str) -> SweepPaths:
         return SweepPaths(self.fs, posixpath.join(self.root, name))
