@@ -21,11 +21,27 @@ POINTS = (
     "checkpoint.before_rename",    # temp file complete and fsynced, not yet renamed
     "checkpoint.before_manifest",  # data file in place, manifest not written
     "runner.before_done",          # child exited 0, DONE not yet written
+    "runner.after_done",           # DONE written, the ledger not yet told
     "ledger.in_claim",             # inside the claim transaction, before commit
     "ledger.in_heartbeat",         # inside the heartbeat transaction, before commit
 )
 
 _hits: Counter[str] = Counter()
+
+
+def check() -> None:
+    """Refuse a malformed ``SWEEPRUN_CRASH_AT`` up front, in one line, instead of mid-run."""
+    from .errors import SpecError
+
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        point, sep, nth = item.strip().partition("@")
+        if point not in POINTS:
+            raise SpecError(f"{ENV}={spec!r}: unknown crash point {point!r}; known: {', '.join(POINTS)}")
+        if sep and not (nth.isascii() and nth.isdigit() and 0 < int(nth) < 10**9):
+            raise SpecError(f"{ENV}={spec!r}: {item.strip()!r} needs a positive count after '@'")
 
 
 def crash_point(name: str) -> None:
@@ -35,5 +51,5 @@ def crash_point(name: str) -> None:
     _hits[name] += 1
     for item in spec.split(","):
         point, _, nth = item.strip().partition("@")
-        if point == name and (not nth or int(nth) == _hits[name]):
+        if point == name and (not nth or (nth.isdigit() and int(nth) == _hits[name])):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -53,7 +53,9 @@ def status_table(rows: Sequence[StatusRow], title: str) -> Table:
             progress = f"step {r.step}"
             if r.metric:
                 progress += f" · {r.metric[0]} {r.metric[1]:.4g}"
-        attempts = str(r.attempts) + (f" ({r.failures} failed)" if r.failures else "")
+        # As max_attempts counts them: real failures of the allowed number. Starts that
+        # ended in a preemption or a lost machine cost nothing (`status --json` has them).
+        attempts = f"{r.failures}/{r.max_attempts} failed"
         table.add_row(escape(r.run_id.rsplit("-", 1)[-1]), escape(" ".join(f"{k}={_value(v)}" for k, v in r.params.items())),
                       f"[{STATE_STYLE[r.state]}]{r.state.value}[/]", attempts, escape(progress),
                       format_age(r.checkpoint_age_s), escape(r.worker or "-"))

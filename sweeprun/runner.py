@@ -1,7 +1,7 @@
 """The worker loop: claim a run, start its process, keep the lease, record how it ended.
 
-One launcher process runs ``slots`` threads, each running one child at a time,
-plus a heartbeat thread that renews every lease this launcher holds. The main
+One launcher process runs ``slots`` threads, each running one :class:`Attempt` at a
+time, plus a heartbeat thread that renews every lease this launcher holds. The main
 thread only waits and handles SIGINT/SIGTERM, so signal handling stays simple.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import re
 import signal
 import subprocess
 import tempfile
@@ -18,16 +20,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
+from . import procs
 from .errors import SweeprunError
 from .faults import crash_point
-from .ledger import Claim, Ledger, Outcome, RunState
-from .procs import ProcessRef, die_with_parent
+from .ledger import Claim, Ledger, Outcome, Policy, RunState, grid_key, shown_state
+from .ledger.base import DEFAULT_MAX_LOST
+from .procs import ProcessRef
 from .runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP
-from .store import RunPaths, is_local, store_errors
+from .store import RunPaths, is_local, store_errors, write_json
 from .sweep import Sweep
 
 #: Exit statuses that mean "stopped by a preemption-like signal", not "broken".
 _PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Parameters travel in the environment only while they are small: the kernel limits one
+#: variable to 128 KiB ("Argument list too long"). Past this, the child reads params.json.
+PARAMS_ENV_MAX_BYTES = 32 * 1024
+_ATTEMPT_FILE = re.compile(r"^(?:attempt-)?(\d{1,9})\.(?:json|started|finished|log)$")
 
 
 class Events(Protocol):
@@ -46,19 +54,11 @@ class LaunchOptions:
     gpus: Sequence[str] | None = None   # one slot per GPU, each with its own CUDA_VISIBLE_DEVICES
     heartbeat_s: float | None = None    # default: a quarter of the lease
     poll_s: float = 1.0                 # how often an idle slot looks for work
+    max_lost: int = DEFAULT_MAX_LOST    # lost attempts without checkpoint progress before failing
 
     @property
     def slots(self) -> int:
         return len(self.gpus) if self.gpus else self.workers
-
-
-@dataclass
-class _Active:
-    claim: Claim
-    proc: subprocess.Popen[bytes]
-    started: float
-    lost: bool = False
-    killed_by_us: bool = False
 
 
 @dataclass
@@ -75,9 +75,11 @@ class Launcher:
         self.ledger = ledger
         self.options = options
         self.events = events
+        self.policy = Policy(max_attempts=self.spec.max_attempts, max_lost=options.max_lost)
+        self.grid = grid_key(sweep.runs)
         self.me = ProcessRef.me()
         self.heartbeat_s = options.heartbeat_s or max(0.2, self.spec.lease_s / 4)
-        self._active: dict[str, _Active] = {}
+        self._active: dict[str, Attempt] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()      # no new claims; children asked to stop
         self._finished = threading.Event()  # every slot has returned
@@ -89,8 +91,10 @@ class Launcher:
     # -- public -----------------------------------------------------------------------
 
     def run(self) -> LaunchResult:
-        """Run until every run is done or failed for good, or until SIGINT/SIGTERM."""
+        """Run until every run of this grid is done or failed for good, or until SIGINT/SIGTERM."""
         previous = self._install_signals()
+        for message in self.sweep.notes:
+            self.events.note(message)
         threads = [threading.Thread(target=self._slot, args=(i,), name=f"slot-{i}", daemon=True)
                    for i in range(self.options.slots)]
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
@@ -109,9 +113,11 @@ class Launcher:
             self._restore_signals(previous)
         if self._errors:
             raise self._errors[0]
+        now = self.ledger.now()
         states: dict[str, int] = {}
-        for row in self.ledger.rows():
-            states[row.state.value] = states.get(row.state.value, 0) + 1
+        for row in self.ledger.rows(self.grid):
+            state = shown_state(row, now, self.policy).value
+            states[state] = states.get(state, 0) + 1
         if self._stop_signal is not None:
             code = 128 + self._stop_signal
         else:
@@ -130,132 +136,69 @@ class Launcher:
             active = list(self._active.values())
         self.events.note(f"stopping: asking {len(active)} running run(s) to checkpoint and exit "
                          f"(grace {self.spec.grace_s:g} s)")
-        for a in active:
-            _signal(a.proc, signal.SIGTERM)
+        for attempt in active:
+            attempt.terminate()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_signal is not None
 
     # -- threads ----------------------------------------------------------------------
 
     def _slot(self, slot: int) -> None:
         try:
             while not self._stop.is_set():
-                claim = self.ledger.claim(self.me, self.spec.max_attempts, self.spec.lease_s)
+                claim = self.ledger.claim(self.me, self.policy, self.spec.lease_s, self.grid)
                 if claim is None:
-                    if self._sweep_settled():
+                    if self.ledger.settled(self.policy, self.grid):
                         return
                     self._stop.wait(self.options.poll_s)
                     continue
-                self._run(claim, slot)
+                Attempt(self, claim, slot).run()
         except BaseException as exc:  # surfaced by run(); the other slots stop too
             self._errors.append(exc)
             self.request_stop()
 
-    def _sweep_settled(self) -> bool:
-        """True when no run can make progress any more: all done or failed for good."""
-        return all(r.state is RunState.DONE or (r.state is RunState.FAILED
-                                                and r.failures >= self.spec.max_attempts)
-                   for r in self.ledger.rows())
+    def _register(self, attempt: Attempt) -> bool:
+        """Put ``attempt`` under the heartbeat from its claim on; ``False`` when stopping."""
+        with self._lock:
+            self._active[attempt.claim.run_id] = attempt
+            return self._stop_signal is None
+
+    def _unregister(self, attempt: Attempt) -> None:
+        with self._lock:
+            if self._active.get(attempt.claim.run_id) is attempt:
+                del self._active[attempt.claim.run_id]
+
+    def _count_start(self) -> None:
+        with self._lock:
+            self._started += 1
 
     def _heartbeat_loop(self) -> None:
         while not self._finished.wait(self.heartbeat_s):
             with self._lock:
                 active = list(self._active.values())
-            for a in active:
-                if a.lost:
-                    continue
-                try:
-                    ok = self.ledger.heartbeat(a.claim, self.spec.lease_s, ProcessRef.of(a.proc.pid))
-                except SweeprunError as exc:
-                    self.events.note(f"heartbeat failed ({exc}); retrying")
-                    continue
-                if not ok:
-                    a.lost = True
-                    self.events.note(f"lost the lease on {a.claim.run_id} (attempt {a.claim.attempt}): "
-                                     "another worker took it over; stopping its process")
-                    _signal(a.proc, signal.SIGKILL)
+            for attempt in active:
+                attempt.renew()
 
     def _enforce_grace(self) -> None:
         if self._kill_deadline is None or time.monotonic() < self._kill_deadline:
             return
         with self._lock:
             active = list(self._active.values())
-        for a in active:
-            if a.proc.poll() is None:
-                a.killed_by_us = True
-                _signal(a.proc, signal.SIGKILL)
+        for attempt in active:
+            attempt.kill()
 
-    # -- one attempt --------------------------------------------------------------------
+    # -- the child's environment --------------------------------------------------------
 
-    def _run(self, claim: Claim, slot: int) -> None:
-        paths = self.sweep.paths.run(claim.run_id)
-        if claim.orphan is not None:
-            self.events.note(f"{claim.run_id}: killing pid {claim.orphan.pid} left by a dead worker")
-            claim.orphan.kill()
-        self.sweep.write_params(claim.run_id, claim.params)
-        env = self._env(claim, paths, slot)
-        argv = self.spec.argv(self.sweep.runs_by_id[claim.run_id], paths.url, claim.attempt)
-        log = _AttemptLog(paths, claim.attempt)
-        start = time.monotonic()
-        self.events.started(claim.run_id, claim.attempt, slot)
-        try:
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-        except OSError as exc:
-            message = f"sweeprun: cannot start {argv[0]!r}: {exc.strerror or exc}\n"
-            log.write(message.encode())
-            self.events.output(claim.run_id, message.rstrip())
-            log.close()
-            self._end(claim, Outcome.FAILED, 127, start)
-            return
-        active = _Active(claim, proc, start)
-        with self._lock:
-            self._active[claim.run_id] = active
-            self._started += 1
-            stopping = self._stop_signal is not None
-        if stopping:  # a stop arrived between the claim and the start
-            _signal(proc, signal.SIGTERM)
-        try:
-            self.ledger.heartbeat(claim, self.spec.lease_s, ProcessRef.of(proc.pid))
-            assert proc.stdout is not None
-            for raw in iter(proc.stdout.readline, b""):
-                log.write(raw)
-                self.events.output(claim.run_id, raw.decode(errors="replace").rstrip("\n"))
-            rc = proc.wait()
-        finally:
-            with self._lock:
-                self._active.pop(claim.run_id, None)
-            log.close()
-        if active.lost:
-            self.events.ended(claim.run_id, claim.attempt, None, rc, time.monotonic() - start)
-            return
-        if rc == 0:
-            crash_point("runner.before_done")
-            if not self.ledger.heartbeat(claim, self.spec.lease_s):
-                self.events.ended(claim.run_id, claim.attempt, None, rc, time.monotonic() - start)
-                return
-            try:
-                paths.write_done({"run_id": claim.run_id, "attempt": claim.attempt,
-                                  "params": claim.params, "worker": self.me.label,
-                                  "elapsed_s": round(time.monotonic() - start, 3)})
-            except SweeprunError:
-                # The run's work is saved; only its marker is not. Leave it resumable
-                # (its final checkpoint makes the next attempt instant) and stop.
-                self._end(claim, Outcome.INTERRUPTED, rc, start)
-                raise
-            self._end(claim, Outcome.DONE, rc, start)
-        elif (rc == PREEMPTED_EXIT or -rc in _PREEMPTION_SIGNALS or active.killed_by_us
-              or self._stop_signal is not None):
-            self._end(claim, Outcome.INTERRUPTED, rc, start)
-        else:
-            self._end(claim, Outcome.FAILED, rc, start)
-
-    def _end(self, claim: Claim, outcome: Outcome, rc: int | None, start: float) -> None:
-        state = self.ledger.finish(claim, outcome, self.spec.max_attempts, rc)
-        self.events.ended(claim.run_id, claim.attempt, state, rc, time.monotonic() - start)
-
-    def _env(self, claim: Claim, paths: RunPaths, slot: int) -> dict[str, str]:
+    def env(self, claim: Claim, paths: RunPaths, slot: int) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({RUN_DIR: paths.url, RUN_ID: claim.run_id, PARAMS: json.dumps(claim.params),
-                    ATTEMPT: str(claim.attempt), SWEEP: self.spec.name, "PYTHONUNBUFFERED": "1"})
+        env.pop(PARAMS, None)
+        env.update({RUN_DIR: paths.url, RUN_ID: claim.run_id, ATTEMPT: str(claim.attempt),
+                    SWEEP: self.spec.name, "PYTHONUNBUFFERED": "1"})
+        params = json.dumps(claim.params)
+        if len(params.encode()) <= PARAMS_ENV_MAX_BYTES:
+            env[PARAMS] = params
         if self.options.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(self.options.gpus[slot])
         return env
@@ -276,7 +219,312 @@ class Launcher:
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
-def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+class Attempt:
+    """One start of one run, from its claim to its recorded end.
+
+    It owns everything that happens in between: the lease (the heartbeat covers it
+    from the claim, before any slow store write), the durable attempt number, the
+    child, its log, the events, and the one place where the outcome is decided and
+    recorded. Whatever goes wrong in this thread, the child is asked to save and
+    stop (SIGTERM, then SIGKILL after the grace period) and the ledger hears of it.
+    """
+
+    def __init__(self, launcher: Launcher, claim: Claim, slot: int) -> None:
+        self.launcher = launcher
+        self.ledger = launcher.ledger
+        self.events = launcher.events
+        self.claim = claim
+        self.slot = slot
+        self.paths = launcher.sweep.paths.run(claim.run_id)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lost = False             # the lease is gone: write nothing more
+        self.terminated = False       # the launcher sent SIGTERM (a preemption, not a failure)
+        self.killed = False           # the launcher sent SIGKILL after the grace period
+        self.started_at = time.monotonic()
+        self._renewed_at = time.monotonic()
+        self._renew_failing = False
+        self._lock = threading.Lock()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        launcher = self.launcher
+        if not launcher._register(self):
+            self._record(Outcome.INTERRUPTED, None)  # a stop arrived with the claim
+            launcher._unregister(self)
+            return
+        log: _AttemptLog | None = None
+        try:
+            if not self._prepare():
+                return
+            log = _AttemptLog(self.paths, self.claim.attempt)
+            rc = self._execute(log)
+            if rc is not None:
+                self._conclude(rc)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            launcher._unregister(self)
+            if log is not None:
+                log.close()
+
+    def _prepare(self) -> bool:
+        """Everything between the claim and the child; ``False`` when nothing is to be started."""
+        claim = self.claim
+        if claim.orphan is not None:
+            if claim.orphan.kill():
+                self.events.note(f"{claim.run_id}: killed pid {claim.orphan.pid}, left running by a "
+                                 "dead worker")
+        if self.paths.is_done():
+            # Another worker (or a launcher killed before it could record it) finished it.
+            self._record(Outcome.DONE, 0, quiet=True)
+            self.events.note(f"{claim.run_id}: already done in the store; not started again")
+            return False
+        if not self._take_attempt_number():
+            return False
+        self.launcher.sweep.write_params(claim.run_id, claim.params)
+        state = self.ledger.start(self.claim, self.launcher.spec.lease_s, self._progress(),
+                                  self.launcher.policy)
+        if state is None:
+            self._lose()
+            return False
+        if state is RunState.FAILED:
+            self.events.note(
+                f"{claim.run_id}: {self.launcher.policy.max_lost} attempts in a row were lost with "
+                "their worker without a new checkpoint (does it kill its machine, out of memory?); "
+                "marked failed. Check its logs, then delete its folder or raise max_lost to retry")
+            self.events.ended(claim.run_id, claim.attempt, RunState.FAILED, None, 0.0)
+            return False
+        self._renewed_at = time.monotonic()
+        return True
+
+    def _take_attempt_number(self) -> bool:
+        """Make the attempt number durable in the store and higher than any it has seen there.
+
+        A ledger rebuilt on a new machine starts counting at 1 again; without this its
+        attempt 1 would overwrite the first attempt's log and lose "newest attempt wins".
+        """
+        for _ in range(5):
+            seen = self._highest_attempt_in_store()
+            if seen >= self.claim.attempt:
+                renumbered = self.ledger.renumber(self.claim, seen + 1)
+                if renumbered is None:
+                    self._lose()
+                    return False
+                self.claim = renumbered
+            record = {"attempt": self.claim.attempt, "worker": self.claim.worker.label,
+                      "started_at": time.time()}
+            if _create_only(self.paths, self.paths.attempt_record(self.claim.attempt), record):
+                return True
+        raise SweeprunError(f"run {self.claim.run_id}: could not take a fresh attempt number in "
+                            f"{self.paths.attempts}; is another sweeprun of another ledger running it?")
+
+    def _highest_attempt_in_store(self) -> int:
+        fs = self.paths.fs
+        highest = 0
+        for folder in (self.paths.attempts, self.paths.logs):
+            with store_errors("list", folder):
+                try:
+                    names = fs.ls(folder, detail=False)
+                except FileNotFoundError:
+                    continue
+            for name in names:
+                match = _ATTEMPT_FILE.match(posixpath.basename(name.rstrip("/")))
+                if match:
+                    highest = max(highest, int(match.group(1)))
+        return highest
+
+    def _progress(self) -> str | None:
+        """The newest file in the run's checkpoints folder: changes only when a save lands."""
+        fs = self.paths.fs
+        with store_errors("list", self.paths.checkpoints):
+            try:
+                names = fs.ls(self.paths.checkpoints, detail=False)
+            except FileNotFoundError:
+                return None
+        names = [posixpath.basename(n.rstrip("/")) for n in names]
+        return max((n for n in names if not n.startswith(".")), default=None)
+
+    def _execute(self, log: _AttemptLog) -> int | None:
+        """Start the child and stream its output; its exit code, or ``None`` if it never started."""
+        launcher, claim = self.launcher, self.claim
+        argv = launcher.spec.argv(launcher.sweep.runs_by_id[claim.run_id], self.paths.url, claim.attempt)
+        env = launcher.env(claim, self.paths, self.slot)
+        self.started_at = time.monotonic()
+        self.events.started(claim.run_id, claim.attempt, self.slot)
+        try:
+            proc = _spawn(argv, env)
+        except OSError as exc:
+            message = f"sweeprun: cannot start {argv[0]!r}: {exc.strerror or exc}\n"
+            log.write(message.encode())
+            self.events.output(claim.run_id, message.rstrip())
+            self._record(Outcome.FAILED, 127)
+            return None
+        with self._lock:
+            self.proc = proc
+        launcher._count_start()
+        if launcher.stopping or self.terminated:  # a stop arrived between the claim and the start
+            self.terminate()
+        self.renew()  # record the child's pid and start time at once
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            log.write(raw)
+            self.events.output(claim.run_id, raw.decode(errors="replace").rstrip("\n"))
+        return proc.wait()
+
+    def _conclude(self, rc: int) -> None:
+        """The one place where an exit code becomes an outcome."""
+        claim = self.claim
+        if self.lost:
+            self._ended(None, rc)
+            return
+        if rc == 0:
+            if self._exited_without_finish():
+                if self.terminated or self.launcher.stopping:
+                    self._record(Outcome.INTERRUPTED, rc)
+                    return
+                self.events.note(f"{claim.run_id}: exited 0 without calling run.finish() (it uses "
+                                 "the training API); counted as a failed attempt, not done. A script "
+                                 "that catches SIGTERM or KeyboardInterrupt must exit 75, not 0")
+                self._record(Outcome.FAILED, rc)
+                return
+            crash_point("runner.before_done")
+            if not self.ledger.heartbeat(claim, self.launcher.spec.lease_s):
+                self._lose()
+                return
+            try:
+                self.paths.write_done({"run_id": claim.run_id, "attempt": claim.attempt,
+                                       "params": claim.params, "worker": claim.worker.label,
+                                       "elapsed_s": round(time.monotonic() - self.started_at, 3)})
+            except SweeprunError:
+                # The run's work is saved; only its marker is not. Leave it resumable
+                # (its final checkpoint makes the next attempt instant) and stop.
+                self._record(Outcome.INTERRUPTED, rc)
+                raise
+            crash_point("runner.after_done")
+            self._record(Outcome.DONE, rc)
+        elif (rc == PREEMPTED_EXIT or -rc in _PREEMPTION_SIGNALS or self.killed or self.terminated
+              or self.launcher.stopping):
+            self._record(Outcome.INTERRUPTED, rc)
+        else:
+            self._record(Outcome.FAILED, rc)
+
+    def _exited_without_finish(self) -> bool:
+        fs = self.paths.fs
+        started, finished = self.paths.api_started(self.claim.attempt), self.paths.api_finished(self.claim.attempt)
+        with store_errors("read", started):
+            return fs.exists(started) and not fs.exists(finished)
+
+    def _abort(self) -> None:
+        """This thread failed: let the child save and stop, then record an interruption."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            self.terminate()
+            try:
+                proc.wait(self.launcher.spec.grace_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                proc.wait()
+        if not self.lost:
+            try:
+                self._record(Outcome.INTERRUPTED, proc.returncode if proc else None)
+            except SweeprunError:
+                pass  # the lease runs out and the next claim recovers the run
+
+    # -- recording --------------------------------------------------------------------------
+
+    def _record(self, outcome: Outcome, rc: int | None, quiet: bool = False) -> None:
+        state = self.ledger.finish(self.claim, outcome, self.launcher.policy, rc)
+        if state is None:
+            self.lost = True
+        if not quiet:
+            self._ended(state, rc)
+
+    def _ended(self, state: RunState | None, rc: int | None) -> None:
+        self.events.ended(self.claim.run_id, self.claim.attempt, state, rc,
+                          time.monotonic() - self.started_at)
+
+    def _lose(self) -> None:
+        self.lost = True
+        self._ended(None, None)
+
+    # -- called from other threads ----------------------------------------------------------
+
+    def renew(self) -> None:
+        """Heartbeat. A worker that cannot renew for ``lease_s`` by its own clock cannot learn
+        whether another took the run over, so it stops its child itself."""
+        if self.lost:
+            return
+        lease_s = self.launcher.spec.lease_s
+        proc = self.proc
+        try:
+            ok = self.ledger.heartbeat(self.claim, lease_s, ProcessRef.of(proc.pid) if proc else None)
+        except SweeprunError as exc:
+            silent_s = time.monotonic() - self._renewed_at
+            if silent_s >= lease_s:
+                self.lost = True
+                self.events.note(f"{self.claim.run_id}: could not renew the lease for {silent_s:.0f} s "
+                                 f"({exc}); another worker may take the run: stopping its process")
+                self.kill()
+            elif not self._renew_failing:
+                self._renew_failing = True
+                self.events.note(f"{self.claim.run_id}: heartbeat failed ({exc}); retrying for up to "
+                                 f"{lease_s - silent_s:.0f} s before stopping the run")
+            return
+        if ok:
+            self._renewed_at = time.monotonic()
+            self._renew_failing = False
+            return
+        self.lost = True
+        self.events.note(f"lost the lease on {self.claim.run_id} (attempt {self.claim.attempt}): "
+                         "another worker took it over; stopping its process")
+        self.kill()
+
+    def terminate(self) -> None:
+        self.terminated = True
+        _signal(self.proc, signal.SIGTERM)
+
+    def kill(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            self.killed = True
+            _signal(proc, signal.SIGKILL)
+
+
+def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    spawn = getattr(procs, "spawn", None)
+    kwargs = dict(env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if spawn is not None:
+        return spawn(argv, **kwargs)
+    return subprocess.Popen(argv, preexec_fn=procs.die_with_parent, **kwargs)  # type: ignore[call-overload]
+
+
+def _create_only(paths: RunPaths, path: str, obj: object) -> bool:
+    """Write ``obj`` as JSON at ``path`` unless the file exists; ``False`` if it did."""
+    fs = paths.fs
+    data = (json.dumps(obj, sort_keys=True) + "\n").encode()
+    with store_errors("write", path):
+        if not is_local(fs):
+            if fs.exists(path):
+                return False
+            write_json(fs, path, obj)
+            return True
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+
+def _signal(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+    if proc is None:
+        return
     try:
         proc.send_signal(sig)
     except (ProcessLookupError, OSError):
@@ -297,7 +545,7 @@ class _AttemptLog:
         try:
             if is_local(paths.fs):
                 os.makedirs(os.path.dirname(self.target), exist_ok=True)
-                self.file = open(self.target, "ab")
+                self.file = open(self.target, "ab")  # noqa: SIM115 - held for the attempt
             else:
                 fd, self.spool = tempfile.mkstemp(prefix="sweeprun-log-")
                 self.file = os.fdopen(fd, "wb")
@@ -324,6 +572,7 @@ class _AttemptLog:
         except (OSError, SweeprunError):
             pass
         finally:
+            self.file = None
             if self.spool is not None:
                 try:
                     os.unlink(self.spool)

@@ -6,16 +6,20 @@ This is the library face of the CLI: ``Sweep.open(spec)`` then ``prepare()`` and
 
 from __future__ import annotations
 
+import math
+import os
 import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import LedgerError, StoreError
+from . import faults
+from .errors import StoreError, SweeprunError
 from .identity import RunSpec
-from .ledger import Ledger, RunRow, RunState, default_ledger_path, open_ledger
+from .ledger import Ledger, Policy, RunRow, RunState, default_ledger_path, open_ledger, shown_state
 from .metrics import parse_entries
-from .spec import SweepSpec
+from .redact import redact
+from .spec import SweepSpec, parse_spec
 from .store import SweepPaths, atomic_write, open_store, store_errors, write_json
 
 
@@ -26,32 +30,43 @@ class StatusRow:
     run_id: str
     params: dict[str, Any]      # the grid axes only: what tells runs apart
     state: RunState
-    attempts: int
-    failures: int
+    attempts: int               # starts, as the ledger numbers them
+    failures: int               # real failures: what max_attempts counts
+    max_attempts: int
     step: int | None
     metric: tuple[str, float] | None
     checkpoint_age_s: float | None
     worker: str | None
 
     def as_json(self) -> dict[str, Any]:
+        metric = None
+        if self.metric:
+            metric = {self.metric[0]: self.metric[1] if math.isfinite(self.metric[1]) else None}
         return {"run_id": self.run_id, "params": self.params, "state": self.state.value,
-                "attempts": self.attempts, "failures": self.failures, "step": self.step,
-                "metric": dict([self.metric]) if self.metric else None,
+                "attempts": self.attempts, "failures": self.failures,
+                "max_attempts": self.max_attempts, "step": self.step, "metric": metric,
                 "checkpoint_age_s": self.checkpoint_age_s, "worker": self.worker}
 
 
 class Sweep:
-    def __init__(self, spec: SweepSpec, ledger_location: str | None = None) -> None:
+    def __init__(self, spec: SweepSpec, ledger_location: str | None = None, *,
+                 ephemeral_ok: bool = False) -> None:
+        """``ephemeral_ok`` lets a library user (a test) put a sweep in a ``memory://`` store."""
         if not spec.store:
             raise StoreError(f"{spec.source}: no store given; add `store: ./sweeps-out` to the file "
                              "or pass --store")
+        if str(spec.store).startswith("memory:") and not ephemeral_ok:
+            raise StoreError(f"store {spec.store} lives in this process's memory and vanishes with it; "
+                             "a sweep needs durable storage: give a path or a bucket URL")
         self.spec = spec
         self.store = open_store(spec.store)
         self.paths: SweepPaths = self.store.sweep(spec.name)
         self.runs: list[RunSpec] = spec.runs()
         self.runs_by_id = {run.run_id: run for run in self.runs}
         self.ledger_location = str(ledger_location or spec.ledger
-                                   or default_ledger_path(spec.store, spec.name))
+                                   or default_ledger_path(self.store.canonical_url, spec.name))
+        #: Things the user should hear about before the runs start (the launcher prints them).
+        self.notes: list[str] = []
 
     def open_ledger(self, readonly: bool = False) -> Ledger:
         return open_ledger(self.ledger_location, self.spec.name, readonly=readonly)
@@ -62,13 +77,15 @@ class Sweep:
         Checks come first so bad input writes nothing; the store is listed
         once for done runs and once for started ones, whatever the sweep's size.
         """
+        faults.check()
         self.store.check_writable()
         ledger = self.open_ledger()
         try:
             done = self.paths.done_ids()
             started = self._started_ids()
-            self._record_spec()
-            ledger.sync(self.runs, done=done, started=started)
+            self._record_spec(done)
+            ledger.sync(self.runs, done=done, started=started,
+                        still_done=lambda run_id: self.paths.run(run_id).is_done())
         except BaseException:
             ledger.close()
             raise
@@ -81,12 +98,27 @@ class Sweep:
                 return set()
             return {posixpath.basename(p.rstrip("/")) for p in fs.ls(self.paths.runs, detail=False)}
 
-    def _record_spec(self) -> None:
+    def _record_spec(self, done: set[str]) -> None:
+        """Keep the spec as launched in the store, without secrets; say so when the command changed."""
         fs = self.store.fs
+        text = redact(self.spec.text)
         with store_errors("read", self.paths.spec):
-            current = fs.cat_file(self.paths.spec) if fs.exists(self.paths.spec) else None
-        if current != self.spec.text.encode():
-            atomic_write(fs, self.paths.spec, self.spec.text.encode())
+            current = fs.cat_file(self.paths.spec) if fs.isfile(self.paths.spec) else None
+        if current == text.encode():
+            return
+        if current is not None:
+            try:
+                before = parse_spec(current.decode(), self.paths.spec)
+            except (SweeprunError, UnicodeDecodeError):
+                before = None
+            finished = len(done & set(self.runs_by_id))
+            if before is not None and before.command != self.spec.command and finished:
+                self.notes.append(
+                    f"the command changed since this sweep was last launched; {finished} finished "
+                    f"run(s) keep their results and are not run again. To re-run one with the new "
+                    f"command, delete its folder under {redact(self.store.fs.unstrip_protocol(self.paths.runs))}"
+                    " (or give the sweep a new name)")
+        atomic_write(fs, self.paths.spec, text.encode())
 
     def write_params(self, run_id: str, params: dict[str, Any]) -> None:
         paths = self.paths.run(run_id)
@@ -96,56 +128,73 @@ class Sweep:
             write_json(self.store.fs, paths.params, params)
 
     def status(self) -> list[StatusRow]:
-        """Read-only: the ledger if there is one, the store for what is done and how far runs got."""
+        """Read-only: the ledger if there is one, the store for what is done and how far runs got.
+
+        Shows the runs of this spec and every other run the ledger knows for the sweep
+        (another launcher's grid), each judged by the same rules the launcher uses.
+        """
         ledger_rows: dict[str, RunRow] = {}
-        try:
+        now = time.time()
+        if self._ledger_exists():
             ledger = self.open_ledger(readonly=True)
-        except LedgerError:
-            ledger = None  # no ledger yet (or unreadable): the store alone tells the states
-        if ledger is not None:
             try:
                 ledger_rows = {r.run_id: r for r in ledger.rows()}
+                now = ledger.now()
             finally:
                 ledger.close()
         listing = self.paths.listing()
-        metrics_paths = {run.run_id: self.paths.run(run.run_id).metrics for run in self.runs
-                         if "metrics.jsonl" in listing.get(run.run_id, {})}
-        last_entries = self._last_entries(list(metrics_paths.values()))
-        now = time.time()
+        policy = Policy(max_attempts=self.spec.max_attempts)
+        runs: list[tuple[str, dict[str, Any]]] = [
+            (run.run_id, {k: run.params[k] for k in self.spec.grid}) for run in self.runs]
+        runs += [(row.run_id, row.params) for row in ledger_rows.values()
+                 if row.run_id not in self.runs_by_id]
         rows = []
-        for run in self.runs:
-            files = listing.get(run.run_id, {})
-            row = ledger_rows.get(run.run_id)
-            state = row.state if row else RunState.PENDING
+        for run_id, params in runs:
+            files = listing.get(run_id, {})
+            row = ledger_rows.get(run_id)
+            state = shown_state(row, now, policy) if row else RunState.PENDING
             if "DONE" in files:
                 state = RunState.DONE
             elif state is RunState.DONE or (row is None and files):
                 state = RunState.INTERRUPTED if files else RunState.PENDING
-            if state is RunState.RUNNING and row and (row.lease_until or 0) < now:
-                state = RunState.INTERRUPTED  # the holder stopped renewing: the run is up for grabs
             ckpt = [m for p, m in files.items() if p.startswith("checkpoints/")]
-            step, metric = _progress(last_entries.get(metrics_paths.get(run.run_id, "")))
+            metrics_path = self.paths.run(run_id).metrics if "metrics.jsonl" in files else None
+            step, metric = _progress(self._last_entry(metrics_path) if metrics_path else None)
             rows.append(StatusRow(
-                run_id=run.run_id, params={k: run.params[k] for k in self.spec.grid},
-                state=state, attempts=row.attempts if row else 0, failures=row.failures if row else 0,
-                step=step, metric=metric, checkpoint_age_s=now - max(ckpt) if ckpt else None,
+                run_id=run_id, params=params, state=state,
+                attempts=row.attempts if row else 0, failures=row.failures if row else 0,
+                max_attempts=self.spec.max_attempts,
+                step=step, metric=metric, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
                 worker=row.worker if row and state is RunState.RUNNING else None))
         return rows
 
-    def _last_entries(self, paths: list[str]) -> dict[str, dict[str, Any]]:
-        """``path -> last whole metrics entry``, read with one (concurrent) call for all runs."""
-        if not paths:
-            return {}
-        with store_errors("read", self.paths.runs):
-            blobs = self.store.fs.cat(paths, on_error="omit")  # concurrent on object stores
-        if isinstance(blobs, bytes):
-            blobs = {paths[0]: blobs}
-        out = {}
-        for path, blob in blobs.items():
-            entries = parse_entries(blob)
-            if entries:
-                out[self.store.fs._strip_protocol(path)] = entries[-1]
-        return out
+    def _ledger_exists(self) -> bool:
+        location = self.ledger_location
+        if "://" in location:
+            return True
+        return os.path.exists(os.path.expanduser(location))
+
+    def _last_entry(self, path: str) -> dict[str, Any] | None:
+        """The last whole entry of a metrics file, from its tail: never the whole file, never a FIFO."""
+        fs = self.store.fs
+        try:
+            with store_errors("read", path):
+                info = fs.info(path)
+                if info.get("type") != "file":
+                    return None
+                size = int(info.get("size") or 0)
+                start = max(0, size - METRICS_TAIL_BYTES)
+                blob = fs.cat_file(path, start=start, end=size) if size else b""
+        except (StoreError, FileNotFoundError):
+            return None
+        if start:
+            blob = blob[blob.find(b"\n") + 1:] if b"\n" in blob else b""
+        entries = parse_entries(blob)
+        return entries[-1] if entries else None
+
+
+#: How much of a metrics file status reads to find its last entry.
+METRICS_TAIL_BYTES = 64 * 1024
 
 
 def _progress(entry: dict[str, Any] | None) -> tuple[int | None, tuple[str, float] | None]:

@@ -1,124 +1,37 @@
-"""The ledger contract, run against every backend: exclusive claims, leases, fencing, rebuild."""
+"""The ledger contract on SQLite, plus what only a file on local disk can get wrong."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sweeprun.errors import LedgerError
 from sweeprun.identity import RunSpec
-from sweeprun.ledger import Ledger, Outcome, RunState, SqliteLedger, open_ledger
-from sweeprun.procs import ProcessRef
-
-RUNS = [RunSpec.from_params({"i": i}, index=i) for i in range(6)]
-ME = ProcessRef.me()
-OTHER_HOST = ProcessRef("another-host", 4242, None)
+from sweeprun.ledger import open_ledger
+from sweeprun.ledger.contract import RUNS, LedgerContract
 
 
-def dead_process() -> ProcessRef:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return ProcessRef.of(proc.pid)
-
-
-@pytest.fixture(params=["sqlite"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
-    led = {"sqlite": lambda: SqliteLedger(tmp_path / "ledger.sqlite", "sweep")}[request.param]()
-    led.sync(RUNS, done=set(), started=set())
-    yield led
-    led.close()
-
-
-class TestLedgerContract:
-    def test_claims_in_grid_order_each_once(self, ledger: Ledger) -> None:
-        claims = [ledger.claim(ME, max_attempts=3, lease_s=60) for _ in RUNS]
-        assert [c.run_id for c in claims] == [r.run_id for r in RUNS]
-        assert all(c.attempt == 1 for c in claims)
-        assert ledger.claim(ME, max_attempts=3, lease_s=60) is None
-
-    def test_interrupted_run_is_claimed_again_before_new_ones(self, ledger: Ledger) -> None:
-        first = ledger.claim(ME, 3, 60)
-        ledger.finish(first, Outcome.INTERRUPTED, 3)
-        again = ledger.claim(ME, 3, 60)
-        assert again.run_id == first.run_id and again.attempt == 2
-
-    def test_failures_count_interruptions_do_not(self, ledger: Ledger) -> None:
-        run = None
-        for _ in range(3):
-            c = ledger.claim(ME, 2, 60)
-            run = run or c.run_id
-            assert c.run_id == run
-            ledger.finish(c, Outcome.INTERRUPTED, 2)
-        c = ledger.claim(ME, 2, 60)
-        assert ledger.finish(c, Outcome.FAILED, 2) is RunState.PENDING
-        c = ledger.claim(ME, 2, 60)
-        assert c.run_id == run and c.attempt == 5
-        assert ledger.finish(c, Outcome.FAILED, 2) is RunState.FAILED
-        row = next(r for r in ledger.rows() if r.run_id == run)
-        assert (row.state, row.attempts, row.failures) == (RunState.FAILED, 5, 2)
-        assert ledger.claim(ME, 2, 60).run_id != run
-        # raising max_attempts re-opens the failed run
-        assert any(ledger.claim(ME, 3, 60).run_id == run for _ in RUNS)
-
-    def test_live_lease_is_respected_expired_one_taken_over(self, ledger: Ledger) -> None:
-        held = ledger.claim(OTHER_HOST, 3, lease_s=60)
-        taken = {ledger.claim(ME, 3, 60).run_id for _ in RUNS[1:]}
-        assert held.run_id not in taken
-        short = SqliteLedger(ledger.path, "sweep")  # same file, second connection
-        short.sync(RUNS, set(), set())
-        # expire the other host's lease by heartbeating it with a negative lease
-        assert ledger.heartbeat(held, lease_s=-1)
-        stolen = short.claim(ME, 3, 60)
-        assert stolen.run_id == held.run_id and stolen.attempt == held.attempt + 1
-        # the old holder is fenced out: no heartbeat, no finish
-        assert ledger.heartbeat(held, 60) is False
-        assert ledger.finish(held, Outcome.DONE, 3) is None
-        assert ledger.finish(stolen, Outcome.DONE, 3) is RunState.DONE
-        short.close()
-
-    def test_dead_holder_on_this_host_is_reclaimed_at_once(self, ledger: Ledger) -> None:
-        dead = dead_process()
-        held = ledger.claim(dead, 3, lease_s=3600)
-        again = ledger.claim(ME, 3, 60)
-        assert again.run_id == held.run_id and again.attempt == 2
-
-    def test_orphan_child_is_reported(self, ledger: Ledger) -> None:
-        child = subprocess.Popen(["sleep", "30"])
-        try:
-            held = ledger.claim(dead_process(), 3, 3600)
-            ledger.heartbeat(held, 3600, ProcessRef.of(child.pid))
-            again = ledger.claim(ME, 3, 60)
-            assert again.orphan is not None and again.orphan.pid == child.pid
-        finally:
-            child.kill()
-            child.wait()
-
-    def test_sync_follows_the_store(self, ledger: Ledger) -> None:
-        c = ledger.claim(ME, 3, 60)
-        ledger.finish(c, Outcome.DONE, 3)
-        ledger.sync(RUNS, done={RUNS[5].run_id}, started=set())
-        states = {r.run_id: r.state for r in ledger.rows()}
-        # DONE deleted from the store -> pending again; DONE found in the store -> done
-        assert states[RUNS[0].run_id] is RunState.PENDING
-        assert states[RUNS[5].run_id] is RunState.DONE
-        # runs dropped from the grid leave the index
-        ledger.sync(RUNS[:2], done=set(), started=set())
-        assert [r.run_id for r in ledger.rows()] == [r.run_id for r in RUNS[:2]]
+class TestSqliteLedger(LedgerContract):
+    @pytest.fixture
+    def location(self, tmp_path: Path) -> str:
+        return str(tmp_path / "ledger.sqlite")
 
 
 CLAIMER = """
 import json, sys
-from sweeprun.ledger import Outcome, RunState, open_ledger
+from sweeprun.ledger import Outcome, Policy, RunState, open_ledger
 from sweeprun.procs import ProcessRef
 led = open_ledger(sys.argv[1], "sweep")
-me = ProcessRef.me()
+me, policy = ProcessRef.me(), Policy()
 got = []
-while (c := led.claim(me, 3, 600)) is not None:
+while (c := led.claim(me, policy, 600)) is not None:
     got.append(c.run_id)
-    assert led.finish(c, Outcome.DONE, 3) is RunState.DONE
+    assert led.finish(c, Outcome.DONE, policy) is RunState.DONE
 print(json.dumps(got))
 """
 
@@ -137,9 +50,106 @@ def test_ten_processes_take_each_run_exactly_once(tmp_path: Path) -> None:
 
 
 def test_corrupt_ledger_is_a_clear_error(tmp_path: Path) -> None:
-    from sweeprun.errors import LedgerError
-
     path = tmp_path / "ledger.sqlite"
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(LedgerError, match="corrupt.*delete it"):
         open_ledger(path, "sweep")
+
+
+def _other_apps_database(path: Path) -> bytes:
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE experiments (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.execute("INSERT INTO experiments (name) VALUES ('mine')")
+    conn.commit()
+    conn.close()
+    return path.read_bytes()
+
+
+def test_another_applications_database_is_refused_and_left_byte_identical(tmp_path: Path) -> None:
+    path = tmp_path / "mlflow.db"
+    before = _other_apps_database(path)
+    for readonly in (False, True):
+        with pytest.raises(LedgerError, match="not a sweeprun ledger.*untouched"):
+            open_ledger(path, "sweep", readonly=readonly)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+
+
+def test_a_ledger_from_a_newer_sweeprun_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    open_ledger(path, "sweep").close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match="newer sweeprun.*schema 99"):
+        open_ledger(path, "sweep")
+    assert path.read_bytes() == before
+
+
+def test_a_schema_1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE runs (sweep TEXT, run_id TEXT, idx INTEGER, params TEXT, state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0, worker TEXT,
+            worker_start INTEGER, child_pid INTEGER, child_start INTEGER, lease_until FLOAT,
+            heartbeat_at FLOAT, last_exit INTEGER, updated_at FLOAT, PRIMARY KEY (sweep, run_id));
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+        INSERT INTO meta VALUES ('schema_version', '1');
+    """)
+    conn.execute("INSERT INTO runs (sweep, run_id, idx, params, state, attempts, failures, updated_at) "
+                 "VALUES ('sweep', ?, 0, ?, 'interrupted', 4, 1, 0)", [RUNS[0].run_id, json.dumps(RUNS[0].params)])
+    conn.commit()
+    conn.close()
+    led = open_ledger(path, "sweep")
+    row = led.rows()[0]
+    assert (row.state.value, row.attempts, row.failures, row.lost) == ("interrupted", 4, 1, 0)
+    led.close()
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("state", "exploded", "unknown state 'exploded'"),
+    ("params", "{not json", "unreadable params"),
+])
+def test_a_damaged_row_is_a_clear_error(tmp_path: Path, column: str, value: str, message: str) -> None:
+    path = tmp_path / "ledger.sqlite"
+    led = open_ledger(path, "sweep")
+    led.sync(RUNS, set(), set())
+    led.close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"UPDATE runs SET {column} = ? WHERE run_id = ?", [value, RUNS[2].run_id])
+    conn.commit()
+    conn.close()
+    led = open_ledger(path, "sweep")
+    with pytest.raises(LedgerError, match=f"{RUNS[2].run_id}.*{message}.*rebuilt from the store"):
+        led.rows()
+    led.close()
+
+
+def test_reading_a_ledger_leaves_no_file_behind(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    led = open_ledger(path, "sweep")
+    led.sync(RUNS, set(), set())
+    led.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    reader = open_ledger(path, "sweep", readonly=True)
+    assert len(reader.rows()) == len(RUNS)
+    reader.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == files == ["ledger.sqlite"]
+
+
+@pytest.mark.parametrize("location", [":memory:", "file::memory:?cache=shared"])
+def test_an_in_memory_ledger_is_refused(location: str) -> None:
+    with pytest.raises(LedgerError, match="in-memory.*cannot coordinate"):
+        open_ledger(location, "sweep")
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan"])
+def test_a_garbage_busy_timeout_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 value: str) -> None:
+    monkeypatch.setenv("SWEEPRUN_BUSY_TIMEOUT_S", value)
+    with pytest.raises(LedgerError, match="SWEEPRUN_BUSY_TIMEOUT_S"):
+        open_ledger(tmp_path / "ledger.sqlite", "sweep")
+    assert not (tmp_path / "ledger.sqlite").exists()

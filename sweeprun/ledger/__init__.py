@@ -8,11 +8,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LedgerError
-from .base import Claim, Ledger, Outcome, RunRow, RunState
+from .base import (
+    Claim,
+    Ledger,
+    Outcome,
+    Policy,
+    RunRow,
+    RunState,
+    Verdict,
+    grid_key,
+    judge,
+    shown_state,
+)
 from .sqlite import SqliteLedger
 
-__all__ = ["Claim", "Ledger", "Outcome", "RunRow", "RunState", "SqliteLedger", "default_ledger_path",
-           "open_ledger"]
+__all__ = ["Claim", "Ledger", "Outcome", "Policy", "RunRow", "RunState", "SqliteLedger", "Verdict",
+           "default_ledger_path", "grid_key", "judge", "open_ledger", "shown_state"]
 
 HOME_ENV = "SWEEPRUN_HOME"
 
@@ -23,19 +34,37 @@ BACKENDS: dict[str, Callable[[str, str, bool], Ledger]] = {
 }
 
 
-def default_ledger_path(store_url: str, sweep: str) -> Path:
+def state_home() -> Path:
+    """``$SWEEPRUN_HOME`` or ``~/.local/state/sweeprun``: where default ledgers live."""
+    raw = os.environ.get(HOME_ENV)
+    if raw is not None:
+        if not raw.strip() or "\0" in raw:
+            raise LedgerError(f"{HOME_ENV}={raw!r} is not a usable folder; set it to a folder on "
+                              "local disk or unset it")
+        home = Path(raw).expanduser()
+        if home.exists() and not home.is_dir():
+            raise LedgerError(f"{HOME_ENV}={raw} is a file, not a folder; set it to a folder on local "
+                              "disk or unset it")
+        probe = home
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise LedgerError(f"{HOME_ENV}={raw} is not writable ({probe}: permission denied); set it "
+                              "to a writable folder on local disk or unset it")
+        return home
+    return Path.home() / ".local" / "state" / "sweeprun"
+
+
+def default_ledger_path(store_key: str, sweep: str) -> Path:
     """Where the ledger lives when none is given: local state dir, one file per (store, sweep).
 
-    Never beside the data: the store may be a network mount where SQLite
-    locking is unsafe, and the ledger can always be rebuilt from the store.
+    ``store_key`` is the store's canonical URL, so every spelling of one store (a
+    symlink, ``file://``) finds the same ledger. Never beside the data: the store may
+    be a network mount where SQLite locking is unsafe, and the ledger can always be
+    rebuilt from the store.
     """
-    home = Path(os.environ.get(HOME_ENV) or Path.home() / ".local" / "state" / "sweeprun")
-    key = hashlib.sha256(f"{_normalise_store(store_url)}\0{sweep}".encode()).hexdigest()[:12]
-    return home / "ledgers" / f"{sweep}-{key}.sqlite"
-
-
-def _normalise_store(url: str) -> str:
-    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
+    key = hashlib.sha256(f"{store_key}\0{sweep}".encode(errors="surrogateescape")).hexdigest()[:12]
+    return state_home() / "ledgers" / f"{sweep[:80]}-{key}.sqlite"
 
 
 def open_ledger(location: str | Path, sweep: str, *, readonly: bool = False) -> Ledger:
@@ -46,6 +75,8 @@ def open_ledger(location: str | Path, sweep: str, *, readonly: bool = False) -> 
         return BACKENDS["sqlite"](text, sweep, readonly)
     backend = BACKENDS.get(scheme)
     if backend is None:
-        raise LedgerError(f"ledger {text}: unknown backend {scheme!r}; "
+        from ..redact import redact
+
+        raise LedgerError(f"ledger {redact(text)}: unknown backend {scheme!r}; "
                           f"use a file path or one of: {', '.join(s + '://' for s in BACKENDS)}")
     return backend(rest, sweep, readonly)

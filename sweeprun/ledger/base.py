@@ -1,4 +1,4 @@
-"""The ledger contract: who may run what, right now.
+"""The ledger contract: who may run what, right now, and the one definition of a run's state.
 
 The ledger is a coordination index, not the truth: the store says what is done
 and what has checkpoints, and :meth:`Ledger.sync` rebuilds the ledger from it.
@@ -6,32 +6,44 @@ What the ledger adds is mutual exclusion: a run is claimed by exactly one worker
 at a time, under a lease that the worker's heartbeat renews.
 
 Every claim bumps the run's ``attempt`` number, which doubles as a fencing
-token: :meth:`heartbeat` and :meth:`finish` only succeed for the current
-attempt, so a worker that was paused past its lease (and whose run was taken
-over) learns it lost the run and writes nothing.
+token: :meth:`Ledger.heartbeat`, :meth:`Ledger.start` and :meth:`Ledger.finish`
+only succeed for the current attempt, so a worker that was paused past its lease
+(and whose run was taken over) learns it lost the run and writes nothing.
+
+"Runnable", "held" and "settled" are decided in exactly one place,
+:func:`judge`, which the claim, the launcher's "is the sweep over" check and
+``status`` all use: when they disagreed, a launcher could wait forever for a run
+that no claim would ever take.
 
 All methods are safe to call from many threads and processes at once. Losing a
-race is not an error: :meth:`claim` returns ``None`` and :meth:`heartbeat` /
-:meth:`finish` return ``False`` / ``None``.
+race is not an error: :meth:`Ledger.claim` returns ``None`` and the others
+return ``False`` / ``None``.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import math
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..identity import RunSpec
 from ..procs import ProcessRef
+
+#: Consecutive attempts lost with their worker (no exit code: the machine died) without a
+#: new checkpoint before the run is marked failed. Preemptions that save do not count.
+DEFAULT_MAX_LOST = 5
 
 
 class RunState(str, enum.Enum):
     PENDING = "pending"
     RUNNING = "running"
     INTERRUPTED = "interrupted"  # stopped early with a checkpoint; resumes without using an attempt
-    FAILED = "failed"            # real failures reached max_attempts
+    FAILED = "failed"            # real failures reached max_attempts (or lost attempts max_lost)
     DONE = "done"
 
 
@@ -41,6 +53,23 @@ class Outcome(str, enum.Enum):
     DONE = "done"
     INTERRUPTED = "interrupted"
     FAILED = "failed"
+
+
+class Verdict(str, enum.Enum):
+    """What a worker may do with a run now: the single answer every caller uses."""
+
+    RUNNABLE = "runnable"    # may be claimed
+    HELD = "held"            # a live worker holds it under a lease
+    FINISHED = "finished"    # done
+    EXHAUSTED = "exhausted"  # failed for good: failures or lost attempts reached their limit
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The limits a launcher applies; they come from the sweep file and flags, not the ledger."""
+
+    max_attempts: int = 3
+    max_lost: int = DEFAULT_MAX_LOST
 
 
 @dataclass(frozen=True)
@@ -53,6 +82,8 @@ class Claim:
     worker: ProcessRef
     #: A child left running by a dead holder on this host; the runner kills it before starting.
     orphan: ProcessRef | None = None
+    #: The previous attempt was lost with its worker (not ended by one).
+    took_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,38 +94,132 @@ class RunRow:
     index: int
     params: dict[str, Any]
     state: RunState
-    attempts: int        # how many times the run was started
+    attempts: int        # how many times the run was started (the fencing token)
     failures: int        # real failures among them (preemptions do not count)
     worker: str | None   # host:pid of the holder while running
     heartbeat_at: float | None
     lease_until: float | None
     last_exit: int | None
     updated_at: float
+    lost: int = 0        # consecutive attempts lost with their worker, without checkpoint progress
+    worker_start: int | None = None  # the holder's process start time, to tell a reused pid
+
+    @property
+    def holder(self) -> ProcessRef | None:
+        if not self.worker:
+            return None
+        host, _, pid = self.worker.rpartition(":")
+        try:
+            return ProcessRef(host, int(pid), self.worker_start)
+        except ValueError:
+            return None
+
+
+def judge(row: RunRow, now: float, policy: Policy) -> Verdict:
+    """The one definition of what can happen to ``row`` at ledger time ``now``.
+
+    A running run is held while its lease lasts and its holder is alive (a holder
+    on this host is checked by pid and start time, so a killed launcher's runs are
+    free at once); past that it is abandoned and runnable like an interrupted one,
+    unless its failures or lost attempts already reached their limit.
+    """
+    if row.state is RunState.DONE:
+        return Verdict.FINISHED
+    if row.state is RunState.RUNNING and (row.lease_until or 0.0) > now:
+        holder = row.holder
+        if holder is None or holder.alive():
+            return Verdict.HELD
+    if row.failures >= policy.max_attempts or row.lost >= policy.max_lost:
+        return Verdict.EXHAUSTED
+    return Verdict.RUNNABLE
+
+
+def shown_state(row: RunRow, now: float, policy: Policy) -> RunState:
+    """The state a user should see: an abandoned run is interrupted, an exhausted one failed."""
+    verdict = judge(row, now, policy)
+    if verdict is Verdict.EXHAUSTED:
+        return RunState.FAILED
+    if row.state is RunState.RUNNING and verdict is not Verdict.HELD:
+        return RunState.INTERRUPTED
+    if row.state is RunState.FAILED:
+        return RunState.PENDING  # failed before, but the limit allows another try
+    return row.state
+
+
+def settled(rows: Iterable[RunRow], now: float, policy: Policy) -> bool:
+    """True when no run can make progress any more: each one finished or exhausted."""
+    return all(judge(r, now, policy) in (Verdict.FINISHED, Verdict.EXHAUSTED) for r in rows)
+
+
+def grid_key(runs: Iterable[RunSpec]) -> str:
+    """Names the set of runs one launcher read, so it claims only those.
+
+    Two launchers of one sweep name with different grids (or a grid edited while a
+    launcher runs) share the ledger; each claims from its own grid and neither
+    removes the other's rows.
+    """
+    digest = hashlib.sha256()
+    for run_id in sorted(run.run_id for run in runs):
+        digest.update(run_id.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def check_lease(lease_s: float) -> float:
+    if not (isinstance(lease_s, (int, float)) and math.isfinite(lease_s)):
+        raise ValueError(f"lease_s must be a finite number of seconds, got {lease_s!r}")
+    return float(lease_s)
 
 
 class Ledger(ABC):
-    """One sweep's coordination state. Backends: :class:`~sweeprun.ledger.sqlite.SqliteLedger`."""
+    """One sweep's coordination state. Backends: :class:`~sweeprun.ledger.sqlite.SqliteLedger`.
+
+    Time is the ledger's own (:meth:`now`): the process clock for SQLite, the server's
+    clock for a database server, so that leases never compare two machines' clocks.
+    Tests replace :attr:`clock` to move time without sleeping.
+    """
+
+    clock: Callable[[], float] = staticmethod(time.time)
+
+    def now(self) -> float:
+        return self.clock()
 
     @abstractmethod
-    def sync(self, runs: Iterable[RunSpec], done: set[str], started: set[str]) -> None:
-        """Make the ledger agree with the store.
+    def sync(self, runs: Iterable[RunSpec], done: set[str], started: set[str],
+             still_done: Callable[[str], bool] | None = None) -> None:
+        """Make the ledger agree with the store and remember ``runs`` as one grid.
 
-        Adds missing runs (``interrupted`` if ``started``, i.e. they have files
-        in the store, else ``pending``), marks runs in ``done`` as done, and
-        puts a run the ledger thinks done but whose ``DONE`` is gone back to
-        ``pending`` (deleting a run's folder is how a user asks for a re-run).
-        Runs held under a live lease are left alone.
+        Adds missing runs (``interrupted`` if ``started``, i.e. they have files in the
+        store, else ``pending``) and marks runs in ``done`` as done, whatever the ledger
+        said, even under a live lease (``DONE`` in the store is the truth). A run the
+        ledger has as done but that is not in ``done`` goes back to pending (deleting a
+        run's folder is how a user asks for a re-run) only if ``still_done(run_id)``,
+        asked inside the transaction, says so: ``done`` was listed before it began and
+        another worker may have finished the run since. Rows are never deleted: another
+        launcher with another grid may run them.
         """
 
     @abstractmethod
-    def claim(self, worker: ProcessRef, max_attempts: int, lease_s: float) -> Claim | None:
-        """Atomically take the next runnable run, or return ``None`` if there is none.
+    def claim(self, worker: ProcessRef, policy: Policy, lease_s: float,
+              grid: str | None = None) -> Claim | None:
+        """Atomically take the next :data:`Verdict.RUNNABLE` run of ``grid`` (a :func:`grid_key`
+        given to :meth:`sync`; ``None``: any run), or return ``None``. Interrupted runs
+        come first (their checkpoints hold work), then grid order."""
 
-        Runnable: ``pending`` or ``interrupted``; ``failed`` runs with fewer
-        failures than ``max_attempts`` (so raising it re-opens them); and
-        ``running`` runs whose lease expired or whose holder on this host is
-        gone. Interrupted runs come first (their checkpoints hold work), then
-        grid order.
+    @abstractmethod
+    def renumber(self, claim: Claim, at_least: int) -> Claim | None:
+        """Raise the claim's attempt number to ``at_least`` (the store has seen attempts this
+        ledger has not: it was rebuilt); ``None`` if the claim is no longer current."""
+
+    @abstractmethod
+    def start(self, claim: Claim, lease_s: float, progress: str | None,
+              policy: Policy) -> RunState | None:
+        """Renew the lease as the child is about to start and record checkpoint ``progress``.
+
+        Returns ``RUNNING`` to go ahead. When the previous attempt was lost with its worker
+        and ``progress`` is what it was then, the loss counts toward ``policy.max_lost``;
+        reaching it marks the run failed and returns ``FAILED`` (a run that kills its
+        machine every time, out of memory say, must not be retried forever). ``None``:
+        the claim is no longer current.
         """
 
     @abstractmethod
@@ -102,19 +227,28 @@ class Ledger(ABC):
         """Extend the lease; ``False`` means the run was taken over and the caller must stop."""
 
     @abstractmethod
-    def finish(self, claim: Claim, outcome: Outcome, max_attempts: int,
+    def finish(self, claim: Claim, outcome: Outcome, policy: Policy,
                exit_code: int | None = None) -> RunState | None:
         """Record how the attempt ended and return the run's new state.
 
-        Returns ``None`` (and changes nothing) when ``claim`` is no longer the
-        current attempt. A failure counts toward ``max_attempts``; an
-        interruption does not.
+        Returns ``None`` (and changes nothing) when ``claim`` is no longer the current
+        attempt, except that a ``DONE`` outcome is always accepted for a run that sync
+        already marked done from its ``DONE`` file. A failure counts toward
+        ``max_attempts``; an interruption does not.
         """
 
     @abstractmethod
-    def rows(self) -> list[RunRow]:
-        """Every run of the sweep, in grid order."""
+    def rows(self, grid: str | None = None) -> list[RunRow]:
+        """Every run of the sweep (or of one grid), in grid order."""
+
+    def settled(self, policy: Policy, grid: str | None = None) -> bool:
+        """See :func:`settled`; for the runs of ``grid``."""
+        return settled(self.rows(grid), self.now(), policy)
 
     @abstractmethod
     def close(self) -> None:
         """Release connections; the ledger may not be used afterwards."""
+
+
+def with_attempt(claim: Claim, attempt: int) -> Claim:
+    return replace(claim, attempt=attempt)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import threading
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,19 @@ from ..errors import LedgerError
 from ..faults import crash_point
 from ..identity import RunSpec
 from ..procs import ProcessRef
-from .base import Claim, Ledger, Outcome, RunRow, RunState
+from .base import (
+    Claim,
+    Ledger,
+    Outcome,
+    Policy,
+    RunRow,
+    RunState,
+    Verdict,
+    check_lease,
+    grid_key,
+    judge,
+    with_attempt,
+)
 
 #: Filesystems where SQLite's locks do not hold (NFS, SMB, FUSE mounts such as
 #: Colab's Google Drive, gcsfuse, s3fs, rclone): two workers could both claim a run.
@@ -27,7 +39,12 @@ ALLOW_NETWORK_ENV = "SWEEPRUN_ALLOW_NETWORK_LEDGER"
 
 BUSY_TIMEOUT_ENV = "SWEEPRUN_BUSY_TIMEOUT_S"  # how long to wait for another process's lock
 
-SCHEMA_VERSION = 1
+#: Version 1 had no application id, no grid membership and no lost-attempt count.
+SCHEMA_VERSION = 2
+#: ``PRAGMA application_id`` of a sweeprun ledger ("SWPR"): lets us recognise our own file
+#: from its header, and refuse another application's database without changing a byte of it.
+APPLICATION_ID = 0x53575052
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def mount_fstype(path: Path) -> str | None:
@@ -52,52 +69,136 @@ def _is_network_fs(fstype: str | None) -> bool:
     return fstype is not None and (fstype in NETWORK_FS or fstype.startswith("fuse."))
 
 
+def busy_timeout_from_env() -> float:
+    raw = os.environ.get(BUSY_TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return 30.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= 86400):
+        raise LedgerError(f"{BUSY_TIMEOUT_ENV}={raw!r} must be a number of seconds between 0 and "
+                          "86400; unset it or fix its value")
+    return value
+
+
 class SqliteLedger(Ledger):
     """The default ledger. Safe for many processes on one host; never on a network mount."""
 
     def __init__(self, path: str | Path, sweep: str, *, busy_timeout_s: float | None = None,
                  readonly: bool = False) -> None:
+        if str(path).strip() in ("", ":memory:") or str(path).startswith("file::memory:"):
+            raise LedgerError(f"ledger {str(path)!r} is an in-memory database, which dies with this "
+                              "process and cannot coordinate workers; give a file path on local disk")
         self.path = Path(path).expanduser()
         self.sweep = sweep
-        self.busy_timeout_s = (busy_timeout_s if busy_timeout_s is not None
-                               else float(os.environ.get(BUSY_TIMEOUT_ENV, 30.0)))
+        self.busy_timeout_s = busy_timeout_s if busy_timeout_s is not None else busy_timeout_from_env()
         self.readonly = readonly
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        parent = self.path.parent
-        if not readonly:
+        if self.path.is_dir():
+            raise LedgerError(f"ledger {self.path} is a folder; give a file path with --ledger")
+        if readonly:
+            if not self.path.exists():
+                raise LedgerError(f"ledger {self.path} does not exist")
+        else:
+            parent = self.path.parent
             fstype = mount_fstype(parent if parent.exists() else Path(os.path.dirname(os.path.abspath(parent))))
             if _is_network_fs(fstype) and not os.environ.get(ALLOW_NETWORK_ENV):
                 raise LedgerError(f"ledger {self.path} is on a {fstype} mount, where SQLite locking is "
                                   "unsafe; put it on local disk with --ledger (the store can stay there)")
-            if self.path.is_dir():
-                raise LedgerError(f"ledger {self.path} is a folder; give a file path with --ledger")
             try:
                 parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise LedgerError(f"cannot create the ledger's folder {parent}: {exc.strerror}; "
-                                  "choose another --ledger") from None
-        elif not self.path.exists():
-            raise LedgerError(f"ledger {self.path} does not exist")
-        with self._tx() as db:
-            self._ensure_schema(db)
+                raise LedgerError(f"cannot create the ledger's folder {parent}: "
+                                  f"{exc.strerror or exc}; choose another --ledger") from None
+        self._check_existing()
+        if not readonly:
+            with self._tx() as db:
+                self._ensure_schema(db)
+
+    # -- opening safely -------------------------------------------------------------------
+
+    def _check_existing(self) -> None:
+        """Refuse a file that is not a sweeprun ledger, or one from a newer sweeprun, before
+        any connection that could write to it (WAL mode alone changes the header)."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(100)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise LedgerError(f"cannot read ledger {self.path}: {exc.strerror or exc}") from None
+        if not head:
+            return  # an empty file: SQLite treats it as a new database
+        if not head.startswith(_SQLITE_MAGIC):
+            raise LedgerError(f"ledger {self.path} is corrupt or not a database; delete it and run "
+                              "again: it is rebuilt from the store without re-running finished runs")
+        try:
+            conn = self._reader()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = None
+            if "meta" in tables:
+                found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                version = found[0] if found else None
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        finally:
+            conn.close()
+        ours = app_id == APPLICATION_ID or (app_id == 0 and {"runs", "meta"} <= tables
+                                            and version is not None)
+        if not ours:
+            if not tables and app_id == 0:
+                return  # an empty database: ours to initialise
+            raise LedgerError(f"{self.path} is not a sweeprun ledger (it holds tables "
+                              f"{', '.join(sorted(tables)) or 'none'}); it was left untouched: give "
+                              "--ledger a new file path")
+        try:
+            number = int(version) if version is not None else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise LedgerError(f"ledger {self.path} has no readable schema version; delete it and "
+                              "run again: it is rebuilt from the store")
+        if number > SCHEMA_VERSION:
+            raise LedgerError(f"ledger {self.path} was written by a newer sweeprun (schema {number}, "
+                              f"this one knows up to {SCHEMA_VERSION}); upgrade sweeprun, or give "
+                              "--ledger a new file (it is rebuilt from the store)")
 
     # -- connections and transactions -------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.readonly:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            return conn
+        return self._reader()
+
+    def _reader(self) -> sqlite3.Connection:
+        """A connection that leaves nothing behind (``mode=ro`` alone creates -wal and -shm).
+
+        Without a writer's -wal file the database is opened immutable, which creates
+        nothing; with one, a writer is live or died mid-way, and its WAL must be read.
+        """
+        wal = Path(str(self.path) + "-wal")
+        mode = "mode=ro" if wal.exists() else "immutable=1"
+        return sqlite3.connect(f"file:{_uri_path(self.path)}?{mode}", uri=True,
+                               timeout=self.busy_timeout_s, isolation_level=None,
+                               check_same_thread=False)
 
     def _db(self) -> sqlite_utils.Database:
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                if self.readonly:
-                    conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                                           timeout=self.busy_timeout_s, isolation_level=None,
-                                           check_same_thread=False)
-                else:
-                    conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s,
-                                           isolation_level=None, check_same_thread=False)
-                    conn.execute("PRAGMA journal_mode=WAL")
-                    conn.execute("PRAGMA synchronous=FULL")
+                conn = self._connect()
             except sqlite3.DatabaseError as exc:
                 raise self._error(exc) from None
             with self._lock:
@@ -141,100 +242,183 @@ class SqliteLedger(Ledger):
                 raise self._error(exc) from None
 
     def _ensure_schema(self, db: sqlite_utils.Database) -> None:
-        if self.readonly:
-            if "runs" not in db.table_names():
-                raise LedgerError(f"ledger {self.path} holds no sweeprun tables")
-            return
         db["runs"].create({
             "sweep": str, "run_id": str, "idx": int, "params": str, "state": str,
-            "attempts": int, "failures": int, "worker": str, "worker_start": int,
-            "child_pid": int, "child_start": int, "lease_until": float, "heartbeat_at": float,
-            "last_exit": int, "updated_at": float,
+            "attempts": int, "failures": int, "lost": int, "progress": str,
+            "worker": str, "worker_start": int, "child_pid": int, "child_start": int,
+            "lease_until": float, "heartbeat_at": float, "last_exit": int, "updated_at": float,
         }, pk=("sweep", "run_id"), not_null={"state", "attempts", "failures"},
-            defaults={"attempts": 0, "failures": 0}, if_not_exists=True)
+            defaults={"attempts": 0, "failures": 0, "lost": 0}, if_not_exists=True)
+        columns = {c.name for c in db["runs"].columns}
+        if "lost" not in columns:  # schema 1
+            db.execute("ALTER TABLE runs ADD COLUMN lost INTEGER NOT NULL DEFAULT 0")
+        if "progress" not in columns:
+            db.execute("ALTER TABLE runs ADD COLUMN progress TEXT")
+        db["members"].create({"sweep": str, "grid": str, "run_id": str, "idx": int},
+                             pk=("sweep", "grid", "run_id"), if_not_exists=True)
+        db.execute("CREATE INDEX IF NOT EXISTS members_order ON members (sweep, grid, idx)")
         db["attempts"].create({
             "sweep": str, "run_id": str, "attempt": int, "worker": str, "started_at": float,
             "ended_at": float, "outcome": str, "exit_code": int,
         }, pk=("sweep", "run_id", "attempt"), if_not_exists=True)
         db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, ignore=True)
+        db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+    # -- reading rows ---------------------------------------------------------------------
+
+    _COLUMNS = ("run_id, idx, params, state, attempts, failures, lost, progress, worker, "
+                "worker_start, child_pid, child_start, lease_until, heartbeat_at, last_exit, updated_at")
+
+    def _row(self, r: tuple[Any, ...]) -> tuple[RunRow, dict[str, Any]]:
+        (run_id, idx, params, state, attempts, failures, lost, progress, worker, worker_start,
+         child_pid, child_start, lease_until, heartbeat_at, last_exit, updated_at) = r
+        try:
+            run_state = RunState(state)
+        except ValueError:
+            raise LedgerError(f"ledger {self.path}: run {run_id} has an unknown state {state!r}; "
+                              "delete the ledger and run again: it is rebuilt from the store") from None
+        try:
+            decoded = json.loads(params)
+            if not isinstance(decoded, dict):
+                raise ValueError("not an object")
+        except (TypeError, ValueError):
+            raise LedgerError(f"ledger {self.path}: run {run_id} has unreadable params; delete the "
+                              "ledger and run again: it is rebuilt from the store") from None
+        row = RunRow(run_id=run_id, index=idx or 0, params=decoded, state=run_state,
+                     attempts=attempts or 0, failures=failures or 0, worker=worker,
+                     heartbeat_at=heartbeat_at, lease_until=lease_until, last_exit=last_exit,
+                     updated_at=updated_at or 0.0, lost=lost or 0, worker_start=worker_start)
+        return row, {"child_pid": child_pid, "child_start": child_start, "progress": progress}
 
     # -- the contract -------------------------------------------------------------------
 
-    def sync(self, runs: Iterable[RunSpec], done: set[str], started: set[str]) -> None:
-        now = time.time()
+    def sync(self, runs: Iterable[RunSpec], done: set[str], started: set[str],
+             still_done: Callable[[str], bool] | None = None) -> None:
+        runs = list(runs)
+        key = grid_key(runs)
+        now = self.now()
         with self._tx() as db:
-            existing = {r["run_id"]: r for r in db["runs"].rows_where("sweep = ?", [self.sweep])}
-            runs = list(runs)
-            wanted = {run.run_id for run in runs}
-            for run_id, row in existing.items():
-                # Runs no longer in the grid leave the index (their files stay in the store);
-                # if the grid grows back, the store brings them back with their progress.
-                if run_id not in wanted and row["state"] != RunState.RUNNING.value:
-                    db.execute("DELETE FROM runs WHERE sweep = ? AND run_id = ?", [self.sweep, run_id])
+            existing = {r[0]: (r[1], r[2]) for r in db.execute(
+                "SELECT run_id, state, lease_until FROM runs WHERE sweep = ?", [self.sweep])}
             new = []
             for run in runs:
-                row = existing.get(run.run_id)
-                if row is None:
+                found = existing.get(run.run_id)
+                if found is None:
                     state = (RunState.DONE if run.run_id in done else
                              RunState.INTERRUPTED if run.run_id in started else RunState.PENDING)
                     new.append({"sweep": self.sweep, "run_id": run.run_id, "idx": run.index,
                                 "params": json.dumps(run.params), "state": state.value,
-                                "attempts": 0, "failures": 0, "updated_at": now})
+                                "attempts": 0, "failures": 0, "lost": 0, "updated_at": now})
                     continue
-                state = RunState(row["state"])
-                target = state
-                if run.run_id in done:
-                    target = RunState.DONE
-                elif state is RunState.DONE:
+                state = found[0]
+                if run.run_id in done and state != RunState.DONE.value:
+                    # DONE in the store is the truth, even under a live lease: the holder's
+                    # finish is accepted for a done run, and no one will start it again.
+                    db.execute("UPDATE runs SET state = 'done', worker = NULL, worker_start = NULL, "
+                               "child_pid = NULL, child_start = NULL, lease_until = NULL, "
+                               "updated_at = ? WHERE sweep = ? AND run_id = ?",
+                               [now, self.sweep, run.run_id])
+                elif (run.run_id not in done and state == RunState.DONE.value
+                      and (still_done is None or not still_done(run.run_id))):
                     target = RunState.INTERRUPTED if run.run_id in started else RunState.PENDING
-                updates: dict[str, Any] = {}
-                if target is not state and not (state is RunState.RUNNING and (row["lease_until"] or 0) > now):
-                    updates["state"] = target.value
-                if row["idx"] != run.index:
-                    updates["idx"] = run.index
-                if updates:
-                    db["runs"].update((self.sweep, run.run_id), {**updates, "updated_at": now})
+                    db.execute("UPDATE runs SET state = ?, failures = 0, lost = 0, updated_at = ? "
+                               "WHERE sweep = ? AND run_id = ?",
+                               [target.value, now, self.sweep, run.run_id])
             if new:
                 db["runs"].insert_all(new)
+            known = db.execute("SELECT 1 FROM members WHERE sweep = ? AND grid = ? LIMIT 1",
+                               [self.sweep, key]).fetchone()
+            if known is None:
+                db["members"].insert_all(({"sweep": self.sweep, "grid": key, "run_id": run.run_id,
+                                           "idx": run.index} for run in runs), ignore=True)
 
-    def claim(self, worker: ProcessRef, max_attempts: int, lease_s: float) -> Claim | None:
-        now = time.time()
+    def claim(self, worker: ProcessRef, policy: Policy, lease_s: float,
+              grid: str | None = None) -> Claim | None:
+        check_lease(lease_s)
+        now = self.now()
+        order = "CASE r.state WHEN 'interrupted' THEN 0 ELSE 1 END"
         with self._tx() as db:
-            rows = db.execute(
-                """SELECT run_id, params, state, attempts, failures, worker, worker_start,
-                          child_pid, child_start, lease_until FROM runs
-                   WHERE sweep = ? AND (state IN ('pending', 'interrupted', 'running')
-                                        OR (state = 'failed' AND failures < ?))
-                   ORDER BY CASE state WHEN 'interrupted' THEN 0 ELSE 1 END, idx""",
-                [self.sweep, max_attempts]).fetchall()
-            for run_id, params, state, attempts, failures, holder, holder_start, child_pid, \
-                    child_start, lease_until in rows:
-                orphan = None
-                if state == RunState.RUNNING.value:
-                    ref = _ref(holder, holder_start)
-                    if (lease_until or 0) > now and ref is not None and ref.alive():
-                        continue  # held under a live lease
-                    child = _ref(holder, child_start, pid=child_pid)
-                    orphan = child if child is not None and child.alive() else None
-                    self._close_attempt(db, run_id, attempts, "lost", None, now)
-                elif failures >= max_attempts:
+            if grid is None:
+                cursor = db.execute(
+                    f"SELECT {self._prefixed()} FROM runs r WHERE r.sweep = ? AND r.state != 'done' "
+                    f"ORDER BY {order}, r.idx", [self.sweep])
+            else:
+                cursor = db.execute(
+                    f"SELECT {self._prefixed()} FROM members m JOIN runs r "
+                    "ON r.sweep = m.sweep AND r.run_id = m.run_id "
+                    f"WHERE m.sweep = ? AND m.grid = ? AND r.state != 'done' ORDER BY {order}, m.idx",
+                    [self.sweep, grid])
+            for raw in cursor:
+                row, extra = self._row(raw)
+                if judge(row, now, policy) is not Verdict.RUNNABLE:
                     continue
-                attempt = attempts + 1
-                db["runs"].update((self.sweep, run_id), {
-                    "state": RunState.RUNNING.value, "attempts": attempt,
-                    "worker": worker.label, "worker_start": worker.start,
-                    "child_pid": None, "child_start": None,
-                    "lease_until": now + lease_s, "heartbeat_at": now, "updated_at": now})
-                db["attempts"].insert({"sweep": self.sweep, "run_id": run_id, "attempt": attempt,
+                orphan, took_over = None, False
+                if row.state is RunState.RUNNING:
+                    took_over = True
+                    holder = row.holder
+                    # Only a child whose pid AND start time were recorded is provably ours to kill.
+                    if holder is not None and extra["child_pid"] and extra["child_start"] is not None:
+                        child = ProcessRef(holder.host, extra["child_pid"], extra["child_start"])
+                        orphan = child if child.alive() else None
+                    self._close_attempt(db, row.run_id, row.attempts, "lost", None, now)
+                attempt = row.attempts + 1
+                db.execute(
+                    "UPDATE runs SET state = 'running', attempts = ?, worker = ?, worker_start = ?, "
+                    "child_pid = NULL, child_start = NULL, lease_until = ?, heartbeat_at = ?, "
+                    "updated_at = ? WHERE sweep = ? AND run_id = ?",
+                    [attempt, worker.label, worker.start, now + lease_s, now, now, self.sweep, row.run_id])
+                db["attempts"].insert({"sweep": self.sweep, "run_id": row.run_id, "attempt": attempt,
                                        "worker": worker.label, "started_at": now}, replace=True)
                 crash_point("ledger.in_claim")
-                return Claim(run_id=run_id, attempt=attempt, params=json.loads(params),
-                             worker=worker, orphan=orphan)
+                return Claim(run_id=row.run_id, attempt=attempt, params=row.params, worker=worker,
+                             orphan=orphan, took_over=took_over)
         return None
 
+    def _prefixed(self) -> str:
+        return ", ".join(f"r.{c.strip()}" for c in self._COLUMNS.split(","))
+
+    def renumber(self, claim: Claim, at_least: int) -> Claim | None:
+        if at_least <= claim.attempt:
+            return claim
+        now = self.now()
+        with self._tx() as db:
+            cur = db.execute("UPDATE runs SET attempts = ?, updated_at = ? WHERE sweep = ? AND "
+                             "run_id = ? AND attempts = ? AND state = 'running'",
+                             [at_least, now, self.sweep, claim.run_id, claim.attempt])
+            if cur.rowcount != 1:
+                return None
+            db.execute("UPDATE attempts SET attempt = ? WHERE sweep = ? AND run_id = ? AND attempt = ?",
+                       [at_least, self.sweep, claim.run_id, claim.attempt])
+        return with_attempt(claim, at_least)
+
+    def start(self, claim: Claim, lease_s: float, progress: str | None,
+              policy: Policy) -> RunState | None:
+        check_lease(lease_s)
+        now = self.now()
+        with self._tx() as db:
+            found = db.execute("SELECT attempts, state, lost, progress FROM runs WHERE sweep = ? AND "
+                               "run_id = ?", [self.sweep, claim.run_id]).fetchone()
+            if found is None or found[0] != claim.attempt or found[1] != RunState.RUNNING.value:
+                return None
+            lost = found[2] or 0
+            if claim.took_over:
+                lost = lost + 1 if progress == found[3] else 0
+            else:
+                lost = 0
+            if lost >= policy.max_lost:
+                db.execute("UPDATE runs SET state = 'failed', lost = ?, progress = ?, worker = NULL, "
+                           "worker_start = NULL, lease_until = NULL, updated_at = ? "
+                           "WHERE sweep = ? AND run_id = ?", [lost, progress, now, self.sweep, claim.run_id])
+                self._close_attempt(db, claim.run_id, claim.attempt, "lost-limit", None, now)
+                return RunState.FAILED
+            db.execute("UPDATE runs SET lost = ?, progress = ?, lease_until = ?, heartbeat_at = ?, "
+                       "updated_at = ? WHERE sweep = ? AND run_id = ?",
+                       [lost, progress, now + lease_s, now, now, self.sweep, claim.run_id])
+            return RunState.RUNNING
+
     def heartbeat(self, claim: Claim, lease_s: float, child: ProcessRef | None = None) -> bool:
-        now = time.time()
+        now = self.now()
         values: dict[str, Any] = {"lease_until": now + lease_s, "heartbeat_at": now}
         if child is not None:
             values.update(child_pid=child.pid, child_start=child.start)
@@ -246,22 +430,27 @@ class SqliteLedger(Ledger):
             crash_point("ledger.in_heartbeat")
             return cur.rowcount == 1
 
-    def finish(self, claim: Claim, outcome: Outcome, max_attempts: int,
+    def finish(self, claim: Claim, outcome: Outcome, policy: Policy,
                exit_code: int | None = None) -> RunState | None:
-        now = time.time()
+        now = self.now()
         with self._tx() as db:
             row = db.execute("SELECT attempts, failures, state FROM runs WHERE sweep = ? AND run_id = ?",
                              [self.sweep, claim.run_id]).fetchone()
-            if row is None or row[0] != claim.attempt or row[2] != RunState.RUNNING.value:
+            if row is None:
+                return None
+            if outcome is Outcome.DONE and row[2] == RunState.DONE.value:
+                self._close_attempt(db, claim.run_id, claim.attempt, outcome.value, exit_code, now)
+                return RunState.DONE  # a sync saw our DONE file first
+            if row[0] != claim.attempt or row[2] != RunState.RUNNING.value:
                 return None
             failures = row[1] + (outcome is Outcome.FAILED)
             state = {Outcome.DONE: RunState.DONE, Outcome.INTERRUPTED: RunState.INTERRUPTED,
-                     Outcome.FAILED: RunState.FAILED if failures >= max_attempts else RunState.PENDING,
+                     Outcome.FAILED: RunState.FAILED if failures >= policy.max_attempts else RunState.PENDING,
                      }[outcome]
-            db["runs"].update((self.sweep, claim.run_id), {
-                "state": state.value, "failures": failures, "last_exit": exit_code,
-                "worker": None, "worker_start": None, "child_pid": None, "child_start": None,
-                "lease_until": None, "updated_at": now})
+            db.execute("UPDATE runs SET state = ?, failures = ?, lost = 0, last_exit = ?, worker = NULL, "
+                       "worker_start = NULL, child_pid = NULL, child_start = NULL, lease_until = NULL, "
+                       "updated_at = ? WHERE sweep = ? AND run_id = ?",
+                       [state.value, failures, exit_code, now, self.sweep, claim.run_id])
             self._close_attempt(db, claim.run_id, claim.attempt, outcome.value, exit_code, now)
             return state
 
@@ -271,14 +460,17 @@ class SqliteLedger(Ledger):
                    "WHERE sweep = ? AND run_id = ? AND attempt = ? AND ended_at IS NULL",
                    [now, outcome, exit_code, self.sweep, run_id, attempt])
 
-    def rows(self) -> list[RunRow]:
+    def rows(self, grid: str | None = None) -> list[RunRow]:
         with self._tx(write=False) as db:
-            found = list(db.query("SELECT * FROM runs WHERE sweep = ? ORDER BY idx", [self.sweep]))
-        return [RunRow(run_id=r["run_id"], index=r["idx"], params=json.loads(r["params"]),
-                       state=RunState(r["state"]), attempts=r["attempts"], failures=r["failures"],
-                       worker=r["worker"], heartbeat_at=r["heartbeat_at"],
-                       lease_until=r["lease_until"], last_exit=r["last_exit"],
-                       updated_at=r["updated_at"]) for r in found]
+            if grid is None:
+                found = db.execute(f"SELECT {self._prefixed()} FROM runs r WHERE r.sweep = ? "
+                                   "ORDER BY r.idx, r.run_id", [self.sweep]).fetchall()
+            else:
+                found = db.execute(f"SELECT {self._prefixed()} FROM members m JOIN runs r "
+                                   "ON r.sweep = m.sweep AND r.run_id = m.run_id "
+                                   "WHERE m.sweep = ? AND m.grid = ? ORDER BY m.idx",
+                                   [self.sweep, grid]).fetchall()
+        return [self._row(r)[0] for r in found]
 
     def close(self) -> None:
         with self._lock:
@@ -288,11 +480,8 @@ class SqliteLedger(Ledger):
         self._local = threading.local()
 
 
-def _ref(label: str | None, start: int | None, pid: int | None = None) -> ProcessRef | None:
-    if not label:
-        return None
-    host, _, worker_pid = label.rpartition(":")
-    try:
-        return ProcessRef(host, pid if pid is not None else int(worker_pid), start)
-    except ValueError:
-        return None
+def _uri_path(path: Path) -> str:
+    """``path`` quoted for a ``file:`` URI (a '?' or '#' in a folder name would end the path)."""
+    from urllib.parse import quote
+
+    return quote(str(path.absolute()))

@@ -16,7 +16,9 @@ import time
 run_dir = os.environ["SWEEPRUN_RUN_DIR"]
 run_id = os.environ["SWEEPRUN_RUN_ID"]
 attempt = int(os.environ["SWEEPRUN_ATTEMPT"])
-params = json.loads(os.environ["SWEEPRUN_PARAMS"])
+# Large parameters stay out of the environment; params.json always has them.
+params = (json.loads(os.environ["SWEEPRUN_PARAMS"]) if "SWEEPRUN_PARAMS" in os.environ
+          else json.load(open(os.path.join(run_dir, "params.json"))))
 side_log = os.environ["SIDE_LOG"]
 steps = int(params.get("steps", 5))
 sleep_s = float(params.get("sleep", 0.05))

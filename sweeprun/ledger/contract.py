@@ -1,0 +1,267 @@
+"""The ledger contract as tests, shipped with the package so every backend inherits them.
+
+A backend's test module subclasses :class:`LedgerContract` and says how to open a
+ledger the way users do (through :func:`sweeprun.ledger.open_ledger`)::
+
+    class TestSqlite(LedgerContract):
+        @pytest.fixture
+        def location(self, tmp_path):
+            return str(tmp_path / "ledger.sqlite")
+
+Time is the ledger's own clock, replaced here by :class:`FakeClock`, so leases
+expire without sleeping; a server backend honours the same clock in its queries.
+Needs pytest (the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from ..identity import RunSpec
+from ..procs import ProcessRef
+from . import open_ledger
+from .base import Ledger, Outcome, Policy, RunState, Verdict, grid_key, judge
+
+RUNS = [RunSpec.from_params({"i": i}, index=i) for i in range(6)]
+GRID = grid_key(RUNS)
+ME = ProcessRef.me()
+OTHER_HOST = ProcessRef("another-host", 4242, 1)
+POLICY = Policy(max_attempts=3, max_lost=3)
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def dead_process() -> ProcessRef:
+    """A process of this host that has exited: its pid is free (for now)."""
+    proc = subprocess.Popen(["true"])
+    ref = ProcessRef.of(proc.pid)
+    proc.wait()
+    return ref
+
+
+class LedgerContract:
+    """What every backend promises; see :mod:`sweeprun.ledger.base` for the contract itself."""
+
+    @pytest.fixture
+    def location(self) -> str:  # pragma: no cover - each backend overrides it
+        raise NotImplementedError
+
+    @pytest.fixture
+    def clock(self) -> FakeClock:
+        return FakeClock()
+
+    @pytest.fixture
+    def ledger(self, location: str, clock: FakeClock) -> Iterator[Ledger]:
+        led = self.open(location, clock)
+        led.sync(RUNS, done=set(), started=set())
+        yield led
+        led.close()
+
+    @staticmethod
+    def open(location: str, clock: FakeClock, sweep: str = "sweep") -> Ledger:
+        led = open_ledger(location, sweep)
+        led.clock = clock
+        return led
+
+    def state(self, ledger: Ledger, run_id: str) -> RunState:
+        return next(r.state for r in ledger.rows() if r.run_id == run_id)
+
+    # -- claims -----------------------------------------------------------------------------
+
+    def test_claims_in_grid_order_each_once(self, ledger: Ledger) -> None:
+        claims = [ledger.claim(ME, POLICY, 60, GRID) for _ in RUNS]
+        assert [c.run_id for c in claims if c] == [r.run_id for r in RUNS]
+        assert all(c is not None and c.attempt == 1 for c in claims)
+        assert ledger.claim(ME, POLICY, 60, GRID) is None
+        assert not ledger.settled(POLICY, GRID)  # all held: not over yet
+
+    def test_interrupted_run_is_claimed_again_before_new_ones(self, ledger: Ledger) -> None:
+        first = ledger.claim(ME, POLICY, 60, GRID)
+        assert first and ledger.finish(first, Outcome.INTERRUPTED, POLICY) is RunState.INTERRUPTED
+        again = ledger.claim(ME, POLICY, 60, GRID)
+        assert again and again.run_id == first.run_id and again.attempt == 2
+
+    def test_failures_count_interruptions_do_not(self, ledger: Ledger) -> None:
+        policy = Policy(max_attempts=2)
+        c = ledger.claim(ME, policy, 60, GRID)
+        assert c is not None
+        run = c.run_id
+        for _ in range(3):
+            ledger.finish(c, Outcome.INTERRUPTED, policy)
+            c = ledger.claim(ME, policy, 60, GRID)
+            assert c and c.run_id == run
+        assert ledger.finish(c, Outcome.FAILED, policy) is RunState.PENDING
+        c = ledger.claim(ME, policy, 60, GRID)
+        assert c and c.run_id == run and c.attempt == 5
+        assert ledger.finish(c, Outcome.FAILED, policy) is RunState.FAILED
+        row = next(r for r in ledger.rows() if r.run_id == run)
+        assert (row.state, row.attempts, row.failures) == (RunState.FAILED, 5, 2)
+        others = ledger.claim(ME, policy, 60, GRID)
+        assert others and others.run_id != run
+        # raising max_attempts re-opens the failed run
+        assert any((c := ledger.claim(ME, POLICY, 60, GRID)) and c.run_id == run for _ in RUNS)
+
+    def test_live_lease_is_respected_until_it_expires_by_the_ledgers_clock(
+            self, ledger: Ledger, location: str, clock: FakeClock) -> None:
+        held = ledger.claim(OTHER_HOST, POLICY, 60, GRID)
+        assert held is not None
+        taken = {c.run_id for _ in RUNS[1:] if (c := ledger.claim(ME, POLICY, 60, GRID))}
+        assert held.run_id not in taken
+        other = self.open(location, clock)  # a second connection, as another worker has
+        try:
+            clock.advance(59)
+            assert other.claim(ME, POLICY, 60, GRID) is None
+            clock.advance(2)
+            stolen = other.claim(ME, POLICY, 60, GRID)
+            assert stolen and stolen.run_id == held.run_id and stolen.attempt == held.attempt + 1
+            assert stolen.took_over
+            # the old holder is fenced out: no heartbeat, no start, no finish
+            assert ledger.heartbeat(held, 60) is False
+            assert ledger.start(held, 60, None, POLICY) is None
+            assert ledger.finish(held, Outcome.DONE, POLICY) is None
+            assert other.finish(stolen, Outcome.DONE, POLICY) is RunState.DONE
+        finally:
+            other.close()
+
+    def test_heartbeat_extends_the_lease(self, ledger: Ledger, clock: FakeClock) -> None:
+        held = ledger.claim(OTHER_HOST, POLICY, 60, GRID)
+        assert held
+        for _ in range(5):
+            clock.advance(40)
+            assert ledger.heartbeat(held, 60)
+        assert all(c is None or c.run_id != held.run_id
+                   for c in [ledger.claim(ME, POLICY, 60, GRID) for _ in RUNS])
+
+    def test_dead_holder_on_this_host_is_reclaimed_at_once(self, ledger: Ledger) -> None:
+        held = ledger.claim(dead_process(), POLICY, 3600, GRID)
+        again = ledger.claim(ME, POLICY, 60, GRID)
+        assert held and again and again.run_id == held.run_id and again.attempt == 2
+
+    def test_orphan_child_is_reported_only_when_provably_ours(self, ledger: Ledger) -> None:
+        child = subprocess.Popen(["sleep", "30"])
+        try:
+            held = ledger.claim(dead_process(), POLICY, 3600, GRID)
+            assert held and ledger.heartbeat(held, 3600, ProcessRef.of(child.pid))
+            again = ledger.claim(ME, POLICY, 60, GRID)
+            assert again and again.orphan is not None and again.orphan.pid == child.pid
+            # a claim whose child was never recorded names no orphan, and never the old
+            # launcher's own pid (which may be alive, or reused by another process)
+            held = ledger.claim(dead_process(), POLICY, 3600, GRID)
+            assert held is not None
+            again = ledger.claim(ME, POLICY, 60, GRID)
+            assert again and again.run_id == held.run_id and again.orphan is None
+        finally:
+            child.kill()
+            child.wait()
+
+    # -- one definition of runnable, held and settled ------------------------------------------
+
+    def test_lowering_max_attempts_below_the_failures_settles_instead_of_hanging(
+            self, ledger: Ledger) -> None:
+        c = ledger.claim(ME, POLICY, 60, GRID)
+        assert c and ledger.finish(c, Outcome.FAILED, POLICY) is RunState.PENDING
+        c = ledger.claim(ME, POLICY, 60, GRID)
+        assert c and ledger.finish(c, Outcome.INTERRUPTED, POLICY) is RunState.INTERRUPTED
+        strict = Policy(max_attempts=1)
+        # the interrupted run has used its one allowed failure: the others are claimed, it is not
+        for other in RUNS[1:]:
+            o = ledger.claim(ME, strict, 60, GRID)
+            assert o and o.run_id == other.run_id
+            ledger.finish(o, Outcome.DONE, strict)
+        assert ledger.claim(ME, strict, 60, GRID) is None
+        assert ledger.settled(strict, GRID)
+        assert ledger.settled(POLICY, GRID) is False
+
+    def test_an_abandoned_run_at_its_failure_limit_is_not_claimed_again(
+            self, ledger: Ledger, clock: FakeClock) -> None:
+        policy = Policy(max_attempts=1)
+        c = ledger.claim(ME, POLICY, 60, GRID)
+        assert c and ledger.finish(c, Outcome.FAILED, POLICY) is RunState.PENDING
+        again = ledger.claim(OTHER_HOST, POLICY, 60, GRID)
+        assert again and again.run_id == c.run_id
+        clock.advance(120)  # its holder vanished
+        row = next(r for r in ledger.rows() if r.run_id == c.run_id)
+        assert judge(row, ledger.now(), policy) is Verdict.EXHAUSTED
+        claimed = [x.run_id for _ in RUNS if (x := ledger.claim(ME, policy, 60, GRID))]
+        assert c.run_id not in claimed
+
+    def test_lost_attempts_without_progress_are_capped(self, ledger: Ledger) -> None:
+        policy = Policy(max_attempts=3, max_lost=2)
+        c = ledger.claim(dead_process(), policy, 3600, GRID)
+        assert c and ledger.start(c, 3600, None, policy) is RunState.RUNNING
+        # each holder dies; the next start compares the newest checkpoint with the last one
+        c = ledger.claim(dead_process(), policy, 3600, GRID)
+        assert c and c.took_over and ledger.start(c, 3600, "ckpt-1", policy) is RunState.RUNNING
+        c = ledger.claim(dead_process(), policy, 3600, GRID)  # lost after a save: not counted
+        assert c and ledger.start(c, 3600, "ckpt-1", policy) is RunState.RUNNING
+        c = ledger.claim(ME, policy, 3600, GRID)  # a second loss in a row with no new checkpoint
+        assert c and ledger.start(c, 3600, "ckpt-1", policy) is RunState.FAILED
+        assert self.state(ledger, c.run_id) is RunState.FAILED
+        assert all(x is None or x.run_id != c.run_id
+                   for x in [ledger.claim(ME, policy, 60, GRID) for _ in RUNS])
+
+    # -- the store is the truth ----------------------------------------------------------------
+
+    def test_sync_follows_the_store(self, ledger: Ledger) -> None:
+        c = ledger.claim(ME, POLICY, 60, GRID)
+        assert c and ledger.finish(c, Outcome.DONE, POLICY) is RunState.DONE
+        ledger.sync(RUNS, done={RUNS[5].run_id}, started={RUNS[1].run_id})
+        # DONE deleted from the store -> pending again; DONE found in the store -> done
+        assert self.state(ledger, RUNS[0].run_id) is RunState.PENDING
+        assert self.state(ledger, RUNS[5].run_id) is RunState.DONE
+
+    def test_done_in_the_store_wins_over_a_live_lease(self, ledger: Ledger) -> None:
+        # a launcher killed after writing DONE, before recording it: its lease is still live
+        c = ledger.claim(OTHER_HOST, POLICY, 3600, GRID)
+        assert c is not None
+        ledger.sync(RUNS, done={c.run_id}, started=set())
+        assert self.state(ledger, c.run_id) is RunState.DONE
+        assert all(x is None or x.run_id != c.run_id
+                   for x in [ledger.claim(ME, POLICY, 60, GRID) for _ in RUNS])
+        # and the holder, if it was alive after all, records its finish without complaint
+        assert ledger.finish(c, Outcome.DONE, POLICY) is RunState.DONE
+
+    def test_a_stale_listing_never_reopens_a_run_finished_meanwhile(self, ledger: Ledger) -> None:
+        listed_done: set[str] = set()  # listed before the other worker finished the run
+        c = ledger.claim(ME, POLICY, 60, GRID)
+        assert c and ledger.finish(c, Outcome.DONE, POLICY) is RunState.DONE
+        ledger.sync(RUNS, done=listed_done, started=set(), still_done=lambda run_id: run_id == c.run_id)
+        assert self.state(ledger, c.run_id) is RunState.DONE
+
+    def test_two_grids_share_a_sweep_and_keep_their_runs(self, ledger: Ledger) -> None:
+        extra = [RunSpec.from_params({"i": i}, index=i) for i in range(4, 9)]
+        ledger.sync(extra, done=set(), started=set())  # another launcher, another grid
+        assert {r.run_id for r in ledger.rows()} == {r.run_id for r in RUNS + extra}
+        mine = {c.run_id for _ in range(20) if (c := ledger.claim(ME, POLICY, 60, GRID))}
+        assert mine == {r.run_id for r in RUNS}
+        theirs = {c.run_id for _ in range(20) if (c := ledger.claim(ME, POLICY, 60, grid_key(extra)))}
+        assert theirs == {r.run_id for r in extra} - mine
+        assert [r.run_id for r in ledger.rows(GRID)] == [r.run_id for r in RUNS]
+        ledger.sync(RUNS[:2], done=set(), started=set())  # a smaller grid deletes nothing
+        assert len(ledger.rows()) == 9
+
+    def test_renumber_moves_the_fencing_token(self, ledger: Ledger) -> None:
+        c = ledger.claim(ME, POLICY, 60, GRID)
+        assert c is not None
+        moved = ledger.renumber(c, 7)
+        assert moved and moved.attempt == 7
+        assert ledger.heartbeat(c, 60) is False
+        assert ledger.heartbeat(moved, 60)
+        assert ledger.renumber(c, 9) is None
+        assert ledger.finish(moved, Outcome.INTERRUPTED, POLICY) is RunState.INTERRUPTED
+        again = ledger.claim(ME, POLICY, 60, GRID)
+        assert again and again.attempt == 8
