@@ -48,6 +48,9 @@ def state_home() -> Path:
         probe = home
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
+        if not probe.is_dir():
+            raise LedgerError(f"{HOME_ENV}={raw} cannot be created: {probe} is a file; set it to a "
+                              "folder on local disk or unset it")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise LedgerError(f"{HOME_ENV}={raw} is not writable ({probe}: permission denied); set it "
                               "to a writable folder on local disk or unset it")
