@@ -47,9 +47,10 @@ def _error(message: str) -> StoreError:
 def store_errors(action: str, path: str) -> Iterator[None]:
     """Turn low-level I/O errors into one actionable, redacted :class:`StoreError`.
 
-    Besides ``OSError``, any exception a storage backend defines itself (botocore, ftplib,
-    aiohttp, ...) is the store failing, not a bug in sweeprun; Python's own non-OS
-    exceptions are left alone so that bugs still show their traceback.
+    Besides ``OSError``, the exceptions storage backends define themselves (botocore,
+    ftplib, aiohttp, ...) are the store failing. Everything else passes unchanged: a
+    parse error inside the block (callers catch ``ValueError``) or a bug must not turn
+    into "check that the store is reachable".
     """
     try:
         yield
@@ -66,11 +67,21 @@ def store_errors(action: str, path: str) -> Iterator[None]:
                     exc.errno or 0, "check that the store is reachable and writable")
         raise _error(f"cannot {action} {path}: {reason}; {hint}") from exc
     except Exception as exc:
-        if type(exc).__module__ == "builtins":
+        if not _is_backend_error(exc):
             raise
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise _error(f"cannot {action} {path}: {reason}; check that the store is reachable, "
                      "that its credentials are valid, and that it is writable") from exc
+
+
+_BACKEND_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure",
+                    "aiohttp", "requests", "urllib3", "ftplib", "paramiko", "smbprotocol", "webdav4",
+                    "huggingface_hub", "ocifs", "ossfs")
+
+
+def _is_backend_error(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.split(".", 1)[0] in _BACKEND_MODULES
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -474,8 +485,8 @@ def open_store(url: str) -> Store:
         fs, root = fsspec.core.url_to_fs(url)
     except ValueError as exc:
         if str(exc).startswith("Protocol not known"):
-            raise _error(f"store {url}: unknown protocol {protocol}://; use a local path or an "
-                         "fsspec URL such as s3://bucket/x or gs://bucket/x") from exc
+            raise _error(f"store {url}: Protocol not known: {protocol}://; use a local path or "
+                         "an fsspec URL such as s3://bucket/x or gs://bucket/x") from exc
         raise _error(f"store {url}: {_first_line(exc)}") from exc
     except ImportError as exc:
         raise _error(f"store {url}: {_first_line(exc)}; install it and run the same command "

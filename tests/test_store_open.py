@@ -19,7 +19,7 @@ CASES = [
     ("ftp-refused", "ftp://127.0.0.1:1/sweeps", "cannot connect: Connection refused"),
     ("zip", "zip://x", "zip:// is read-only and cannot hold a sweep"),
     ("chained", "simplecache::memory://x", "chained URLs"),
-    ("unknown-protocol", "foo://x", "unknown protocol foo://"),
+    ("unknown-protocol", "foo://x", "Protocol not known: foo://"),
     ("backend-missing", "s3://AKIAEXAMPLE:s3cr3t@bucket/x", "store s3://***@bucket/x: Install s3fs"),
     ("not-utf8", os.fsdecode(b"/tmp/sweeps-\xff"), "is not valid UTF-8"),
     ("missing-drive", "{root}/content/drive/MyDrive/sweeps", "does not exist (is the drive mounted?)"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import ftplib
+import json
 
 import pytest
 
@@ -66,3 +68,11 @@ def test_open_store_errors_carry_no_credentials(url: str) -> None:
     message = str(info.value)
     assert "\n" not in message
     assert not any(secret in message for secret in SECRETS), message
+
+
+def test_a_backend_error_becomes_a_redacted_store_error_and_a_parse_error_stays() -> None:
+    with pytest.raises(StoreError, match=r"^cannot read ftp://\*\*\*@h/x: 550 ftp://\*\*\*@h/x: denied;"), \
+            store_errors("read", "ftp://me:s3cr3t@h/x"):
+        raise ftplib.error_perm("550 ftp://me:s3cr3t@h/x: denied")
+    with pytest.raises(json.JSONDecodeError), store_errors("read", "x"):  # callers catch ValueError
+        json.loads("{")
