@@ -1,31 +1,49 @@
-"""Process identity on this host: who holds a run, and is it still alive.
+"""Process identity on this host: who holds a run, is it still alive, and may we kill it.
 
 A pid alone is not an identity (pids are reused), so a holder is recorded as
-host + pid + the process's start time, read from /proc where there is one.
+host + pid + the process's start time, read from /proc where there is one. The
+rule for signals: never kill a process you cannot prove is your run's child, that
+is, one whose recorded start time is known and equals the live process's.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import signal
 import socket
-from dataclasses import dataclass
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 #: This machine's name in the ledger. ``SWEEPRUN_HOST`` overrides it, e.g. for containers that
 #: share a hostname, or for tests that play several machines on one.
 HOST = os.environ.get("SWEEPRUN_HOST") or socket.gethostname()
 
+_PR_SET_PDEATHSIG = 1
 
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), or ``None`` when unknown."""
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """``(state letter, start time in clock ticks since boot)`` from /proc, or ``None`` when unknown."""
+    if pid <= 0:
+        return None
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read().decode(errors="replace")
         # The command name (field 2) may hold spaces and parens: split after the last ')'.
-        return int(stat.rsplit(")", 1)[1].split()[19])
+        fields = stat.rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), or ``None`` when unknown."""
+    found = _proc_stat(pid)
+    return found[1] if found else None
 
 
 @dataclass(frozen=True)
@@ -47,34 +65,180 @@ class ProcessRef:
         return f"{self.host}:{self.pid}"
 
     def alive(self) -> bool:
-        """True unless this process is known to be gone; a process on another host counts as alive."""
+        """Might this process still be running? False only when it is known to be gone.
+
+        Used to decide whether a claim may be taken over, where wrongly saying "gone"
+        would run a run twice, so every doubt counts as alive: a process on another
+        host, or a live pid whose start time was not recorded (or cannot be read). It is
+        gone when the pid does not exist, when it is a zombie (exited, not yet reaped),
+        or when the pid now belongs to a process that started at another time.
+        For signals, :meth:`kill` asks for proof instead.
+        """
         if self.host != HOST:
             return True
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+        if self.pid <= 0:
             return False
-        except PermissionError:
-            return True
-        now = start_time(self.pid)
-        return self.start is None or now is None or now == self.start
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.host == HOST and self.alive():
+        now = _proc_stat(self.pid)
+        if now is None:  # no /proc here: the kernel still knows whether the pid exists
             try:
-                os.kill(self.pid, sig)
+                os.kill(self.pid, 0)
             except ProcessLookupError:
-                pass
+                return False
+            except PermissionError:
+                return True
+            return True
+        state, started = now
+        if state in ("Z", "X"):
+            return False
+        return self.start is None or started == self.start
+
+    def is_provably_running(self) -> bool:
+        """This very process is running here: the recorded start time is known and matches."""
+        if self.host != HOST or self.start is None:
+            return False
+        now = _proc_stat(self.pid)
+        return now is not None and now[0] not in ("Z", "X") and now[1] == self.start
+
+    def kill(self, sig: int = signal.SIGKILL) -> bool:
+        """Send ``sig`` only to this very process; True when it was sent.
+
+        A pid whose start time was never recorded, or whose live start time differs
+        (the OS gave the pid to another process), is left alone: killing on a guess
+        could kill a stranger, or an old launcher that is still alive.
+        """
+        if not self.is_provably_running():
+            return False
+        pidfd = _pidfd_open(self.pid)
+        try:
+            # With a pidfd, the check below and the signal are about one process even if
+            # the pid is reused in between: the fd stays bound to the process it was opened on.
+            if not self.is_provably_running():
+                return False
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+
+def _pidfd_open(pid: int) -> int | None:
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None or not hasattr(signal, "pidfd_send_signal"):
+        return None
+    try:
+        return int(opener(pid))
+    except OSError:  # old kernel (ENOSYS), or the process is already gone
+        return None
+
+
+# -- children that die with the launcher ---------------------------------------------------
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once in the parent: a forked child of a threaded process must not dlopen,
+# since another thread may have held the loader's lock at the moment of the fork.
+_PRCTL = _load_prctl()
 
 
 def die_with_parent() -> None:
-    """``preexec_fn`` for children: SIGKILL them when the launcher dies (Linux).
+    """``preexec_fn``: SIGKILL the child when the thread that forked it ends (Linux).
 
-    Without it a launcher killed on its own leaves its children training, and
-    the next launcher, seeing the holder's pid gone, would start a second copy.
+    Linux binds PR_SET_PDEATHSIG to the forking THREAD, not the process: used from a
+    short-lived thread it kills the child as soon as that thread exits. :func:`spawn`
+    uses it from a thread that lives as long as the process; prefer :func:`spawn`.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class _Request:
+    argv: Any
+    kwargs: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    proc: subprocess.Popen[Any] | None = None
+    error: BaseException | None = None
+
+
+class _Spawner:
+    """One thread, started on first use and living as long as the process, forks every child.
+
+    A child's death signal is tied to the thread that forked it, so only a thread that
+    never ends gives "dies with the launcher process" without "dies with the slot
+    thread that asked for it" (a slot thread that raises would otherwise SIGKILL its
+    child at once, with no grace and no checkpoint).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def spawn(self, argv: Any, kwargs: dict[str, Any]) -> subprocess.Popen[Any]:
+        request = _Request(argv, kwargs)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="sweeprun-spawner",
+                                                daemon=True)
+                self._thread.start()
+            self._queue.put(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.proc is not None
+        return request.proc
+
+    def _serve(self) -> None:
+        while True:
+            request = self._queue.get()
+            try:
+                request.proc = subprocess.Popen(request.argv, **request.kwargs)
+            except BaseException as exc:  # handed to the caller; this thread must not end
+                request.error = exc
+            finally:
+                request.done.set()
+
+
+_spawner = _Spawner()
+
+
+def _reset_after_fork() -> None:
+    global _spawner
+    _spawner = _Spawner()  # the forked child has no spawner thread, and maybe a held lock
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def spawn(argv: Any, **popen_kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(argv, **popen_kwargs)`` whose child dies with this process (Linux).
+
+    Unlike ``preexec_fn=die_with_parent`` from the caller's thread, the child outlives
+    the thread that asked for it: it is SIGKILLed only when the launcher process ends,
+    so a launcher killed on its own leaves no child training while the next launcher,
+    seeing the holder gone, starts a second copy. Blocks until the child is started;
+    errors (a missing executable, ...) are raised here, in the calling thread. A
+    ``preexec_fn`` given by the caller runs after the death signal is set.
+    """
+    user_preexec = popen_kwargs.pop("preexec_fn", None)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        die_with_parent()
+        if os.getppid() != parent:  # the launcher died before the death signal was armed
+            os.kill(os.getpid(), signal.SIGKILL)
+        if user_preexec is not None:
+            user_preexec()
+
+    return _spawner.spawn(argv, {**popen_kwargs, "preexec_fn": preexec})

@@ -12,39 +12,106 @@ import errno
 import json
 import os
 import posixpath
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import StoreError
 from .faults import crash_point
+from .redact import redact
+
+#: How much of a JSON state file (params, DONE, attempt records) is ever read: far above any
+#: real one, far below what a stray multi-gigabyte file would cost in memory.
+JSON_MAX_BYTES = 16 * 2**20
+
+#: Filesystems that cannot hold a sweep: archives and read-only views. fsspec opens some of
+#: them happily (``zip://x`` reads the current folder as a zip), so they are refused by name.
+_READ_ONLY_PROTOCOLS = frozenset({"zip", "tar", "libarchive", "reference", "http", "https",
+                                  "github", "git", "data", "jlab", "jupyter", "dask"})
+
+
+def _error(message: str) -> StoreError:
+    """Every store message passes here: it may quote a URL, and URLs may carry credentials."""
+    return StoreError(redact(" ".join(message.split())))
 
 
 @contextmanager
 def store_errors(action: str, path: str) -> Iterator[None]:
-    """Turn low-level I/O errors into one actionable :class:`StoreError`."""
+    """Turn low-level I/O errors into one actionable, redacted :class:`StoreError`.
+
+    Besides ``OSError``, the exceptions storage backends define themselves (botocore,
+    ftplib, aiohttp, ...) are the store failing. Everything else passes unchanged: a
+    parse error inside the block (callers catch ``ValueError``) or a bug must not turn
+    into "check that the store is reachable".
+    """
     try:
         yield
-    except StoreError:
-        raise
+    except StoreError as exc:
+        if redact(str(exc)) == str(exc):
+            raise
+        raise _error(str(exc)) from exc.__cause__
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        reason = os.strerror(exc.errno) if exc.errno else (str(exc) or type(exc).__name__)
         hint = {errno.ENOSPC: "free space on it and run the same command again",
                 errno.EROFS: "the filesystem is read-only; remount it or choose another --store",
                 errno.EACCES: "check its permissions or choose another --store",
                 errno.EDQUOT: "the disk quota is exceeded; free space and run again"}.get(
                     exc.errno or 0, "check that the store is reachable and writable")
-        raise StoreError(f"cannot {action} {path}: {reason}; {hint}") from exc
+        raise _error(f"cannot {action} {path}: {reason}; {hint}") from exc
+    except Exception as exc:
+        if not _is_backend_error(exc):
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise _error(f"cannot {action} {path}: {reason}; check that the store is reachable, "
+                     "that its credentials are valid, and that it is writable") from exc
+
+
+_BACKEND_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure",
+                    "aiohttp", "requests", "urllib3", "ftplib", "paramiko", "smbprotocol", "webdav4",
+                    "huggingface_hub", "ocifs", "ossfs")
+
+
+def _is_backend_error(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.split(".", 1)[0] in _BACKEND_MODULES
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def _umask_by_swap() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it.
+
+    ``os.umask()`` can only be read by setting it, and a thread creating a file
+    meanwhile would get the wrong mode; /proc/self/status (Linux >= 4.7) shows it as it
+    is. Elsewhere the value seen at import stands in.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+_IMPORT_UMASK = _umask_by_swap()  # import runs before the launcher starts any thread
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
@@ -65,6 +132,9 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
         try:
+            # mkstemp makes 0600; a store shared with a group must stay readable to it, as
+            # any file the user's own tools create would be.
+            os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "wb") as f:
                 if crash_prefix:
                     f.write(data[: len(data) // 2])
@@ -106,9 +176,79 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
     atomic_write(fs, path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
-def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+def read_json(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int = JSON_MAX_BYTES) -> Any:
+    """The JSON document at ``path``; a non-regular or oversized file is a :class:`StoreError`."""
+    blob = read_regular(fs, path, max_bytes + 1)
+    if len(blob) > max_bytes:
+        raise _error(f"cannot read {path}: it is larger than {max_bytes} bytes, so it is not one "
+                     "of sweeprun's files; move it away and run the same command again")
+    return json.loads(blob)
+
+
+def read_regular(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, *,
+                 tail: bool = False) -> bytes:
+    """At most ``max_bytes`` of the regular file ``path``: its start, or its end with ``tail``.
+
+    Anything else in the store (a named pipe called ``metrics.jsonl``, a symlink to
+    ``/dev/zero``, a folder called ``DONE``) is a :class:`StoreError`, found before it is
+    opened, so that reading the store can neither block forever nor fill memory.
+    A missing file is a :class:`StoreError` whose cause is ``FileNotFoundError``.
+    """
     with store_errors("read", path):
-        return json.loads(fs.cat_file(path))
+        if not is_local(fs):
+            info = fs.info(path)
+            if info.get("type") != "file":
+                raise _not_regular(path, "a folder" if info.get("type") == "directory"
+                                   else "something else")
+            size = int(info.get("size") or 0)
+            start = max(0, size - max_bytes) if tail else 0
+            return bytes(fs.cat_file(path, start=start, end=min(size, start + max_bytes)))
+        before = os.stat(path)
+        if not stat.S_ISREG(before.st_mode):
+            raise _not_regular(path, _kind(before.st_mode))
+        # O_NONBLOCK: should a pipe take the file's place after the check, opening it must
+        # not wait for a writer; the fstat below then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+                raise _not_regular(path, _kind(now.st_mode))
+            if tail and now.st_size > max_bytes:
+                os.lseek(fd, now.st_size - max_bytes, os.SEEK_SET)
+            chunks, left = [], max_bytes
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "something else"
+
+
+def _not_regular(path: str, kind: str) -> StoreError:
+    return _error(f"cannot read {path}: it is {kind}, not a regular file; "
+                  "move it away and run the same command again")
+
+
+def is_done_entry(name: str, info: dict[str, Any]) -> bool:
+    """The one definition of done: the run's ``DONE`` is there and is a regular file.
+
+    ``name`` is the path relative to the run folder and ``info`` an fsspec listing entry.
+    A folder, pipe or device called ``DONE`` is not a finished run: reading it as one
+    would fail, or hang, later.
+    """
+    return name == "DONE" and info.get("type") == "file"
 
 
 @dataclass(frozen=True)
@@ -168,8 +308,14 @@ class RunPaths:
         return posixpath.join(self.attempts, f"{attempt}.finished")
 
     def is_done(self) -> bool:
-        with store_errors("read", self.done):
-            return self.fs.exists(self.done)
+        """:func:`is_done_entry` on one listing of the run folder, as ``done_ids`` decides."""
+        with store_errors("list", self.dir):
+            try:
+                entries = self.fs.ls(self.dir, detail=True)
+            except FileNotFoundError:
+                return False
+        return any(is_done_entry(posixpath.basename(str(e["name"]).rstrip("/")), e)
+                   for e in entries)
 
     def write_done(self, summary: dict[str, Any]) -> None:
         """Mark the run finished. Written last: everything it summarises is already durable."""
@@ -202,16 +348,28 @@ class SweepPaths:
             raise StoreError(f"run id {run_id!r} is not a safe path segment")
         return RunPaths(self.fs, posixpath.join(self.runs, run_id))
 
-    def done_ids(self) -> set[str]:
-        """Ids of finished runs, from one listing of the sweep (one LIST on object stores)."""
+    def done_ids(self, listing: dict[str, dict[str, float]] | None = None) -> set[str]:
+        """Ids of finished runs (:func:`is_done_entry`), from one glob of the sweep.
+
+        Given the result of :meth:`listing`, it costs no I/O at all, so a caller that
+        lists anyway (status) uses the same definition for free.
+        """
+        if listing is not None:
+            return {run_id for run_id, files in listing.items() if "DONE" in files}
         with store_errors("list", self.runs):
             if not self.fs.exists(self.runs):
                 return set()
-            return {posixpath.basename(posixpath.dirname(p))
-                    for p in self.fs.glob(posixpath.join(self.runs, "*", "DONE"))}
+            found = self.fs.glob(posixpath.join(self.runs, "*", "DONE"), detail=True)
+        return {posixpath.basename(posixpath.dirname(str(path).rstrip("/")))
+                for path, info in found.items() if is_done_entry("DONE", info)}
 
     def listing(self) -> dict[str, dict[str, float]]:
-        """``run id -> {relative path: mtime}`` for every file of the sweep, from one recursive listing."""
+        """``run id -> {relative path: mtime}`` for every regular file of the sweep, from one listing.
+
+        Only regular files are listed (see :func:`is_done_entry`): ``"DONE" in
+        listing[run_id]`` means the run is done, and a named pipe called
+        ``metrics.jsonl`` never reaches a reader.
+        """
         out: dict[str, dict[str, float]] = {}
         with store_errors("list", self.runs):
             if not self.fs.exists(self.runs):
@@ -219,6 +377,8 @@ class SweepPaths:
             found = self.fs.find(self.runs, detail=True)
         prefix = self.runs.rstrip("/") + "/"
         for path, info in found.items():
+            if info.get("type") != "file":
+                continue
             rel = path[len(prefix):] if path.startswith(prefix) else path
             run_id, _, inner = rel.partition("/")
             out.setdefault(run_id, {})[inner] = _mtime(info)
@@ -247,13 +407,25 @@ class Store:
     def canonical_url(self) -> str:
         """One spelling per place: what identifies the store (the default ledger is keyed by it).
 
-        ``/x``, ``file:///x`` and a symlink to ``/x`` all give ``/x``, so two spellings of
-        one store never get two ledgers.
+        ``/x``, ``file:///x``, ``x/../x``, ``~/x``, ``/x/`` and a path through a symlink to
+        ``/x`` all give ``/x`` (Colab's ``My Drive`` is a symlink to ``MyDrive``): two
+        spellings of one store must never get two ledgers, or every run executes twice
+        at once. A URL gives protocol, host and path, never credentials or a query.
         """
         if is_local(self.fs):
             return os.path.realpath(self.root)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return f"{protocol}://{self.root}"
+        path = self.root.strip("/")
+        parts = urlsplit(self.url) if "://" in self.url else None
+        host = (parts.hostname or "") if parts else ""
+        if parts and parts.port:
+            host += f":{parts.port}"
+        # s3fs and memory:// keep the bucket (or first segment) in ``root``; ftp:// and
+        # sftp:// keep the host in the filesystem's options instead, so it is added here.
+        if host and not type(self.fs)._strip_protocol(f"{protocol}://sweeprun-probe/p").lstrip(
+                "/").startswith("sweeprun-probe"):
+            path = f"{host}/{path}" if path else host
+        return redact(f"{protocol}://{path}".split("?", 1)[0].split("#", 1)[0])
 
     def sweep(self, name: str) -> SweepPaths:
         return SweepPaths(self.fs, posixpath.join(self.root, name))
@@ -269,27 +441,64 @@ class Store:
             if not self.fs.exists(self.root):
                 parent = posixpath.dirname(self.root.rstrip("/"))
                 if is_local(self.fs) and parent and not self.fs.exists(parent):
-                    raise StoreError(f"store {self.url}: parent folder {parent} does not exist "
-                                     "(is the drive mounted?); create it or choose another --store")
+                    raise _error(f"store {self.url}: parent folder {parent} does not exist "
+                                 "(is the drive mounted?); create it or choose another --store")
                 if is_local(self.fs):
+                    if not os.path.isdir(parent or "/"):
+                        raise _error(f"store {self.url}: {parent} is not a folder; "
+                                     "choose another --store")
                     if not os.access(parent or "/", os.W_OK):
-                        raise StoreError(f"store {self.url}: cannot create it in {parent}: "
-                                         "permission denied; choose another --store")
+                        raise _error(f"store {self.url}: cannot create it in {parent}: "
+                                     "permission denied; choose another --store")
                     return
             if is_local(self.fs):
                 if not self.fs.isdir(self.root):
-                    raise StoreError(f"store {self.url} is a file, not a folder; choose another --store")
+                    raise _error(f"store {self.url} is a file, not a folder; choose another --store")
                 if not os.access(self.root, os.W_OK):
-                    raise StoreError(f"store {self.url} is not writable; check its permissions "
-                                     "or choose another --store")
+                    raise _error(f"store {self.url} is not writable; check its permissions "
+                                 "or choose another --store")
 
 
 def open_store(url: str) -> Store:
-    """Resolve a path or fsspec URL (``./out``, ``memory://x``, ``s3://bucket/x``) to a :class:`Store`."""
+    """Resolve a path or fsspec URL (``./out``, ``memory://x``, ``s3://bucket/x``) to a :class:`Store`.
+
+    Every way this can fail (unknown or read-only protocol, backend not installed,
+    host unreachable, a path that is not UTF-8) is one redacted :class:`StoreError`.
+    """
     if not url or not str(url).strip():
         raise StoreError("store is empty; give a path or an fsspec URL with --store or `store:`")
+    url = str(url)
     try:
-        fs, root = fsspec.core.url_to_fs(str(url))
-    except (ValueError, ImportError) as exc:
-        raise StoreError(f"store {url}: {exc}".splitlines()[0]) from exc
-    return Store(fs=fs, root=root.rstrip("/") or "/", url=str(url))
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = url.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        raise _error(f"store {shown} is not valid UTF-8 (a file name in another encoding?); "
+                     "rename the folder or choose another --store") from None
+    protocol = url.split("://", 1)[0].lower() if "://" in url else ""
+    if "::" in url:
+        raise _error(f"store {url}: chained URLs (a::b) are not supported as a store; use a local "
+                     "path or an object store URL such as s3://bucket/x")
+    if protocol in _READ_ONLY_PROTOCOLS:
+        raise _error(f"store {url}: {protocol}:// is read-only and cannot hold a sweep; use a local "
+                     "path or an object store URL such as s3://bucket/x")
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except ValueError as exc:
+        if str(exc).startswith("Protocol not known"):
+            raise _error(f"store {url}: Protocol not known: {protocol}://; use a local path or "
+                         "an fsspec URL such as s3://bucket/x or gs://bucket/x") from exc
+        raise _error(f"store {url}: {_first_line(exc)}") from exc
+    except ImportError as exc:
+        raise _error(f"store {url}: {_first_line(exc)}; install it and run the same command "
+                     "again") from exc
+    except OSError as exc:
+        reason = exc.strerror or _first_line(exc)
+        raise _error(f"store {url}: cannot connect: {reason}; check that the store is reachable "
+                     "and its URL is right") from exc
+    except Exception as exc:  # a backend failing in its constructor (auth, network, ...)
+        raise _error(f"store {url}: cannot open it: {_first_line(exc)}") from exc
+    return Store(fs=fs, root=root.rstrip("/") or "/", url=url)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
