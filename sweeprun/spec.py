@@ -323,9 +323,10 @@ _Loader.add_constructor(None, _construct_unsupported)
 
 
 def _read_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
-    loader = _Loader(text)
-    loader.source = source
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)  # the reader checks for unprintable characters here
+        loader.source = source
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
@@ -334,7 +335,8 @@ def _read_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{source}{where}: invalid YAML: {problem}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return node, data
 
 
