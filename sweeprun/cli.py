@@ -7,17 +7,20 @@ printed as one line with no traceback; 130/143 interrupted by SIGINT/SIGTERM.
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from .errors import SpecError, SweeprunError
+from .redact import redact
 from .runner import Launcher, LaunchOptions
-from .spec import SweepSpec, load_spec
+from .spec import RANGES, SweepSpec, load_spec
 from .sweep import Sweep
 
 try:  # typer >= 0.20 vendors its own click; older releases use click itself
@@ -34,11 +37,16 @@ StoreOpt = Annotated[str | None, typer.Option("--store", help="Store path or fss
 LedgerOpt = Annotated[str | None, typer.Option(
     "--ledger", help="Ledger file on local disk (default: under ~/.local/state/sweeprun).")]
 GraceOpt = Annotated[float | None, typer.Option(
-    "--grace-s", min=0, help="Seconds a run gets to checkpoint and exit after SIGTERM (default 30).")]
+    "--grace-s", min=RANGES["grace_s"][0], max=RANGES["grace_s"][1],
+    help="Seconds a run gets to checkpoint and exit after SIGTERM (default 30).")]
 LeaseOpt = Annotated[float | None, typer.Option(
-    "--lease-s", min=1, help="Seconds a claim lives without a heartbeat before another worker may take it (default 60).")]
+    "--lease-s", min=RANGES["lease_s"][0], max=RANGES["lease_s"][1],
+    help="Seconds a claim lives without a heartbeat before another worker may take it (default 60).")]
 AttemptsOpt = Annotated[int | None, typer.Option(
-    "--max-attempts", min=1, help="Real failures before a run is marked failed; overrides the file.")]
+    "--max-attempts", min=RANGES["max_attempts"][0], max=RANGES["max_attempts"][1],
+    help="Real failures before a run is marked failed; overrides the file.")]
+WorkersOpt = Annotated[int, typer.Option(
+    "--workers", "-w", min=RANGES["workers"][0], max=RANGES["workers"][1], help="Runs in parallel on this machine.")]
 
 
 def _spec(path: Path, **overrides: object) -> SweepSpec:
@@ -49,10 +57,13 @@ def _parse_gpus(gpus: str | None) -> list[str] | None:
     if gpus is None:
         return None
     items = [g.strip() for g in gpus.split(",")]
-    if not items or any(not g.isdigit() for g in items):
+    # ASCII digits only: str.isdigit() also accepts '²', which no CUDA runtime understands.
+    if not items or any(not re.fullmatch(r"[0-9]{1,6}", g) for g in items):
         raise SpecError(f"--gpus {gpus!r}: give GPU indices separated by commas, e.g. --gpus 0,1")
     if len(set(items)) != len(items):
         raise SpecError(f"--gpus {gpus!r} names a GPU twice")
+    if len(items) > RANGES["workers"][1]:
+        raise SpecError(f"--gpus names {len(items)} GPUs; at most {RANGES['workers'][1]:g} slots run at once")
     return items
 
 
@@ -81,7 +92,7 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None)
 @app.command()
 def launch(
     sweep_file: SweepFile,
-    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Runs in parallel on this machine.")] = 1,
+    workers: WorkersOpt = 1,
     gpus: Annotated[str | None, typer.Option(
         "--gpus", help="Comma-separated GPU indices: one slot per GPU, each with its own CUDA_VISIBLE_DEVICES.")] = None,
     store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
@@ -99,7 +110,7 @@ def launch(
 @app.command()
 def worker(
     sweep_file: SweepFile,
-    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Runs in parallel in this worker.")] = 1,
+    workers: WorkersOpt = 1,
     gpus: Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, one slot each.")] = None,
     store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
     lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None,
@@ -120,11 +131,22 @@ def status(
     spec = _spec(sweep_file, store=store, ledger=ledger)
     rows = Sweep(spec, ledger).status()
     if as_json:
-        sys.stdout.write(json.dumps([r.as_json() for r in rows], indent=1) + "\n")
+        sys.stdout.write(json.dumps(_finite([r.as_json() for r in rows]), indent=1, allow_nan=False) + "\n")
         return
     from .render import status_table
 
-    Console().print(status_table(rows, title=f"sweep {spec.name} · {spec.store}"))
+    Console().print(status_table(rows, title=escape(redact(f"sweep {spec.name} · {spec.store}"))))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None``: JSON has no spelling for them, and scripts choke on ``NaN``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,14 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _error(exc.format_message())
         return 2
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
+        # Ctrl-C before the launcher's own handlers exist (loading a big sweep, opening
+        # the store): nothing was started, so the exit code says "interrupted" and no more.
         return 130
     return rc if isinstance(rc, int) else 0
 
 
 def _error(message: str) -> None:
+    """One red line on stderr; credentials in any URL it quotes are hidden first."""
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[red]error:[/] {escape(' '.join(message.split()))}")
+        f"[red]error:[/] {escape(redact(' '.join(message.split())))}")
 
 
 if __name__ == "__main__":

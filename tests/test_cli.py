@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -12,7 +17,7 @@ from sweeprun import Sweep, load_spec
 from sweeprun.cli import app
 from sweeprun.render import status_table
 
-from conftest import Sandbox
+from conftest import STEPS_SCRIPT, Sandbox, wait_for
 
 
 @pytest.mark.parametrize("command", ["launch", "worker", "status"])
@@ -106,3 +111,104 @@ def test_the_cli_never_imports_torch() -> None:
 
     code = "import sys, sweeprun, sweeprun.cli, sweeprun.runner; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_ctrl_c_while_loading_a_big_sweep_exits_130_quietly(sandbox: Sandbox) -> None:
+    """SIGINT before the launcher's handlers exist: exit 130, no traceback, nothing written.
+
+    The sweep file takes seconds of CPU to parse and the imports a fraction of one,
+    so waiting for 2 s of the process's CPU time puts the signal inside the parse.
+    """
+    sweep = sandbox.root / "big.yaml"
+    sweep.write_text(f"name: t\ncommand: python x.py {{a}}\nstore: {sandbox.store}\ngrid:\n  a: [1]\n"
+                     "params:\n  big: [" + ", ".join(str(i) for i in range(130_000)) + "]\n")
+    proc = sandbox.sweeprun("launch", str(sweep))
+    wait_for(lambda: proc.poll() is not None or _cpu_s(proc.pid) >= 2.0, timeout=120, what="parsing")
+    assert proc.poll() is None, "the sweep loaded before the signal; make the file bigger"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert not sandbox.store.exists()
+
+
+def test_relative_store_is_relative_to_the_sweep_file(sandbox: Sandbox) -> None:
+    """Launch from one folder, ask for status from another: the same runs, all done."""
+    project = sandbox.root / "project"
+    elsewhere = sandbox.root / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    sweep = project / "s.yaml"
+    sweep.write_text(f"name: t\ncommand: python {STEPS_SCRIPT} {{a}}\nstore: out\ngrid:\n  a: [1, 2]\n"
+                     "params:\n  steps: 1\n  sleep: 0\n")
+
+    def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sweeprun", *args, "--ledger", str(sandbox.ledger)],
+                              cwd=cwd, env=sandbox.env(), capture_output=True, text=True, timeout=120)
+
+    assert cli("launch", str(sweep), cwd=sandbox.root).returncode == 0
+    assert len(list((project / "out" / "t" / "runs").glob("*/DONE"))) == 2
+    status = cli("status", str(sweep), "--json", cwd=elsewhere)
+    assert [r["state"] for r in json.loads(status.stdout)] == ["done", "done"], status.stderr
+    # A relative --store is typed in a shell, so it is relative to the current folder.
+    status = cli("status", "project/s.yaml", "--json", "--store", "project/out", cwd=sandbox.root)
+    assert [r["state"] for r in json.loads(status.stdout)] == ["done", "done"], status.stderr
+
+
+def test_status_shows_a_store_with_brackets_and_hides_credentials(sandbox: Sandbox) -> None:
+    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 1, "sleep": 0})
+    odd = sandbox.root / "st[bold]ore [x]"
+    odd.mkdir()
+    shown = sandbox.run("status", str(sweep), "--store", str(odd), env={"COLUMNS": "400"})
+    assert shown.returncode == 0, shown.stderr
+    squeeze = "".join  # the title wraps to the table's width; compare without the line breaks
+    assert squeeze(f"sweep t · {odd}".split()) in squeeze(shown.stdout.split())
+    secret = sandbox.run("status", str(sweep), "--store", "memory://key:hunter2@bucket/x?token=abc&x=1",
+                         env={"COLUMNS": "400"})
+    assert secret.returncode == 0, secret.stderr
+    assert "memory://***@bucket/x?token=***&x=1" in squeeze(secret.stdout.split())
+    assert "hunter2" not in secret.stdout + secret.stderr and "abc" not in secret.stdout
+
+
+def test_error_messages_hide_credentials(sandbox: Sandbox) -> None:
+    sweep = sandbox.write_sweep({"a": [1]})
+    result = sandbox.run("launch", str(sweep), "--store", "nosuch://key:hunter2@bucket/x?sig=s3cr3t")
+    assert result.returncode == 2
+    assert "nosuch://***@bucket/x?sig=***" in result.stderr
+    assert "hunter2" not in result.stderr and "s3cr3t" not in result.stderr
+
+
+def test_status_json_has_no_nan(sandbox: Sandbox) -> None:
+    """A run that logged a NaN loss: ``--json`` says null, which every JSON parser reads."""
+    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 1, "sleep": 0})
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (metrics,) = (sandbox.store / "t" / "runs").glob("*/metrics.jsonl")
+    metrics.write_text('{"step": 1, "loss": NaN}\n')
+    result = sandbox.run("status", str(sweep), "--json")
+    assert result.returncode == 0, result.stderr
+    assert "NaN" not in result.stdout
+    (row,) = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert row["metric"] == {"loss": None}
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--workers", "100000"], "Invalid value for '--workers' / '-w': Input should be less than or equal to 256"),
+    (["--lease-s", "inf"], "Invalid value for '--lease-s'"),
+    (["--lease-s", "nan"], "Invalid value for '--lease-s'"),
+    (["--grace-s", "inf"], "Invalid value for '--grace-s'"),
+    (["--grace-s", "nan"], "Invalid value for '--grace-s'"),
+    (["--max-attempts", "99999999999999999999"], "Invalid value for '--max-attempts'"),
+    (["--gpus", "\u00b2"], "--gpus '\u00b2': give GPU indices separated by commas"),
+    (["--gpus", "0,\u0661"], "give GPU indices separated by commas"),
+])
+def test_flags_out_of_range_are_refused_in_one_line(sandbox: Sandbox, args: list[str], fragment: str) -> None:
+    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 1, "sleep": 0})
+    result = sandbox.run("launch", str(sweep), *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+    assert not sandbox.store.exists()
