@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sweeprun.checkpoint import FORMAT, Manifest
 from sweeprun.errors import CheckpointError
-from sweeprun.metrics import read_metrics
 from sweeprun.runenv import PREEMPTED_EXIT
-from sweeprun.sampler import ResumableSampler
-from sweeprun.training import Run, init, load_checkpoint
+from sweeprun.training.checkpoints import FORMAT, Manifest
+from sweeprun.training.metrics import read_metrics
+from sweeprun.training.run import Run, init, load_checkpoint
+from sweeprun.training.sampler import ResumableSampler
 
 
 @dataclass
