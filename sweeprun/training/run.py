@@ -185,10 +185,10 @@ class Run:
         length: a crash in between leaves extra entries, which the next restore cuts."""
         self._open_metrics()
         start = self._clock()
-        listing = self._writer.fence()
+        folder = self._writer.fence()
         self._metrics.flush()
         snapshot = self.snapshot()
-        manifest = self._writer.write(snapshot, listing)
+        manifest = self._writer.write(snapshot, folder)
         self._saved_step, self._saved_at = self.step, self._clock()
         self._save_s = self._saved_at - start
         return manifest
@@ -292,13 +292,13 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     run_dir = env.get(RUN_DIR)
     env_limit = _seconds_env(env, TIME_LIMIT)
     if run_dir:
-        attempt: int | None = _attempt_env(env)
+        attempt = _attempt_env(env)
         store = open_store(run_dir)
         paths = RunPaths(store.fs, store.root)
         params = _launcher_params(env, paths, params)
         owner = Owner(env.get(RUN_ID) or None, env.get(SWEEP) or None)
     elif local_dir is not None:
-        attempt = None
+        attempt: int | None = None
         store = open_store(os.fspath(local_dir))
         paths = RunPaths(store.fs, store.root)
         params, owner = dict(params or {}), Owner(None, None)
@@ -310,7 +310,7 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     names = directory.names()                        # also refuses a symlinked folder
     if attempt is None:  # standalone: newer than anything here, so "newest attempt wins" holds
         attempt = 1 + max((n.attempt for n in names), default=0)
-    else:
+    if run_dir:
         _write_marker(paths, paths.api_started(attempt), attempt, 0)
     limits = [t for t in (time_limit_s, env_limit) if t is not None]
     if every_s is None and every_steps is None:
@@ -326,8 +326,11 @@ def _write_marker(paths: RunPaths, path: str, attempt: int, step: int) -> None:
     atomic_write(paths.fs, path, (json.dumps({"attempt": attempt, "step": step}) + "\n").encode())
 
 
-def _attempt_env(env: Mapping[str, str]) -> int:
-    value = env.get(ATTEMPT, "")
+def _attempt_env(env: Mapping[str, str]) -> int | None:
+    """The launcher's attempt number; ``None`` when unset (then counted as standalone)."""
+    value = env.get(ATTEMPT)
+    if value is None:
+        return None
     if not re.fullmatch(r"[1-9][0-9]{0,17}", value.strip()):
         raise SpecError(f"{ATTEMPT}={value!r} is not a positive integer; it is set by sweeprun "
                         "launch (1 for the first attempt): unset it or give one")

@@ -42,6 +42,14 @@ class Snapshot:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Folder:
+    """One listing of the checkpoints folder and the manifests in it that check out."""
+
+    listing: dict[str, bool]
+    manifests: list[Manifest]
+
+
 class _HashingSink:
     """A write-only file for ``torch.save`` that hashes and counts what passes through."""
 
@@ -81,21 +89,24 @@ class CheckpointWriter:
         self.attempt = attempt
         self.retention = retention
 
-    def fence(self) -> dict[str, bool]:
-        """The folder's listing, after checking that no newer attempt has written here."""
+    def fence(self) -> Folder:
+        """The folder as it is, after checking that no newer attempt has saved here. Only a
+        manifest that checks out counts: a junk file cannot stop a run forever."""
         listing = self.dir.listing()
-        newer = [n for n in map(Name.parse, listing) if n is not None and n.attempt > self.attempt]
+        manifests = self.dir.manifests(listing)
+        newer = [m for m in manifests if m.attempt > self.attempt]
         if newer:
             raise LeaseLost(
-                f"checkpoint {self.dir.join(max(newer).data)} was written by attempt "
-                f"{max(newer).attempt} and this process is attempt {self.attempt} of "
+                f"checkpoint {self.dir.join(newer[-1].data)} was written by attempt "
+                f"{newer[-1].attempt} and this process is attempt {self.attempt} of "
                 f"{self.owner}: another worker took the run over; stopping without writing")
-        return listing
+        return Folder(listing, manifests)
 
-    def write(self, snapshot: Snapshot, listing: dict[str, bool] | None = None) -> Manifest:
+    def write(self, snapshot: Snapshot, folder: Folder | None = None) -> Manifest:
         import torch
 
-        listing = self.fence() if listing is None else listing
+        folder = self.fence() if folder is None else folder
+        listing = folder.listing
         seq = max((n.seq for n in map(Name.parse, listing) if n is not None), default=0) + 1
         name = Name(self.attempt, seq, snapshot.step)
         path = self.dir.join(name.data)
@@ -131,15 +142,16 @@ class CheckpointWriter:
                             created=time.time())
         crash_point("checkpoint.before_manifest")
         atomic_write(self.dir.fs, self.dir.join(name.manifest), manifest.to_bytes())
-        self.prune({**listing, name.data: True, name.manifest: True})
+        self.prune(Folder({**listing, name.data: True, name.manifest: True},
+                          [*folder.manifests, manifest]))
         return manifest
 
-    def prune(self, listing: dict[str, bool]) -> None:
+    def prune(self, folder: Folder) -> None:
         """Apply retention to this attempt's and older checkpoints of this owner, and remove
         what crashed writes of those attempts left (data without manifest, temp files).
         Manifest first, so no manifest ever names a deleted file. A newer attempt's files
         are never touched: that attempt is alive and this process is the stale one."""
-        manifests = self.dir.manifests(listing)
+        listing, manifests = folder.listing, folder.manifests
         keep = self.retention.keep(manifests)
         doomed: list[str] = []
         for m in manifests:
