@@ -7,6 +7,7 @@ user would meet an exit code; real files, real torch, a fast-forward clock.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -269,6 +270,15 @@ def test_counter_ordereddict_defaultdict_keep_their_types_in_extras(tmp_path: Pa
     assert type(extras["o"]) is OrderedDict and list(extras["o"]) == ["b", "a"]
     assert type(extras["d"]) is defaultdict and extras["d"].default_factory is list
     assert extras["d"] == {"a": [1]} and extras["s"] == {1, 2}
+
+
+def test_an_extra_that_could_not_be_loaded_back_is_refused_at_the_save(tmp_path: Path) -> None:
+    run = init(local_dir=tmp_path, clock=FakeClock())
+    run.extras["config"] = {"opts": [argparse.Namespace(lr=0.1)]}
+    with pytest.raises(CheckpointError, match=r"run.extras\['config'\]\['opts'\]\[0\] is a argparse.Namespace"):
+        run.save()
+    run.close()
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
 
 
 def test_sequential_lr_resumed_across_the_switch_over_is_bit_exact(tmp_path: Path) -> None:

@@ -172,11 +172,15 @@ class Run:
 
     def snapshot(self) -> Snapshot:
         """The state as of now, copied to CPU: the part of a save that must block training."""
-        state = {"format": FORMAT, "step": self.step, "epoch": self.epoch,
-                 "metrics_bytes": self._metrics.size,
-                 "extras": to_safe(self.extras),
-                 "objects": {name: to_safe(obj.state_dict()) for name, obj in self._objects.items()},
-                 "rng": capture_rng() if self.capture_rng else None}
+        try:
+            state = {"format": FORMAT, "step": self.step, "epoch": self.epoch,
+                     "metrics_bytes": self._metrics.size,
+                     "extras": to_safe(self.extras, "run.extras"),
+                     "objects": {name: to_safe(obj.state_dict(), f"the state of {name!r}")
+                                 for name, obj in self._objects.items()},
+                     "rng": capture_rng() if self.capture_rng else None}
+        except TypeError as exc:
+            raise CheckpointError(f"cannot save step {self.step}: {exc}") from None
         return Snapshot(step=self.step, state=state, metrics=dict(self._last_metrics))
 
     def save(self) -> Manifest:

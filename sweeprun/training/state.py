@@ -36,16 +36,26 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any) -> Any: ...
 
 
-def to_safe(obj: Any) -> Any:
+_LEAVES = (int, float, bool, str, bytes, bytearray, complex, type(None))
+
+
+def to_safe(obj: Any, where: str = "state") -> Any:
     """A copy of ``obj`` that ``torch.load(weights_only=True)`` can read back and that no
     later training step can change: tensors cloned to CPU, numpy arrays as tagged bytes,
-    Counter and defaultdict as tagged mappings (OrderedDict is safe as it is)."""
+    Counter and defaultdict as tagged mappings (OrderedDict is safe as it is).
+
+    Anything else is refused here, at the save, with ``where`` in the message (TypeError):
+    torch.save would pickle it happily, and the run would learn only at its next restore
+    that the checkpoint cannot be loaded safely.
+    """
     import torch
 
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, (torch.Size, torch.dtype, torch.device, torch.layout, *_LEAVES)):
+        return obj
     if isinstance(obj, Counter):
-        return {_MAPPING: "Counter", "items": {k: to_safe(v) for k, v in obj.items()}}
+        return {_MAPPING: "Counter", "items": {k: to_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}}
     if isinstance(obj, defaultdict):
         factory = obj.default_factory
         name = next((n for n, f in _FACTORIES.items() if f is factory), None)
@@ -54,15 +64,17 @@ def to_safe(obj: Any) -> Any:
                             f"only the factories {', '.join(_FACTORIES)} can be restored; "
                             "convert it to a dict first")
         return {_MAPPING: "defaultdict", "factory": name,
-                "items": {k: to_safe(v) for k, v in obj.items()}}
+                "items": {k: to_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}}
     if isinstance(obj, OrderedDict):
-        return OrderedDict((k, to_safe(v)) for k, v in obj.items())
+        return OrderedDict((k, to_safe(v, f"{where}[{k!r}]")) for k, v in obj.items())
     if isinstance(obj, Mapping):
-        return {k: to_safe(v) for k, v in obj.items()}
+        return {k: to_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, list):
-        return [to_safe(v) for v in obj]
+        return [to_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        return tuple(to_safe(v) for v in obj)
+        return tuple(to_safe(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if type(obj) is set:
+        return {to_safe(v, f"{where} item") for v in obj}
     if type(obj).__module__ == "numpy":
         import numpy as np
 
@@ -70,7 +82,10 @@ def to_safe(obj: Any) -> Any:
             return {_NDARRAY: obj.tobytes(), "dtype": obj.dtype.str, "shape": list(obj.shape)}
         if isinstance(obj, np.generic):
             return obj.item()
-    return obj
+    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
+                    "torch.load(weights_only=True) cannot read back; store plain values "
+                    "(numbers, strings, tensors, arrays, lists, dicts), or give it a "
+                    "state_dict() and track it")
 
 
 def from_safe(obj: Any) -> Any:
