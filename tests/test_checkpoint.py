@@ -149,9 +149,12 @@ def test_orphans_of_a_crash_are_removed_at_the_next_save(tmp_path: Path) -> None
     folder = tmp_path / "checkpoints"
     (folder / "ckpt-a1-00000009-step0000000003.pt").write_bytes(b"data with no manifest")
     (folder / ".tmp-ckpt-a1-00000010-step0000000004-x1y2.pt").write_bytes(b"half a file")
+    (folder / ".tmp-k3j_-ckpt-a1-00000008-step0000000003.json").write_bytes(b"half a manifest")
+    (folder / ".tmp-ckpt-a9-00000011-step0000000004-x1y2.pt").write_bytes(b"a newer attempt's")
     t.train(2)
     t.run.close()
     assert sorted(p.name for p in folder.iterdir()) == [
+        ".tmp-ckpt-a9-00000011-step0000000004-x1y2.pt",  # attempt 9 may be alive: not ours to touch
         "ckpt-a1-00000001-step0000000002.json", "ckpt-a1-00000001-step0000000002.pt",
         "ckpt-a1-00000010-step0000000004.json", "ckpt-a1-00000010-step0000000004.pt"]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ from ..errors import LeaseLost
 from ..faults import crash_point
 from ..store import atomic_write, store_errors
 from .checkpoints import TEMP_PREFIX, CheckpointDir, Manifest, Name, Owner, Retention, _finite
+
+#: The checkpoint stem inside a temp file's name (ours: ``.tmp-<stem>-<random>.pt``; the
+#: store's atomic_write for a manifest: ``.tmp-<random>-<stem>.json``).
+_STEM = re.compile(r"ckpt-a[1-9][0-9]*-[0-9]+-step[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -164,9 +169,11 @@ class CheckpointWriter:
             if (parsed is not None and entry == parsed.data and parsed.attempt <= self.attempt
                     and parsed.manifest not in listing):
                 doomed.append(entry)                    # data whose manifest was never written
-            temp = Name.parse(entry[len(TEMP_PREFIX):].rsplit("-", 1)[0] + ".pt")
-            if entry.startswith(TEMP_PREFIX) and temp is not None and temp.attempt <= self.attempt:
-                doomed.append(entry)
+            if entry.startswith(TEMP_PREFIX):                # a crashed write's temp file
+                stem = _STEM.search(entry)
+                temp = Name.parse(stem.group(0) + ".pt") if stem else None
+                if temp is not None and temp.attempt <= self.attempt:
+                    doomed.append(entry)
         for entry in doomed:
             self.dir.delete(entry)
 
