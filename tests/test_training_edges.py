@@ -171,6 +171,27 @@ def test_a_stale_attempt_is_fenced_out_and_deletes_nothing_of_its_successor(tmp_
     assert load_checkpoint(tmp_path)["step"] == 8
 
 
+def test_a_fenced_process_on_an_object_store_leaves_the_metrics_alone() -> None:
+    """Object stores rewrite metrics.jsonl whole at each save and at close; a fenced process must not."""
+    import uuid
+
+    import fsspec
+
+    url = f"memory://sweeprun-tests/{uuid.uuid4().hex}/run"
+    stale = launched(url, attempt=1, every_steps=2)    # type: ignore[arg-type]
+    stale.train(2)
+    successor = launched(url, attempt=2, every_steps=2)  # type: ignore[arg-type]
+    successor.run.restore()
+    successor.train(4)
+    successor.run.finish()
+    fs, path = fsspec.core.url_to_fs(url)
+    before = fs.cat_file(f"{path}/metrics.jsonl")
+    with pytest.raises(LeaseLost), stale.run:
+        stale.train(2)
+    assert fs.cat_file(f"{path}/metrics.jsonl") == before
+    fs.rm(path, recursive=True)
+
+
 def test_a_fenced_process_exits_75_with_one_line(tmp_path: Path) -> None:
     assert script(tmp_path, "plain", 4, launcher_env(tmp_path, 2)).returncode == 0   # the successor
     before = {n: (tmp_path / "checkpoints" / n).read_bytes() for n in names(tmp_path)}

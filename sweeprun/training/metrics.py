@@ -42,6 +42,7 @@ class MetricsLog:
         self.size = 0
         """Bytes of the file as this process knows it: what a checkpoint records."""
         self.opened = False
+        self._abandoned = False
 
     def open(self, resume_step: int, resume_bytes: int | None) -> None:
         """Cut the file back to ``resume_bytes`` (recorded by the restored checkpoint; 0 for a
@@ -71,6 +72,8 @@ class MetricsLog:
 
     def append(self, entry: dict[str, Any]) -> None:
         line = json.dumps({k: plain(v) for k, v in entry.items()}) + "\n"
+        if self._abandoned:
+            return
         if self._file is not None:
             with store_errors("append to", self.path):
                 self._file.write(line)
@@ -84,6 +87,8 @@ class MetricsLog:
     def flush(self) -> None:
         """Make every entry so far durable (called before each checkpoint write, which records
         :attr:`size`: the file must not end up shorter than a checkpoint says it was)."""
+        if self._abandoned:
+            return
         if self._file is None and self._dirty:
             atomic_write(self.fs, self.path, "".join(self._lines).encode())
             self._dirty = False
@@ -91,6 +96,13 @@ class MetricsLog:
             with store_errors("write", self.path):
                 self._file.flush()
                 os.fsync(self._file.fileno())
+
+    def abandon(self) -> None:
+        """Stop writing without flushing: this process lost the run to another worker."""
+        self._lines, self._dirty, self._abandoned = [], False, True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def close(self) -> None:
         self.flush()

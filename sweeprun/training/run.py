@@ -189,7 +189,11 @@ class Run:
         length: a crash in between leaves extra entries, which the next restore cuts."""
         self._open_metrics()
         start = self._clock()
-        folder = self._writer.fence()
+        try:
+            folder = self._writer.fence()
+        except LeaseLost:
+            self._metrics.abandon()            # the run's metrics are the new owner's now
+            raise
         self._metrics.flush()
         snapshot = self.snapshot()
         manifest = self._writer.write(snapshot, folder)
