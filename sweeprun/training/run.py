@@ -94,7 +94,7 @@ class Run:
 
     def restore(self) -> bool:
         """Load the newest checkpoint that verifies into every tracked object; ``False`` when
-        the run starts fresh. Also trims metrics.jsonl to the restored step."""
+        the run starts fresh. Also cuts metrics.jsonl back to its length at that checkpoint."""
         loaded = self._dir.load_latest(Owner(self.run_id, self.sweep))
         if loaded is None:
             self._open_metrics()
