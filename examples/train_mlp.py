@@ -19,8 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sweeprun.sampler import ResumableSampler
-from sweeprun.training import init
+from sweeprun.training import ResumableSampler, init
 
 OMITTABLE = ("optimizer", "scheduler", "rng", "data")
 

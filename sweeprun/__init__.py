@@ -18,8 +18,8 @@ from .sweep import Sweep
 __version__ = "0.1.0"
 
 #: Training-side names, imported lazily (they pull in torch).
-_TRAINING = {"init": "training", "Run": "training", "load_checkpoint": "training",
-             "ResumableSampler": "sampler"}
+_TRAINING = {"init": "training.run", "Run": "training.run", "load_checkpoint": "training.run",
+             "ResumableSampler": "training.sampler"}
 
 __all__ = [
     "PREEMPTED_EXIT", "CheckpointError", "LeaseLost", "LedgerError", "RunPaths", "RunSpec",

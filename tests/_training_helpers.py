@@ -36,6 +36,7 @@ class ExampleRun:
 
     out: Path
     flags: tuple[str, ...] = FLAGS
+    script: Path = EXAMPLE
 
     @property
     def metrics(self) -> Path:
@@ -44,7 +45,7 @@ class ExampleRun:
     def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         full_env.pop("SWEEPRUN_RUN_DIR", None)  # standalone, whatever the test runner's environment
-        return subprocess.Popen([sys.executable, str(EXAMPLE), *self.flags, "--out", str(self.out), *extra],
+        return subprocess.Popen([sys.executable, str(self.script), *self.flags, "--out", str(self.out), *extra],
                                 env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def complete(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

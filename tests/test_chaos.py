@@ -19,9 +19,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from sweeprun.training import load_checkpoint
 
-from _training_helpers import REPO, assert_same_tree
+from _training_helpers import REPO, SIGKILL, SIGTERM, ExampleRun, assert_same_tree
 from conftest import Sandbox
 
 LRS = [0.01, 0.003, 0.03]
@@ -50,6 +52,7 @@ def max_steps(runs: Path) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow
 def test_chaos_sweep_survives_random_kills(sandbox: Sandbox) -> None:
     rnd = random.Random(20261123)
     sweep = sandbox.write_sweep(
@@ -116,3 +119,47 @@ def test_chaos_sweep_survives_random_kills(sandbox: Sandbox) -> None:
     if os.environ.get("SWEEPRUN_CHAOS_REPORT"):
         Path(os.environ["SWEEPRUN_CHAOS_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
     assert sum(kills.values()) >= 5
+
+
+RNN = REPO / "examples" / "train_rnn.py"
+RNN_FLAGS = ("--seed", "5", "--epochs", "4", "--save-every-steps", "4", "--step-sleep-s", "0.03")
+RNN_STEPS_PER_EPOCH, RNN_STEPS = 8, 32
+
+
+@pytest.mark.slow
+def test_validation_metric_survives_kills_right_after_it_and_at_random(tmp_path: Path) -> None:
+    """The word-LM report: a validation loss logged after the epoch's last checkpoint came back
+    twice after a kill in that window. Here the GRU example (hidden state carried between
+    steps) is killed exactly after its validation line (``metrics.after_append``), and at
+    random steps with SIGKILL and SIGTERM, then finished: the weights are bit-exact and
+    metrics.jsonl is byte for byte the uninterrupted run's."""
+    reference = ExampleRun(tmp_path / "reference", RNN_FLAGS, RNN)
+    assert reference.complete().returncode == 0
+    run = ExampleRun(tmp_path / "run", RNN_FLAGS, RNN)
+    rnd = random.Random(20261130)
+    val_kills = 0
+    for round_ in range(6):
+        saved = run.final_state()["step"] if (run.out / "checkpoints").exists() else 0
+        if round_ % 2 == 0:
+            # appends this process makes up to the next validation line: the rest of the
+            # epoch's steps and the line itself (at a boundary the line is replayed first)
+            rest = -saved % RNN_STEPS_PER_EPOCH
+            nth = rest + 1 if rest or saved else RNN_STEPS_PER_EPOCH + 1
+            result = run.complete(env={"SWEEPRUN_CRASH_AT": f"metrics.after_append@{nth}"})
+            assert result.returncode == -SIGKILL, result.stderr
+            assert "val_loss" in run.entries()[-1]      # killed right after that line
+            val_kills += 1
+        else:
+            target = run.last_step() + rnd.randint(1, 5)
+            signum = rnd.choice([SIGKILL, SIGTERM])
+            code, _, err = run.interrupt_at(target, signum)
+            assert code in (-SIGKILL, 75), err
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"done: step {RNN_STEPS}"
+    assert val_kills == 3
+    got, want = run.final_state(), reference.final_state()
+    assert got["step"] == want["step"] == RNN_STEPS
+    assert_same_tree(got["objects"], want["objects"], "objects")
+    assert run.metrics.read_bytes() == reference.metrics.read_bytes()
+    assert sum("val_loss" in e for e in run.entries()) == RNN_STEPS // RNN_STEPS_PER_EPOCH

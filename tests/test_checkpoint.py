@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sweeprun.checkpoint import FORMAT, Manifest
 from sweeprun.errors import CheckpointError
-from sweeprun.metrics import read_metrics
 from sweeprun.runenv import PREEMPTED_EXIT
-from sweeprun.sampler import ResumableSampler
-from sweeprun.training import Run, init, load_checkpoint
+from sweeprun.training.checkpoints import FORMAT, Manifest
+from sweeprun.training.metrics import read_metrics
+from sweeprun.training.run import Run, init, load_checkpoint
+from sweeprun.training.sampler import ResumableSampler
 
 
 @dataclass
@@ -147,13 +147,16 @@ def test_orphans_of_a_crash_are_removed_at_the_next_save(tmp_path: Path) -> None
     t = Trainer.start(str(tmp_path), every_steps=2)
     t.train(2)
     folder = tmp_path / "checkpoints"
-    (folder / "ckpt-00000009-step0000000003.pt").write_bytes(b"data with no manifest")
-    (folder / ".tmp-abc-ckpt-00000010-step0000000004.pt").write_bytes(b"half a file")
+    (folder / "ckpt-a1-00000009-step0000000003.pt").write_bytes(b"data with no manifest")
+    (folder / ".tmp-ckpt-a1-00000010-step0000000004-x1y2.pt").write_bytes(b"half a file")
+    (folder / ".tmp-k3j_-ckpt-a1-00000008-step0000000003.json").write_bytes(b"half a manifest")
+    (folder / ".tmp-ckpt-a9-00000011-step0000000004-x1y2.pt").write_bytes(b"a newer attempt's")
     t.train(2)
     t.run.close()
     assert sorted(p.name for p in folder.iterdir()) == [
-        "ckpt-00000001-step0000000002.json", "ckpt-00000001-step0000000002.pt",
-        "ckpt-00000010-step0000000004.json", "ckpt-00000010-step0000000004.pt"]
+        ".tmp-ckpt-a9-00000011-step0000000004-x1y2.pt",  # attempt 9 may be alive: not ours to touch
+        "ckpt-a1-00000001-step0000000002.json", "ckpt-a1-00000001-step0000000002.pt",
+        "ckpt-a1-00000010-step0000000004.json", "ckpt-a1-00000010-step0000000004.pt"]
 
 
 # -- resume: state and metrics -----------------------------------------------------------------
@@ -281,9 +284,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(
     again.run.close()
     assert again.run.step == 4
     err = capsys.readouterr().err
-    assert "ckpt-00000003-step0000000006.pt" in err          # the damaged one, and why
+    assert "ckpt-a1-00000003-step0000000006.pt" in err       # the damaged one, and why
     assert ("truncated" if damage == "truncate" else "corrupt") in err
-    assert "resuming from ckpt-00000002-step0000000004.pt (step 4)" in err
+    assert "resuming from ckpt-a1-00000002-step0000000004.pt (step 4)" in err
 
 
 def test_no_checkpoint_that_verifies_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
@@ -323,10 +326,10 @@ def test_a_checkpoint_that_runs_code_on_load_is_refused(tmp_path: Path, containe
         data = pickle.dumps(payload, protocol=2)
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
-    name = "ckpt-00000001-step0000000099"
+    name = "ckpt-a1-00000001-step0000000099"
     (folder / f"{name}.pt").write_bytes(data)
     # A valid manifest: checksums catch accidents, not attackers; weights_only is the defence.
-    manifest = Manifest(seq=1, step=99, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+    manifest = Manifest(attempt=1, seq=1, step=99, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
                         run_id=None, sweep=None, data=f"{name}.pt")
     (folder / f"{name}.json").write_bytes(manifest.to_bytes())
 

@@ -7,14 +7,16 @@ metrics file) follows from that, so the promise holds without the script's help:
 a run resumed after any interruption ends with the same parameters, bit for bit on
 CPU, as the same run never interrupted.
 
-This module does not import torch at import time (:mod:`.checkpoint` loads it when
-a save or restore needs it).
+This module does not import torch at import time (:mod:`.state` and :mod:`.writer`
+load it when a save or restore needs it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -23,25 +25,13 @@ from collections.abc import Callable, Iterable, Mapping
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
-from .checkpoint import (
-    FORMAT,
-    CheckpointDir,
-    CheckpointWriter,
-    Manifest,
-    Owner,
-    Retention,
-    Snapshot,
-    Stateful,
-    capture_rng,
-    from_safe,
-    restore_rng,
-    stateful,
-    to_safe,
-)
-from .errors import CheckpointError, SweeprunError
+from ..errors import CheckpointError, LeaseLost, SpecError, SweeprunError
+from ..runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
+from ..store import RunPaths, atomic_write, open_store, store_errors
+from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention
 from .metrics import MetricsLog, plain
-from .runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
-from .store import RunPaths, open_store
+from .state import Stateful, capture_rng, from_safe, restore_rng, stateful, to_safe
+from .writer import CheckpointWriter, Snapshot
 
 #: Save every 5 minutes when neither ``every_s`` nor ``every_steps`` is given.
 DEFAULT_EVERY_S = 300.0
@@ -53,7 +43,7 @@ class Run:
     def __init__(self, *, params: dict[str, Any], paths: RunPaths, owner: Owner, attempt: int,
                  every_s: float | None, every_steps: int | None, retention: Retention,
                  time_limit_s: float | None, stop_signals: Iterable[int], rng: bool,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], under_launcher: bool = False) -> None:
         self.params = params
         self.paths = paths
         self.run_id = owner.run_id
@@ -64,7 +54,9 @@ class Run:
         self.epoch = 0
         """Yours to advance; saved and restored with the rest."""
         self.extras: dict[str, Any] = {}
-        """Plain values saved with the state (best metric, counters): numbers, strings, tensors."""
+        """Values saved with the state: numbers, strings, bools, None, tensors, numpy arrays,
+        and lists, tuples, dicts (also OrderedDict, Counter, defaultdict of a builtin factory)
+        and sets of those. State carried between steps, such as an RNN's hidden state, goes here."""
         self.every_s = every_s
         self.every_steps = every_steps
         self.time_limit_s = time_limit_s
@@ -72,7 +64,9 @@ class Run:
         self._clock = clock
         self._objects: dict[str, Stateful] = {}
         self._dir = CheckpointDir(paths.fs, paths.checkpoints)
-        self._writer = CheckpointWriter(self._dir, owner, retention)
+        self._writer = CheckpointWriter(self._dir, owner, attempt, retention)
+        self._under_launcher = under_launcher
+        self._resume_bytes: int | None = 0         # metrics.jsonl bytes to keep: none when fresh
         self._metrics = MetricsLog(paths.fs, paths.metrics)
         self._last_metrics: dict[str, float] = {}
         self._started = self._step_started = self._saved_at = clock()
@@ -100,7 +94,7 @@ class Run:
 
     def restore(self) -> bool:
         """Load the newest checkpoint that verifies into every tracked object; ``False`` when
-        the run starts fresh. Also trims metrics.jsonl to the restored step."""
+        the run starts fresh. Also cuts metrics.jsonl back to its length at that checkpoint."""
         loaded = self._dir.load_latest(Owner(self.run_id, self.sweep))
         if loaded is None:
             self._open_metrics()
@@ -118,6 +112,8 @@ class Run:
         if self.capture_rng and state.get("rng") is not None:
             restore_rng(state["rng"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        recorded = state.get("metrics_bytes")
+        self._resume_bytes = recorded if isinstance(recorded, int) and recorded >= 0 else None
         self.extras = from_safe(state["extras"])
         self._saved_step, self._saved_at = self.step, self._clock()
         self._step_started = self._saved_at
@@ -128,7 +124,7 @@ class Run:
 
     def _open_metrics(self) -> None:
         if not self._metrics.opened:
-            self._metrics.open(resume_step=self.step)
+            self._metrics.open(resume_step=self.step, resume_bytes=self._resume_bytes)
 
     # -- the training loop --------------------------------------------------------------
 
@@ -165,28 +161,42 @@ class Run:
         return self._stop_reason is not None
 
     def _due(self, now: float) -> bool:
-        since = self.step - (self._saved_step or 0)
-        return ((self.every_steps is not None and since >= self.every_steps)
+        """Step cadence falls on multiples of ``every_steps`` whatever the last save was (a
+        SIGTERM save at step 7 does not move the every-5 saves to 12, 17...)."""
+        if self.step == self._saved_step:
+            return False
+        return ((self.every_steps is not None and self.step % self.every_steps == 0)
                 or (self.every_s is not None and now - self._saved_at >= self.every_s))
 
     # -- saving -------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
         """The state as of now, copied to CPU: the part of a save that must block training."""
-        state = {"format": FORMAT, "step": self.step, "epoch": self.epoch,
-                 "extras": to_safe(self.extras),
-                 "objects": {name: to_safe(obj.state_dict()) for name, obj in self._objects.items()},
-                 "rng": capture_rng() if self.capture_rng else None}
+        try:
+            state = {"format": FORMAT, "step": self.step, "epoch": self.epoch,
+                     "metrics_bytes": self._metrics.size,
+                     "extras": to_safe(self.extras, "run.extras"),
+                     "objects": {name: to_safe(obj.state_dict(), f"the state of {name!r}")
+                                 for name, obj in self._objects.items()},
+                     "rng": capture_rng() if self.capture_rng else None}
+        except TypeError as exc:
+            raise CheckpointError(f"cannot save step {self.step}: {exc}") from None
         return Snapshot(step=self.step, state=state, metrics=dict(self._last_metrics))
 
     def save(self) -> Manifest:
-        """Save now. Metrics go first: a crash in between leaves extra entries, which the next
-        restore trims, never a checkpoint ahead of its metrics."""
+        """Save now. First the fence (a process whose run was taken over writes nothing, not
+        even metrics), then metrics, made durable, then the checkpoint that records their
+        length: a crash in between leaves extra entries, which the next restore cuts."""
         self._open_metrics()
         start = self._clock()
-        snapshot = self.snapshot()
+        try:
+            folder = self._writer.fence()
+        except LeaseLost:
+            self._metrics.abandon()            # the run's metrics are the new owner's now
+            raise
         self._metrics.flush()
-        manifest = self._writer.write(snapshot)
+        snapshot = self.snapshot()
+        manifest = self._writer.write(snapshot, folder)
         self._saved_step, self._saved_at = self.step, self._clock()
         self._save_s = self._saved_at - start
         return manifest
@@ -196,9 +206,15 @@ class Run:
         return self._dir.manifests()
 
     def finish(self) -> Manifest:
-        """The final save (always written, even right after a cadence save), then :meth:`close`."""
+        """The final save (always written, even right after a cadence save), then :meth:`close`.
+
+        Under the launcher, once that checkpoint is durable, ``attempts/<n>.finished`` says
+        the script reached its end: exit 0 without it (a script that caught SIGTERM and
+        returned) does not make the run done."""
         manifest = self.save()
         self.close()
+        if self._under_launcher:
+            _write_marker(self.paths, self.paths.api_finished(self.attempt), self.attempt, self.step)
         return manifest
 
     def close(self) -> None:
@@ -238,8 +254,10 @@ def _exit_2_on_sweeprun_errors() -> None:
     """Make an uncaught :class:`SweeprunError` end the script as the CLI does: one line, exit 2.
 
     A checkpoint from another run or a full disk is the user's to fix, and a traceback
-    through the training loop only hides the message. The script can still catch the
-    error; only an uncaught one is turned into the line.
+    through the training loop only hides the message. :class:`LeaseLost` exits 75
+    instead: the run is alive elsewhere, so this attempt is neither a success nor a
+    failure. The script can still catch the error; only an uncaught one is turned into
+    the line.
     """
     previous = sys.excepthook
     if getattr(previous, "_sweeprun", False):
@@ -251,7 +269,7 @@ def _exit_2_on_sweeprun_errors() -> None:
             return
         print(f"sweeprun: error: {' '.join(str(value).split())}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(2)
+        os._exit(PREEMPTED_EXIT if issubclass(kind, LeaseLost) else 2)
 
     hook._sweeprun = True  # type: ignore[attr-defined]
     sys.excepthook = hook
@@ -265,48 +283,121 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     """Start (or continue) this process's run.
 
     Under ``sweeprun launch`` the parameters and directory come from the environment
-    (SWEEPRUN_PARAMS, SWEEPRUN_RUN_DIR); standalone, from ``params`` and ``local_dir``
-    (a path or fsspec URL). Saves happen every ``every_s`` seconds and/or every
+    (SWEEPRUN_PARAMS, or the run's params.json when the launcher left a large one out;
+    SWEEPRUN_RUN_DIR); standalone, from ``params`` and ``local_dir`` (a path or fsspec
+    URL). Saves happen every ``every_s`` seconds and/or at every multiple of
     ``every_steps`` steps (every 300 s if neither is given), keeping the last
     ``keep_last`` plus the best by metric ``best``. ``time_limit_s`` (or
     SWEEPRUN_TIME_LIMIT, the smaller wins) makes the run save and exit with 75 before
     that many seconds have passed. ``rng=False`` leaves RNG states out: only to show
     why they matter. ``clock`` and ``env`` are for tests.
+
+    Nothing is written before the environment and the folder have been checked: bad
+    input is one :class:`SweeprunError` line (exit 2 when uncaught).
     """
     env = os.environ if env is None else env
     _exit_2_on_sweeprun_errors()
     run_dir = env.get(RUN_DIR)
+    env_limit = _seconds_env(env, TIME_LIMIT)
     if run_dir:
+        attempt = _attempt_env(env)
         store = open_store(run_dir)
-        try:
-            params = json.loads(env[PARAMS]) if env.get(PARAMS) else dict(params or {})
-        except ValueError as exc:
-            raise CheckpointError(f"{PARAMS} is not valid JSON ({exc}); it is set by sweeprun launch") from exc
+        paths = RunPaths(store.fs, store.root)
+        params = _launcher_params(env, paths, params)
         owner = Owner(env.get(RUN_ID) or None, env.get(SWEEP) or None)
     elif local_dir is not None:
+        attempt: int | None = None
         store = open_store(os.fspath(local_dir))
+        paths = RunPaths(store.fs, store.root)
         params, owner = dict(params or {}), Owner(None, None)
+        _refuse_sweep_run_dir(paths)
     else:
         raise CheckpointError(f"no run directory: {RUN_DIR} is not set (the script is not under "
                               "sweeprun launch) and init() got no local_dir; pass local_dir=...")
-    limits = [t for t in (time_limit_s, _float_env(env, TIME_LIMIT)) if t is not None]
+    directory = CheckpointDir(paths.fs, paths.checkpoints)
+    names = directory.names()                        # also refuses a symlinked folder
+    if attempt is None:  # standalone: newer than anything here, so "newest attempt wins" holds
+        attempt = 1 + max((n.attempt for n in names), default=0)
+    if run_dir:
+        _write_marker(paths, paths.api_started(attempt), attempt, 0)
+    limits = [t for t in (time_limit_s, env_limit) if t is not None]
     if every_s is None and every_steps is None:
         every_s = DEFAULT_EVERY_S
-    return Run(params=dict(params), paths=RunPaths(store.fs, store.root), owner=owner,
-               attempt=int(env.get(ATTEMPT) or 1), every_s=every_s, every_steps=every_steps,
+    return Run(params=dict(params), paths=paths, owner=owner,
+               attempt=attempt, every_s=every_s, every_steps=every_steps,
                retention=Retention(keep_last=keep_last, best=best, mode=mode),
                time_limit_s=min(limits) if limits else None, stop_signals=stop_signals, rng=rng,
-               clock=clock)
+               clock=clock, under_launcher=bool(run_dir))
 
 
-def _float_env(env: Mapping[str, str], name: str) -> float | None:
+def _write_marker(paths: RunPaths, path: str, attempt: int, step: int) -> None:
+    atomic_write(paths.fs, path, (json.dumps({"attempt": attempt, "step": step}) + "\n").encode())
+
+
+def _attempt_env(env: Mapping[str, str]) -> int | None:
+    """The launcher's attempt number; ``None`` when unset (then counted as standalone)."""
+    value = env.get(ATTEMPT)
+    if value is None:
+        return None
+    if not re.fullmatch(r"[1-9][0-9]{0,17}", value.strip()):
+        raise SpecError(f"{ATTEMPT}={value!r} is not a positive integer; it is set by sweeprun "
+                        "launch (1 for the first attempt): unset it or give one")
+    return int(value)
+
+
+def _launcher_params(env: Mapping[str, str], paths: RunPaths,
+                     fallback: Mapping[str, Any] | None) -> dict[str, Any]:
+    """SWEEPRUN_PARAMS, else the run's params.json (the launcher leaves a parameter too large
+    for the environment out of it), else what the script passed."""
+    raw, source = env.get(PARAMS), PARAMS
+    if not raw:
+        source = paths.params
+        try:
+            with store_errors("read", paths.params):
+                raw = paths.fs.cat_file(paths.params).decode()
+        except FileNotFoundError:
+            return dict(fallback or {})
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"{source} is not UTF-8 JSON ({exc}); it is written by sweeprun launch") from None
+    try:
+        params = json.loads(raw)
+    except ValueError as exc:
+        raise SpecError(f"{source} is not valid JSON ({exc}); it is set by sweeprun launch") from None
+    if not isinstance(params, dict):
+        raise SpecError(f"{source} is a JSON {type(params).__name__}, not an object of parameters; "
+                        "it is set by sweeprun launch")
+    return params
+
+
+def _refuse_sweep_run_dir(paths: RunPaths) -> None:
+    """A standalone run must not take over a sweep's run: its saves would prune that run's
+    checkpoints. A launcher's run directory has params.json and attempts/, and its
+    checkpoints name their run id."""
+    with store_errors("read", paths.dir):
+        for marker in (paths.params, paths.attempts):
+            if paths.fs.exists(marker):
+                raise CheckpointError(
+                    f"{paths.url} is the directory of a sweep's run (it has "
+                    f"{marker.rsplit('/', 1)[-1]}); it is run by `sweeprun launch`: use that, or "
+                    "give init() another local_dir")
+    for manifest in CheckpointDir(paths.fs, paths.checkpoints).manifests():
+        if manifest.run_id is not None:
+            raise CheckpointError(
+                f"{paths.url} holds checkpoints of run {manifest.run_id} of sweep {manifest.sweep}; "
+                "it is run by `sweeprun launch`: use that, or give init() another local_dir")
+
+
+def _seconds_env(env: Mapping[str, str], name: str) -> float | None:
     value = env.get(name)
-    if not value:
+    if value is None or not value.strip():
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        raise CheckpointError(f"{name}={value!r} is not a number of seconds") from None
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise SpecError(f"{name}={value!r} is not a positive number of seconds; unset it or give one")
+    return seconds
 
 
 def load_checkpoint(run_dir: str | os.PathLike[str], which: Literal["latest", "best"] = "latest",
@@ -316,6 +407,7 @@ def load_checkpoint(run_dir: str | os.PathLike[str], which: Literal["latest", "b
     For evaluation and tests: ``load_checkpoint(d)["objects"]["model"]``."""
     store = open_store(os.fspath(run_dir))
     directory = CheckpointDir(store.fs, RunPaths(store.fs, store.root).checkpoints)
+    directory.check()
     if which == "best":
         chosen = Retention(best=best, mode=mode).best_of(directory.manifests())
         if chosen is None:

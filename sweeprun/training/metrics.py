@@ -1,0 +1,134 @@
+"""metrics.jsonl: one JSON object per logged step, consistent with the checkpoint it resumes from.
+
+Entries logged after the last checkpoint are replayed when the run resumes, so the
+checkpoint records how many bytes of the file existed when it was saved and
+:meth:`MetricsLog.open` cuts the file back to exactly that: no duplicate or ghost
+points on the curve, including an evaluation logged at the checkpoint's own step
+after it was saved, and no torn last line left by a kill mid-append. (A file shorter
+than recorded, or a checkpoint without the record, falls back to keeping the whole
+entries up to the restored step.) On local
+disk entries are appended and flushed one by one, so ``sweeprun status`` sees
+progress live; object stores cannot append, so there the whole file is rewritten
+atomically at each save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import IO, Any
+
+import fsspec
+
+from ..faults import crash_point
+from ..store import atomic_write, is_local, store_errors
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready value: tensors and numpy scalars become Python numbers."""
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+class MetricsLog:
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        self.fs = fs
+        self.path = path
+        self._lines: list[str] = []          # the whole file, kept for object stores
+        self._file: IO[str] | None = None
+        self._dirty = False
+        self.size = 0
+        """Bytes of the file as this process knows it: what a checkpoint records."""
+        self.opened = False
+        self._abandoned = False
+
+    def open(self, resume_step: int, resume_bytes: int | None) -> None:
+        """Cut the file back to ``resume_bytes`` (recorded by the restored checkpoint; 0 for a
+        fresh start); without a usable record, keep the whole entries with ``step <= resume_step``."""
+        with store_errors("read", self.path):
+            try:
+                raw = self.fs.cat_file(self.path)
+            except FileNotFoundError:
+                raw = b""
+        if resume_bytes is not None and len(raw) >= resume_bytes and raw[:resume_bytes].endswith(
+                b"\n" if resume_bytes else b""):
+            kept_raw = raw[:resume_bytes]
+            self._lines = [line + "\n" for line in kept_raw.decode(errors="replace").split("\n")[:-1]]
+        else:
+            whole = raw.decode(errors="replace").split("\n")[:-1]  # after the last newline: torn
+            self._lines = [line + "\n" for line in whole if _step_of(line) is not None
+                           and _step_of(line) <= resume_step]  # type: ignore[operator]
+            kept_raw = "".join(self._lines).encode()
+        if kept_raw != raw:
+            atomic_write(self.fs, self.path, kept_raw)
+        self.size = len(kept_raw)
+        if is_local(self.fs):
+            with store_errors("open", self.path):
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for appends
+        self.opened = True
+
+    def append(self, entry: dict[str, Any]) -> None:
+        line = json.dumps({k: plain(v) for k, v in entry.items()}) + "\n"
+        if self._abandoned:
+            return
+        if self._file is not None:
+            with store_errors("append to", self.path):
+                self._file.write(line)
+                self._file.flush()
+        else:
+            self._lines.append(line)
+            self._dirty = True
+        self.size += len(line.encode())
+        crash_point("metrics.after_append")
+
+    def flush(self) -> None:
+        """Make every entry so far durable (called before each checkpoint write, which records
+        :attr:`size`: the file must not end up shorter than a checkpoint says it was)."""
+        if self._abandoned:
+            return
+        if self._file is None and self._dirty:
+            atomic_write(self.fs, self.path, "".join(self._lines).encode())
+            self._dirty = False
+        elif self._file is not None:
+            with store_errors("write", self.path):
+                self._file.flush()
+                os.fsync(self._file.fileno())
+
+    def abandon(self) -> None:
+        """Stop writing without flushing: this process lost the run to another worker."""
+        self._lines, self._dirty, self._abandoned = [], False, True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _step_of(line: str) -> int | float | None:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    step = entry.get("step") if isinstance(entry, dict) else None
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+        return None
+    return step
+
+
+def parse_entries(raw: bytes) -> list[dict[str, Any]]:
+    """The whole entries of a metrics file's bytes (a torn last line is left out)."""
+    text = raw.decode(errors="replace")
+    return [json.loads(line) for line in text.split("\n")[:-1] if _step_of(line) is not None]
+
+
+def read_metrics(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    """The whole entries of a metrics file (a torn last line is left out)."""
+    with store_errors("read", path):
+        return parse_entries(fs.cat_file(path))
