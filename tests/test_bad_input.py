@@ -4,7 +4,6 @@ no traceback, and nothing written (no store folder, no ledger)."""
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sweeprun.cli import main
+from sweeprun.ledger import open_ledger
 
 GOOD = """\
 name: demo
@@ -182,7 +182,7 @@ def test_ledger_that_is_a_folder(good_sweep: Path, tmp_path: Path, capfd: pytest
 def test_locked_ledger(good_sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                        capfd: pytest.CaptureFixture[str]) -> None:
     ledger = tmp_path / "ledger.sqlite"
-    sqlite3.connect(ledger).execute("CREATE TABLE x (y)").connection.commit()
+    open_ledger(ledger, "t").close()
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sqlite3, sys, time
         c = sqlite3.connect({str(ledger)!r}, isolation_level=None)
