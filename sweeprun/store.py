@@ -209,6 +209,7 @@ def read_regular(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, *,
             size = int(info.get("size") or 0)
             start = max(0, size - max_bytes) if tail else 0
             return bytes(fs.cat_file(path, start=start, end=min(size, start + max_bytes)))
+        path = fs._strip_protocol(path)
         before = os.stat(path)
         if not stat.S_ISREG(before.st_mode):
             raise _not_regular(path, _kind(before.st_mode))
