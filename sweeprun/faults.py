@@ -17,7 +17,7 @@ ENV = "SWEEPRUN_CRASH_AT"
 
 #: Every point the code defines; tests iterate over this to prove recovery at each.
 POINTS = (
-    "checkpoint.mid_write",        # half of a checkpoint's temp file written
+    "checkpoint.mid_write",        # a checkpoint's temp file partly written (after the first chunk)
     "checkpoint.before_rename",    # temp file complete and fsynced, not yet renamed
     "checkpoint.before_manifest",  # data file in place, manifest not written
     "metrics.after_append",        # a metrics.jsonl line appended (e.g. a validation loss)

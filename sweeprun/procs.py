@@ -88,7 +88,7 @@ class ProcessRef:
                 return True
             return True
         state, started = now
-        if state in ("Z", "X"):
+        if _exited(self.pid, state):
             return False
         return self.start is None or started == self.start
 
@@ -97,7 +97,7 @@ class ProcessRef:
         if self.host != HOST or self.start is None:
             return False
         now = _proc_stat(self.pid)
-        return now is not None and now[0] not in ("Z", "X") and now[1] == self.start
+        return now is not None and not _exited(self.pid, now[0]) and now[1] == self.start
 
     def kill(self, sig: int = signal.SIGKILL) -> bool:
         """Send ``sig`` only to this very process; True when it was sent.
@@ -124,6 +124,16 @@ class ProcessRef:
         finally:
             if pidfd is not None:
                 os.close(pidfd)
+
+
+def _exited(pid: int, state: str) -> bool:
+    """Zombie or dead. A zombie main thread whose other threads still run is a live process."""
+    if state not in ("Z", "X"):
+        return False
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
 
 
 def _pidfd_open(pid: int) -> int | None:

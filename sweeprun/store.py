@@ -37,6 +37,16 @@ JSON_MAX_BYTES = 16 * 2**20
 _READ_ONLY_PROTOCOLS = frozenset({"zip", "tar", "libarchive", "reference", "http", "https",
                                   "github", "git", "data", "jlab", "jupyter", "dask"})
 
+#: Where the exceptions of storage backends come from (besides OSError): see store_errors.
+_BACKEND_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure",
+                    "aiohttp", "requests", "urllib3", "ftplib", "paramiko", "smbprotocol", "webdav4",
+                    "huggingface_hub", "ocifs", "ossfs")
+
+
+def _is_backend_error(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.split(".", 1)[0] in _BACKEND_MODULES
+
 
 def _error(message: str) -> StoreError:
     """Every store message passes here: it may quote a URL, and URLs may carry credentials."""
@@ -74,33 +84,11 @@ def store_errors(action: str, path: str) -> Iterator[None]:
                      "that its credentials are valid, and that it is writable") from exc
 
 
-_BACKEND_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure",
-                    "aiohttp", "requests", "urllib3", "ftplib", "paramiko", "smbprotocol", "webdav4",
-                    "huggingface_hub", "ocifs", "ossfs")
-
-
-def _is_backend_error(exc: BaseException) -> bool:
-    module = type(exc).__module__ or ""
-    return module.split(".", 1)[0] in _BACKEND_MODULES
-
-
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _umask_by_swap() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it.
-
-    ``os.umask()`` can only be read by setting it, and a thread creating a file
-    meanwhile would get the wrong mode; /proc/self/status (Linux >= 4.7) shows it as it
-    is. Elsewhere the value seen at import stands in.
-    """
+def _proc_umask() -> int | None:
     try:
         with open("/proc/self/status", "rb") as f:
             for line in f:
@@ -108,10 +96,28 @@ def current_umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    return _IMPORT_UMASK
+    return None
 
 
-_IMPORT_UMASK = _umask_by_swap()  # import runs before the launcher starts any thread
+def _swap_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Only where /proc cannot tell: read once at import, before the launcher starts any thread.
+_FALLBACK_UMASK = _swap_umask() if _proc_umask() is None else 0o022
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it.
+
+    ``os.umask()`` can only be read by setting it, and a thread creating a file
+    meanwhile would get the wrong mode; /proc/self/status (Linux >= 4.7) shows it as it
+    is, so a umask the user sets after import is honoured too.
+    """
+    mask = _proc_umask()
+    return _FALLBACK_UMASK if mask is None else mask
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
@@ -203,6 +209,7 @@ def read_regular(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, *,
             size = int(info.get("size") or 0)
             start = max(0, size - max_bytes) if tail else 0
             return bytes(fs.cat_file(path, start=start, end=min(size, start + max_bytes)))
+        path = fs._strip_protocol(path)
         before = os.stat(path)
         if not stat.S_ISREG(before.st_mode):
             raise _not_regular(path, _kind(before.st_mode))

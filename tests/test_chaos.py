@@ -163,3 +163,27 @@ def test_validation_metric_survives_kills_right_after_it_and_at_random(tmp_path:
     assert_same_tree(got["objects"], want["objects"], "objects")
     assert run.metrics.read_bytes() == reference.metrics.read_bytes()
     assert sum("val_loss" in e for e in run.entries()) == RNN_STEPS // RNN_STEPS_PER_EPOCH
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_after_each_validation_line_ends_done_and_exact(sandbox: Sandbox) -> None:
+    """The same window under ``sweeprun launch``: every attempt of every run is killed at its
+    9th metrics line (the first one lands right after epoch 0's validation loss), the
+    launcher retries, and each run ends done with the uninterrupted run's metrics file."""
+    flags = "--epochs 3 --save-every-steps 4"
+    sweep = sandbox.write_sweep({"seed": [0, 1]}, name="val", max_attempts=10,
+                                command=f"python {RNN} --seed {{seed}} {flags}")
+    result = sandbox.run("launch", str(sweep), env={"SWEEPRUN_CRASH_AT": "metrics.after_append@9"},
+                         timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = sandbox.status(sweep)
+    assert {row["state"] for row in status.values()} == {"done"}
+    runs_dir = sandbox.store / "val" / "runs"
+    for run_id, row in status.items():
+        assert row["attempts"] > 1, "the crash point never fired"
+        reference = ExampleRun(sandbox.root / f"ref-{run_id}", ("--seed", str(row["params"]["seed"]),
+                                                               *flags.split()), RNN)
+        assert reference.complete().returncode == 0
+        assert (runs_dir / run_id / "metrics.jsonl").read_bytes() == reference.metrics.read_bytes()
+        got, want = load_checkpoint(runs_dir / run_id), reference.final_state()
+        assert_same_tree(got["objects"], want["objects"], f"{run_id} objects")

@@ -74,6 +74,29 @@ def test_alive_is_false_for_a_zombie(tmp_path: Path) -> None:
     assert not ref.alive()
 
 
+MAIN_THREAD_EXITS = """
+import ctypes, threading, time
+threading.Thread(target=time.sleep, args=(600,)).start()
+print("go", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_process_whose_main_thread_ended_is_still_alive() -> None:
+    """/proc shows its leader as a zombie, but its other thread (a launcher's work) runs on."""
+    proc = subprocess.Popen([sys.executable, "-c", MAIN_THREAD_EXITS], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "go\n"
+        ref = ProcessRef.of(proc.pid)
+        wait_for(lambda: _state(proc.pid) == "Z", what="the main thread to exit")
+        assert ref.alive()
+        assert ref.kill() is True
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_alive_answers(sleeper: subprocess.Popen[bytes]) -> None:
     start = start_time(sleeper.pid)
     assert ProcessRef(HOST, sleeper.pid, start).alive()

@@ -299,6 +299,9 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     _exit_2_on_sweeprun_errors()
     run_dir = env.get(RUN_DIR)
     env_limit = _seconds_env(env, TIME_LIMIT)
+    if every_steps is not None and (isinstance(every_steps, bool) or every_steps < 1):
+        raise ValueError(f"every_steps must be a positive number of steps, got {every_steps!r}")
+    attempt: int | None
     if run_dir:
         attempt = _attempt_env(env)
         store = open_store(run_dir)
@@ -306,7 +309,7 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
         params = _launcher_params(env, paths, params)
         owner = Owner(env.get(RUN_ID) or None, env.get(SWEEP) or None)
     elif local_dir is not None:
-        attempt: int | None = None
+        attempt = None
         store = open_store(os.fspath(local_dir))
         paths = RunPaths(store.fs, store.root)
         params, owner = dict(params or {}), Owner(None, None)
