@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import SpecError, SweeprunError
+from .ledger import grid_key
 from .redact import redact
 from .runner import Launcher, LaunchOptions
 from .spec import RANGES, SweepSpec, load_spec
@@ -73,7 +74,7 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None)
     led = sweep.prepare()
     console = Console(stderr=False)
     try:
-        done = sum(1 for r in led.rows() if r.state.value == "done")
+        done = sum(1 for r in led.rows(grid_key(sweep.runs)) if r.state.value == "done")
         from .render import make_events
 
         events = make_events(console, len(sweep.runs), done)
@@ -129,7 +130,7 @@ def status(
 ) -> None:
     """Show each run's state, attempts, progress, checkpoint age and worker. Writes nothing."""
     spec = _spec(sweep_file, store=store, ledger=ledger)
-    rows = Sweep(spec, ledger).status()
+    rows = Sweep(spec, ledger, ephemeral_ok=True).status()  # reading writes nothing anywhere
     if as_json:
         sys.stdout.write(json.dumps(_finite([r.as_json() for r in rows]), indent=1, allow_nan=False) + "\n")
         return

@@ -24,7 +24,6 @@ from . import procs
 from .errors import SweeprunError
 from .faults import crash_point
 from .ledger import Claim, Ledger, Outcome, Policy, RunState, grid_key, shown_state
-from .ledger.base import DEFAULT_MAX_LOST
 from .procs import ProcessRef
 from .runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP
 from .store import RunPaths, is_local, store_errors, write_json
@@ -54,7 +53,6 @@ class LaunchOptions:
     gpus: Sequence[str] | None = None   # one slot per GPU, each with its own CUDA_VISIBLE_DEVICES
     heartbeat_s: float | None = None    # default: a quarter of the lease
     poll_s: float = 1.0                 # how often an idle slot looks for work
-    max_lost: int = DEFAULT_MAX_LOST    # lost attempts without checkpoint progress before failing
 
     @property
     def slots(self) -> int:
@@ -75,7 +73,7 @@ class Launcher:
         self.ledger = ledger
         self.options = options
         self.events = events
-        self.policy = Policy(max_attempts=self.spec.max_attempts, max_lost=options.max_lost)
+        self.policy = Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost)
         self.grid = grid_key(sweep.runs)
         self.me = ProcessRef.me()
         self.heartbeat_s = options.heartbeat_s or max(0.2, self.spec.lease_s / 4)

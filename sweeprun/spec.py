@@ -34,9 +34,10 @@ PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Placeholders the launcher fills in besides the parameters.
 BUILTIN_PLACEHOLDERS = ("run_dir", "run_id", "attempt")
 
-DEFAULTS: dict[str, Any] = {"max_attempts": 3, "grace_s": 30.0, "lease_s": 60.0, "max_runs": 1_000_000}
-KEYS = ("name", "command", "store", "grid", "params", "flags", "max_attempts", "ledger", "grace_s",
-        "lease_s", "max_runs")
+DEFAULTS: dict[str, Any] = {"max_attempts": 3, "max_lost": 5, "grace_s": 30.0, "lease_s": 60.0,
+                            "max_runs": 1_000_000}
+KEYS = ("name", "command", "store", "grid", "params", "flags", "max_attempts", "max_lost", "ledger",
+        "grace_s", "lease_s", "max_runs")
 REQUIRED = ("name", "command", "grid")
 
 #: Limits that keep a hostile or mistaken file from costing more than seconds.
@@ -50,7 +51,7 @@ MAX_ARG_BYTES = 128 * 1024      # Linux's MAX_ARG_STRLEN, the longest single arg
 MAX_COMMAND_BYTES = 1 << 20     # the whole command, well inside ARG_MAX with the environment
 #: ``(minimum, maximum)`` of the numeric settings, from the file or the command line.
 RANGES: dict[str, tuple[float, float]] = {
-    "max_attempts": (1, 1_000_000), "grace_s": (0.0, 86_400.0), "lease_s": (1.0, 86_400.0),
+    "max_attempts": (1, 1_000_000), "max_lost": (1, 1_000_000), "grace_s": (0.0, 86_400.0), "lease_s": (1.0, 86_400.0),
     "max_runs": (1, 10**12), "workers": (1, 256),
 }
 
@@ -88,6 +89,8 @@ class SweepSpec:
     text: str = ""  # the file as written, kept in the store as sweep.yaml
     flags: dict[str, str] = field(default_factory=dict)  # boolean parameter -> its flag word(s)
     max_runs: int = 1_000_000
+    #: Attempts lost in a row with their machine, without a new checkpoint, before a run fails.
+    max_lost: int = 5
 
     def size(self) -> int:
         """The number of runs, counted without expanding the grid."""
@@ -141,7 +144,7 @@ class SweepSpec:
             flag = f"--{key.replace('_', '-')}"
             if key in ("store", "ledger"):
                 given[key] = resolve_location(_check_nonempty_str(value, flag), Path.cwd())
-            elif key == "max_attempts":
+            elif key in ("max_attempts", "max_lost"):
                 _check_int(value, flag, *RANGES[key])
             elif key in ("grace_s", "lease_s"):
                 given[key] = _check_number(value, flag, *RANGES[key])
@@ -537,6 +540,8 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
         lease_s=_check_number(data.get("lease_s", DEFAULTS["lease_s"]), f"{at('lease_s')}: lease_s",
                               *RANGES["lease_s"]),
         source=source, text=text, flags=flags, max_runs=max_runs,
+        max_lost=_check_int(data.get("max_lost", DEFAULTS["max_lost"]), f"{at('max_lost')}: max_lost",
+                            *RANGES["max_lost"]),
     )
     _check_command(spec, at("command"), at)
     return spec

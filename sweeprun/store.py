@@ -25,7 +25,6 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import StoreError
-from .faults import crash_point
 from .redact import redact
 
 #: How much of a JSON state file (params, DONE, attempt records) is ever read: far above any
@@ -120,15 +119,12 @@ def current_umask() -> int:
     return _FALLBACK_UMASK if mask is None else mask
 
 
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
-                 crash_prefix: str | None = None) -> None:
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so a reader sees the old file or the whole new one.
 
     On local disk: temp file in the same directory, fsync, rename, fsync of the
     directory, so the rename itself survives a power loss. On object stores a
-    single ``pipe_file`` is one PUT, which is atomic by itself. ``crash_prefix``
-    names the fault-injection points (``<prefix>.mid_write``,
-    ``<prefix>.before_rename``) for writes whose torn state a test must probe.
+    single ``pipe_file`` is one PUT, which is atomic by itself.
     """
     with store_errors("write", path):
         if not is_local(fs):
@@ -142,18 +138,9 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
             # any file the user's own tools create would be.
             os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "wb") as f:
-                if crash_prefix:
-                    f.write(data[: len(data) // 2])
-                    f.flush()
-                    os.fsync(f.fileno())
-                    crash_point(f"{crash_prefix}.mid_write")
-                    f.write(data[len(data) // 2:])
-                else:
-                    f.write(data)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            if crash_prefix:
-                crash_point(f"{crash_prefix}.before_rename")
             os.replace(tmp, path)
         except BaseException:
             with _suppress_oserror():

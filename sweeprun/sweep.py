@@ -17,7 +17,7 @@ from . import faults
 from .errors import StoreError, SweeprunError
 from .identity import RunSpec
 from .ledger import Ledger, Policy, RunRow, RunState, default_ledger_path, open_ledger, shown_state
-from .metrics import parse_entries
+from .training.metrics import parse_entries
 from .redact import redact
 from .spec import SweepSpec, parse_spec
 from .store import SweepPaths, atomic_write, open_store, store_errors, write_json
@@ -143,7 +143,7 @@ class Sweep:
             finally:
                 ledger.close()
         listing = self.paths.listing()
-        policy = Policy(max_attempts=self.spec.max_attempts)
+        policy = Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost)
         runs: list[tuple[str, dict[str, Any]]] = [
             (run.run_id, {k: run.params[k] for k in self.spec.grid}) for run in self.runs]
         runs += [(row.run_id, row.params) for row in ledger_rows.values()

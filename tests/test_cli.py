@@ -48,7 +48,7 @@ def test_status_table_after_a_sweep(sandbox: Sandbox, monkeypatch: pytest.Monkey
     text = console.export_text()
     assert "4 runs: 2 failed, 2 done" in text
     assert "step 3 · loss 0.3333" in text
-    assert "1 (1 failed)" in text
+    assert "1/1 failed" in text
     done = [r for r in rows if r.state.value == "done"]
     assert all(r.step == 3 and r.metric == ("loss", pytest.approx(1 / 3)) for r in done)
 
@@ -58,7 +58,7 @@ def test_status_json_is_for_scripts(sandbox: Sandbox) -> None:
     assert sandbox.run("launch", str(sweep)).returncode == 0
     (row,) = sandbox.status(sweep).values()
     assert row == {"run_id": row["run_id"], "params": {"a": 1}, "state": "done", "attempts": 1,
-                   "failures": 0, "step": 2, "metric": {"loss": 0.5}, "checkpoint_age_s": None,
+                   "failures": 0, "max_attempts": 3, "step": 2, "metric": {"loss": 0.5}, "checkpoint_age_s": None,
                    "worker": None}
 
 

@@ -232,14 +232,14 @@ def test_a_run_that_kills_its_launcher_every_time_is_failed_after_max_lost(sandb
     killer = sandbox.root / "killer.py"
     killer.write_text("import os, signal, time\ntime.sleep(0.2)\nos.kill(os.getppid(), signal.SIGKILL)\n"
                       "time.sleep(30)\n")
-    sweep = sandbox.write_sweep({"a": [1]}, command=f"python {killer}")
+    sweep = sandbox.write_sweep({"a": [1]}, command=f"python {killer}", max_lost=3)
     codes = []
-    for _ in range(8):
+    for _ in range(6):
         result = sandbox.run("launch", str(sweep), timeout=60)
         codes.append(result.returncode)
         if result.returncode != -signal.SIGKILL:
             break
-    assert codes[:-1] == [-signal.SIGKILL] * 5 and codes[-1] == 1, codes
+    assert codes[:-1] == [-signal.SIGKILL] * 3 and codes[-1] == 1, codes
     assert "without a new checkpoint" in result.stdout
     assert [r["state"] for r in sandbox.status(sweep).values()] == ["failed"]
 

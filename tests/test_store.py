@@ -81,7 +81,7 @@ store: memory://sweeprun-lib/{tmp_path.name}
 grid:
   x: [1, 2]
 """)
-    sweep = Sweep(spec)
+    sweep = Sweep(spec, ephemeral_ok=True)
     ledger = sweep.prepare()
     console = Console(record=True, width=100)
     result = Launcher(sweep, ledger, LaunchOptions(workers=2), PlainEvents(console, 2, 0)).run()
