@@ -17,10 +17,10 @@ from . import faults
 from .errors import StoreError, SweeprunError
 from .identity import RunSpec
 from .ledger import Ledger, Policy, RunRow, RunState, default_ledger_path, open_ledger, shown_state
-from .training.metrics import parse_entries
 from .redact import redact
 from .spec import SweepSpec, parse_spec
 from .store import SweepPaths, atomic_write, open_store, store_errors, write_json
+from .training.metrics import parse_entries
 
 
 @dataclass(frozen=True)
