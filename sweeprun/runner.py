@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
-from . import procs
 from .errors import SweeprunError
 from .faults import crash_point
 from .ledger import Claim, Ledger, Outcome, Policy, RunState, grid_key, shown_state
-from .procs import ProcessRef
+from .procs import ProcessRef, spawn
 from .runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP
 from .store import RunPaths, is_local, store_errors, write_json
 from .sweep import Sweep
@@ -274,6 +273,9 @@ class Attempt:
             if claim.orphan.kill():
                 self.events.note(f"{claim.run_id}: killed pid {claim.orphan.pid}, left running by a "
                                  "dead worker")
+            else:
+                self.events.note(f"{claim.run_id}: pid {claim.orphan.pid} cannot be proven to be the "
+                                 "run's old child; left alone")
         if self.paths.is_done():
             # Another worker (or a launcher killed before it could record it) finished it.
             self._record(Outcome.DONE, 0, quiet=True)
@@ -352,7 +354,9 @@ class Attempt:
         self.started_at = time.monotonic()
         self.events.started(claim.run_id, claim.attempt, self.slot)
         try:
-            proc = _spawn(argv, env)
+            # spawn(): the child dies with this process, not with this slot's thread
+            proc = spawn(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
         except OSError as exc:
             message = f"sweeprun: cannot start {argv[0]!r}: {exc.strerror or exc}\n"
             log.write(message.encode())
@@ -488,14 +492,6 @@ class Attempt:
         if proc is not None and proc.poll() is None:
             self.killed = True
             _signal(proc, signal.SIGKILL)
-
-
-def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    spawn = getattr(procs, "spawn", None)
-    kwargs = dict(env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if spawn is not None:
-        return spawn(argv, **kwargs)
-    return subprocess.Popen(argv, preexec_fn=procs.die_with_parent, **kwargs)  # type: ignore[call-overload]
 
 
 def _create_only(paths: RunPaths, path: str, obj: object) -> bool:

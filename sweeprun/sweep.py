@@ -19,7 +19,7 @@ from .identity import RunSpec
 from .ledger import Ledger, Policy, RunRow, RunState, default_ledger_path, open_ledger, shown_state
 from .redact import redact
 from .spec import SweepSpec, parse_spec
-from .store import SweepPaths, atomic_write, open_store, store_errors, write_json
+from .store import SweepPaths, atomic_write, open_store, read_regular, store_errors, write_json
 from .training.metrics import parse_entries
 
 
@@ -103,7 +103,12 @@ class Sweep:
         fs = self.store.fs
         text = redact(self.spec.text)
         with store_errors("read", self.paths.spec):
-            current = fs.cat_file(self.paths.spec) if fs.isfile(self.paths.spec) else None
+            exists = fs.exists(self.paths.spec)
+        # bounded like the sweep file itself; anything odd there is simply replaced
+        try:
+            current = read_regular(fs, self.paths.spec, 1 << 20) if exists else None
+        except StoreError:
+            current = None
         if current == text.encode():
             return
         if current is not None:
@@ -143,6 +148,7 @@ class Sweep:
             finally:
                 ledger.close()
         listing = self.paths.listing()
+        done = self.paths.done_ids(listing)
         policy = Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost)
         runs: list[tuple[str, dict[str, Any]]] = [
             (run.run_id, {k: run.params[k] for k in self.spec.grid}) for run in self.runs]
@@ -153,7 +159,7 @@ class Sweep:
             files = listing.get(run_id, {})
             row = ledger_rows.get(run_id)
             state = shown_state(row, now, policy) if row else RunState.PENDING
-            if "DONE" in files:
+            if run_id in done:
                 state = RunState.DONE
             elif state is RunState.DONE or (row is None and files):
                 state = RunState.INTERRUPTED if files else RunState.PENDING
@@ -176,19 +182,12 @@ class Sweep:
 
     def _last_entry(self, path: str) -> dict[str, Any] | None:
         """The last whole entry of a metrics file, from its tail: never the whole file, never a FIFO."""
-        fs = self.store.fs
         try:
-            with store_errors("read", path):
-                info = fs.info(path)
-                if info.get("type") != "file":
-                    return None
-                size = int(info.get("size") or 0)
-                start = max(0, size - METRICS_TAIL_BYTES)
-                blob = fs.cat_file(path, start=start, end=size) if size else b""
+            blob = read_regular(self.store.fs, path, METRICS_TAIL_BYTES, tail=True)
         except (StoreError, FileNotFoundError):
             return None
-        if start:
-            blob = blob[blob.find(b"\n") + 1:] if b"\n" in blob else b""
+        if len(blob) == METRICS_TAIL_BYTES:  # cut mid-file: the first line may be partial
+            blob = blob[blob.find(b"\n") + 1:]
         entries = parse_entries(blob)
         return entries[-1] if entries else None
 

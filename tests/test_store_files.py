@@ -28,7 +28,6 @@ os.umask(int(sys.argv[2], 8))
 store = open_store(sys.argv[1])
 run = store.sweep("s").run("r-1")
 atomic_write(store.fs, run.params, b"{}")
-atomic_write(store.fs, run.params, b"{}", crash_prefix="params")  # the training side's form
 write_json(store.fs, run.attempt_record(1), {"attempt": 1})
 run.write_done({})
 """
