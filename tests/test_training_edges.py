@@ -550,3 +550,16 @@ def test_read_metrics_helper_is_still_reachable(tmp_path: Path) -> None:
     t.train(2)
     t.run.finish()
     assert [e["step"] for e in read_metrics(t.run.paths.fs, t.run.paths.metrics)] == [1, 2]
+
+
+def test_checkpoints_honour_the_umask_of_a_group_shared_store(tmp_path: Path) -> None:
+    """Temp files are 0600; a checkpoint renamed from one must still be readable by the group."""
+    previous = os.umask(0o002)
+    try:
+        trainer = Trainer.start(str(tmp_path / "run"), every_steps=1)
+        trainer.train(2)
+        trainer.run.finish()
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    assert modes and set(modes.values()) == {0o664}, modes

@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from ..errors import LeaseLost
 from ..faults import crash_point
-from ..store import atomic_write, store_errors
+from ..store import atomic_write, current_umask, store_errors
 from .checkpoints import TEMP_PREFIX, CheckpointDir, Manifest, Name, Owner, Retention, _finite
 
 #: The checkpoint stem inside a temp file's name (ours: ``.tmp-<stem>-<random>.pt``; the
@@ -121,6 +121,7 @@ class CheckpointWriter:
                 fd, tmp = tempfile.mkstemp(dir=self.dir.path, prefix=f"{TEMP_PREFIX}{name.stem}-",
                                            suffix=".pt")
                 try:
+                    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: honour the umask
                     with os.fdopen(fd, "wb") as f:
                         sink = _HashingSink(f)
                         torch.save(snapshot.state, sink)
