@@ -126,6 +126,28 @@ class ProcessRef:
                 os.close(pidfd)
 
 
+    def kill_group(self, sig: int = signal.SIGKILL) -> bool:
+        """Send ``sig`` to the process group this process leads; True when it was sent.
+
+        A run's child is spawned as a group leader (a new session), so a wrapper such as
+        ``bash train.sh`` or ``torchrun`` takes what it started down with it. Proof is as
+        for :meth:`kill` while the leader lives; once it is gone, a group that still
+        exists under its number is that very group, since Linux gives no new process a
+        number that a living group still holds.
+        """
+        if self.host != HOST or self.start is None or self.pid <= 1:
+            return False
+        if not self.is_provably_running():
+            now = _proc_stat(self.pid)
+            if now is not None and not _exited(self.pid, now[0]):
+                return False  # the number belongs to another live process now
+        try:
+            os.killpg(self.pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+
 def _exited(pid: int, state: str) -> bool:
     """Zombie or dead. A zombie main thread whose other threads still run is a live process."""
     if state not in ("Z", "X"):

@@ -7,6 +7,7 @@ thread only waits and handles SIGINT/SIGTERM, so signal handling stays simple.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -33,7 +34,9 @@ _PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Parameters travel in the environment only while they are small: the kernel limits one
 #: variable to 128 KiB ("Argument list too long"). Past this, the child reads params.json.
 PARAMS_ENV_MAX_BYTES = 32 * 1024
-_ATTEMPT_FILE = re.compile(r"^(?:attempt-)?(\d{1,9})\.(?:json|started|finished|log)$")
+#: Files that name the attempt that wrote them: attempts/<n>.json|.started|.finished,
+#: logs/attempt-<n>.log, checkpoints/ckpt-a<n>-... (see sweeprun.training.checkpoints).
+_ATTEMPT_FILE = re.compile(r"^(?:(?:attempt-)?(\d{1,9})\.(?:json|started|finished|log)|ckpt-a(\d{1,9})-.*)$")
 
 
 class Events(Protocol):
@@ -172,11 +175,20 @@ class Launcher:
             self._started += 1
 
     def _heartbeat_loop(self) -> None:
-        while not self._finished.wait(self.heartbeat_s):
-            with self._lock:
-                active = list(self._active.values())
-            for attempt in active:
-                attempt.renew()
+        """Renews every lease. An unexpected error must not silently end it (every lease would
+        run out under running children): it stops the launcher, whose children save and exit."""
+        try:
+            while not self._finished.wait(self.heartbeat_s):
+                with self._lock:
+                    active = list(self._active.values())
+                for attempt in active:
+                    try:
+                        attempt.renew()
+                    except SweeprunError:
+                        pass  # renew() reports its own failures and stops its child in time
+        except BaseException as exc:
+            self._errors.append(exc)
+            self.request_stop()
 
     def _enforce_grace(self) -> None:
         if self._kill_deadline is None or time.monotonic() < self._kill_deadline:
@@ -237,6 +249,7 @@ class Attempt:
         self.lost = False             # the lease is gone: write nothing more
         self.terminated = False       # the launcher sent SIGTERM (a preemption, not a failure)
         self.killed = False           # the launcher sent SIGKILL after the grace period
+        self.recorded = False         # the ledger has this attempt's end
         self.started_at = time.monotonic()
         self._renewed_at = time.monotonic()
         self._renew_failing = False
@@ -246,6 +259,7 @@ class Attempt:
 
     def run(self) -> None:
         launcher = self.launcher
+        self._kill_orphan()  # first: a stop now would leave no record of it for the next claim
         if not launcher._register(self):
             self._record(Outcome.INTERRUPTED, None)  # a stop arrived with the claim
             launcher._unregister(self)
@@ -259,23 +273,28 @@ class Attempt:
             if rc is not None:
                 self._conclude(rc)
         except BaseException:
-            self._abort()
+            self._abort(log)
             raise
         finally:
             launcher._unregister(self)
             if log is not None:
                 log.close()
 
+    def _kill_orphan(self) -> None:
+        """End what a dead worker left running of this run: its child and the child's group."""
+        orphan = self.claim.orphan
+        if orphan is None:
+            return
+        if orphan.kill_group():
+            self.events.note(f"{self.claim.run_id}: killed pid {orphan.pid} and its group, left "
+                             "running by a dead worker")
+        else:
+            self.events.note(f"{self.claim.run_id}: pid {orphan.pid} cannot be proven to be the "
+                             "run's old child; left alone")
+
     def _prepare(self) -> bool:
         """Everything between the claim and the child; ``False`` when nothing is to be started."""
         claim = self.claim
-        if claim.orphan is not None:
-            if claim.orphan.kill():
-                self.events.note(f"{claim.run_id}: killed pid {claim.orphan.pid}, left running by a "
-                                 "dead worker")
-            else:
-                self.events.note(f"{claim.run_id}: pid {claim.orphan.pid} cannot be proven to be the "
-                                 "run's old child; left alone")
         if self.paths.is_done():
             # Another worker (or a launcher killed before it could record it) finished it.
             self._record(Outcome.DONE, 0, quiet=True)
@@ -290,13 +309,19 @@ class Attempt:
             self._lose()
             return False
         if state is RunState.FAILED:
+            self.recorded = True
             self.events.note(
                 f"{claim.run_id}: {self.launcher.policy.max_lost} attempts in a row were lost with "
                 "their worker without a new checkpoint (does it kill its machine, out of memory?); "
                 "marked failed. Check its logs, then delete its folder or raise max_lost to retry")
             self.events.ended(claim.run_id, claim.attempt, RunState.FAILED, None, 0.0)
             return False
-        self._renewed_at = time.monotonic()
+        with self._lock:
+            # start() renewed the lease under the fencing token: whatever the heartbeat
+            # feared while the store was slow, this attempt holds the run now.
+            self.lost = False
+            self._renew_failing = False
+            self._renewed_at = time.monotonic()
         return True
 
     def _take_attempt_number(self) -> bool:
@@ -321,30 +346,30 @@ class Attempt:
                             f"{self.paths.attempts}; is another sweeprun of another ledger running it?")
 
     def _highest_attempt_in_store(self) -> int:
-        fs = self.paths.fs
+        """The highest attempt any file of the run names: attempt records, logs, checkpoints."""
         highest = 0
-        for folder in (self.paths.attempts, self.paths.logs):
-            with store_errors("list", folder):
-                try:
-                    names = fs.ls(folder, detail=False)
-                except FileNotFoundError:
-                    continue
-            for name in names:
-                match = _ATTEMPT_FILE.match(posixpath.basename(name.rstrip("/")))
+        for folder in (self.paths.attempts, self.paths.logs, self.paths.checkpoints):
+            for name in self._names(folder):
+                match = _ATTEMPT_FILE.match(name)
                 if match:
-                    highest = max(highest, int(match.group(1)))
+                    highest = max(highest, int(match.group(1) or match.group(2)))
         return highest
 
     def _progress(self) -> str | None:
-        """The newest file in the run's checkpoints folder: changes only when a save lands."""
-        fs = self.paths.fs
-        with store_errors("list", self.paths.checkpoints):
+        """What the checkpoints folder holds, as a digest: it changes when a save lands
+        (a new name, whatever the names look like), not when nothing was saved."""
+        names = sorted(n for n in self._names(self.paths.checkpoints) if not n.startswith("."))
+        if not names:
+            return None
+        return hashlib.sha256("\0".join(names).encode()).hexdigest()[:16]
+
+    def _names(self, folder: str) -> list[str]:
+        with store_errors("list", folder):
             try:
-                names = fs.ls(self.paths.checkpoints, detail=False)
+                found = self.paths.fs.ls(folder, detail=False)
             except FileNotFoundError:
-                return None
-        names = [posixpath.basename(n.rstrip("/")) for n in names]
-        return max((n for n in names if not n.startswith(".")), default=None)
+                return []
+        return [posixpath.basename(p.rstrip("/")) for p in found]
 
     def _execute(self, log: _AttemptLog) -> int | None:
         """Start the child and stream its output; its exit code, or ``None`` if it never started."""
@@ -352,11 +377,15 @@ class Attempt:
         argv = launcher.spec.argv(launcher.sweep.runs_by_id[claim.run_id], self.paths.url, claim.attempt)
         env = launcher.env(claim, self.paths, self.slot)
         self.started_at = time.monotonic()
+        if self.lost:  # the lease ran out while the start was being prepared
+            self._ended(None, None)
+            return None
         self.events.started(claim.run_id, claim.attempt, self.slot)
         try:
-            # spawn(): the child dies with this process, not with this slot's thread
+            # spawn(): the child dies with this process, not with this slot's thread; its own
+            # session makes it a group leader, so signals reach what a wrapper script started
             proc = spawn(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
+                         stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             message = f"sweeprun: cannot start {argv[0]!r}: {exc.strerror or exc}\n"
             log.write(message.encode())
@@ -369,11 +398,15 @@ class Attempt:
         if launcher.stopping or self.terminated:  # a stop arrived between the claim and the start
             self.terminate()
         self.renew()  # record the child's pid and start time at once
+        if self.lost:
+            self.kill()
         assert proc.stdout is not None
         for raw in iter(proc.stdout.readline, b""):
             log.write(raw)
             self.events.output(claim.run_id, raw.decode(errors="replace").rstrip("\n"))
-        return proc.wait()
+        rc = proc.wait()
+        _signal_group(proc.pid, signal.SIGKILL)  # what it left behind ends with the attempt
+        return rc
 
     def _conclude(self, rc: int) -> None:
         """The one place where an exit code becomes an outcome."""
@@ -418,17 +451,26 @@ class Attempt:
         with store_errors("read", started):
             return fs.exists(started) and not fs.exists(finished)
 
-    def _abort(self) -> None:
-        """This thread failed: let the child save and stop, then record an interruption."""
+    def _abort(self, log: _AttemptLog | None) -> None:
+        """This thread failed: let the child save and stop, then record an interruption.
+
+        Its output is still drained meanwhile: a child blocked writing to a full pipe
+        could never finish its save.
+        """
         proc = self.proc
         if proc is not None and proc.poll() is None:
             self.terminate()
+            drain = threading.Thread(target=_drain, args=(proc, log), daemon=True)
+            drain.start()
             try:
                 proc.wait(self.launcher.spec.grace_s)
             except subprocess.TimeoutExpired:
                 self.kill()
                 proc.wait()
-        if not self.lost:
+            drain.join(5)
+        if proc is not None:
+            _signal_group(proc.pid, signal.SIGKILL)
+        if not self.lost and not self.recorded:
             try:
                 self._record(Outcome.INTERRUPTED, proc.returncode if proc else None)
             except SweeprunError:
@@ -437,6 +479,7 @@ class Attempt:
     # -- recording --------------------------------------------------------------------------
 
     def _record(self, outcome: Outcome, rc: int | None, quiet: bool = False) -> None:
+        self.recorded = True
         state = self.ledger.finish(self.claim, outcome, self.launcher.policy, rc)
         if state is None:
             self.lost = True
@@ -459,12 +502,16 @@ class Attempt:
         if self.lost:
             return
         lease_s = self.launcher.spec.lease_s
+        # Stop one heartbeat before the lease can run out: the lease counts from the start
+        # of the last renewal that succeeded, and the next look comes a heartbeat later.
+        deadline_s = max(lease_s - self.launcher.heartbeat_s, lease_s / 2)
         proc = self.proc
+        attempted_at = time.monotonic()
         try:
             ok = self.ledger.heartbeat(self.claim, lease_s, ProcessRef.of(proc.pid) if proc else None)
         except SweeprunError as exc:
             silent_s = time.monotonic() - self._renewed_at
-            if silent_s >= lease_s:
+            if silent_s >= deadline_s:
                 self.lost = True
                 self.events.note(f"{self.claim.run_id}: could not renew the lease for {silent_s:.0f} s "
                                  f"({exc}); another worker may take the run: stopping its process")
@@ -472,10 +519,10 @@ class Attempt:
             elif not self._renew_failing:
                 self._renew_failing = True
                 self.events.note(f"{self.claim.run_id}: heartbeat failed ({exc}); retrying for up to "
-                                 f"{lease_s - silent_s:.0f} s before stopping the run")
+                                 f"{deadline_s - silent_s:.0f} s before stopping the run")
             return
         if ok:
-            self._renewed_at = time.monotonic()
+            self._renewed_at = attempted_at
             self._renew_failing = False
             return
         self.lost = True
@@ -485,13 +532,15 @@ class Attempt:
 
     def terminate(self) -> None:
         self.terminated = True
-        _signal(self.proc, signal.SIGTERM)
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
 
     def kill(self) -> None:
         proc = self.proc
         if proc is not None and proc.poll() is None:
             self.killed = True
-            _signal(proc, signal.SIGKILL)
+            _signal_group(proc.pid, signal.SIGKILL)
 
 
 def _create_only(paths: RunPaths, path: str, obj: object) -> bool:
@@ -516,12 +565,21 @@ def _create_only(paths: RunPaths, path: str, obj: object) -> bool:
         return True
 
 
-def _signal(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
-    if proc is None:
-        return
+def _signal_group(pgid: int, sig: int) -> None:
+    """Signal a child's process group (it leads one: spawned in its own session)."""
     try:
-        proc.send_signal(sig)
-    except (ProcessLookupError, OSError):
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _drain(proc: subprocess.Popen[bytes], log: _AttemptLog | None) -> None:
+    try:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            if log is not None:
+                log.write(raw)
+    except (OSError, ValueError):
         pass
 
 

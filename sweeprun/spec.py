@@ -624,7 +624,7 @@ def _check_command(spec: SweepSpec, where: str, at: Any) -> None:
                     continue
                 try:
                     render_value(value, f.spec)
-                except (ValueError, TypeError) as exc:
+                except (ValueError, TypeError, OverflowError) as exc:
                     raise SpecError(f"{where}: {f} cannot format {name} = {_show(value)}: {exc}") from None
         if name in spec.grid and any(f.spec for f in fields):
             _no_duplicate_values(spec.grid[name], lambda v, fs=fields: tuple(render_value(v, f.spec) for f in fs),

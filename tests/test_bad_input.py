@@ -78,6 +78,8 @@ SPEC_CASES = [
      "{lr:d} cannot format lr = 0.1: Unknown format code 'd' for object of type 'float'"),
     ("format-f-on-text", GOOD.replace("{seed}", "{seed:.3f}").replace("[0, 1]", "[a, b]"), [],
      "{seed:.3f} cannot format seed = 'a'"),
+    ("format-char-out-of-range", GOOD.replace("{seed}", "{seed:c}").replace("[0, 1]", "[0, 2000000]"), [],
+     "{seed:c} cannot format seed = 2000000"),
     ("format-huge-width", GOOD.replace("{seed}", "{seed:99999999}"), [], "asks for a width or precision over 1000"),
     ("format-nested", GOOD.replace("{seed}", "{seed:{lr}}"), [], "has a placeholder inside its format spec"),
     ("flag-not-boolean", GOOD + "flags:\n  seed: --seed\n", [], "flags.seed: seed must be true or false in every run"),

@@ -360,3 +360,31 @@ def test_an_unusable_sweeprun_home_is_named(sandbox: Sandbox, home: str) -> None
     assert result.returncode == 2, result.stderr
     assert f"SWEEPRUN_HOME={target}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not sandbox.store.exists()
+
+
+def test_a_wrapper_scripts_training_process_is_stopped_and_reaped_with_it(sandbox: Sandbox) -> None:
+    """`sh -c "python train.py; ..."` (like `bash train.sh`, `torchrun`): SIGTERM reaches the
+    training process, and what a killed launcher's wrapper left running is killed before the
+    run starts again, so two processes never train one run."""
+    steps = f"python {Path(__file__).parent / 'scripts' / 'steps.py'} --x 1"
+    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 300, "sleep": 0.02},
+                                command=f"sh -c '{steps.replace('python', sys.executable, 1)}; exit $?'")
+    first = sandbox.sweeprun("launch", str(sweep))
+    wait_for(lambda: any(runs_dir(sandbox).glob("*/ckpt.json")), what="a checkpoint")
+    os.kill(first.pid, signal.SIGKILL)  # the launcher alone: its direct child (sh) dies with it
+    first.wait()
+    (trainer,) = [e["pid"] for e in sandbox.events() if e["event"] == "start"]
+    os.kill(trainer, 0)  # the wrapper's python outlived the wrapper
+    second = sandbox.sweeprun("launch", str(sweep))
+    wait_for(lambda: len(starts(sandbox)) == 1 and sum(starts(sandbox).values()) == 2,
+             what="the relaunch to start the run")
+    wait_for(lambda: not os.path.exists(f"/proc/{trainer}") or
+             open(f"/proc/{trainer}/stat").read().split()[2] == "Z", timeout=10,
+             what="the orphaned trainer to be killed")
+    os.killpg(second.pid, signal.SIGTERM)  # a preemption notice reaches the trainer through sh
+    second.communicate(timeout=60)
+    assert second.returncode == 143
+    events = sandbox.events()
+    assert [e["event"] for e in events] == ["start", "start", "preempted"]
+    assert not [e for e in events if e["event"] == "overlap"]
+    assert [r["state"] for r in sandbox.status(sweep).values()] == ["interrupted"]

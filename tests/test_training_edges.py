@@ -563,3 +563,49 @@ def test_checkpoints_honour_the_umask_of_a_group_shared_store(tmp_path: Path) ->
         os.umask(previous)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run" / "checkpoints").iterdir()}
     assert modes and set(modes.values()) == {0o664}, modes
+
+
+BREAKER = textwrap.dedent("""
+    import sys, time
+    import torch
+    import sweeprun
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    with sweeprun.init(every_steps=1000) as run:
+        run.track(model=model)
+        run.restore()
+        while run.step < 100000:
+            time.sleep(0.01)
+            if run.should_stop:  # the usual pattern: leave the loop, then the with block
+                break
+            run.end_step()
+            if run.step == 5:
+                print("ready", flush=True)
+""")
+
+
+def test_breaking_out_on_should_stop_is_a_preemption_not_the_end(tmp_path: Path) -> None:
+    """A loop that breaks on `run.should_stop` and leaves `with run:` normally must not be
+    mistaken for a finished run: it saves and exits 75, and writes no finished marker."""
+    script = tmp_path / "breaker.py"
+    script.write_text(BREAKER)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, **launcher_env(run_dir, 1), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == PREEMPTED_EXIT, err
+    assert (run_dir / "attempts" / "1.started").exists()
+    assert not (run_dir / "attempts" / "1.finished").exists()
+    assert load_checkpoint(run_dir)["step"] >= 5
+
+
+def test_without_params_anywhere_the_scripts_own_params_are_used(tmp_path: Path) -> None:
+    env = launcher_env(tmp_path / "run", 1)
+    del env["SWEEPRUN_PARAMS"]
+    run = init(params={"lr": 0.5}, env=env, clock=FakeClock())
+    assert run.params == {"lr": 0.5}
+    run.close()

@@ -192,9 +192,11 @@ class Ledger(ABC):
         store, else ``pending``) and marks runs in ``done`` as done, whatever the ledger
         said, even under a live lease (``DONE`` in the store is the truth). A run the
         ledger has as done but that is not in ``done`` goes back to pending (deleting a
-        run's folder is how a user asks for a re-run) only if ``still_done(run_id)``,
-        asked inside the transaction, says so: ``done`` was listed before it began and
-        another worker may have finished the run since. Rows are never deleted: another
+        run's folder is how a user asks for a re-run) only if ``still_done(run_id)``
+        says it is not done: ``done`` may have been listed before another worker
+        finished the run. It is asked after the ledger was read, outside the write
+        transaction (the store may be slow), and only about such runs; a run that
+        becomes done after that read is left done. Rows are never deleted: another
         launcher with another grid may run them.
         """
 

@@ -297,6 +297,16 @@ class SqliteLedger(Ledger):
              still_done: Callable[[str], bool] | None = None) -> None:
         runs = list(runs)
         key = grid_key(runs)
+        gone: set[str] | None = None  # None: trust the listing
+        if still_done is not None:
+            # Ask the store outside the transaction (it may be slow: a bucket, a Drive),
+            # only about runs the ledger has as done and the listing lacks. A run that
+            # becomes done after this read is not in `gone`, so it is left alone below.
+            with self._tx(write=False) as db:
+                ledger_done = {r[0] for r in db.execute(
+                    "SELECT run_id FROM runs WHERE sweep = ? AND state = 'done'", [self.sweep])}
+            gone = {run.run_id for run in runs if run.run_id in ledger_done
+                    and run.run_id not in done and not still_done(run.run_id)}
         now = self.now()
         with self._tx() as db:
             existing = {r[0]: (r[1], r[2]) for r in db.execute(
@@ -320,7 +330,7 @@ class SqliteLedger(Ledger):
                                "updated_at = ? WHERE sweep = ? AND run_id = ?",
                                [now, self.sweep, run.run_id])
                 elif (run.run_id not in done and state == RunState.DONE.value
-                      and (still_done is None or not still_done(run.run_id))):
+                      and (gone is None or run.run_id in gone)):
                     target = RunState.INTERRUPTED if run.run_id in started else RunState.PENDING
                     db.execute("UPDATE runs SET state = ?, failures = 0, lost = 0, updated_at = ? "
                                "WHERE sweep = ? AND run_id = ?",

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from ..errors import CheckpointError, LeaseLost, SpecError, SweeprunError
 from ..runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
-from ..store import RunPaths, atomic_write, open_store, store_errors
+from ..store import JSON_MAX_BYTES, RunPaths, atomic_write, open_store, read_regular, store_errors
 from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention
 from .metrics import MetricsLog, plain
 from .state import Stateful, capture_rng, from_safe, restore_rng, stateful, to_safe
@@ -210,9 +210,18 @@ class Run:
 
         Under the launcher, once that checkpoint is durable, ``attempts/<n>.finished`` says
         the script reached its end: exit 0 without it (a script that caught SIGTERM and
-        returned) does not make the run done."""
+        returned) does not make the run done.
+
+        After a stop request (SIGTERM, the time budget) the run did not end, it was
+        stopped: a loop that breaks on :attr:`should_stop` and falls through to here saves
+        and exits with 75 (resumable) instead of claiming the end of training. A loop
+        that was already done resumes, finds nothing left, and finishes then."""
         manifest = self.save()
         self.close()
+        if self._stop_reason is not None:
+            print(f"sweeprun: {self._stop_reason}; saved {manifest.data} at step {self.step}; "
+                  f"exiting with {PREEMPTED_EXIT} (resumable)", file=sys.stderr, flush=True)
+            raise SystemExit(PREEMPTED_EXIT)
         if self._under_launcher:
             _write_marker(self.paths, self.paths.api_finished(self.attempt), self.attempt, self.step)
         return manifest
@@ -355,11 +364,12 @@ def _launcher_params(env: Mapping[str, str], paths: RunPaths,
     raw, source = env.get(PARAMS), PARAMS
     if not raw:
         source = paths.params
-        try:
-            with store_errors("read", paths.params):
-                raw = paths.fs.cat_file(paths.params).decode()
-        except FileNotFoundError:
+        with store_errors("read", paths.params):
+            present = paths.fs.exists(paths.params)
+        if not present:
             return dict(fallback or {})
+        try:
+            raw = read_regular(paths.fs, paths.params, JSON_MAX_BYTES).decode()
         except UnicodeDecodeError as exc:
             raise SpecError(f"{source} is not UTF-8 JSON ({exc}); it is written by sweeprun launch") from None
     try:
