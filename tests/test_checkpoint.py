@@ -243,13 +243,16 @@ def test_registering_more_than_the_checkpoint_holds_is_an_error(tmp_path: Path) 
 
 
 def test_a_checkpoint_from_another_run_is_refused(run_dir: str) -> None:
+    """Checkpoints copied into another run's folder, or another sweep's, are not resumed from."""
     def env(run_id: str, sweep: str) -> dict[str, str]:
-        return {"SWEEPRUN_RUN_DIR": run_dir, "SWEEPRUN_RUN_ID": run_id, "SWEEPRUN_SWEEP": sweep,
-                "SWEEPRUN_PARAMS": '{"lr": 0.1}', "SWEEPRUN_ATTEMPT": "2"}
+        return {"SWEEPRUN_RUN_DIR": f"{run_dir}/{run_id}", "SWEEPRUN_RUN_ID": run_id,
+                "SWEEPRUN_SWEEP": sweep, "SWEEPRUN_PARAMS": '{"lr": 0.1}', "SWEEPRUN_ATTEMPT": "2"}
 
     owner = init(env=env("lr=0.1-aaaa", "grid"), clock=FakeClock())
     assert (owner.params, owner.attempt, owner.run_id) == ({"lr": 0.1}, 2, "lr=0.1-aaaa")
     owner.finish()
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    fs.copy(f"{root}/lr=0.1-aaaa/checkpoints", f"{root}/lr=0.2-bbbb/checkpoints", recursive=True)
     for run_id, sweep in [("lr=0.2-bbbb", "grid"), ("lr=0.1-aaaa", "other-sweep")]:
         intruder = init(env=env(run_id, sweep), clock=FakeClock())
         with pytest.raises(CheckpointError) as err:
@@ -257,6 +260,14 @@ def test_a_checkpoint_from_another_run_is_refused(run_dir: str) -> None:
         intruder.close()
         assert "lr=0.1-aaaa of sweep grid" in str(err.value)
         assert f"{run_id} of sweep {sweep}" in str(err.value)
+
+
+def test_a_run_folder_given_with_another_runs_id_is_refused(tmp_path: Path) -> None:
+    env = {"SWEEPRUN_RUN_DIR": str(tmp_path / "lr=0.1-aaaa"), "SWEEPRUN_RUN_ID": "lr=0.2-bbbb",
+           "SWEEPRUN_SWEEP": "grid", "SWEEPRUN_PARAMS": "{}", "SWEEPRUN_ATTEMPT": "1"}
+    with pytest.raises(CheckpointError, match="folder of run lr=0.1-aaaa, not of SWEEPRUN_RUN_ID=lr=0.2-bbbb"):
+        init(env=env, clock=FakeClock())
+    assert not (tmp_path / "lr=0.1-aaaa").exists()
 
 
 def _newest_data(run: Run) -> tuple[fsspec.AbstractFileSystem, str]:

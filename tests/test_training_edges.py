@@ -35,10 +35,11 @@ def names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
-def launcher_env(run_dir: Path, attempt: int | str, run_id: str = "lr=0.1-aaaa",
+def launcher_env(run_dir: Path, attempt: int | str, run_id: str | None = None,
                  **extra: str) -> dict[str, str]:
-    """What ``sweeprun launch`` gives a run's process."""
-    return {"SWEEPRUN_RUN_DIR": str(run_dir), "SWEEPRUN_RUN_ID": run_id, "SWEEPRUN_SWEEP": "grid",
+    """What ``sweeprun launch`` gives a run's process (the folder is named by the run id)."""
+    return {"SWEEPRUN_RUN_DIR": str(run_dir), "SWEEPRUN_RUN_ID": run_id or Path(run_dir).name,
+            "SWEEPRUN_SWEEP": "grid",
             "SWEEPRUN_PARAMS": '{"lr": 0.1}', "SWEEPRUN_ATTEMPT": str(attempt), **extra}
 
 

@@ -317,6 +317,12 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
         paths = RunPaths(store.fs, store.root)
         params = _launcher_params(env, paths, params)
         owner = Owner(env.get(RUN_ID) or None, env.get(SWEEP) or None)
+        folder = paths.dir.rstrip("/").rsplit("/", 1)[-1]
+        if owner.run_id is not None and folder != owner.run_id:
+            # the launcher names every run's folder by its id: anything else is another run's
+            raise CheckpointError(f"{RUN_DIR}={paths.url} is the folder of run {folder}, not of "
+                                  f"{RUN_ID}={owner.run_id}; they are set together by sweeprun "
+                                  "launch: unset both to run standalone")
     elif local_dir is not None:
         attempt = None
         store = open_store(os.fspath(local_dir))
