@@ -606,6 +606,10 @@ def _check_command(spec: SweepSpec, where: str, at: Any) -> None:
                 _check_format_spec(part, where)
             uses.setdefault(part.name, []).append(part)
 
+    for name in spec.flags:
+        if name not in uses:
+            raise SpecError(f"{at(f'flags.{name}')}: flags.{name} is never used: put {{{name}}} in the command "
+                            "as a word of its own where the flag belongs")
     samples: dict[str, list[Any]] = {**{k: v for k, v in spec.grid.items()},
                                      **{k: [v] for k, v in spec.params.items()},
                                      "run_dir": ["x"], "run_id": ["x"], "attempt": [1]}
