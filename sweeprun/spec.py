@@ -169,10 +169,6 @@ def render_value(value: Any, spec: str = "") -> str:
     return format(text, spec) if spec else text
 
 
-# Kept for callers of the old private name.
-_format_value = render_value
-
-
 @functools.lru_cache(maxsize=64)
 def split_command(command: str) -> tuple[Word, ...]:
     """The command as words of literal text and placeholders; raises ``ValueError`` on bad syntax."""
