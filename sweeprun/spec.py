@@ -172,10 +172,6 @@ def render_value(value: Any, spec: str = "") -> str:
     return format(text, spec) if spec else text
 
 
-# Kept for callers of the old private name.
-_format_value = render_value
-
-
 @functools.lru_cache(maxsize=64)
 def split_command(command: str) -> tuple[Word, ...]:
     """The command as words of literal text and placeholders; raises ``ValueError`` on bad syntax."""
@@ -611,6 +607,10 @@ def _check_command(spec: SweepSpec, where: str, at: Any) -> None:
                 _check_format_spec(part, where)
             uses.setdefault(part.name, []).append(part)
 
+    for name in spec.flags:
+        if name not in uses:
+            raise SpecError(f"{at(f'flags.{name}')}: flags.{name} is never used: put {{{name}}} in the command "
+                            "as a word of its own where the flag belongs")
     samples: dict[str, list[Any]] = {**{k: v for k, v in spec.grid.items()},
                                      **{k: [v] for k, v in spec.params.items()},
                                      "run_dir": ["x"], "run_id": ["x"], "attempt": [1]}

@@ -86,6 +86,8 @@ SPEC_CASES = [
     ("flag-unknown-param", GOOD + "flags:\n  fp16: --fp16\n", [], "flags.fp16: 'fp16' is not a parameter"),
     ("flag-inside-a-word", GOOD.replace("{seed}", "--fp16={seed}").replace("[0, 1]", "[true, false]")
      + "flags:\n  seed: --fp16\n", [], "{seed} is a flag (flags.seed); write it as a word of its own"),
+    ("flag-not-in-command", GOOD.replace("  seed: [0, 1]", "  seed: [0, 1]\n  fp16: [true, false]")
+     + "flags:\n  fp16: --fp16\n", [], ":11: flags.fp16 is never used: put {fp16} in the command"),
     ("name-too-long", GOOD.replace("name: demo", "name: " + "n" * 300), [], "at most 128"),
     ("lease-inf-in-file", GOOD + "lease_s: .inf\n", [], "lease_s must be a finite number from 1 to 86400, got inf"),
     ("grace-nan-in-file", GOOD + "grace_s: .nan\n", [], "grace_s must be a finite number from 0 to 86400, got nan"),
