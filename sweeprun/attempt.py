@@ -1,0 +1,441 @@
+"""One attempt of one run: from its claim to its recorded end.
+
+Split from :mod:`sweeprun.runner` so that the launcher reads as the loop it is
+(slots claim, a heartbeat renews, signals stop) and everything that can happen to a
+single start of a run (store writes, the child, its output, the outcome) reads in
+one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from typing import IO, TYPE_CHECKING
+
+from .errors import SweeprunError
+from .faults import crash_point
+from .ledger import Claim, Outcome, RunState
+from .procs import ProcessRef, spawn
+from .runenv import PREEMPTED_EXIT
+from .store import RunPaths, is_local, store_errors, write_json
+
+if TYPE_CHECKING:
+    from .runner import Launcher
+
+#: Exit statuses that mean "stopped by a preemption-like signal", not "broken".
+_PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Files that name the attempt that wrote them: attempts/<n>.json|.started|.finished,
+#: logs/attempt-<n>.log, checkpoints/ckpt-a<n>-... (see sweeprun.training.checkpoints).
+_ATTEMPT_FILE = re.compile(r"^(?:(?:attempt-)?(\d{1,9})\.(?:json|started|finished|log)|ckpt-a(\d{1,9})-.*)$")
+
+
+class Attempt:
+    """One start of one run, from its claim to its recorded end.
+
+    It owns everything that happens in between: the lease (the heartbeat covers it
+    from the claim, before any slow store write), the durable attempt number, the
+    child, its log, the events, and the one place where the outcome is decided and
+    recorded. Whatever goes wrong in this thread, the child is asked to save and
+    stop (SIGTERM, then SIGKILL after the grace period) and the ledger hears of it.
+    """
+
+    def __init__(self, launcher: Launcher, claim: Claim, slot: int) -> None:
+        self.launcher = launcher
+        self.ledger = launcher.ledger
+        self.events = launcher.events
+        self.claim = claim
+        self.slot = slot
+        self.paths = launcher.sweep.paths.run(claim.run_id)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lost = False             # the lease is gone: write nothing more
+        self.terminated = False       # the launcher sent SIGTERM (a preemption, not a failure)
+        self.killed = False           # the launcher sent SIGKILL after the grace period
+        self.recorded = False         # the ledger has this attempt's end
+        self.started_at = time.monotonic()
+        self._renewed_at = time.monotonic()
+        self._renew_failing = False
+        self._lock = threading.Lock()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        launcher = self.launcher
+        self._kill_orphan()  # first: a stop now would leave no record of it for the next claim
+        if not launcher._register(self):
+            self._record(Outcome.INTERRUPTED, None)  # a stop arrived with the claim
+            launcher._unregister(self)
+            return
+        log: _AttemptLog | None = None
+        try:
+            if not self._prepare():
+                return
+            log = _AttemptLog(self.paths, self.claim.attempt)
+            rc = self._execute(log)
+            if rc is not None:
+                self._conclude(rc)
+        except BaseException:
+            self._abort(log)
+            raise
+        finally:
+            launcher._unregister(self)
+            if log is not None:
+                log.close()
+
+    def _kill_orphan(self) -> None:
+        """End what a dead worker left running of this run: its child and the child's group."""
+        orphan = self.claim.orphan
+        if orphan is None:
+            return
+        if orphan.kill_group():
+            self.events.note(f"{self.claim.run_id}: killed pid {orphan.pid} and its group, left "
+                             "running by a dead worker")
+        else:
+            self.events.note(f"{self.claim.run_id}: pid {orphan.pid} cannot be proven to be the "
+                             "run's old child; left alone")
+
+    def _prepare(self) -> bool:
+        """Everything between the claim and the child; ``False`` when nothing is to be started."""
+        claim = self.claim
+        if self.paths.is_done():
+            # Another worker (or a launcher killed before it could record it) finished it.
+            self._record(Outcome.DONE, 0, quiet=True)
+            self.events.note(f"{claim.run_id}: already done in the store; not started again")
+            return False
+        if not self._take_attempt_number():
+            return False
+        self.launcher.sweep.write_params(claim.run_id, claim.params)
+        state = self.ledger.start(self.claim, self.launcher.spec.lease_s, self._progress(),
+                                  self.launcher.policy)
+        if state is None:
+            self._lose()
+            return False
+        if state is RunState.FAILED:
+            self.recorded = True
+            self.events.note(
+                f"{claim.run_id}: {self.launcher.policy.max_lost} attempts in a row were lost with "
+                "their worker without a new checkpoint (does it kill its machine, out of memory?); "
+                "marked failed. Check its logs, then delete its folder or raise max_lost to retry")
+            self.events.ended(claim.run_id, claim.attempt, RunState.FAILED, None, 0.0)
+            return False
+        with self._lock:
+            # start() renewed the lease under the fencing token: whatever the heartbeat
+            # feared while the store was slow, this attempt holds the run now.
+            self.lost = False
+            self._renew_failing = False
+            self._renewed_at = time.monotonic()
+        return True
+
+    def _take_attempt_number(self) -> bool:
+        """Make the attempt number durable in the store and higher than any it has seen there.
+
+        A ledger rebuilt on a new machine starts counting at 1 again; without this its
+        attempt 1 would overwrite the first attempt's log and lose "newest attempt wins".
+        """
+        for _ in range(5):
+            seen = self._highest_attempt_in_store()
+            if seen >= self.claim.attempt:
+                renumbered = self.ledger.renumber(self.claim, seen + 1)
+                if renumbered is None:
+                    self._lose()
+                    return False
+                self.claim = renumbered
+            record = {"attempt": self.claim.attempt, "worker": self.claim.worker.label,
+                      "started_at": time.time()}
+            if _create_only(self.paths, self.paths.attempt_record(self.claim.attempt), record):
+                return True
+        raise SweeprunError(f"run {self.claim.run_id}: could not take a fresh attempt number in "
+                            f"{self.paths.attempts}; is another sweeprun of another ledger running it?")
+
+    def _highest_attempt_in_store(self) -> int:
+        """The highest attempt any file of the run names: attempt records, logs, checkpoints."""
+        highest = 0
+        for folder in (self.paths.attempts, self.paths.logs, self.paths.checkpoints):
+            for name in self._names(folder):
+                match = _ATTEMPT_FILE.match(name)
+                if match:
+                    highest = max(highest, int(match.group(1) or match.group(2)))
+        return highest
+
+    def _progress(self) -> str | None:
+        """What the checkpoints folder holds, as a digest: it changes when a save lands
+        (a new name, whatever the names look like), not when nothing was saved."""
+        names = sorted(n for n in self._names(self.paths.checkpoints) if not n.startswith("."))
+        if not names:
+            return None
+        return hashlib.sha256("\0".join(names).encode()).hexdigest()[:16]
+
+    def _names(self, folder: str) -> list[str]:
+        with store_errors("list", folder):
+            try:
+                found = self.paths.fs.ls(folder, detail=False)
+            except FileNotFoundError:
+                return []
+        return [posixpath.basename(p.rstrip("/")) for p in found]
+
+    def _execute(self, log: _AttemptLog) -> int | None:
+        """Start the child and stream its output; its exit code, or ``None`` if it never started."""
+        launcher, claim = self.launcher, self.claim
+        argv = launcher.spec.argv(launcher.sweep.runs_by_id[claim.run_id], self.paths.url, claim.attempt)
+        env = launcher.env(claim, self.paths, self.slot)
+        self.started_at = time.monotonic()
+        if self.lost:  # the lease ran out while the start was being prepared
+            self._ended(None, None)
+            return None
+        self.events.started(claim.run_id, claim.attempt, self.slot)
+        try:
+            # spawn(): the child dies with this process, not with this slot's thread; its own
+            # session makes it a group leader, so signals reach what a wrapper script started
+            proc = spawn(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            message = f"sweeprun: cannot start {argv[0]!r}: {exc.strerror or exc}\n"
+            log.write(message.encode())
+            self.events.output(claim.run_id, message.rstrip())
+            self._record(Outcome.FAILED, 127)
+            return None
+        with self._lock:
+            self.proc = proc
+        launcher._count_start()
+        if launcher.stopping or self.terminated:  # a stop arrived between the claim and the start
+            self.terminate()
+        self.renew()  # record the child's pid and start time at once
+        if self.lost:
+            self.kill()
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            log.write(raw)
+            self.events.output(claim.run_id, raw.decode(errors="replace").rstrip("\n"))
+        rc = proc.wait()
+        _signal_group(proc.pid, signal.SIGKILL)  # what it left behind ends with the attempt
+        return rc
+
+    def _conclude(self, rc: int) -> None:
+        """The one place where an exit code becomes an outcome."""
+        claim = self.claim
+        if self.lost:
+            self._ended(None, rc)
+            return
+        if rc == 0:
+            if self._exited_without_finish():
+                if self.terminated or self.launcher.stopping:
+                    self._record(Outcome.INTERRUPTED, rc)
+                    return
+                self.events.note(f"{claim.run_id}: exited 0 without calling run.finish() (it uses "
+                                 "the training API); counted as a failed attempt, not done. A script "
+                                 "that catches SIGTERM or KeyboardInterrupt must exit 75, not 0")
+                self._record(Outcome.FAILED, rc)
+                return
+            crash_point("runner.before_done")
+            if not self.ledger.heartbeat(claim, self.launcher.spec.lease_s):
+                self._lose()
+                return
+            try:
+                self.paths.write_done({"run_id": claim.run_id, "attempt": claim.attempt,
+                                       "params": claim.params, "worker": claim.worker.label,
+                                       "elapsed_s": round(time.monotonic() - self.started_at, 3)})
+            except SweeprunError:
+                # The run's work is saved; only its marker is not. Leave it resumable
+                # (its final checkpoint makes the next attempt instant) and stop.
+                self._record(Outcome.INTERRUPTED, rc)
+                raise
+            crash_point("runner.after_done")
+            self._record(Outcome.DONE, rc)
+        elif (rc == PREEMPTED_EXIT or -rc in _PREEMPTION_SIGNALS or self.killed or self.terminated
+              or self.launcher.stopping):
+            self._record(Outcome.INTERRUPTED, rc)
+        else:
+            self._record(Outcome.FAILED, rc)
+
+    def _exited_without_finish(self) -> bool:
+        fs = self.paths.fs
+        started, finished = self.paths.api_started(self.claim.attempt), self.paths.api_finished(self.claim.attempt)
+        with store_errors("read", started):
+            return fs.exists(started) and not fs.exists(finished)
+
+    def _abort(self, log: _AttemptLog | None) -> None:
+        """This thread failed: let the child save and stop, then record an interruption.
+
+        Its output is still drained meanwhile: a child blocked writing to a full pipe
+        could never finish its save.
+        """
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            self.terminate()
+            drain = threading.Thread(target=_drain, args=(proc, log), daemon=True)
+            drain.start()
+            try:
+                proc.wait(self.launcher.spec.grace_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                proc.wait()
+            drain.join(5)
+        if proc is not None:
+            _signal_group(proc.pid, signal.SIGKILL)
+        if not self.lost and not self.recorded:
+            try:
+                self._record(Outcome.INTERRUPTED, proc.returncode if proc else None)
+            except SweeprunError:
+                pass  # the lease runs out and the next claim recovers the run
+
+    # -- recording --------------------------------------------------------------------------
+
+    def _record(self, outcome: Outcome, rc: int | None, quiet: bool = False) -> None:
+        self.recorded = True
+        state = self.ledger.finish(self.claim, outcome, self.launcher.policy, rc)
+        if state is None:
+            self.lost = True
+        if not quiet:
+            self._ended(state, rc)
+
+    def _ended(self, state: RunState | None, rc: int | None) -> None:
+        self.events.ended(self.claim.run_id, self.claim.attempt, state, rc,
+                          time.monotonic() - self.started_at)
+
+    def _lose(self) -> None:
+        self.lost = True
+        self._ended(None, None)
+
+    # -- called from other threads ----------------------------------------------------------
+
+    def renew(self) -> None:
+        """Heartbeat. A worker that cannot renew for ``lease_s`` by its own clock cannot learn
+        whether another took the run over, so it stops its child itself."""
+        if self.lost:
+            return
+        lease_s = self.launcher.spec.lease_s
+        # Stop one heartbeat before the lease can run out: the lease counts from the start
+        # of the last renewal that succeeded, and the next look comes a heartbeat later.
+        deadline_s = max(lease_s - self.launcher.heartbeat_s, lease_s / 2)
+        proc = self.proc
+        attempted_at = time.monotonic()
+        try:
+            ok = self.ledger.heartbeat(self.claim, lease_s, ProcessRef.of(proc.pid) if proc else None)
+        except SweeprunError as exc:
+            silent_s = time.monotonic() - self._renewed_at
+            if silent_s >= deadline_s:
+                self.lost = True
+                self.events.note(f"{self.claim.run_id}: could not renew the lease for {silent_s:.0f} s "
+                                 f"({exc}); another worker may take the run: stopping its process")
+                self.kill()
+            elif not self._renew_failing:
+                self._renew_failing = True
+                self.events.note(f"{self.claim.run_id}: heartbeat failed ({exc}); retrying for up to "
+                                 f"{deadline_s - silent_s:.0f} s before stopping the run")
+            return
+        if ok:
+            self._renewed_at = attempted_at
+            self._renew_failing = False
+            return
+        self.lost = True
+        self.events.note(f"lost the lease on {self.claim.run_id} (attempt {self.claim.attempt}): "
+                         "another worker took it over; stopping its process")
+        self.kill()
+
+    def terminate(self) -> None:
+        self.terminated = True
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            self.killed = True
+            _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _create_only(paths: RunPaths, path: str, obj: object) -> bool:
+    """Write ``obj`` as JSON at ``path`` unless the file exists; ``False`` if it did."""
+    fs = paths.fs
+    data = (json.dumps(obj, sort_keys=True) + "\n").encode()
+    with store_errors("write", path):
+        if not is_local(fs):
+            if fs.exists(path):
+                return False
+            write_json(fs, path, obj)
+            return True
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """Signal a child's process group (it leads one: spawned in its own session)."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _drain(proc: subprocess.Popen[bytes], log: _AttemptLog | None) -> None:
+    try:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            if log is not None:
+                log.write(raw)
+    except (OSError, ValueError):
+        pass
+
+
+class _AttemptLog:
+    """The attempt's log: written in place on local disk, spooled and uploaded at the end otherwise.
+
+    A log that cannot be written must never stop the run, so I/O errors are swallowed here.
+    """
+
+    def __init__(self, paths: RunPaths, attempt: int) -> None:
+        self.paths = paths
+        self.target = paths.log(attempt)
+        self.spool: str | None = None
+        self.file: IO[bytes] | None = None
+        try:
+            if is_local(paths.fs):
+                os.makedirs(os.path.dirname(self.target), exist_ok=True)
+                self.file = open(self.target, "ab")  # noqa: SIM115 - held for the attempt
+            else:
+                fd, self.spool = tempfile.mkstemp(prefix="sweeprun-log-")
+                self.file = os.fdopen(fd, "wb")
+        except OSError:
+            self.file = None
+
+    def write(self, data: bytes) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(data)
+            self.file.flush()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.close()
+            if self.spool is not None:
+                with store_errors("upload the log to", self.target):
+                    self.paths.fs.put_file(self.spool, self.target)
+        except (OSError, SweeprunError):
+            pass
+        finally:
+            self.file = None
+            if self.spool is not None:
+                try:
+                    os.unlink(self.spool)
+                except OSError:
+                    pass
