@@ -24,6 +24,7 @@ from .errors import SweeprunError
 from .faults import crash_point
 from .ledger import Claim, Outcome, RunState
 from .procs import ProcessRef, spawn
+from .redact import redact
 from .runenv import PREEMPTED_EXIT
 from .store import RunPaths, is_local, store_errors, write_json
 
@@ -416,6 +417,8 @@ class _AttemptLog:
     def write(self, data: bytes) -> None:
         if self.file is None:
             return
+        if b"://" in data or b"=" in data:  # only such lines can hold a credential
+            data = redact(data.decode(errors="surrogateescape")).encode(errors="surrogateescape")
         try:
             self.file.write(data)
             self.file.flush()

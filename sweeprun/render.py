@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .ledger import RunState
+from .redact import redact
 from .sweep import StatusRow
 
 STATE_STYLE = {RunState.PENDING: "dim", RunState.RUNNING: "cyan", RunState.INTERRUPTED: "yellow",
@@ -74,6 +75,7 @@ class PlainEvents:
         self._lock = threading.Lock()
 
     def _print(self, text: str) -> None:
+        text = redact(text)  # a child may print its store URL; credentials stay out of logs
         with self._lock:
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 

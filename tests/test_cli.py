@@ -212,3 +212,11 @@ def test_flags_out_of_range_are_refused_in_one_line(sandbox: Sandbox, args: list
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
     assert not sandbox.store.exists()
+
+
+def test_the_torch_extra_brings_numpy() -> None:
+    """Without numpy beside it, torch starts every run's log with "Failed to initialize NumPy"."""
+    from importlib.metadata import requires
+
+    torch_extra = [r for r in requires("sweeprun") or [] if 'extra == "torch"' in r]
+    assert any(r.startswith("numpy") for r in torch_extra), torch_extra

@@ -388,3 +388,15 @@ def test_a_wrapper_scripts_training_process_is_stopped_and_reaped_with_it(sandbo
     assert [e["event"] for e in events] == ["start", "start", "preempted"]
     assert not [e for e in events if e["event"] == "overlap"]
     assert [r["state"] for r in sandbox.status(sweep).values()] == ["interrupted"]
+
+
+def test_credentials_a_run_prints_stay_out_of_the_console_and_its_log(sandbox: Sandbox) -> None:
+    script = sandbox.root / "chatty.py"
+    script.write_text("print('syncing to s3://AKIDEXAMPLE:wJalrXUtnFEMI@bucket/x?token=abc', flush=True)\n")
+    sweep = sandbox.write_sweep({"a": [1]}, command=f"python {script}")
+    result = sandbox.run("launch", str(sweep))
+    assert result.returncode == 0
+    (run,) = runs_dir(sandbox).iterdir()
+    log = (run / "logs" / "attempt-1.log").read_text()
+    for text in (result.stdout, log):
+        assert "s3://***@bucket/x?token=***" in text and "wJalrXUtnFEMI" not in text
