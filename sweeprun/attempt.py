@@ -26,7 +26,7 @@ from .ledger import Claim, Outcome, RunState
 from .procs import ProcessRef, spawn
 from .redact import redact
 from .runenv import PREEMPTED_EXIT
-from .store import RunPaths, is_local, store_errors, write_json
+from .store import RunPaths, fsync_dir, is_local, store_errors, write_json
 
 if TYPE_CHECKING:
     from .runner import Launcher
@@ -372,6 +372,7 @@ def _create_only(paths: RunPaths, path: str, obj: object) -> bool:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fsync_dir(os.path.dirname(path))
         return True
 
 

@@ -146,7 +146,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             with _suppress_oserror():
                 os.unlink(tmp)
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 @contextmanager
@@ -157,7 +157,8 @@ def _suppress_oserror() -> Iterator[None]:
         pass
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
+    """Make a rename or a new file in ``directory`` survive a power loss (local disk)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

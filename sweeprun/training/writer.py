@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from ..errors import LeaseLost
 from ..faults import crash_point
-from ..store import atomic_write, current_umask, store_errors
+from ..store import atomic_write, current_umask, fsync_dir, store_errors
 from .checkpoints import TEMP_PREFIX, CheckpointDir, Manifest, Name, Owner, Retention, _finite
 
 #: The checkpoint stem inside a temp file's name (ours: ``.tmp-<stem>-<random>.pt``; the
@@ -74,14 +74,6 @@ class _HashingSink:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointWriter:
@@ -135,7 +127,7 @@ class CheckpointWriter:
                     except OSError:
                         pass
                     raise
-                _fsync_dir(self.dir.path)
+                fsync_dir(self.dir.path)
             else:
                 buffer = io.BytesIO()
                 sink = _HashingSink(buffer)
