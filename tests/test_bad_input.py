@@ -213,6 +213,7 @@ def test_real_process_prints_no_traceback(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.slow  # whole training runs; the full suite (CI) runs it
 @pytest.mark.parametrize("source", ["another run", "another sweep"])
 def test_a_checkpoint_from_elsewhere_is_refused_in_one_line(sandbox, source: str) -> None:
     """Checkpoints copied into a run's folder from another run or sweep are never loaded:

@@ -117,6 +117,7 @@ def _fill(path: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow  # whole training runs; the full suite (CI) runs it
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_store_fault_during_a_save_keeps_the_previous_checkpoint(small_fs: Path, tmp_path: Path,
                                                                   fault: str) -> None:

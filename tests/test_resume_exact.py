@@ -53,6 +53,7 @@ def interrupt_repeatedly(run: ExampleRun, signum: int, kills: int, seed: int) ->
     return hit
 
 
+@pytest.mark.slow  # whole training runs; the full suite (CI) runs it
 @pytest.mark.parametrize("seed", [11, 23])
 def test_sigkill_several_times_then_rerun_matches_the_uninterrupted_run(
         tmp_path: Path, reference: ExampleRun, seed: int) -> None:
