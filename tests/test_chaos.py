@@ -65,7 +65,7 @@ def test_chaos_sweep_survives_random_kills(sandbox: Sandbox) -> None:
     lost_at: list[tuple[str, int, int]] = []  # (run, attempt killed, furthest step it had logged)
     started = time.monotonic()
     for _ in range(KILLS):
-        time.sleep(rnd.uniform(1.0, 3.5))
+        time.sleep(rnd.uniform(2.0, 4.5))  # long enough for a start (torch import) and a few saves
         i = rnd.randrange(2)
         sig = signal.SIGKILL if rnd.random() < 0.6 else signal.SIGTERM
         if launchers[i].poll() is None:
