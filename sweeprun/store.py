@@ -425,6 +425,17 @@ class Store:
     def sweep(self, name: str) -> SweepPaths:
         return SweepPaths(self.fs, posixpath.join(self.root, name))
 
+    def check_present(self) -> None:
+        """For readers: a local store whose parent folder is missing is an unmounted drive,
+        not a sweep that has not started; saying "all pending" there would mislead."""
+        if not is_local(self.fs):
+            return
+        with store_errors("use store", self.url):
+            parent = posixpath.dirname(self.root.rstrip("/"))
+            if not self.fs.exists(self.root) and parent and not self.fs.exists(parent):
+                raise _error(f"store {self.url}: parent folder {parent} does not exist "
+                             "(is the drive mounted?); mount it or give the right --store")
+
     def check_writable(self) -> None:
         """Fail early, before anything is written, when the store cannot hold a sweep.
 

@@ -138,6 +138,7 @@ class Sweep:
         Shows the runs of this spec and every other run the ledger knows for the sweep
         (another launcher's grid), each judged by the same rules the launcher uses.
         """
+        self.store.check_present()
         ledger_rows: dict[str, RunRow] = {}
         now = time.time()
         if self._ledger_exists():
