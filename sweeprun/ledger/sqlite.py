@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,10 +179,31 @@ class SqliteLedger(Ledger):
         if not self.readonly:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             return conn
         return self._reader()
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch a new ledger to WAL, even when several launchers create it at once.
+
+        The switch needs an exclusive lock; two processes that both hold a shared lock
+        while waiting for it would wait on each other for the whole busy timeout. Short
+        tries with random pauses let one of them win at once.
+        """
+        deadline = time.monotonic() + self.busy_timeout_s
+        conn.execute("PRAGMA busy_timeout = 50")
+        try:
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(random.uniform(0.01, 0.2))
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
 
     def _reader(self) -> sqlite3.Connection:
         """A connection that leaves nothing behind (``mode=ro`` alone creates -wal and -shm).
