@@ -332,19 +332,18 @@ class SqliteLedger(Ledger):
                     and run.run_id not in done and not still_done(run.run_id)}
         now = self.now()
         with self._tx() as db:
-            existing = {r[0]: (r[1], r[2]) for r in db.execute(
-                "SELECT run_id, state, lease_until FROM runs WHERE sweep = ?", [self.sweep])}
+            existing = {r[0]: r[1] for r in db.execute(
+                "SELECT run_id, state FROM runs WHERE sweep = ?", [self.sweep])}
             new = []
             for run in runs:
-                found = existing.get(run.run_id)
-                if found is None:
-                    state = (RunState.DONE if run.run_id in done else
-                             RunState.INTERRUPTED if run.run_id in started else RunState.PENDING)
+                state = existing.get(run.run_id)
+                if state is None:
+                    initial = (RunState.DONE if run.run_id in done else
+                               RunState.INTERRUPTED if run.run_id in started else RunState.PENDING)
                     new.append({"sweep": self.sweep, "run_id": run.run_id, "idx": run.index,
-                                "params": json.dumps(run.params), "state": state.value,
+                                "params": json.dumps(run.params), "state": initial.value,
                                 "attempts": 0, "failures": 0, "lost": 0, "updated_at": now})
                     continue
-                state = found[0]
                 if run.run_id in done and state != RunState.DONE.value:
                     # DONE in the store is the truth, even under a live lease: the holder's
                     # finish is accepted for a done run, and no one will start it again.
