@@ -23,6 +23,10 @@ from .store import SweepPaths, atomic_write, open_store, read_regular, store_err
 from .training.metrics import parse_entries
 
 
+#: The ledger URL or path when ``--ledger`` is not given; it wins over ``ledger:`` in the file.
+LEDGER_ENV = "SWEEPRUN_LEDGER"
+
+
 @dataclass(frozen=True)
 class StatusRow:
     """One line of ``sweeprun status``."""
@@ -63,7 +67,10 @@ class Sweep:
         self.paths: SweepPaths = self.store.sweep(spec.name)
         self.runs: list[RunSpec] = spec.runs()
         self.runs_by_id = {run.run_id: run for run in self.runs}
-        self.ledger_location = str(ledger_location or spec.ledger
+        # --ledger, then SWEEPRUN_LEDGER (a notebook keeps a database password out of the
+        # sweep file there), then `ledger:` in the file, then a SQLite file per store.
+        self.ledger_location = str(ledger_location or os.environ.get(LEDGER_ENV, "").strip()
+                                   or spec.ledger
                                    or default_ledger_path(self.store.canonical_url, spec.name))
         #: Things the user should hear about before the runs start (the launcher prints them).
         self.notes: list[str] = []

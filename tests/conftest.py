@@ -16,6 +16,8 @@ import pytest
 import yaml
 from hypothesis import settings
 
+from servers import postgres_server, postgres_url, s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
+
 # Shared 2-core machines: a property test must fail on a wrong answer, never on a slow one.
 settings.register_profile("sweeprun", deadline=None, derandomize=True)
 settings.load_profile("sweeprun")
