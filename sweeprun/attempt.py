@@ -309,12 +309,11 @@ class Attempt:
     def renew(self) -> None:
         """Heartbeat. A worker that cannot renew for ``lease_s`` by its own clock cannot learn
         whether another took the run over, so it stops its child itself."""
+        self.check_lease()  # woken from a pause past the lease: stop first, never renew late
         if self.lost:
             return
         lease_s = self.launcher.spec.lease_s
-        # Stop one heartbeat before the lease can run out: the lease counts from the start
-        # of the last renewal that succeeded, and the next look comes a heartbeat later.
-        deadline_s = max(lease_s - self.launcher.heartbeat_s, lease_s / 2)
+        deadline_s = self._silence_limit_s()
         proc = self.proc
         attempted_at = time.monotonic()
         try:
@@ -338,6 +337,34 @@ class Attempt:
         self.lost = True
         self.events.note(f"lost the lease on {self.claim.run_id} (attempt {self.claim.attempt}): "
                          "another worker took it over; stopping its process")
+        self.kill()
+
+    def _silence_limit_s(self) -> float:
+        """How long this attempt may go without a renewal, by this machine's monotonic clock.
+
+        One heartbeat less than the lease: the lease counts from the start of the last
+        renewal that succeeded, and the next look comes a heartbeat later.
+        """
+        lease_s = self.launcher.spec.lease_s
+        return max(lease_s - self.launcher.heartbeat_s, lease_s / 2)
+
+    def check_lease(self) -> None:
+        """Stop the child once the lease may have run out, even while a heartbeat hangs.
+
+        Called often from the launcher's main thread, which never waits on I/O: a
+        heartbeat stuck on a dead network connection, or a whole machine paused past
+        its lease (a frozen VM that wakes up), cannot learn that another worker took the
+        run, so the child is stopped by this machine's own clock first.
+        """
+        if self.lost:
+            return
+        silent_s = time.monotonic() - self._renewed_at
+        if silent_s < self._silence_limit_s():
+            return
+        self.lost = True
+        self.events.note(f"{self.claim.run_id}: no lease renewal for {silent_s:.0f} s (network down, "
+                         "or this machine was paused); another worker may take the run: stopping "
+                         "its process")
         self.kill()
 
     def terminate(self) -> None:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import SpecError, SweeprunError
+from .fleet import StopRequests, parse_duration
 from .ledger import grid_key
 from .redact import redact
 from .runner import Launcher, LaunchOptions
@@ -46,6 +47,10 @@ LeaseOpt = Annotated[float | None, typer.Option(
 AttemptsOpt = Annotated[int | None, typer.Option(
     "--max-attempts", min=RANGES["max_attempts"][0], max=RANGES["max_attempts"][1],
     help="Real failures before a run is marked failed; overrides the file.")]
+TimeLimitOpt = Annotated[str | None, typer.Option(
+    "--time-limit", metavar="DURATION",
+    help="This worker must be gone after DURATION (11h, 90m, 1h30m, seconds): it stops claiming "
+         "in time and its runs checkpoint and exit before it. Exit 75 if runs remain.")]
 WorkersOpt = Annotated[int, typer.Option(
     "--workers", "-w", min=RANGES["workers"][0], max=RANGES["workers"][1], help="Runs in parallel on this machine.")]
 
@@ -68,8 +73,10 @@ def _parse_gpus(gpus: str | None) -> list[str] | None:
     return items
 
 
-def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None) -> int:
+def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
+            time_limit: str | None = None) -> int:
     gpu_list = _parse_gpus(gpus)
+    limit_s = parse_duration(time_limit) if time_limit is not None else None
     sweep = Sweep(spec, ledger)
     led = sweep.prepare()
     console = Console(stderr=False)
@@ -79,7 +86,8 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None)
 
         events = make_events(console, len(sweep.runs), done)
         try:
-            result = Launcher(sweep, led, LaunchOptions(workers=workers, gpus=gpu_list), events).run()
+            result = Launcher(sweep, led, LaunchOptions(workers=workers, gpus=gpu_list,
+                                                         time_limit_s=limit_s), events).run()
         finally:
             events.close()
     finally:
@@ -97,7 +105,7 @@ def launch(
     gpus: Annotated[str | None, typer.Option(
         "--gpus", help="Comma-separated GPU indices: one slot per GPU, each with its own CUDA_VISIBLE_DEVICES.")] = None,
     store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
-    lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None,
+    lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None, time_limit: TimeLimitOpt = None,
 ) -> None:
     """Run every run that is not done: skip done, resume interrupted, retry failed.
 
@@ -105,7 +113,7 @@ def launch(
     """
     spec = _spec(sweep_file, store=store, ledger=ledger, grace_s=grace_s, lease_s=lease_s,
                  max_attempts=max_attempts)
-    raise typer.Exit(_launch(spec, ledger, workers, gpus))
+    raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit))
 
 
 @app.command()
@@ -114,12 +122,31 @@ def worker(
     workers: WorkersOpt = 1,
     gpus: Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, one slot each.")] = None,
     store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
-    lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None,
+    lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None, time_limit: TimeLimitOpt = None,
 ) -> None:
-    """Join a running sweep as one more worker, from a second notebook or terminal."""
+    """Join a running sweep as one more worker, from a second notebook, a VM or a SLURM task.
+
+    With nothing to claim it waits while runs are held elsewhere (a lost one may need it)
+    and exits when the sweep is settled.
+    """
     spec = _spec(sweep_file, store=store, ledger=ledger, grace_s=grace_s, lease_s=lease_s,
                  max_attempts=max_attempts)
-    raise typer.Exit(_launch(spec, ledger, workers, gpus))
+    raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit))
+
+
+@app.command()
+def stop(sweep_file: SweepFile, store: StoreOpt = None) -> None:
+    """Drain every worker of this sweep, on every machine: their runs checkpoint and exit.
+
+    Workers look for the request every few seconds; they then exit 75, and running the
+    same launch or worker command later resumes the sweep.
+    """
+    spec = _spec(sweep_file, store=store)
+    sweep = Sweep(spec)
+    sweep.store.check_writable()
+    StopRequests(sweep.paths).request()
+    print(f"[sweeprun] {spec.name}: asked every running worker to checkpoint its runs and exit",
+          flush=True)
 
 
 @app.command()

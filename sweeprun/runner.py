@@ -19,7 +19,9 @@ from typing import Protocol
 
 from .attempt import Attempt
 from .errors import SweeprunError
+from .fleet import Deadline, StopRequests, stop_poll_s
 from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
+from .ledger.base import settled
 from .procs import ProcessRef
 from .runenv import ATTEMPT, PARAMS, RUN_DIR, RUN_ID, SWEEP
 from .store import RunPaths
@@ -28,6 +30,10 @@ from .sweep import Sweep
 #: Parameters travel in the environment only while they are small: the kernel limits one
 #: variable to 128 KiB ("Argument list too long"). Past this, the child reads params.json.
 PARAMS_ENV_MAX_BYTES = 32 * 1024
+
+#: A launcher stopped by its time limit or by `sweeprun stop` before the sweep was settled:
+#: nothing failed, run the same command again (EX_TEMPFAIL, as a preempted run's exit).
+EXIT_UNSETTLED = 75
 
 
 class Events(Protocol):
@@ -46,6 +52,7 @@ class LaunchOptions:
     gpus: Sequence[str] | None = None   # one slot per GPU, each with its own CUDA_VISIBLE_DEVICES
     heartbeat_s: float | None = None    # default: a quarter of the lease
     poll_s: float = 1.0                 # how often an idle slot looks for work
+    time_limit_s: float | None = None   # this worker must be gone after this many seconds
 
     @property
     def slots(self) -> int:
@@ -75,6 +82,11 @@ class Launcher:
         self._stop = threading.Event()      # no new claims; children asked to stop
         self._finished = threading.Event()  # every slot has returned
         self._stop_signal: int | None = None
+        self._stop_reason: str | None = None  # a stop without a signal: time limit, `sweeprun stop`
+        self.deadline = (Deadline.after(options.time_limit_s, self.spec.grace_s)
+                         if options.time_limit_s else None)
+        self._claims_closed_noted = False
+        self.stop_requests = StopRequests(sweep.paths)
         self._kill_deadline: float | None = None
         self._errors: list[BaseException] = []
         self._started = 0
@@ -86,59 +98,86 @@ class Launcher:
         previous = self._install_signals()
         for message in self.sweep.notes:
             self.events.note(message)
+        seen_stop = self.stop_requests.current()  # only a request made after this one stops us
         threads = [threading.Thread(target=self._slot, args=(i,), name=f"slot-{i}", daemon=True)
                    for i in range(self.options.slots)]
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        watch = threading.Thread(target=self._watch_stop_requests, args=(seen_stop,),
+                                 name="stop-requests", daemon=True)
         try:
             beat.start()
+            watch.start()
             for t in threads:
                 t.start()
+            # The main thread never blocks on I/O: it enforces what must happen on time
+            # even while the ledger or the store hangs.
             while any(t.is_alive() for t in threads):
                 for t in threads:
                     t.join(0.1)
+                self._enforce_leases()
+                self._enforce_deadline()
                 self._enforce_grace()
         finally:
             self._stop.set()
             self._finished.set()
             beat.join()
+            watch.join(5)
             self._restore_signals(previous)
         if self._errors:
             raise self._errors[0]
         now = self.ledger.now()
+        rows = self.ledger.rows(self.grid)
         states: dict[str, int] = {}
-        for row in self.ledger.rows(self.grid):
+        for row in rows:
             state = shown_state(row, now, self.policy).value
             states[state] = states.get(state, 0) + 1
         if self._stop_signal is not None:
             code = 128 + self._stop_signal
+        elif not settled(rows, now, self.policy):
+            code = EXIT_UNSETTLED  # stopped by a time limit or a stop request; runs remain
         else:
             code = 1 if states.get(RunState.FAILED.value) else 0
         return LaunchResult(exit_code=code, started=self._started, states=states)
 
-    def request_stop(self, signum: int = signal.SIGTERM) -> None:
-        """Ask running children to checkpoint and exit; after ``grace_s`` they are killed."""
+    def request_stop(self, signum: int | None = signal.SIGTERM, reason: str | None = None) -> None:
+        """Ask running children to checkpoint and exit; after ``grace_s`` they are killed.
+
+        ``signum`` is the signal that asked (it sets the exit code); ``None`` with a
+        ``reason`` is a stop without one (time limit, `sweeprun stop`). A second signal
+        ends the grace at once; a signal after such a stop only sets the exit code, so a
+        platform's SIGTERM at the deadline does not cut short the saves already running.
+        """
         with self._lock:
-            if self._stop_signal is not None:  # a second request: no more grace
+            if signum is not None and self._stop_signal is not None:  # a second signal: no grace
                 self._kill_deadline = time.monotonic()
                 return
-            self._stop_signal = signum
+            already = self._stop_signal is not None or self._stop_reason is not None
+            if signum is not None:
+                self._stop_signal = signum
+            else:
+                self._stop_reason = self._stop_reason or reason or "stop requested"
+            if already:
+                return
             self._kill_deadline = time.monotonic() + self.spec.grace_s
             self._stop.set()
             active = list(self._active.values())
-        self.events.note(f"stopping: asking {len(active)} running run(s) to checkpoint and exit "
+        why = f"{reason}: " if reason else ""
+        self.events.note(f"stopping: {why}asking {len(active)} running run(s) to checkpoint and exit "
                          f"(grace {self.spec.grace_s:g} s)")
         for attempt in active:
             attempt.terminate()
 
     @property
     def stopping(self) -> bool:
-        return self._stop_signal is not None
+        return self._stop_signal is not None or self._stop_reason is not None
 
     # -- threads ----------------------------------------------------------------------
 
     def _slot(self, slot: int) -> None:
         try:
             while not self._stop.is_set():
+                if not self._claims_open():
+                    return
                 claim = self.ledger.claim(self.me, self.policy, self.spec.lease_s, self.grid)
                 if claim is None:
                     if self.ledger.settled(self.policy, self.grid):
@@ -180,6 +219,38 @@ class Launcher:
         except BaseException as exc:
             self._errors.append(exc)
             self.request_stop()
+
+    def _claims_open(self) -> bool:
+        if self.deadline is None or time.monotonic() < self.deadline.claims_end:
+            return True
+        with self._lock:
+            first, self._claims_closed_noted = not self._claims_closed_noted, True
+        if first:
+            self.events.note("time limit: no new runs from now on; running ones continue until "
+                             f"{self.spec.grace_s:g} s before the limit, then checkpoint and exit")
+        return False
+
+    def _enforce_deadline(self) -> None:
+        if self.deadline is not None and not self.stopping and time.monotonic() >= self.deadline.stop_at:
+            self.request_stop(None, "time limit reached")
+
+    def _enforce_leases(self) -> None:
+        with self._lock:
+            active = list(self._active.values())
+        for attempt in active:
+            attempt.check_lease()
+
+    def _watch_stop_requests(self, seen: str | None) -> None:
+        """Obey `sweeprun stop` from any machine: a request made after this launcher started."""
+        poll_s = stop_poll_s()
+        while not self._finished.wait(poll_s):
+            try:
+                current = self.stop_requests.current()
+            except SweeprunError:
+                continue  # the store is unreachable for now; the runs' own writes will tell
+            if current is not None and current != seen:
+                self.request_stop(None, "`sweeprun stop` was run for this sweep")
+                return
 
     def _enforce_grace(self) -> None:
         if self._kill_deadline is None or time.monotonic() < self._kill_deadline:

@@ -22,7 +22,6 @@ from .spec import SweepSpec, parse_spec
 from .store import SweepPaths, atomic_write, open_store, read_regular, store_errors, write_json
 from .training.metrics import parse_entries
 
-
 #: The ledger URL or path when ``--ledger`` is not given; it wins over ``ledger:`` in the file.
 LEDGER_ENV = "SWEEPRUN_LEDGER"
 
