@@ -1,0 +1,190 @@
+"""Many machines, one sweep: simulated hosts that share only a PostgreSQL ledger and an S3
+bucket, attacked the way fleets fail (a machine lost, a preemption notice, a VM frozen past
+its lease), and the PostgreSQL server itself restarted mid-sweep.
+
+Each simulated host has its own ``SWEEPRUN_HOST``, ``SWEEPRUN_HOME`` and ``HOME``: nothing
+on this machine's disk is shared between them but the per-run locks that prove no run ever
+had two processes at once (``tests/scripts/exclusive.py``; a holder that is paused is not
+running, and a woken one gets a few seconds to be stopped by its own launcher).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from sweeprun.training import load_checkpoint
+
+from _training_helpers import REPO, assert_same_tree
+from conftest import Sandbox, wait_for
+from servers import PostgresServer
+from test_chaos import EPOCHS, EXAMPLE_FLAGS, STEPS, reference
+
+LEASE_S = 3
+
+
+@dataclass
+class Host:
+    name: str
+    proc: subprocess.Popen[str]
+    out: IO[str]
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (a launcher's runs: each leads its own session)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def signal_host(host: Host, sig: int) -> None:
+    """What happens to a whole machine: the launcher's group and every run's group."""
+    for group in [host.proc.pid, *children(host.proc.pid)]:
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Fleet:
+    def __init__(self, sandbox: Sandbox, sweep: Path, ledger: str, s3_env: dict[str, str]) -> None:
+        self.sandbox, self.sweep, self.ledger, self.s3_env = sandbox, sweep, ledger, s3_env
+        self.born = 0
+
+    def env(self, name: str) -> dict[str, str]:
+        home = self.sandbox.root / "hosts" / name
+        home.mkdir(parents=True, exist_ok=True)
+        # The ledger URL only in the environment, as a notebook would keep its password.
+        return self.sandbox.env(SWEEPRUN_HOST=name, SWEEPRUN_HOME=str(home / "state"), HOME=str(home),
+                                SWEEPRUN_LEDGER=self.ledger, EXCLUSIVE_GRACE_S="3", **self.s3_env)
+
+    def start(self, name: str | None = None) -> Host:
+        if name is None:
+            self.born += 1
+            name = f"host-{self.born}"
+        out = open(self.sandbox.root / f"{name}.{time.monotonic_ns()}.out", "w")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "sweeprun", "worker", str(self.sweep)],
+                                env=self.env(name), cwd=self.sandbox.root, text=True, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        return Host(name, proc, out)
+
+    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """A command from a machine that has never seen the sweep."""
+        self.born += 1
+        return subprocess.run([sys.executable, "-m", "sweeprun", *args, str(self.sweep)],
+                              env=self.env(f"fresh-{self.born}"), cwd=self.sandbox.root, text=True,
+                              capture_output=True, timeout=timeout)
+
+    def status(self) -> dict[str, dict]:
+        result = self.run("status", "--json")
+        assert result.returncode == 0, result.stderr
+        return {row["run_id"]: row for row in json.loads(result.stdout)}
+
+
+@pytest.mark.slow
+def test_four_hosts_sharing_only_postgres_and_a_bucket_survive_kills_preemptions_and_pauses(
+        sandbox: Sandbox, postgres_url: str, s3_bucket: str, s3_env: dict[str, str]) -> None:
+    rnd = random.Random(20261130)
+    lrs, seeds = [0.01, 0.03], [0, 1, 2]
+    sweep = sandbox.write_sweep(
+        {"lr": lrs, "seed": seeds}, {"epochs": EPOCHS}, name="fleet", lease_s=LEASE_S, grace_s=10,
+        command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
+                f"--lr {{lr}} --seed {{seed}} {EXAMPLE_FLAGS}")
+    text = sweep.read_text().replace(f"store: {sandbox.store}", f"store: {s3_bucket}/sweeps")
+    sweep.write_text(text)
+    fleet = Fleet(sandbox, sweep, postgres_url, s3_env)
+    hosts = [fleet.start() for _ in range(4)]
+    done: Counter = Counter()
+    for _ in range(12):
+        time.sleep(rnd.uniform(2.0, 4.5))  # a start (torch's import) and a few saves fit between
+        i = rnd.randrange(len(hosts))
+        host = hosts[i]
+        if host.proc.poll() is not None:  # finished: the sweep may be nearly done
+            continue
+        roll = rnd.random()
+        if roll < 0.4:  # the machine is lost; another one, with another name, comes up
+            signal_host(host, signal.SIGKILL)
+            host.proc.wait()
+            hosts[i] = fleet.start()
+            done["lost"] += 1
+        elif roll < 0.7:  # a preemption notice; the same machine comes back
+            os.killpg(host.proc.pid, signal.SIGTERM)
+            host.proc.wait(timeout=120)
+            hosts[i] = fleet.start(host.name)
+            done["preempted"] += 1
+        else:  # the VM freezes past its lease, then wakes up
+            signal_host(host, signal.SIGSTOP)
+            time.sleep(LEASE_S + 2)
+            signal_host(host, signal.SIGCONT)
+            done["paused"] += 1
+    for host in hosts:
+        host.proc.wait(timeout=900)
+    if any(h.proc.returncode != 0 for h in hosts):  # the last event may have hit the last run
+        assert fleet.run("worker").returncode == 0
+
+    status = fleet.status()
+    assert len(status) == 6 and {row["state"] for row in status.values()} == {"done"}, status
+    events = sandbox.events()
+    assert not [e for e in events if e["event"] == "overlap"], "a run had two processes at once"
+
+    with ThreadPoolExecutor(2) as pool:
+        refs = dict(zip(status, pool.map(lambda r: reference(sandbox.root, r["params"]["lr"],
+                                                             r["params"]["seed"]), status.values()),
+                        strict=True))
+    for run_id, ref in refs.items():
+        got = load_checkpoint(f"{s3_bucket}/sweeps/fleet/runs/{run_id}")
+        assert got["step"] == ref["step"] == STEPS
+        assert_same_tree(got["objects"]["model"], ref["objects"]["model"], f"{run_id} model")
+        assert_same_tree(got["objects"]["optimizer"], ref["objects"]["optimizer"], f"{run_id} optimizer")
+
+    again = fleet.run("launch")
+    assert again.returncode == 0 and "0 process(es) started" in again.stdout
+    starts = sum(1 for e in events if e["event"] == "start")
+    print("\nfleet chaos:", json.dumps({**done, "process_starts": starts, "ideal_starts": 6,
+                                       "paused_waits": sum(1 for e in events if e.get("waited_for_paused"))}))
+
+
+@pytest.mark.slow
+def test_the_postgres_server_restarted_mid_sweep(sandbox: Sandbox, postgres_server: PostgresServer,
+                                                 postgres_url: str) -> None:
+    """Workers wait through the outage and reconnect; runs keep going (the outage is shorter than
+    the lease), nothing runs twice, and the sweep finishes."""
+    sweep = sandbox.write_sweep({"a": [1, 2, 3, 4, 5, 6]}, {"steps": 60, "sleep": 0.1}, lease_s=30)
+    env = {"SWEEPRUN_LEDGER": postgres_url}
+    workers = [subprocess.Popen([sys.executable, "-m", "sweeprun", "worker", str(sweep), "--workers", "2"],
+                                env=sandbox.env(**env, SWEEPRUN_HOST=f"vm-{i}"), cwd=sandbox.root,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True) for i in range(2)]
+    wait_for(lambda: len([e for e in sandbox.events() if e["event"] == "start"]) >= 4, what="four runs going")
+    postgres_server.stop()
+    try:
+        time.sleep(6)  # the outage: longer than a heartbeat, shorter than the lease
+    finally:
+        postgres_server.start()
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    events = sandbox.events()
+    assert not [e for e in events if e["event"] == "overlap"]
+    assert Counter(e["run"] for e in events if e["event"] == "finish") == Counter(
+        {run: 1 for run in {e["run"] for e in events}})
+    assert Counter(e["event"] for e in events)["start"] == 6, "a run was restarted by the outage"
