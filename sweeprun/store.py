@@ -75,6 +75,9 @@ def store_errors(action: str, path: str) -> Iterator[None]:
                 errno.EACCES: "check its permissions or choose another --store",
                 errno.EDQUOT: "the disk quota is exceeded; free space and run again"}.get(
                     exc.errno or 0, "check that the store is reachable and writable")
+        if isinstance(exc, PermissionError) and not exc.errno:  # an object store said 403
+            hint = ("check the store's credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                    "AWS_PROFILE, ...) and their permissions on it")
         raise _error(f"cannot {action} {path}: {reason}; {hint}") from exc
     except Exception as exc:
         if not _is_backend_error(exc):

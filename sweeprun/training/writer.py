@@ -63,14 +63,23 @@ class Folder:
 class _HashingSink:
     """A write-only file for ``torch.save`` that hashes and counts what passes through."""
 
-    def __init__(self, f: IO[bytes]) -> None:
+    def __init__(self, f: IO[bytes], slice_bytes: int | None = None) -> None:
         self.f = f
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.slice_bytes = slice_bytes
 
     def write(self, chunk: bytes) -> int:
         self.sha256.update(chunk)
-        written = self.f.write(chunk)
+        if self.slice_bytes and len(chunk) > self.slice_bytes:
+            # torch.save hands over a tensor's storage in one write; an upload buffer given
+            # it whole would hold a copy of it all. In slices, it sends a part per slice.
+            view = memoryview(chunk).cast("B")
+            for start in range(0, len(view), self.slice_bytes):
+                self.f.write(view[start:start + self.slice_bytes])
+            written = len(view)
+        else:
+            written = self.f.write(chunk)
         first = self.size == 0
         self.size += len(chunk)
         if first:
@@ -164,7 +173,7 @@ class CheckpointWriter:
 
         f = self.dir.fs.open(path, "xb", block_size=UPLOAD_PART_BYTES)
         try:
-            sink = _HashingSink(f)
+            sink = _HashingSink(f, slice_bytes=UPLOAD_PART_BYTES)
             torch.save(snapshot.state, sink)
             crash_point("checkpoint.before_rename")
             f.close()
