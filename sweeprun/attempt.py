@@ -26,7 +26,7 @@ from .ledger import Claim, Outcome, RunState
 from .procs import ProcessRef, spawn
 from .redact import redact
 from .runenv import PREEMPTED_EXIT
-from .store import RunPaths, fsync_dir, is_local, store_errors, write_json
+from .store import RunPaths, create_only, is_local, store_errors
 
 if TYPE_CHECKING:
     from .runner import Launcher
@@ -381,26 +381,12 @@ class Attempt:
 
 
 def _create_only(paths: RunPaths, path: str, obj: object) -> bool:
-    """Write ``obj`` as JSON at ``path`` unless the file exists; ``False`` if it did."""
-    fs = paths.fs
-    data = (json.dumps(obj, sort_keys=True) + "\n").encode()
-    with store_errors("write", path):
-        if not is_local(fs):
-            if fs.exists(path):
-                return False
-            write_json(fs, path, obj)
-            return True
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(os.path.dirname(path))
-        return True
+    """Write ``obj`` as JSON at ``path`` unless the file exists; ``False`` if it did.
+
+    Create-only in the store itself (:func:`~sweeprun.store.create_only`), so two
+    workers that read the same highest attempt number can never both take the next one.
+    """
+    return create_only(paths.fs, path, (json.dumps(obj, sort_keys=True) + "\n").encode())
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -421,10 +407,28 @@ def _drain(proc: subprocess.Popen[bytes], log: _AttemptLog | None) -> None:
         pass
 
 
-class _AttemptLog:
-    """The attempt's log: written in place on local disk, spooled and uploaded at the end otherwise.
+#: Seconds between uploads of a running attempt's log to an object store.
+LOG_UPLOAD_ENV = "SWEEPRUN_LOG_UPLOAD_S"
+DEFAULT_LOG_UPLOAD_S = 30.0
 
-    A log that cannot be written must never stop the run, so I/O errors are swallowed here.
+
+def _log_upload_s() -> float:
+    """``SWEEPRUN_LOG_UPLOAD_S``, or 30 s; a value that is not a positive number is ignored
+    (a log setting must never stop a sweep)."""
+    try:
+        value = float(os.environ.get(LOG_UPLOAD_ENV, "") or DEFAULT_LOG_UPLOAD_S)
+    except ValueError:
+        return DEFAULT_LOG_UPLOAD_S
+    return value if 0 < value < float("inf") else DEFAULT_LOG_UPLOAD_S
+
+
+class _AttemptLog:
+    """The attempt's log: written in place on local disk; on object stores, spooled to a
+    local file and uploaded every ``SWEEPRUN_LOG_UPLOAD_S`` (30 s) while the run goes on,
+    so ``status`` and ``show`` from another machine see progress, and once more at the end.
+
+    A log that cannot be written or uploaded must never stop the run, so I/O errors
+    are swallowed here; the next upload tries again.
     """
 
     def __init__(self, paths: RunPaths, attempt: int) -> None:
@@ -432,6 +436,10 @@ class _AttemptLog:
         self.target = paths.log(attempt)
         self.spool: str | None = None
         self.file: IO[bytes] | None = None
+        self._lock = threading.Lock()         # write() and the uploader share the spool
+        self._written = self._uploaded = 0    # bytes in the spool / in the last upload
+        self._stop = threading.Event()
+        self._uploader: threading.Thread | None = None
         try:
             if is_local(paths.fs):
                 os.makedirs(os.path.dirname(self.target), exist_ok=True)
@@ -441,27 +449,52 @@ class _AttemptLog:
                 self.file = os.fdopen(fd, "wb")
         except OSError:
             self.file = None
+        if self.file is not None and self.spool is not None:
+            self._uploader = threading.Thread(target=self._upload_every, args=(_log_upload_s(),),
+                                              name=f"log-upload-{attempt}", daemon=True)
+            self._uploader.start()
 
     def write(self, data: bytes) -> None:
         if self.file is None:
             return
         if b"://" in data or b"=" in data:  # only such lines can hold a credential
             data = redact(data.decode(errors="surrogateescape")).encode(errors="surrogateescape")
+        with self._lock:
+            try:
+                self.file.write(data)
+                self.file.flush()
+                self._written += len(data)
+            except (OSError, ValueError):
+                pass
+
+    def _upload_every(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self._upload()
+
+    def _upload(self, final: bool = False) -> None:
+        """Put the whole spool in place of the object (a log is small; a PUT is atomic)."""
+        with self._lock:
+            written = self._written
+        if self.spool is None or (written == self._uploaded and not final):
+            return
         try:
-            self.file.write(data)
-            self.file.flush()
-        except OSError:
+            with store_errors("upload the log to", self.target):
+                self.paths.fs.put_file(self.spool, self.target)
+            self._uploaded = written
+        except (OSError, SweeprunError):
             pass
 
     def close(self) -> None:
         if self.file is None:
             return
+        self._stop.set()
+        if self._uploader is not None:
+            self._uploader.join()
         try:
-            self.file.close()
-            if self.spool is not None:
-                with store_errors("upload the log to", self.target):
-                    self.paths.fs.put_file(self.spool, self.target)
-        except (OSError, SweeprunError):
+            with self._lock:
+                self.file.close()
+            self._upload(final=True)
+        except OSError:
             pass
         finally:
             self.file = None

@@ -12,10 +12,11 @@ import errno
 import json
 import os
 import posixpath
+import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,9 @@ def store_errors(action: str, path: str) -> Iterator[None]:
                 errno.EACCES: "check its permissions or choose another --store",
                 errno.EDQUOT: "the disk quota is exceeded; free space and run again"}.get(
                     exc.errno or 0, "check that the store is reachable and writable")
+        if isinstance(exc, PermissionError) and not exc.errno:  # an object store said 403
+            hint = ("check the store's credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                    "AWS_PROFILE, ...) and their permissions on it")
         raise _error(f"cannot {action} {path}: {reason}; {hint}") from exc
     except Exception as exc:
         if not _is_backend_error(exc):
@@ -149,6 +153,66 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fsync_dir(directory)
 
 
+def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Write ``data`` at ``path`` only if nothing is there yet; ``False`` when something was.
+
+    This is what keeps a stale writer (a worker whose run was taken over while its
+    machine was frozen) from replacing a file the live attempt relies on: ``DONE``,
+    checkpoint manifests, attempt records. Readers see no file or the whole file.
+
+    On object stores it is one conditional PUT (``If-None-Match: *``); the store itself
+    refuses the second writer. On local disk the data goes to a temp file, is fsynced,
+    and is hard-linked to ``path``: ``link()`` fails if the name exists, atomically,
+    even on NFS (it is the classic NFS-safe lock), and a crash leaves only a temp file,
+    never a torn ``path``. Filesystems without hard links (some FUSE mounts, e.g.
+    Google Drive) fall back to ``O_EXCL``, still create-only but not all-or-nothing.
+    """
+    with store_errors("write", path):
+        if not is_local(fs):
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        path = fs._strip_protocol(path)
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
+                                     errno.ENOSYS, errno.EXDEV):
+                    raise
+                return _create_exclusive(path, data)
+        finally:
+            with _suppress_oserror():
+                os.unlink(tmp)
+        fsync_dir(directory)
+        return True
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(os.path.dirname(path))
+    return True
+
+
 @contextmanager
 def _suppress_oserror() -> Iterator[None]:
     try:
@@ -166,8 +230,12 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
-    atomic_write(fs, path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(fs, path, _json_bytes(obj))
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int = JSON_MAX_BYTES) -> Any:
@@ -268,7 +336,36 @@ class RunPaths:
 
     @property
     def metrics(self) -> str:
+        """``metrics.jsonl``, appended in place: local disk only (see :meth:`metrics_part`)."""
         return posixpath.join(self.dir, "metrics.jsonl")
+
+    @property
+    def metrics_parts(self) -> str:
+        return posixpath.join(self.dir, "metrics")
+
+    def metrics_part(self, attempt: int) -> str:
+        """``metrics/attempt-<n>.jsonl``: on object stores, the metrics as attempt ``n`` sees them.
+
+        An object cannot be appended to, only rewritten, so a shared ``metrics.jsonl``
+        would let a fenced-out attempt clobber the live one's lines. Each attempt
+        writes only its own object (the entries it resumed from, then its own), and
+        the newest attempt's object is the run's metrics.
+        """
+        return posixpath.join(self.metrics_parts, f"attempt-{attempt}.jsonl")
+
+    def current_metrics(self) -> str | None:
+        """The file holding the run's metrics as a reader should see them, or ``None``."""
+        if is_local(self.fs):
+            return self.metrics
+        with store_errors("list", self.metrics_parts):
+            try:
+                found = self.fs.ls(self.metrics_parts, detail=True)
+            except FileNotFoundError:
+                return None
+        parts = {posixpath.basename(str(e["name"]).rstrip("/")): str(e["name"])
+                 for e in found if e.get("type") == "file"}
+        newest = newest_metrics_part(parts)
+        return parts[newest] if newest else None
 
     @property
     def logs(self) -> str:
@@ -312,9 +409,27 @@ class RunPaths:
         return any(is_done_entry(posixpath.basename(str(e["name"]).rstrip("/")), e)
                    for e in entries)
 
-    def write_done(self, summary: dict[str, Any]) -> None:
-        """Mark the run finished. Written last: everything it summarises is already durable."""
-        write_json(self.fs, self.done, {"finished_at": time.time(), **summary})
+    @property
+    def done_entry(self) -> str:
+        """``<sweep>/done/<run id>``: the run's entry in the sweep's done index (object stores)."""
+        runs = posixpath.dirname(self.dir.rstrip("/"))
+        return posixpath.join(posixpath.dirname(runs), "done", posixpath.basename(self.dir.rstrip("/")))
+
+    def write_done(self, summary: dict[str, Any]) -> bool:
+        """Mark the run finished; ``False`` when it already was (not an error: it is done).
+
+        Written last (everything it summarises is already durable) and create-only, so
+        a stale worker can never replace the live attempt's ``DONE``. On object stores
+        an entry in the done index follows (see :meth:`SweepPaths.done_ids`); a crash
+        between the two leaves a run that is done but unindexed, which the per-run
+        check before every start still finds.
+        """
+        summary = {"finished_at": time.time(), **summary}
+        wrote = create_only(self.fs, self.done, _json_bytes(summary))
+        if not is_local(self.fs):
+            create_only(self.fs, self.done_entry,
+                        _json_bytes({"finished_at": summary["finished_at"]}))
+        return wrote
 
     def read_done(self) -> dict[str, Any] | None:
         try:
@@ -343,20 +458,55 @@ class SweepPaths:
             raise StoreError(f"run id {run_id!r} is not a safe path segment")
         return RunPaths(self.fs, posixpath.join(self.runs, run_id))
 
-    def done_ids(self, listing: dict[str, dict[str, float]] | None = None) -> set[str]:
-        """Ids of finished runs (:func:`is_done_entry`), from one glob of the sweep.
+    @property
+    def done_index(self) -> str:
+        """``done/``: one entry per finished run, beside ``runs/`` (object stores)."""
+        return posixpath.join(self.dir, "done")
+
+    def done_ids(self, listing: dict[str, dict[str, float]] | None = None, *,
+                 prune_stale: bool = False) -> set[str]:
+        """Ids of finished runs (:func:`is_done_entry`).
 
         Given the result of :meth:`listing`, it costs no I/O at all, so a caller that
-        lists anyway (status) uses the same definition for free.
+        lists anyway (status) uses the same definition for free. On local disk, one
+        glob of the sweep. On object stores a glob would list every object of every
+        run (checkpoints, logs, ...), so the done index is read instead: two listings,
+        one LIST request per 1,000 runs each. The store stays the truth: an entry
+        counts only while its run's folder exists, since deleting a run's folder is
+        how a user asks for a re-run. ``prune_stale`` (for launchers, which write
+        anyway) deletes such orphaned entries, before the re-run can recreate the
+        folder; the folders are listed before the index so that a launcher pruning
+        meanwhile cannot make a re-run look done.
         """
         if listing is not None:
             return {run_id for run_id, files in listing.items() if "DONE" in files}
+        if not is_local(self.fs):
+            present = self.run_ids()
+            indexed = self._names(self.done_index, files_only=True)
+            if prune_stale:
+                for run_id in indexed - present:
+                    with store_errors("delete", self.done_index), _suppress_missing():
+                        self.fs.rm_file(posixpath.join(self.done_index, run_id))
+            return indexed & present
         with store_errors("list", self.runs):
             if not self.fs.exists(self.runs):
                 return set()
             found = self.fs.glob(posixpath.join(self.runs, "*", "DONE"), detail=True)
         return {posixpath.basename(posixpath.dirname(str(path).rstrip("/")))
                 for path, info in found.items() if is_done_entry("DONE", info)}
+
+    def run_ids(self) -> set[str]:
+        """Ids of the runs that have a folder in the store (one listing of ``runs/``)."""
+        return self._names(self.runs)
+
+    def _names(self, folder: str, files_only: bool = False) -> set[str]:
+        with store_errors("list", folder):
+            try:
+                found = self.fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                return set()
+        return {posixpath.basename(str(e["name"]).rstrip("/")) for e in found
+                if not files_only or e.get("type") == "file"}
 
     def listing(self) -> dict[str, dict[str, float]]:
         """``run id -> {relative path: mtime}`` for every regular file of the sweep, from one listing.
@@ -378,6 +528,23 @@ class SweepPaths:
             run_id, _, inner = rel.partition("/")
             out.setdefault(run_id, {})[inner] = _mtime(info)
         return out
+
+
+@contextmanager
+def _suppress_missing() -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError:
+        pass
+
+
+_METRICS_PART = re.compile(r"^attempt-([1-9][0-9]{0,17})\.jsonl$")
+
+
+def newest_metrics_part(names: Iterable[str]) -> str | None:
+    """The name among ``metrics/`` entries that belongs to the highest attempt."""
+    numbered = [(int(m.group(1)), name) for name in names if (m := _METRICS_PART.match(name))]
+    return max(numbered)[1] if numbered else None
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -487,8 +654,12 @@ def open_store(url: str) -> Store:
     if protocol in _READ_ONLY_PROTOCOLS:
         raise _error(f"store {url}: {protocol}:// is read-only and cannot hold a sweep; use a local "
                      "path or an object store URL such as s3://bucket/x")
+    if protocol in ("s3", "s3a") and "@" in urlsplit(url).netloc:
+        raise _error(f"store {url}: credentials do not belong in the store URL (it is copied into "
+                     "logs and the store); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                     "AWS_PROFILE) in the environment and give s3://bucket/path")
     try:
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = fsspec.core.url_to_fs(url, **storage_options(protocol))
     except ValueError as exc:
         if str(exc).startswith("Protocol not known"):
             raise _error(f"store {url}: Protocol not known: {protocol}://; use a local path or "
@@ -504,6 +675,31 @@ def open_store(url: str) -> Store:
     except Exception as exc:  # a backend failing in its constructor (auth, network, ...)
         raise _error(f"store {url}: cannot open it: {_first_line(exc)}") from exc
     return Store(fs=fs, root=root.rstrip("/") or "/", url=url)
+
+
+#: Object stores whose filesystems cache listings (fsspec's DirCache).
+_LISTING_CACHES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+#: botocore's retries for s3://: "adaptive" backs off on throttling (503 SlowDown) and
+#: transient errors and slows the client down; s3fs adds its own retries on top.
+S3_RETRIES = {"mode": "adaptive", "max_attempts": 10}
+
+
+def storage_options(protocol: str) -> dict[str, Any]:
+    """What sweeprun asks of a backend beyond the user's fsspec configuration.
+
+    No listing cache: a long-lived worker must see what other machines wrote (a newer
+    attempt's checkpoint is exactly what a stale writer has to notice). Retries with
+    backoff for S3. Endpoint and credentials are never here: they come from the
+    standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), as for any AWS tool.
+    """
+    options: dict[str, Any] = {}
+    if protocol in _LISTING_CACHES:
+        options["use_listings_cache"] = False
+    if protocol in ("s3", "s3a"):
+        configured = fsspec.config.conf.get(protocol, {}).get("config_kwargs", {})
+        if "retries" not in configured:
+            options["config_kwargs"] = {**configured, "retries": dict(S3_RETRIES)}
+    return options
 
 
 def _first_line(exc: BaseException) -> str:

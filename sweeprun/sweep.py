@@ -19,7 +19,16 @@ from .identity import RunSpec
 from .ledger import Ledger, Policy, RunRow, RunState, default_ledger_path, open_ledger, shown_state
 from .redact import redact
 from .spec import SweepSpec, parse_spec
-from .store import SweepPaths, atomic_write, open_store, read_regular, store_errors, write_json
+from .store import (
+    SweepPaths,
+    atomic_write,
+    is_local,
+    newest_metrics_part,
+    open_store,
+    read_regular,
+    store_errors,
+    write_json,
+)
 from .training.metrics import parse_entries
 
 #: The ledger URL or path when ``--ledger`` is not given; it wins over ``ledger:`` in the file.
@@ -87,8 +96,8 @@ class Sweep:
         self.store.check_writable()
         ledger = self.open_ledger()
         try:
-            done = self.paths.done_ids()
-            started = self._started_ids()
+            done = self.paths.done_ids(prune_stale=True)
+            started = self.paths.run_ids()
             self._record_spec(done)
             ledger.sync(self.runs, done=done, started=started,
                         still_done=lambda run_id: self.paths.run(run_id).is_done())
@@ -96,13 +105,6 @@ class Sweep:
             ledger.close()
             raise
         return ledger
-
-    def _started_ids(self) -> set[str]:
-        fs = self.store.fs
-        with store_errors("list", self.paths.runs):
-            if not fs.exists(self.paths.runs):
-                return set()
-            return {posixpath.basename(p.rstrip("/")) for p in fs.ls(self.paths.runs, detail=False)}
 
     def _record_spec(self, done: set[str]) -> None:
         """Keep the spec as launched in the store, without secrets; say so when the command changed."""
@@ -171,7 +173,7 @@ class Sweep:
             elif state is RunState.DONE or (row is None and files):
                 state = RunState.INTERRUPTED if files else RunState.PENDING
             ckpt = [m for p, m in files.items() if p.startswith("checkpoints/")]
-            metrics_path = self.paths.run(run_id).metrics if "metrics.jsonl" in files else None
+            metrics_path = self._metrics_path(run_id, files)
             step, metric = _progress(self._last_entry(metrics_path) if metrics_path else None)
             rows.append(StatusRow(
                 run_id=run_id, params=params, state=state,
@@ -180,6 +182,15 @@ class Sweep:
                 step=step, metric=metric, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
                 worker=row.worker if row and state is RunState.RUNNING else None))
         return rows
+
+    def _metrics_path(self, run_id: str, files: dict[str, float]) -> str | None:
+        """Where the run's metrics are, from the listing: ``metrics.jsonl`` on local disk,
+        the newest attempt's object on object stores (see :class:`~sweeprun.training.metrics.MetricsLog`)."""
+        paths = self.paths.run(run_id)
+        if is_local(self.store.fs):
+            return paths.metrics if "metrics.jsonl" in files else None
+        newest = newest_metrics_part(p.split("/", 1)[1] for p in files if p.startswith("metrics/"))
+        return posixpath.join(paths.metrics_parts, newest) if newest else None
 
     def _ledger_exists(self) -> bool:
         location = self.ledger_location

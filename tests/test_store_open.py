@@ -20,7 +20,9 @@ CASES = [
     ("zip", "zip://x", "zip:// is read-only and cannot hold a sweep"),
     ("chained", "simplecache::memory://x", "chained URLs"),
     ("unknown-protocol", "foo://x", "Protocol not known: foo://"),
-    ("backend-missing", "s3://AKIAEXAMPLE:s3cr3t@bucket/x", "store s3://***@bucket/x: Install s3fs"),
+    ("backend-missing", "az://AKIAEXAMPLE:s3cr3t@bucket/x", "store az://***@bucket/x: Install adlfs"),
+    ("s3-credentials-in-url", "s3://AKIAEXAMPLE:s3cr3t@bucket/x",
+     "store s3://***@bucket/x: credentials do not belong in the store URL"),
     ("not-utf8", os.fsdecode(b"/tmp/sweeps-\xff"), "is not valid UTF-8"),
     ("missing-drive", "{root}/content/drive/MyDrive/sweeps", "does not exist (is the drive mounted?)"),
 ]

@@ -173,7 +173,8 @@ def test_a_stale_attempt_is_fenced_out_and_deletes_nothing_of_its_successor(tmp_
 
 
 def test_a_fenced_process_on_an_object_store_leaves_the_metrics_alone() -> None:
-    """Object stores rewrite metrics.jsonl whole at each save and at close; a fenced process must not."""
+    """Object stores rewrite an attempt's metrics object whole at each save and at close; a
+    fenced process must not, and the run's metrics (the newest attempt's object) stay put."""
     import uuid
 
     import fsspec
@@ -186,10 +187,13 @@ def test_a_fenced_process_on_an_object_store_leaves_the_metrics_alone() -> None:
     successor.train(4)
     successor.run.finish()
     fs, path = fsspec.core.url_to_fs(url)
-    before = fs.cat_file(f"{path}/metrics.jsonl")
+    before = fs.cat_file(f"{path}/metrics/attempt-2.jsonl")
+    entries = read_metrics(fs, f"{path}/metrics.jsonl")
     with pytest.raises(LeaseLost), stale.run:
         stale.train(2)
-    assert fs.cat_file(f"{path}/metrics.jsonl") == before
+    assert fs.cat_file(f"{path}/metrics/attempt-2.jsonl") == before
+    assert read_metrics(fs, f"{path}/metrics.jsonl") == entries
+    assert [e["step"] for e in entries] == [1, 2, 3, 4, 5, 6]
     fs.rm(path, recursive=True)
 
 

@@ -6,10 +6,16 @@ checkpoint records how many bytes of the file existed when it was saved and
 points on the curve, including an evaluation logged at the checkpoint's own step
 after it was saved, and no torn last line left by a kill mid-append. (A file shorter
 than recorded, or a checkpoint without the record, falls back to keeping the whole
-entries up to the restored step.) On local
-disk entries are appended and flushed one by one, so ``sweeprun status`` sees
-progress live; object stores cannot append, so there the whole file is rewritten
-atomically at each save.
+entries up to the restored step.) On local disk entries are appended and flushed one
+by one, so ``sweeprun status`` sees progress live.
+
+Object stores cannot append, only rewrite, and a rewrite by a fenced-out attempt (a
+frozen machine that woke up) would clobber the live attempt's lines. So there each
+attempt writes only its own object, ``metrics/attempt-<n>.jsonl``
+(:meth:`~sweeprun.store.RunPaths.metrics_part`), rewritten at each save: the entries
+of the checkpoint it resumed from, cut by the same rules, then its own. The newest
+attempt's object is the run's metrics (:func:`read_run_metrics`); an older one is
+never read again once a newer attempt has written.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 from typing import IO, Any
 
 import fsspec
 
 from ..faults import crash_point
-from ..store import atomic_write, is_local, store_errors
+from ..store import RunPaths, atomic_write, is_local, store_errors
 
 
 def plain(value: Any) -> Any:
@@ -33,9 +40,12 @@ def plain(value: Any) -> Any:
 
 
 class MetricsLog:
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
-        self.fs = fs
-        self.path = path
+    def __init__(self, paths: RunPaths, attempt: int) -> None:
+        self.fs = paths.fs
+        self.paths = paths
+        self.local = is_local(paths.fs)
+        #: What this process writes: metrics.jsonl on local disk, its attempt's object otherwise.
+        self.path = paths.metrics if self.local else paths.metrics_part(attempt)
         self._lines: list[str] = []          # the whole file, kept for object stores
         self._file: IO[str] | None = None
         self._dirty = False
@@ -44,12 +54,23 @@ class MetricsLog:
         self.opened = False
         self._abandoned = False
 
-    def open(self, resume_step: int, resume_bytes: int | None) -> None:
+    def open(self, resume_step: int, resume_bytes: int | None, resume_attempt: int | None = None) -> None:
         """Cut the file back to ``resume_bytes`` (recorded by the restored checkpoint; 0 for a
-        fresh start); without a usable record, keep the whole entries with ``step <= resume_step``."""
-        with store_errors("read", self.path):
+        fresh start); without a usable record, keep the whole entries with ``step <= resume_step``.
+
+        On an object store the entries come from the object of ``resume_attempt`` (the
+        attempt that wrote the restored checkpoint, whose byte count it recorded), or
+        the newest attempt's, and go to this attempt's own object at once: from then on
+        readers see this attempt's view.
+        """
+        source = self.path
+        if not self.local:
+            newest = self.paths.current_metrics()
+            source = (self.paths.metrics_part(resume_attempt) if resume_attempt is not None
+                      else newest or self.path)
+        with store_errors("read", source):
             try:
-                raw = self.fs.cat_file(self.path)
+                raw = self.fs.cat_file(source)
             except FileNotFoundError:
                 raw = b""
         if resume_bytes is not None and len(raw) >= resume_bytes and raw[:resume_bytes].endswith(
@@ -57,14 +78,17 @@ class MetricsLog:
             kept_raw = raw[:resume_bytes]
             self._lines = [line + "\n" for line in kept_raw.decode(errors="replace").split("\n")[:-1]]
         else:
+            if not self.local and resume_attempt is not None and newest and newest != source:
+                with store_errors("read", newest):  # the resumed attempt's object is gone
+                    raw = self.fs.cat_file(newest)
             whole = raw.decode(errors="replace").split("\n")[:-1]  # after the last newline: torn
             self._lines = [line + "\n" for line in whole if _step_of(line) is not None
                            and _step_of(line) <= resume_step]  # type: ignore[operator]
             kept_raw = "".join(self._lines).encode()
-        if kept_raw != raw:
+        if kept_raw != raw or source != self.path:
             atomic_write(self.fs, self.path, kept_raw)
         self.size = len(kept_raw)
-        if is_local(self.fs):
+        if self.local:
             with store_errors("open", self.path):
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for appends
@@ -129,6 +153,26 @@ def parse_entries(raw: bytes) -> list[dict[str, Any]]:
 
 
 def read_metrics(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
-    """The whole entries of a metrics file (a torn last line is left out)."""
+    """The whole entries of a metrics file (a torn last line is left out).
+
+    Given a run's ``metrics.jsonl`` on an object store, where each attempt keeps its
+    own object, the run's metrics as :func:`read_run_metrics` reads them.
+    """
+    if not is_local(fs) and posixpath.basename(path) == "metrics.jsonl":
+        return read_run_metrics(RunPaths(fs, posixpath.dirname(path)))
     with store_errors("read", path):
         return parse_entries(fs.cat_file(path))
+
+
+def read_run_metrics(paths: RunPaths) -> list[dict[str, Any]]:
+    """The run's metrics: ``metrics.jsonl``, or on object stores the newest attempt's object."""
+    path = paths.current_metrics()
+    if path is None:
+        return []
+    with store_errors("read", path):
+        try:
+            return parse_entries(paths.fs.cat_file(path))
+        except FileNotFoundError:
+            if is_local(paths.fs):
+                raise
+            return []

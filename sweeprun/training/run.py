@@ -67,7 +67,7 @@ class Run:
         self._writer = CheckpointWriter(self._dir, owner, attempt, retention)
         self._under_launcher = under_launcher
         self._resume_bytes: int | None = 0         # metrics.jsonl bytes to keep: none when fresh
-        self._metrics = MetricsLog(paths.fs, paths.metrics)
+        self._metrics = MetricsLog(paths, attempt)
         self._last_metrics: dict[str, float] = {}
         self._started = self._step_started = self._saved_at = clock()
         self._saved_step: int | None = None
@@ -117,14 +117,15 @@ class Run:
         self.extras = from_safe(state["extras"])
         self._saved_step, self._saved_at = self.step, self._clock()
         self._step_started = self._saved_at
-        self._open_metrics()
+        self._open_metrics(loaded.manifest.attempt)
         print(f"sweeprun: resumed from {loaded.manifest.data} (step {self.step}, epoch {self.epoch})",
               file=sys.stderr, flush=True)
         return True
 
-    def _open_metrics(self) -> None:
+    def _open_metrics(self, resume_attempt: int | None = None) -> None:
         if not self._metrics.opened:
-            self._metrics.open(resume_step=self.step, resume_bytes=self._resume_bytes)
+            self._metrics.open(resume_step=self.step, resume_bytes=self._resume_bytes,
+                               resume_attempt=resume_attempt)
 
     # -- the training loop --------------------------------------------------------------
 

@@ -3,8 +3,9 @@
 On local disk the serialised state is streamed straight into a temp file in the
 checkpoints folder while it is hashed (no second copy of a multi-GB state in memory),
 then fsynced, renamed into place and the folder fsynced, so the rename itself survives
-a power loss. Object stores cannot rename: there the bytes go up in one PUT, which is
-atomic by itself. The manifest goes last, through the store's ``atomic_write``.
+a power loss. Object stores cannot rename: there the bytes stream into a multipart
+upload, which appears whole or not at all. The manifest goes last, create-only
+(:func:`~sweeprun.store.create_only`): no writer can replace one.
 
 The crash points (``checkpoint.mid_write`` ...) are plain calls that cost one
 environment lookup when fault injection is off; the write path is the same with or
@@ -18,8 +19,8 @@ of a newer attempt than its own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import os
 import re
 import tempfile
@@ -29,11 +30,15 @@ from typing import IO, Any
 
 from ..errors import LeaseLost
 from ..faults import crash_point
-from ..store import atomic_write, current_umask, fsync_dir, store_errors
+from ..store import create_only, current_umask, fsync_dir, store_errors
 from .checkpoints import TEMP_PREFIX, CheckpointDir, Manifest, Name, Owner, Retention, _finite
 
+#: Part size of a checkpoint's multipart upload: what a save holds in memory on an
+#: object store (S3 allows 10,000 parts: 500 GiB at this size).
+UPLOAD_PART_BYTES = 50 * 2**20
+
 #: The checkpoint stem inside a temp file's name (ours: ``.tmp-<stem>-<random>.pt``; the
-#: store's atomic_write for a manifest: ``.tmp-<random>-<stem>.json``).
+#: store's create_only for a manifest: ``.tmp-<random>-<stem>.json``).
 _STEM = re.compile(r"ckpt-a[1-9][0-9]*-[0-9]+-step[0-9]+")
 
 
@@ -58,14 +63,23 @@ class Folder:
 class _HashingSink:
     """A write-only file for ``torch.save`` that hashes and counts what passes through."""
 
-    def __init__(self, f: IO[bytes]) -> None:
+    def __init__(self, f: IO[bytes], slice_bytes: int | None = None) -> None:
         self.f = f
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.slice_bytes = slice_bytes
 
     def write(self, chunk: bytes) -> int:
         self.sha256.update(chunk)
-        written = self.f.write(chunk)
+        if self.slice_bytes and len(chunk) > self.slice_bytes:
+            # torch.save hands over a tensor's storage in one write; an upload buffer given
+            # it whole would hold a copy of it all. In slices, it sends a part per slice.
+            view = memoryview(chunk).cast("B")
+            for start in range(0, len(view), self.slice_bytes):
+                self.f.write(view[start:start + self.slice_bytes])
+            written = len(view)
+        else:
+            written = self.f.write(chunk)
         first = self.size == 0
         self.size += len(chunk)
         if first:
@@ -129,20 +143,65 @@ class CheckpointWriter:
                     raise
                 fsync_dir(self.dir.path)
             else:
-                buffer = io.BytesIO()
-                sink = _HashingSink(buffer)
-                torch.save(snapshot.state, sink)
-                self.dir.fs.pipe_file(path, buffer.getvalue())
+                sink = self._stream(snapshot, path)
         manifest = Manifest(attempt=self.attempt, seq=seq, step=snapshot.step, size=sink.size,
                             sha256=sink.sha256.hexdigest(), run_id=self.owner.run_id,
                             sweep=self.owner.sweep, data=name.data,
                             metrics={k: v for k, v in snapshot.metrics.items() if _finite(v)},
                             created=time.time())
         crash_point("checkpoint.before_manifest")
-        atomic_write(self.dir.fs, self.dir.join(name.manifest), manifest.to_bytes())
+        manifest_path, raw = self.dir.join(name.manifest), manifest.to_bytes()
+        if not create_only(self.dir.fs, manifest_path, raw):
+            with store_errors("read", manifest_path):
+                theirs = self.dir.read(name.manifest)
+            if theirs != raw:  # not our own write, retried after its reply was lost
+                raise self._clash(manifest_path)
         self.prune(Folder({**listing, name.data: True, name.manifest: True},
                           [*folder.manifests, manifest]))
         return manifest
+
+    def _stream(self, snapshot: Snapshot, path: str) -> _HashingSink:
+        """Serialise straight into a create-only multipart upload, hashing as it goes.
+
+        Memory holds one part (:data:`UPLOAD_PART_BYTES`), never the whole state, and
+        parts lift S3's 5 GiB limit of a single PUT. Create-only (``If-None-Match`` on
+        the completion) because two writers of one name means the other one owns it.
+        A failed save aborts its upload; one killed mid-way leaves an incomplete upload,
+        which S3 bills until a lifecycle rule (AbortIncompleteMultipartUpload) removes it.
+        """
+        import torch
+
+        f = self.dir.fs.open(path, "xb", block_size=UPLOAD_PART_BYTES)
+        try:
+            sink = _HashingSink(f, slice_bytes=UPLOAD_PART_BYTES)
+            torch.save(snapshot.state, sink)
+            crash_point("checkpoint.before_rename")
+            f.close()
+        except FileExistsError:
+            if self._digest(path) != sink.sha256.hexdigest():
+                raise self._clash(path) from None
+        except BaseException:
+            discard = getattr(f, "discard", None)
+            if discard is not None and not f.closed:
+                with contextlib.suppress(Exception):
+                    discard()
+            raise
+        return sink
+
+    def _digest(self, path: str) -> str | None:
+        """sha256 of an object, read in parts; ``None`` if it is gone."""
+        digest = hashlib.sha256()
+        try:
+            with self.dir.fs.open(path, "rb", block_size=UPLOAD_PART_BYTES) as f:
+                while chunk := f.read(UPLOAD_PART_BYTES):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            return None
+        return digest.hexdigest()
+
+    def _clash(self, path: str) -> LeaseLost:
+        return LeaseLost(f"{path} was written by another process of attempt {self.attempt} of "
+                         f"{self.owner}: two processes run this attempt; stopping without writing")
 
     def prune(self, folder: Folder) -> None:
         """Apply retention to this attempt's and older checkpoints of this owner, and remove
