@@ -107,6 +107,7 @@ class Attempt:
         claim = self.claim
         if self.paths.is_done():
             # Another worker (or a launcher killed before it could record it) finished it.
+            self.paths.index_done()
             self._record(Outcome.DONE, 0, quiet=True)
             self.events.note(f"{claim.run_id}: already done in the store; not started again")
             return False

@@ -426,10 +426,15 @@ class RunPaths:
         """
         summary = {"finished_at": time.time(), **summary}
         wrote = create_only(self.fs, self.done, _json_bytes(summary))
+        self.index_done(summary["finished_at"])
+        return wrote
+
+    def index_done(self, finished_at: float | None = None) -> None:
+        """Add the run to the done index (object stores; a no-op on local disk). Also how a
+        run found done without an entry (a crash between the two writes) gets one."""
         if not is_local(self.fs):
             create_only(self.fs, self.done_entry,
-                        _json_bytes({"finished_at": summary["finished_at"]}))
-        return wrote
+                        _json_bytes({"finished_at": finished_at or time.time()}))
 
     def read_done(self) -> dict[str, Any] | None:
         try:

@@ -255,6 +255,22 @@ def test_deleting_a_run_folder_asks_for_a_rerun(s3_bucket: str, proxy: FaultProx
     assert sweep.done_ids() == {"a-1"} and not redo.is_done()
 
 
+def test_a_done_run_missing_from_the_index_is_indexed_by_the_next_launch(
+        sandbox: Sandbox, s3_bucket: str) -> None:
+    """A launcher killed between DONE and its index entry: the next launch finds DONE by the
+    per-run check before the start, starts nothing, and adds the missing entry."""
+    spec_path = _s3_sweep_file(sandbox.root, s3_bucket, f"{sys.executable} -c pass")
+    assert sandbox.run("launch", str(spec_path)).returncode == 0
+    spec = parse_spec(spec_path.read_text(), str(spec_path))
+    sweep = Sweep(spec, str(sandbox.ledger))
+    lost = sweep.paths.run(sweep.runs[0].run_id)
+    lost.fs.rm_file(lost.done_entry)
+    sandbox.ledger.unlink()  # a fresh machine: nothing but the store
+    again = sandbox.run("launch", str(spec_path))
+    assert again.returncode == 0 and "0 process(es) started" in again.stdout
+    assert lost.fs.exists(lost.done_entry)
+
+
 def _s3_sweep_file(root: Path, bucket: str, command: str, **extra: object) -> Path:
     path = root / "s3.yaml"
     path.write_text(yaml.safe_dump({"name": "s3", "command": command, "store": f"{bucket}/sweeps",
