@@ -75,8 +75,10 @@ class Fleet:
         home = self.sandbox.root / "hosts" / name
         home.mkdir(parents=True, exist_ok=True)
         # The ledger URL only in the environment, as a notebook would keep its password.
-        return self.sandbox.env(SWEEPRUN_HOST=name, SWEEPRUN_HOME=str(home / "state"), HOME=str(home),
-                                SWEEPRUN_LEDGER=self.ledger, EXCLUSIVE_GRACE_S="3", **self.s3_env)
+        env = self.sandbox.env(**self.s3_env)
+        env.update(SWEEPRUN_HOST=name, SWEEPRUN_HOME=str(home / "state"), HOME=str(home),
+                   SWEEPRUN_LEDGER=self.ledger, EXCLUSIVE_GRACE_S="3")
+        return env
 
     def start(self, name: str | None = None) -> Host:
         if name is None:
@@ -115,19 +117,19 @@ def test_four_hosts_sharing_only_postgres_and_a_bucket_survive_kills_preemptions
     fleet = Fleet(sandbox, sweep, postgres_url, s3_env)
     hosts = [fleet.start() for _ in range(4)]
     done: Counter = Counter()
-    for _ in range(12):
+    for _ in range(14):
         time.sleep(rnd.uniform(2.0, 4.5))  # a start (torch's import) and a few saves fit between
         i = rnd.randrange(len(hosts))
         host = hosts[i]
         if host.proc.poll() is not None:  # finished: the sweep may be nearly done
             continue
         roll = rnd.random()
-        if roll < 0.4:  # the machine is lost; another one, with another name, comes up
+        if roll < 0.35:  # the machine is lost; another one, with another name, comes up
             signal_host(host, signal.SIGKILL)
             host.proc.wait()
             hosts[i] = fleet.start()
             done["lost"] += 1
-        elif roll < 0.7:  # a preemption notice; the same machine comes back
+        elif roll < 0.6:  # a preemption notice; the same machine comes back
             os.killpg(host.proc.pid, signal.SIGTERM)
             host.proc.wait(timeout=120)
             hosts[i] = fleet.start(host.name)
