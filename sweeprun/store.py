@@ -671,6 +671,8 @@ def open_store(url: str) -> Store:
                          "an fsspec URL such as s3://bucket/x or gs://bucket/x") from exc
         raise _error(f"store {url}: {_first_line(exc)}") from exc
     except ImportError as exc:
+        if protocol in ("s3", "s3a"):
+            raise _error(f"store {url}: s3:// stores need s3fs: pip install 'sweeprun[s3]'") from exc
         raise _error(f"store {url}: {_first_line(exc)}; install it and run the same command "
                      "again") from exc
     except OSError as exc:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -144,3 +146,26 @@ def test_a_paused_machine_stops_its_child_when_it_wakes(sandbox: Sandbox) -> Non
     assert launcher.returncode == 0, out + err
     assert "no lease renewal" in out
     assert [e["event"] for e in sandbox.events()] == ["start", "start", "finish"]
+
+
+HIDE_AND_RUN = """
+import sys
+sys.modules[sys.argv[1]] = None  # as if the extra was never installed
+from sweeprun.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("module, flag, value, extra", [
+    ("s3fs", "--store", "s3://bucket/sweeps", "sweeprun[s3]"),
+    ("psycopg", "--ledger", "postgresql://me@db.example.com/sweeps", "sweeprun[postgres]"),
+])
+def test_a_missing_extra_is_one_line_naming_the_pip_install(
+        sandbox: Sandbox, module: str, flag: str, value: str, extra: str) -> None:
+    sweep = sandbox.write_sweep({"a": [1]})
+    for command in ("launch", "status"):
+        result = subprocess.run([sys.executable, "-c", HIDE_AND_RUN, module, command, str(sweep), flag, value],
+                                env=sandbox.env(), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and f"pip install '{extra}'" in result.stderr
+    assert not sandbox.store.exists()
