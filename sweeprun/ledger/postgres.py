@@ -60,6 +60,7 @@ CONNECT_DEFAULTS = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle
 #: timeouts cannot see a peer that acknowledges packets and never answers (a stalled proxy
 #: or load balancer in the path), and libpq has no client-side query timeout.
 CALL_TIMEOUT_S = 15.0
+HEARTBEAT_TIMEOUT_S = 10.0  # one row; the runner's lease clock is ticking meanwhile
 SYNC_TIMEOUT_S = 120.0  # sync writes a whole grid at once
 
 _COLUMNS = ("run_id", "idx", "params", "state", "attempts", "failures", "lost", "progress", "worker",
@@ -193,6 +194,7 @@ class PostgresLedger(Ledger):
         self.sweep = sweep
         self.readonly = readonly
         self.wait_s = wait_s if wait_s is not None else wait_from_env()
+        self.call_timeout_s = CALL_TIMEOUT_S
         self._local = threading.local()
         self._conns: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
@@ -218,7 +220,7 @@ class PostgresLedger(Ledger):
             raise LedgerError(f"cannot open the ledger {self.shown}: {_one_line(exc)}; check the "
                               "host, port, database and password (PGPASSWORD or ~/.pgpass)") from None
         try:
-            with self._watchdog.watch(conn.pgconn.socket, CALL_TIMEOUT_S):
+            with self._watchdog.watch(conn.pgconn.socket, self.call_timeout_s):
                 version = self._version(conn)
                 if version is None and self.readonly:
                     self._tables = False  # nothing of ours here yet: no rows, nothing created
@@ -232,7 +234,10 @@ class PostgresLedger(Ledger):
                                      "= EXCLUDED.value", [str(SCHEMA_VERSION)])
         except self._pg.Error as exc:
             self.close()
-            raise LedgerError(f"cannot open the ledger {self.shown}: {_one_line(exc)}") from None
+            hint = ("; let the user create tables in the database (GRANT CREATE ON SCHEMA public) "
+                    "or give --ledger a database it owns"
+                    if isinstance(exc, self._pg.errors.InsufficientPrivilege) else "")
+            raise LedgerError(f"cannot open the ledger {self.shown}: {_one_line(exc)}{hint}") from None
         except BaseException:
             self.close()
             raise
@@ -284,7 +289,7 @@ class PostgresLedger(Ledger):
             self._local.conn = None
 
     def _run(self, what: str, fn: Callable[[psycopg.Connection[Any], bool], T], *,
-             tries: int | None = None, timeout_s: float = CALL_TIMEOUT_S) -> T:
+             tries: int | None = None, timeout_s: float | None = None) -> T:
         """Call ``fn(conn, retry)`` until it gets through.
 
         A lost connection (server restarted, network gone) is retried with backoff for up
@@ -300,7 +305,7 @@ class PostgresLedger(Ledger):
             conn = None
             try:
                 conn = self._conn()
-                with self._watchdog.watch(conn.pgconn.socket, timeout_s):
+                with self._watchdog.watch(conn.pgconn.socket, timeout_s or self.call_timeout_s):
                     return fn(conn, retry)
             except (pg.OperationalError, pg.InterfaceError) as exc:
                 self._drop(conn)
@@ -627,7 +632,8 @@ class PostgresLedger(Ledger):
 
         # One reconnect, no long wait: the runner counts the silence by its own clock and
         # stops its children before the lease can run out.
-        return self._run("renewing a lease", tx, tries=1)
+        return self._run("renewing a lease", tx, tries=1,
+                         timeout_s=min(HEARTBEAT_TIMEOUT_S, self.call_timeout_s))
 
     def finish(self, claim: Claim, outcome: Outcome, policy: Policy,
                exit_code: int | None = None) -> RunState | None:
