@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS sweeprun_runs (
     updated_at double precision NOT NULL,
     claim_token text,
     PRIMARY KEY (sweep, run_id));
-CREATE INDEX IF NOT EXISTS sweeprun_runs_open ON sweeprun_runs (sweep, idx) WHERE state <> 'done';
+CREATE INDEX IF NOT EXISTS sweeprun_runs_claim ON sweeprun_runs (sweep, (state <> 'interrupted'), idx)
+    WHERE state <> 'done';
 CREATE TABLE IF NOT EXISTS sweeprun_members (
     sweep text NOT NULL, grid text NOT NULL, run_id text NOT NULL, idx integer NOT NULL,
     PRIMARY KEY (sweep, grid, run_id));
@@ -452,25 +453,29 @@ class PostgresLedger(Ledger):
 
     def _claim(self, conn: psycopg.Connection[Any], worker: ProcessRef, policy: Policy,
                lease_s: float, grid: str | None, token: str) -> Claim | None:
-        if grid is None:
-            source, where, order = "sweeprun_runs r", "r.sweep = %(sweep)s", "r.idx"
-        else:
-            source = ("sweeprun_members m JOIN sweeprun_runs r "
-                      "ON r.sweep = m.sweep AND r.run_id = m.run_id")
-            where, order = "m.sweep = %(sweep)s AND m.grid = %(grid)s", "m.idx"
+        # Walks sweeprun_runs_claim (the sweep's runs that are not done, interrupted first,
+        # then by index), so a claim costs the same at the first run and the ten-thousandth;
+        # a join ordered by the grid's own member index had to sort every open run of the
+        # grid on every claim. Grid membership is a filter, and within one grid the order is
+        # the run's index as first synced (the same unless a grid was edited since).
         # The SQL drops what is surely not runnable (done, exhausted, leased by a worker of
         # another host); judge() decides the rest, since a holder on this host is checked by
         # its pid and start time. SKIP LOCKED: rows another claim is looking at are passed over.
-        query = (f"WITH t AS (SELECT {_NOW} AS now) SELECT t.now, {_R_COLUMNS} FROM t, {source} "
-                 f"WHERE {where} AND r.state <> 'done' AND r.failures < %(max_attempts)s "
-                 "AND r.lost < %(max_lost)s AND NOT (r.state = 'running' "
-                 "AND COALESCE(r.lease_until, 0) > t.now "
+        # (a scalar subquery, not EXISTS: the planner would turn EXISTS into a join driven
+        # by the members table, which walks the done runs too)
+        member = ("" if grid is None else
+                  "AND (SELECT true FROM sweeprun_members m WHERE m.sweep = r.sweep "
+                  "AND m.grid = %(grid)s AND m.run_id = r.run_id) ")
+        query = (f"WITH t AS (SELECT {_NOW} AS now) SELECT t.now, {_R_COLUMNS} "
+                 "FROM t, sweeprun_runs r WHERE r.sweep = %(sweep)s AND r.state <> 'done' "
+                 "AND r.failures < %(max_attempts)s AND r.lost < %(max_lost)s "
+                 "AND NOT (r.state = 'running' AND COALESCE(r.lease_until, 0) > t.now "
                  "AND (r.worker IS NULL OR r.worker NOT LIKE %(local)s)) "
-                 "AND NOT (r.run_id = ANY(%(seen)s::text[])) "
-                 f"ORDER BY (r.state = 'interrupted') DESC, {order} "
+                 f"AND NOT (r.run_id = ANY(%(seen)s::text[])) {member}"
+                 "ORDER BY (r.state <> 'interrupted'), r.idx "
                  "LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED")
         seen: list[str] = []
-        limit = 16
+        limit = 4  # usually the first row; rows held by live workers of this host come back too
         while True:
             found = conn.execute(query, self._key(
                 grid=grid, max_attempts=policy.max_attempts, max_lost=policy.max_lost,
