@@ -306,7 +306,10 @@ class PostgresLedger(Ledger):
             conn = None
             try:
                 conn = self._conn()
-                with self._watchdog.watch(conn.pgconn.socket, timeout_s or self.call_timeout_s):
+                # Pipeline mode: BEGIN travels with the first query and the last writes with
+                # COMMIT, so a claim or a finish costs two round trips instead of five or six.
+                with self._watchdog.watch(conn.pgconn.socket, timeout_s or self.call_timeout_s), \
+                        conn.pipeline():
                     return fn(conn, retry)
             except (pg.OperationalError, pg.InterfaceError) as exc:
                 self._drop(conn)
@@ -546,9 +549,9 @@ class PostgresLedger(Ledger):
                 now = self._tx_now(conn)
                 cur = conn.execute(
                     "UPDATE sweeprun_runs SET attempts = %s, updated_at = %s WHERE sweep = %s AND "
-                    "run_id = %s AND attempts = %s AND state = 'running'",
+                    "run_id = %s AND attempts = %s AND state = 'running' RETURNING 1",
                     [at_least, now, self.sweep, claim.run_id, claim.attempt])
-                if cur.rowcount != 1:
+                if cur.fetchone() is None:
                     # retried after a commit we did not hear of: the row already says so
                     return retry and conn.execute(
                         "SELECT 1 FROM sweeprun_runs WHERE sweep = %s AND run_id = %s AND "
@@ -627,13 +630,13 @@ class PostgresLedger(Ledger):
             values.update(child_pid=child.pid, child_start=child.start)
         query = (f"UPDATE sweeprun_runs SET lease_until = t.now + %(lease)s, heartbeat_at = t.now"
                  f"{child_sql} FROM (SELECT {_NOW} AS now) t WHERE sweep = %(sweep)s AND "
-                 "run_id = %(run)s AND attempts = %(attempt)s AND state = 'running'")
+                 "run_id = %(run)s AND attempts = %(attempt)s AND state = 'running' RETURNING 1")
 
         def tx(conn: psycopg.Connection[Any], _retry: bool) -> bool:
             with conn.transaction():
-                cur = conn.execute(query, values)
+                renewed = conn.execute(query, values).fetchone() is not None
                 crash_point("ledger.in_heartbeat")
-                return cur.rowcount == 1
+                return renewed
 
         # One reconnect, no long wait: the runner counts the silence by its own clock and
         # stops its children before the lease can run out.
