@@ -27,10 +27,23 @@ __all__ = ["Claim", "Ledger", "Outcome", "Policy", "RunRow", "RunState", "Sqlite
 
 HOME_ENV = "SWEEPRUN_HOME"
 
-#: URL scheme -> backend constructor ``(location, sweep, readonly)``. A PostgreSQL
-#: backend registers ``postgresql`` here; a bare path means SQLite.
+
+def _sqlite(url: str, sweep: str, readonly: bool) -> Ledger:
+    return SqliteLedger(url.partition("://")[2], sweep, readonly=readonly)
+
+
+def _postgres(url: str, sweep: str, readonly: bool) -> Ledger:
+    from .postgres import PostgresLedger  # psycopg is an extra, imported only when asked for
+
+    return PostgresLedger(url, sweep, readonly=readonly)
+
+
+#: URL scheme -> backend constructor ``(whole URL, sweep, readonly)``: a server's URL carries
+#: more than a path (user, host, port, options). A bare path means SQLite.
 BACKENDS: dict[str, Callable[[str, str, bool], Ledger]] = {
-    "sqlite": lambda loc, sweep, ro: SqliteLedger(loc, sweep, readonly=ro),
+    "sqlite": _sqlite,
+    "postgresql": _postgres,
+    "postgres": _postgres,
 }
 
 
@@ -71,15 +84,15 @@ def default_ledger_path(store_key: str, sweep: str) -> Path:
 
 
 def open_ledger(location: str | Path, sweep: str, *, readonly: bool = False) -> Ledger:
-    """Open ``location``: a file path or ``sqlite:///path`` (later ``postgresql://...``)."""
+    """Open ``location``: a file path, ``sqlite:///path`` or ``postgresql://user@host:port/db``."""
     text = str(location)
-    scheme, sep, rest = text.partition("://")
+    scheme, sep, _ = text.partition("://")
     if not sep:
-        return BACKENDS["sqlite"](text, sweep, readonly)
+        return SqliteLedger(text, sweep, readonly=readonly)
     backend = BACKENDS.get(scheme)
     if backend is None:
         from ..redact import redact
 
         raise LedgerError(f"ledger {redact(text)}: unknown backend {scheme!r}; "
                           f"use a file path or one of: {', '.join(s + '://' for s in BACKENDS)}")
-    return backend(rest, sweep, readonly)
+    return backend(text, sweep, readonly)
