@@ -236,7 +236,7 @@ class Attempt:
                 self._record(Outcome.FAILED, rc)
                 return
             crash_point("runner.before_done")
-            if not self.ledger.heartbeat(claim, self.launcher.spec.lease_s):
+            if not self._still_ours():
                 self._lose()
                 return
             try:
@@ -255,6 +255,27 @@ class Attempt:
             self._record(Outcome.INTERRUPTED, rc)
         else:
             self._record(Outcome.FAILED, rc)
+
+    def _still_ours(self) -> bool:
+        """Renew the lease once more before ``DONE``: only the current holder may write it.
+
+        The ledger may be unreachable for a moment (a database restarting): keep trying
+        while the lease may still be ours by this machine's clock. Past that the run is
+        left as it is; its final checkpoint makes the next attempt finish at once.
+        """
+        while True:
+            try:
+                ok = self.ledger.heartbeat(self.claim, self.launcher.spec.lease_s)
+            except SweeprunError:
+                self.check_lease()
+                if self.lost:
+                    return False
+                time.sleep(min(1.0, self.launcher.heartbeat_s))
+                continue
+            if ok:
+                with self._lock:
+                    self._renewed_at = time.monotonic()
+            return ok
 
     def _exited_without_finish(self) -> bool:
         fs = self.paths.fs

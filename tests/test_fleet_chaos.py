@@ -171,7 +171,7 @@ def test_the_postgres_server_restarted_mid_sweep(sandbox: Sandbox, postgres_serv
                                                  postgres_url: str) -> None:
     """Workers wait through the outage and reconnect; runs keep going (the outage is shorter than
     the lease), nothing runs twice, and the sweep finishes."""
-    sweep = sandbox.write_sweep({"a": [1, 2, 3, 4, 5, 6]}, {"steps": 60, "sleep": 0.1}, lease_s=30)
+    sweep = sandbox.write_sweep({"a": [1, 2, 3, 4, 5, 6]}, {"steps": 100, "sleep": 0.1}, lease_s=30)
     env = {"SWEEPRUN_LEDGER": postgres_url}
     workers = [subprocess.Popen([sys.executable, "-m", "sweeprun", "worker", str(sweep), "--workers", "2"],
                                 env=sandbox.env(**env, SWEEPRUN_HOST=f"vm-{i}"), cwd=sandbox.root,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -116,6 +117,10 @@ def _psycopg() -> Any:
         import psycopg
     except ImportError:
         raise LedgerError("the PostgreSQL ledger needs psycopg: pip install 'sweeprun[postgres]'") from None
+    # psycopg warns on stderr about every pipeline it tears down on a lost connection; the
+    # retries here already say what matters. A handler of its own keeps them off the user's
+    # console unless the application configured logging itself.
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
     return psycopg
 
 
