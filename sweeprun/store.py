@@ -458,6 +458,11 @@ class SweepPaths:
     def runs(self) -> str:
         return posixpath.join(self.dir, "runs")
 
+    @property
+    def identity(self) -> str:
+        """``ID``: the sweep's id, created once (see :meth:`sweeprun.sweep.Sweep.ledger_key`)."""
+        return posixpath.join(self.dir, "ID")
+
     def run(self, run_id: str) -> RunPaths:
         if "/" in run_id or run_id in ("", ".", ".."):
             raise StoreError(f"run id {run_id!r} is not a safe path segment")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import os
 import posixpath
+import re
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from .spec import SweepSpec, parse_spec
 from .store import (
     SweepPaths,
     atomic_write,
+    create_only,
     is_local,
     newest_metrics_part,
     open_store,
@@ -83,8 +86,33 @@ class Sweep:
         #: Things the user should hear about before the runs start (the launcher prints them).
         self.notes: list[str] = []
 
-    def open_ledger(self, readonly: bool = False) -> Ledger:
-        return open_ledger(self.ledger_location, self.spec.name, readonly=readonly)
+    def open_ledger(self, readonly: bool = False, key: str | None = None) -> Ledger:
+        return open_ledger(self.ledger_location, key or self.spec.name, readonly=readonly)
+
+    def ledger_key(self, create: bool = False) -> str | None:
+        """The sweep's rows in a ledger: its name and the id kept in its folder of the store.
+
+        One database serves many sweeps, and two sweep files may share a name while
+        their stores differ (or ``--store`` points a relaunch at a new bucket): keyed by
+        the name alone, each store would get only the runs its workers happened to
+        claim, and both launches would end "all done". The id is created once, create-only,
+        in the store, so every machine that reaches the folder (by any path or URL)
+        agrees on it, and a deleted sweep folder starts afresh. ``None``: never launched.
+        """
+        path = self.paths.identity
+        if create:
+            create_only(self.store.fs, path, (uuid.uuid4().hex + "\n").encode())
+        try:
+            raw = read_regular(self.store.fs, path, 256)
+        except StoreError as exc:
+            if not create and isinstance(exc.__cause__, FileNotFoundError):
+                return None
+            raise
+        ident = raw.decode(errors="replace").strip()
+        if not re.fullmatch(r"[0-9a-f]{32}", ident):
+            raise StoreError(f"{redact(self.store.fs.unstrip_protocol(path))} is not a sweep id written "
+                             "by sweeprun; move it away and run again (finished runs stay finished)")
+        return f"{self.spec.name}#{ident[:16]}"
 
     def prepare(self) -> Ledger:
         """Check the store, open the ledger, record the spec, and sync the ledger from the store.
@@ -94,8 +122,9 @@ class Sweep:
         """
         faults.check()
         self.store.check_writable()
-        ledger = self.open_ledger()
+        ledger = self.open_ledger()  # opening checks the ledger before anything is written
         try:
+            ledger.sweep = self.ledger_key(create=True) or self.spec.name
             done = self.paths.done_ids(prune_stale=True)
             started = self.paths.run_ids()
             self._record_spec(done)
@@ -149,8 +178,9 @@ class Sweep:
         self.store.check_present()
         ledger_rows: dict[str, RunRow] = {}
         now = time.time()
-        if self._ledger_exists():
-            ledger = self.open_ledger(readonly=True)
+        key = self.ledger_key() if self._ledger_exists() else None
+        if key is not None:
+            ledger = self.open_ledger(readonly=True, key=key)
             try:
                 ledger_rows = {r.run_id: r for r in ledger.rows()}
                 now = ledger.now()

@@ -169,3 +169,22 @@ def test_a_missing_extra_is_one_line_naming_the_pip_install(
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and f"pip install '{extra}'" in result.stderr
     assert not sandbox.store.exists()
+
+
+def test_two_stores_with_one_sweep_name_share_a_database_but_not_their_runs(
+        sandbox: Sandbox, postgres_url: str) -> None:
+    """One database for all of a team's sweeps: two sweep files named alike (or a relaunch with
+    --store pointing at a new bucket) each run all of their own runs, at the same time."""
+    sweep = sandbox.write_sweep({"a": [1, 2, 3, 4]}, {"steps": 5, "sleep": 0.05})
+    stores = [sandbox.root / "store-x", sandbox.root / "store-y"]
+    for store in stores:
+        store.mkdir()  # each holds its own run locks too: the same run id may run in both at once
+    workers = [subprocess.Popen([sys.executable, "-m", "sweeprun", "worker", str(sweep), "--store", str(store)],
+                                env={**sandbox.env(SWEEPRUN_LEDGER=postgres_url), "LOCK_DIR": str(store)},
+                                cwd=sandbox.root, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for store in stores]
+    for worker in workers:
+        out, _ = worker.communicate(timeout=120)
+        assert worker.returncode == 0, out
+    for store in stores:
+        assert len(list((store / "t" / "runs").glob("*/DONE"))) == 4

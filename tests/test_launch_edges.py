@@ -77,9 +77,7 @@ def test_two_launchers_with_different_grids_each_run_their_own(sandbox: Sandbox)
 
 def test_lowering_max_attempts_below_a_runs_failures_ends_instead_of_hanging(sandbox: Sandbox) -> None:
     sweep = sandbox.write_sweep({"a": [1]}, {"steps": 200, "sleep": 0.02})
-    led = open_ledger(sandbox.ledger, "t")
-    spec = load_spec(sweep)
-    led.sync(spec.runs(), set(), set())
+    led = Sweep(load_spec(sweep), str(sandbox.ledger)).prepare()  # the ledger as a launcher keys it
     claim = led.claim(ProcessRef.me(), Policy(), 60)
     assert claim and led.finish(claim, Outcome.FAILED, Policy()) is RunState.PENDING
     claim = led.claim(ProcessRef.me(), Policy(), 60)
@@ -143,7 +141,7 @@ def test_a_slow_start_keeps_its_lease(sandbox: Sandbox, monkeypatch: pytest.Monk
     stolen: list[object] = []
 
     def write_params(run_id: str, params: dict) -> None:
-        other = open_ledger(sandbox.ledger, "t")
+        other = open_ledger(sandbox.ledger, sweep.ledger_key())
         for _ in range(6):  # 3 s, three leases: another host keeps trying to take the run
             time.sleep(0.5)
             stolen.append(other.claim(ProcessRef("elsewhere", 1, 1), Policy(), 60))

@@ -179,6 +179,9 @@ class Ledger(ABC):
     """
 
     clock: Callable[[], float] = staticmethod(time.time)
+    #: The key of this sweep's rows: one ledger (a database) holds many sweeps. A launcher
+    #: opens the ledger first (so a bad ledger writes nothing to the store), then sets it.
+    sweep: str
 
     def now(self) -> float:
         return self.clock()
