@@ -57,6 +57,7 @@ class Attempt:
         self.paths = launcher.sweep.paths.run(claim.run_id)
         self.proc: subprocess.Popen[bytes] | None = None
         self.lost = False             # the lease is gone: write nothing more
+        self.gave_up = False          # ... or may be: this machine's clock ran past it
         self.terminated = False       # the launcher sent SIGTERM (a preemption, not a failure)
         self.killed = False           # the launcher sent SIGKILL after the grace period
         self.recorded = False         # the ledger has this attempt's end
@@ -189,7 +190,7 @@ class Attempt:
         env = launcher.env(claim, self.paths, self.slot)
         self.started_at = time.monotonic()
         if self.lost:  # the lease ran out while the start was being prepared
-            self._ended(None, None)
+            self._ended(self._release(None), None)
             return None
         self.events.started(claim.run_id, claim.attempt, self.slot)
         try:
@@ -223,7 +224,7 @@ class Attempt:
         """The one place where an exit code becomes an outcome."""
         claim = self.claim
         if self.lost:
-            self._ended(None, rc)
+            self._ended(self._release(rc), rc)
             return
         if rc == 0:
             if self._exited_without_finish():
@@ -276,6 +277,20 @@ class Attempt:
                 with self._lock:
                     self._renewed_at = time.monotonic()
             return ok
+
+    def _release(self, rc: int | None) -> RunState | None:
+        """After this machine gave a lease up by its own clock, hand the run back if no one
+        took it: a fenced interruption (it fails harmlessly when another worker holds the
+        run now). Otherwise the run would sit out the rest of its lease, and the next
+        claim would count a lost attempt that was only a pause or a network blip."""
+        if not self.gave_up:
+            return None
+        try:
+            state = self.ledger.finish(self.claim, Outcome.INTERRUPTED, self.launcher.policy, rc)
+        except SweeprunError:
+            return None
+        self.recorded = state is not None
+        return state
 
     def _exited_without_finish(self) -> bool:
         fs = self.paths.fs
@@ -343,7 +358,7 @@ class Attempt:
         except SweeprunError as exc:
             silent_s = time.monotonic() - self._renewed_at
             if silent_s >= deadline_s:
-                self.lost = True
+                self.lost = self.gave_up = True
                 self.events.note(f"{self.claim.run_id}: could not renew the lease for {silent_s:.0f} s "
                                  f"({exc}); another worker may take the run: stopping its process")
                 self.kill()
@@ -383,7 +398,7 @@ class Attempt:
         silent_s = time.monotonic() - self._renewed_at
         if silent_s < self._silence_limit_s():
             return
-        self.lost = True
+        self.lost = self.gave_up = True
         self.events.note(f"{self.claim.run_id}: no lease renewal for {silent_s:.0f} s (network down, "
                          "or this machine was paused); another worker may take the run: stopping "
                          "its process")

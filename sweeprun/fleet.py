@@ -22,7 +22,8 @@ import uuid
 from dataclasses import dataclass
 
 from .errors import SpecError, StoreError
-from .store import SweepPaths, read_json, store_errors, write_json
+from .redact import redact
+from .store import SweepPaths, read_json, write_json
 
 #: How often a worker looks for a stop request (one small read of the store each time).
 STOP_POLL_ENV = "SWEEPRUN_STOP_POLL_S"
@@ -84,19 +85,22 @@ class StopRequests:
         self.path = posixpath.join(paths.dir, "STOP")
 
     def current(self) -> str | None:
-        """The id of the latest request, or ``None``. Anything unreadable there counts as a
-        request (``"?"``): when in doubt, a worker should rather stop than run on."""
-        with store_errors("read", self.path):
-            if not self.fs.exists(self.path):
-                return None
+        """The id of the latest request, or ``None``; a :class:`StoreError` when the store
+        cannot tell. A worker polling it takes an error as no news: a store that fails for a
+        moment must not drain a fleet, only a request that reads back whole does."""
         try:
             found = read_json(self.fs, self.path)
-        except FileNotFoundError:
-            return None
-        except (StoreError, ValueError):
-            return "?"
+        except StoreError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return None
+            raise
+        except ValueError:
+            found = None
         request = found.get("id") if isinstance(found, dict) else None
-        return request if isinstance(request, str) else "?"
+        if not isinstance(request, str):
+            raise StoreError(f"{redact(self.fs.unstrip_protocol(self.path))} is not a stop request "
+                             "written by sweeprun; move it away and run again")
+        return request
 
     def request(self) -> str:
         """Ask every worker running now to stop; returns the request's id."""

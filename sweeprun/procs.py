@@ -9,6 +9,7 @@ is, one whose recorded start time is known and equals the live process's.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import queue
 import signal
@@ -19,9 +20,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-#: This machine's name in the ledger. ``SWEEPRUN_HOST`` overrides it, e.g. for containers that
-#: share a hostname, or for tests that play several machines on one.
-HOST = os.environ.get("SWEEPRUN_HOST") or socket.gethostname()
+
+def _pid_space() -> str:
+    """A short tag for this boot of this kernel and this pid namespace: where a pid means something.
+
+    Two machines (or containers) may share a hostname (a cloned image, ``--hostname
+    worker``); each would then take the other's pids for its own, find them dead, and
+    take over live runs at once. The kernel's boot id and the pid namespace tell them apart.
+    """
+    parts = []
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append("")
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        parts.append("")
+    if not any(parts):
+        return ""
+    return "~" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:6]
+
+
+#: This machine's name in the ledger: its hostname and the tag of its pid space.
+#: ``SWEEPRUN_HOST`` overrides it, e.g. for tests that play several machines on one.
+HOST = os.environ.get("SWEEPRUN_HOST") or socket.gethostname() + _pid_space()
 
 _PR_SET_PDEATHSIG = 1
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .attempt import Attempt
-from .errors import SweeprunError
+from .errors import LedgerError, SweeprunError
 from .fleet import Deadline, StopRequests, stop_poll_s
 from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
 from .ledger.base import settled
@@ -125,15 +125,20 @@ class Launcher:
             self._restore_signals(previous)
         if self._errors:
             raise self._errors[0]
-        now = self.ledger.now()
-        rows = self.ledger.rows(self.grid)
+        try:
+            now = self.ledger.now()
+            rows: list | None = self.ledger.rows(self.grid)
+        except SweeprunError:
+            if not self.stopping:
+                raise
+            rows = None  # stopping while the ledger is unreachable: the exit code still says why
         states: dict[str, int] = {}
-        for row in rows:
+        for row in rows or []:
             state = shown_state(row, now, self.policy).value
             states[state] = states.get(state, 0) + 1
         if self._stop_signal is not None:
             code = 128 + self._stop_signal
-        elif not settled(rows, now, self.policy):
+        elif rows is None or not settled(rows, now, self.policy):
             code = EXIT_UNSETTLED  # stopped by a time limit or a stop request; runs remain
         else:
             code = 1 if states.get(RunState.FAILED.value) else 0
@@ -161,6 +166,7 @@ class Launcher:
             self._kill_deadline = time.monotonic() + self.spec.grace_s
             self._stop.set()
             active = list(self._active.values())
+        self.ledger.stop_waiting()
         why = f"{reason}: " if reason else ""
         self.events.note(f"stopping: {why}asking {len(active)} running run(s) to checkpoint and exit "
                          f"(grace {self.spec.grace_s:g} s)")
@@ -186,6 +192,8 @@ class Launcher:
                     continue
                 Attempt(self, claim, slot).run()
         except BaseException as exc:  # surfaced by run(); the other slots stop too
+            if self.stopping and isinstance(exc, LedgerError):
+                return  # the ledger is out of reach while stopping: the leases run out instead
             self._errors.append(exc)
             self.request_stop()
 
@@ -193,7 +201,7 @@ class Launcher:
         """Put ``attempt`` under the heartbeat from its claim on; ``False`` when stopping."""
         with self._lock:
             self._active[attempt.claim.run_id] = attempt
-            return self._stop_signal is None
+            return not self.stopping
 
     def _unregister(self, attempt: Attempt) -> None:
         with self._lock:

@@ -426,7 +426,10 @@ class RunPaths:
         """
         summary = {"finished_at": time.time(), **summary}
         wrote = create_only(self.fs, self.done, _json_bytes(summary))
-        self.index_done(summary["finished_at"])
+        try:
+            self.index_done(summary["finished_at"])
+        except StoreError:
+            pass  # only a hint: the check before every start finds DONE and adds the entry
         return wrote
 
     def index_done(self, finished_at: float | None = None) -> None:
@@ -494,7 +497,10 @@ class SweepPaths:
             present = self.run_ids()
             indexed = self._names(self.done_index, files_only=True)
             if prune_stale:
-                for run_id in indexed - present:
+                # Listed again after the index: a run started and finished between the two
+                # listings has a folder now, and its fresh entry must stay.
+                stale = indexed - present
+                for run_id in stale - self.run_ids() if stale else ():
                     with store_errors("delete", self.done_index), _suppress_missing():
                         self.fs.rm_file(posixpath.join(self.done_index, run_id))
             return indexed & present

@@ -178,11 +178,13 @@ class Sweep:
         self.store.check_present()
         ledger_rows: dict[str, RunRow] = {}
         now = time.time()
-        key = self.ledger_key() if self._ledger_exists() else None
-        if key is not None:
-            ledger = self.open_ledger(readonly=True, key=key)
+        if self._ledger_exists():
+            ledger = self.open_ledger(readonly=True)  # a bad --ledger is an error even here
             try:
-                ledger_rows = {r.run_id: r for r in ledger.rows()}
+                key = self.ledger_key()
+                if key is not None:  # else never launched: the ledger holds nothing of it
+                    ledger.sweep = key
+                    ledger_rows = {r.run_id: r for r in ledger.rows()}
                 now = ledger.now()
             finally:
                 ledger.close()

@@ -59,8 +59,8 @@ def test_a_bad_time_limit_is_one_line_and_writes_nothing(sandbox: Sandbox) -> No
 def test_a_worker_with_a_time_limit_has_its_runs_save_and_exit_before_it(sandbox: Sandbox) -> None:
     """Kaggle's 12 hours, shrunk: the run is asked to save grace_s before the limit, exits 75,
     no new run is started, and the worker exits 75 (runs remain; nothing failed)."""
-    sweep = sandbox.write_sweep({"a": [1, 2, 3]}, {"steps": 400, "sleep": 0.05}, grace_s=3)
-    result = sandbox.run("worker", str(sweep), "--time-limit", "8s")
+    sweep = sandbox.write_sweep({"a": [1, 2, 3]}, {"steps": 600, "sleep": 0.05}, grace_s=3)
+    result = sandbox.run("worker", str(sweep), "--time-limit", "20s")
     assert result.returncode == 75, result.stdout + result.stderr
     assert "time limit reached" in result.stdout
     events = sandbox.events()
@@ -132,7 +132,9 @@ def _alive(pid: int) -> bool:
 def test_a_paused_machine_stops_its_child_when_it_wakes(sandbox: Sandbox) -> None:
     """A frozen VM (launcher and child stopped past the lease) wakes up: before anything else,
     its own clock tells it the lease may be gone, and it stops its child."""
-    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 600, "sleep": 0.02}, lease_s=2)
+    # max_lost 1: a pause that nobody used to take the run over is handed back, not counted
+    # as an attempt lost with its machine (which would fail the run here)
+    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 600, "sleep": 0.02}, lease_s=2, max_lost=1)
     launcher = sandbox.sweeprun("launch", str(sweep))
     wait_for(lambda: any(runs_dir(sandbox).glob("*/ckpt.json")), what="a checkpoint")
     (child,) = [e["pid"] for e in sandbox.events() if e["event"] == "start"]
@@ -188,3 +190,45 @@ def test_two_stores_with_one_sweep_name_share_a_database_but_not_their_runs(
         assert worker.returncode == 0, out
     for store in stores:
         assert len(list((store / "t" / "runs").glob("*/DONE"))) == 4
+
+
+def test_a_damaged_stop_request_does_not_drain_the_fleet(sandbox: Sandbox) -> None:
+    """A store that cannot tell (a half-synced Drive, an error) is no news; only a new request
+    that reads back whole stops workers, and one made before a worker started never does."""
+    sweep = sandbox.write_sweep({"a": [1, 2]}, {"steps": 150, "sleep": 0.05})
+    assert sandbox.run("stop", str(sweep)).returncode == 0  # an old request, from yesterday
+    worker = sandbox.sweeprun("worker", str(sweep), env={"SWEEPRUN_STOP_POLL_S": "0.2"})
+    wait_for(lambda: any(runs_dir(sandbox).glob("*/ckpt.json")), what="a run saving")
+    stop_file = sandbox.store / "t" / "STOP"
+    old = stop_file.read_bytes()
+    stop_file.write_bytes(b"{not json")
+    time.sleep(1.5)  # several polls see the damaged file
+    stop_file.write_bytes(old)
+    time.sleep(1.0)  # and the old request again
+    assert worker.poll() is None
+    assert sandbox.run("stop", str(sweep)).returncode == 0
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 75, out + err
+
+
+def test_ctrl_c_during_a_database_outage_exits_130_at_once(sandbox: Sandbox, postgres_server) -> None:
+    """The network to the database is gone and the user presses Ctrl-C: the run saves and the
+    launcher exits 130 now, not after waiting out the outage (10 minutes here)."""
+    from servers import TcpProxy
+
+    proxy = TcpProxy(postgres_server.port)
+    try:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/{postgres_server.database().rsplit('/', 1)[1]}"
+        sweep = sandbox.write_sweep({"a": [1, 2]}, {"steps": 400, "sleep": 0.05}, lease_s=60)
+        launcher = subprocess.Popen([sys.executable, "-m", "sweeprun", "launch", str(sweep)],
+                                    env=sandbox.env(SWEEPRUN_LEDGER=url, SWEEPRUN_LEDGER_WAIT_S="600"),
+                                    cwd=sandbox.root, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: any(runs_dir(sandbox).glob("*/ckpt.json")), what="a run saving")
+        proxy.cut()
+        os.killpg(launcher.pid, signal.SIGINT)
+        out, _ = launcher.communicate(timeout=120)
+        assert launcher.returncode == 130, out
+        assert [e["event"] for e in sandbox.events()] == ["start", "preempted"]
+    finally:
+        proxy.close()

@@ -139,10 +139,9 @@ def test_four_hosts_sharing_only_postgres_and_a_bucket_survive_kills_preemptions
             time.sleep(LEASE_S + 2)
             signal_host(host, signal.SIGCONT)
             done["paused"] += 1
-    for host in hosts:
+    for host in hosts:  # every host standing at the end, restarted or woken, finishes cleanly
         host.proc.wait(timeout=900)
-    if any(h.proc.returncode != 0 for h in hosts):  # the last event may have hit the last run
-        assert fleet.run("worker").returncode == 0
+        assert host.proc.returncode == 0, (sandbox.root / host.out.name).read_text()[-3000:]
 
     status = fleet.status()
     assert len(status) == 6 and {row["state"] for row in status.values()} == {"done"}, status

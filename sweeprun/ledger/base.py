@@ -250,6 +250,13 @@ class Ledger(ABC):
         """See :func:`settled`; for the runs of ``grid``."""
         return settled(self.rows(grid), self.now(), policy)
 
+    def stop_waiting(self) -> None:  # noqa: B027 - a no-op where waits are short (SQLite's busy timeout)
+        """Make calls that wait for an unreachable ledger give up now, with a LedgerError.
+
+        A launcher that is stopping (Ctrl-C, a preemption notice) must not sit out a
+        database outage: its runs save and exit, and their leases simply run out.
+        """
+
     @abstractmethod
     def close(self) -> None:
         """Release connections; the ledger may not be used afterwards."""

@@ -202,6 +202,7 @@ class PostgresLedger(Ledger):
         self.wait_s = wait_s if wait_s is not None else wait_from_env()
         self.call_timeout_s = CALL_TIMEOUT_S
         self._local = threading.local()
+        self._given_up = threading.Event()
         self._conns: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
         self._watchdog = _Watchdog()
@@ -324,6 +325,9 @@ class PostgresLedger(Ledger):
                     self._drop(conn)
                 raise LedgerError(f"ledger {self.shown}: {what} failed: {_one_line(exc)}") from None
             failures += 1
+            if self._given_up.is_set():
+                raise LedgerError(f"ledger {self.shown}: {what} failed: the database could not be "
+                                  f"reached ({_one_line(last)}) and sweeprun is stopping")
             left = deadline - time.monotonic()
             if (tries is not None and failures > tries) or (tries is None and left <= 0):
                 waited = "" if tries is not None else f" within {self.wait_s:g} s"
@@ -331,9 +335,12 @@ class PostgresLedger(Ledger):
                                   f"reached{waited} ({_one_line(last)}); check the server and the "
                                   "network, then run again")
             if tries is None:
-                time.sleep(min(delay * random.uniform(0.5, 1.0), max(left, 0)))
+                self._given_up.wait(min(delay * random.uniform(0.5, 1.0), max(left, 0)))
                 delay = min(delay * 2, 5.0)
             retry = True
+
+    def stop_waiting(self) -> None:
+        self._given_up.set()
 
     def _fake_now(self) -> float | None:
         """The clock set on this instance (tests move time with it), else ``None``: the server's."""
