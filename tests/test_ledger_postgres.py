@@ -21,6 +21,8 @@ from sweeprun.identity import RunSpec
 from sweeprun.ledger import Outcome, Policy, RunState, open_ledger
 from sweeprun.ledger.contract import GRID, ME, OTHER_HOST, POLICY, RUNS, FakeClock, LedgerContract
 from sweeprun.ledger.postgres import PostgresLedger
+from sweeprun.spec import load_spec
+from sweeprun.sweep import Sweep
 
 from conftest import REPO, Sandbox
 from servers import PostgresServer, TcpProxy
@@ -413,7 +415,7 @@ def test_a_sweep_launched_on_postgresql_finishes_and_a_relaunch_starts_nothing(
     assert status.returncode == 0, status.stderr
     rows = json.loads(status.stdout)
     assert len(rows) == 6 and {(r["state"], r["attempts"]) for r in rows} == {("done", 1)}
-    led = open_ledger(postgres_url, "t", readonly=True)
+    led = open_ledger(postgres_url, Sweep(load_spec(sweep)).ledger_key(), readonly=True)
     assert {r.state for r in led.rows()} == {RunState.DONE}
     led.close()
 
