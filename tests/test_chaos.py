@@ -34,11 +34,11 @@ EXAMPLE_FLAGS = "--weight-decay 0.0001 --epochs {epochs} --save-every-steps 5 --
 KILLS = 10
 
 
-def reference(tmp: Path, lr: float, seed: int) -> dict:
+def reference(tmp: Path, lr: float, seed: int, epochs: int = EPOCHS) -> dict:
     """The same run, never interrupted, standalone."""
-    out = tmp / f"ref-{lr}-{seed}"
+    out = tmp / f"ref-{lr}-{seed}-{epochs}"
     subprocess.run([sys.executable, str(REPO / "examples" / "train_mlp.py"), "--lr", str(lr),
-                    "--seed", str(seed), *EXAMPLE_FLAGS.format(epochs=EPOCHS).split(), "--out", str(out)],
+                    "--seed", str(seed), *EXAMPLE_FLAGS.format(epochs=epochs).split(), "--out", str(out)],
                    check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     return load_checkpoint(out)
 

@@ -30,7 +30,7 @@ from sweeprun.training import load_checkpoint
 from _training_helpers import REPO, assert_same_tree
 from conftest import Sandbox, wait_for
 from servers import PostgresServer
-from test_chaos import EPOCHS, EXAMPLE_FLAGS, STEPS, reference
+from test_chaos import EXAMPLE_FLAGS, reference
 
 LEASE_S = 3
 
@@ -102,14 +102,18 @@ class Fleet:
         assert result.returncode == 0, result.stderr
         return {row["run_id"]: row for row in json.loads(result.stdout)}
 
+    def status_of_one(self) -> dict:
+        (row,) = self.status().values()
+        return row
+
 
 @pytest.mark.slow
 def test_four_hosts_sharing_only_postgres_and_a_bucket_survive_kills_preemptions_and_pauses(
         sandbox: Sandbox, postgres_url: str, s3_bucket: str, s3_env: dict[str, str]) -> None:
     rnd = random.Random(20261130)
-    lrs, seeds = [0.01, 0.03], [0, 1, 2]
+    lrs, seeds, epochs = [0.01, 0.03], [0, 1, 2, 3], 3
     sweep = sandbox.write_sweep(
-        {"lr": lrs, "seed": seeds}, {"epochs": EPOCHS}, name="fleet", lease_s=LEASE_S, grace_s=10,
+        {"lr": lrs, "seed": seeds}, {"epochs": epochs}, name="fleet", lease_s=LEASE_S, grace_s=10,
         command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
                 f"--lr {{lr}} --seed {{seed}} {EXAMPLE_FLAGS}")
     text = sweep.read_text().replace(f"store: {sandbox.store}", f"store: {s3_bucket}/sweeps")
@@ -117,51 +121,51 @@ def test_four_hosts_sharing_only_postgres_and_a_bucket_survive_kills_preemptions
     fleet = Fleet(sandbox, sweep, postgres_url, s3_env)
     hosts = [fleet.start() for _ in range(4)]
     done: Counter = Counter()
-    for _ in range(14):
+    actions = ["lost", "preempted", "paused"] * 5
+    rnd.shuffle(actions)
+    for action in actions:
         time.sleep(rnd.uniform(2.0, 4.5))  # a start (torch's import) and a few saves fit between
-        i = rnd.randrange(len(hosts))
-        host = hosts[i]
-        if host.proc.poll() is not None:  # finished: the sweep may be nearly done
+        busy = [i for i, h in enumerate(hosts) if h.proc.poll() is None and children(h.proc.pid)]
+        if not busy:  # between runs, or the sweep is nearly done
             continue
-        roll = rnd.random()
-        if roll < 0.35:  # the machine is lost; another one, with another name, comes up
+        i = rnd.choice(busy)
+        host = hosts[i]
+        if action == "lost":  # the machine is lost; another one, with another name, comes up
             signal_host(host, signal.SIGKILL)
             host.proc.wait()
             hosts[i] = fleet.start()
-            done["lost"] += 1
-        elif roll < 0.6:  # a preemption notice; the same machine comes back
+        elif action == "preempted":  # a preemption notice; the same machine comes back
             os.killpg(host.proc.pid, signal.SIGTERM)
             host.proc.wait(timeout=120)
             hosts[i] = fleet.start(host.name)
-            done["preempted"] += 1
         else:  # the VM freezes past its lease, then wakes up
             signal_host(host, signal.SIGSTOP)
             time.sleep(LEASE_S + 2)
             signal_host(host, signal.SIGCONT)
-            done["paused"] += 1
+        done[action] += 1
     for host in hosts:  # every host standing at the end, restarted or woken, finishes cleanly
         host.proc.wait(timeout=900)
         assert host.proc.returncode == 0, (sandbox.root / host.out.name).read_text()[-3000:]
 
     status = fleet.status()
-    assert len(status) == 6 and {row["state"] for row in status.values()} == {"done"}, status
+    assert len(status) == 8 and {row["state"] for row in status.values()} == {"done"}, status
     events = sandbox.events()
     assert not [e for e in events if e["event"] == "overlap"], "a run had two processes at once"
 
     with ThreadPoolExecutor(2) as pool:
         refs = dict(zip(status, pool.map(lambda r: reference(sandbox.root, r["params"]["lr"],
-                                                             r["params"]["seed"]), status.values()),
+                                                             r["params"]["seed"], epochs), status.values()),
                         strict=True))
     for run_id, ref in refs.items():
         got = load_checkpoint(f"{s3_bucket}/sweeps/fleet/runs/{run_id}")
-        assert got["step"] == ref["step"] == STEPS
+        assert got["step"] == ref["step"] == epochs * 16
         assert_same_tree(got["objects"]["model"], ref["objects"]["model"], f"{run_id} model")
         assert_same_tree(got["objects"]["optimizer"], ref["objects"]["optimizer"], f"{run_id} optimizer")
 
     again = fleet.run("launch")
     assert again.returncode == 0 and "0 process(es) started" in again.stdout
     starts = sum(1 for e in events if e["event"] == "start")
-    print("\nfleet chaos:", json.dumps({**done, "process_starts": starts, "ideal_starts": 6,
+    print("\nfleet chaos:", json.dumps({**done, "process_starts": starts, "ideal_starts": 8,
                                        "paused_waits": sum(1 for e in events if e.get("waited_for_paused"))}))
 
 
@@ -189,3 +193,41 @@ def test_the_postgres_server_restarted_mid_sweep(sandbox: Sandbox, postgres_serv
     assert Counter(e["run"] for e in events if e["event"] == "finish") == Counter(
         {run: 1 for run in {e["run"] for e in events}})
     assert Counter(e["event"] for e in events)["start"] == 6, "a run was restarted by the outage"
+
+
+@pytest.mark.slow
+def test_a_host_frozen_past_its_lease_is_taken_over_and_fenced(
+        sandbox: Sandbox, postgres_url: str, s3_bucket: str, s3_env: dict[str, str]) -> None:
+    """A VM freezes mid-run; another machine takes the run over after the lease (by the
+    database's clock) and resumes it from the bucket; the frozen one wakes, stops its child by
+    its own clock before anything else, and the run ends exactly as an uninterrupted one."""
+    sweep = sandbox.write_sweep(
+        {"lr": [0.01], "seed": [5]}, {"epochs": 6}, name="fleet", lease_s=LEASE_S, grace_s=10,
+        command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
+                f"--lr {{lr}} --seed {{seed}} {EXAMPLE_FLAGS}")
+    sweep.write_text(sweep.read_text().replace(f"store: {sandbox.store}", f"store: {s3_bucket}/sweeps"))
+    fleet = Fleet(sandbox, sweep, postgres_url, s3_env)
+    frozen = fleet.start()
+    wait_for(lambda: any(e["event"] == "start" for e in sandbox.events()), timeout=120, what="the run")
+    time.sleep(3)  # a few saves
+    signal_host(frozen, signal.SIGSTOP)
+    spare = fleet.start()
+    try:
+        wait_for(lambda: fleet.status_of_one()["attempts"] >= 2, timeout=120, what="the takeover")
+        time.sleep(1)  # the spare's run waits on the frozen child's lock: not an overlap
+    finally:
+        signal_host(frozen, signal.SIGCONT)
+    for host in (frozen, spare):
+        host.proc.wait(timeout=300)
+        assert host.proc.returncode == 0, (sandbox.root / host.out.name).read_text()[-3000:]
+    events = sandbox.events()
+    assert not [e for e in events if e["event"] == "overlap"]
+    assert [e["attempt"] for e in events if e["event"] == "start"] == [1, 2]
+    assert [e for e in events if e["event"] == "start"][1]["waited_for_paused"]
+    assert "no lease renewal" in (sandbox.root / frozen.out.name).read_text()
+    (row,) = fleet.status().values()
+    ref = reference(sandbox.root, 0.01, 5, 6)
+    got = load_checkpoint(f"{s3_bucket}/sweeps/fleet/runs/{row['run_id']}")
+    assert row["state"] == "done" and got["step"] == ref["step"] == 96
+    assert_same_tree(got["objects"]["model"], ref["objects"]["model"], "model")
+    assert_same_tree(got["objects"]["optimizer"], ref["objects"]["optimizer"], "optimizer")
