@@ -56,10 +56,11 @@ def test_a_bad_time_limit_is_one_line_and_writes_nothing(sandbox: Sandbox) -> No
     assert not sandbox.store.exists()
 
 
+@pytest.mark.slow
 def test_a_worker_with_a_time_limit_has_its_runs_save_and_exit_before_it(sandbox: Sandbox) -> None:
     """Kaggle's 12 hours, shrunk: the run is asked to save grace_s before the limit, exits 75,
     no new run is started, and the worker exits 75 (runs remain; nothing failed)."""
-    sweep = sandbox.write_sweep({"a": [1, 2, 3]}, {"steps": 600, "sleep": 0.05}, grace_s=3)
+    sweep = sandbox.write_sweep({"a": [1, 2, 3]}, {"steps": 400, "sleep": 0.05}, grace_s=3)
     result = sandbox.run("worker", str(sweep), "--time-limit", "20s")
     assert result.returncode == 75, result.stdout + result.stderr
     assert "time limit reached" in result.stdout
@@ -75,6 +76,7 @@ def test_a_worker_with_a_time_limit_has_its_runs_save_and_exit_before_it(sandbox
     assert {e["run"]: e["from_step"] for e in resumed}[events[0]["run"]] == events[1]["step"]
 
 
+@pytest.mark.slow
 def test_stop_drains_every_worker_and_a_later_worker_runs(sandbox: Sandbox) -> None:
     """`sweeprun stop` from a third terminal stops two workers, on two (simulated) machines that
     share the store and the ledger; a worker started afterwards is not stopped by that request."""
@@ -129,6 +131,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_paused_machine_stops_its_child_when_it_wakes(sandbox: Sandbox) -> None:
     """A frozen VM (launcher and child stopped past the lease) wakes up: before anything else,
     its own clock tells it the lease may be gone, and it stops its child."""
