@@ -1,0 +1,360 @@
+"""Leases kept in the store itself, so machines that share only a folder or a bucket never
+run one run twice (issue 10; the design in notes/store-leases.md).
+
+A run's lease is a series of small objects under ``runs/<run id>/lease/``, one per holder,
+each created exclusively and never rewritten by anyone else::
+
+    00000001.json      {"host", "worker", "generation", "nonce"}   created by the first taker
+    00000001.beat      "17"        the holder's heartbeat: a counter, rewritten by it alone
+    00000002.json      ...         a takeover: the holder is the author of the highest one
+    00000002.released              the holder gave the run up: the next taker need not wait
+
+The generation is the attempt number and fencing token every machine agrees on: each
+machine's ledger counts attempts on its own, but there is only one ``00000002.json``.
+
+Nothing here compares a remote clock with a local one. A taker takes over only when the
+holder's beat *content* has not changed for ``lease_s`` on the taker's own monotonic clock,
+remembered across calls in the :class:`StoreLeases` object; machines' wall clocks may
+disagree by hours and nothing changes.
+
+Folders that are only eventually consistent across machines (Google Drive mounted in two
+Colab VMs) let two machines' exclusive creates both succeed. There ``settle_s`` turns
+every take into claim-then-confirm (see :meth:`StoreLeases._settle`); it is safe as long as
+the store shows a write to every machine within ``settle_s``.
+
+Not wired into the launcher yet: this module is the protocol and its unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import random
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import fsspec
+
+from .errors import LeaseLost, SpecError, StoreError
+from .procs import HOST, ProcessRef
+from .store import atomic_write, create_only, is_local, read_regular, store_errors
+
+#: Lease files are tens of bytes; anything larger is not one of ours and is read no further.
+_READ_MAX = 4096
+
+_NAME = re.compile(r"^(?P<gen>[0-9]{8,})\.(?:(?P<kind>json|beat|released)|(?P<nonce>[0-9a-f]+)\.claim)$")
+
+
+@dataclass(frozen=True)
+class LeasePaths:
+    """Every path of one run's lease folder; no other code joins these names."""
+
+    run_dir: str
+
+    @property
+    def folder(self) -> str:
+        return posixpath.join(self.run_dir, "lease")
+
+    def record(self, generation: int) -> str:
+        return posixpath.join(self.folder, f"{generation:08d}.json")
+
+    def beat(self, generation: int) -> str:
+        return posixpath.join(self.folder, f"{generation:08d}.beat")
+
+    def released(self, generation: int) -> str:
+        return posixpath.join(self.folder, f"{generation:08d}.released")
+
+    def claim(self, generation: int, nonce: str) -> str:
+        return posixpath.join(self.folder, f"{generation:08d}.{nonce}.claim")
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """The content of ``<generation>.json``: who took this generation."""
+
+    host: str
+    worker: str
+    generation: int
+    nonce: str
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps({"host": self.host, "worker": self.worker, "generation": self.generation,
+                            "nonce": self.nonce}, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, path: str) -> LeaseRecord:
+        try:
+            doc = json.loads(blob)
+            return cls(host=str(doc["host"]), worker=str(doc["worker"]),
+                       generation=int(doc["generation"]), nonce=str(doc["nonce"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"lease file {path} is not a sweeprun lease ({type(exc).__name__}); "
+                             "move the run's lease/ folder away and run the same command again") from exc
+
+
+@dataclass
+class Lease:
+    """A lease this process holds: the run, its generation (the attempt), beats written so far."""
+
+    run_dir: str
+    record: LeaseRecord
+    beats: int = 0
+
+    @property
+    def generation(self) -> int:
+        return self.record.generation
+
+    @property
+    def paths(self) -> LeasePaths:
+        return LeasePaths(self.run_dir)
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """What any machine can read about a run's lease (for ``status``)."""
+
+    generation: int
+    holder: LeaseRecord | None
+    released: bool
+    #: Claims seen for the next generation: more than one means machines are contending.
+    claims: int = 0
+
+    @property
+    def contested(self) -> bool:
+        return self.claims > 1
+
+
+@dataclass
+class _Listing:
+    """One LIST of a lease folder, parsed."""
+
+    generations: set[int] = field(default_factory=set)
+    released: set[int] = field(default_factory=set)
+    claims: dict[int, list[str]] = field(default_factory=dict)  # generation -> claim nonces
+
+    @property
+    def top(self) -> int | None:
+        return max(self.generations) if self.generations else None
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What a taker last saw of a held lease, and since when by its own clock."""
+
+    generation: int
+    beat: bytes | None
+    since: float
+
+
+def backoff_s(attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0,
+              rng: random.Random | None = None) -> float:
+    """How long an idle taker waits before its ``attempt``-th look (full jitter).
+
+    N idle machines polling one store must not turn into a storm: the wait doubles up to
+    ``cap_s``, and the jitter spreads machines that started together.
+    """
+    ceiling = min(cap_s, base_s * 2 ** max(0, attempt))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+class StoreLeases:
+    """Take, renew and release run leases on one fsspec filesystem, as one worker.
+
+    One object per worker: it remembers, by its own clock, how long each held lease's beat
+    has stood still, so call :meth:`take` on the same object again and again (every
+    ``lease_s / 3`` or so). Losing a race is ``None`` from :meth:`take`; losing a held lease
+    is :class:`LeaseLost` from :meth:`renew`. Thread-safe only across objects: give each
+    thread its own.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, *, lease_s: float = 60.0,
+                 settle_s: float = 0.0, host: str = HOST, worker: str | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not lease_s > 0:
+            raise SpecError(f"lease_s must be a positive number of seconds, not {lease_s!r}")
+        if not settle_s >= 0:
+            raise SpecError(f"settle_s must be zero or a positive number of seconds, not {settle_s!r}")
+        self.fs = fs
+        self.lease_s = float(lease_s)
+        self.settle_s = float(settle_s)
+        self.host = host
+        self.worker = worker or ProcessRef.me().label
+        self.clock = clock
+        self.sleep = sleep
+        self._seen: dict[str, _Seen] = {}
+
+    # -- taking -------------------------------------------------------------------------------
+
+    def take(self, run_dir: str) -> Lease | None:
+        """The run's lease if this worker got it now; ``None`` when another holds it or won.
+
+        A run never leased costs one exclusive create and no LIST. Otherwise one LIST finds
+        the current generation and one read its beat; the next generation is created only
+        when the current one was released or its beat stood still for ``lease_s`` by this
+        object's clock, since its first call that saw it.
+        """
+        paths = LeasePaths(run_dir)
+        if self.settle_s:
+            return self._take_settled(paths)
+        if run_dir not in self._seen:
+            won = self._create(paths, 1)
+            if won:
+                return won
+        listing = self._list(paths)
+        top = listing.top
+        if top is None:  # a lease folder without generations (removed after DONE, or lag)
+            self._seen[run_dir] = _Seen(0, None, self.clock())
+            return None
+        if top in listing.released or self._stale(paths, top):
+            return self._create(paths, top + 1)
+        return None
+
+    def _stale(self, paths: LeasePaths, generation: int) -> bool:
+        """Has ``generation``'s beat stood still for ``lease_s`` on this worker's clock?"""
+        beat = self._read(paths.beat(generation))
+        now = self.clock()
+        seen = self._seen.get(paths.run_dir)
+        if seen is not None and seen.generation == generation and seen.beat == beat:
+            return now - seen.since >= self.lease_s
+        self._seen[paths.run_dir] = _Seen(generation, beat, now)
+        return False
+
+    def _create(self, paths: LeasePaths, generation: int, nonce: str | None = None) -> Lease | None:
+        record = LeaseRecord(self.host, self.worker, generation, nonce or secrets.token_hex(8))
+        if not create_only(self.fs, paths.record(generation), record.to_bytes()):
+            # Someone else has it: remember that the folder exists, so the next look LISTs
+            # (generation 0: nothing observed yet, the watch starts then).
+            self._seen[paths.run_dir] = _Seen(0, None, self.clock())
+            return None
+        self._seen.pop(paths.run_dir, None)
+        return Lease(paths.run_dir, record)
+
+    def _take_settled(self, paths: LeasePaths) -> Lease | None:
+        listing = self._list(paths)
+        top = listing.top
+        if top is None:
+            target = 1
+        elif top in listing.released or self._stale(paths, top):
+            target = top + 1
+        else:
+            return None
+        if listing.claims.get(target):
+            return None  # someone is already claiming it: back off, look again later
+        return self._settle(paths, target)
+
+    def _settle(self, paths: LeasePaths, generation: int) -> Lease | None:
+        """Claim, then confirm: exclusive creates cannot be trusted across machines here.
+
+        Every claimer writes its own ``<gen>.<nonce>.claim`` and waits ``settle_s``, longer
+        than the store takes to show a write to everyone (``D``). It loses when it sees the
+        generation taken or a claim smaller than its own. Alone, it wins. Smallest among
+        several, it waits ``settle_s`` again and wins only if it is still the smallest and
+        the generation still untaken. Why the second round: of two claimers, the later one
+        always sees the earlier one (``settle_s > D``) but not the other way round; if the
+        later one has the smaller name and the earlier one, alone, already won, the
+        earlier's record is visible to the later one by the end of its second wait. Losers
+        delete their claim and back off.
+        """
+        nonce = secrets.token_hex(8)
+        mine = paths.claim(generation, nonce)
+        atomic_write(self.fs, mine, b"")
+        for round_ in (1, 2):
+            self.sleep(self.settle_s)
+            listing = self._list(paths)
+            claims = listing.claims.get(generation, [])
+            if (listing.top or 0) >= generation or min(claims, default=nonce) < nonce:
+                break
+            if round_ == 2 or claims == [nonce]:
+                won = self._create(paths, generation, nonce)
+                if won:
+                    return won
+                break
+        with store_errors("delete", mine):
+            try:
+                self.fs.rm_file(mine)
+            except FileNotFoundError:
+                pass
+        self._seen[paths.run_dir] = _Seen(0, None, self.clock())
+        return None
+
+    # -- holding ------------------------------------------------------------------------------
+
+    def renew(self, lease: Lease) -> int:
+        """Write the next beat, then check that nobody took over; the beat count written.
+
+        The beat goes first: a taker that created the next generation had already waited
+        ``lease_s`` without seeing a beat change, so a holder learns of the takeover at its
+        next renewal at the latest. One write and one read of a name that should not exist.
+        Raises :class:`LeaseLost` when the next generation exists: the caller must stop the
+        run's child at once and write nothing more for it.
+        """
+        paths = lease.paths
+        atomic_write(self.fs, paths.beat(lease.generation), f"{lease.beats + 1}\n".encode())
+        lease.beats += 1
+        if self._read(paths.record(lease.generation + 1)) is not None:
+            raise LeaseLost(f"run {posixpath.basename(lease.run_dir.rstrip('/'))}: lease generation "
+                            f"{lease.generation} was taken over by another worker (its beat stood "
+                            "still for longer than lease_s); this worker stops the run and writes "
+                            "nothing more for it")
+        return lease.beats
+
+    def release(self, lease: Lease) -> None:
+        """Give the run up so the next taker need not wait ``lease_s`` (finished or stopping)."""
+        atomic_write(self.fs, lease.paths.released(lease.generation), b"")
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def current(self, run_dir: str) -> LeaseState | None:
+        """The run's current generation and holder as any machine sees them; ``None`` if never leased."""
+        paths = LeasePaths(run_dir)
+        listing = self._list(paths)
+        top = listing.top
+        if top is None:
+            return None
+        blob = self._read(paths.record(top))
+        holder = LeaseRecord.from_bytes(blob, paths.record(top)) if blob is not None else None
+        return LeaseState(top, holder, top in listing.released, len(listing.claims.get(top + 1, [])))
+
+    # -- store access -------------------------------------------------------------------------
+
+    def _list(self, paths: LeasePaths) -> _Listing:
+        out = _Listing()
+        with store_errors("list", paths.folder):
+            try:
+                names = self.fs.ls(paths.folder, detail=False)
+            except FileNotFoundError:
+                return out
+        for name in names:
+            m = _NAME.match(posixpath.basename(str(name).rstrip("/")))
+            if not m:
+                continue  # temp files of atomic writes, anything a user left there
+            gen = int(m.group("gen"))
+            if m.group("nonce"):
+                out.claims.setdefault(gen, []).append(m.group("nonce"))
+            elif m.group("kind") == "json":
+                out.generations.add(gen)
+            elif m.group("kind") == "released":
+                out.released.add(gen)
+        return out
+
+    def _read(self, path: str) -> bytes | None:
+        """A small lease file's bytes, ``None`` if absent: one ranged GET on object stores
+        (``exists`` costs a HEAD and then a LIST for a missing key, and s3fs's plain
+        ``cat_file`` a HEAD first); on local disk through :func:`read_regular`, so a pipe
+        in the lease folder cannot block a worker."""
+        if is_local(self.fs):
+            try:
+                return read_regular(self.fs, path, _READ_MAX)
+            except StoreError as exc:
+                if isinstance(exc.__cause__, FileNotFoundError):
+                    return None
+                raise
+        with store_errors("read", path):
+            try:
+                return bytes(self.fs.cat_file(path, start=0, end=_READ_MAX))
+            except FileNotFoundError:
+                return None
