@@ -20,8 +20,9 @@ import threading
 import time
 from typing import IO, TYPE_CHECKING
 
-from .errors import SweeprunError
+from .errors import LeaseLost, SweeprunError
 from .faults import crash_point
+from .leases import Lease
 from .ledger import Claim, Outcome, RunState
 from .procs import ProcessRef, spawn
 from .redact import redact
@@ -61,6 +62,7 @@ class Attempt:
         self.terminated = False       # the launcher sent SIGTERM (a preemption, not a failure)
         self.killed = False           # the launcher sent SIGKILL after the grace period
         self.recorded = False         # the ledger has this attempt's end
+        self.store_lease: Lease | None = None  # the run's lease in the store, when leases are on
         self.started_at = time.monotonic()
         self._renewed_at = time.monotonic()
         self._renew_failing = False
@@ -88,6 +90,8 @@ class Attempt:
             raise
         finally:
             launcher._unregister(self)
+            if not self.lost or self.gave_up:
+                self.release_store_lease()
             if log is not None:
                 log.close()
 
@@ -112,6 +116,8 @@ class Attempt:
             self._record(Outcome.DONE, 0, quiet=True)
             self.events.note(f"{claim.run_id}: already done in the store; not started again")
             return False
+        if self.launcher.leases is not None and not self._take_store_lease():
+            return False
         if not self._take_attempt_number():
             return False
         self.launcher.sweep.write_params(claim.run_id, claim.params)
@@ -135,6 +141,38 @@ class Attempt:
             self._renew_failing = False
             self._renewed_at = time.monotonic()
         return True
+
+    def _take_store_lease(self) -> bool:
+        """Take the run's lease in the store: what keeps machines apart when their ledgers
+        cannot see each other. Held elsewhere: the claim goes back, no attempt is used."""
+        try:
+            lease = self.launcher.take_store_lease(self.paths.dir, self.claim.run_id)
+        except SweeprunError as exc:  # the store failed for now: pass the run over for a while
+            self.events.note(f"{self.claim.run_id}: cannot read its lease in the store ({exc})")
+            with self.launcher._leases_lock:
+                self.launcher._elsewhere[self.claim.run_id] = time.monotonic() + self.launcher.spec.lease_s / 3
+            lease = None
+        if lease is None:
+            self.ledger.finish(self.claim, Outcome.INTERRUPTED, self.launcher.policy, None)
+            self.recorded = True
+            return False
+        self.store_lease = lease
+        if lease.generation > self.claim.attempt:  # the generation is the attempt every machine agrees on
+            renumbered = self.ledger.renumber(self.claim, lease.generation)
+            if renumbered is None:
+                self._lose()
+                return False
+            self.claim = renumbered
+        return True
+
+    def release_store_lease(self) -> None:
+        """Let the next taker in at once (the run ended, was stopped, or was given up)."""
+        lease, self.store_lease = self.store_lease, None
+        if lease is not None and self.launcher.leases is not None:
+            try:
+                self.launcher.leases.release(lease)
+            except SweeprunError:
+                pass  # its beat stops; the next taker waits out lease_s instead
 
     def _take_attempt_number(self) -> bool:
         """Make the attempt number durable in the store and higher than any it has seen there.
@@ -355,6 +393,11 @@ class Attempt:
         attempted_at = time.monotonic()
         try:
             ok = self.ledger.heartbeat(self.claim, lease_s, ProcessRef.of(proc.pid) if proc else None)
+            if ok and self.store_lease is not None and self.launcher.leases is not None:
+                try:
+                    self.launcher.leases.renew(self.store_lease)
+                except LeaseLost:
+                    ok = False  # another machine took the run over
         except SweeprunError as exc:
             silent_s = time.monotonic() - self._renewed_at
             if silent_s >= deadline_s:

@@ -209,9 +209,21 @@ class StoreLeases:
         if top is None:  # a lease folder without generations (removed after DONE, or lag)
             self._seen[run_dir] = _Seen(0, None, self.clock())
             return None
-        if top in listing.released or self._stale(paths, top):
+        if top in listing.released or self._holder_gone(paths, top) or self._stale(paths, top):
             return self._create(paths, top + 1)
         return None
+
+    def _holder_gone(self, paths: LeasePaths, generation: int) -> bool:
+        """A holder on this machine whose process is provably gone (a killed launcher): its
+        runs are free at once here, as the ledger frees them; elsewhere only time tells."""
+        blob = self._read(paths.record(generation))
+        if blob is None:
+            return False
+        record = LeaseRecord.from_bytes(blob, paths.record(generation))
+        host, _, pid = record.worker.rpartition(":")
+        if record.host != self.host or host != self.host or not pid.isdigit():
+            return False
+        return not ProcessRef(host, int(pid), None).alive()
 
     def _stale(self, paths: LeasePaths, generation: int) -> bool:
         """Has ``generation``'s beat stood still for ``lease_s`` on this worker's clock?"""

@@ -20,8 +20,10 @@ from typing import Protocol
 from .attempt import Attempt
 from .errors import LedgerError, SweeprunError
 from .fleet import Deadline, StopRequests, stop_poll_s
+from .leases import Lease, StoreLeases
 from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
 from .ledger.base import settled
+from .ledger.sqlite import SqliteLedger
 from .procs import ProcessRef
 from .runenv import ATTEMPT, PARAMS, RUN_DIR, RUN_ID, SWEEP
 from .store import RunPaths
@@ -34,6 +36,9 @@ PARAMS_ENV_MAX_BYTES = 32 * 1024
 #: A launcher stopped by its time limit or by `sweeprun stop` before the sweep was settled:
 #: nothing failed, run the same command again (EX_TEMPFAIL, as a preempted run's exit).
 EXIT_UNSETTLED = 75
+
+#: ``0`` turns store leases off (on by default with a SQLite ledger).
+STORE_LEASES_ENV = "SWEEPRUN_STORE_LEASES"
 
 
 class Events(Protocol):
@@ -87,6 +92,13 @@ class Launcher:
                          if options.time_limit_s else None)
         self._claims_closed_noted = False
         self.stop_requests = StopRequests(sweep.paths)
+        # Leases in the store keep machines apart when their ledgers cannot see each other:
+        # a SQLite ledger is one machine's. (A shared PostgreSQL ledger needs none.)
+        self.leases: StoreLeases | None = None
+        if isinstance(ledger, SqliteLedger) and os.environ.get(STORE_LEASES_ENV, "1") != "0":
+            self.leases = StoreLeases(sweep.store.fs, lease_s=self.spec.lease_s, worker=self.me.label)
+        self._leases_lock = threading.Lock()
+        self._elsewhere: dict[str, float] = {}  # run id -> when to look at its lease again
         self._kill_deadline: float | None = None
         self._errors: list[BaseException] = []
         self._started = 0
@@ -184,7 +196,8 @@ class Launcher:
             while not self._stop.is_set():
                 if not self._claims_open():
                     return
-                claim = self.ledger.claim(self.me, self.policy, self.spec.lease_s, self.grid)
+                claim = self.ledger.claim(self.me, self.policy, self.spec.lease_s, self.grid,
+                                          skip=self._held_elsewhere())
                 if claim is None:
                     if self.ledger.settled(self.policy, self.grid):
                         return
@@ -196,6 +209,24 @@ class Launcher:
                 return  # the ledger is out of reach while stopping: the leases run out instead
             self._errors.append(exc)
             self.request_stop()
+
+    def _held_elsewhere(self) -> set[str]:
+        now = time.monotonic()
+        with self._leases_lock:
+            return {run_id for run_id, due in self._elsewhere.items() if due > now}
+
+    def take_store_lease(self, run_dir: str, run_id: str) -> Lease | None:
+        """The run's lease in the store, or ``None`` when another machine holds it: then this
+        launcher passes the run over for a while (a third of a lease, when a lost holder's
+        beat may have stood still long enough to take over)."""
+        assert self.leases is not None
+        with self._leases_lock:  # one taker object: it remembers how long each beat stood still
+            lease = self.leases.take(run_dir)
+            if lease is None:
+                self._elsewhere[run_id] = time.monotonic() + self.spec.lease_s / 3
+            else:
+                self._elsewhere.pop(run_id, None)
+            return lease
 
     def _register(self, attempt: Attempt) -> bool:
         """Put ``attempt`` under the heartbeat from its claim on; ``False`` when stopping."""

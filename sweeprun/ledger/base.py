@@ -27,7 +27,7 @@ import hashlib
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -205,10 +205,11 @@ class Ledger(ABC):
 
     @abstractmethod
     def claim(self, worker: ProcessRef, policy: Policy, lease_s: float,
-              grid: str | None = None) -> Claim | None:
+              grid: str | None = None, skip: Collection[str] = ()) -> Claim | None:
         """Atomically take the next :data:`Verdict.RUNNABLE` run of ``grid`` (a :func:`grid_key`
         given to :meth:`sync`; ``None``: any run), or return ``None``. Interrupted runs
-        come first (their checkpoints hold work), then grid order."""
+        come first (their checkpoints hold work), then grid order. Runs in ``skip`` are
+        passed over (another machine holds them, by the store's leases)."""
 
     @abstractmethod
     def renumber(self, claim: Claim, at_least: int) -> Claim | None:

@@ -89,6 +89,13 @@ class LedgerContract:
         assert ledger.claim(ME, POLICY, 60, GRID) is None
         assert not ledger.settled(POLICY, GRID)  # all held: not over yet
 
+    def test_runs_held_elsewhere_are_passed_over(self, ledger: Ledger) -> None:
+        elsewhere = {RUNS[0].run_id, RUNS[1].run_id}  # another machine holds them (store leases)
+        first = ledger.claim(ME, POLICY, 60, GRID, skip=elsewhere)
+        assert first and first.run_id == RUNS[2].run_id
+        again = ledger.claim(ME, POLICY, 60, GRID)
+        assert again and again.run_id == RUNS[0].run_id
+
     def test_interrupted_run_is_claimed_again_before_new_ones(self, ledger: Ledger) -> None:
         first = ledger.claim(ME, POLICY, 60, GRID)
         assert first and ledger.finish(first, Outcome.INTERRUPTED, POLICY) is RunState.INTERRUPTED

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -446,7 +446,7 @@ class PostgresLedger(Ledger):
         self._run("syncing with the store", tx, timeout_s=SYNC_TIMEOUT_S + len(runs) / 1000)
 
     def claim(self, worker: ProcessRef, policy: Policy, lease_s: float,
-              grid: str | None = None) -> Claim | None:
+              grid: str | None = None, skip: Collection[str] = ()) -> Claim | None:
         check_lease(lease_s)
         self._writable()
         # A claim whose COMMIT went through but whose reply was lost would, retried blindly,
@@ -462,12 +462,13 @@ class PostgresLedger(Ledger):
                     found = self._claimed_with(conn, token, worker)
                     if found is not None:
                         return found
-                return self._claim(conn, worker, policy, lease_s, grid, token)
+                return self._claim(conn, worker, policy, lease_s, grid, token, skip)
 
         return self._run("claiming a run", tx)
 
     def _claim(self, conn: psycopg.Connection[Any], worker: ProcessRef, policy: Policy,
-               lease_s: float, grid: str | None, token: str) -> Claim | None:
+               lease_s: float, grid: str | None, token: str,
+               skip: Collection[str] = ()) -> Claim | None:
         # Walks sweeprun_runs_claim (the sweep's runs that are not done, interrupted first,
         # then by index), so a claim costs the same at the first run and the ten-thousandth;
         # a join ordered by the grid's own member index had to sort every open run of the
@@ -489,7 +490,7 @@ class PostgresLedger(Ledger):
                  f"AND NOT (r.run_id = ANY(%(seen)s::text[])) {member}"
                  "ORDER BY (r.state <> 'interrupted'), r.idx "
                  "LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED")
-        seen: list[str] = []
+        seen: list[str] = list(skip)
         limit = 4  # usually the first row; rows held by live workers of this host come back too
         while True:
             found = conn.execute(query, self._key(

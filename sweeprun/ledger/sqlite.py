@@ -9,7 +9,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -366,7 +366,7 @@ class SqliteLedger(Ledger):
                                            "idx": run.index} for run in runs), ignore=True)
 
     def claim(self, worker: ProcessRef, policy: Policy, lease_s: float,
-              grid: str | None = None) -> Claim | None:
+              grid: str | None = None, skip: Collection[str] = ()) -> Claim | None:
         check_lease(lease_s)
         now = self.now()
         order = "CASE r.state WHEN 'interrupted' THEN 0 ELSE 1 END"
@@ -383,7 +383,7 @@ class SqliteLedger(Ledger):
                     [self.sweep, grid])
             for raw in cursor:
                 row, extra = self._row(raw)
-                if judge(row, now, policy) is not Verdict.RUNNABLE:
+                if row.run_id in skip or judge(row, now, policy) is not Verdict.RUNNABLE:
                     continue
                 orphan, took_over = None, False
                 if row.state is RunState.RUNNING:
