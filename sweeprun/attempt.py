@@ -152,8 +152,8 @@ class Attempt:
             with self.launcher._leases_lock:
                 self.launcher._elsewhere[self.claim.run_id] = time.monotonic() + self.launcher.spec.lease_s / 3
             lease = None
-        if lease is None:
-            self.ledger.finish(self.claim, Outcome.INTERRUPTED, self.launcher.policy, None)
+        if lease is None:  # another machine holds the run: undo the claim, use no attempt
+            self.ledger.release(self.claim)
             self.recorded = True
             return False
         self.store_lease = lease

@@ -212,6 +212,12 @@ class Ledger(ABC):
         passed over (another machine holds them, by the store's leases)."""
 
     @abstractmethod
+    def release(self, claim: Claim) -> bool:
+        """Undo ``claim`` before its run started: the run is runnable again and its attempt
+        number is not used up (another machine holds the run, by the store's leases).
+        ``False`` when the claim is no longer current."""
+
+    @abstractmethod
     def renumber(self, claim: Claim, at_least: int) -> Claim | None:
         """Raise the claim's attempt number to ``at_least`` (the store has seen attempts this
         ledger has not: it was rebuilt); ``None`` if the claim is no longer current."""

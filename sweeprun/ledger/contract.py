@@ -96,6 +96,13 @@ class LedgerContract:
         again = ledger.claim(ME, POLICY, 60, GRID)
         assert again and again.run_id == RUNS[0].run_id
 
+    def test_a_released_claim_uses_no_attempt(self, ledger: Ledger) -> None:
+        c = ledger.claim(ME, POLICY, 60, GRID)
+        assert c and ledger.release(c)
+        assert ledger.release(c) is False  # no longer current
+        again = ledger.claim(ME, POLICY, 60, GRID)
+        assert again and again.run_id == c.run_id and again.attempt == c.attempt == 1
+
     def test_interrupted_run_is_claimed_again_before_new_ones(self, ledger: Ledger) -> None:
         first = ledger.claim(ME, POLICY, 60, GRID)
         assert first and ledger.finish(first, Outcome.INTERRUPTED, POLICY) is RunState.INTERRUPTED

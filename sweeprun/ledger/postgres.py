@@ -552,6 +552,26 @@ class PostgresLedger(Ledger):
         return Claim(run_id=row.run_id, attempt=row.attempts, params=row.params, worker=worker,
                      took_over=before is not None and before[0] == "lost")
 
+    def release(self, claim: Claim) -> bool:
+        self._writable()
+
+        def tx(conn: psycopg.Connection[Any], retry: bool) -> bool:
+            with conn.transaction():
+                now = self._tx_now(conn)
+                cur = conn.execute(
+                    "UPDATE sweeprun_runs SET state = 'interrupted', attempts = attempts - 1, "
+                    "worker = NULL, worker_start = NULL, child_pid = NULL, child_start = NULL, "
+                    "lease_until = NULL, updated_at = %s WHERE sweep = %s AND run_id = %s AND "
+                    "attempts = %s AND state = 'running' RETURNING 1",
+                    [now, self.sweep, claim.run_id, claim.attempt])
+                if cur.fetchone() is None:  # (pipeline mode: rowcount is not known yet)
+                    return False
+                conn.execute("DELETE FROM sweeprun_attempts WHERE sweep = %s AND run_id = %s AND "
+                             "attempt = %s", [self.sweep, claim.run_id, claim.attempt])
+                return True
+
+        return self._run("giving a claim back", tx)
+
     def renumber(self, claim: Claim, at_least: int) -> Claim | None:
         if at_least <= claim.attempt:
             return claim

@@ -410,6 +410,20 @@ class SqliteLedger(Ledger):
     def _prefixed(self) -> str:
         return ", ".join(f"r.{c.strip()}" for c in self._COLUMNS.split(","))
 
+    def release(self, claim: Claim) -> bool:
+        now = self.now()
+        with self._tx() as db:
+            cur = db.execute("UPDATE runs SET state = 'interrupted', attempts = attempts - 1, "
+                             "worker = NULL, worker_start = NULL, child_pid = NULL, child_start = NULL, "
+                             "lease_until = NULL, updated_at = ? WHERE sweep = ? AND run_id = ? AND "
+                             "attempts = ? AND state = 'running'",
+                             [now, self.sweep, claim.run_id, claim.attempt])
+            if cur.rowcount != 1:
+                return False
+            db.execute("DELETE FROM attempts WHERE sweep = ? AND run_id = ? AND attempt = ?",
+                       [self.sweep, claim.run_id, claim.attempt])
+            return True
+
     def renumber(self, claim: Claim, at_least: int) -> Claim | None:
         if at_least <= claim.attempt:
             return claim
