@@ -186,6 +186,7 @@ class StoreLeases:
         self.clock = clock
         self.sleep = sleep
         self._seen: dict[str, _Seen] = {}
+        self._records: dict[tuple[str, int], LeaseRecord] = {}
 
     # -- taking -------------------------------------------------------------------------------
 
@@ -216,10 +217,13 @@ class StoreLeases:
     def _holder_gone(self, paths: LeasePaths, generation: int) -> bool:
         """A holder on this machine whose process is provably gone (a killed launcher): its
         runs are free at once here, as the ledger frees them; elsewhere only time tells."""
-        blob = self._read(paths.record(generation))
-        if blob is None:
-            return False
-        record = LeaseRecord.from_bytes(blob, paths.record(generation))
+        key = (paths.run_dir, generation)
+        record = self._records.get(key)
+        if record is None:  # read once per generation: a record is never rewritten
+            blob = self._read(paths.record(generation))
+            if blob is None:
+                return False
+            record = self._records[key] = LeaseRecord.from_bytes(blob, paths.record(generation))
         host, _, pid = record.worker.rpartition(":")
         if record.host != self.host or host != self.host or not pid.isdigit():
             return False

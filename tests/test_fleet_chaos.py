@@ -29,7 +29,7 @@ from sweeprun.training import load_checkpoint
 
 from _training_helpers import REPO, assert_same_tree
 from conftest import Sandbox, wait_for
-from servers import PostgresServer
+from servers import PostgresServer, S3Server
 from test_chaos import EXAMPLE_FLAGS, reference
 
 LEASE_S = 3
@@ -78,6 +78,8 @@ class Fleet:
         env = self.sandbox.env(**self.s3_env)
         env.update(SWEEPRUN_HOST=name, SWEEPRUN_HOME=str(home / "state"), HOME=str(home),
                    SWEEPRUN_LEDGER=self.ledger, EXCLUSIVE_GRACE_S="3")
+        if not self.ledger:  # each machine its own default ledger: only the store is shared
+            del env["SWEEPRUN_LEDGER"]
         return env
 
     def start(self, name: str | None = None) -> Host:
@@ -231,3 +233,70 @@ def test_a_host_frozen_past_its_lease_is_taken_over_and_fenced(
     assert row["state"] == "done" and got["step"] == ref["step"] == 96
     assert_same_tree(got["objects"]["model"], ref["objects"]["model"], "model")
     assert_same_tree(got["objects"]["optimizer"], ref["objects"]["optimizer"], "optimizer")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["folder", "s3"])
+def test_four_hosts_sharing_only_the_store_never_run_a_run_twice(
+        sandbox: Sandbox, store: str, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No database: each host keeps its own SQLite ledger, and only the leases in the store
+    (a shared folder, or a bucket) keep them apart, through lost, preempted and frozen hosts."""
+    rnd = random.Random(20261201)
+    s3 = {}
+    root = str(sandbox.store)
+    if store == "s3":
+        s3 = s3_server.env()
+        for key, value in s3.items():
+            monkeypatch.setenv(key, value)
+        root = s3_server.bucket() + "/sweeps"
+    epochs = 3
+    sweep = sandbox.write_sweep(
+        {"lr": [0.01, 0.03], "seed": [0, 1, 2]}, {"epochs": epochs}, name="fleet", lease_s=LEASE_S,
+        grace_s=10, command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
+                            f"--lr {{lr}} --seed {{seed}} {EXAMPLE_FLAGS}")
+    sweep.write_text(sweep.read_text().replace(f"store: {sandbox.store}", f"store: {root}"))
+    fleet = Fleet(sandbox, sweep, "", s3)
+    hosts = [fleet.start() for _ in range(4)]
+    done: Counter = Counter()
+    actions = ["lost", "preempted", "paused"] * 4
+    rnd.shuffle(actions)
+    for action in actions:
+        time.sleep(rnd.uniform(2.0, 4.5))
+        busy = [i for i, h in enumerate(hosts) if h.proc.poll() is None and children(h.proc.pid)]
+        if not busy:
+            continue
+        i = rnd.choice(busy)
+        host = hosts[i]
+        if action == "lost":
+            signal_host(host, signal.SIGKILL)
+            host.proc.wait()
+            hosts[i] = fleet.start()
+        elif action == "preempted":
+            os.killpg(host.proc.pid, signal.SIGTERM)
+            host.proc.wait(timeout=120)
+            hosts[i] = fleet.start(host.name)
+        else:
+            signal_host(host, signal.SIGSTOP)
+            time.sleep(LEASE_S + 2)
+            signal_host(host, signal.SIGCONT)
+        done[action] += 1
+    for host in hosts:
+        host.proc.wait(timeout=900)
+        assert host.proc.returncode == 0, (sandbox.root / host.out.name).read_text()[-3000:]
+    status = fleet.status()
+    assert len(status) == 6 and {row["state"] for row in status.values()} == {"done"}, status
+    events = sandbox.events()
+    assert not [e for e in events if e["event"] == "overlap"], "a run had two processes at once"
+    with ThreadPoolExecutor(2) as pool:
+        refs = dict(zip(status, pool.map(lambda r: reference(sandbox.root, r["params"]["lr"],
+                                                             r["params"]["seed"], epochs), status.values()),
+                        strict=True))
+    for run_id, ref in refs.items():
+        got = load_checkpoint(f"{root}/fleet/runs/{run_id}")
+        assert got["step"] == ref["step"] == epochs * 16
+        assert_same_tree(got["objects"]["model"], ref["objects"]["model"], f"{run_id} model")
+        assert_same_tree(got["objects"]["optimizer"], ref["objects"]["optimizer"], f"{run_id} optimizer")
+    again = fleet.run("launch")
+    assert again.returncode == 0 and "0 process(es) started" in again.stdout
+    starts = sum(1 for e in events if e["event"] == "start")
+    print(f"\nstore-only fleet ({store}):", json.dumps({**done, "process_starts": starts, "ideal_starts": 6}))

@@ -265,8 +265,8 @@ def test_requests_per_claim_and_per_heartbeat_on_s3(s3_bucket: str) -> None:
     a.renew(lease)
     assert sent == ["PutObject", "GetObject"]  # a heartbeat: one write, one read of gen+1
     sent.clear()
-    assert b.take(place.run("free")) is None  # first look at a held run
-    assert sent == ["PutObject", "ListObjectsV2", "GetObject"]
+    assert b.take(place.run("free")) is None  # first look at a held run (and who holds it)
+    assert sent == ["PutObject", "ListObjectsV2", "GetObject", "GetObject"]
     sent.clear()
     assert b.take(place.run("free")) is None  # later looks: no create
     assert sent == ["ListObjectsV2", "GetObject"]
