@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import math
 import time
 from abc import ABC, abstractmethod
@@ -31,6 +32,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import LedgerError
 from ..identity import RunSpec
 from ..procs import ProcessRef
 
@@ -113,6 +115,33 @@ class RunRow:
             return ProcessRef(host, int(pid), self.worker_start)
         except ValueError:
             return None
+
+
+def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> tuple[RunRow, dict[str, Any]]:
+    """A row of a backend's ``runs`` table, in the column order every backend selects.
+
+    Returns the :class:`RunRow` and what only the ledger itself needs (the child's pid and
+    start time, the checkpoint progress). A damaged row is a one-line :class:`LedgerError`
+    naming ``where`` (the ledger) and ``remedy`` (how to rebuild it from the store).
+    """
+    (run_id, idx, params, state, attempts, failures, lost, progress, worker, worker_start,
+     child_pid, child_start, lease_until, heartbeat_at, last_exit, updated_at) = r
+    try:
+        run_state = RunState(state)
+    except ValueError:
+        raise LedgerError(f"ledger {where}: run {run_id} has an unknown state {state!r}; "
+                          f"{remedy}") from None
+    try:
+        decoded = json.loads(params)
+        if not isinstance(decoded, dict):
+            raise ValueError("not an object")
+    except (TypeError, ValueError):
+        raise LedgerError(f"ledger {where}: run {run_id} has unreadable params; {remedy}") from None
+    row = RunRow(run_id=run_id, index=idx or 0, params=decoded, state=run_state,
+                 attempts=attempts or 0, failures=failures or 0, worker=worker,
+                 heartbeat_at=heartbeat_at, lease_until=lease_until, last_exit=last_exit,
+                 updated_at=updated_at or 0.0, lost=lost or 0, worker_start=worker_start)
+    return row, {"child_pid": child_pid, "child_start": child_start, "progress": progress}
 
 
 def judge(row: RunRow, now: float, policy: Policy) -> Verdict:

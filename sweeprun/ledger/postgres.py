@@ -29,6 +29,7 @@ from .base import (
     RunState,
     Verdict,
     check_lease,
+    decode_row,
     grid_key,
     judge,
     with_attempt,
@@ -365,25 +366,8 @@ class PostgresLedger(Ledger):
     # -- reading rows -----------------------------------------------------------------------
 
     def _row(self, r: tuple[Any, ...]) -> tuple[RunRow, dict[str, Any]]:
-        (run_id, idx, params, state, attempts, failures, lost, progress, worker, worker_start,
-         child_pid, child_start, lease_until, heartbeat_at, last_exit, updated_at) = r
-        try:
-            run_state = RunState(state)
-        except ValueError:
-            raise LedgerError(f"ledger {self.shown}: run {run_id} has an unknown state {state!r}; "
-                              "give --ledger another database: it is rebuilt from the store") from None
-        try:
-            decoded = json.loads(params)
-            if not isinstance(decoded, dict):
-                raise ValueError("not an object")
-        except (TypeError, ValueError):
-            raise LedgerError(f"ledger {self.shown}: run {run_id} has unreadable params; give "
-                              "--ledger another database: it is rebuilt from the store") from None
-        row = RunRow(run_id=run_id, index=idx or 0, params=decoded, state=run_state,
-                     attempts=attempts or 0, failures=failures or 0, worker=worker,
-                     heartbeat_at=heartbeat_at, lease_until=lease_until, last_exit=last_exit,
-                     updated_at=updated_at or 0.0, lost=lost or 0, worker_start=worker_start)
-        return row, {"child_pid": child_pid, "child_start": child_start, "progress": progress}
+        return decode_row(r, self.shown, "give --ledger another database: it is rebuilt from "
+                          "the store")
 
     # -- the contract -------------------------------------------------------------------
 
