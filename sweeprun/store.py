@@ -135,22 +135,37 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             fs.pipe_file(path, data)
             return
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+        tmp = _durable_temp(path, data)
         try:
-            # mkstemp makes 0600; a store shared with a group must stay readable to it, as
-            # any file the user's own tools create would be.
-            os.fchmod(fd, 0o666 & ~current_umask())
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             with _suppress_oserror():
                 os.unlink(tmp)
             raise
         fsync_dir(directory)
+
+
+def _durable_temp(path: str, data: bytes) -> str:
+    """``data`` in a new, fsynced temp file beside ``path`` (its folder is created); its name.
+
+    Both ways of putting a whole file in place (rename, link) start here.
+    """
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        # mkstemp makes 0600; a store shared with a group must stay readable to it, as
+        # any file the user's own tools create would be.
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with _suppress_oserror():
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
@@ -176,14 +191,8 @@ def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
             return True
         path = fs._strip_protocol(path)
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+        tmp = _durable_temp(path, data)
         try:
-            os.fchmod(fd, 0o666 & ~current_umask())
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             try:
                 os.link(tmp, path)
             except FileExistsError:
