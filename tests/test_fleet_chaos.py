@@ -109,6 +109,60 @@ class Fleet:
         return row
 
 
+def attack(fleet: Fleet, hosts: list[Host], rnd: random.Random, rounds: int) -> Counter:
+    """Hit hosts that are running a run, every 2 to 4.5 s (a start, torch's import and a few
+    saves fit between), ``rounds`` times each of: lost (SIGKILL of the whole machine, replaced
+    by a machine with a new name), preempted (SIGTERM; the same machine comes back), and
+    frozen past its lease (SIGSTOP, then SIGCONT). ``hosts`` is updated in place."""
+    done: Counter = Counter()
+    actions = ["lost", "preempted", "paused"] * rounds
+    rnd.shuffle(actions)
+    for action in actions:
+        time.sleep(rnd.uniform(2.0, 4.5))
+        busy = [i for i, h in enumerate(hosts) if h.proc.poll() is None and children(h.proc.pid)]
+        if not busy:  # between runs, or the sweep is nearly done
+            continue
+        i = rnd.choice(busy)
+        host = hosts[i]
+        if action == "lost":
+            signal_host(host, signal.SIGKILL)
+            host.proc.wait()
+            hosts[i] = fleet.start()
+        elif action == "preempted":
+            os.killpg(host.proc.pid, signal.SIGTERM)
+            host.proc.wait(timeout=120)
+            hosts[i] = fleet.start(host.name)
+        else:
+            signal_host(host, signal.SIGSTOP)
+            time.sleep(LEASE_S + 2)
+            signal_host(host, signal.SIGCONT)
+        done[action] += 1
+    return done
+
+
+def assert_all_done_exactly(sandbox: Sandbox, fleet: Fleet, hosts: list[Host], root: str, runs: int,
+                            epochs: int) -> list[dict]:
+    """Every host standing at the end finishes cleanly, every run is done, none ever had two
+    running processes, and each ends bit-exact against an uninterrupted run. The side log."""
+    for host in hosts:
+        host.proc.wait(timeout=900)
+        assert host.proc.returncode == 0, (sandbox.root / host.out.name).read_text()[-3000:]
+    status = fleet.status()
+    assert len(status) == runs and {row["state"] for row in status.values()} == {"done"}, status
+    events = sandbox.events()
+    assert not [e for e in events if e["event"] == "overlap"], "a run had two processes at once"
+    with ThreadPoolExecutor(2) as pool:
+        refs = dict(zip(status, pool.map(lambda r: reference(sandbox.root, r["params"]["lr"],
+                                                             r["params"]["seed"], epochs), status.values()),
+                        strict=True))
+    for run_id, ref in refs.items():
+        got = load_checkpoint(f"{root}/fleet/runs/{run_id}")
+        assert got["step"] == ref["step"] == epochs * 16
+        assert_same_tree(got["objects"]["model"], ref["objects"]["model"], f"{run_id} model")
+        assert_same_tree(got["objects"]["optimizer"], ref["objects"]["optimizer"], f"{run_id} optimizer")
+    return events
+
+
 @pytest.mark.slow
 def test_four_hosts_sharing_only_postgres_and_a_bucket_survive_kills_preemptions_and_pauses(
         sandbox: Sandbox, postgres_url: str, s3_bucket: str, s3_env: dict[str, str]) -> None:
@@ -122,48 +176,8 @@ def test_four_hosts_sharing_only_postgres_and_a_bucket_survive_kills_preemptions
     sweep.write_text(text)
     fleet = Fleet(sandbox, sweep, postgres_url, s3_env)
     hosts = [fleet.start() for _ in range(4)]
-    done: Counter = Counter()
-    actions = ["lost", "preempted", "paused"] * 5
-    rnd.shuffle(actions)
-    for action in actions:
-        time.sleep(rnd.uniform(2.0, 4.5))  # a start (torch's import) and a few saves fit between
-        busy = [i for i, h in enumerate(hosts) if h.proc.poll() is None and children(h.proc.pid)]
-        if not busy:  # between runs, or the sweep is nearly done
-            continue
-        i = rnd.choice(busy)
-        host = hosts[i]
-        if action == "lost":  # the machine is lost; another one, with another name, comes up
-            signal_host(host, signal.SIGKILL)
-            host.proc.wait()
-            hosts[i] = fleet.start()
-        elif action == "preempted":  # a preemption notice; the same machine comes back
-            os.killpg(host.proc.pid, signal.SIGTERM)
-            host.proc.wait(timeout=120)
-            hosts[i] = fleet.start(host.name)
-        else:  # the VM freezes past its lease, then wakes up
-            signal_host(host, signal.SIGSTOP)
-            time.sleep(LEASE_S + 2)
-            signal_host(host, signal.SIGCONT)
-        done[action] += 1
-    for host in hosts:  # every host standing at the end, restarted or woken, finishes cleanly
-        host.proc.wait(timeout=900)
-        assert host.proc.returncode == 0, (sandbox.root / host.out.name).read_text()[-3000:]
-
-    status = fleet.status()
-    assert len(status) == 8 and {row["state"] for row in status.values()} == {"done"}, status
-    events = sandbox.events()
-    assert not [e for e in events if e["event"] == "overlap"], "a run had two processes at once"
-
-    with ThreadPoolExecutor(2) as pool:
-        refs = dict(zip(status, pool.map(lambda r: reference(sandbox.root, r["params"]["lr"],
-                                                             r["params"]["seed"], epochs), status.values()),
-                        strict=True))
-    for run_id, ref in refs.items():
-        got = load_checkpoint(f"{s3_bucket}/sweeps/fleet/runs/{run_id}")
-        assert got["step"] == ref["step"] == epochs * 16
-        assert_same_tree(got["objects"]["model"], ref["objects"]["model"], f"{run_id} model")
-        assert_same_tree(got["objects"]["optimizer"], ref["objects"]["optimizer"], f"{run_id} optimizer")
-
+    done = attack(fleet, hosts, rnd, rounds=5)
+    events = assert_all_done_exactly(sandbox, fleet, hosts, f"{s3_bucket}/sweeps", runs=8, epochs=epochs)
     again = fleet.run("launch")
     assert again.returncode == 0 and "0 process(es) started" in again.stdout
     starts = sum(1 for e in events if e["event"] == "start")
@@ -257,45 +271,8 @@ def test_four_hosts_sharing_only_the_store_never_run_a_run_twice(
     sweep.write_text(sweep.read_text().replace(f"store: {sandbox.store}", f"store: {root}"))
     fleet = Fleet(sandbox, sweep, "", s3)
     hosts = [fleet.start() for _ in range(4)]
-    done: Counter = Counter()
-    actions = ["lost", "preempted", "paused"] * 4
-    rnd.shuffle(actions)
-    for action in actions:
-        time.sleep(rnd.uniform(2.0, 4.5))
-        busy = [i for i, h in enumerate(hosts) if h.proc.poll() is None and children(h.proc.pid)]
-        if not busy:
-            continue
-        i = rnd.choice(busy)
-        host = hosts[i]
-        if action == "lost":
-            signal_host(host, signal.SIGKILL)
-            host.proc.wait()
-            hosts[i] = fleet.start()
-        elif action == "preempted":
-            os.killpg(host.proc.pid, signal.SIGTERM)
-            host.proc.wait(timeout=120)
-            hosts[i] = fleet.start(host.name)
-        else:
-            signal_host(host, signal.SIGSTOP)
-            time.sleep(LEASE_S + 2)
-            signal_host(host, signal.SIGCONT)
-        done[action] += 1
-    for host in hosts:
-        host.proc.wait(timeout=900)
-        assert host.proc.returncode == 0, (sandbox.root / host.out.name).read_text()[-3000:]
-    status = fleet.status()
-    assert len(status) == 6 and {row["state"] for row in status.values()} == {"done"}, status
-    events = sandbox.events()
-    assert not [e for e in events if e["event"] == "overlap"], "a run had two processes at once"
-    with ThreadPoolExecutor(2) as pool:
-        refs = dict(zip(status, pool.map(lambda r: reference(sandbox.root, r["params"]["lr"],
-                                                             r["params"]["seed"], epochs), status.values()),
-                        strict=True))
-    for run_id, ref in refs.items():
-        got = load_checkpoint(f"{root}/fleet/runs/{run_id}")
-        assert got["step"] == ref["step"] == epochs * 16
-        assert_same_tree(got["objects"]["model"], ref["objects"]["model"], f"{run_id} model")
-        assert_same_tree(got["objects"]["optimizer"], ref["objects"]["optimizer"], f"{run_id} optimizer")
+    done = attack(fleet, hosts, rnd, rounds=4)
+    events = assert_all_done_exactly(sandbox, fleet, hosts, root, runs=6, epochs=epochs)
     again = fleet.run("launch")
     assert again.returncode == 0 and "0 process(es) started" in again.stdout
     starts = sum(1 for e in events if e["event"] == "start")
