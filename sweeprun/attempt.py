@@ -63,6 +63,7 @@ class Attempt:
         self.killed = False           # the launcher sent SIGKILL after the grace period
         self.recorded = False         # the ledger has this attempt's end
         self.store_lease: Lease | None = None  # the run's lease in the store, when leases are on
+        self.wrote_done = False
         self.started_at = time.monotonic()
         self._renewed_at = time.monotonic()
         self._renew_failing = False
@@ -149,8 +150,7 @@ class Attempt:
             lease = self.launcher.take_store_lease(self.paths.dir, self.claim.run_id)
         except SweeprunError as exc:  # the store failed for now: pass the run over for a while
             self.events.note(f"{self.claim.run_id}: cannot read its lease in the store ({exc})")
-            with self.launcher._leases_lock:
-                self.launcher._elsewhere[self.claim.run_id] = time.monotonic() + self.launcher.spec.lease_s / 3
+            self.launcher.pass_over(self.claim.run_id)
             lease = None
         if lease is None:  # another machine holds the run: undo the claim, use no attempt
             self.ledger.release(self.claim)
@@ -166,11 +166,15 @@ class Attempt:
         return True
 
     def release_store_lease(self) -> None:
-        """Let the next taker in at once (the run ended, was stopped, or was given up)."""
+        """Let the next taker in at once (the run ended, was stopped, or was given up); a
+        done run's older lease generations are cleared away."""
         lease, self.store_lease = self.store_lease, None
         if lease is not None and self.launcher.leases is not None:
             try:
-                self.launcher.leases.release(lease)
+                if self.wrote_done:
+                    self.launcher.leases.retire(lease)
+                else:
+                    self.launcher.leases.release(lease)
             except SweeprunError:
                 pass  # its beat stops; the next taker waits out lease_s instead
 
@@ -287,6 +291,7 @@ class Attempt:
                 # (its final checkpoint makes the next attempt instant) and stop.
                 self._record(Outcome.INTERRUPTED, rc)
                 raise
+            self.wrote_done = True
             crash_point("runner.after_done")
             self._record(Outcome.DONE, rc)
         elif (rc == PREEMPTED_EXIT or -rc in _PREEMPTION_SIGNALS or self.killed or self.terminated
@@ -311,10 +316,26 @@ class Attempt:
                     return False
                 time.sleep(min(1.0, self.launcher.heartbeat_s))
                 continue
+            if ok and not self._store_lease_still_ours():
+                return False
             if ok:
                 with self._lock:
                     self._renewed_at = time.monotonic()
             return ok
+
+    def _store_lease_still_ours(self) -> bool:
+        """The store lease's last word before ``DONE``: another machine may have taken the
+        run over since the last heartbeat. An unreadable store is no news (``DONE`` is
+        create-only: two finishers cannot both write it)."""
+        if self.store_lease is None or self.launcher.leases is None:
+            return True
+        try:
+            self.launcher.leases.renew(self.store_lease)
+        except LeaseLost:
+            return False
+        except SweeprunError:
+            pass
+        return True
 
     def _release(self, rc: int | None) -> RunState | None:
         """After this machine gave a lease up by its own clock, hand the run back if no one

@@ -20,20 +20,24 @@ disagree by hours and nothing changes.
 Folders that are only eventually consistent across machines (Google Drive mounted in two
 Colab VMs) let two machines' exclusive creates both succeed. There ``settle_s`` turns
 every take into claim-then-confirm (see :meth:`StoreLeases._settle`); it is safe as long as
-the store shows a write to every machine within ``settle_s``.
+the store shows a write to every machine within ``settle_s``. :func:`settle_default` turns
+it on for the folders known to behave so; ``lease_settle_s:`` in the sweep file sets it.
 
-Not wired into the launcher yet: this module is the protocol and its unit tests.
+The launcher (:mod:`sweeprun.runner`) takes a run's lease after its ledger claim and
+before the child starts, renews it with every heartbeat and releases it when the attempt
+ends; ``status`` reads leases from the listing it makes anyway (:func:`lease_view`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import random
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import fsspec
@@ -79,17 +83,30 @@ class LeaseRecord:
     worker: str
     generation: int
     nonce: str
+    #: The holder's process start time (clock ticks since boot, as the ledger records it):
+    #: with the pid, it tells a dead holder from a new process that reuses its pid.
+    started: int | None = None
+
+    def gone(self) -> bool:
+        """Is the holder a process of this host that is provably gone (see
+        :meth:`ProcessRef.alive`)? A holder elsewhere is never known to be gone."""
+        host, _, pid = self.worker.rpartition(":")
+        if self.host != HOST or host != HOST or not pid.isdigit():
+            return False
+        return not ProcessRef(host, int(pid), self.started).alive()
 
     def to_bytes(self) -> bytes:
         return (json.dumps({"host": self.host, "worker": self.worker, "generation": self.generation,
-                            "nonce": self.nonce}, sort_keys=True) + "\n").encode()
+                            "nonce": self.nonce, "started": self.started}, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, blob: bytes, path: str) -> LeaseRecord:
         try:
             doc = json.loads(blob)
+            started = doc.get("started")
             return cls(host=str(doc["host"]), worker=str(doc["worker"]),
-                       generation=int(doc["generation"]), nonce=str(doc["nonce"]))
+                       generation=int(doc["generation"]), nonce=str(doc["nonce"]),
+                       started=int(started) if started is not None else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"lease file {path} is not a sweeprun lease ({type(exc).__name__}); "
                              "move the run's lease/ folder away and run the same command again") from exc
@@ -119,12 +136,8 @@ class LeaseState:
     generation: int
     holder: LeaseRecord | None
     released: bool
-    #: Claims seen for the next generation: more than one means machines are contending.
-    claims: int = 0
-
-    @property
-    def contested(self) -> bool:
-        return self.claims > 1
+    #: Two machines' claims stand for one generation (see :attr:`_Listing.contested`).
+    contested: bool = False
 
 
 @dataclass
@@ -134,10 +147,71 @@ class _Listing:
     generations: set[int] = field(default_factory=set)
     released: set[int] = field(default_factory=set)
     claims: dict[int, list[str]] = field(default_factory=dict)  # generation -> claim nonces
+    beats: set[int] = field(default_factory=set)
+    #: A record name listed twice: folders that allow duplicate names (Google Drive) keep
+    #: both of two creates that did not see each other.
+    duplicated: bool = False
 
     @property
     def top(self) -> int | None:
         return max(self.generations) if self.generations else None
+
+    @property
+    def contested(self) -> bool:
+        """Do two machines look like they want (or hold) one generation? Claims of two
+        machines stand side by side during a settle round (for ``settle_s`` or two: a
+        normal contention that one rule settles); longer, or a duplicated record, means
+        the store showed a write later than ``settle_s``: raise ``lease_settle_s``."""
+        return self.duplicated or any(len(nonces) > 1 for nonces in self.claims.values())
+
+    @classmethod
+    def parse(cls, names: Iterable[str]) -> _Listing:
+        """Lease files by their base names; anything else (temp files of atomic writes,
+        what a user left there) is not ours and is passed over."""
+        out = cls()
+        for name in names:
+            m = _NAME.match(posixpath.basename(str(name).rstrip("/")))
+            if not m:
+                continue
+            gen = int(m.group("gen"))
+            if m.group("nonce"):
+                out.claims.setdefault(gen, []).append(m.group("nonce"))
+            elif m.group("kind") == "json":
+                out.duplicated |= gen in out.generations
+                out.generations.add(gen)
+            elif m.group("kind") == "released":
+                out.released.add(gen)
+            else:
+                out.beats.add(gen)
+        return out
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """A run's lease as ``status`` sees it in the listing it makes anyway (no extra request
+    but one small read of the holder's record)."""
+
+    generation: int
+    released: bool
+    contested: bool
+    #: The store's timestamp of the holder's last beat (or of its record, before the first
+    #: beat). Only for showing an age: takeovers never compare clocks.
+    beat_mtime: float
+
+
+def lease_view(files: Mapping[str, float]) -> LeaseView | None:
+    """The lease in a run's listing (``relative path -> mtime``, as
+    :meth:`~sweeprun.store.SweepPaths.listing` gives); ``None`` when the run was never leased.
+
+    Contested as :attr:`_Listing.contested` says.
+    """
+    names = {path.split("/", 1)[1]: mtime for path, mtime in files.items() if path.startswith("lease/")}
+    listing = _Listing.parse(names)
+    top = listing.top
+    if top is None:
+        return None
+    beat = names.get(f"{top:08d}.beat", names.get(f"{top:08d}.json", 0.0))
+    return LeaseView(top, top in listing.released, listing.contested, beat)
 
 
 @dataclass(frozen=True)
@@ -147,6 +221,36 @@ class _Seen:
     generation: int
     beat: bytes | None
     since: float
+
+
+#: The settle delay on folders known to show one machine's writes to another late: Google
+#: Drive mounted in Colab shows another VM's new file within seconds, and sometimes a
+#: minute later. A take there waits this long (twice, when machines contend).
+SETTLE_DEFAULT_S = 60.0
+
+#: Mounts whose view of other machines' writes is cached and late (FUSE types by name part).
+_LATE_MOUNTS = ("drive", "rclone", "gcsfuse", "onedrive", "dropbox")
+_DRIVE_PARTS = ("MyDrive", "My Drive", "Shareddrives", "Shared drives")
+
+
+def settle_default(fs: fsspec.AbstractFileSystem, root: str) -> tuple[float, str | None]:
+    """``(settle_s, why)`` for a store: claim-then-confirm on folders that show other
+    machines' writes late (a mounted Google Drive, an rclone or gcsfuse mount), plain
+    exclusive creates everywhere else (a local disk, NFS, and object stores, which are
+    strongly consistent: S3 since 2020, GCS always)."""
+    if not is_local(fs):
+        return 0.0, None
+    from .ledger.sqlite import mount_fstype  # the one reader of /proc/mounts
+
+    path = os.path.realpath(root)
+    parts = path.split(os.sep)
+    fstype = mount_fstype(path) or ""
+    if path.startswith("/content/drive/") or any(p in _DRIVE_PARTS or p.startswith("GoogleDrive")
+                                                 for p in parts):
+        return SETTLE_DEFAULT_S, f"{path} looks like a Google Drive folder"
+    if fstype.startswith("fuse.") and any(name in fstype for name in _LATE_MOUNTS):
+        return SETTLE_DEFAULT_S, f"{path} is on a {fstype} mount"
+    return 0.0, None
 
 
 def backoff_s(attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0,
@@ -166,12 +270,13 @@ class StoreLeases:
     One object per worker: it remembers, by its own clock, how long each held lease's beat
     has stood still, so call :meth:`take` on the same object again and again (every
     ``lease_s / 3`` or so). Losing a race is ``None`` from :meth:`take`; losing a held lease
-    is :class:`LeaseLost` from :meth:`renew`. Thread-safe only across objects: give each
-    thread its own.
+    is :class:`LeaseLost` from :meth:`renew`. Threads may share one object as long as one
+    run is taken by one thread at a time (a launcher's ledger claim sees to that): what it
+    remembers is per run.
     """
 
     def __init__(self, fs: fsspec.AbstractFileSystem, *, lease_s: float = 60.0,
-                 settle_s: float = 0.0, host: str = HOST, worker: str | None = None,
+                 settle_s: float = 0.0, host: str = HOST, worker: ProcessRef | str | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if not lease_s > 0:
@@ -182,7 +287,11 @@ class StoreLeases:
         self.lease_s = float(lease_s)
         self.settle_s = float(settle_s)
         self.host = host
-        self.worker = worker or ProcessRef.me().label
+        # The holder's pid and start time go into every record, so that a launcher of this
+        # host can tell the holder is gone (killed) without waiting out lease_s.
+        ref = ProcessRef.me() if worker is None else worker
+        self.worker = ref.label if isinstance(ref, ProcessRef) else ref
+        self.started = ref.start if isinstance(ref, ProcessRef) else None
         self.clock = clock
         self.sleep = sleep
         self._seen: dict[str, _Seen] = {}
@@ -224,10 +333,7 @@ class StoreLeases:
             if blob is None:
                 return False
             record = self._records[key] = LeaseRecord.from_bytes(blob, paths.record(generation))
-        host, _, pid = record.worker.rpartition(":")
-        if record.host != self.host or host != self.host or not pid.isdigit():
-            return False
-        return not ProcessRef(host, int(pid), None).alive()
+        return record.host == self.host and record.gone()
 
     def _stale(self, paths: LeasePaths, generation: int) -> bool:
         """Has ``generation``'s beat stood still for ``lease_s`` on this worker's clock?"""
@@ -235,12 +341,13 @@ class StoreLeases:
         now = self.clock()
         seen = self._seen.get(paths.run_dir)
         if seen is not None and seen.generation == generation and seen.beat == beat:
-            return now - seen.since >= self.lease_s
+            # Where the store shows writes late (settle mode), a beat may be that late too.
+            return now - seen.since >= self.lease_s + self.settle_s
         self._seen[paths.run_dir] = _Seen(generation, beat, now)
         return False
 
     def _create(self, paths: LeasePaths, generation: int, nonce: str | None = None) -> Lease | None:
-        record = LeaseRecord(self.host, self.worker, generation, nonce or secrets.token_hex(8))
+        record = LeaseRecord(self.host, self.worker, generation, nonce or secrets.token_hex(8), self.started)
         if not create_only(self.fs, paths.record(generation), record.to_bytes()):
             # Someone else has it: remember that the folder exists, so the next look LISTs
             # (generation 0: nothing observed yet, the watch starts then).
@@ -254,7 +361,7 @@ class StoreLeases:
         top = listing.top
         if top is None:
             target = 1
-        elif top in listing.released or self._stale(paths, top):
+        elif top in listing.released or self._holder_gone(paths, top) or self._stale(paths, top):
             target = top + 1
         else:
             return None
@@ -322,6 +429,25 @@ class StoreLeases:
         """Give the run up so the next taker need not wait ``lease_s`` (finished or stopping)."""
         atomic_write(self.fs, lease.paths.released(lease.generation), b"")
 
+    def retire(self, lease: Lease) -> None:
+        """The run is done (its ``DONE`` is written): release the lease and remove the files
+        of older generations and of settled claims. The newest record stays, so that a run
+        made to run again goes on counting attempts from it."""
+        self.release(lease)
+        with store_errors("list", lease.paths.folder):
+            try:
+                names = self.fs.ls(lease.paths.folder, detail=False)
+            except FileNotFoundError:
+                return
+        old = []
+        for name in names:
+            m = _NAME.match(posixpath.basename(str(name).rstrip("/")))
+            if m and (int(m["gen"]) < lease.generation or (m["nonce"] and int(m["gen"]) <= lease.generation)):
+                old.append(str(name))
+        if old:
+            with store_errors("delete", lease.paths.folder):
+                self.fs.rm(old)
+
     # -- reading ------------------------------------------------------------------------------
 
     def current(self, run_dir: str) -> LeaseState | None:
@@ -333,29 +459,17 @@ class StoreLeases:
             return None
         blob = self._read(paths.record(top))
         holder = LeaseRecord.from_bytes(blob, paths.record(top)) if blob is not None else None
-        return LeaseState(top, holder, top in listing.released, len(listing.claims.get(top + 1, [])))
+        return LeaseState(top, holder, top in listing.released, listing.contested)
 
     # -- store access -------------------------------------------------------------------------
 
     def _list(self, paths: LeasePaths) -> _Listing:
-        out = _Listing()
         with store_errors("list", paths.folder):
             try:
                 names = self.fs.ls(paths.folder, detail=False)
             except FileNotFoundError:
-                return out
-        for name in names:
-            m = _NAME.match(posixpath.basename(str(name).rstrip("/")))
-            if not m:
-                continue  # temp files of atomic writes, anything a user left there
-            gen = int(m.group("gen"))
-            if m.group("nonce"):
-                out.claims.setdefault(gen, []).append(m.group("nonce"))
-            elif m.group("kind") == "json":
-                out.generations.add(gen)
-            elif m.group("kind") == "released":
-                out.released.add(gen)
-        return out
+                return _Listing()
+        return _Listing.parse(names)
 
     def _read(self, path: str) -> bytes | None:
         """A small lease file's bytes, ``None`` if absent: one ranged GET on object stores

@@ -59,8 +59,13 @@ def status_table(rows: Sequence[StatusRow], title: str) -> Table:
         attempts = f"{r.failures}/{r.max_attempts} failed"
         table.add_row(escape(r.run_id.rsplit("-", 1)[-1]), escape(" ".join(f"{k}={_value(v)}" for k, v in r.params.items())),
                       f"[{STATE_STYLE[r.state]}]{r.state.value}[/]", attempts, escape(progress),
-                      format_age(r.checkpoint_age_s), escape(r.worker or "-"))
+                      format_age(r.checkpoint_age_s),
+                      escape(r.worker or "-") + (" [red]lease contested[/]" if r.contested else ""))
     table.caption = totals_line(rows)
+    if any(r.contested for r in rows):
+        table.caption += ("\nlease contested: two machines claimed one run at once and the store showed "
+                          "it late; it may have run twice. Raise `lease_settle_s:` in the sweep file, "
+                          "or use a bucket or a PostgreSQL ledger")
     table.caption_justify = "left"
     return table
 

@@ -20,7 +20,7 @@ from typing import Protocol
 from .attempt import Attempt
 from .errors import LedgerError, SweeprunError
 from .fleet import Deadline, StopRequests, stop_poll_s
-from .leases import Lease, StoreLeases
+from .leases import Lease, StoreLeases, settle_default
 from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
 from .ledger.base import settled
 from .ledger.sqlite import SqliteLedger
@@ -96,7 +96,17 @@ class Launcher:
         # a SQLite ledger is one machine's. (A shared PostgreSQL ledger needs none.)
         self.leases: StoreLeases | None = None
         if isinstance(ledger, SqliteLedger) and os.environ.get(STORE_LEASES_ENV, "1") != "0":
-            self.leases = StoreLeases(sweep.store.fs, lease_s=self.spec.lease_s, worker=self.me.label)
+            settle_s, why = settle_default(sweep.store.fs, sweep.store.root)
+            if self.spec.lease_settle_s is not None:
+                settle_s = self.spec.lease_settle_s
+            elif why:
+                sweep.notes.append(
+                    f"{why}: machines sharing it are kept apart by claim-then-confirm leases, "
+                    f"{settle_s:g} s per claim (set `lease_settle_s:` in the sweep file). That holds "
+                    "while the folder shows a write to every machine within that time; a bucket "
+                    "or a PostgreSQL ledger (--ledger postgresql://...) guarantees it")
+            self.leases = StoreLeases(sweep.store.fs, lease_s=self.spec.lease_s, settle_s=settle_s,
+                                      worker=self.me)
         self._leases_lock = threading.Lock()
         self._elsewhere: dict[str, float] = {}  # run id -> when to look at its lease again
         self._kill_deadline: float | None = None
@@ -220,13 +230,21 @@ class Launcher:
         launcher passes the run over for a while (a third of a lease, when a lost holder's
         beat may have stood still long enough to take over)."""
         assert self.leases is not None
-        with self._leases_lock:  # one taker object: it remembers how long each beat stood still
-            lease = self.leases.take(run_dir)
-            if lease is None:
-                self._elsewhere[run_id] = time.monotonic() + self.spec.lease_s / 3
-            else:
+        # Not under the lock: a take may wait (settle_s, on a late folder), and each run is
+        # taken by one slot at a time (the ledger's claim sees to that).
+        lease = self.leases.take(run_dir)
+        if lease is None:
+            self.pass_over(run_id)
+        else:
+            with self._leases_lock:
                 self._elsewhere.pop(run_id, None)
-            return lease
+        return lease
+
+    def pass_over(self, run_id: str) -> None:
+        """Claim other runs before this one for a third of a lease: another machine holds it,
+        or its lease could not be read just now."""
+        with self._leases_lock:
+            self._elsewhere[run_id] = time.monotonic() + self.spec.lease_s / 3
 
     def _register(self, attempt: Attempt) -> bool:
         """Put ``attempt`` under the heartbeat from its claim on; ``False`` when stopping."""

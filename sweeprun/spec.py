@@ -65,14 +65,14 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 DEFAULTS: dict[str, Any] = {"max_attempts": 3, "max_lost": 5, "grace_s": 30.0, "lease_s": 60.0,
                             "max_runs": 1_000_000}
 KEYS = ("name", "command", "store", "grid", "params", "flags", "max_attempts", "max_lost", "ledger",
-        "grace_s", "lease_s", "max_runs")
+        "grace_s", "lease_s", "max_runs", "lease_settle_s")
 REQUIRED = ("name", "command", "grid")
 
 MAX_NAME_CHARS = 128            # the name is a folder and part of the ledger's file name
 #: ``(minimum, maximum)`` of the numeric settings, from the file or the command line.
 RANGES: dict[str, tuple[float, float]] = {
     "max_attempts": (1, 1_000_000), "max_lost": (1, 1_000_000), "grace_s": (0.0, 86_400.0), "lease_s": (1.0, 86_400.0),
-    "max_runs": (1, 10**12), "workers": (1, 256),
+    "lease_settle_s": (0.0, 3_600.0), "max_runs": (1, 10**12), "workers": (1, 256),
 }
 
 
@@ -95,6 +95,9 @@ class SweepSpec:
     max_runs: int = 1_000_000
     #: Attempts lost in a row with their machine, without a new checkpoint, before a run fails.
     max_lost: int = 5
+    #: Claim-then-confirm delay for store leases on folders that show other machines'
+    #: writes late; ``None``: chosen from the store (see :func:`sweeprun.leases.settle_default`).
+    lease_settle_s: float | None = None
 
     def size(self) -> int:
         """The number of runs, counted without expanding the grid."""
@@ -251,6 +254,8 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
         source=source, text=text, flags=flags, max_runs=max_runs,
         max_lost=_check_int(data.get("max_lost", DEFAULTS["max_lost"]), f"{at('max_lost')}: max_lost",
                             *RANGES["max_lost"]),
+        lease_settle_s=None if data.get("lease_settle_s") is None else _check_number(
+            data["lease_settle_s"], f"{at('lease_settle_s')}: lease_settle_s", *RANGES["lease_settle_s"]),
     )
     check_command(spec.command, sweep_name=spec.name, store=spec.store, grid=spec.grid, params=spec.params,
                   flags=spec.flags, where=at("command"), at=at)

@@ -18,6 +18,7 @@ from typing import Any
 from . import faults
 from .errors import StoreError, SweeprunError
 from .identity import RunSpec
+from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view
 from .ledger import Ledger, Policy, RunRow, RunState, default_ledger_path, open_ledger, shown_state
 from .redact import redact
 from .spec import SweepSpec, parse_spec
@@ -52,6 +53,9 @@ class StatusRow:
     metric: tuple[str, float] | None
     checkpoint_age_s: float | None
     worker: str | None
+    #: Two machines' claims or records stand for one lease generation (store leases on a
+    #: folder that showed a write late): the run may have run twice; see its logs.
+    contested: bool = False
 
     def as_json(self) -> dict[str, Any]:
         metric = None
@@ -60,7 +64,8 @@ class StatusRow:
         return {"run_id": self.run_id, "params": self.params, "state": self.state.value,
                 "attempts": self.attempts, "failures": self.failures,
                 "max_attempts": self.max_attempts, "step": self.step, "metric": metric,
-                "checkpoint_age_s": self.checkpoint_age_s, "worker": self.worker}
+                "checkpoint_age_s": self.checkpoint_age_s, "worker": self.worker,
+                "contested": self.contested}
 
 
 class Sweep:
@@ -204,16 +209,38 @@ class Sweep:
                 state = RunState.DONE
             elif state is RunState.DONE or (row is None and files):
                 state = RunState.INTERRUPTED if files else RunState.PENDING
+            worker = row.worker if row and state is RunState.RUNNING else None
+            attempts = row.attempts if row else 0
+            lease = lease_view(files)
+            if lease is not None:
+                attempts = max(attempts, lease.generation)  # the number every machine agrees on
+                holder = self._holder(run_id, lease) if state in (RunState.PENDING, RunState.INTERRUPTED) else None
+                if holder:  # held by another machine, whose ledger this one cannot see
+                    state, worker = RunState.RUNNING, holder
             ckpt = [m for p, m in files.items() if p.startswith("checkpoints/")]
             metrics_path = self._metrics_path(run_id, files)
             step, metric = _progress(self._last_entry(metrics_path) if metrics_path else None)
             rows.append(StatusRow(
                 run_id=run_id, params=params, state=state,
-                attempts=row.attempts if row else 0, failures=row.failures if row else 0,
+                attempts=attempts, failures=row.failures if row else 0,
                 max_attempts=self.spec.max_attempts,
                 step=step, metric=metric, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
-                worker=row.worker if row and state is RunState.RUNNING else None))
+                worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE)))
         return rows
+
+    def _holder(self, run_id: str, lease: LeaseView) -> str | None:
+        """Who holds the run now, as far as a reader can tell: the lease is not released,
+        its beat changed within a lease by the store's own timestamps (a display only:
+        takeovers never compare clocks), and its holder is not a dead process of this host."""
+        window = self.spec.lease_s + (self.spec.lease_settle_s or 0.0)
+        if lease.released or time.time() - lease.beat_mtime > window:
+            return None
+        path = LeasePaths(self.paths.run(run_id).dir).record(lease.generation)
+        try:
+            record = LeaseRecord.from_bytes(read_regular(self.store.fs, path, 4096), path)
+        except (StoreError, FileNotFoundError):
+            return "another machine"
+        return None if record.gone() else record.worker
 
     def _metrics_path(self, run_id: str, files: dict[str, float]) -> str | None:
         """Where the run's metrics are, from the listing: ``metrics.jsonl`` on local disk,

@@ -22,7 +22,17 @@ import fsspec
 import pytest
 
 from sweeprun.errors import LeaseLost, SpecError, StoreError
-from sweeprun.leases import Lease, LeasePaths, StoreLeases, backoff_s
+from sweeprun.leases import (
+    SETTLE_DEFAULT_S,
+    Lease,
+    LeasePaths,
+    LeaseView,
+    StoreLeases,
+    backoff_s,
+    lease_view,
+    settle_default,
+)
+from sweeprun.procs import ProcessRef
 from sweeprun.store import atomic_write, open_store
 
 LEASE_S = 60.0
@@ -395,3 +405,62 @@ def test_eventually_consistent_folder_with_a_settle_shorter_than_the_delay_runs_
     winners = eventual_race(tmp_path, delay_s=0.5, settle_s=0.01, races=5,
                             stagger_s=0.0)
     assert max(winners) >= 2, winners
+
+
+# -- 5. a dead holder of this host, a done run, late folders -------------------------------------
+
+def test_a_holder_of_this_host_is_gone_only_when_its_pid_and_start_time_say_so(tmp_path: Path) -> None:
+    """A killed launcher's runs are free at once on its own host; a new process that reuses
+    its pid (another start time) does not keep them held."""
+    fs = fsspec.filesystem("file")
+    me = ProcessRef.me()
+    run = str(tmp_path / "runs" / "r")
+    alive = StoreLeases(fs, lease_s=LEASE_S, host=me.host, worker=me, clock=FakeClock()).take(run)
+    assert alive is not None and alive.record.started == me.start
+    taker = StoreLeases(fs, lease_s=LEASE_S, host=me.host, worker="other:1", clock=FakeClock())
+    assert taker.take(run) is None  # its holder (this very process) is alive: wait for the lease
+    run2 = str(tmp_path / "runs" / "r2")
+    reused = StoreLeases(fs, lease_s=LEASE_S, host=me.host, worker=ProcessRef(me.host, me.pid, (me.start or 0) + 1),
+                         clock=FakeClock()).take(run2)
+    assert reused is not None
+    took = taker.take(run2)  # the pid lives, but as another process: the holder is gone
+    assert took is not None and took.generation == 2
+
+
+def test_retiring_a_done_run_keeps_only_its_newest_generation(place: Place) -> None:
+    run = place.run("r")
+    first, second = worker(place, "a"), worker(place, "b")
+    old = first.take(run)
+    assert old is not None
+    first.renew(old)
+    first.release(old)
+    new = second.take(run)
+    assert new is not None and new.generation == 2
+    second.renew(new)
+    second.retire(new)
+    left = sorted(posixpath.basename(p) for p in place.fs.ls(LeasePaths(run).folder, detail=False))
+    assert left == ["00000002.beat", "00000002.json", "00000002.released"]
+    state = worker(place, "c").current(run)  # the attempt count goes on from there
+    assert state is not None and state.generation == 2 and state.released
+
+
+def test_late_folders_are_recognised_and_others_are_not(tmp_path: Path, s3_bucket: str) -> None:
+    fs = fsspec.filesystem("file")
+    drive = tmp_path / "content" / "MyDrive" / "sweeps"
+    drive.mkdir(parents=True)
+    settle, why = settle_default(fs, str(drive))
+    assert settle == SETTLE_DEFAULT_S and why and "Google Drive" in why
+    assert settle_default(fs, str(tmp_path / "plain")) == (0.0, None)
+    s3 = open_store(s3_bucket + "/x")
+    assert settle_default(s3.fs, s3.root) == (0.0, None)  # S3 is strongly consistent
+
+
+def test_status_sees_a_contested_lease_in_a_listing() -> None:
+    held = {"lease/00000001.json": 10.0, "lease/00000001.beat": 50.0}
+    view = lease_view({**held, "checkpoints/x": 1.0})
+    assert view == LeaseView(generation=1, released=False, contested=False, beat_mtime=50.0)
+    one_claim = lease_view({**held, "lease/00000002.aa.claim": 60.0})
+    assert one_claim is not None and not one_claim.contested  # one machine taking over: normal
+    two = lease_view({**held, "lease/00000002.aa.claim": 60.0, "lease/00000002.bb.claim": 61.0})
+    assert two is not None and two.contested
+    assert lease_view({"metrics.jsonl": 1.0}) is None
