@@ -150,7 +150,7 @@ class Attempt:
             lease = self.launcher.take_store_lease(self.paths.dir, self.claim.run_id)
         except SweeprunError as exc:  # the store failed for now: pass the run over for a while
             self.events.note(f"{self.claim.run_id}: cannot read its lease in the store ({exc})")
-            self.launcher.pass_over(self.claim.run_id)
+            self.launcher.pass_over(self.claim.run_id, store_failed=True)
             lease = None
         if lease is None:  # another machine holds the run: undo the claim, use no attempt
             self.ledger.release(self.claim)

@@ -86,6 +86,9 @@ class LeaseRecord:
     #: The holder's process start time (clock ticks since boot, as the ledger records it):
     #: with the pid, it tells a dead holder from a new process that reuses its pid.
     started: int | None = None
+    #: How long the holder's lease lasts without a beat, as the holder counts it: a taker
+    #: waits at least this long, whatever its own setting.
+    lease_s: float | None = None
 
     def gone(self) -> bool:
         """Is the holder a process of this host that is provably gone (see
@@ -97,16 +100,18 @@ class LeaseRecord:
 
     def to_bytes(self) -> bytes:
         return (json.dumps({"host": self.host, "worker": self.worker, "generation": self.generation,
-                            "nonce": self.nonce, "started": self.started}, sort_keys=True) + "\n").encode()
+                            "nonce": self.nonce, "started": self.started, "lease_s": self.lease_s},
+                           sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, blob: bytes, path: str) -> LeaseRecord:
         try:
             doc = json.loads(blob)
-            started = doc.get("started")
+            started, lease_s = doc.get("started"), doc.get("lease_s")
             return cls(host=str(doc["host"]), worker=str(doc["worker"]),
                        generation=int(doc["generation"]), nonce=str(doc["nonce"]),
-                       started=int(started) if started is not None else None)
+                       started=int(started) if started is not None else None,
+                       lease_s=float(lease_s) if lease_s is not None else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"lease file {path} is not a sweeprun lease ({type(exc).__name__}); "
                              "move the run's lease/ folder away and run the same command again") from exc
@@ -326,14 +331,19 @@ class StoreLeases:
     def _holder_gone(self, paths: LeasePaths, generation: int) -> bool:
         """A holder on this machine whose process is provably gone (a killed launcher): its
         runs are free at once here, as the ledger frees them; elsewhere only time tells."""
+        record = self._record(paths, generation)
+        return record is not None and record.host == self.host and record.gone()
+
+    def _record(self, paths: LeasePaths, generation: int) -> LeaseRecord | None:
+        """A generation's record, read once: a record is never rewritten."""
         key = (paths.run_dir, generation)
         record = self._records.get(key)
-        if record is None:  # read once per generation: a record is never rewritten
+        if record is None:
             blob = self._read(paths.record(generation))
             if blob is None:
-                return False
+                return None
             record = self._records[key] = LeaseRecord.from_bytes(blob, paths.record(generation))
-        return record.host == self.host and record.gone()
+        return record
 
     def _stale(self, paths: LeasePaths, generation: int) -> bool:
         """Has ``generation``'s beat stood still for ``lease_s`` on this worker's clock?"""
@@ -341,13 +351,17 @@ class StoreLeases:
         now = self.clock()
         seen = self._seen.get(paths.run_dir)
         if seen is not None and seen.generation == generation and seen.beat == beat:
-            # Where the store shows writes late (settle mode), a beat may be that late too.
-            return now - seen.since >= self.lease_s + self.settle_s
+            # The holder's own lease if longer than ours; where the store shows writes late
+            # (settle mode), a beat may be that late too.
+            record = self._record(paths, generation)
+            lease_s = max(self.lease_s, record.lease_s or 0.0) if record else self.lease_s
+            return now - seen.since >= lease_s + self.settle_s
         self._seen[paths.run_dir] = _Seen(generation, beat, now)
         return False
 
     def _create(self, paths: LeasePaths, generation: int, nonce: str | None = None) -> Lease | None:
-        record = LeaseRecord(self.host, self.worker, generation, nonce or secrets.token_hex(8), self.started)
+        record = LeaseRecord(self.host, self.worker, generation, nonce or secrets.token_hex(8), self.started,
+                             self.lease_s)
         if not create_only(self.fs, paths.record(generation), record.to_bytes()):
             # Someone else has it: remember that the folder exists, so the next look LISTs
             # (generation 0: nothing observed yet, the watch starts then).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Protocol
 from .attempt import Attempt
 from .errors import LedgerError, SweeprunError
 from .fleet import Deadline, StopRequests, stop_poll_s
-from .leases import Lease, StoreLeases, settle_default
+from .leases import Lease, StoreLeases, backoff_s, settle_default
 from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
 from .ledger.base import settled
 from .ledger.sqlite import SqliteLedger
@@ -109,6 +110,7 @@ class Launcher:
                                       worker=self.me)
         self._leases_lock = threading.Lock()
         self._elsewhere: dict[str, float] = {}  # run id -> when to look at its lease again
+        self._lease_errors = 0  # store failures in a row while taking leases
         self._kill_deadline: float | None = None
         self._errors: list[BaseException] = []
         self._started = 0
@@ -240,11 +242,17 @@ class Launcher:
                 self._elsewhere.pop(run_id, None)
         return lease
 
-    def pass_over(self, run_id: str) -> None:
-        """Claim other runs before this one for a third of a lease: another machine holds it,
-        or its lease could not be read just now."""
+    def pass_over(self, run_id: str, store_failed: bool = False) -> None:
+        """Claim other runs before this one for about a third of a lease (another machine
+        holds it: a look that often takes a lost holder's run over soon after its lease),
+        jittered so that idle machines do not look in step; longer and longer while the
+        store keeps failing."""
+        wait = self.spec.lease_s * random.uniform(0.25, 0.45)
         with self._leases_lock:
-            self._elsewhere[run_id] = time.monotonic() + self.spec.lease_s / 3
+            self._lease_errors = self._lease_errors + 1 if store_failed else 0
+            if store_failed:
+                wait = max(wait, backoff_s(self._lease_errors, cap_s=max(60.0, self.spec.lease_s)))
+            self._elsewhere[run_id] = time.monotonic() + wait
 
     def _register(self, attempt: Attempt) -> bool:
         """Put ``attempt`` under the heartbeat from its claim on; ``False`` when stopping."""

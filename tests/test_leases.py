@@ -464,3 +464,19 @@ def test_status_sees_a_contested_lease_in_a_listing() -> None:
     two = lease_view({**held, "lease/00000002.aa.claim": 60.0, "lease/00000002.bb.claim": 61.0})
     assert two is not None and two.contested
     assert lease_view({"metrics.jsonl": 1.0}) is None
+
+
+def test_a_taker_waits_out_the_holders_longer_lease(place: Place) -> None:
+    """Machines launched with different `--lease-s`: the record says how long the holder's
+    lease lasts, and a taker with a shorter one waits for the holder's."""
+    run = place.run("r")
+    holder = StoreLeases(place.fs, lease_s=600, host="a", worker="a:1", clock=FakeClock())
+    assert holder.take(run) is not None
+    clock = FakeClock()
+    taker = worker(place, "b", clock)  # lease_s 60
+    assert taker.take(run) is None
+    clock.advance(LEASE_S * 2)
+    assert taker.take(run) is None
+    clock.advance(600)
+    took = taker.take(run)
+    assert took is not None and took.generation == 2
