@@ -154,16 +154,27 @@ def status(
     sweep_file: SweepFile,
     store: StoreOpt = None, ledger: LedgerOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")] = False,
+    every: Annotated[bool, typer.Option("--all", help="List every run, however many.")] = False,
 ) -> None:
-    """Show each run's state, attempts, progress, checkpoint age and worker. Writes nothing."""
+    """Show each run's state, attempts, progress, checkpoint age and worker. Writes nothing.
+
+    A sweep of more runs than fit a screen shows a summary and the runs that need
+    attention (failed, running, interrupted); --all or --json gives every run."""
     spec = _spec(sweep_file, store=store, ledger=ledger)
-    rows = Sweep(spec, ledger, ephemeral_ok=True).status()  # reading writes nothing anywhere
+    sweep = Sweep(spec, ledger, ephemeral_ok=True)
+    rows = sweep.status(progress=False)  # reading writes nothing anywhere
     if as_json:
+        rows = sweep.with_progress(rows)
         sys.stdout.write(json.dumps(_finite([r.as_json() for r in rows]), indent=1, allow_nan=False) + "\n")
         return
-    from .render import status_table
+    from .render import SCREEN_ROWS, attention, status_table
 
-    Console().print(status_table(rows, title=escape(redact(f"sweep {spec.name} · {spec.store}"))))
+    title = escape(redact(f"sweep {spec.name} · {spec.store}"))
+    if every or len(rows) <= SCREEN_ROWS:
+        Console().print(status_table(sweep.with_progress(rows), title=title))
+        return
+    shown = sweep.with_progress(attention(rows))
+    Console().print(status_table(shown, title=title, everything=rows))
 
 
 def _finite(value: Any) -> Any:

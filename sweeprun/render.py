@@ -41,7 +41,25 @@ def totals_line(rows: Sequence[StatusRow]) -> str:
     return f"{len(rows)} runs: " + ", ".join(parts)
 
 
-def status_table(rows: Sequence[StatusRow], title: str) -> Table:
+#: More rows than this and ``status`` shows a summary and the runs that need attention.
+SCREEN_ROWS = 40
+
+#: What a user should look at first: in this order, before the rest.
+_ATTENTION = (RunState.FAILED, RunState.RUNNING, RunState.INTERRUPTED)
+
+
+def attention(rows: Sequence[StatusRow], limit: int = SCREEN_ROWS) -> list[StatusRow]:
+    """The rows worth a line when there are too many for a screen: failed, running,
+    interrupted and contested runs (in that order), at most ``limit``. The others are
+    counted in the caption (see :func:`status_table`)."""
+    picked = [r for state in _ATTENTION for r in rows if r.state is state]
+    picked += [r for r in rows if r.contested and r.state not in _ATTENTION]
+    return picked[:limit]
+
+
+def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[StatusRow] | None = None) -> Table:
+    """``rows`` as a table; ``everything`` (all rows, when only some are shown) makes the
+    caption count them all and say how to see the rest."""
     table = Table(title=title, title_justify="left")
     # The run column shows the id's hash (the readable part repeats the params column);
     # `status --json` has the full folder names.
@@ -61,7 +79,13 @@ def status_table(rows: Sequence[StatusRow], title: str) -> Table:
                       f"[{STATE_STYLE[r.state]}]{r.state.value}[/]", attempts, escape(progress),
                       format_age(r.checkpoint_age_s),
                       escape(r.worker or "-") + (" [red]lease contested[/]" if r.contested else ""))
-    table.caption = totals_line(rows)
+    table.caption = totals_line(everything if everything is not None else rows)
+    if everything is not None and len(everything) > len(rows):
+        listed = {r.run_id for r in rows}
+        hidden = Counter(r.state for r in everything if r.run_id not in listed)
+        what = ", ".join(f"{hidden[s]} {s.value}" for s in RunState if hidden[s])
+        table.caption += (f"\n{sum(hidden.values())} runs not listed ({what}); "
+                          "`status --all` lists every run")
     if any(r.contested for r in rows):
         table.caption += ("\nlease contested: two machines claimed one run at once and the store showed "
                           "it late; it may have run twice. Raise `lease_settle_s:` in the sweep file, "

@@ -86,6 +86,10 @@ class Launcher:
         self._active: dict[str, Attempt] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()      # no new claims; children asked to stop
+        # Idle slots sleep on this until a run of this launcher ends or a stop comes: the
+        # moment the sweep may have settled, or a run may be free again (a retry).
+        self._news = threading.Condition()
+        self._news_seen = 0
         self._finished = threading.Event()  # every slot has returned
         self._stop_signal: int | None = None
         self._stop_reason: str | None = None  # a stop without a signal: time limit, `sweeprun stop`
@@ -190,6 +194,7 @@ class Launcher:
             self._kill_deadline = time.monotonic() + self.spec.grace_s
             self._stop.set()
             active = list(self._active.values())
+        self._tell_news()
         self.ledger.stop_waiting()
         why = f"{reason}: " if reason else ""
         self.events.note(f"stopping: {why}asking {len(active)} running run(s) to checkpoint and exit "
@@ -208,19 +213,36 @@ class Launcher:
             while not self._stop.is_set():
                 if not self._claims_open():
                     return
+                news = self._news_seen
                 claim = self.ledger.claim(self.me, self.policy, self.spec.lease_s, self.grid,
                                           skip=self._held_elsewhere())
                 if claim is None:
                     if self.ledger.settled(self.policy, self.grid):
                         return
-                    self._stop.wait(self.options.poll_s)
+                    self._wait_for_news(news)
                     continue
-                Attempt(self, claim, slot).run()
+                try:
+                    Attempt(self, claim, slot).run()
+                finally:
+                    self._tell_news()
         except BaseException as exc:  # surfaced by run(); the other slots stop too
             if self.stopping and isinstance(exc, LedgerError):
                 return  # the ledger is out of reach while stopping: the leases run out instead
             self._errors.append(exc)
             self.request_stop()
+
+    def _wait_for_news(self, seen: int) -> None:
+        """Sleep until an attempt of this launcher ends or a stop comes (nothing to claim now
+        may be claimable then, or the sweep settled), at most ``poll_s``: runs elsewhere
+        (other launchers, other machines) end without telling this one."""
+        with self._news:
+            if self._news_seen == seen and not self._stop.is_set():
+                self._news.wait(self.options.poll_s)
+
+    def _tell_news(self) -> None:
+        with self._news:
+            self._news_seen += 1
+            self._news.notify_all()
 
     def _held_elsewhere(self) -> set[str]:
         now = time.monotonic()

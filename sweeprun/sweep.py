@@ -12,7 +12,7 @@ import posixpath
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import faults
@@ -56,6 +56,8 @@ class StatusRow:
     #: Two machines' claims or records stand for one lease generation (store leases on a
     #: folder that showed a write late): the run may have run twice; see its logs.
     contested: bool = False
+    #: Where the run's newest metrics are (not shown): read by :meth:`Sweep.with_progress`.
+    metrics_path: str | None = field(default=None, repr=False, compare=False)
 
     def as_json(self) -> dict[str, Any]:
         metric = None
@@ -174,11 +176,13 @@ class Sweep:
         if not exists:
             write_json(self.store.fs, paths.params, params)
 
-    def status(self) -> list[StatusRow]:
+    def status(self, progress: bool = True) -> list[StatusRow]:
         """Read-only: the ledger if there is one, the store for what is done and how far runs got.
 
         Shows the runs of this spec and every other run the ledger knows for the sweep
         (another launcher's grid), each judged by the same rules the launcher uses.
+        ``progress=False`` leaves out the step and last metric, one small read per run:
+        a caller that shows only some rows reads those with :meth:`with_progress`.
         """
         self.store.check_present()
         ledger_rows: dict[str, RunRow] = {}
@@ -218,15 +222,22 @@ class Sweep:
                 if holder:  # held by another machine, whose ledger this one cannot see
                     state, worker = RunState.RUNNING, holder
             ckpt = [m for p, m in files.items() if p.startswith("checkpoints/")]
-            metrics_path = self._metrics_path(run_id, files)
-            step, metric = _progress(self._last_entry(metrics_path) if metrics_path else None)
             rows.append(StatusRow(
                 run_id=run_id, params=params, state=state,
                 attempts=attempts, failures=row.failures if row else 0,
                 max_attempts=self.spec.max_attempts,
-                step=step, metric=metric, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
-                worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE)))
-        return rows
+                step=None, metric=None, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
+                worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
+                metrics_path=self._metrics_path(run_id, files)))
+        return self.with_progress(rows) if progress else rows
+
+    def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:
+        """``rows`` with each run's step and last metric, from the tail of its metrics."""
+        out = []
+        for row in rows:
+            step, metric = _progress(self._last_entry(row.metrics_path) if row.metrics_path else None)
+            out.append(replace(row, step=step, metric=metric))
+        return out
 
     def _holder(self, run_id: str, lease: LeaseView) -> str | None:
         """Who holds the run now, as far as a reader can tell: the lease is not released,

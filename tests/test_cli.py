@@ -220,3 +220,29 @@ def test_the_torch_extra_brings_numpy() -> None:
 
     torch_extra = [r for r in requires("sweeprun") or [] if 'extra == "torch"' in r]
     assert any(r.startswith("numpy") for r in torch_extra), torch_extra
+
+
+def test_status_of_a_big_sweep_shows_a_summary_and_the_runs_that_need_attention(sandbox: Sandbox) -> None:
+    sweep = sandbox.write_sweep({"a": list(range(22)), "fail": [0, 1]}, {"steps": 1, "sleep": 0},
+                                max_attempts=1)
+    assert sandbox.run("launch", str(sweep), "--workers", "4", timeout=300).returncode == 1
+    out = sandbox.run("status", str(sweep)).stdout
+    assert "44 runs: 22 failed, 22 done" in out and "22 runs not listed (22 done)" in out, out
+    assert out.count("1/1 failed") == 22 and "0/1 failed" not in out  # only the failed runs have a line
+    every = sandbox.run("status", str(sweep), "--all").stdout
+    assert every.count("1/1 failed") == 22 and every.count("0/1 failed") == 22 and "not listed" not in every
+    assert len(sandbox.status(sweep)) == 44  # --json: every run, for scripts
+
+
+def test_attention_puts_failed_then_running_then_interrupted_first() -> None:
+    from sweeprun.ledger import RunState
+    from sweeprun.render import attention
+    from sweeprun.sweep import StatusRow
+
+    def row(i: int, state: RunState) -> StatusRow:
+        return StatusRow(f"r{i}", {}, state, 1, 0, 3, None, None, None, None)
+
+    rows = [row(0, RunState.DONE), row(1, RunState.INTERRUPTED), row(2, RunState.PENDING),
+            row(3, RunState.RUNNING), row(4, RunState.FAILED), row(5, RunState.RUNNING)]
+    assert [r.run_id for r in attention(rows)] == ["r4", "r3", "r5", "r1"]
+    assert [r.run_id for r in attention(rows, limit=2)] == ["r4", "r3"]
