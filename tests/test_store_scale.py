@@ -121,3 +121,14 @@ grid:
     assert sweep.paths.done_ids() == {r.run_id for r in sweep.runs} - {first}
     assert launch(str(tmp_path / "two.sqlite")) == 0
     assert os.path.exists(lost.done_entry)
+
+
+def test_a_done_deleted_by_hand_is_a_re_run_as_status_shows_it(tmp_path: Path) -> None:
+    """The folder stays, its DONE goes: the index entry no longer counts (a stat per indexed
+    run), and a launcher prunes it, so ``launch`` and ``status`` agree."""
+    paths, done = fill(tmp_path, runs=20, done_every=4)
+    victim = sorted(done)[0]
+    os.unlink(paths.run(victim).done)
+    assert paths.done_ids() == done - {victim}
+    assert paths.done_ids(prune_stale=True) == done - {victim}
+    assert not os.path.exists(os.path.join(paths.done_index, victim))
