@@ -127,6 +127,7 @@ def test_a_done_deleted_by_hand_is_a_re_run_as_status_shows_it(tmp_path: Path) -
     """The folder stays, its DONE goes: the index entry no longer counts (a stat per indexed
     run), and a launcher prunes it, so ``launch`` and ``status`` agree."""
     paths, done = fill(tmp_path, runs=20, done_every=4)
+    assert paths.done_ids(prune_stale=True) == done  # a first launch: the index is complete
     victim = sorted(done)[0]
     os.unlink(paths.run(victim).done)
     assert paths.done_ids() == done - {victim}
