@@ -1,7 +1,8 @@
 """sweeprun: idempotent hyperparameter sweeps for PyTorch that survive interruptions.
 
-The launcher side (spec, store, ledger, runner) never imports torch; the
-training-side API is loaded on first use, so ``import sweeprun`` stays light.
+The launcher side (spec, store, ledger, runner) never imports torch; every public name
+is loaded on first use, so ``import sweeprun`` stays light: ``sweeprun --help`` imports
+this package first, and must not pay for fsspec, SQLite helpers or the spec parser.
 """
 
 from __future__ import annotations
@@ -9,29 +10,37 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import CheckpointError, LeaseLost, LedgerError, SpecError, StoreError, SweeprunError
-from .identity import RunSpec, canonical_params, run_id
-from .runenv import PREEMPTED_EXIT
-from .spec import SweepSpec, load_spec, parse_spec
-from .store import RunPaths, SweepPaths, atomic_write, open_store
-from .sweep import Sweep
 
 __version__ = "0.1.0"
 
-#: Training-side names, imported lazily (they pull in torch).
-_TRAINING = {"init": "training.run", "Run": "training.run", "load_checkpoint": "training.run",
-             "ResumableSampler": "training.sampler"}
+#: Public names -> the module that defines them, imported on first use.
+_LAZY = {
+    "RunSpec": "identity", "canonical_params": "identity", "run_id": "identity",
+    "PREEMPTED_EXIT": "runenv",
+    "SweepSpec": "spec", "load_spec": "spec", "parse_spec": "spec",
+    "RunPaths": "store", "SweepPaths": "store", "atomic_write": "store", "open_store": "store",
+    "Sweep": "sweep",
+    # training side: these pull in torch
+    "init": "training.run", "Run": "training.run", "load_checkpoint": "training.run",
+    "ResumableSampler": "training.sampler",
+}
 
 __all__ = [
-    "PREEMPTED_EXIT", "CheckpointError", "LeaseLost", "LedgerError", "RunPaths", "RunSpec",
-    "SpecError", "StoreError", "Sweep", "SweepPaths", "SweepSpec", "SweeprunError", "atomic_write",
-    "canonical_params", "load_spec", "open_store", "parse_spec", "run_id", *_TRAINING,
+    "CheckpointError", "LeaseLost", "LedgerError", "SpecError", "StoreError", "SweeprunError",
+    *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> Any:
-    module = _TRAINING.get(name)
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'sweeprun' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

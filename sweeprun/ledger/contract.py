@@ -129,6 +129,17 @@ class LedgerContract:
         # raising max_attempts re-opens the failed run
         assert any((c := ledger.claim(ME, POLICY, 60, GRID)) and c.run_id == run for _ in RUNS)
 
+    def test_a_reopened_failed_run_keeps_its_place_in_grid_order(self, ledger: Ledger) -> None:
+        strict = Policy(max_attempts=1)
+        first = ledger.claim(ME, strict, 60, GRID)
+        assert first and ledger.finish(first, Outcome.FAILED, strict) is RunState.FAILED
+        second = ledger.claim(ME, strict, 60, GRID)
+        assert second and second.run_id == RUNS[1].run_id
+        assert ledger.finish(second, Outcome.INTERRUPTED, strict) is RunState.INTERRUPTED
+        # a raised limit: the interrupted run first, then the failed one before the pending ones
+        order = [c.run_id for _ in range(3) if (c := ledger.claim(ME, POLICY, 60, GRID))]
+        assert order == [RUNS[1].run_id, RUNS[0].run_id, RUNS[2].run_id]
+
     def test_live_lease_is_respected_until_it_expires_by_the_ledgers_clock(
             self, ledger: Ledger, location: str, clock: FakeClock) -> None:
         held = ledger.claim(OTHER_HOST, POLICY, 60, GRID)
