@@ -26,7 +26,7 @@ from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
 from .ledger.base import settled
 from .ledger.sqlite import SqliteLedger
 from .procs import ProcessRef
-from .runenv import ATTEMPT, PARAMS, RUN_DIR, RUN_ID, SWEEP
+from .runenv import ATTEMPT, MTBI, PARAMS, PRIOR_MTBI_S, RUN_DIR, RUN_ID, SWEEP
 from .store import RunPaths
 from .sweep import Sweep
 
@@ -115,6 +115,7 @@ class Launcher:
         self._leases_lock = threading.Lock()
         self._elsewhere: dict[str, float] = {}  # run id -> when to look at its lease again
         self._lease_errors = 0  # store failures in a row while taking leases
+        self._mtbi: tuple[float, float] | None = None  # (when read, seconds)
         self._kill_deadline: float | None = None
         self._errors: list[BaseException] = []
         self._started = 0
@@ -359,7 +360,26 @@ class Launcher:
             env[PARAMS] = params
         if self.options.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(self.options.gpus[slot])
+        if MTBI not in os.environ:  # a user's own figure wins
+            mtbi = self._mtbi_s()
+            if mtbi is not None:
+                env[MTBI] = f"{mtbi:.0f}"
         return env
+
+    def _mtbi_s(self) -> float | None:
+        """This sweep's mean time between interruptions, from every attempt its ledger knows
+        (read at most once a minute): what ``every_s="auto"`` spaces checkpoints by."""
+        now = time.monotonic()
+        with self._lock:
+            if self._mtbi is not None and now - self._mtbi[0] < 60:
+                return self._mtbi[1]
+        try:
+            mtbi = self.ledger.uptime().mtbi_s(PRIOR_MTBI_S)
+        except SweeprunError:
+            return None  # the run falls back to the prior
+        with self._lock:
+            self._mtbi = (now, mtbi)
+        return mtbi
 
     # -- signals --------------------------------------------------------------------------
 

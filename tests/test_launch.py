@@ -178,3 +178,16 @@ def test_ctrl_c_in_a_terminal_interrupts_the_sweep_with_130(sandbox: Sandbox) ->
     assert sandbox.run("launch", str(sweep), "--workers", "2").returncode == 0
     resumed = [e for e in sandbox.events() if e["event"] == "start" and e["attempt"] == 2]
     assert len(resumed) == 2 and all(e["from_step"] > 0 for e in resumed)
+
+
+def test_each_run_is_told_the_sweeps_mean_time_between_interruptions(sandbox: Sandbox) -> None:
+    """What ``every_s="auto"`` spaces checkpoints by: measured from the ledger's attempts,
+    the 6 h prior while none was interrupted; a figure the user sets wins."""
+    sweep = sandbox.write_sweep({"a": [1]}, command="python -c 'import os; print(\"mtbi\", os.environ[\"SWEEPRUN_MTBI_S\"])'")
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (log,) = sandbox.store.glob("t/runs/*/logs/attempt-1.log")
+    assert abs(float(log.read_text().split()[1]) - 6 * 3600) < 60
+    again = sandbox.write_sweep({"a": [2]}, command="python -c 'import os; print(\"mtbi\", os.environ[\"SWEEPRUN_MTBI_S\"])'")
+    assert sandbox.run("launch", str(again), env={"SWEEPRUN_MTBI_S": "900"}).returncode == 0
+    (log,) = [p for p in sandbox.store.glob("t/runs/a=2*/logs/attempt-1.log")]
+    assert log.read_text().split()[1] == "900"

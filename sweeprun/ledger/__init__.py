@@ -15,6 +15,7 @@ from .base import (
     Policy,
     RunRow,
     RunState,
+    Uptime,
     Verdict,
     grid_key,
     judge,
@@ -22,7 +23,7 @@ from .base import (
 )
 from .sqlite import SqliteLedger
 
-__all__ = ["Claim", "Ledger", "Outcome", "Policy", "RunRow", "RunState", "SqliteLedger", "Verdict",
+__all__ = ["Claim", "Ledger", "Outcome", "Policy", "RunRow", "RunState", "SqliteLedger", "Uptime", "Verdict",
            "default_ledger_path", "grid_key", "judge", "open_ledger", "shown_state"]
 
 HOME_ENV = "SWEEPRUN_HOME"

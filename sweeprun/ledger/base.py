@@ -74,6 +74,29 @@ class Policy:
     max_lost: int = DEFAULT_MAX_LOST
 
 
+#: What :meth:`Ledger.uptime` asks of the attempts table (``%s``: now, then the sweep), in
+#: SQL both backends speak. A lost attempt is closed by the claim that takes it over, so its
+#: time runs to that claim: an upper bound, by at most a lease.
+_UPTIME_SQL = ("SELECT SUM(COALESCE(ended_at, %s) - started_at), "
+               "SUM(CASE WHEN outcome IN ('interrupted', 'lost') THEN 1 ELSE 0 END) "
+               "FROM attempts WHERE sweep = %s AND started_at IS NOT NULL")
+
+
+@dataclass(frozen=True)
+class Uptime:
+    """The sweep's running time and its interruptions, from every attempt the ledger knows."""
+
+    running_s: float     # attempts' time from start to end (or to now, for those running)
+    interruptions: int   # attempts that ended interrupted (a preemption notice) or lost
+
+    def mtbi_s(self, prior_s: float) -> float:
+        """Mean time between interruptions, shrunk toward ``prior_s`` while evidence is thin:
+        ``(running + prior) / (interruptions + 1)``, the prior counting as one interruption
+        after ``prior_s`` of running. No interruption in a minute of running says little;
+        ten in ten hours say an hour."""
+        return (self.running_s + prior_s) / (self.interruptions + 1)
+
+
 @dataclass(frozen=True)
 class Claim:
     """A worker's right to run ``run_id`` as attempt number ``attempt`` until the lease ends."""
@@ -281,6 +304,11 @@ class Ledger(ABC):
     @abstractmethod
     def rows(self, grid: str | None = None) -> list[RunRow]:
         """Every run of the sweep (or of one grid), in grid order."""
+
+    @abstractmethod
+    def uptime(self) -> Uptime:
+        """How long this sweep's attempts have run and how many were cut short (interrupted
+        or lost with their worker): what an automatic checkpoint interval is chosen from."""
 
     def settled(self, policy: Policy, grid: str | None = None) -> bool:
         """See :func:`settled`; for the runs of ``grid``."""

@@ -23,7 +23,7 @@ import pytest
 from ..identity import RunSpec
 from ..procs import ProcessRef
 from . import open_ledger
-from .base import Ledger, Outcome, Policy, RunState, Verdict, grid_key, judge
+from .base import Ledger, Outcome, Policy, RunState, Uptime, Verdict, grid_key, judge
 
 RUNS = [RunSpec.from_params({"i": i}, index=i) for i in range(6)]
 GRID = grid_key(RUNS)
@@ -161,6 +161,27 @@ class LedgerContract:
             assert other.finish(stolen, Outcome.DONE, POLICY) is RunState.DONE
         finally:
             other.close()
+
+    def test_uptime_counts_running_time_and_interruptions(self, ledger: Ledger, clock: FakeClock) -> None:
+        """What the automatic checkpoint interval is chosen from: an interrupted attempt
+        and a lost one count, a finished one and a failed one do not; a running attempt
+        adds its time so far."""
+        assert ledger.uptime() == Uptime(0.0, 0)
+        a = ledger.claim(ME, POLICY, 60, GRID)
+        b = ledger.claim(OTHER_HOST, POLICY, 60, GRID)
+        c = ledger.claim(ME, POLICY, 60, GRID)
+        assert a and b and c
+        clock.advance(100)
+        ledger.finish(a, Outcome.INTERRUPTED, POLICY)
+        ledger.finish(c, Outcome.FAILED, POLICY)
+        clock.advance(100)  # b's lease ran out 140 s ago: lost with its machine
+        taken = [ledger.claim(ME, POLICY, 60, GRID) for _ in range(3)]
+        assert b.run_id in {t.run_id for t in taken if t}
+        clock.advance(50)
+        up = ledger.uptime()
+        # a 100 + c 100 + b 200 (to its takeover) + the three new claims' 50 each
+        assert up.running_s == pytest.approx(550) and up.interruptions == 2
+        assert up.mtbi_s(prior_s=3 * 3600) == pytest.approx((550 + 3 * 3600) / 3)
 
     def test_heartbeat_extends_the_lease(self, ledger: Ledger, clock: FakeClock) -> None:
         held = ledger.claim(OTHER_HOST, POLICY, 60, GRID)

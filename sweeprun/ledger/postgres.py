@@ -21,12 +21,14 @@ from ..identity import RunSpec
 from ..procs import HOST, ProcessRef
 from ..redact import redact
 from .base import (
+    _UPTIME_SQL,
     Claim,
     Ledger,
     Outcome,
     Policy,
     RunRow,
     RunState,
+    Uptime,
     Verdict,
     check_lease,
     decode_row,
@@ -709,6 +711,14 @@ class PostgresLedger(Ledger):
                      "AND ended_at IS NULL",
                      [now, outcome, exit_code, result.value if result else None, self.sweep, run_id,
                       attempt])
+
+    def uptime(self) -> Uptime:
+        if not self._tables:
+            return Uptime(0.0, 0)
+        query = _UPTIME_SQL.replace("FROM attempts", "FROM sweeprun_attempts")
+        found = self._run("reading the attempts", lambda conn, _: conn.execute(
+            query, [self._fake_now() or self._tx_now(conn), self.sweep]).fetchone(), timeout_s=SYNC_TIMEOUT_S)
+        return Uptime(float(found[0] or 0.0), int(found[1] or 0))
 
     def rows(self, grid: str | None = None) -> list[RunRow]:
         if not self._tables:

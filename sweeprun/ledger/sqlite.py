@@ -21,12 +21,14 @@ from ..faults import crash_point
 from ..identity import RunSpec
 from ..procs import HOST, ProcessRef
 from .base import (
+    _UPTIME_SQL,
     Claim,
     Ledger,
     Outcome,
     Policy,
     RunRow,
     RunState,
+    Uptime,
     Verdict,
     check_lease,
     decode_row,
@@ -589,6 +591,11 @@ class SqliteLedger(Ledger):
         db.execute("UPDATE attempts SET ended_at = ?, outcome = ?, exit_code = ? "
                    "WHERE sweep = ? AND run_id = ? AND attempt = ? AND ended_at IS NULL",
                    [now, outcome, exit_code, self.sweep, run_id, attempt])
+
+    def uptime(self) -> Uptime:
+        with self._tx(write=False) as db:
+            found = db.execute(_UPTIME_SQL.replace("%s", "?"), [self.now(), self.sweep]).fetchone()
+        return Uptime(float(found[0] or 0.0), int(found[1] or 0))
 
     def rows(self, grid: str | None = None) -> list[RunRow]:
         with self._tx(write=False) as db:
