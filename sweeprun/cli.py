@@ -79,7 +79,6 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
     from rich.console import Console
 
     from .fleet import parse_duration
-    from .ledger import grid_key
     from .runner import Launcher, LaunchOptions
     from .sweep import Sweep
 
@@ -89,7 +88,7 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
     led = sweep.prepare()
     console = Console(stderr=False)
     try:
-        done = sum(1 for r in led.rows(grid_key(sweep.runs)) if r.state.value == "done")
+        done = len(sweep.done_at_start)
         from .render import make_events
 
         events = make_events(console, len(sweep.runs), done)
@@ -175,9 +174,8 @@ def status(
 
     spec = _spec(sweep_file, store=store, ledger=ledger)
     sweep = Sweep(spec, ledger, ephemeral_ok=True)
-    rows = sweep.status(progress=False)  # reading writes nothing anywhere
     if as_json:
-        rows = sweep.with_progress(rows)
+        rows = sweep.status()  # reading writes nothing anywhere
         sys.stdout.write(json.dumps(_finite([r.as_json() for r in rows]), indent=1, allow_nan=False) + "\n")
         return
     from rich.console import Console
@@ -186,11 +184,11 @@ def status(
     from .render import SCREEN_ROWS, attention, status_table
 
     title = escape(redact(f"sweep {spec.name} · {spec.store}"))
-    if every or len(rows) <= SCREEN_ROWS:
-        Console().print(status_table(sweep.with_progress(rows), title=title))
+    if every or len(sweep.runs) <= SCREEN_ROWS:
+        Console().print(status_table(sweep.status(), title=title))
         return
-    shown = sweep.with_progress(attention(rows))
-    Console().print(status_table(shown, title=title, everything=rows))
+    rows = sweep.status(summary=True)
+    Console().print(status_table(sweep.with_progress(attention(rows)), title=title, everything=rows))
 
 
 def _finite(value: Any) -> Any:

@@ -9,11 +9,12 @@ train it twice.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,3 +97,37 @@ class RunSpec:
     def from_params(cls, params: Mapping[str, Any], label_keys: Iterable[str] | None = None,
                     index: int = 0) -> RunSpec:
         return cls(run_id=run_id(params, label_keys), params=canonical_params(params), index=index)
+
+
+def product_runs(fixed: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> Iterator[RunSpec]:
+    """The cartesian product of ``grid`` (first axis slowest) with ``fixed`` added, as
+    :meth:`RunSpec.from_params` would make each point (grid axes label the ids), only
+    without redoing per run what is the same for every run: each value is canonicalised
+    and encoded once, and a run's hashed text is the join of those pieces. A 10,000-run
+    sweep costs milliseconds, where canonicalising and encoding every run cost a third
+    of a second on every launch and ``status``.
+    """
+    axes = list(grid)
+    canon_fixed = {str(k): canonical_value(v) for k, v in fixed.items() if k not in grid}
+    keys = sorted([*canon_fixed, *axes])
+
+    def piece(key: str, value: Any) -> str:  # '"key":value', as json.dumps writes a member
+        return json.dumps(key, ensure_ascii=False) + ":" + json.dumps(
+            value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+    fixed_pieces = {k: piece(k, v) for k, v in canon_fixed.items()}
+    choices = []  # per axis: (canonical value, its JSON member, its label piece)
+    for axis in axes:
+        options = []
+        for raw in grid[axis]:
+            value = canonical_value(raw)
+            options.append((value, piece(axis, value), _UNSAFE.sub("_", f"{axis}={_label_text(value)}")))
+        choices.append(options)
+    label_order = sorted(range(len(axes)), key=lambda i: axes[i])
+    slot = {axis: i for i, axis in enumerate(axes)}
+    for index, combo in enumerate(itertools.product(*choices)):
+        members = [fixed_pieces[k] if k in fixed_pieces else combo[slot[k]][1] for k in keys]
+        digest = hashlib.sha256(("{" + ",".join(members) + "}").encode()).hexdigest()[:HASH_CHARS]
+        label = ",".join(combo[i][2] for i in label_order)[:LABEL_MAX_CHARS].strip(".")
+        params = {k: canon_fixed[k] if k in canon_fixed else combo[slot[k]][0] for k in keys}
+        yield RunSpec(run_id=f"{label}-{digest}" if label else digest, params=params, index=index)

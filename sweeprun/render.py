@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -60,7 +61,10 @@ def attention(rows: Sequence[StatusRow], limit: int = SCREEN_ROWS) -> list[Statu
 def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[StatusRow] | None = None) -> Table:
     """``rows`` as a table; ``everything`` (all rows, when only some are shown) makes the
     caption count them all and say how to see the rest."""
-    table = Table(title=title, title_justify="left")
+    # Nothing needs attention in a big sweep: the title and the counts say it all.
+    quiet = not rows and everything is not None
+    table = Table(title=title, title_justify="left", box=None if quiet else box.HEAVY_HEAD,
+                  show_header=not quiet)
     # The run column shows the id's hash (the readable part repeats the params column);
     # `status --json` has the full folder names.
     table.add_column("run", no_wrap=True)

@@ -14,7 +14,6 @@ here.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
@@ -41,7 +40,7 @@ from .command import (
     suggest,
 )
 from .errors import SpecError
-from .identity import RunSpec, canonical_value
+from .identity import RunSpec, canonical_value, product_runs
 from .yaml12 import (
     MAX_DEPTH,
     MAX_FILE_BYTES,
@@ -105,16 +104,13 @@ class SweepSpec:
 
     def runs(self) -> list[RunSpec]:
         """The cartesian product of the grid (first axis slowest), fixed params added."""
-        axes = list(self.grid)
         out: list[RunSpec] = []
-        seen: dict[str, dict[str, Any]] = {}
-        for index, values in enumerate(itertools.product(*(self.grid[a] for a in axes))):
-            params = {**self.params, **dict(zip(axes, values, strict=True))}
-            run = RunSpec.from_params(params, label_keys=axes, index=index)
+        seen: set[str] = set()
+        for run in product_runs(self.params, self.grid):
             if run.run_id in seen:
                 raise SpecError(f"{self.source}: grid gives the same run twice ({run.run_id}); "
                                 "remove the duplicate value")
-            seen[run.run_id] = params
+            seen.add(run.run_id)
             out.append(run)
         return out
 

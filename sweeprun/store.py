@@ -532,7 +532,9 @@ class SweepPaths:
         if is_local(self.fs):
             # A stat per indexed run (milliseconds for 10,000): a DONE deleted by hand is
             # a re-run here as it is in `status`, which sees the DONE files themselves.
-            present = {run_id for run_id in present & indexed if self._done_file(run_id)}
+            runs = self.fs._strip_protocol(self.runs)
+            present = {run_id for run_id in present & indexed
+                       if _regular_file(os.path.join(runs, run_id, "DONE"))}
         if prune_stale:
             # Listed again after the index: a run started and finished between the two
             # listings has a folder now, and its fresh entry must stay.
@@ -544,11 +546,6 @@ class SweepPaths:
                     self.fs.rm_file(posixpath.join(self.done_index, run_id))
         return indexed & present
 
-    def _done_file(self, run_id: str) -> bool:
-        try:
-            return stat.S_ISREG(os.stat(self.fs._strip_protocol(self.run(run_id).done)).st_mode)
-        except OSError:
-            return False
 
     def _index_old_sweep(self, write: bool) -> set[str]:
         """Done runs of a local sweep without a complete index, by one glob of every run
@@ -590,18 +587,24 @@ class SweepPaths:
         return {posixpath.basename(str(e["name"]).rstrip("/")) for e in found
                 if not files_only or e.get("type") == "file"}
 
-    def listing(self) -> dict[str, dict[str, float]]:
+    def listing(self, only: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
         """``run id -> {relative path: mtime}`` for every regular file of the sweep, from one listing.
 
         Only regular files are listed (see :func:`is_done_entry`): ``"DONE" in
         listing[run_id]`` means the run is done, and a named pipe called
-        ``metrics.jsonl`` never reaches a reader.
+        ``metrics.jsonl`` never reaches a reader. ``only``: just these runs' folders, one
+        listing each (what ``status`` needs of a big sweep whose most runs are done).
         """
         out: dict[str, dict[str, float]] = {}
         with store_errors("list", self.runs):
             if not self.fs.exists(self.runs):
                 return out
-            found = self.fs.find(self.runs, detail=True)
+            if only is None:
+                found = self.fs.find(self.runs, detail=True)
+            else:
+                found = {}
+                for run_id in only:
+                    found.update(self.fs.find(posixpath.join(self.runs, run_id), detail=True))
         prefix = self.runs.rstrip("/") + "/"
         for path, info in found.items():
             if info.get("type") != "file":
@@ -621,6 +624,13 @@ def _index_entry(path: str, data: bytes) -> None:
         return
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def _regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 @contextmanager

@@ -92,6 +92,8 @@ class Sweep:
                                    or default_ledger_path(self.store.canonical_url, spec.name))
         #: Things the user should hear about before the runs start (the launcher prints them).
         self.notes: list[str] = []
+        #: This grid's runs found done in the store by :meth:`prepare` (the ledger agrees after it).
+        self.done_at_start: set[str] = set()
 
     def open_ledger(self, readonly: bool = False, key: str | None = None) -> Ledger:
         return open_ledger(self.ledger_location, key or self.spec.name, readonly=readonly)
@@ -133,6 +135,7 @@ class Sweep:
         try:
             ledger.sweep = self.ledger_key(create=True) or self.spec.name
             done = self.paths.done_ids(prune_stale=True)
+            self.done_at_start = done & self.runs_by_id.keys()
             started = self.paths.run_ids()
             self._record_spec(done)
             ledger.sync(self.runs, done=done, started=started,
@@ -176,13 +179,15 @@ class Sweep:
         if not exists:
             write_json(self.store.fs, paths.params, params)
 
-    def status(self, progress: bool = True) -> list[StatusRow]:
+    def status(self, summary: bool = False) -> list[StatusRow]:
         """Read-only: the ledger if there is one, the store for what is done and how far runs got.
 
         Shows the runs of this spec and every other run the ledger knows for the sweep
         (another launcher's grid), each judged by the same rules the launcher uses.
-        ``progress=False`` leaves out the step and last metric, one small read per run:
-        a caller that shows only some rows reads those with :meth:`with_progress`.
+        ``summary`` (a big sweep, shown as counts and the runs that need attention): done
+        runs come from the done index with no detail, only the other runs' folders are
+        listed, and no metrics are read; :meth:`with_progress` reads them for the rows
+        a caller shows. Its cost then grows with the runs not done, not with the sweep.
         """
         self.store.check_present()
         ledger_rows: dict[str, RunRow] = {}
@@ -197,8 +202,12 @@ class Sweep:
                 now = ledger.now()
             finally:
                 ledger.close()
-        listing = self.paths.listing()
-        done = self.paths.done_ids(listing)
+        if summary:
+            done = self.paths.done_ids()
+            listing = self.paths.listing(only=self.paths.run_ids() - done)
+        else:
+            listing = self.paths.listing()
+            done = self.paths.done_ids(listing)
         policy = Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost)
         runs: list[tuple[str, dict[str, Any]]] = [
             (run.run_id, {k: run.params[k] for k in self.spec.grid}) for run in self.runs]
@@ -229,7 +238,7 @@ class Sweep:
                 step=None, metric=None, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
                 worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
                 metrics_path=self._metrics_path(run_id, files)))
-        return self.with_progress(rows) if progress else rows
+        return rows if summary else self.with_progress(rows)
 
     def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:
         """``rows`` with each run's step and last metric, from the tail of its metrics."""

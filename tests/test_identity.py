@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 import string
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sweeprun.identity import LABEL_MAX_CHARS, run_id
+from sweeprun.identity import LABEL_MAX_CHARS, RunSpec, product_runs, run_id
 
 names = st.text(alphabet=string.ascii_letters + "_", min_size=1, max_size=12)
 scalars = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
@@ -63,3 +65,20 @@ def test_hostile_values_stay_inside_the_store() -> None:
     for value in ["../../etc/passwd", "/abs/path", "..", "a\nb", "; rm -rf ~", "x" * 10_000, "日本語"]:
         rid = run_id({"name": value})
         assert "/" not in rid and ".." != rid and len(rid) <= LABEL_MAX_CHARS + 9
+
+
+def test_a_grid_expanded_at_once_names_every_run_as_one_run_at_a_time_would() -> None:
+    """``product_runs`` encodes each value once and joins the pieces; the ids, params and
+    order must be exactly those of ``RunSpec.from_params`` per point, for awkward values."""
+    rnd = random.Random(7)
+    values = [0, 1, 1.5, -0.0, 2.0, "a b", "é", "x/../y", True, False, None, [1, 2.0], "nan", 1e300,
+              3e-7, "ç" * 60, ".", "=,"]
+    for _ in range(200):
+        grid = {f"k{rnd.randint(0, 9)}{i}": rnd.sample(values, rnd.randint(1, 3)) for i in range(rnd.randint(1, 4))}
+        fixed = {f"f{i}": rnd.choice(values) for i in range(rnd.randint(0, 3))}
+        axes = list(grid)
+        one_by_one = [RunSpec.from_params({**fixed, **dict(zip(axes, point, strict=True))}, label_keys=axes, index=i)
+                      for i, point in enumerate(itertools.product(*grid.values()))]
+        at_once = list(product_runs(fixed, grid))
+        assert [(r.run_id, r.params, r.index) for r in at_once] == [
+            (r.run_id, r.params, r.index) for r in one_by_one], (grid, fixed)
