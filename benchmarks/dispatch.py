@@ -11,7 +11,8 @@ appends its grid point to a shared log, so a point executed twice is counted). T
   documented way to run a grid with parallel workers).
 
 Printed: wall time, overhead per run (extra slot-time per run over the floor:
-``(wall - floor wall) * N / runs``) and grid points executed more than once.
+``(wall - floor wall) * N / runs``), grid points executed more than once, and sweeprun's
+tail: from the last run's end (the log's last write) to the launcher's exit.
 
     python benchmarks/dispatch.py [--workers 1,2,4,8] [--runs 200] [--no-optuna]
 
@@ -55,7 +56,7 @@ def floor(root: Path, runs: int, workers: int) -> float:
     return time.perf_counter() - t0
 
 
-def sweeprun(root: Path, runs: int, workers: int) -> tuple[float, Path]:
+def sweeprun(root: Path, runs: int, workers: int) -> tuple[float, Path, float]:
     import yaml
 
     log = root / "sweeprun.log"
@@ -68,9 +69,10 @@ def sweeprun(root: Path, runs: int, workers: int) -> tuple[float, Path]:
     proc = subprocess.run([sys.executable, "-m", "sweeprun", "launch", str(spec), "--workers", str(workers),
                            "--ledger", str(root / "ledger.sqlite")], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    ended = time.time()
     if proc.returncode != 0:
         raise SystemExit(f"sweeprun launch failed ({proc.returncode}): {proc.stderr[-800:]}")
-    return wall, log
+    return wall, log, ended - log.stat().st_mtime
 
 
 OPTUNA_WORKER = """
@@ -113,8 +115,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="sweeprun-dispatch-") as tmp:
             root = Path(tmp)
             base = floor(root, args.runs, n)
-            wall, log = sweeprun(root, args.runs, n)
-            row = {"workers": n, "floor": base, "sweeprun": wall, "sweeprun_dup": duplicates(log, args.runs)}
+            wall, log, tail = sweeprun(root, args.runs, n)
+            row = {"workers": n, "floor": base, "sweeprun": wall, "sweeprun_dup": duplicates(log, args.runs),
+                   "tail": tail}
             if not args.no_optuna:
                 owall, olog = optuna(root, args.runs, n)
                 row.update(optuna=owall, optuna_dup=duplicates(olog, args.runs))
@@ -125,14 +128,14 @@ def main() -> None:
         return (wall - r["floor"]) * r["workers"] / args.runs * 1e3
 
     print()
-    print("| workers | floor wall, s | sweeprun wall, s | sweeprun overhead/run, ms | sweeprun dup "
+    print("| workers | floor wall, s | sweeprun wall, s | sweeprun overhead/run, ms | sweeprun dup | sweeprun tail, s "
           "| Optuna wall, s | Optuna overhead/run, ms | Optuna dup (missing) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         o = (f"{r['optuna']:.2f} | {over(r['optuna'], r):.1f} | {r['optuna_dup'][0]} ({r['optuna_dup'][1]})"
              if "optuna" in r else "- | - | -")
         print(f"| {r['workers']} | {r['floor']:.2f} | {r['sweeprun']:.2f} | {over(r['sweeprun'], r):.1f} | "
-              f"{r['sweeprun_dup'][0]} | {o} |")
+              f"{r['sweeprun_dup'][0]} | {r['tail']:.2f} | {o} |")
     if all("optuna" in r for r in rows):
         print("ratios: sweeprun wall / Optuna wall = " + ", ".join(
             f"{r['sweeprun'] / r['optuna']:.2f}x at {r['workers']}" for r in rows)

@@ -444,10 +444,10 @@ class StoreLeases:
         atomic_write(self.fs, lease.paths.released(lease.generation), b"")
 
     def retire(self, lease: Lease) -> None:
-        """The run is done (its ``DONE`` is written): release the lease and remove the files
-        of older generations and of settled claims. The newest record stays, so that a run
-        made to run again goes on counting attempts from it."""
-        self.release(lease)
+        """The run is done (its ``DONE`` is written): remove the files of older generations
+        and of settled claims. No release marker: every taker looks for ``DONE`` before the
+        lease. The newest record stays, so that a run made to run again goes on counting
+        attempts from it."""
         with store_errors("list", lease.paths.folder):
             try:
                 names = self.fs.ls(lease.paths.folder, detail=False)
