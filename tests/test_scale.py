@@ -58,3 +58,10 @@ def test_every_public_name_resolves(name: str) -> None:
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         sweeprun.nope  # noqa: B018
+
+
+def test_the_ledger_does_not_load_numpy() -> None:
+    """sqlite-utils would import numpy (~60 ms of every launch and status) for nothing."""
+    assert "numpy" not in heavy_modules_after("import sweeprun.ledger.sqlite")
+    # ... and a process that then uses numpy gets it whole
+    assert "numpy" in heavy_modules_after("import sweeprun.ledger.sqlite\nimport numpy\nnumpy.zeros(1)")
