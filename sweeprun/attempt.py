@@ -24,7 +24,7 @@ from .errors import LeaseLost, SweeprunError
 from .faults import crash_point
 from .leases import Lease
 from .ledger import Claim, Outcome, RunState
-from .procs import ProcessRef, spawn
+from .procs import ProcessRef, boot_clock, spawn
 from .redact import redact
 from .runenv import PREEMPTED_EXIT
 from .store import RunPaths, create_only, is_local, store_errors
@@ -65,7 +65,7 @@ class Attempt:
         self.store_lease: Lease | None = None  # the run's lease in the store, when leases are on
         self.wrote_done = False
         self.started_at = time.monotonic()
-        self._renewed_at = time.monotonic()
+        self._renewed_at = boot_clock()
         self._renew_failing = False
         self._lock = threading.Lock()
 
@@ -91,8 +91,8 @@ class Attempt:
             raise
         finally:
             launcher._unregister(self)
-            if not self.lost or self.gave_up:
-                self.release_store_lease()
+            if not self.lost or self.gave_up or self.proc is None:
+                self.release_store_lease()  # a lease taken for a child that never started goes back
             if log is not None:
                 log.close()
 
@@ -112,13 +112,13 @@ class Attempt:
         """Everything between the claim and the child; ``False`` when nothing is to be started."""
         claim = self.claim
         if self.paths.is_done():
-            # Another worker (or a launcher killed before it could record it) finished it.
-            self.paths.index_done()
-            self._record(Outcome.DONE, 0, quiet=True)
-            self.events.note(f"{claim.run_id}: already done in the store; not started again")
-            return False
-        if self.launcher.leases is not None and not self._take_store_lease():
-            return False
+            return self._found_done()
+        if self.launcher.leases is not None:
+            if not self._take_store_lease():
+                return False
+            if self.paths.is_done():  # finished elsewhere while the lease was being taken
+                self.wrote_done = True  # ... so its lease is retired, not released
+                return self._found_done()
         if not self._take_attempt_number():
             return False
         self.launcher.sweep.write_params(claim.run_id, claim.params)
@@ -140,8 +140,15 @@ class Attempt:
             # feared while the store was slow, this attempt holds the run now.
             self.lost = False
             self._renew_failing = False
-            self._renewed_at = time.monotonic()
+            self._renewed_at = boot_clock()
         return True
+
+    def _found_done(self) -> bool:
+        """Another worker (or a launcher killed before it could record it) finished the run."""
+        self.paths.index_done()
+        self._record(Outcome.DONE, 0, quiet=True)
+        self.events.note(f"{self.claim.run_id}: already done in the store; not started again")
+        return False
 
     def _take_store_lease(self) -> bool:
         """Take the run's lease in the store: what keeps machines apart when their ledgers
@@ -308,6 +315,9 @@ class Attempt:
         left as it is; its final checkpoint makes the next attempt finish at once.
         """
         while True:
+            self.check_lease()  # a machine paused since its last renewal must not write DONE
+            if self.lost:
+                return False
             try:
                 ok = self.ledger.heartbeat(self.claim, self.launcher.spec.lease_s)
             except SweeprunError:
@@ -320,7 +330,7 @@ class Attempt:
                 return False
             if ok:
                 with self._lock:
-                    self._renewed_at = time.monotonic()
+                    self._renewed_at = boot_clock()
             return ok
 
     def _store_lease_still_ours(self) -> bool:
@@ -411,7 +421,7 @@ class Attempt:
         lease_s = self.launcher.spec.lease_s
         deadline_s = self._silence_limit_s()
         proc = self.proc
-        attempted_at = time.monotonic()
+        attempted_at = boot_clock()
         try:
             ok = self.ledger.heartbeat(self.claim, lease_s, ProcessRef.of(proc.pid) if proc else None)
             if ok and self.store_lease is not None and self.launcher.leases is not None:
@@ -420,7 +430,7 @@ class Attempt:
                 except LeaseLost:
                     ok = False  # another machine took the run over
         except SweeprunError as exc:
-            silent_s = time.monotonic() - self._renewed_at
+            silent_s = boot_clock() - self._renewed_at
             if silent_s >= deadline_s:
                 self.lost = self.gave_up = True
                 self.events.note(f"{self.claim.run_id}: could not renew the lease for {silent_s:.0f} s "
@@ -459,7 +469,7 @@ class Attempt:
         """
         if self.lost:
             return
-        silent_s = time.monotonic() - self._renewed_at
+        silent_s = boot_clock() - self._renewed_at
         if silent_s < self._silence_limit_s():
             return
         self.lost = self.gave_up = True

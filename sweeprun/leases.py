@@ -30,6 +30,7 @@ ends; ``status`` reads leases from the listing it makes anyway (:func:`lease_vie
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -43,8 +44,11 @@ from dataclasses import dataclass, field
 import fsspec
 
 from .errors import LeaseLost, SpecError, StoreError
-from .procs import HOST, ProcessRef
+from .procs import HOST, ProcessRef, boot_clock
 from .store import atomic_write, create_only, is_local, read_regular, store_errors
+
+#: A take not over a stale holder: no beat to re-read before creating the generation.
+_UNWATCHED = object()
 
 #: Lease files are tens of bytes; anything larger is not one of ours and is read no further.
 _READ_MAX = 4096
@@ -141,7 +145,7 @@ class LeaseState:
     generation: int
     holder: LeaseRecord | None
     released: bool
-    #: Two machines' claims stand for one generation (see :attr:`_Listing.contested`).
+    #: Two machines look like they want one generation (see :meth:`_Listing.contested`).
     contested: bool = False
 
 
@@ -161,13 +165,18 @@ class _Listing:
     def top(self) -> int | None:
         return max(self.generations) if self.generations else None
 
-    @property
-    def contested(self) -> bool:
-        """Do two machines look like they want (or hold) one generation? Claims of two
-        machines stand side by side during a settle round (for ``settle_s`` or two: a
-        normal contention that one rule settles); longer, or a duplicated record, means
-        the store showed a write later than ``settle_s``: raise ``lease_settle_s``."""
-        return self.duplicated or any(len(nonces) > 1 for nonces in self.claims.values())
+    def contested(self, settled: Callable[[int, str], bool] = lambda gen, nonce: True) -> bool:
+        """Do two machines look like they hold, or are stuck wanting, one generation? A
+        record name listed twice (Drive keeps both of two creates that did not see each
+        other), or two claims for a generation not yet taken that ``settled(gen, nonce)``
+        says are past their settle rounds: claims of two machines stand side by side during
+        a normal contention, which one rule settles within two rounds; longer means a
+        claimer died mid-settle or the store showed a write late. Claims below a taken
+        generation are a winner's and maybe a loser's leftovers, not a contention."""
+        top = self.top or 0
+        return self.duplicated or any(
+            sum(1 for nonce in nonces if settled(gen, nonce)) > 1
+            for gen, nonces in self.claims.items() if gen > top)
 
     @classmethod
     def parse(cls, names: Iterable[str]) -> _Listing:
@@ -204,11 +213,14 @@ class LeaseView:
     beat_mtime: float
 
 
-def lease_view(files: Mapping[str, float]) -> LeaseView | None:
+def lease_view(files: Mapping[str, float], now: float | None = None,
+               settle_s: float = 0.0) -> LeaseView | None:
     """The lease in a run's listing (``relative path -> mtime``, as
     :meth:`~sweeprun.store.SweepPaths.listing` gives); ``None`` when the run was never leased.
 
-    Contested as :attr:`_Listing.contested` says.
+    Contested as :meth:`_Listing.contested` says, a claim counting as past its settle
+    rounds once the store's timestamp of it is ``2 * settle_s`` older than ``now`` (a
+    display only).
     """
     names = {path.split("/", 1)[1]: mtime for path, mtime in files.items() if path.startswith("lease/")}
     listing = _Listing.parse(names)
@@ -216,7 +228,12 @@ def lease_view(files: Mapping[str, float]) -> LeaseView | None:
     if top is None:
         return None
     beat = names.get(f"{top:08d}.beat", names.get(f"{top:08d}.json", 0.0))
-    return LeaseView(top, top in listing.released, listing.contested, beat)
+    now = time.time() if now is None else now
+
+    def settled(gen: int, nonce: str) -> bool:
+        return now - names.get(f"{gen:08d}.{nonce}.claim", now) > 2 * settle_s
+
+    return LeaseView(top, top in listing.released, listing.contested(settled), beat)
 
 
 @dataclass(frozen=True)
@@ -282,8 +299,8 @@ class StoreLeases:
 
     def __init__(self, fs: fsspec.AbstractFileSystem, *, lease_s: float = 60.0,
                  settle_s: float = 0.0, host: str = HOST, worker: ProcessRef | str | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = boot_clock,
+                 sleep: Callable[[float], object] = time.sleep) -> None:
         if not lease_s > 0:
             raise SpecError(f"lease_s must be a positive number of seconds, not {lease_s!r}")
         if not settle_s >= 0:
@@ -301,6 +318,9 @@ class StoreLeases:
         self.sleep = sleep
         self._seen: dict[str, _Seen] = {}
         self._records: dict[tuple[str, int], LeaseRecord] = {}
+        #: Settle claims by (run, generation, nonce): when this worker first saw each, by its
+        #: own clock. A claim whose claimer died mid-settle is ignored once it is that old.
+        self._claims_seen: dict[tuple[str, int, str], float] = {}
 
     # -- taking -------------------------------------------------------------------------------
 
@@ -321,9 +341,8 @@ class StoreLeases:
                 return won
         listing = self._list(paths)
         top = listing.top
-        if top is None:  # a lease folder without generations (removed after DONE, or lag)
-            self._seen[run_dir] = _Seen(0, None, self.clock())
-            return None
+        if top is None:  # a folder with no record (a claimer's leftovers, lag): try again
+            return self._create(paths, 1)
         if top in listing.released or self._holder_gone(paths, top) or self._stale(paths, top):
             return self._create(paths, top + 1)
         return None
@@ -335,14 +354,21 @@ class StoreLeases:
         return record is not None and record.host == self.host and record.gone()
 
     def _record(self, paths: LeasePaths, generation: int) -> LeaseRecord | None:
-        """A generation's record, read once: a record is never rewritten."""
+        """A generation's record, read once (a record is never rewritten); ``None`` when it
+        is missing or unreadable. A torn record (a machine lost between an exclusive create
+        and its write, where creates are not all-or-nothing) is a holder of unknown
+        identity: taken over by the usual rule once its beat stands still, never at once."""
         key = (paths.run_dir, generation)
         record = self._records.get(key)
         if record is None:
             blob = self._read(paths.record(generation))
             if blob is None:
                 return None
-            record = self._records[key] = LeaseRecord.from_bytes(blob, paths.record(generation))
+            try:
+                record = LeaseRecord.from_bytes(blob, paths.record(generation))
+            except StoreError:
+                return None
+            self._records[key] = record
         return record
 
     def _stale(self, paths: LeasePaths, generation: int) -> bool:
@@ -373,17 +399,47 @@ class StoreLeases:
     def _take_settled(self, paths: LeasePaths) -> Lease | None:
         listing = self._list(paths)
         top = listing.top
+        watched: object = _UNWATCHED  # the beat judged stale (maybe None: never written)
         if top is None:
             target = 1
-        elif top in listing.released or self._holder_gone(paths, top) or self._stale(paths, top):
+        elif top in listing.released or self._holder_gone(paths, top):
             target = top + 1
+        elif self._stale(paths, top):
+            target, watched = top + 1, self._seen[paths.run_dir].beat
         else:
             return None
-        if listing.claims.get(target):
-            return None  # someone is already claiming it: back off, look again later
-        return self._settle(paths, target)
+        if self._live_claims(paths, listing, target):
+            return None  # someone is claiming it now: back off, look again later
+        return self._settle(paths, target, watched)
 
-    def _settle(self, paths: LeasePaths, generation: int) -> Lease | None:
+
+    def _live_claims(self, paths: LeasePaths, listing: _Listing, generation: int) -> list[str]:
+        """The claims for ``generation`` that may still be settling: a claim whose claimer
+        died mid-settle (a Colab VM gone in its first minute) would otherwise block the run
+        for good. One still there after ``2 * settle_s + lease_s`` on this worker's clock,
+        with the generation still untaken, is ignored; so is one by a process of this host
+        that is gone."""
+        now = self.clock()
+        ttl = 2 * self.settle_s + self.lease_s
+        live = []
+        for nonce in listing.claims.get(generation, []):
+            first = self._claims_seen.setdefault((paths.run_dir, generation, nonce), now)
+            if now - first >= ttl or self._claimer_gone(paths, generation, nonce):
+                continue
+            live.append(nonce)
+        return live
+
+    def _claimer_gone(self, paths: LeasePaths, generation: int, nonce: str) -> bool:
+        blob = self._read(paths.claim(generation, nonce))
+        if not blob:
+            return False
+        try:
+            claimer = LeaseRecord.from_bytes(blob, paths.claim(generation, nonce))
+        except StoreError:
+            return False
+        return claimer.host == self.host and claimer.gone()
+
+    def _settle(self, paths: LeasePaths, generation: int, watched: object = _UNWATCHED) -> Lease | None:
         """Claim, then confirm: exclusive creates cannot be trusted across machines here.
 
         Every claimer writes its own ``<gen>.<nonce>.claim`` and waits ``settle_s``, longer
@@ -395,28 +451,42 @@ class StoreLeases:
         later one has the smaller name and the earlier one, alone, already won, the
         earlier's record is visible to the later one by the end of its second wait. Losers
         delete their claim and back off.
+
+        A takeover (``watched``: the beat that stood still) re-reads that beat before it
+        creates the generation: a holder that was only slow to show its beat keeps the run.
+        ``sleep`` returning ``False`` means the worker is stopping: the claim is withdrawn.
         """
         nonce = secrets.token_hex(8)
         mine = paths.claim(generation, nonce)
-        atomic_write(self.fs, mine, b"")
-        for round_ in (1, 2):
-            self.sleep(self.settle_s)
-            listing = self._list(paths)
-            claims = listing.claims.get(generation, [])
-            if (listing.top or 0) >= generation or min(claims, default=nonce) < nonce:
-                break
-            if round_ == 2 or claims == [nonce]:
-                won = self._create(paths, generation, nonce)
-                if won:
-                    return won
-                break
-        with store_errors("delete", mine):
-            try:
-                self.fs.rm_file(mine)
-            except FileNotFoundError:
-                pass
-        self._seen[paths.run_dir] = _Seen(0, None, self.clock())
-        return None
+        # The claim says who made it, so this host can ignore it at once if that process dies.
+        atomic_write(self.fs, mine, LeaseRecord(self.host, self.worker, generation, nonce,
+                                                self.started, self.lease_s).to_bytes())
+        won: Lease | None = None
+        try:
+            for round_ in (1, 2):
+                if self.sleep(self.settle_s) is False:
+                    break
+                listing = self._list(paths)
+                claims = self._live_claims(paths, listing, generation)
+                if (listing.top or 0) >= generation or min(claims, default=nonce) < nonce:
+                    break
+                if round_ == 2 or claims == [nonce]:
+                    if watched is not _UNWATCHED and self._read(paths.beat(generation - 1)) != watched:
+                        break  # the holder is alive after all
+                    won = self._create(paths, generation, nonce)
+                    break
+        finally:
+            # The winner's claim stays (a later claimer that sees it but not yet the record
+            # must still lose to it); a loser's goes, even when an error cut the wait short.
+            if won is None:
+                with store_errors("delete", mine):
+                    try:
+                        self.fs.rm_file(mine)
+                    except FileNotFoundError:
+                        pass
+        if won is None:
+            self._seen[paths.run_dir] = _Seen(0, None, self.clock())
+        return won
 
     # -- holding ------------------------------------------------------------------------------
 
@@ -437,6 +507,18 @@ class StoreLeases:
                             f"{lease.generation} was taken over by another worker (its beat stood "
                             "still for longer than lease_s); this worker stops the run and writes "
                             "nothing more for it")
+        if self.settle_s:
+            # A late folder may let another machine's create of this very name win after
+            # all (one overwrites the other when both sync): the record must still be ours.
+            blob = self._read(paths.record(lease.generation))
+            try:
+                ours = blob is None or LeaseRecord.from_bytes(blob, "").nonce == lease.record.nonce
+            except StoreError:
+                ours = False
+            if not ours:
+                raise LeaseLost(f"run {posixpath.basename(lease.run_dir.rstrip('/'))}: another machine's "
+                                f"claim of lease generation {lease.generation} replaced this one's (the "
+                                "folder showed it late); this worker stops the run")
         return lease.beats
 
     def release(self, lease: Lease) -> None:
@@ -473,7 +555,7 @@ class StoreLeases:
             return None
         blob = self._read(paths.record(top))
         holder = LeaseRecord.from_bytes(blob, paths.record(top)) if blob is not None else None
-        return LeaseState(top, holder, top in listing.released, listing.contested)
+        return LeaseState(top, holder, top in listing.released, listing.contested())
 
     # -- store access -------------------------------------------------------------------------
 
@@ -502,3 +584,7 @@ class StoreLeases:
                 return bytes(self.fs.cat_file(path, start=0, end=_READ_MAX))
             except FileNotFoundError:
                 return None
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # S3 answers a ranged GET of an empty object 416
+                    return b""
+                raise

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,20 @@ def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux), or ``None`` when unknown."""
     found = _proc_stat(pid)
     return found[1] if found else None
+
+
+def boot_clock() -> float:
+    """Seconds on a clock that never jumps and keeps counting while the machine sleeps.
+
+    Lease accounting must see a laptop's suspend or a VM's pause as time gone by:
+    ``time.monotonic()`` stops during a suspend on Linux, so a holder that wakes would
+    think its lease still fresh and renew it after another machine took the run.
+    ``CLOCK_BOOTTIME`` counts the suspend; where there is none, the monotonic clock.
+    """
+    return time.clock_gettime(_BOOT_CLOCK)
+
+
+_BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
 @dataclass(frozen=True)

@@ -110,11 +110,12 @@ class Launcher:
                     f"{settle_s:g} s per claim (set `lease_settle_s:` in the sweep file). That holds "
                     "while the folder shows a write to every machine within that time; a bucket "
                     "or a PostgreSQL ledger (--ledger postgresql://...) guarantees it")
+            # A settle wait ends early when the launcher is asked to stop (False: withdraw).
             self.leases = StoreLeases(sweep.store.fs, lease_s=self.spec.lease_s, settle_s=settle_s,
-                                      worker=self.me)
+                                      worker=self.me, sleep=lambda s: not self._stop.wait(s))
         self._leases_lock = threading.Lock()
         self._elsewhere: dict[str, float] = {}  # run id -> when to look at its lease again
-        self._lease_errors = 0  # store failures in a row while taking leases
+        self._lease_errors: dict[str, int] = {}  # run id -> store failures in a row taking its lease
         self._mtbi: tuple[float, float] | None = None  # (when read, seconds)
         self._kill_deadline: float | None = None
         self._errors: list[BaseException] = []
@@ -263,6 +264,7 @@ class Launcher:
         else:
             with self._leases_lock:
                 self._elsewhere.pop(run_id, None)
+                self._lease_errors.pop(run_id, None)
         return lease
 
     def pass_over(self, run_id: str, store_failed: bool = False) -> None:
@@ -272,9 +274,11 @@ class Launcher:
         store keeps failing."""
         wait = self.spec.lease_s * random.uniform(0.25, 0.45)
         with self._leases_lock:
-            self._lease_errors = self._lease_errors + 1 if store_failed else 0
             if store_failed:
-                wait = max(wait, backoff_s(self._lease_errors, cap_s=max(60.0, self.spec.lease_s)))
+                failures = self._lease_errors[run_id] = self._lease_errors.get(run_id, 0) + 1
+                wait = max(wait, backoff_s(failures, cap_s=max(60.0, self.spec.lease_s)))
+            else:
+                self._lease_errors.pop(run_id, None)
             self._elsewhere[run_id] = time.monotonic() + wait
 
     def _register(self, attempt: Attempt) -> bool:

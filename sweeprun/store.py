@@ -453,8 +453,9 @@ class RunPaths:
         if not is_local(self.fs):
             create_only(self.fs, self.done_entry, data)
             return
-        _index_entry(self.fs._strip_protocol(self.done_entry), data)
-        fsync_dir(os.path.dirname(self.fs._strip_protocol(self.done_entry)))
+        with store_errors("write", self.done_entry):
+            _index_entry(self.fs._strip_protocol(self.done_entry), data)
+            fsync_dir(os.path.dirname(self.fs._strip_protocol(self.done_entry)))
 
     def read_done(self) -> dict[str, Any] | None:
         try:

@@ -6,6 +6,7 @@ This is the library face of the CLI: ``Sweep.open(spec)`` then ``prepare()`` and
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import posixpath
@@ -18,7 +19,7 @@ from typing import Any
 from . import faults
 from .errors import StoreError, SweeprunError
 from .identity import RunSpec
-from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view
+from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view, settle_default
 from .ledger import Ledger, Policy, RunRow, RunState, default_ledger_path, open_ledger, shown_state
 from .redact import redact
 from .spec import SweepSpec, parse_spec
@@ -138,12 +139,24 @@ class Sweep:
             self.done_at_start = done & self.runs_by_id.keys()
             started = self.paths.run_ids()
             self._record_spec(done)
-            ledger.sync(self.runs, done=done, started=started,
-                        still_done=lambda run_id: self.paths.run(run_id).is_done())
+            ledger.sync(self.runs, done=done, started=started, still_done=self._still_done)
         except BaseException:
             ledger.close()
             raise
         return ledger
+
+    def _still_done(self, run_id: str) -> bool:
+        """Is a run the ledger has as done, and the done index lacks, done in the store? If
+        so it gets its entry now (a crash came between its ``DONE`` and the entry), or the
+        next launch would look it up again and ``status`` count it from its folder."""
+        paths = self.paths.run(run_id)
+        if not paths.is_done():
+            return False
+        try:
+            paths.index_done()
+        except StoreError:
+            pass  # asked again next launch
+        return True
 
     def _record_spec(self, done: set[str]) -> None:
         """Keep the spec as launched in the store, without secrets; say so when the command changed."""
@@ -205,6 +218,7 @@ class Sweep:
         if summary:
             done = self.paths.done_ids()
             listing = self.paths.listing(only=self.paths.run_ids() - done)
+            done |= self.paths.done_ids(listing)  # DONE without its index entry (a crash between)
         else:
             listing = self.paths.listing()
             done = self.paths.done_ids(listing)
@@ -224,7 +238,7 @@ class Sweep:
                 state = RunState.INTERRUPTED if files else RunState.PENDING
             worker = row.worker if row and state is RunState.RUNNING else None
             attempts = row.attempts if row else 0
-            lease = lease_view(files)
+            lease = lease_view(files, settle_s=self.settle_s)
             if lease is not None:
                 attempts = max(attempts, lease.generation)  # the number every machine agrees on
                 holder = self._holder(run_id, lease) if state in (RunState.PENDING, RunState.INTERRUPTED) else None
@@ -248,19 +262,30 @@ class Sweep:
             out.append(replace(row, step=step, metric=metric))
         return out
 
+    @functools.cached_property
+    def settle_s(self) -> float:
+        """The settle delay store leases use in this store (status judges leases by it)."""
+        if self.spec.lease_settle_s is not None:
+            return self.spec.lease_settle_s
+        return settle_default(self.store.fs, self.store.root)[0]
+
     def _holder(self, run_id: str, lease: LeaseView) -> str | None:
         """Who holds the run now, as far as a reader can tell: the lease is not released,
         its beat changed within a lease by the store's own timestamps (a display only:
         takeovers never compare clocks), and its holder is not a dead process of this host."""
-        window = self.spec.lease_s + (self.spec.lease_settle_s or 0.0)
-        if lease.released or time.time() - lease.beat_mtime > window:
+        if lease.released:
             return None
         path = LeasePaths(self.paths.run(run_id).dir).record(lease.generation)
         try:
-            record = LeaseRecord.from_bytes(read_regular(self.store.fs, path, 4096), path)
+            record: LeaseRecord | None = LeaseRecord.from_bytes(read_regular(self.store.fs, path, 4096), path)
         except (StoreError, FileNotFoundError):
-            return "another machine"
-        return None if record.gone() else record.worker
+            record = None
+        settle_s = self.settle_s
+        # The holder's own lease, where it says (it may be longer than this file's).
+        window = max(self.spec.lease_s, (record.lease_s or 0.0) if record else 0.0) + settle_s
+        if time.time() - lease.beat_mtime > window or (record is not None and record.gone()):
+            return None
+        return record.worker if record is not None else "another machine"
 
     def _metrics_path(self, run_id: str, files: dict[str, float]) -> str | None:
         """Where the run's metrics are, from the listing: ``metrics.jsonl`` on local disk,

@@ -26,6 +26,7 @@ from sweeprun.leases import (
     SETTLE_DEFAULT_S,
     Lease,
     LeasePaths,
+    LeaseRecord,
     LeaseView,
     StoreLeases,
     backoff_s,
@@ -480,3 +481,80 @@ def test_a_taker_waits_out_the_holders_longer_lease(place: Place) -> None:
     clock.advance(600)
     took = taker.take(run)
     assert took is not None and took.generation == 2
+
+
+# -- 6. what a dead claimer, a stop, a torn record and a slow holder leave behind -----------------
+
+def settling(place: Place, name: str, clock: FakeClock, settle_s: float = 5.0, **kwargs: Any) -> StoreLeases:
+    """A worker in claim-then-confirm mode whose settle waits cost no real time."""
+    return StoreLeases(place.fs, lease_s=LEASE_S, settle_s=settle_s, host=name, worker=f"{name}:1",
+                       clock=clock, sleep=lambda s: clock.advance(s), **kwargs)
+
+
+def test_a_claim_left_by_a_claimer_that_died_mid_settle_blocks_the_run_only_for_a_while(tmp_path: Path) -> None:
+    place = Place(fsspec.filesystem("file"), str(tmp_path / "store"))
+    run = place.run("r")
+    # A VM lost during its settle wait: its claim stays, no record follows.
+    atomic_write(place.fs, LeasePaths(run).claim(1, "00aa"), b"")
+    clock = FakeClock()
+    taker = settling(place, "b", clock)
+    assert taker.take(run) is None  # someone is claiming it: back off
+    clock.advance(LEASE_S)
+    assert taker.take(run) is None
+    clock.advance(2 * 5.0 + 1)  # past two settle rounds and a lease: the claimer is dead
+    lease = taker.take(run)
+    assert lease is not None and lease.generation == 1
+
+
+def test_a_claim_by_a_dead_process_of_this_host_is_ignored_at_once(tmp_path: Path) -> None:
+    place = Place(fsspec.filesystem("file"), str(tmp_path / "store"))
+    run = place.run("r")
+    me = ProcessRef.me()
+    dead = LeaseRecord(me.host, f"{me.host}:{me.pid}", 1, "00aa", (me.start or 0) + 1)  # pid reused
+    atomic_write(place.fs, LeasePaths(run).claim(1, "00aa"), dead.to_bytes())
+    clock = FakeClock()
+    lease = settling(place, me.host, clock).take(run)
+    assert lease is not None and lease.generation == 1
+
+
+def test_a_stop_during_the_settle_wait_withdraws_the_claim(tmp_path: Path) -> None:
+    place = Place(fsspec.filesystem("file"), str(tmp_path / "store"))
+    run = place.run("r")
+    stopping = StoreLeases(place.fs, lease_s=LEASE_S, settle_s=60, host="a", worker="a:1",
+                           clock=FakeClock(), sleep=lambda s: False)  # as the launcher's stop event answers
+    assert stopping.take(run) is None
+    assert not [p for p in place.fs.ls(LeasePaths(run).folder, detail=False) if p.endswith(".claim")]
+
+
+def test_a_holder_whose_beat_moves_during_the_settle_wait_keeps_its_run(tmp_path: Path) -> None:
+    place = Place(fsspec.filesystem("file"), str(tmp_path / "store"))
+    run = place.run("r")
+    clock = FakeClock()
+    holder = settling(place, "a", FakeClock())
+    held = holder.take(run)
+    assert held is not None
+    # The taker watches the beat stand still for a lease; the holder beats during the settle wait.
+    taker = StoreLeases(place.fs, lease_s=LEASE_S, settle_s=5.0, host="b", worker="b:1", clock=clock,
+                        sleep=lambda s: (clock.advance(s), holder.renew(held)))
+    assert taker.take(run) is None
+    clock.advance(LEASE_S + 5.0)
+    assert taker.take(run) is None and holder.renew(held)  # the holder is still the holder
+
+
+def test_a_torn_record_is_a_holder_of_unknown_identity_taken_over_when_its_beat_stands_still(
+        place: Place) -> None:
+    run = place.run("r")
+    atomic_write(place.fs, LeasePaths(run).record(1), b"")  # a create that never got its bytes
+    clock = FakeClock()
+    taker = worker(place, "b", clock)
+    assert taker.take(run) is None
+    clock.advance(LEASE_S)
+    lease = taker.take(run)
+    assert lease is not None and lease.generation == 2
+
+
+def test_a_lease_folder_without_a_record_is_taken_fresh(place: Place) -> None:
+    run = place.run("r")
+    atomic_write(place.fs, LeasePaths(run).claim(1, "00aa"), b"")  # left by a claim-then-confirm machine
+    lease = worker(place, "a").take(run)
+    assert lease is not None and lease.generation == 1

@@ -8,6 +8,7 @@ timed: the old glob read every run folder.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,3 +134,35 @@ def test_a_done_deleted_by_hand_is_a_re_run_as_status_shows_it(tmp_path: Path) -
     assert paths.done_ids() == done - {victim}
     assert paths.done_ids(prune_stale=True) == done - {victim}
     assert not os.path.exists(os.path.join(paths.done_index, victim))
+
+
+def test_a_done_run_missing_its_index_entry_is_done_in_a_summary_status_and_gets_its_entry(
+        tmp_path: Path) -> None:
+    """A crash between DONE and its index entry: `status` of a big sweep (done runs from the
+    index) still counts the run done, and the next launch writes the entry."""
+    text = (f"name: big\ncommand: {sys.executable} -c pass\nstore: {tmp_path / 'store'}\n"
+            "grid:\n  i: [" + ", ".join(str(i) for i in range(45)) + "]\n")
+    spec_path = tmp_path / "big.yaml"
+    spec_path.write_text(text)
+    sweep = Sweep(parse_spec(text, str(spec_path)), str(tmp_path / "ledger.sqlite"))
+    for run in sweep.runs:
+        sweep.paths.run(run.run_id).write_done({"attempt": 1})
+    ledger = sweep.prepare()  # the ledger has them all as done
+    ledger.close()
+    victim = sweep.runs[7].run_id
+    os.unlink(sweep.paths.run(victim).done_entry)  # as a crash between DONE and its entry leaves it
+    rows = {r.run_id: r for r in sweep.status(summary=True)}
+    assert rows[victim].state.value == "done" and {r.state.value for r in rows.values()} == {"done"}
+    again = Sweep(parse_spec(text, str(spec_path)), str(tmp_path / "ledger.sqlite"))
+    ledger = again.prepare()
+    ledger.close()
+    assert os.path.exists(again.paths.run(victim).done_entry)
+
+
+def test_a_done_index_that_cannot_be_written_leaves_the_run_done(tmp_path: Path) -> None:
+    """DONE is the truth; its index entry is a cache: a failure writing it is no error."""
+    paths, _ = fill(tmp_path, runs=2, done_every=100)
+    shutil.rmtree(paths.done_index)
+    Path(paths.done_index).write_text("not a folder")  # every entry write fails with an OSError
+    run = paths.run(sorted(paths.run_ids())[1])
+    assert run.write_done({"attempt": 1}) is True and run.is_done()
