@@ -17,6 +17,7 @@ ENV = "SWEEPRUN_CRASH_AT"
 
 #: Every point the code defines; tests iterate over this to prove recovery at each.
 POINTS = (
+    "checkpoint.snapshot_taken",   # an asynchronous save's snapshot taken, its write not begun
     "checkpoint.mid_write",        # a checkpoint's temp file partly written (after the first chunk)
     "checkpoint.before_rename",    # temp file complete and fsynced, not yet renamed
     "checkpoint.before_manifest",  # data file in place, manifest not written

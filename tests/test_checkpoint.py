@@ -146,6 +146,7 @@ def test_steps_or_time_whichever_comes_first(run_dir: str) -> None:
 def test_orphans_of_a_crash_are_removed_at_the_next_save(tmp_path: Path) -> None:
     t = Trainer.start(str(tmp_path), every_steps=2)
     t.train(2)
+    t.run.wait()                                 # the step-2 save is written in the background
     folder = tmp_path / "checkpoints"
     (folder / "ckpt-a1-00000009-step0000000003.pt").write_bytes(b"data with no manifest")
     (folder / ".tmp-ckpt-a1-00000010-step0000000004-x1y2.pt").write_bytes(b"half a file")

@@ -158,6 +158,7 @@ def test_a_stale_attempt_is_fenced_out_and_deletes_nothing_of_its_successor(tmp_
     """The field report: a frozen launcher's old child wakes up after the run moved on."""
     stale = launched(tmp_path, attempt=1, every_steps=2, keep_last=1)
     stale.train(4)                                    # saved a1 at 2 and 4, then froze
+    stale.run.wait()
     successor = launched(tmp_path, attempt=2, every_steps=2, keep_last=1)
     assert successor.run.restore() and successor.run.step == 4
     successor.train(4)
@@ -167,6 +168,7 @@ def test_a_stale_attempt_is_fenced_out_and_deletes_nothing_of_its_successor(tmp_
 
     with pytest.raises(LeaseLost, match="attempt 2 .* attempt 1 .* took the run over"):
         stale.train(2)                                # wakes up: its next save is fenced
+        stale.run.wait()                              # (in the background: raised from here)
     stale.run.close()
     assert {n: (tmp_path / "checkpoints" / n).read_bytes() for n in names(tmp_path)} == before
     assert load_checkpoint(tmp_path)["step"] == 8
@@ -182,6 +184,7 @@ def test_a_fenced_process_on_an_object_store_leaves_the_metrics_alone() -> None:
     url = f"memory://sweeprun-tests/{uuid.uuid4().hex}/run"
     stale = launched(url, attempt=1, every_steps=2)    # type: ignore[arg-type]
     stale.train(2)
+    stale.run.wait()
     successor = launched(url, attempt=2, every_steps=2)  # type: ignore[arg-type]
     successor.run.restore()
     successor.train(4)

@@ -11,6 +11,11 @@ The crash points (``checkpoint.mid_write`` ...) are plain calls that cost one
 environment lookup when fault injection is off; the write path is the same with or
 without them (no split writes, no extra copies or fsyncs).
 
+Asynchronous saves (:class:`BackgroundSave`): the training thread only takes the
+:class:`Snapshot`; one thread per save then runs the fence, makes the metrics durable
+and runs :meth:`CheckpointWriter.write`. The fence runs there, right before the write,
+so a late background save of a fenced-out process is refused like a synchronous one.
+
 Fencing: the attempt is part of every name. A writer that finds a checkpoint of a
 newer attempt has been taken over (a frozen machine woke up after its run moved on):
 it raises :class:`LeaseLost` before writing anything, and it never prunes checkpoints
@@ -19,12 +24,17 @@ of a newer attempt than its own.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
 import re
+import sys
 import tempfile
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -91,8 +101,7 @@ class _HashingSink:
 
 
 class CheckpointWriter:
-    """The second half of a save. Synchronous; a background writer can take the same
-    :class:`Snapshot` on a thread and run :meth:`write` there (``close()`` would wait)."""
+    """The second half of a save, on whichever thread runs it (:class:`BackgroundSave`)."""
 
     def __init__(self, directory: CheckpointDir, owner: Owner, attempt: int, retention: Retention) -> None:
         self.dir = directory
@@ -229,5 +238,90 @@ class CheckpointWriter:
         for entry in doomed:
             self.dir.delete(entry)
 
-    def close(self) -> None:
-        """Nothing queued in the synchronous writer."""
+
+
+#: Background saves not yet collected, so that the exit paths that skip thread joins
+#: (``os._exit`` in the error hook) can still let a write finish.
+_IN_FLIGHT: weakref.WeakSet[BackgroundSave] = weakref.WeakSet()
+
+
+class BackgroundSave:
+    """At most one save in flight, on a thread of its own.
+
+    A second :meth:`start` waits for the first rather than coalescing with it: a
+    coalesced save would either drop a snapshot the script asked for or hold two in
+    memory, and with a sensible cadence the wait never happens; when it does (saves
+    requested faster than the store takes them), it shows up in the measured stall,
+    which widens an automatic interval.
+
+    The thread is not a daemon: an interpreter that exits while a save is in flight
+    waits for it, so the last checkpoint is whole. Its error is kept and raised on the
+    training thread by the next :meth:`poll`/:meth:`wait`, never lost: one still
+    uncollected at exit is printed.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._result: Manifest | None = None
+        self.write_s = 0.0
+        """How long the last background write took (for the time budget)."""
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def start(self, job: Callable[[], Manifest], clock: Callable[[], float] = time.monotonic) -> None:
+        """Run ``job`` on a new thread, after the previous one has finished."""
+        self.wait()
+
+        def run() -> None:
+            start = clock()
+            try:
+                self._result = job()
+            except BaseException as exc:  # noqa: BLE001 - handed over to the training thread
+                self._error = exc
+            finally:
+                self.write_s = clock() - start
+
+        self._result = None
+        self._thread = threading.Thread(target=run, name="sweeprun-checkpoint", daemon=False)
+        _IN_FLIGHT.add(self)
+        self._thread.start()  # the thread holds the only reference to the snapshot
+
+    def poll(self) -> None:
+        """Raise the error of a finished save; return at once while one is still running."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
+    def wait(self) -> Manifest | None:
+        """Block until no save is in flight; its manifest, or its error raised here."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+            _IN_FLIGHT.discard(self)
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return self._result
+
+    def drain(self) -> BaseException | None:
+        """:meth:`wait`, returning the error instead of raising it (exit paths)."""
+        try:
+            self.wait()
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        return None
+
+
+def join_in_flight() -> None:
+    """Let every background save finish and report the errors no one collected: for exits
+    that skip the interpreter's own wait for threads (``os._exit``)."""
+    for saver in list(_IN_FLIGHT):
+        error = saver.drain()
+        if error is not None:
+            print(f"sweeprun: error: the last background checkpoint write failed: "
+                  f"{' '.join(str(error).split())}", file=sys.stderr, flush=True)
+
+
+atexit.register(join_in_flight)  # runs after the interpreter joined the thread: reports only
