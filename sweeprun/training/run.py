@@ -37,7 +37,16 @@ from ..store import JSON_MAX_BYTES, RunPaths, atomic_write, open_store, read_reg
 from .cadence import MTBI_ENV, PRIOR_MTBI_S, AutoInterval
 from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention
 from .metrics import MetricsLog, plain
-from .state import Stateful, capture_rng, from_safe, restore_rng, stateful, sync_copies, to_safe
+from .state import (
+    HostBuffers,
+    Stateful,
+    capture_rng,
+    from_safe,
+    restore_rng,
+    stateful,
+    sync_copies,
+    to_safe,
+)
 from .writer import BackgroundSave, CheckpointWriter, Snapshot, join_in_flight
 
 #: Save every 5 minutes when neither ``every_s`` nor ``every_steps`` is given.
@@ -79,6 +88,7 @@ class Run:
         self._dir = CheckpointDir(paths.fs, paths.checkpoints)
         self._writer = CheckpointWriter(self._dir, owner, attempt, retention)
         self._background = BackgroundSave()
+        self._buffers = HostBuffers()
         self._under_launcher = under_launcher
         self._resume_bytes: int | None = 0         # metrics.jsonl bytes to keep: none when fresh
         self._metrics = MetricsLog(paths, attempt)
@@ -195,18 +205,24 @@ class Run:
     def snapshot(self, copy: bool = True) -> Snapshot:
         """The state as of now in host memory: the part of a save that must block training.
         ``copy=False`` shares CPU tensors instead of cloning them, for a save written
-        before training goes on."""
+        before training goes on. The copies reuse the previous snapshot's buffers, so a
+        snapshot is only valid until the next one."""
+        into: bool | HostBuffers = False
+        if copy:
+            self._background.wait()  # the buffers are about to be overwritten: no write may read them
+            into = self._buffers
         try:
             state = {"format": FORMAT, "step": self.step, "epoch": self.epoch,
                      "metrics_bytes": self._metrics.size,
-                     "extras": to_safe(self.extras, "run.extras", copy),
-                     "objects": {name: to_safe(obj.state_dict(), f"the state of {name!r}", copy)
+                     "extras": to_safe(self.extras, "run.extras", into),
+                     "objects": {name: to_safe(obj.state_dict(), f"the state of {name!r}", into)
                                  for name, obj in self._objects.items()},
                      "rng": capture_rng() if self.capture_rng else None}
         except TypeError as exc:
             raise CheckpointError(f"cannot save step {self.step}: {exc}") from None
         if copy:
             sync_copies()
+            self._buffers.cycle()
         return Snapshot(step=self.step, state=state, metrics=dict(self._last_metrics))
 
     def save(self, wait: bool = True) -> Manifest | None:

@@ -39,15 +39,44 @@ class Stateful(Protocol):
 _LEAVES = (int, float, bool, str, bytes, bytearray, complex, type(None))
 
 
-def to_safe(obj: Any, where: str = "state", copy: bool = True) -> Any:
+class HostBuffers:
+    """The host tensors of the last snapshot, reused by the next one.
+
+    Copying into memory already touched costs a memcpy; a fresh allocation also costs a
+    page fault per 4 KiB (as much again, here), and for CUDA a pinned allocation. The
+    caller must not start a snapshot before the write of the previous one has ended:
+    the buffers are overwritten in place. Memory stays at one snapshot.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, Any] = {}
+        self._next: dict[str, Any] = {}
+
+    def copy(self, where: str, tensor: Any) -> Any:
+        import torch
+
+        buffer = self._last.get(where)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            # pinned for a CUDA source: the copy runs at full bus speed without blocking
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
+                                 pin_memory=tensor.device.type == "cuda")
+        self._next[where] = buffer
+        return buffer.copy_(tensor, non_blocking=tensor.device.type == "cuda")
+
+    def cycle(self) -> None:
+        """The snapshot is complete: what it did not use is freed, what it used is kept."""
+        self._last, self._next = self._next, {}
+
+
+def to_safe(obj: Any, where: str = "state", copy: bool | HostBuffers = True) -> Any:
     """A copy of ``obj`` that ``torch.load(weights_only=True)`` can read back and that no
     later training step can change: tensors cloned to CPU, numpy arrays as tagged bytes,
     Counter and defaultdict as tagged mappings (OrderedDict is safe as it is).
 
     ``copy=False`` leaves CPU tensors as they are (detached, shared): for a save written
-    before training goes on, where a clone would only cost time and memory. With
-    ``copy=True`` a CUDA tensor goes to pinned host memory without blocking; the caller
-    must :func:`sync_copies` before anyone reads the copy.
+    before training goes on, where a clone would only cost time and memory. Given
+    :class:`HostBuffers`, tensors are copied into those (CUDA ones without blocking: the
+    caller must :func:`sync_copies` before anyone reads them).
 
     Anything else is refused here, at the save, with ``where`` in the message (TypeError):
     torch.save would pickle it happily, and the run would learn only at its next restore
@@ -57,13 +86,10 @@ def to_safe(obj: Any, where: str = "state", copy: bool = True) -> Any:
 
     if isinstance(obj, torch.Tensor):
         obj = obj.detach()
+        if isinstance(copy, HostBuffers) and obj.device.type in ("cpu", "cuda"):
+            return copy.copy(where, obj)
         if obj.device.type == "cpu":
             return obj.clone() if copy else obj
-        if copy and obj.device.type == "cuda":
-            # pinned: the copy runs at full bus speed and does not block the host; torch's
-            # caching host allocator reuses the blocks of the previous (freed) snapshot
-            pinned = torch.empty(obj.shape, dtype=obj.dtype, device="cpu", pin_memory=True)
-            return pinned.copy_(obj, non_blocking=True)
         return obj.to("cpu")
     if isinstance(obj, (torch.Size, torch.dtype, torch.device, torch.layout, *_LEAVES)):
         return obj
