@@ -4,7 +4,9 @@ A state of Linear layers and AdamW (weights + two moments: 12 bytes per paramete
 about 100 MB and 1 GB is saved, on local disk, by:
 
 - ``copy``: cloning every tensor to host memory, the floor of any save that lets
-  training go on while a copy is written;
+  training go on while a copy is written; ``copy reused``: copying into the buffers of
+  the previous copy (no allocation, no page faults), the floor of a save that keeps
+  its buffers, as sweeprun's asynchronous saves do;
 - ``torch.save`` to a file, and ``torch.save + fsync`` (durable, what a save must be);
 - ``sweeprun sync``: ``run.save()`` with ``async_save=False`` (serialise, hash, fsync,
   rename, manifest, retention, all on the training thread);
@@ -16,8 +18,9 @@ about 100 MB and 1 GB is saved, on local disk, by:
 
 Each method runs in a fresh process (so peak memory is its own): one warm-up save,
 then the median of ``--repeats`` saves. Peak memory growth is the process's peak
-resident set (VmHWM, reset before each save through /proc/self/clear_refs) above what
-it held before the save, over the state's size.
+resident set (VmHWM, reset through /proc/self/clear_refs once the state is built)
+above what it held then, over the state's size: what saving adds, buffers kept
+between saves included.
 
     python benchmarks/checkpoint_stall.py [--sizes-mb 100 1000] [--repeats 3]
 
@@ -40,7 +43,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-METHODS = ("copy", "torch.save", "torch.save+fsync", "sweeprun sync", "sweeprun async", "dcp async_save")
+METHODS = ("copy", "copy reused", "torch.save", "torch.save+fsync", "sweeprun sync", "sweeprun async", "dcp async_save")
 
 
 def _status_kib(field: str) -> int:
@@ -90,6 +93,7 @@ def child(size_mb: float, method: str, folder: str, repeats: int) -> dict[str, A
     durable: list[float] = []
     run = None
     dcp = None
+    buffers: list[Any] = []
 
     def save_once() -> float:
         nonlocal dcp
@@ -101,6 +105,15 @@ def child(size_mb: float, method: str, folder: str, repeats: int) -> dict[str, A
             stall = time.perf_counter() - t0
             del snapshot
             return stall
+        if method == "copy reused":
+            tensors = [*model.state_dict().values(),
+                       *(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
+            if not buffers:
+                buffers.extend(torch.empty_like(t) for t in tensors)
+                t0 = time.perf_counter()
+            for buffer, tensor in zip(buffers, tensors, strict=True):
+                buffer.copy_(tensor)
+            return time.perf_counter() - t0
         if method == "torch.save":
             torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, target)
             return time.perf_counter() - t0
@@ -147,18 +160,18 @@ def child(size_mb: float, method: str, folder: str, repeats: int) -> dict[str, A
             run = sweeprun.init(params={}, local_dir=os.path.join(folder, "run"), keep_last=1,
                                 every_steps=10**9)
         run.track(model=model, optimizer=optimizer)
+    import gc
+
+    gc.collect()
+    can_reset = _reset_peak()
+    before = _status_kib("VmRSS")
     try:
         save_once()                       # warm-up: first-touch allocations, imports, folders
     except Exception as exc:  # noqa: BLE001 - a method this torch cannot run is reported, not fatal
         return {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"}
     durable.clear()
-    stalls, growth = [], []
-    can_reset = _reset_peak()
-    for _ in range(repeats):
-        before = _status_kib("VmRSS")
-        _reset_peak()
-        stalls.append(save_once())
-        growth.append((_status_kib("VmHWM") - before) * 1024)
+    stalls = [save_once() for _ in range(repeats)]
+    growth = [(_status_kib("VmHWM") - before) * 1024]
     if run is not None:
         run.close()
     return {"bytes": nbytes, "stall_s": statistics.median(stalls),
@@ -210,6 +223,7 @@ def main() -> None:
 
     ratios = []
     for name, a, b in [("async/copy", "sweeprun async", "copy"),
+                       ("async/copy reused", "sweeprun async", "copy reused"),
                        ("async/torch.save", "sweeprun async", "torch.save"),
                        ("sync/(torch.save+fsync)", "sweeprun sync", "torch.save+fsync"),
                        ("dcp/copy", "dcp async_save", "copy")]:
