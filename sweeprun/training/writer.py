@@ -1,8 +1,8 @@
 """The file I/O of a save: stream, fence, write data then manifest, prune.
 
 On local disk the serialised state is streamed straight into a temp file in the
-checkpoints folder while it is hashed (no second copy of a multi-GB state in memory),
-then fsynced, renamed into place and the folder fsynced, so the rename itself survives
+checkpoints folder while a helper thread hashes the same chunks (:mod:`.digest`: no
+second copy of a multi-GB state in memory, and the hash overlaps the write), then fsynced, renamed into place and the folder fsynced, so the rename itself survives
 a power loss. Object stores cannot rename: there the bytes stream into a multipart
 upload, which appears whole or not at all. The manifest goes last, create-only
 (:func:`~sweeprun.store.create_only`): no writer can replace one.
@@ -42,6 +42,7 @@ from ..errors import LeaseLost
 from ..faults import crash_point
 from ..store import create_only, current_umask, fsync_dir, store_errors
 from .checkpoints import TEMP_PREFIX, CheckpointDir, Manifest, Name, Owner, Retention, _finite
+from .digest import StreamDigest, tensor_memory
 
 #: Part size of a checkpoint's multipart upload: what a save holds in memory on an
 #: object store (S3 allows 10,000 parts: 500 GiB at this size).
@@ -70,17 +71,47 @@ class Folder:
     manifests: list[Manifest]
 
 
-class _HashingSink:
-    """A write-only file for ``torch.save`` that hashes and counts what passes through."""
+#: How much a local save writes between two writeback hints (:func:`_start_writeback`).
+WRITEBACK_BYTES = 16 * 2**20
+_LINUX = sys.platform.startswith("linux")
 
-    def __init__(self, f: IO[bytes], slice_bytes: int | None = None) -> None:
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing these bytes to disk now, without waiting for it.
+
+    Left to itself, the kernel holds a whole checkpoint in the page cache and the final
+    fsync writes all of it while the save waits; hinted as it is written, the disk
+    works while the rest is serialised and hashed, and the fsync finds little left
+    (PostgreSQL does the same for its checkpoints). On Linux, POSIX_FADV_DONTNEED starts
+    that writeback and drops the pages already written out, so a checkpoint does not
+    push the training data out of the page cache either. Only a hint: errors are ignored,
+    the fsync is what makes the file durable.
+    """
+    if _LINUX:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+class _HashingSink:
+    """A write-only file for ``torch.save`` that hands every chunk to a :class:`StreamDigest`
+    (hashed on its helper thread while this one writes) and counts it. Given the file's
+    descriptor (local disk), it starts the writeback as it goes."""
+
+    def __init__(self, f: IO[bytes], digest: StreamDigest, slice_bytes: int | None = None,
+                 fd: int | None = None) -> None:
         self.f = f
-        self.sha256 = hashlib.sha256()
-        self.size = 0
+        self.digest = digest
         self.slice_bytes = slice_bytes
+        self.fd = fd
+        self._hinted = 0
+
+    @property
+    def size(self) -> int:
+        return self.digest.size
 
     def write(self, chunk: bytes) -> int:
-        self.sha256.update(chunk)
+        first = self.digest.size == 0
+        self.digest.update(chunk)                # queued first, so the hash overlaps the write
         if self.slice_bytes and len(chunk) > self.slice_bytes:
             # torch.save hands over a tensor's storage in one write; an upload buffer given
             # it whole would hold a copy of it all. In slices, it sends a part per slice.
@@ -90,8 +121,10 @@ class _HashingSink:
             written = len(view)
         else:
             written = self.f.write(chunk)
-        first = self.size == 0
-        self.size += len(chunk)
+        if self.fd is not None and self.size - self._hinted >= WRITEBACK_BYTES:
+            self.f.flush()
+            _start_writeback(self.fd, self._hinted, self.size - self._hinted)
+            self._hinted = self.size
         if first:
             crash_point("checkpoint.mid_write")
         return written
@@ -137,11 +170,11 @@ class CheckpointWriter:
                                            suffix=".pt")
                 try:
                     os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: honour the umask
-                    with os.fdopen(fd, "wb") as f:
-                        sink = _HashingSink(f)
-                        torch.save(snapshot.state, sink)
+                    with os.fdopen(fd, "wb") as f, StreamDigest(tensor_memory(snapshot.state)) as digest:
+                        torch.save(snapshot.state, _HashingSink(f, digest, fd=f.fileno()))
                         f.flush()
-                        os.fsync(f.fileno())
+                        os.fsync(f.fileno())        # the hash of the last chunks overlaps this
+                        size, sha256 = digest.size, digest.hexdigest()
                     crash_point("checkpoint.before_rename")
                     os.replace(tmp, path)
                 except BaseException:
@@ -152,9 +185,9 @@ class CheckpointWriter:
                     raise
                 fsync_dir(self.dir.path)
             else:
-                sink = self._stream(snapshot, path)
-        manifest = Manifest(attempt=self.attempt, seq=seq, step=snapshot.step, size=sink.size,
-                            sha256=sink.sha256.hexdigest(), run_id=self.owner.run_id,
+                size, sha256 = self._stream(snapshot, path)
+        manifest = Manifest(attempt=self.attempt, seq=seq, step=snapshot.step, size=size,
+                            sha256=sha256, run_id=self.owner.run_id,
                             sweep=self.owner.sweep, data=name.data,
                             metrics={k: v for k, v in snapshot.metrics.items() if _finite(v)},
                             created=time.time())
@@ -169,7 +202,7 @@ class CheckpointWriter:
                           [*folder.manifests, manifest]))
         return manifest
 
-    def _stream(self, snapshot: Snapshot, path: str) -> _HashingSink:
+    def _stream(self, snapshot: Snapshot, path: str) -> tuple[int, str]:
         """Serialise straight into a create-only multipart upload, hashing as it goes.
 
         Memory holds one part (:data:`UPLOAD_PART_BYTES`), never the whole state, and
@@ -181,13 +214,15 @@ class CheckpointWriter:
         import torch
 
         f = self.dir.fs.open(path, "xb", block_size=UPLOAD_PART_BYTES)
+        size, sha256 = 0, ""
         try:
-            sink = _HashingSink(f, slice_bytes=UPLOAD_PART_BYTES)
-            torch.save(snapshot.state, sink)
+            with StreamDigest(tensor_memory(snapshot.state)) as digest:
+                torch.save(snapshot.state, _HashingSink(f, digest, slice_bytes=UPLOAD_PART_BYTES))
+                size, sha256 = digest.size, digest.hexdigest()
             crash_point("checkpoint.before_rename")
             f.close()
         except FileExistsError:
-            if self._digest(path) != sink.sha256.hexdigest():
+            if self._digest(path) != sha256:
                 raise self._clash(path) from None
         except BaseException:
             discard = getattr(f, "discard", None)
@@ -195,7 +230,7 @@ class CheckpointWriter:
                 with contextlib.suppress(Exception):
                     discard()
             raise
-        return sink
+        return size, sha256
 
     def _digest(self, path: str) -> str | None:
         """sha256 of an object, read in parts; ``None`` if it is gone."""
