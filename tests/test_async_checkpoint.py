@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_checkpoint import Trainer, saved_steps
-from test_training_edges import launched, names
+from test_training_edges import launched, launcher_env, names
 
 from sweeprun.errors import CheckpointError, LeaseLost
 from sweeprun.runenv import PREEMPTED_EXIT
@@ -256,3 +256,86 @@ def test_a_fenced_out_writers_late_background_save_writes_nothing(tmp_path: Path
     assert third.run.restore() and third.run.step == 6
     assert torch.equal(third.model.weight, successor.model.weight)
     third.run.close()
+
+
+# -- a save held back past the start of the next attempt ----------------------------------------
+
+HELD_BACK = textwrap.dedent("""
+    import sys
+    import torch, sweeprun
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    run = sweeprun.init(params={}, local_dir=sys.argv[1], every_steps=2, keep_last=5,
+                        async_save=sys.argv[2] == "async").track(model=model)
+    run.restore()
+    while run.step < 6:
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        run.end_step(loss=float(run.step))
+    run.finish()
+    """)
+
+
+def freeze_at_the_second_save(tmp_path: Path, run_dir: Path, mode: str, phase: str,
+                              env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start the script and return once it has SIGSTOPped itself at ``phase`` of its second
+    save (step 4): a machine frozen mid-save, as a paused VM is."""
+    script = tmp_path / "train.py"
+    script.write_text(HELD_BACK)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SWEEPRUN_")}
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), mode], text=True,
+                            env={**clean, "PYTHONPATH": str(REPO), **env,
+                                 "SWEEPRUN_FREEZE_AT": f"{phase}@2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120                    # guards a hang only
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        if pid and os.WIFSTOPPED(status):
+            return proc
+        assert not pid, f"the script ended (status {status}) instead of freezing at {phase}"
+        assert time.monotonic() < deadline, f"the script never reached {phase}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("mode,phase", [("async", "checkpoint.snapshot_taken"),
+                                        ("async", "checkpoint.before_manifest"),
+                                        ("sync", "checkpoint.mid_write"),
+                                        ("sync", "checkpoint.before_manifest")])
+def test_a_save_held_back_past_the_next_attempts_start_lands_nothing(
+        tmp_path: Path, mode: str, phase: str) -> None:
+    """Attempt 1 freezes in the middle of its step-4 save. The launcher starts attempt 2,
+    which records itself in attempts/ (before any save of its own). When attempt 1 wakes,
+    its save is refused, before the data (the fence) or before the manifest (the check
+    again): it exits 75, and a restore still finds only its step-2 checkpoint."""
+    run_dir = tmp_path / "runs" / "r-1"
+    (run_dir / "attempts").mkdir(parents=True)
+    (run_dir / "attempts" / "1.json").write_text('{"attempt": 1}\n')   # as the launcher does
+    proc = freeze_at_the_second_save(tmp_path, run_dir, mode, phase, launcher_env(run_dir, 1))
+
+    (run_dir / "attempts" / "2.json").write_text('{"attempt": 2}\n')   # attempt 2 starts
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == PREEMPTED_EXIT, err
+    assert err.strip().splitlines()[-1] == (
+        f"sweeprun: error: attempt 2 has started ({run_dir}/attempts/2.json) and this process "
+        "is attempt 1 of run r-1 of sweep grid: another worker took the run over; stopping "
+        "without writing")
+    assert names(run_dir) == ["ckpt-a1-00000001-step0000000002.json",
+                              "ckpt-a1-00000001-step0000000002.pt"]
+    assert load_checkpoint(run_dir)["step"] == 2
+    assert not (run_dir / "attempts" / "1.finished").exists()
+
+
+def test_a_standalone_save_held_back_just_lands_late(tmp_path: Path) -> None:
+    """No launcher, no attempts/: nothing can take the run over, so a frozen save simply
+    completes when the process wakes, as it always did."""
+    run_dir = tmp_path / "out"
+    proc = freeze_at_the_second_save(tmp_path, run_dir, "async", "checkpoint.before_manifest", {})
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert [m for m in names(run_dir) if m.endswith(".json")] == [
+        "ckpt-a1-00000001-step0000000002.json", "ckpt-a1-00000002-step0000000004.json",
+        "ckpt-a1-00000003-step0000000006.json", "ckpt-a1-00000004-step0000000006.json"]
+    assert load_checkpoint(run_dir)["step"] == 6

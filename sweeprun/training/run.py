@@ -62,7 +62,8 @@ class Run:
                  every_s: float | Literal["auto"] | None, every_steps: int | None,
                  retention: Retention, time_limit_s: float | None, stop_signals: Iterable[int],
                  rng: bool, clock: Callable[[], float], under_launcher: bool = False,
-                 async_save: bool = True, auto: AutoInterval | None = None) -> None:
+                 async_save: bool = True, auto: AutoInterval | None = None,
+                 fence_attempts: bool = False) -> None:
         self.params = params
         self.paths = paths
         self.run_id = owner.run_id
@@ -86,7 +87,8 @@ class Run:
         self._clock = clock
         self._objects: dict[str, Stateful] = {}
         self._dir = CheckpointDir(paths.fs, paths.checkpoints)
-        self._writer = CheckpointWriter(self._dir, owner, attempt, retention)
+        self._writer = CheckpointWriter(self._dir, owner, attempt, retention,
+                                        attempts=paths.attempts if fence_attempts else None)
         self._background = BackgroundSave()
         self._buffers = HostBuffers()
         self._under_launcher = under_launcher
@@ -262,11 +264,11 @@ class Run:
         """The whole save on this thread, from the live tensors: nothing is copied."""
         try:
             folder = self._writer.fence()
+            self._metrics.flush()
+            return self._writer.write(self.snapshot(copy=False), folder)
         except LeaseLost:
             self._metrics.abandon()            # the run's metrics are the new owner's now
             raise
-        self._metrics.flush()
-        return self._writer.write(self.snapshot(copy=False), folder)
 
     def _write_in_background(self) -> None:
         snapshot = self.snapshot()
@@ -441,8 +443,10 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     if async_save is None:
         async_save = _flag_env(env, ASYNC_ENV, default=True)
     attempt: int | None
+    fence_attempts = False
     if run_dir:
         attempt = _attempt_env(env)
+        fence_attempts = attempt is not None   # numbered by the launcher, in attempts/
         store = open_store(run_dir)
         paths = RunPaths(store.fs, store.root)
         params = _launcher_params(env, paths, params)
@@ -475,7 +479,8 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
                attempt=attempt, every_s=every_s, every_steps=every_steps,
                retention=Retention(keep_last=keep_last, best=best, mode=mode),
                time_limit_s=min(limits) if limits else None, stop_signals=stop_signals, rng=rng,
-               clock=clock, under_launcher=bool(run_dir), async_save=async_save, auto=auto)
+               clock=clock, under_launcher=bool(run_dir), async_save=async_save, auto=auto,
+               fence_attempts=fence_attempts)
 
 
 def _write_marker(paths: RunPaths, path: str, attempt: int, step: int) -> None:

@@ -28,6 +28,7 @@ import atexit
 import contextlib
 import hashlib
 import os
+import posixpath
 import re
 import sys
 import tempfile
@@ -47,6 +48,10 @@ from .digest import StreamDigest, tensor_memory
 #: Part size of a checkpoint's multipart upload: what a save holds in memory on an
 #: object store (S3 allows 10,000 parts: 500 GiB at this size).
 UPLOAD_PART_BYTES = 50 * 2**20
+
+#: A record of an attempt's start in ``attempts/``: the launcher's ``<n>.json``, the API's
+#: ``<n>.started`` and ``<n>.finished``.
+_ATTEMPT_RECORD = re.compile(r"^([1-9][0-9]{0,17})\.(?:json|started|finished)$")
 
 #: The checkpoint stem inside a temp file's name (ours: ``.tmp-<stem>-<random>.pt``; the
 #: store's create_only for a manifest: ``.tmp-<random>-<stem>.json``).
@@ -136,15 +141,24 @@ class _HashingSink:
 class CheckpointWriter:
     """The second half of a save, on whichever thread runs it (:class:`BackgroundSave`)."""
 
-    def __init__(self, directory: CheckpointDir, owner: Owner, attempt: int, retention: Retention) -> None:
+    def __init__(self, directory: CheckpointDir, owner: Owner, attempt: int, retention: Retention,
+                 attempts: str | None = None) -> None:
         self.dir = directory
         self.owner = owner
         self.attempt = attempt
         self.retention = retention
+        self.attempts = attempts
+        """The run's ``attempts/`` folder when the attempt number is the launcher's; ``None``
+        standalone (no launcher numbers its attempts there)."""
 
     def fence(self) -> Folder:
-        """The folder as it is, after checking that no newer attempt has saved here. Only a
+        """The folder as it is, after checking that no newer attempt has started or saved.
+
+        A newer attempt shows first in ``attempts/``: the launcher records each attempt
+        there (create-only) before it starts the process, so a late save is refused even
+        before the new attempt's first checkpoint. In the checkpoints folder only a
         manifest that checks out counts: a junk file cannot stop a run forever."""
+        self._check_attempts()
         listing = self.dir.listing()
         manifests = self.dir.manifests(listing)
         newer = [m for m in manifests if m.attempt > self.attempt]
@@ -155,7 +169,31 @@ class CheckpointWriter:
                 f"{self.owner}: another worker took the run over; stopping without writing")
         return Folder(listing, manifests)
 
+    def _check_attempts(self) -> None:
+        """One listing of ``attempts/`` (a LIST on object stores): refuse if a record of a
+        higher attempt than this process's is there."""
+        if self.attempts is None:
+            return
+        with store_errors("list", self.attempts):
+            try:
+                found = self.dir.fs.ls(self.attempts, detail=False)
+            except FileNotFoundError:
+                return
+        records = [(int(m.group(1)), m.group(0)) for m in
+                   (_ATTEMPT_RECORD.match(posixpath.basename(p.rstrip("/"))) for p in found) if m]
+        newest, record = max(records, default=(0, ""))
+        if newest > self.attempt:
+            raise LeaseLost(
+                f"attempt {newest} has started ({posixpath.join(self.attempts, record)}) and this process "
+                f"is attempt {self.attempt} of {self.owner}: another worker took the run over; "
+                "stopping without writing")
+
     def write(self, snapshot: Snapshot, folder: Folder | None = None) -> Manifest:
+        """Data, then the fence again, then the manifest: a process frozen while it wrote
+        the data (for minutes, on a paused machine) finds out before its checkpoint
+        becomes one a restore would take. It then removes its data file and raises
+        :class:`LeaseLost`. What is left is the moment between that second check and the
+        manifest's creation: no store offers a write conditional on another file."""
         import torch
 
         folder = self.fence() if folder is None else folder
@@ -192,6 +230,12 @@ class CheckpointWriter:
                             metrics={k: v for k, v in snapshot.metrics.items() if _finite(v)},
                             created=time.time())
         crash_point("checkpoint.before_manifest")
+        try:
+            folder = self.fence()
+        except LeaseLost:
+            self.dir.delete(name.data)           # ours alone: no manifest will ever name it
+            raise
+        listing = folder.listing
         manifest_path, raw = self.dir.join(name.manifest), manifest.to_bytes()
         if not create_only(self.dir.fs, manifest_path, raw):
             with store_errors("read", manifest_path):
