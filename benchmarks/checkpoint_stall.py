@@ -14,7 +14,11 @@ about 100 MB and 1 GB is saved, on local disk, by:
   training thread waits for the snapshot only; the time until the background write is
   durable is shown apart;
 - ``dcp async_save``: ``torch.distributed.checkpoint.async_save`` (no process group),
-  where this torch runs it.
+  where this torch runs it;
+- ``paired sync``: ``torch.save + fsync`` and ``sweeprun sync`` in turns in one process,
+  2 x ``--repeats`` rounds; its stall is sweeprun's, and the ratio line gives the median
+  of the per-round ratios, which a machine whose load changes from minute to minute
+  (a shared VM) skews far less than two medians taken minutes apart.
 
 Each method runs in a fresh process (so peak memory is its own): one warm-up save,
 then the median of ``--repeats`` saves. Peak memory growth is the process's peak
@@ -43,7 +47,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-METHODS = ("copy", "copy reused", "torch.save", "torch.save+fsync", "sweeprun sync", "sweeprun async", "dcp async_save")
+METHODS = ("copy", "copy reused", "torch.save", "torch.save+fsync", "sweeprun sync", "sweeprun async",
+           "dcp async_save", "paired sync")
 
 
 def _status_kib(field: str) -> int:
@@ -147,6 +152,8 @@ def child(size_mb: float, method: str, folder: str, repeats: int) -> dict[str, A
             return stall
         raise ValueError(method)
 
+    if method == "paired sync":
+        return paired(model, optimizer, nbytes, target, os.path.join(folder, "run"), repeats)
     if method.startswith("sweeprun"):
         import sweeprun
 
@@ -179,6 +186,37 @@ def child(size_mb: float, method: str, folder: str, repeats: int) -> dict[str, A
             "peak_growth_bytes": max(growth) if can_reset else None}
 
 
+def paired(model: Any, optimizer: Any, nbytes: int, target: str, run_dir: str,
+           repeats: int) -> dict[str, Any]:
+    """torch.save + fsync and a sweeprun sync save in turns: per-round ratios."""
+    import torch
+
+    import sweeprun
+
+    run = sweeprun.init(params={}, local_dir=run_dir, keep_last=1, every_steps=10**9,
+                        async_save=False).track(model=model, optimizer=optimizer)
+
+    def plain() -> float:
+        t0 = time.perf_counter()
+        with open(target, "wb") as f:
+            torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return time.perf_counter() - t0
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        run.save()
+        return time.perf_counter() - t0
+
+    plain(), ours()                       # warm-up
+    rounds = [(plain(), ours()) for _ in range(2 * repeats)]
+    run.close()
+    return {"bytes": nbytes, "stall_s": statistics.median(b for _, b in rounds), "durable_s": None,
+            "peak_growth_bytes": None, "base_s": statistics.median(a for a, _ in rounds),
+            "ratio": statistics.median(b / a for a, b in rounds)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[100, 1000])
@@ -208,6 +246,10 @@ def main() -> None:
             if "skipped" in row:
                 print(f"{size:>6g}MB {method:<18} skipped: {row['skipped']}", flush=True)
                 continue
+            if "ratio" in row:
+                print(f"{size:>6g}MB {method:<18} {row['stall_s']:>8.3f}  (torch.save+fsync "
+                      f"{row['base_s']:.3f}, per-round ratio {row['ratio']:.2f})", flush=True)
+                continue
             durable = f"{row['durable_s']:.3f}" if row["durable_s"] is not None else "-"
             growth = row["peak_growth_bytes"]
             peak = f"{growth / 1e6:.0f}" if growth is not None else "-"
@@ -230,6 +272,9 @@ def main() -> None:
         x, y = stall(a), stall(b)
         if x is not None and y:
             ratios.append(f"{name} {x / y:.2f}")
+    pair = rows.get((big, "paired sync"), {})
+    if "ratio" in pair:
+        ratios.append(f"sync/(torch.save+fsync) paired {pair['ratio']:.2f}")
     growth = rows.get((big, "sweeprun async"), {}).get("peak_growth_bytes")
     if growth is not None:
         ratios.append(f"async peak/state {growth / rows[big, 'sweeprun async']['bytes']:.2f}")
