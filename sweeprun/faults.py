@@ -3,20 +3,27 @@
 Code that writes state calls ``crash_point("name")`` at the moments where a
 machine could die. With ``SWEEPRUN_CRASH_AT=name`` (or ``name@N`` for the N-th
 time that point is reached, or several, comma-separated) the process SIGKILLs
-itself there, which is exactly what a lost machine looks like. Unset, the call
-costs one dictionary lookup.
+itself there, which is exactly what a lost machine looks like.
+
+``SWEEPRUN_FREEZE_AT`` (same syntax) makes it SIGSTOP itself there instead: a
+machine that froze (a paused VM, a suspended laptop) and wakes up when sent
+SIGCONT, by which time its run may have moved on. Unset, a point costs two
+dictionary lookups.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections import Counter
 
 ENV = "SWEEPRUN_CRASH_AT"
+FREEZE_ENV = "SWEEPRUN_FREEZE_AT"
 
 #: Every point the code defines; tests iterate over this to prove recovery at each.
 POINTS = (
+    "checkpoint.snapshot_taken",   # an asynchronous save's snapshot taken, its write not begun
     "checkpoint.mid_write",        # a checkpoint's temp file partly written (after the first chunk)
     "checkpoint.before_rename",    # temp file complete and fsynced, not yet renamed
     "checkpoint.before_manifest",  # data file in place, manifest not written
@@ -31,26 +38,39 @@ _hits: Counter[str] = Counter()
 
 
 def check() -> None:
-    """Refuse a malformed ``SWEEPRUN_CRASH_AT`` up front, in one line, instead of mid-run."""
+    """Refuse a malformed ``SWEEPRUN_CRASH_AT``/``SWEEPRUN_FREEZE_AT`` up front, in one
+    line, instead of mid-run."""
     from .errors import SpecError
 
-    spec = os.environ.get(ENV)
-    if not spec:
-        return
-    for item in spec.split(","):
-        point, sep, nth = item.strip().partition("@")
-        if point not in POINTS:
-            raise SpecError(f"{ENV}={spec!r}: unknown crash point {point!r}; known: {', '.join(POINTS)}")
-        if sep and not (nth.isascii() and nth.isdigit() and 0 < int(nth) < 10**9):
-            raise SpecError(f"{ENV}={spec!r}: {item.strip()!r} needs a positive count after '@'")
+    for env in (ENV, FREEZE_ENV):
+        spec = os.environ.get(env)
+        if not spec:
+            continue
+        for item in spec.split(","):
+            point, sep, nth = item.strip().partition("@")
+            if point not in POINTS:
+                raise SpecError(f"{env}={spec!r}: unknown crash point {point!r}; known: {', '.join(POINTS)}")
+            if sep and not (nth.isascii() and nth.isdigit() and 0 < int(nth) < 10**9):
+                raise SpecError(f"{env}={spec!r}: {item.strip()!r} needs a positive count after '@'")
 
 
-def crash_point(name: str) -> None:
-    spec = os.environ.get(ENV)
-    if not spec:
-        return
-    _hits[name] += 1
+def _named(spec: str, name: str) -> bool:
+    """Whether ``spec`` names this point at this hit."""
     for item in spec.split(","):
         point, _, nth = item.strip().partition("@")
         if point == name and (not nth or (nth.isdigit() and int(nth) == _hits[name])):
-            os.kill(os.getpid(), signal.SIGKILL)
+            return True
+    return False
+
+
+def crash_point(name: str) -> None:
+    crash, freeze = os.environ.get(ENV), os.environ.get(FREEZE_ENV)
+    if not crash and not freeze:
+        return
+    _hits[name] += 1
+    if crash and _named(crash, name):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if freeze and _named(freeze, name):
+        # To this thread: it starts the stop itself before running another line. Sent to the
+        # process, another thread would start it, and this one could go on writing meanwhile.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)   # every thread stops

@@ -146,6 +146,7 @@ def test_steps_or_time_whichever_comes_first(run_dir: str) -> None:
 def test_orphans_of_a_crash_are_removed_at_the_next_save(tmp_path: Path) -> None:
     t = Trainer.start(str(tmp_path), every_steps=2)
     t.train(2)
+    t.run.wait()                                 # the step-2 save is written in the background
     folder = tmp_path / "checkpoints"
     (folder / "ckpt-a1-00000009-step0000000003.pt").write_bytes(b"data with no manifest")
     (folder / ".tmp-ckpt-a1-00000010-step0000000004-x1y2.pt").write_bytes(b"half a file")
@@ -448,3 +449,50 @@ def test_sampler_refuses_state_of_another_dataset() -> None:
 def test_standalone_without_a_directory_says_what_to_do() -> None:
     with pytest.raises(CheckpointError, match="pass local_dir"):
         init(env={})
+
+
+# -- the checksum, hashed on a helper thread while the file is written --------------------------
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_the_checksum_covers_every_byte_in_file_order(run_dir: str, async_save: bool) -> None:
+    """Large storages are hashed in place (views), headers in batches, a large pickle (a big
+    numpy array in extras) on the spot: whatever the mix, the manifest describes the file."""
+    big = torch.randn(300_000)                                 # 1.2 MB: hashed as a view
+    objects = {"big": big, "view": big[10:20], "empty": torch.empty(0), "half": torch.ones(5, dtype=torch.bfloat16),
+               "small": [torch.full((3,), float(i)) for i in range(200)]}
+    run = init(params={}, local_dir=run_dir, every_steps=1, async_save=async_save)
+    run.track(state=TensorState(objects))
+    run.extras["table"] = np.arange(200_000, dtype=np.int64)   # 1.6 MB inside the pickle
+    run.end_step()
+    manifest = run.wait() if async_save else run.checkpoints()[-1]
+    assert manifest is not None
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    data = fs.cat_file(f"{path}/checkpoints/{manifest.data}")
+    assert (manifest.size, manifest.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    saved = load_checkpoint(run_dir)                           # verifies it too
+    assert torch.equal(saved["objects"]["state"]["big"], big)
+    assert np.array_equal(saved["extras"]["table"], run.extras["table"])
+    run.close()
+
+
+class TensorState:
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+def test_the_hashing_thread_never_outlives_a_failed_save() -> None:
+    from sweeprun.training.digest import StreamDigest
+
+    data = torch.arange(100_000, dtype=torch.float64)
+    view = memoryview(data.numpy()).cast("B")
+    with pytest.raises(OSError, match="disk full"), StreamDigest({(data.data_ptr(), len(view))}) as digest:
+        digest.update(view)
+        raise OSError("disk full")                             # as a write would fail
+    assert not [t for t in __import__("threading").enumerate() if t.name == "sweeprun-checkpoint-hash"]

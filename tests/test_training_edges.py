@@ -158,6 +158,7 @@ def test_a_stale_attempt_is_fenced_out_and_deletes_nothing_of_its_successor(tmp_
     """The field report: a frozen launcher's old child wakes up after the run moved on."""
     stale = launched(tmp_path, attempt=1, every_steps=2, keep_last=1)
     stale.train(4)                                    # saved a1 at 2 and 4, then froze
+    stale.run.wait()
     successor = launched(tmp_path, attempt=2, every_steps=2, keep_last=1)
     assert successor.run.restore() and successor.run.step == 4
     successor.train(4)
@@ -167,6 +168,7 @@ def test_a_stale_attempt_is_fenced_out_and_deletes_nothing_of_its_successor(tmp_
 
     with pytest.raises(LeaseLost, match="attempt 2 .* attempt 1 .* took the run over"):
         stale.train(2)                                # wakes up: its next save is fenced
+        stale.run.wait()                              # (in the background: raised from here)
     stale.run.close()
     assert {n: (tmp_path / "checkpoints" / n).read_bytes() for n in names(tmp_path)} == before
     assert load_checkpoint(tmp_path)["step"] == 8
@@ -182,6 +184,7 @@ def test_a_fenced_process_on_an_object_store_leaves_the_metrics_alone() -> None:
     url = f"memory://sweeprun-tests/{uuid.uuid4().hex}/run"
     stale = launched(url, attempt=1, every_steps=2)    # type: ignore[arg-type]
     stale.train(2)
+    stale.run.wait()
     successor = launched(url, attempt=2, every_steps=2)  # type: ignore[arg-type]
     successor.run.restore()
     successor.train(4)
@@ -197,13 +200,42 @@ def test_a_fenced_process_on_an_object_store_leaves_the_metrics_alone() -> None:
     fs.rm(path, recursive=True)
 
 
+@pytest.mark.parametrize("store", ["memory", "s3"])
+def test_a_newer_attempts_record_fences_saves_on_object_stores_too(
+        request: pytest.FixtureRequest, store: str) -> None:
+    """On an object store the fence is one LIST of attempts/: a record of attempt 2 there
+    refuses attempt 1's next save before it writes anything, sync or in the background."""
+    import uuid
+
+    import fsspec
+
+    if store == "s3":
+        url = f"{request.getfixturevalue('s3_bucket')}/sweeps/grid/runs/r-1"
+    else:
+        url = f"memory://sweeprun-tests/{uuid.uuid4().hex}/r-1"
+    fs, path = fsspec.core.url_to_fs(url)
+    for async_save in (False, True):
+        stale = launched(url, attempt=1, every_steps=2, async_save=async_save)  # type: ignore[arg-type]
+        stale.train(2)
+        stale.run.wait()
+        fs.pipe(f"{path}/attempts/2.json", b'{"attempt": 2}\n')       # the launcher starts attempt 2
+        before = sorted(fs.ls(f"{path}/checkpoints", detail=False))
+        with pytest.raises(LeaseLost, match=r"attempt 2 has started \(.*/attempts/2.json\) and "
+                                            r"this process is attempt 1 .* took the run over"):
+            stale.train(2)
+            stale.run.wait()
+        stale.run.close()
+        assert sorted(fs.ls(f"{path}/checkpoints", detail=False)) == before
+        fs.rm(path, recursive=True)
+
+
 def test_a_fenced_process_exits_75_with_one_line(tmp_path: Path) -> None:
     assert script(tmp_path, "plain", 4, launcher_env(tmp_path, 2)).returncode == 0   # the successor
     before = {n: (tmp_path / "checkpoints" / n).read_bytes() for n in names(tmp_path)}
     result = script(tmp_path, "plain", 6, launcher_env(tmp_path, 1))
     assert result.returncode == PREEMPTED_EXIT, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("sweeprun: error: checkpoint") and "took the run over" in last
+    assert last.startswith("sweeprun: error: attempt 2 has started") and "took the run over" in last
     assert "Traceback" not in result.stderr
     assert {n: (tmp_path / "checkpoints" / n).read_bytes() for n in names(tmp_path)} == before
     assert not (tmp_path / "attempts" / "1.finished").exists()

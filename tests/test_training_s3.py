@@ -114,8 +114,8 @@ def test_a_stale_attempt_never_clobbers_the_live_attempts_metrics(s3_bucket: str
 
 
 def test_restore_prefers_the_newest_attempt_over_a_late_higher_step(s3_bucket: str) -> None:
-    """Attempt 2 saves at step 4. A stale attempt 1, past its fence before attempt 2 began,
-    writes a step-50 checkpoint late: restore still takes attempt 2's, and the late write
+    """Attempt 2 saves at step 4. A stale attempt 1, past both its fence checks (before the
+    data and before the manifest) before attempt 2 began, writes a step-50 checkpoint late: restore still takes attempt 2's, and the late write
     neither replaced nor pruned anything of attempt 2."""
     run_dir = f"{s3_bucket}/sweeps/s/runs/r-1"
     stale, stale_model = _attempt(run_dir, 1)
@@ -130,6 +130,7 @@ def test_restore_prefers_the_newest_attempt_over_a_late_higher_step(s3_bucket: s
     live_manifest = live.save()
     with torch.no_grad():
         stale_model.weight.fill_(-1.0)
+    stale._writer.fence = lambda: fenced            # type: ignore[method-assign]  # still frozen
     late = stale._writer.write(Snapshot(step=50, state={**stale.snapshot().state, "step": 50},
                                         metrics={}), fenced)
     assert (late.attempt, late.step) == (1, 50)

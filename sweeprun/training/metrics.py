@@ -24,6 +24,7 @@ import json
 import math
 import os
 import posixpath
+from collections.abc import Callable
 from typing import IO, Any
 
 import fsspec
@@ -120,6 +121,25 @@ class MetricsLog:
             with store_errors("write", self.path):
                 self._file.flush()
                 os.fsync(self._file.fileno())
+
+    def flusher(self) -> Callable[[], None]:
+        """:meth:`flush` of the entries logged so far, to run later on another thread (an
+        asynchronous save) while the script goes on logging: on local disk an fsync (each
+        append already reached the OS), elsewhere the bytes as of now, taken here. The
+        caller runs it before any other flush can start (a save waits for the last one)."""
+        if self._abandoned or (self._file is None and not self._dirty):
+            return lambda: None
+        fs, path = self.fs, self.path
+        if self._file is not None:
+            fd = self._file.fileno()
+
+            def fsync() -> None:
+                with store_errors("write", path):
+                    os.fsync(fd)
+
+            return fsync
+        data = "".join(self._lines).encode()
+        return lambda: atomic_write(fs, path, data)
 
     def abandon(self) -> None:
         """Stop writing without flushing: this process lost the run to another worker."""

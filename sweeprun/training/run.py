@@ -7,6 +7,11 @@ metrics file) follows from that, so the promise holds without the script's help:
 a run resumed after any interruption ends with the same parameters, bit for bit on
 CPU, as the same run never interrupted.
 
+Saves are asynchronous by default: the training thread waits only for a copy of the
+state in host memory, and a background thread writes it (:class:`.writer.BackgroundSave`).
+Every exit path (a stop request, :meth:`Run.finish`, :meth:`Run.close`, the end of the
+interpreter) waits for that write, and its error is raised on the training thread.
+
 This module does not import torch at import time (:mod:`.state` and :mod:`.writer`
 load it when a save or restore needs it).
 """
@@ -26,24 +31,39 @@ from types import FrameType, TracebackType
 from typing import Any, Literal
 
 from ..errors import CheckpointError, LeaseLost, SpecError, SweeprunError
+from ..faults import crash_point
 from ..runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
 from ..store import JSON_MAX_BYTES, RunPaths, atomic_write, open_store, read_regular, store_errors
+from .cadence import MTBI_ENV, PRIOR_MTBI_S, AutoInterval
 from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention
 from .metrics import MetricsLog, plain
-from .state import Stateful, capture_rng, from_safe, restore_rng, stateful, to_safe
-from .writer import CheckpointWriter, Snapshot
+from .state import (
+    HostBuffers,
+    Stateful,
+    capture_rng,
+    from_safe,
+    restore_rng,
+    stateful,
+    sync_copies,
+    to_safe,
+)
+from .writer import BackgroundSave, CheckpointWriter, Snapshot, join_in_flight
 
 #: Save every 5 minutes when neither ``every_s`` nor ``every_steps`` is given.
 DEFAULT_EVERY_S = 300.0
+#: ``0`` makes saves synchronous when ``init(async_save=...)`` is not given.
+ASYNC_ENV = "SWEEPRUN_ASYNC_SAVE"
 
 
 class Run:
     """One run of a training script, under the launcher or standalone. Create with :func:`init`."""
 
     def __init__(self, *, params: dict[str, Any], paths: RunPaths, owner: Owner, attempt: int,
-                 every_s: float | None, every_steps: int | None, retention: Retention,
-                 time_limit_s: float | None, stop_signals: Iterable[int], rng: bool,
-                 clock: Callable[[], float], under_launcher: bool = False) -> None:
+                 every_s: float | Literal["auto"] | None, every_steps: int | None,
+                 retention: Retention, time_limit_s: float | None, stop_signals: Iterable[int],
+                 rng: bool, clock: Callable[[], float], under_launcher: bool = False,
+                 async_save: bool = True, auto: AutoInterval | None = None,
+                 fence_attempts: bool = False) -> None:
         self.params = params
         self.paths = paths
         self.run_id = owner.run_id
@@ -59,12 +79,18 @@ class Run:
         and sets of those. State carried between steps, such as an RNN's hidden state, goes here."""
         self.every_s = every_s
         self.every_steps = every_steps
+        self.async_save = async_save
+        """Cadence saves overlap training (the default); ``False`` writes them before returning."""
+        self._auto = auto if every_s == "auto" else None
         self.time_limit_s = time_limit_s
         self.capture_rng = rng
         self._clock = clock
         self._objects: dict[str, Stateful] = {}
         self._dir = CheckpointDir(paths.fs, paths.checkpoints)
-        self._writer = CheckpointWriter(self._dir, owner, attempt, retention)
+        self._writer = CheckpointWriter(self._dir, owner, attempt, retention,
+                                        attempts=paths.attempts if fence_attempts else None)
+        self._background = BackgroundSave()
+        self._buffers = HostBuffers()
         self._under_launcher = under_launcher
         self._resume_bytes: int | None = 0         # metrics.jsonl bytes to keep: none when fresh
         self._metrics = MetricsLog(paths, attempt)
@@ -140,6 +166,7 @@ class Run:
         """Call after each optimizer step: counts it, logs its metrics, saves when due, and on a
         stop request (signal or time budget) saves and exits with PREEMPTED_EXIT (75)."""
         now = self._clock()
+        self._collect(block=False)             # a failed background save surfaces here
         self.step += 1
         if metrics:
             self.log(**metrics)
@@ -148,13 +175,18 @@ class Run:
             if now - self._started + self._step_s + self._save_s >= self.time_limit_s:
                 self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
         if self._stop_reason is not None:
-            manifest = self.save()
+            manifest = self._save_durably()
             self.close()
             print(f"sweeprun: {self._stop_reason}; saved {manifest.data} at step {self.step}; "
                   f"exiting with {PREEMPTED_EXIT} (resumable)", file=sys.stderr, flush=True)
             raise SystemExit(PREEMPTED_EXIT)
         if self._due(now):
-            self.save()
+            start = self._clock()
+            self.save(wait=not self.async_save)
+            if self._auto is not None:
+                line = self._auto.observe(self._clock() - start)
+                if line is not None:
+                    print(f"sweeprun: {line}", file=sys.stderr, flush=True)
 
     @property
     def should_stop(self) -> bool:
@@ -166,41 +198,110 @@ class Run:
         SIGTERM save at step 7 does not move the every-5 saves to 12, 17...)."""
         if self.step == self._saved_step:
             return False
+        every_s = self._auto.interval_s if self._auto is not None else self.every_s
         return ((self.every_steps is not None and self.step % self.every_steps == 0)
-                or (self.every_s is not None and now - self._saved_at >= self.every_s))
+                or (isinstance(every_s, (int, float)) and now - self._saved_at >= every_s))
 
     # -- saving -------------------------------------------------------------------------
 
-    def snapshot(self) -> Snapshot:
-        """The state as of now, copied to CPU: the part of a save that must block training."""
+    def snapshot(self, copy: bool = True) -> Snapshot:
+        """The state as of now in host memory: the part of a save that must block training.
+        ``copy=False`` shares CPU tensors instead of cloning them, for a save written
+        before training goes on. The copies reuse the previous snapshot's buffers, so a
+        snapshot is only valid until the next one."""
+        into: bool | HostBuffers = False
+        if copy:
+            self._background.wait()  # the buffers are about to be overwritten: no write may read them
+            into = self._buffers
         try:
             state = {"format": FORMAT, "step": self.step, "epoch": self.epoch,
                      "metrics_bytes": self._metrics.size,
-                     "extras": to_safe(self.extras, "run.extras"),
-                     "objects": {name: to_safe(obj.state_dict(), f"the state of {name!r}")
+                     "extras": to_safe(self.extras, "run.extras", into),
+                     "objects": {name: to_safe(obj.state_dict(), f"the state of {name!r}", into)
                                  for name, obj in self._objects.items()},
                      "rng": capture_rng() if self.capture_rng else None}
         except TypeError as exc:
             raise CheckpointError(f"cannot save step {self.step}: {exc}") from None
+        if copy:
+            sync_copies()
+            self._buffers.cycle()
         return Snapshot(step=self.step, state=state, metrics=dict(self._last_metrics))
 
-    def save(self) -> Manifest:
-        """Save now. First the fence (a process whose run was taken over writes nothing, not
-        even metrics), then metrics, made durable, then the checkpoint that records their
-        length: a crash in between leaves extra entries, which the next restore cuts."""
+    def save(self, wait: bool = True) -> Manifest | None:
+        """Save now; the checkpoint's manifest once it is durable.
+
+        First the fence (a process whose run was taken over writes nothing, not even
+        metrics), then metrics, made durable, then the checkpoint that records their
+        length: a crash in between leaves extra entries, which the next restore cuts.
+
+        ``wait=False`` (what the cadence does unless ``async_save=False``) returns
+        ``None`` as soon as the state is copied to host memory; the same steps then run
+        on a background thread. :meth:`wait` gives its manifest; its error is raised by
+        the next :meth:`end_step`, :meth:`save`, :meth:`wait`, :meth:`finish` or
+        :meth:`close`. A save waits for the one in flight first: at most one snapshot
+        exists at a time.
+        """
+        if wait or not self.async_save:
+            return self._save_durably()
         self._open_metrics()
         start = self._clock()
-        try:
-            folder = self._writer.fence()
-        except LeaseLost:
-            self._metrics.abandon()            # the run's metrics are the new owner's now
-            raise
-        self._metrics.flush()
-        snapshot = self.snapshot()
-        manifest = self._writer.write(snapshot, folder)
+        self._collect(block=True)
+        self._write_in_background()
+        self._saved_step, self._saved_at = self.step, self._clock()
+        self._save_s = self._saved_at - start + self._background.write_s
+        return None
+
+    def _save_durably(self) -> Manifest:
+        self._open_metrics()
+        start = self._clock()
+        self._collect(block=True)
+        manifest = self._write_now()
         self._saved_step, self._saved_at = self.step, self._clock()
         self._save_s = self._saved_at - start
         return manifest
+
+    def _write_now(self) -> Manifest:
+        """The whole save on this thread, from the live tensors: nothing is copied."""
+        try:
+            folder = self._writer.fence()
+            self._metrics.flush()
+            return self._writer.write(self.snapshot(copy=False), folder)
+        except LeaseLost:
+            self._metrics.abandon()            # the run's metrics are the new owner's now
+            raise
+
+    def _write_in_background(self) -> None:
+        snapshot = self.snapshot()
+        flush_metrics, writer = self._metrics.flusher(), self._writer
+
+        def job() -> Manifest:
+            crash_point("checkpoint.snapshot_taken")
+            folder = writer.fence()            # here, right before the write: a late save is fenced too
+            flush_metrics()
+            return writer.write(snapshot, folder)
+
+        self._background.start(job, self._clock)
+
+    def _collect(self, block: bool) -> None:
+        """Raise the error of a finished background save (with ``block``, wait for it first)."""
+        try:
+            if block:
+                self._background.wait()
+            else:
+                self._background.poll()
+        except LeaseLost:
+            self._metrics.abandon()
+            raise
+
+    def wait(self) -> Manifest | None:
+        """Block until the save in flight is durable: its manifest (``None`` if none was in
+        flight), or its error."""
+        self._open_metrics()
+        try:
+            return self._background.wait()
+        except LeaseLost:
+            self._metrics.abandon()
+            raise
 
     def checkpoints(self) -> list[Manifest]:
         """The manifests in the run's checkpoints folder, oldest first."""
@@ -217,7 +318,7 @@ class Run:
         stopped: a loop that breaks on :attr:`should_stop` and falls through to here saves
         and exits with 75 (resumable) instead of claiming the end of training. A loop
         that was already done resumes, finds nothing left, and finishes then."""
-        manifest = self.save()
+        manifest = self._save_durably()
         self.close()
         if self._stop_reason is not None:
             print(f"sweeprun: {self._stop_reason}; saved {manifest.data} at step {self.step}; "
@@ -228,12 +329,22 @@ class Run:
         return manifest
 
     def close(self) -> None:
-        """Flush metrics, wait for the writer, give the signal handlers back. Idempotent."""
+        """Wait for the save in flight, flush metrics, give the signal handlers back.
+        Idempotent. The error of a failed background save is raised last, once the rest
+        is closed."""
+        error = self._close()
+        if error is not None:
+            raise error
+
+    def _close(self) -> BaseException | None:
+        error = self._background.drain()
+        if isinstance(error, LeaseLost):
+            self._metrics.abandon()
         self._metrics.close()
-        self._writer.close()
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+        return error
 
     def __enter__(self) -> Run:
         return self
@@ -242,8 +353,11 @@ class Run:
                  tb: TracebackType | None) -> None:
         if kind is None:
             self.finish()
-        else:
-            self.close()  # mid-step state is not worth saving; the last checkpoint is
+            return
+        error = self._close()  # mid-step state is not worth saving; the last checkpoint is
+        if error is not None and error is not exc:
+            print(f"sweeprun: error: the last background checkpoint write failed too: "
+                  f"{' '.join(str(error).split())}", file=sys.stderr, flush=True)
 
     # -- preemption -----------------------------------------------------------------------
 
@@ -279,6 +393,7 @@ def _exit_2_on_sweeprun_errors() -> None:
             return
         print(f"sweeprun: error: {' '.join(str(value).split())}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        join_in_flight()  # os._exit skips the interpreter's wait for a save in flight
         os._exit(PREEMPTED_EXIT if issubclass(kind, LeaseLost) else 2)
 
     hook._sweeprun = True  # type: ignore[attr-defined]
@@ -286,10 +401,12 @@ def _exit_2_on_sweeprun_errors() -> None:
 
 
 def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[str] | None = None,
-         *, every_s: float | None = None, every_steps: int | None = None, keep_last: int = 3,
+         *, every_s: float | Literal["auto"] | None = None, every_steps: int | None = None,
+         min_every_s: float = 30.0, max_every_s: float = 3600.0, keep_last: int = 3,
          best: str | None = None, mode: Literal["min", "max"] = "min",
          time_limit_s: float | None = None, stop_signals: Iterable[int] = (), rng: bool = True,
-         clock: Callable[[], float] = time.monotonic, env: Mapping[str, str] | None = None) -> Run:
+         async_save: bool | None = None, clock: Callable[[], float] = time.monotonic,
+         env: Mapping[str, str] | None = None) -> Run:
     """Start (or continue) this process's run.
 
     Under ``sweeprun launch`` the parameters and directory come from the environment
@@ -297,7 +414,11 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     SWEEPRUN_RUN_DIR); standalone, from ``params`` and ``local_dir`` (a path or fsspec
     URL). Saves happen every ``every_s`` seconds and/or at every multiple of
     ``every_steps`` steps (every 300 s if neither is given), keeping the last
-    ``keep_last`` plus the best by metric ``best``. ``time_limit_s`` (or
+    ``keep_last`` plus the best by metric ``best``. ``every_s="auto"`` picks the interval
+    from the measured cost of a save and the interruption rate (SWEEPRUN_MTBI_S, else a
+    6 h prior), between ``min_every_s`` and ``max_every_s`` (:mod:`.cadence`).
+    Cadence saves overlap training unless ``async_save=False`` (or
+    SWEEPRUN_ASYNC_SAVE=0). ``time_limit_s`` (or
     SWEEPRUN_TIME_LIMIT, the smaller wins) makes the run save and exit with 75 before
     that many seconds have passed. ``rng=False`` leaves RNG states out: only to show
     why they matter. ``clock`` and ``env`` are for tests.
@@ -311,9 +432,21 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     env_limit = _seconds_env(env, TIME_LIMIT)
     if every_steps is not None and (isinstance(every_steps, bool) or every_steps < 1):
         raise ValueError(f"every_steps must be a positive number of steps, got {every_steps!r}")
+    auto = None
+    if isinstance(every_s, str):
+        if every_s != "auto":
+            raise ValueError(f"every_s must be a number of seconds or 'auto', got {every_s!r}")
+        mtbi_s = _seconds_env(env, MTBI_ENV)
+        auto = AutoInterval(min_s=min_every_s, max_s=max_every_s,
+                            mtbi_s=PRIOR_MTBI_S if mtbi_s is None else mtbi_s,
+                            mtbi_measured=mtbi_s is not None)
+    if async_save is None:
+        async_save = _flag_env(env, ASYNC_ENV, default=True)
     attempt: int | None
+    fence_attempts = False
     if run_dir:
         attempt = _attempt_env(env)
+        fence_attempts = attempt is not None   # numbered by the launcher, in attempts/
         store = open_store(run_dir)
         paths = RunPaths(store.fs, store.root)
         params = _launcher_params(env, paths, params)
@@ -346,7 +479,8 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
                attempt=attempt, every_s=every_s, every_steps=every_steps,
                retention=Retention(keep_last=keep_last, best=best, mode=mode),
                time_limit_s=min(limits) if limits else None, stop_signals=stop_signals, rng=rng,
-               clock=clock, under_launcher=bool(run_dir))
+               clock=clock, under_launcher=bool(run_dir), async_save=async_save, auto=auto,
+               fence_attempts=fence_attempts)
 
 
 def _write_marker(paths: RunPaths, path: str, attempt: int, step: int) -> None:
@@ -418,6 +552,17 @@ def _seconds_env(env: Mapping[str, str], name: str) -> float | None:
     if not math.isfinite(seconds) or seconds <= 0:
         raise SpecError(f"{name}={value!r} is not a positive number of seconds; unset it or give one")
     return seconds
+
+
+def _flag_env(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SpecError(f"{name}={env[name]!r} is neither 1 nor 0; unset it or give one")
 
 
 def load_checkpoint(run_dir: str | os.PathLike[str], which: Literal["latest", "best"] = "latest",

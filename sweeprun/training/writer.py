@@ -1,8 +1,8 @@
 """The file I/O of a save: stream, fence, write data then manifest, prune.
 
 On local disk the serialised state is streamed straight into a temp file in the
-checkpoints folder while it is hashed (no second copy of a multi-GB state in memory),
-then fsynced, renamed into place and the folder fsynced, so the rename itself survives
+checkpoints folder while a helper thread hashes the same chunks (:mod:`.digest`: no
+second copy of a multi-GB state in memory, and the hash overlaps the write), then fsynced, renamed into place and the folder fsynced, so the rename itself survives
 a power loss. Object stores cannot rename: there the bytes stream into a multipart
 upload, which appears whole or not at all. The manifest goes last, create-only
 (:func:`~sweeprun.store.create_only`): no writer can replace one.
@@ -10,6 +10,11 @@ upload, which appears whole or not at all. The manifest goes last, create-only
 The crash points (``checkpoint.mid_write`` ...) are plain calls that cost one
 environment lookup when fault injection is off; the write path is the same with or
 without them (no split writes, no extra copies or fsyncs).
+
+Asynchronous saves (:class:`BackgroundSave`): the training thread only takes the
+:class:`Snapshot`; one thread per save then runs the fence, makes the metrics durable
+and runs :meth:`CheckpointWriter.write`. The fence runs there, right before the write,
+so a late background save of a fenced-out process is refused like a synchronous one.
 
 Fencing: the attempt is part of every name. A writer that finds a checkpoint of a
 newer attempt has been taken over (a frozen machine woke up after its run moved on):
@@ -19,12 +24,18 @@ of a newer attempt than its own.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
+import posixpath
 import re
+import sys
 import tempfile
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -32,10 +43,15 @@ from ..errors import LeaseLost
 from ..faults import crash_point
 from ..store import create_only, current_umask, fsync_dir, store_errors
 from .checkpoints import TEMP_PREFIX, CheckpointDir, Manifest, Name, Owner, Retention, _finite
+from .digest import StreamDigest, tensor_memory
 
 #: Part size of a checkpoint's multipart upload: what a save holds in memory on an
 #: object store (S3 allows 10,000 parts: 500 GiB at this size).
 UPLOAD_PART_BYTES = 50 * 2**20
+
+#: A record of an attempt's start in ``attempts/``: the launcher's ``<n>.json``, the API's
+#: ``<n>.started`` and ``<n>.finished``.
+_ATTEMPT_RECORD = re.compile(r"^([1-9][0-9]{0,17})\.(?:json|started|finished)$")
 
 #: The checkpoint stem inside a temp file's name (ours: ``.tmp-<stem>-<random>.pt``; the
 #: store's create_only for a manifest: ``.tmp-<random>-<stem>.json``).
@@ -60,17 +76,47 @@ class Folder:
     manifests: list[Manifest]
 
 
-class _HashingSink:
-    """A write-only file for ``torch.save`` that hashes and counts what passes through."""
+#: How much a local save writes between two writeback hints (:func:`_start_writeback`).
+WRITEBACK_BYTES = 16 * 2**20
+_LINUX = sys.platform.startswith("linux")
 
-    def __init__(self, f: IO[bytes], slice_bytes: int | None = None) -> None:
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing these bytes to disk now, without waiting for it.
+
+    Left to itself, the kernel holds a whole checkpoint in the page cache and the final
+    fsync writes all of it while the save waits; hinted as it is written, the disk
+    works while the rest is serialised and hashed, and the fsync finds little left
+    (PostgreSQL does the same for its checkpoints). On Linux, POSIX_FADV_DONTNEED starts
+    that writeback and drops the pages already written out, so a checkpoint does not
+    push the training data out of the page cache either. Only a hint: errors are ignored,
+    the fsync is what makes the file durable.
+    """
+    if _LINUX:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+class _HashingSink:
+    """A write-only file for ``torch.save`` that hands every chunk to a :class:`StreamDigest`
+    (hashed on its helper thread while this one writes) and counts it. Given the file's
+    descriptor (local disk), it starts the writeback as it goes."""
+
+    def __init__(self, f: IO[bytes], digest: StreamDigest, slice_bytes: int | None = None,
+                 fd: int | None = None) -> None:
         self.f = f
-        self.sha256 = hashlib.sha256()
-        self.size = 0
+        self.digest = digest
         self.slice_bytes = slice_bytes
+        self.fd = fd
+        self._hinted = 0
+
+    @property
+    def size(self) -> int:
+        return self.digest.size
 
     def write(self, chunk: bytes) -> int:
-        self.sha256.update(chunk)
+        first = self.digest.size == 0
+        self.digest.update(chunk)                # queued first, so the hash overlaps the write
         if self.slice_bytes and len(chunk) > self.slice_bytes:
             # torch.save hands over a tensor's storage in one write; an upload buffer given
             # it whole would hold a copy of it all. In slices, it sends a part per slice.
@@ -80,8 +126,10 @@ class _HashingSink:
             written = len(view)
         else:
             written = self.f.write(chunk)
-        first = self.size == 0
-        self.size += len(chunk)
+        if self.fd is not None and self.size - self._hinted >= WRITEBACK_BYTES:
+            self.f.flush()
+            _start_writeback(self.fd, self._hinted, self.size - self._hinted)
+            self._hinted = self.size
         if first:
             crash_point("checkpoint.mid_write")
         return written
@@ -91,18 +139,26 @@ class _HashingSink:
 
 
 class CheckpointWriter:
-    """The second half of a save. Synchronous; a background writer can take the same
-    :class:`Snapshot` on a thread and run :meth:`write` there (``close()`` would wait)."""
+    """The second half of a save, on whichever thread runs it (:class:`BackgroundSave`)."""
 
-    def __init__(self, directory: CheckpointDir, owner: Owner, attempt: int, retention: Retention) -> None:
+    def __init__(self, directory: CheckpointDir, owner: Owner, attempt: int, retention: Retention,
+                 attempts: str | None = None) -> None:
         self.dir = directory
         self.owner = owner
         self.attempt = attempt
         self.retention = retention
+        self.attempts = attempts
+        """The run's ``attempts/`` folder when the attempt number is the launcher's; ``None``
+        standalone (no launcher numbers its attempts there)."""
 
     def fence(self) -> Folder:
-        """The folder as it is, after checking that no newer attempt has saved here. Only a
+        """The folder as it is, after checking that no newer attempt has started or saved.
+
+        A newer attempt shows first in ``attempts/``: the launcher records each attempt
+        there (create-only) before it starts the process, so a late save is refused even
+        before the new attempt's first checkpoint. In the checkpoints folder only a
         manifest that checks out counts: a junk file cannot stop a run forever."""
+        self._check_attempts()
         listing = self.dir.listing()
         manifests = self.dir.manifests(listing)
         newer = [m for m in manifests if m.attempt > self.attempt]
@@ -113,7 +169,31 @@ class CheckpointWriter:
                 f"{self.owner}: another worker took the run over; stopping without writing")
         return Folder(listing, manifests)
 
+    def _check_attempts(self) -> None:
+        """One listing of ``attempts/`` (a LIST on object stores): refuse if a record of a
+        higher attempt than this process's is there."""
+        if self.attempts is None:
+            return
+        with store_errors("list", self.attempts):
+            try:
+                found = self.dir.fs.ls(self.attempts, detail=False)
+            except FileNotFoundError:
+                return
+        records = [(int(m.group(1)), m.group(0)) for m in
+                   (_ATTEMPT_RECORD.match(posixpath.basename(p.rstrip("/"))) for p in found) if m]
+        newest, record = max(records, default=(0, ""))
+        if newest > self.attempt:
+            raise LeaseLost(
+                f"attempt {newest} has started ({posixpath.join(self.attempts, record)}) and this process "
+                f"is attempt {self.attempt} of {self.owner}: another worker took the run over; "
+                "stopping without writing")
+
     def write(self, snapshot: Snapshot, folder: Folder | None = None) -> Manifest:
+        """Data, then the fence again, then the manifest: a process frozen while it wrote
+        the data (for minutes, on a paused machine) finds out before its checkpoint
+        becomes one a restore would take. It then removes its data file and raises
+        :class:`LeaseLost`. What is left is the moment between that second check and the
+        manifest's creation: no store offers a write conditional on another file."""
         import torch
 
         folder = self.fence() if folder is None else folder
@@ -128,11 +208,11 @@ class CheckpointWriter:
                                            suffix=".pt")
                 try:
                     os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: honour the umask
-                    with os.fdopen(fd, "wb") as f:
-                        sink = _HashingSink(f)
-                        torch.save(snapshot.state, sink)
+                    with os.fdopen(fd, "wb") as f, StreamDigest(tensor_memory(snapshot.state)) as digest:
+                        torch.save(snapshot.state, _HashingSink(f, digest, fd=f.fileno()))
                         f.flush()
-                        os.fsync(f.fileno())
+                        os.fsync(f.fileno())        # the hash of the last chunks overlaps this
+                        size, sha256 = digest.size, digest.hexdigest()
                     crash_point("checkpoint.before_rename")
                     os.replace(tmp, path)
                 except BaseException:
@@ -143,13 +223,19 @@ class CheckpointWriter:
                     raise
                 fsync_dir(self.dir.path)
             else:
-                sink = self._stream(snapshot, path)
-        manifest = Manifest(attempt=self.attempt, seq=seq, step=snapshot.step, size=sink.size,
-                            sha256=sink.sha256.hexdigest(), run_id=self.owner.run_id,
+                size, sha256 = self._stream(snapshot, path)
+        manifest = Manifest(attempt=self.attempt, seq=seq, step=snapshot.step, size=size,
+                            sha256=sha256, run_id=self.owner.run_id,
                             sweep=self.owner.sweep, data=name.data,
                             metrics={k: v for k, v in snapshot.metrics.items() if _finite(v)},
                             created=time.time())
         crash_point("checkpoint.before_manifest")
+        try:
+            folder = self.fence()
+        except LeaseLost:
+            self.dir.delete(name.data)           # ours alone: no manifest will ever name it
+            raise
+        listing = folder.listing
         manifest_path, raw = self.dir.join(name.manifest), manifest.to_bytes()
         if not create_only(self.dir.fs, manifest_path, raw):
             with store_errors("read", manifest_path):
@@ -160,7 +246,7 @@ class CheckpointWriter:
                           [*folder.manifests, manifest]))
         return manifest
 
-    def _stream(self, snapshot: Snapshot, path: str) -> _HashingSink:
+    def _stream(self, snapshot: Snapshot, path: str) -> tuple[int, str]:
         """Serialise straight into a create-only multipart upload, hashing as it goes.
 
         Memory holds one part (:data:`UPLOAD_PART_BYTES`), never the whole state, and
@@ -172,13 +258,15 @@ class CheckpointWriter:
         import torch
 
         f = self.dir.fs.open(path, "xb", block_size=UPLOAD_PART_BYTES)
+        size, sha256 = 0, ""
         try:
-            sink = _HashingSink(f, slice_bytes=UPLOAD_PART_BYTES)
-            torch.save(snapshot.state, sink)
+            with StreamDigest(tensor_memory(snapshot.state)) as digest:
+                torch.save(snapshot.state, _HashingSink(f, digest, slice_bytes=UPLOAD_PART_BYTES))
+                size, sha256 = digest.size, digest.hexdigest()
             crash_point("checkpoint.before_rename")
             f.close()
         except FileExistsError:
-            if self._digest(path) != sink.sha256.hexdigest():
+            if self._digest(path) != sha256:
                 raise self._clash(path) from None
         except BaseException:
             discard = getattr(f, "discard", None)
@@ -186,7 +274,7 @@ class CheckpointWriter:
                 with contextlib.suppress(Exception):
                     discard()
             raise
-        return sink
+        return size, sha256
 
     def _digest(self, path: str) -> str | None:
         """sha256 of an object, read in parts; ``None`` if it is gone."""
@@ -229,5 +317,90 @@ class CheckpointWriter:
         for entry in doomed:
             self.dir.delete(entry)
 
-    def close(self) -> None:
-        """Nothing queued in the synchronous writer."""
+
+
+#: Background saves not yet collected, so that the exit paths that skip thread joins
+#: (``os._exit`` in the error hook) can still let a write finish.
+_IN_FLIGHT: weakref.WeakSet[BackgroundSave] = weakref.WeakSet()
+
+
+class BackgroundSave:
+    """At most one save in flight, on a thread of its own.
+
+    A second :meth:`start` waits for the first rather than coalescing with it: a
+    coalesced save would either drop a snapshot the script asked for or hold two in
+    memory, and with a sensible cadence the wait never happens; when it does (saves
+    requested faster than the store takes them), it shows up in the measured stall,
+    which widens an automatic interval.
+
+    The thread is not a daemon: an interpreter that exits while a save is in flight
+    waits for it, so the last checkpoint is whole. Its error is kept and raised on the
+    training thread by the next :meth:`poll`/:meth:`wait`, never lost: one still
+    uncollected at exit is printed.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._result: Manifest | None = None
+        self.write_s = 0.0
+        """How long the last background write took (for the time budget)."""
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def start(self, job: Callable[[], Manifest], clock: Callable[[], float] = time.monotonic) -> None:
+        """Run ``job`` on a new thread, after the previous one has finished."""
+        self.wait()
+
+        def run() -> None:
+            start = clock()
+            try:
+                self._result = job()
+            except BaseException as exc:  # noqa: BLE001 - handed over to the training thread
+                self._error = exc
+            finally:
+                self.write_s = clock() - start
+
+        self._result = None
+        self._thread = threading.Thread(target=run, name="sweeprun-checkpoint", daemon=False)
+        _IN_FLIGHT.add(self)
+        self._thread.start()  # the thread holds the only reference to the snapshot
+
+    def poll(self) -> None:
+        """Raise the error of a finished save; return at once while one is still running."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
+    def wait(self) -> Manifest | None:
+        """Block until no save is in flight; its manifest, or its error raised here."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+            _IN_FLIGHT.discard(self)
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return self._result
+
+    def drain(self) -> BaseException | None:
+        """:meth:`wait`, returning the error instead of raising it (exit paths)."""
+        try:
+            self.wait()
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        return None
+
+
+def join_in_flight() -> None:
+    """Let every background save finish and report the errors no one collected: for exits
+    that skip the interpreter's own wait for threads (``os._exit``)."""
+    for saver in list(_IN_FLIGHT):
+        error = saver.drain()
+        if error is not None:
+            print(f"sweeprun: error: the last background checkpoint write failed: "
+                  f"{' '.join(str(error).split())}", file=sys.stderr, flush=True)
+
+
+atexit.register(join_in_flight)  # runs after the interpreter joined the thread: reports only
