@@ -8,8 +8,8 @@ next to ``M``, which it is here by orders of magnitude.
 
 ``C`` is what a save costs the training thread (with asynchronous saves, the snapshot
 and any wait for the previous write, not the write itself), smoothed over the last
-saves. ``M`` comes from ``SWEEPRUN_MTBI_S``, which the launcher sets from the lost
-attempts per hour of running this sweep's ledger has seen; without it, a prior of
+saves. ``M`` comes from ``SWEEPRUN_MTBI_S``, which the launcher sets from its ledger's
+attempts (:meth:`sweeprun.ledger.Ledger.uptime`); without it, a prior of
 :data:`PRIOR_MTBI_S` (6 h: a spot/preemptible GPU or a free notebook session lasts
 hours, not minutes or weeks). The result is kept within the user's bounds.
 
@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-#: Environment variable: mean seconds between interruptions of this sweep's runs.
-MTBI_ENV = "SWEEPRUN_MTBI_S"
-#: The mean time between interruptions assumed when no one measured it.
-PRIOR_MTBI_S = 6 * 3600.0
+from ..runenv import MTBI as MTBI_ENV
+from ..runenv import PRIOR_MTBI_S
+
+__all__ = ["MTBI_ENV", "PRIOR_MTBI_S", "AutoInterval"]
+
 #: Smoothing of the measured save cost: the newest save counts for this much.
 COST_WEIGHT = 0.3
 #: A change of the interval by more than this fraction is logged.
