@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console, ConsoleOptions, Group
-from rich.measure import Measurement
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -267,8 +267,8 @@ class _SweepProgress(Progress):
     """The sweep's bar with the running runs' progress below it, redrawn together."""
 
     def __init__(self, *columns: Any, runs_view: Any, **kwargs: Any) -> None:
+        self._runs_view = runs_view  # first: the constructor draws once
         super().__init__(*columns, **kwargs)
-        self._runs_view = runs_view
 
     def get_renderables(self) -> Any:
         yield self.make_tasks_table(self.tasks)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sweeprun import Sweep, load_spec
-from sweeprun.manage import gc, reset
+from sweeprun.manage import gc
 from sweeprun.training import load_checkpoint
 
 from conftest import Sandbox, wait_for
