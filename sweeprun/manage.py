@@ -125,7 +125,7 @@ def run_detail(sweep: Sweep, run_id: str) -> RunDetail:
     if source == "store" and done:
         attempts = [_with_done(a, done) for a in attempts]
     metrics_path = paths.current_metrics()
-    metrics = sweep._tail_entries(metrics_path)[-METRICS_SHOWN:] if metrics_path else []
+    metrics = sweep._tail_entries(metrics_path)[0][-METRICS_SHOWN:] if metrics_path else []
     logs = sorted((n, rel) for rel in files if (n := _log_number(rel)) is not None)
     log, tail = None, []
     if logs:

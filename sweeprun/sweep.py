@@ -238,7 +238,7 @@ class Sweep:
             path = paths.current_metrics()
         except StoreError:
             return None, None
-        entries = self._tail_entries(path) if path else []
+        entries = self._tail_entries(path, METRICS_TAIL_FIRST_BYTES)[0] if path else []
         return _progress(entries[-1] if entries else None)
 
     def status(self, summary: bool = False, only: Iterable[str] | None = None) -> list[StatusRow]:
@@ -304,10 +304,18 @@ class Sweep:
         (the sparkline), all from one read of the tail of its metrics."""
         out = []
         for row in rows:
-            entries = self._tail_entries(row.metrics_path) if row.metrics_path else []
-            step, metric = _progress(entries[-1] if entries else None)
-            out.append(replace(row, step=step, metric=metric,
-                               trend=_trend(entries, metric[0]) if metric else ()))
+            step, metric, trend = None, None, ()
+            # A small tail first: parsing is what costs (64 KiB is ~1,500 lines); a longer
+            # one only when it holds too few points of the metric (another logged between).
+            size = METRICS_TAIL_FIRST_BYTES
+            while row.metrics_path:
+                entries, whole = self._tail_entries(row.metrics_path, size)
+                step, metric = _progress(entries[-1] if entries else None)
+                trend = _trend(entries, metric[0]) if metric else ()
+                if whole or len(trend) >= TREND_POINTS or size >= METRICS_TAIL_BYTES:
+                    break
+                size = min(size * 4, METRICS_TAIL_BYTES)
+            out.append(replace(row, step=step, metric=metric, trend=trend))
         return out
 
     def _holder(self, run_id: str, lease: LeaseView) -> str | None:
@@ -339,23 +347,27 @@ class Sweep:
             return True
         return os.path.exists(os.path.expanduser(location))
 
-    def _tail_entries(self, path: str) -> list[dict[str, Any]]:
-        """The whole entries at the end of a metrics file, from its tail: never the whole
-        file, never a FIFO."""
+    def _tail_entries(self, path: str, size: int | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """The whole entries in the last ``size`` bytes (default :data:`METRICS_TAIL_BYTES`)
+        of a metrics file, never the whole file, never a FIFO; and whether that was all of it."""
+        size = size or METRICS_TAIL_BYTES
         try:
-            blob = read_regular(self.store.fs, path, METRICS_TAIL_BYTES, tail=True)
+            blob = read_regular(self.store.fs, path, size, tail=True)
         except (StoreError, FileNotFoundError):
-            return []
-        if len(blob) == METRICS_TAIL_BYTES:  # cut mid-file: the first line may be partial
+            return [], True
+        whole = len(blob) < size
+        if not whole:  # cut mid-file: the first line may be partial
             blob = blob[blob.find(b"\n") + 1:]
         try:
-            return parse_entries(blob)
+            return parse_entries(blob), whole
         except ValueError:  # a line that is not JSON (the file was edited by hand)
-            return []
+            return [], whole
 
 
-#: How much of a metrics file status reads for its last entry and the sparkline's points.
+#: How much of a metrics file status reads at most for its last entry and the sparkline's points.
 METRICS_TAIL_BYTES = 64 * 1024
+#: The first read: enough for the last entry and the sparkline of most files.
+METRICS_TAIL_FIRST_BYTES = 4 * 1024
 #: Points of the shown metric in a status row's sparkline (fewer when the tail holds fewer).
 TREND_POINTS = 20
 
