@@ -191,6 +191,109 @@ def status(
     Console().print(status_table(sweep.with_progress(attention(rows)), title=title, everything=rows))
 
 
+# -- show, reset, gc (issue 12): one run up close, and changing a sweep after the fact ----------
+
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Say what would be done; change nothing.")]
+
+
+@app.command()
+def show(
+    sweep_file: SweepFile,
+    run: Annotated[str, typer.Argument(help="A run id, or any unique part of it (the hash status prints).",
+                                       show_default=False, metavar="RUN")],
+    store: StoreOpt = None, ledger: LedgerOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")] = False,
+) -> None:
+    """Show one run: params, every attempt, checkpoints (verified or not), last metrics, log tail.
+
+    Writes nothing."""
+    from .manage import resolve_run, run_detail
+    from .sweep import Sweep
+
+    spec = _spec(sweep_file, store=store, ledger=ledger)
+    sweep = Sweep(spec, ledger, ephemeral_ok=True)
+    sweep.store.check_present()
+    detail = run_detail(sweep, resolve_run(sweep, run))
+    if as_json:
+        sys.stdout.write(json.dumps(_finite(detail.as_json()), indent=1, allow_nan=False) + "\n")
+        return
+    from rich.console import Console
+
+    from .render import run_view
+
+    Console(highlight=False).print(run_view(detail))
+
+
+@app.command()
+def reset(
+    sweep_file: SweepFile,
+    runs: Annotated[list[str] | None, typer.Argument(
+        help="Run ids, or unique parts of them.", show_default=False, metavar="[RUN]...")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Every run that failed for good.")] = False,
+    dry_run: DryRunOpt = False,
+    delete: Annotated[bool, typer.Option(
+        "--delete", help="Delete their old results instead of keeping them in <sweep>/trash/.")] = False,
+    store: StoreOpt = None, ledger: LedgerOpt = None,
+) -> None:
+    """Make runs run again from the start at the next launch.
+
+    Their old folders are kept aside in <sweep>/trash/<run id>-<time>/ (or deleted with
+    --delete). Refuses while one of them is running."""
+    from .manage import reset as reset_runs
+    from .sweep import Sweep
+
+    spec = _spec(sweep_file, store=store, ledger=ledger)
+    report = reset_runs(Sweep(spec, ledger), runs or [], failed=failed, dry_run=dry_run, delete=delete)
+    if not report.run_ids:
+        print(f"[sweeprun] {spec.name}: no failed runs; nothing to reset", flush=True)
+        return
+    verb = "would reset" if dry_run else "reset"
+    for run_id, dest in report.moved.items():
+        if run_id not in report.had_folder:
+            where = "it had no folder; its failures are forgotten"
+        else:
+            where = f"old results kept in {redact(dest)}" if dest else "its folder deleted"
+        print(f"[sweeprun] {verb} {run_id}: {where}", flush=True)
+    if not dry_run:
+        print(f"[sweeprun] {spec.name}: {len(report.run_ids)} run(s) pending; the next launch runs them",
+              flush=True)
+
+
+@app.command()
+def gc(
+    sweep_file: SweepFile,
+    dry_run: DryRunOpt = False,
+    best: Annotated[str | None, typer.Option(
+        "--best", help="Keep the best checkpoint by this metric only (default: by every metric, "
+                       "lowest and highest).")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="With --best: min or max (default: both).")] = None,
+    store: StoreOpt = None, ledger: LedgerOpt = None,
+) -> None:
+    """Free space in done runs: checkpoints beyond the latest and the best, stray temp files.
+
+    Keeps what load_checkpoint(run, "latest") and load_checkpoint(run, "best") load.
+    Refuses while one of those runs is still held."""
+    from .manage import gc as collect
+    from .render import format_bytes
+    from .sweep import Sweep
+
+    if mode is not None and mode not in ("min", "max"):
+        raise SpecError(f"--mode {mode!r}: give min or max")
+    spec = _spec(sweep_file, store=store, ledger=ledger)
+    report = collect(Sweep(spec, ledger), dry_run=dry_run, best=best, mode=mode)
+    verb = "would remove" if dry_run else "removed"
+    for item in report.runs:
+        what = []
+        if item.checkpoints:
+            what.append(f"{len(item.checkpoints)} checkpoint(s)")
+        if item.temp_files:
+            what.append(f"{len(item.temp_files)} temp file(s)")
+        print(f"[sweeprun] {item.run_id}: {verb} {' and '.join(what)} ({format_bytes(item.bytes_freed)}); "
+              f"kept {', '.join(item.kept) or 'none'}", flush=True)
+    print(f"[sweeprun] {spec.name}: {verb} {report.files} file(s), "
+          f"{'would free' if dry_run else 'freed'} {format_bytes(report.bytes_freed)}", flush=True)
+
+
 def _finite(value: Any) -> Any:
     """``value`` with NaN and infinities as ``None``: JSON has no spelling for them, and scripts choke on ``NaN``."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -13,6 +13,7 @@ import posixpath
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +21,17 @@ from . import faults
 from .errors import StoreError, SweeprunError
 from .identity import RunSpec
 from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view, settle_default
-from .ledger import Ledger, Policy, RunRow, RunState, default_ledger_path, open_ledger, shown_state
+from .ledger import (
+    Ledger,
+    Policy,
+    RunRow,
+    RunState,
+    Verdict,
+    default_ledger_path,
+    judge,
+    open_ledger,
+    shown_state,
+)
 from .redact import redact
 from .spec import SweepSpec, parse_spec
 from .store import (
@@ -57,6 +68,8 @@ class StatusRow:
     #: Two machines' claims or records stand for one lease generation (store leases on a
     #: folder that showed a write late): the run may have run twice; see its logs.
     contested: bool = False
+    #: The shown metric's last values, oldest first (``status`` draws them as a sparkline).
+    trend: tuple[float, ...] = ()
     #: Where the run's newest metrics are (not shown): read by :meth:`Sweep.with_progress`.
     metrics_path: str | None = field(default=None, repr=False, compare=False)
 
@@ -68,7 +81,8 @@ class StatusRow:
                 "attempts": self.attempts, "failures": self.failures,
                 "max_attempts": self.max_attempts, "step": self.step, "metric": metric,
                 "checkpoint_age_s": self.checkpoint_age_s, "worker": self.worker,
-                "contested": self.contested}
+                "contested": self.contested,
+                "trend": [v if math.isfinite(v) else None for v in self.trend]}
 
 
 class Sweep:
@@ -192,7 +206,55 @@ class Sweep:
         if not exists:
             write_json(self.store.fs, paths.params, params)
 
-    def status(self, summary: bool = False) -> list[StatusRow]:
+    @property
+    def policy(self) -> Policy:
+        return Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost)
+
+    def ledger_rows(self) -> tuple[dict[str, RunRow], float]:
+        """What the ledger knows of this sweep's runs, read-only, and the ledger's time now.
+
+        Nothing when there is no ledger yet or the sweep was never launched with it.
+        """
+        if not self.ledger_exists():
+            return {}, time.time()
+        ledger = self.open_ledger(readonly=True)  # a bad --ledger is an error even here
+        try:
+            key = self.ledger_key()
+            if key is None:  # never launched: the ledger holds nothing of it
+                return {}, ledger.now()
+            ledger.sweep = key
+            return {r.run_id: r for r in ledger.rows()}, ledger.now()
+        finally:
+            ledger.close()
+
+    def holders(self, run_ids: Iterable[str]) -> dict[str, str]:
+        """Which of ``run_ids`` are held right now, and by whom: under a live lease in the
+        ledger (:func:`~sweeprun.ledger.judge`) or in the store (another machine's ledger
+        cannot be seen). What ``reset`` and ``gc`` refuse to touch. A done run's store lease
+        looks held until its beat is a lease old: its launcher may still be writing there."""
+        run_ids = set(run_ids)
+        rows, now = self.ledger_rows()
+        out = {run_id: rows[run_id].worker or "a worker" for run_id in run_ids
+               if run_id in rows and judge(rows[run_id], now, self.policy) is Verdict.HELD}
+        for run_id, files in self.paths.listing(only=sorted(run_ids - out.keys())).items():
+            lease = lease_view(files, settle_s=self.settle_s)
+            holder = self._holder(run_id, lease) if lease is not None else None
+            if holder:
+                out[run_id] = holder
+        return out
+
+    def progress_of(self, run_id: str) -> tuple[int | None, tuple[str, float] | None]:
+        """A running run's step and latest metric, from the tail of its metrics: what the
+        live view of ``launch`` shows (:meth:`~sweeprun.render.LiveEvents.progress`)."""
+        paths = self.paths.run(run_id)
+        try:
+            path = paths.current_metrics()
+        except StoreError:
+            return None, None
+        entries = self._tail_entries(path, METRICS_TAIL_FIRST_BYTES)[0] if path else []
+        return _progress(entries[-1] if entries else None)
+
+    def status(self, summary: bool = False, only: Iterable[str] | None = None) -> list[StatusRow]:
         """Read-only: the ledger if there is one, the store for what is done and how far runs got.
 
         Shows the runs of this spec and every other run the ledger knows for the sweep
@@ -201,32 +263,29 @@ class Sweep:
         runs come from the done index with no detail, only the other runs' folders are
         listed, and no metrics are read; :meth:`with_progress` reads them for the rows
         a caller shows. Its cost then grows with the runs not done, not with the sweep.
+        ``only``: just these runs (``show``), whether or not they belong to the grid.
         """
         self.store.check_present()
-        ledger_rows: dict[str, RunRow] = {}
-        now = time.time()
-        if self._ledger_exists():
-            ledger = self.open_ledger(readonly=True)  # a bad --ledger is an error even here
-            try:
-                key = self.ledger_key()
-                if key is not None:  # else never launched: the ledger holds nothing of it
-                    ledger.sweep = key
-                    ledger_rows = {r.run_id: r for r in ledger.rows()}
-                now = ledger.now()
-            finally:
-                ledger.close()
-        if summary:
+        ledger_rows, now = self.ledger_rows()
+        if only is not None:
+            listing = self.paths.listing(only=only)
+            done = self.paths.done_ids(listing)
+        elif summary:
             done = self.paths.done_ids()
             listing = self.paths.listing(only=self.paths.run_ids() - done)
             done |= self.paths.done_ids(listing)  # DONE without its index entry (a crash between)
         else:
             listing = self.paths.listing()
             done = self.paths.done_ids(listing)
-        policy = Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost)
+        policy = self.policy
         runs: list[tuple[str, dict[str, Any]]] = [
             (run.run_id, {k: run.params[k] for k in self.spec.grid}) for run in self.runs]
         runs += [(row.run_id, row.params) for row in ledger_rows.values()
                  if row.run_id not in self.runs_by_id]
+        if only is not None:
+            wanted = set(only)
+            runs = [(run_id, params) for run_id, params in runs if run_id in wanted]
+            runs += [(run_id, {}) for run_id in sorted(wanted - {r for r, _ in runs})]
         rows = []
         for run_id, params in runs:
             files = listing.get(run_id, {})
@@ -255,11 +314,22 @@ class Sweep:
         return rows if summary else self.with_progress(rows)
 
     def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:
-        """``rows`` with each run's step and last metric, from the tail of its metrics."""
+        """``rows`` with each run's step, last metric and that metric's recent values
+        (the sparkline), all from one read of the tail of its metrics."""
         out = []
         for row in rows:
-            step, metric = _progress(self._last_entry(row.metrics_path) if row.metrics_path else None)
-            out.append(replace(row, step=step, metric=metric))
+            step, metric, trend = None, None, ()
+            # A small tail first: parsing is what costs (64 KiB is ~1,500 lines); a longer
+            # one only when it holds too few points of the metric (another logged between).
+            size = METRICS_TAIL_FIRST_BYTES
+            while row.metrics_path:
+                entries, whole = self._tail_entries(row.metrics_path, size)
+                step, metric = _progress(entries[-1] if entries else None)
+                trend = _trend(entries, metric[0]) if metric else ()
+                if whole or len(trend) >= TREND_POINTS or size >= METRICS_TAIL_BYTES:
+                    break
+                size = min(size * 4, METRICS_TAIL_BYTES)
+            out.append(replace(row, step=step, metric=metric, trend=trend))
         return out
 
     @functools.cached_property
@@ -296,26 +366,43 @@ class Sweep:
         newest = newest_metrics_part(p.split("/", 1)[1] for p in files if p.startswith("metrics/"))
         return posixpath.join(paths.metrics_parts, newest) if newest else None
 
-    def _ledger_exists(self) -> bool:
+    def ledger_exists(self) -> bool:
         location = self.ledger_location
         if "://" in location:
             return True
         return os.path.exists(os.path.expanduser(location))
 
-    def _last_entry(self, path: str) -> dict[str, Any] | None:
-        """The last whole entry of a metrics file, from its tail: never the whole file, never a FIFO."""
+    def _tail_entries(self, path: str, size: int | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """The whole entries in the last ``size`` bytes (default :data:`METRICS_TAIL_BYTES`)
+        of a metrics file, never the whole file, never a FIFO; and whether that was all of it."""
+        size = size or METRICS_TAIL_BYTES
         try:
-            blob = read_regular(self.store.fs, path, METRICS_TAIL_BYTES, tail=True)
+            blob = read_regular(self.store.fs, path, size, tail=True)
         except (StoreError, FileNotFoundError):
-            return None
-        if len(blob) == METRICS_TAIL_BYTES:  # cut mid-file: the first line may be partial
+            return [], True
+        whole = len(blob) < size
+        if not whole:  # cut mid-file: the first line may be partial
             blob = blob[blob.find(b"\n") + 1:]
-        entries = parse_entries(blob)
-        return entries[-1] if entries else None
+        try:
+            return parse_entries(blob), whole
+        except ValueError:  # a line that is not JSON (the file was edited by hand)
+            return [], whole
 
 
-#: How much of a metrics file status reads to find its last entry.
+#: How much of a metrics file status reads at most for its last entry and the sparkline's points.
 METRICS_TAIL_BYTES = 64 * 1024
+#: The first read: enough for the last entry and the sparkline of most files.
+METRICS_TAIL_FIRST_BYTES = 4 * 1024
+#: Points of the shown metric in a status row's sparkline (fewer when the tail holds fewer).
+TREND_POINTS = 20
+
+
+def _trend(entries: list[dict[str, Any]], name: str) -> tuple[float, ...]:
+    """The last :data:`TREND_POINTS` values of metric ``name``, oldest first (entries that
+    log other metrics in between are passed over)."""
+    values = [float(e[name]) for e in entries
+              if isinstance(e.get(name), (int, float)) and not isinstance(e.get(name), bool)]
+    return tuple(values[-TREND_POINTS:])
 
 
 def _progress(entry: dict[str, Any] | None) -> tuple[int | None, tuple[str, float] | None]:

@@ -15,12 +15,14 @@ from typer.testing import CliRunner
 
 from sweeprun import Sweep, load_spec
 from sweeprun.cli import app
-from sweeprun.render import status_table
+from sweeprun.ledger import RunState
+from sweeprun.render import LiveEvents, sparkline, status_table
+from sweeprun.sweep import TREND_POINTS, StatusRow
 
 from conftest import STEPS_SCRIPT, Sandbox, wait_for
 
 
-@pytest.mark.parametrize("command", ["launch", "worker", "status"])
+@pytest.mark.parametrize("command", ["launch", "worker", "status", "show", "reset", "gc"])
 def test_every_command_has_help(command: str) -> None:
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0
@@ -59,7 +61,7 @@ def test_status_json_is_for_scripts(sandbox: Sandbox) -> None:
     (row,) = sandbox.status(sweep).values()
     assert row == {"run_id": row["run_id"], "params": {"a": 1}, "state": "done", "attempts": 1,
                    "failures": 0, "max_attempts": 3, "step": 2, "metric": {"loss": 0.5}, "checkpoint_age_s": None,
-                   "worker": None, "contested": False}
+                   "worker": None, "contested": False, "trend": [1.0, 0.5]}
 
 
 def test_launch_output_is_plain_lines_when_not_a_terminal(sandbox: Sandbox) -> None:
@@ -246,3 +248,55 @@ def test_attention_puts_failed_then_running_then_interrupted_first() -> None:
             row(3, RunState.RUNNING), row(4, RunState.FAILED), row(5, RunState.RUNNING)]
     assert [r.run_id for r in attention(rows)] == ["r4", "r3", "r5", "r1"]
     assert [r.run_id for r in attention(rows, limit=2)] == ["r4", "r3"]
+
+
+def test_status_draws_the_metric_of_each_run_as_a_sparkline(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its last points, read from the end of the metrics file only."""
+    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 30, "sleep": 0})
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (row,) = Sweep(load_spec(sweep), str(sandbox.ledger)).status()
+    assert row.trend == tuple(1 / s for s in range(30 - TREND_POINTS + 1, 31))
+    console = Console(record=True, width=140)
+    console.print(status_table([row], title="sweep t"))
+    assert sparkline(row.trend) in console.export_text()
+    narrow = Console(record=True, width=80)  # the sparkline gives way, the newest points stay
+    narrow.print(status_table([row], title="sweep t"))
+    text = narrow.export_text()
+    assert sparkline(row.trend) not in text
+    assert any(sparkline(row.trend[-k:]) in text for k in range(5, TREND_POINTS))
+
+
+@pytest.mark.parametrize("values, drawn", [
+    ([1, 2, 3, 4, 5, 6, 7, 8], "▁▂▃▄▅▆▇█"),
+    ([3, 3, 3], "▄▄▄"),
+    ([1.0, float("nan"), 2.0], "▁ █"),
+    ([], ""),
+])
+def test_sparkline(values: list[float], drawn: str) -> None:
+    assert sparkline(values) == drawn
+
+
+def test_live_view_shows_each_running_runs_step_and_metric() -> None:
+    console = Console(record=True, width=100, force_terminal=True)
+    events = LiveEvents(console, total=3, done=1)
+    events.started("lr=0.1-3fa2c1b9", attempt=2, slot=0)
+    events.started("lr=0.01-77aa00ee", attempt=1, slot=1)
+    events.progress("lr=0.1-3fa2c1b9", 120, ("loss", 0.53125))
+    events.progress("lr=0.01-77aa00ee", None, None)  # no step logged yet
+    view = Console(record=True, width=100)
+    view.print(events.runs_view())
+    lines = view.export_text().splitlines()
+    assert lines[0].split() == ["lr=0.1-3fa2c1b9", "attempt", "2", "step", "120", "·", "loss", "0.5312"]
+    assert lines[1].split() == ["lr=0.01-77aa00ee", "attempt", "1", "-"]
+    events.ended("lr=0.1-3fa2c1b9", 2, RunState.DONE, 0, 1.0)
+    events.progress("lr=0.1-3fa2c1b9", 121, ("loss", 0.5))  # late: the run has ended
+    assert list(events.runs) == ["lr=0.01-77aa00ee"]
+    events.close()
+    assert "2/3" in console.export_text()
+
+
+def test_status_json_trend_has_no_nan() -> None:
+    row = StatusRow(run_id="r-1", params={}, state=RunState.RUNNING, attempts=1, failures=0, max_attempts=3,
+                    step=3, metric=("loss", 1.0), checkpoint_age_s=None, worker=None,
+                    trend=(2.0, float("inf"), 1.0))
+    assert row.as_json()["trend"] == [2.0, None, 1.0]

@@ -82,6 +82,10 @@ _UPTIME_SQL = ("SELECT SUM(COALESCE(ended_at, %s) - started_at), "
                "FROM attempts WHERE sweep = %s AND started_at IS NOT NULL")
 
 
+#: The columns of :class:`AttemptRow`, in its order, as both backends' attempts tables name them.
+_ATTEMPT_COLUMNS = "attempt, worker, started_at, ended_at, outcome, exit_code"
+
+
 @dataclass(frozen=True)
 class Uptime:
     """The sweep's running time and its interruptions, from every attempt the ledger knows."""
@@ -138,6 +142,20 @@ class RunRow:
             return ProcessRef(host, int(pid), self.worker_start)
         except ValueError:
             return None
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    """One start of a run as the ledger recorded it (``sweeprun show``)."""
+
+    attempt: int
+    worker: str | None          # host:pid of the launcher that ran it
+    started_at: float | None    # ledger time
+    ended_at: float | None      # None while it runs, or when its worker vanished unnoticed
+    #: How it ended: done, interrupted, failed, lost (its worker died; closed by the claim
+    #: that took the run over) or lost-limit; None while it runs.
+    outcome: str | None
+    exit_code: int | None
 
 
 def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> tuple[RunRow, dict[str, Any]]:
@@ -309,6 +327,11 @@ class Ledger(ABC):
     def uptime(self) -> Uptime:
         """How long this sweep's attempts have run and how many were cut short (interrupted
         or lost with their worker): what an automatic checkpoint interval is chosen from."""
+
+    @abstractmethod
+    def attempts(self, run_id: str) -> list[AttemptRow]:
+        """Every attempt of ``run_id`` the ledger knows, oldest first; read-only, and ``[]``
+        for a run it never started (a new machine: the store's attempt records then tell)."""
 
     def settled(self, policy: Policy, grid: str | None = None) -> bool:
         """See :func:`settled`; for the runs of ``grid``."""

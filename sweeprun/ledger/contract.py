@@ -183,6 +183,23 @@ class LedgerContract:
         assert up.running_s == pytest.approx(550) and up.interruptions == 2
         assert up.mtbi_s(prior_s=3 * 3600) == pytest.approx((550 + 3 * 3600) / 3)
 
+    def test_attempts_tell_each_start_of_a_run(self, ledger: Ledger, clock: FakeClock) -> None:
+        """What `sweeprun show` lists: every start, oldest first, by whom, when, how it ended."""
+        first = ledger.claim(ME, POLICY, 60, GRID)
+        assert first
+        assert ledger.start(first, 60, None, POLICY) is RunState.RUNNING
+        clock.advance(10)
+        ledger.finish(first, Outcome.FAILED, POLICY, exit_code=3)
+        second = ledger.claim(OTHER_HOST, POLICY, 60, GRID)
+        assert second and second.run_id == first.run_id
+        ledger.start(second, 60, None, POLICY)
+        rows = ledger.attempts(first.run_id)
+        assert [(a.attempt, a.worker, a.outcome, a.exit_code) for a in rows] == [
+            (1, ME.label, "failed", 3), (2, OTHER_HOST.label, None, None)]
+        assert rows[0].ended_at == pytest.approx(rows[0].started_at + 10)
+        assert rows[1].started_at == pytest.approx(clock.t) and rows[1].ended_at is None
+        assert ledger.attempts(RUNS[1].run_id) == [] and ledger.attempts("no-such-run") == []
+
     def test_heartbeat_extends_the_lease(self, ledger: Ledger, clock: FakeClock) -> None:
         held = ledger.claim(OTHER_HOST, POLICY, 60, GRID)
         assert held

@@ -21,7 +21,9 @@ from ..identity import RunSpec
 from ..procs import HOST, ProcessRef
 from ..redact import redact
 from .base import (
+    _ATTEMPT_COLUMNS,
     _UPTIME_SQL,
+    AttemptRow,
     Claim,
     Ledger,
     Outcome,
@@ -719,6 +721,15 @@ class PostgresLedger(Ledger):
         found = self._run("reading the attempts", lambda conn, _: conn.execute(
             query, [self._fake_now() or self._tx_now(conn), self.sweep]).fetchone(), timeout_s=SYNC_TIMEOUT_S)
         return Uptime(float(found[0] or 0.0), int(found[1] or 0))
+
+    def attempts(self, run_id: str) -> list[AttemptRow]:
+        if not self._tables:
+            return []
+        query = (f"SELECT {_ATTEMPT_COLUMNS} FROM sweeprun_attempts WHERE sweep = %s AND run_id = %s "
+                 "ORDER BY attempt")
+        found = self._run("reading the attempts", lambda conn, _: conn.execute(
+            query, [self.sweep, run_id]).fetchall())
+        return [AttemptRow(*r) for r in found]
 
     def rows(self, grid: str | None = None) -> list[RunRow]:
         if not self._tables:

@@ -20,7 +20,9 @@ from ..faults import crash_point
 from ..identity import RunSpec
 from ..procs import HOST, ProcessRef
 from .base import (
+    _ATTEMPT_COLUMNS,
     _UPTIME_SQL,
+    AttemptRow,
     Claim,
     Ledger,
     Outcome,
@@ -616,6 +618,12 @@ class SqliteLedger(Ledger):
         with self._tx(write=False) as db:
             found = db.execute(_UPTIME_SQL.replace("%s", "?"), [self.now(), self.sweep]).fetchone()
         return Uptime(float(found[0] or 0.0), int(found[1] or 0))
+
+    def attempts(self, run_id: str) -> list[AttemptRow]:
+        with self._tx(write=False) as db:
+            found = db.execute(f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE sweep = ? AND run_id = ? "
+                               "ORDER BY attempt", [self.sweep, run_id]).fetchall()
+        return [AttemptRow(*r) for r in found]
 
     def rows(self, grid: str | None = None) -> list[RunRow]:
         with self._tx(write=False) as db:

@@ -1,0 +1,484 @@
+"""One run up close (``show``) and the two ways to change a sweep after the fact (``reset``, ``gc``).
+
+``show`` only reads. ``reset`` and ``gc`` change the store under runs that might be
+running, so both first ask :meth:`~sweeprun.sweep.Sweep.holders` and refuse while one of
+the runs they would touch is held, by the ledger or by a lease in the store.
+
+A reset never edits the ledger's rows by hand: it speaks the contract of
+:meth:`~sweeprun.ledger.Ledger.sync`. Telling the ledger the runs are done (which
+clears a failed run's count of failures the moment it becomes "not done" again), then
+moving their folders away, then syncing as a launch does, leaves them pending. Killed
+at any point, it leaves nothing a launch cannot mend: a run the ledger holds as done
+without a ``DONE`` in the store is made pending by the next launch's sync.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SpecError, StoreError, SweeprunError
+from .identity import RunSpec
+from .ledger import RunState
+from .ledger.base import AttemptRow
+from .redact import redact
+from .store import fsync_dir, is_local, read_json, read_regular, store_errors
+from .sweep import StatusRow, Sweep
+from .training.checkpoints import TEMP_PREFIX, CheckpointDir, Manifest, Retention
+
+#: How much of the newest log ``show`` reads, and how many of its last lines it shows.
+LOG_TAIL_BYTES = 16 * 1024
+LOG_TAIL_LINES = 20
+#: How many of the last metrics entries ``show`` lists.
+METRICS_SHOWN = 5
+
+
+# -- finding a run ------------------------------------------------------------------------------
+
+
+def resolve_run(sweep: Sweep, text: str) -> str:
+    """The run ``text`` names: its id, or any part of it that only one run's id contains
+    (the short hash ``status`` prints). Runs of the sweep file, of the store and of the
+    ledger all count; an ambiguous or unknown name is a one-line error naming candidates."""
+    ledger_rows, _ = sweep.ledger_rows()
+    known = set(sweep.runs_by_id) | sweep.paths.run_ids() | set(ledger_rows)
+    if text in known:
+        return text
+    matches = sorted(run_id for run_id in known if text and text in run_id)
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise SpecError(f"no run of sweep {sweep.spec.name} matches {text!r}; `sweeprun status` "
+                        "lists the runs (the run column is the end of each id)")
+    shown = ", ".join(matches[:5]) + (f" and {len(matches) - 5} more" if len(matches) > 5 else "")
+    raise SpecError(f"{text!r} matches {len(matches)} runs of sweep {sweep.spec.name}: {shown}; "
+                    "give more of the id")
+
+
+def resolve_runs(sweep: Sweep, names: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        run_id = resolve_run(sweep, name)
+        if run_id not in out:
+            out.append(run_id)
+    return out
+
+
+# -- show ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint as its manifest describes it, and whether its data file still matches."""
+
+    data: str
+    attempt: int
+    step: int
+    size: int
+    created: float
+    verified: bool
+    problem: str | None
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RunDetail:
+    """Everything ``sweeprun show`` prints about one run."""
+
+    row: StatusRow
+    params: dict[str, Any]
+    attempts: list[AttemptRow]
+    #: "ledger", or "store" when the ledger has no rows (a new machine): then ends and
+    #: outcomes are known only for the attempt that wrote ``DONE``.
+    attempts_from: str
+    checkpoints: list[CheckpointInfo]
+    metrics: list[dict[str, Any]]
+    log: str | None             # the newest attempt log's name
+    log_tail: list[str]
+    done: dict[str, Any] | None
+    now: float = field(default_factory=time.time)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"run_id": self.row.run_id, "params": self.params, "state": self.row.state.value,
+                "worker": self.row.worker, "attempts_from": self.attempts_from,
+                "attempts": [a.__dict__ for a in self.attempts],
+                "checkpoints": [{**c.__dict__, "age_s": self.now - c.created} for c in self.checkpoints],
+                "metrics": self.metrics, "log": self.log, "log_tail": self.log_tail,
+                "done": self.done}
+
+
+def run_detail(sweep: Sweep, run_id: str) -> RunDetail:
+    """Read-only: the run's state as ``status`` judges it, its params, attempts,
+    checkpoints (each verified against its manifest), last metrics and newest log's tail."""
+    (row,) = sweep.status(only=[run_id])
+    paths = sweep.paths.run(run_id)
+    fs = sweep.store.fs
+    files = {rel: mtime for rel, mtime in sweep.paths.listing(only=[run_id]).get(run_id, {}).items()}
+    params = _params(sweep, run_id, paths.params, files)
+    attempts, source = _attempts(sweep, run_id, files)
+    done = paths.read_done() if "DONE" in files else None
+    if source == "store" and done:
+        attempts = [_with_done(a, done) for a in attempts]
+    metrics_path = paths.current_metrics()
+    metrics = sweep._tail_entries(metrics_path)[0][-METRICS_SHOWN:] if metrics_path else []
+    logs = sorted((n, rel) for rel in files if (n := _log_number(rel)) is not None)
+    log, tail = None, []
+    if logs:
+        log = logs[-1][1]
+        try:
+            blob = read_regular(fs, posixpath.join(paths.dir, log), LOG_TAIL_BYTES, tail=True)
+        except (StoreError, FileNotFoundError):
+            blob = b""
+        lines = blob.decode(errors="replace").splitlines()
+        if len(blob) == LOG_TAIL_BYTES and lines:
+            lines = lines[1:]  # cut mid-file: the first line is partial
+        tail = [redact(line) for line in lines[-LOG_TAIL_LINES:]]
+    return RunDetail(row=row, params=params, attempts=attempts, attempts_from=source,
+                     checkpoints=_checkpoints(CheckpointDir(fs, paths.checkpoints)),
+                     metrics=metrics, log=log, log_tail=tail, done=done)
+
+
+def _params(sweep: Sweep, run_id: str, path: str, files: dict[str, float]) -> dict[str, Any]:
+    if run_id in sweep.runs_by_id:
+        return dict(sweep.runs_by_id[run_id].params)
+    if "params.json" in files:
+        try:
+            found = read_json(sweep.store.fs, path)
+            if isinstance(found, dict):
+                return found
+        except (StoreError, ValueError):
+            pass
+    rows, _ = sweep.ledger_rows()
+    return dict(rows[run_id].params) if run_id in rows else {}
+
+
+def _attempts(sweep: Sweep, run_id: str, files: dict[str, float]) -> tuple[list[AttemptRow], str]:
+    """The ledger's attempts; where it has none, the store's attempt records
+    (``attempts/<n>.json``: worker and start) with each log's last write as its end."""
+    if sweep.ledger_exists():
+        ledger = sweep.open_ledger(readonly=True)
+        try:
+            key = sweep.ledger_key()
+            if key is not None:
+                ledger.sweep = key
+                found = ledger.attempts(run_id)
+                if found:
+                    return found, "ledger"
+        finally:
+            ledger.close()
+    numbers = {n for rel in files if (n := _record_number(rel)) is not None}
+    numbers |= {n for rel in files if (n := _log_number(rel)) is not None}
+    out = []
+    for n in sorted(numbers):
+        record: dict[str, Any] = {}
+        if f"attempts/{n}.json" in files:
+            try:
+                loaded = read_json(sweep.store.fs, sweep.paths.run(run_id).attempt_record(n))
+                record = loaded if isinstance(loaded, dict) else {}
+            except (StoreError, ValueError):
+                pass
+        started = record.get("started_at")
+        out.append(AttemptRow(attempt=n, worker=str(record["worker"]) if record.get("worker") else None,
+                              started_at=float(started) if isinstance(started, (int, float)) else None,
+                              ended_at=files.get(f"logs/attempt-{n}.log"), outcome=None, exit_code=None))
+    return out, "store"
+
+
+def _with_done(attempt: AttemptRow, done: dict[str, Any]) -> AttemptRow:
+    if done.get("attempt") != attempt.attempt:
+        return attempt
+    finished = done.get("finished_at")
+    return AttemptRow(attempt.attempt, attempt.worker or done.get("worker"), attempt.started_at,
+                      float(finished) if isinstance(finished, (int, float)) else attempt.ended_at,
+                      "done", 0)
+
+
+def _number(rel: str, folder: str, prefix: str, suffix: str) -> int | None:
+    head, _, name = rel.rpartition("/")
+    if head != folder or not name.startswith(prefix) or not name.endswith(suffix):
+        return None
+    digits = name[len(prefix):len(name) - len(suffix)]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
+
+
+def _log_number(rel: str) -> int | None:
+    return _number(rel, "logs", "attempt-", ".log")
+
+
+def _record_number(rel: str) -> int | None:
+    return _number(rel, "attempts", "", ".json")
+
+
+def _checkpoints(directory: CheckpointDir) -> list[CheckpointInfo]:
+    out = []
+    for manifest in directory.manifests():
+        try:
+            directory.verify(manifest)
+            problem = None
+        except ValueError as exc:
+            problem = str(exc)
+        out.append(CheckpointInfo(data=manifest.data, attempt=manifest.attempt, step=manifest.step,
+                                  size=manifest.size, created=manifest.created, verified=problem is None,
+                                  problem=problem, metrics=dict(manifest.metrics)))
+    return out
+
+
+# -- refusing while held ------------------------------------------------------------------------
+
+
+def refuse_held(sweep: Sweep, run_ids: Iterable[str], what: str) -> None:
+    held = sweep.holders(run_ids)
+    if not held:
+        return
+    shown = "; ".join(f"run {run_id} is held by {who}" for run_id, who in sorted(held.items())[:3])
+    more = f" (and {len(held) - 3} more)" if len(held) > 3 else ""
+    raise SweeprunError(f"cannot {what} while runs are running: {shown}{more}; wait for them to "
+                        "end, or drain the workers with `sweeprun stop` (a lost worker's lease runs "
+                        f"out after lease_s = {sweep.spec.lease_s:g} s), then run it again")
+
+
+# -- reset --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResetReport:
+    run_ids: list[str]
+    #: run id -> where its folder went (a path in the store), or None: deleted, or it had none
+    moved: dict[str, str | None]
+    dry_run: bool
+    delete: bool
+    had_folder: set[str] = field(default_factory=set)
+
+
+def reset(sweep: Sweep, names: Iterable[str] = (), *, failed: bool = False, dry_run: bool = False,
+          delete: bool = False, clock: Callable[[], float] = time.time) -> ResetReport:
+    """Make runs run again from scratch: the named ones and, with ``failed``, every failed one.
+
+    Their folders go to ``<sweep>/trash/<run id>-<UTC time>/`` (or are deleted), their
+    done-index entries go, and the ledger is brought to pending with no failures counted.
+    """
+    names = list(names)
+    if not names and not failed:
+        raise SpecError("name the runs to reset (run ids, or parts of them such as the hash "
+                        "`status` shows), or give --failed")
+    sweep.store.check_present()
+    run_ids = resolve_runs(sweep, names)
+    if failed:
+        run_ids += [r.run_id for r in sweep.status() if r.state is RunState.FAILED and r.run_id not in run_ids]
+    report = ResetReport(run_ids=run_ids, moved={}, dry_run=dry_run, delete=delete)
+    if not run_ids:
+        return report
+    refuse_held(sweep, run_ids, "reset")
+    present = sweep.paths.run_ids()
+    report.had_folder = present & set(run_ids)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(clock()))
+    for run_id in run_ids:
+        if run_id not in present:
+            report.moved[run_id] = None
+        else:
+            report.moved[run_id] = None if delete else posixpath.join(sweep.paths.dir, "trash",
+                                                                      f"{run_id}-{stamp}")
+    if dry_run:
+        return report
+    sweep.store.check_writable()
+    _ledger_sync(sweep, mark_done=set(run_ids))
+    for run_id in run_ids:
+        if run_id in present:
+            report.moved[run_id] = _set_aside(sweep, run_id, report.moved[run_id])
+        with store_errors("delete", sweep.paths.run(run_id).done_entry):
+            try:
+                sweep.store.fs.rm_file(sweep.paths.run(run_id).done_entry)
+            except FileNotFoundError:
+                pass
+    _ledger_sync(sweep)
+    return report
+
+
+def _ledger_sync(sweep: Sweep, mark_done: set[str] | None = None) -> None:
+    """Sync the sweep's ledger as a launch does; ``mark_done``: also hold these runs as
+    done (the first half of a reset, see the module's docstring). No ledger yet, or a
+    sweep never launched with it: nothing to tell it."""
+    if not sweep.ledger_exists():
+        return
+    key = sweep.ledger_key()
+    if key is None:
+        return
+    rows, _ = sweep.ledger_rows()
+    runs = list(sweep.runs)
+    runs += [RunSpec(run_id=row.run_id, params=row.params, index=row.index)
+             for run_id, row in rows.items() if run_id not in sweep.runs_by_id
+             and mark_done is not None and run_id in mark_done]
+    ledger = sweep.open_ledger()
+    try:
+        ledger.sweep = key
+        done = sweep.paths.done_ids(prune_stale=mark_done is None)
+        started = sweep.paths.run_ids()
+        if mark_done is not None:
+            ledger.sync(runs, done=done | mark_done, started=started)
+        else:
+            ledger.sync(runs, done=done, started=started,
+                        still_done=lambda run_id: sweep.paths.run(run_id).is_done())
+    finally:
+        ledger.close()
+
+
+def _set_aside(sweep: Sweep, run_id: str, dest: str | None) -> str | None:
+    """Move the run's folder to ``dest`` (``None``: delete it). On local disk one rename (a
+    deletion is a rename into the trash first), so the run is gone at once or not at all;
+    on object stores a copy, then ``DONE`` first so that a kill half-way leaves a run that
+    is not done, never a done run with missing files."""
+    fs = sweep.store.fs
+    src = sweep.paths.run(run_id).dir
+    trash = posixpath.join(sweep.paths.dir, "trash")
+    if is_local(fs):
+        with store_errors("move", src):
+            local_src, local_trash = fs._strip_protocol(src), fs._strip_protocol(trash)
+            os.makedirs(local_trash, exist_ok=True)
+            target = fs._strip_protocol(dest) if dest else os.path.join(
+                local_trash, f"{TEMP_PREFIX}deleting-{run_id}-{os.getpid()}")
+            if os.path.lexists(target):
+                raise StoreError(f"cannot move {src} to {target}: something is there already; "
+                                 "wait a second and run the same command again")
+            os.rename(local_src, target)
+            fsync_dir(os.path.dirname(local_src))
+            fsync_dir(local_trash)
+            if dest is None:
+                shutil.rmtree(target)
+        return dest
+    with store_errors("move", src):
+        if dest is not None:
+            fs.copy(src.rstrip("/") + "/", dest, recursive=True)
+        try:
+            fs.rm_file(sweep.paths.run(run_id).done)
+        except FileNotFoundError:
+            pass
+        fs.rm(src, recursive=True)
+    return dest
+
+
+# -- gc -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GcRun:
+    run_id: str
+    checkpoints: list[str] = field(default_factory=list)   # data files removed
+    temp_files: list[str] = field(default_factory=list)    # paths inside the run's folder
+    kept: list[str] = field(default_factory=list)          # data files kept
+    files: int = 0                                         # files removed, all told
+    bytes_freed: int = 0
+
+
+@dataclass
+class GcReport:
+    runs: list[GcRun]
+    dry_run: bool
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(r.bytes_freed for r in self.runs)
+
+    @property
+    def files(self) -> int:
+        return sum(r.files for r in self.runs)
+
+
+def keep_set(directory: CheckpointDir, manifests: list[Manifest], best: str | None = None,
+             mode: str | None = None) -> set[str]:
+    """The data files that ``load_checkpoint(run, "latest")`` and ``load_checkpoint(run, "best",
+    best=..., mode=...)`` would load: the newest that verifies, and the best by each metric
+    the manifests record, lowest and highest (the script's choice of metric and mode is
+    not recorded), or only by ``best`` and ``mode`` when given."""
+    keep: set[str] = set()
+    for manifest in reversed(manifests):
+        try:
+            directory.verify(manifest)
+        except ValueError:
+            continue
+        keep.add(manifest.data)
+        break
+    names = [best] if best else sorted({k for m in manifests for k in m.metrics})
+    modes = [mode] if mode else ["min", "max"]
+    for name in names:
+        for how in modes:
+            chosen = Retention(best=name, mode=how).best_of(manifests)  # type: ignore[arg-type]
+            if chosen is not None:
+                keep.add(chosen.data)
+    return keep
+
+
+def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
+       mode: str | None = None) -> GcReport:
+    """For every done run: remove checkpoints that neither "latest" nor "best" would load
+    (and data files whose manifest never came), and stray temp files of atomic writes."""
+    sweep.store.check_present()
+    listing = sweep.paths.listing()
+    done = sorted(sweep.paths.done_ids(listing))
+    refuse_held(sweep, done, "collect garbage")
+    fs = sweep.store.fs
+    report = GcReport(runs=[], dry_run=dry_run)
+    for run_id in done:
+        paths = sweep.paths.run(run_id)
+        with store_errors("list", paths.dir):
+            sizes = {path: int(info.get("size") or 0)
+                     for path, info in fs.find(paths.dir, detail=True).items() if info.get("type") == "file"}
+        prefix = fs._strip_protocol(paths.dir).rstrip("/") + "/"
+        rel_sizes = {p[len(prefix):] if p.startswith(prefix) else p: s for p, s in sizes.items()}
+        item = GcRun(run_id)
+        directory = CheckpointDir(fs, paths.checkpoints)
+        present = directory.listing()
+        manifests = directory.manifests(present)
+        keep = keep_set(directory, manifests, best, mode)
+        described = {m.data for m in manifests}
+        for manifest in manifests:
+            if manifest.data in keep:
+                item.kept.append(manifest.data)
+                continue
+            item.checkpoints.append(manifest.data)
+            for name in (manifest.name.manifest, manifest.data):
+                if f"checkpoints/{name}" in rel_sizes:
+                    item.files += 1
+                    item.bytes_freed += rel_sizes[f"checkpoints/{name}"]
+        orphans = [name for name, regular in present.items() if regular and name.endswith(".pt")
+                   and not name.startswith(TEMP_PREFIX) and name not in described
+                   and name[:-3] + ".json" not in present]
+        for name in orphans:
+            item.checkpoints.append(name)
+            item.files += 1
+            item.bytes_freed += rel_sizes.get(f"checkpoints/{name}", 0)
+        temps = sorted(rel for rel in rel_sizes if posixpath.basename(rel).startswith(TEMP_PREFIX))
+        item.temp_files = temps
+        item.files += len(temps)
+        item.bytes_freed += sum(rel_sizes[rel] for rel in temps)
+        if not dry_run:
+            for manifest in manifests:
+                if manifest.data in item.checkpoints:
+                    directory.delete(manifest.name.manifest)  # first: a manifest never outlives its data
+                    directory.delete(manifest.data)
+            for name in orphans:
+                directory.delete(name)
+            for rel in temps:
+                _remove_file(sweep, posixpath.join(paths.dir, rel))
+        if item.checkpoints or item.temp_files:
+            report.runs.append(item)
+    return report
+
+
+def _remove_file(sweep: Sweep, path: str) -> None:
+    """Remove a regular file, never what a symlink points at."""
+    fs = sweep.store.fs
+    with store_errors("delete", path):
+        try:
+            if is_local(fs):
+                local = fs._strip_protocol(path)
+                if os.path.isfile(local) and not os.path.islink(local):
+                    os.unlink(local)
+            else:
+                fs.rm_file(path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,241 @@
+"""`sweeprun reset` and `sweeprun gc`, run as a user runs them: real launches, real store, real ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sweeprun import Sweep, load_spec
+from sweeprun.manage import gc
+from sweeprun.training import load_checkpoint
+
+from conftest import Sandbox, wait_for
+
+#: A training script on sweeprun's API, without a model: it saves a tensor every step,
+#: keeps the last ``keep`` checkpoints and the best by loss (which is lowest at step 2).
+CKPT_SCRIPT = """
+import os, sys, time
+import torch
+import sweeprun
+run = sweeprun.init(every_steps=1, keep_last=int(os.environ.get("KEEP", "10")), best="loss")
+w = {"w": torch.zeros(3)}
+
+class Holder:
+    def state_dict(self): return {"w": w["w"]}
+    def load_state_dict(self, s): w["w"] = s["w"]
+
+run.track(holder=Holder())
+run.restore()
+steps = int(run.params["steps"])
+while run.step < steps:
+    w["w"] = w["w"] + 1
+    loss = abs(run.step + 1 - 2) + 0.5  # lowest after the second step
+    run.end_step(loss=loss, acc=float(run.step))
+    time.sleep(float(os.environ.get("STEP_SLEEP", "0")))
+run.finish()
+"""
+
+
+def api_sweep(sandbox: Sandbox, steps: int = 5, **extra: Any) -> Path:
+    script = sandbox.root / "ckpts.py"
+    script.write_text(CKPT_SCRIPT)
+    return sandbox.write_sweep({"steps": [steps]}, {}, command=f"{sys.executable} {script}", **extra)
+
+
+def cli(sandbox: Sandbox, *args: str, env: dict[str, str] | None = None) -> Any:
+    """``sweeprun ARGS --ledger <the sandbox's>`` as its own process."""
+    return sandbox.run(*args, "--ledger", str(sandbox.ledger), env=env)
+
+
+def runs_dir(sandbox: Sandbox, name: str = "t") -> Path:
+    return sandbox.store / name / "runs"
+
+
+# -- reset --------------------------------------------------------------------------------------
+
+
+def test_reset_failed_runs_makes_them_run_again_with_a_fresh_count(sandbox: Sandbox) -> None:
+    sweep = sandbox.write_sweep({"a": [1, 2], "fail": [False, True]}, {"steps": 2, "sleep": 0}, max_attempts=1)
+    assert sandbox.run("launch", str(sweep)).returncode == 1
+    failed = {r for r, row in sandbox.status(sweep).items() if row["state"] == "failed"}
+    assert len(failed) == 2
+
+    dry = cli(sandbox, "reset", str(sweep), "--failed", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("would reset") == 2
+    assert {r for r, row in sandbox.status(sweep).items() if row["state"] == "failed"} == failed
+
+    result = cli(sandbox, "reset", str(sweep), "--failed")
+    assert result.returncode == 0, result.stderr
+    states = sandbox.status(sweep)
+    assert {states[r]["state"] for r in failed} == {"pending"}
+    assert {states[r]["failures"] for r in failed} == {0}
+    assert not any((runs_dir(sandbox) / r).exists() for r in failed)
+    kept = sorted(p.name for p in (sandbox.store / "t" / "trash").iterdir())
+    assert [k.rsplit("-", 2)[0] for k in kept] == sorted(failed)
+    for folder in kept:  # the old results, whole: the log of the failed attempt is there
+        assert "failing on purpose" in (sandbox.store / "t" / "trash" / folder / "logs" / "attempt-1.log").read_text()
+
+    # The next launch runs them again (and they fail again: the script did not change).
+    before = len([e for e in sandbox.events() if e["event"] == "fail"])
+    assert sandbox.run("launch", str(sweep)).returncode == 1
+    assert len([e for e in sandbox.events() if e["event"] == "fail"]) == before + 2
+
+
+def test_reset_a_done_run_by_its_hash_runs_it_from_scratch(sandbox: Sandbox) -> None:
+    sweep = sandbox.write_sweep({"a": [1, 2]}, {"steps": 3, "sleep": 0})
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    target = next(r for r in sandbox.status(sweep) if r.startswith("a=1"))
+    short = target.rsplit("-", 1)[1]
+
+    result = cli(sandbox, "reset", str(sweep), short, "--delete")
+    assert result.returncode == 0, result.stderr
+    assert f"reset {target}: its folder deleted" in result.stdout
+    assert not (runs_dir(sandbox) / target).exists()
+    assert not (sandbox.store / "t" / "done" / target).exists()
+    assert not any(p.name != ".deleting" for p in (sandbox.store / "t" / "trash").glob("*"))
+    assert sandbox.status(sweep)[target]["state"] == "pending"
+
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    starts = [e for e in sandbox.events() if e["event"] == "start" and e["run"] == target]
+    assert [e["from_step"] for e in starts] == [0, 0]  # from scratch, not resumed
+    assert {r["state"] for r in sandbox.status(sweep).values()} == {"done"}
+
+
+def test_reset_refuses_a_running_run_and_changes_nothing(sandbox: Sandbox) -> None:
+    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 400, "sleep": 0.05})
+    launcher = sandbox.sweeprun("launch", str(sweep))
+    try:
+        wait_for(lambda: any(e["event"] == "start" for e in sandbox.events()), timeout=60)
+        (run_id,) = sandbox.status(sweep)
+        result = cli(sandbox, "reset", str(sweep), run_id)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert f"run {run_id} is held by" in result.stderr and "sweeprun stop" in result.stderr
+        assert (runs_dir(sandbox) / run_id).exists() and not (sandbox.store / "t" / "trash").exists()
+    finally:
+        os.killpg(launcher.pid, signal.SIGTERM)
+        launcher.communicate(timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "name the runs to reset"),
+    (("nope",), "no run of sweep t matches 'nope'"),
+    (("a=",), "'a=' matches 2 runs of sweep t"),
+])
+def test_reset_bad_input_is_one_line(sandbox: Sandbox, args: tuple[str, ...], message: str) -> None:
+    sweep = sandbox.write_sweep({"a": [1, 2]}, {"steps": 1, "sleep": 0})
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    result = cli(sandbox, "reset", str(sweep), *args)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_reset_without_a_ledger_on_this_machine_still_reruns(sandbox: Sandbox, tmp_path: Path) -> None:
+    """A second machine that shares only the store: its own ledger is new."""
+    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 2, "sleep": 0})
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (run_id,) = sandbox.status(sweep)
+    other = tmp_path / "elsewhere.sqlite"
+    result = sandbox.run("reset", str(sweep), run_id, "--ledger", str(other))
+    assert result.returncode == 0, result.stderr
+    assert not other.exists()  # nothing to tell a ledger that never saw the sweep
+    assert sandbox.status(sweep)[run_id]["state"] == "pending"  # the first machine's ledger agrees
+
+
+# -- gc -----------------------------------------------------------------------------------------
+
+
+def test_gc_keeps_what_latest_and_best_load_and_frees_the_rest(sandbox: Sandbox) -> None:
+    sweep = api_sweep(sandbox, steps=6)
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (run_id,) = sandbox.status(sweep)
+    run_dir = runs_dir(sandbox) / run_id
+    ckpts = run_dir / "checkpoints"
+    assert len(list(ckpts.glob("ckpt-*.pt"))) == 7  # one per step, and finish() saves once more
+    stray = [ckpts / ".tmp-123-ckpt.pt", run_dir / "attempts" / ".tmp-9-1.json"]
+    for path in stray:
+        path.write_bytes(b"x" * 1000)
+    latest, best = load_checkpoint(run_dir), load_checkpoint(run_dir, "best", best="loss")
+    before = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
+
+    dry = cli(sandbox, "gc", str(sweep), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove" in dry.stdout and all(p.exists() for p in stray)
+    assert len(list(ckpts.glob("ckpt-*.pt"))) == 7
+
+    result = cli(sandbox, "gc", str(sweep))
+    assert result.returncode == 0, result.stderr
+    after = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
+    # Kept, by save number: the latest (7, finish()'s save), the lowest loss (2), and for
+    # "acc" the lowest (1) and the highest (6, the first of two equal ones, as "best" picks):
+    # the script's choice of metric and mode is not recorded, so every choice still loads.
+    assert save_numbers(ckpts) == [1, 2, 6, 7]
+    assert not any(p.exists() for p in stray)
+    freed = before - after
+    assert f"freed {freed / 1000:.1f} KB" in result.stdout or f"freed {freed} B" in result.stdout
+    assert torch_equal(load_checkpoint(run_dir), latest)
+    assert torch_equal(load_checkpoint(run_dir, "best", best="loss"), best)
+
+    again = cli(sandbox, "gc", str(sweep))  # nothing left to do
+    assert again.returncode == 0 and "removed 0 file(s), freed 0 B" in again.stdout
+
+
+def test_gc_best_narrows_what_is_kept(sandbox: Sandbox) -> None:
+    sweep = api_sweep(sandbox, steps=5)
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (run_id,) = sandbox.status(sweep)
+    report = gc(Sweep(load_spec(sweep), str(sandbox.ledger)), best="loss", mode="min")
+    (item,) = report.runs
+    assert len(item.checkpoints) == 4 and item.files == 8 and item.bytes_freed > 0
+    assert save_numbers(runs_dir(sandbox) / run_id / "checkpoints") == [2, 6]  # best loss, latest
+
+
+def test_gc_leaves_runs_that_are_not_done_alone(sandbox: Sandbox) -> None:
+    sweep = api_sweep(sandbox, steps=300)
+    launcher = sandbox.sweeprun("launch", str(sweep), env={"STEP_SLEEP": "0.05"})
+    try:
+        wait_for(lambda: len(list(runs_dir(sandbox).glob("*/checkpoints/ckpt-*.pt"))) >= 3, timeout=120)
+    finally:
+        os.killpg(launcher.pid, signal.SIGTERM)
+        launcher.communicate(timeout=120)
+    before = sorted(p.name for p in runs_dir(sandbox).glob("*/checkpoints/*"))
+    result = cli(sandbox, "gc", str(sweep))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in runs_dir(sandbox).glob("*/checkpoints/*")) == before
+
+
+def test_gc_refuses_while_a_done_runs_lease_is_live(sandbox: Sandbox) -> None:
+    """Just after a run is done its launcher may still write in its folder (the lease's last
+    beat): gc waits for the lease to run out rather than race it."""
+    sweep = api_sweep(sandbox, steps=2)
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (run_id,) = sandbox.status(sweep)
+    lease = runs_dir(sandbox) / run_id / "lease"
+    record = next(lease.glob("*.json"))
+    doc = json.loads(record.read_text())
+    doc.update(worker=f"{doc['host']}:{os.getpid()}", started=None)  # held by a live process: this one
+    record.write_text(json.dumps(doc))
+    now = time.time()
+    for path in lease.iterdir():
+        os.utime(path, (now, now))
+    result = cli(sandbox, "gc", str(sweep))
+    assert result.returncode == 2 and f"run {run_id} is held by" in result.stderr
+    assert len(list((runs_dir(sandbox) / run_id / "checkpoints").glob("ckpt-*.pt"))) == 3  # nothing removed
+
+
+def save_numbers(folder: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[2]) for p in folder.glob("ckpt-*.pt"))
+
+
+def torch_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    import torch
+
+    return a["step"] == b["step"] and torch.equal(a["objects"]["holder"]["w"], b["objects"]["holder"]["w"])
