@@ -40,7 +40,7 @@ def parse_zip(value: Any, at: At, check_name: Callable[[Any, str], None], check_
         return {}
     single = isinstance(value, dict)
     groups = [value] if single else value
-    if not isinstance(groups, list) or not groups:
+    if not isinstance(groups, list) or not any(isinstance(g, dict) for g in groups):
         raise SpecError(f"{at('zip')}: zip must map parameter names to lists whose i-th values go "
                         "together, e.g. `zip: {model: [small, large], batch: [64, 16]}`")
     out: dict[str, dict[str, list[Any]]] = {}
@@ -111,7 +111,7 @@ def check_rows(groups: Mapping[str, dict[str, list[Any]]], command: str, at: At)
         rows = list(zip(*group.values(), strict=True))
 
         def described(row: tuple[Any, ...], keys: list[str] = keys) -> str:
-            return show(", ".join(f"{k}={render_value(v)}" for k, v in zip(keys, row, strict=True)), 120)
+            return "(" + ", ".join(f"{k}={show(v, 40)}" for k, v in zip(keys, row, strict=True)) + ")"
 
         for kind, key_of in (
             ("run", lambda row: tuple(value_text(v) for v in row)),
@@ -129,9 +129,9 @@ def check_rows(groups: Mapping[str, dict[str, list[Any]]], command: str, at: At)
                     before = first_at[k]
                     if kind == "run":
                         raise SpecError(f"{at(name)}: {name} gives the point {described(row)} twice "
-                                        f"(values {before + 1} and {r + 1}); keep one")
-                    raise SpecError(f"{at(name)}: {name} values {before + 1} and {r + 1} "
-                                    f"({described(rows[before])} and {described(row)}) give the same "
+                                        f"(points {before + 1} and {r + 1}); keep one")
+                    raise SpecError(f"{at(name)}: {name} points {before + 1} and {r + 1}, "
+                                    f"{described(rows[before])} and {described(row)}, give the same "
                                     "command line; keep one")
                 first_at[k] = r
 
@@ -191,8 +191,10 @@ def parse_exclude(value: Any, at: At, check_value: Check, grid: Mapping[str, lis
             if text not in taken[key]:
                 hint = (" (an entry is one point: write one entry per value)"
                         if isinstance(canon, list) else "")
+                options = list(taken[key].values())
+                listed = ", ".join(show(v, 30) for v in options[:6]) + (", ..." if len(options) > 6 else "")
                 raise SpecError(f"{where}: {name}: {key} = {show(canon)} matches no run; {key} takes "
-                                f"{show(list(taken[key].values()), 80)}{hint}")
+                                f"{listed}{hint}")
             point[str(key)] = canon
             texts[str(key)] = text
         by_group: dict[str, list[str]] = {}
