@@ -264,8 +264,9 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
         len(next(iter(group.values()))) for group in paired.values())
     if size > max_runs:
         what = "grid and zip give" if paired and clean_grid else "zip gives" if paired else "the grid has"
-        raise SpecError(f"{at('grid' if clean_grid else 'zip')}: {what} {size:,} runs, more than max_runs "
-                        f"({max_runs:,}); shrink the grid or raise `max_runs:` in the file")
+        raise SpecError(f"{at('zip' if paired else 'grid')}: {what} {size:,} runs, more than max_runs "
+                        f"({max_runs:,}); shrink {'them' if paired else 'the grid'} or raise `max_runs:` "
+                        "in the file")
     exclude = parse_exclude(data.get("exclude"), at, _check_value, clean_grid, paired, clean_params)
 
     # The command's checks see every value a key takes, once each: a zip column may

@@ -131,7 +131,7 @@ def test_size_counts_points_without_expanding_them() -> None:
     spec = parse_spec(HEAD + f"max_runs: 4000000\ngrid:\n  lr: [{values}]\n"
                       f"zip:\n  model: [{values}]\n  batch: [{values}]\nexclude:\n  - {{lr: 1, model: 2}}\n")
     assert spec.size() == 4_000_000
-    with pytest.raises(SpecError, match=r":4: grid and zip give 4,000,000 runs, more than max_runs \(1,000,000\)"):
+    with pytest.raises(SpecError, match=r":6: grid and zip give 4,000,000 runs, more than max_runs \(1,000,000\)"):
         parse_spec(HEAD + f"grid:\n  lr: [{values}]\nzip:\n  model: [{values}]\n  batch: [{values}]\n")
     with pytest.raises(SpecError, match=r":4: zip gives 4,000,000 runs, more than max_runs \(1,000,000\)"):
         parse_spec(HEAD + f"zip:\n  - {{model: [{values}], batch: [{values}]}}\n  - {{lr: [{values}]}}\n")
@@ -253,3 +253,15 @@ def test_a_bad_zip_on_the_command_line_is_exit_2_with_nothing_written(sandbox: S
         f"error: {sweep}:6: zip lists go together value by value, so they must be equally long: "
         "model has 2 values, batch has 1"]
     assert not sandbox.store.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="sweep.py (not this slice's) lists only spec.grid's keys as a run's "
+                                       "params in status; the fix is spec.varying() there")
+def test_status_shows_the_paired_keys(sandbox: Sandbox) -> None:
+    """Two runs that differ only in their zip values must not look alike in ``status``."""
+    sweep = sandbox.root / "pairs.yaml"
+    sweep.write_text(f"name: pairs\ncommand: {ECHO} {{model}} {{batch}} {{lr}}\nstore: {sandbox.store}\n"
+                     "zip:\n  model: [small, large]\n  batch: [64, 16]\ngrid:\n  lr: [0.1]\n")
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    shown = sorted(tuple(sorted(row["params"])) for row in sandbox.status(sweep).values())
+    assert shown == [("batch", "lr", "model")] * 2
