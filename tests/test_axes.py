@@ -265,3 +265,15 @@ def test_status_shows_the_paired_keys(sandbox: Sandbox) -> None:
     assert sandbox.run("launch", str(sweep)).returncode == 0
     shown = sorted(tuple(sorted(row["params"])) for row in sandbox.status(sweep).values())
     assert shown == [("batch", "lr", "model")] * 2
+
+
+def test_the_example_sweep_file() -> None:
+    from sweeprun import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "pairs.yaml")
+    runs = spec.runs()
+    assert (spec.size(), len(runs)) == (8, 6)
+    assert {(r.params["optimizer"], r.params["lr"]) for r in runs} == {("sgd", 0.1), ("adamw", 0.003)}
+    assert not any(r.params["optimizer"] == "sgd" and r.params["batch_size"] == 16 for r in runs)
+    assert spec.argv(runs[0])[1:] == ["examples/train_mlp.py", "--optimizer", "sgd", "--lr", "0.1",
+                                      "--batch-size", "64", "--seed", "0", "--epochs", "4"]
