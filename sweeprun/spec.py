@@ -269,10 +269,7 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
                         "in the file")
     exclude = parse_exclude(data.get("exclude"), at, _check_value, clean_grid, paired, clean_params)
 
-    # The command's checks see every value a key takes, once each: a zip column may
-    # repeat a value (two models, one batch size), which is not a duplicate point.
-    values = {**clean_grid, **columns}
-    flags = check_flags(data.get("flags"), values, clean_params, at)
+    flags = check_flags(data.get("flags"), {**clean_grid, **columns}, clean_params, at)
     spec = SweepSpec(
         name=name, command=command, store=store or "", grid=clean_grid, params=clean_params,
         max_attempts=_check_int(data.get("max_attempts", DEFAULTS["max_attempts"]),
@@ -290,6 +287,8 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
         paired=list(paired.values()), exclude=exclude,
         paired_first="zip" in data and "grid" in data and list(data).index("zip") < list(data).index("grid"),
     )
+    # The command's checks see each value a key takes once: a zip column may repeat a
+    # value (two models, one batch size), and its points are checked whole by check_rows.
     check_command(spec.command, sweep_name=spec.name, store=spec.store,
                   grid={**clean_grid, **{k: distinct_values(v, spec.command, k) for k, v in columns.items()}},
                   params=spec.params, flags=spec.flags, where=at("command"), at=at)

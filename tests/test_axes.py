@@ -243,15 +243,19 @@ def test_a_sweep_with_pairs_and_exclusions_runs_end_to_end(sandbox: Sandbox) -> 
     assert sorted(p.name for p in runs.glob("*/logs/attempt-*.log")) == ["attempt-1.log"] * 3
 
 
-def test_a_bad_zip_on_the_command_line_is_exit_2_with_nothing_written(sandbox: Sandbox, tmp_path: Path) -> None:
+@pytest.mark.parametrize("body,message", [
+    ("zip:\n  model: [small, large]\n  batch: [64]\n",
+     "{sweep}:6: zip lists go together value by value, so they must be equally long: model has 2 values, "
+     "batch has 1"),
+    ("zip:\n  model: [small]\n  batch: [64]\nexclude:\n  - {model: small}\n",
+     "{sweep}: exclude skips every one of the sweep's 1 runs; remove an entry"),
+])
+def test_a_bad_zip_or_exclude_is_exit_2_with_nothing_written(sandbox: Sandbox, body: str, message: str) -> None:
     sweep = sandbox.root / "bad.yaml"
-    sweep.write_text(f"name: bad\ncommand: python t.py {{model}} {{batch}}\nstore: {sandbox.store}\n"
-                     "zip:\n  model: [small, large]\n  batch: [64]\n")
+    sweep.write_text(f"name: bad\ncommand: python t.py {{model}} {{batch}}\nstore: {sandbox.store}\n" + body)
     result = sandbox.run("launch", str(sweep))
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.strip().splitlines() == [
-        f"error: {sweep}:6: zip lists go together value by value, so they must be equally long: "
-        "model has 2 values, batch has 1"]
+    assert result.stderr.strip().splitlines() == ["error: " + message.format(sweep=sweep)]
     assert not sandbox.store.exists()
 
 
