@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .axes import check_rows, distinct_values, parse_exclude, parse_zip
 from .command import (
     BUILTIN_PLACEHOLDERS,
     MAX_ARG_BYTES,
@@ -40,7 +41,7 @@ from .command import (
     suggest,
 )
 from .errors import SpecError
-from .identity import RunSpec, canonical_value, product_runs
+from .identity import RunSpec, canonical_value, sweep_runs
 from .yaml12 import (
     MAX_DEPTH,
     MAX_FILE_BYTES,
@@ -63,9 +64,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 DEFAULTS: dict[str, Any] = {"max_attempts": 3, "max_lost": 5, "grace_s": 30.0, "lease_s": 60.0,
                             "max_runs": 1_000_000}
-KEYS = ("name", "command", "store", "grid", "params", "flags", "max_attempts", "max_lost", "ledger",
-        "grace_s", "lease_s", "max_runs", "lease_settle_s")
-REQUIRED = ("name", "command", "grid")
+KEYS = ("name", "command", "store", "grid", "zip", "exclude", "params", "flags", "max_attempts", "max_lost",
+        "ledger", "grace_s", "lease_s", "max_runs", "lease_settle_s")
+REQUIRED = ("name", "command", "grid")  # `zip:` may stand in for `grid:`
 
 MAX_NAME_CHARS = 128            # the name is a folder and part of the ledger's file name
 #: ``(minimum, maximum)`` of the numeric settings, from the file or the command line.
@@ -97,21 +98,43 @@ class SweepSpec:
     #: Claim-then-confirm delay for store leases on folders that show other machines'
     #: writes late; ``None``: chosen from the store (see :func:`sweeprun.leases.settle_default`).
     lease_settle_s: float | None = None
+    #: ``zip:`` groups: each maps keys to equally long lists whose i-th values go together.
+    paired: list[dict[str, list[Any]]] = field(default_factory=list)
+    #: ``exclude:`` entries: partial points; a run matching every key of one is skipped.
+    exclude: list[dict[str, Any]] = field(default_factory=list)
+    #: ``zip:`` came before ``grid:`` in the file, so its groups vary slowest.
+    paired_first: bool = False
+
+    def axes(self) -> list[dict[str, list[Any]]]:
+        """The sweep's axes in the file's order (the first varies slowest): one per grid key,
+        one per zip group."""
+        grid = [{key: values} for key, values in self.grid.items()]
+        return [*self.paired, *grid] if self.paired_first else [*grid, *self.paired]
+
+    def varying(self) -> list[str]:
+        """The keys that differ between runs (grid and zip keys): they label the run ids."""
+        return [key for axis in self.axes() for key in axis]
 
     def size(self) -> int:
-        """The number of runs, counted without expanding the grid."""
-        return math.prod(len(v) for v in self.grid.values())
+        """The number of points of the grid and zip groups before exclusions, counted without
+        expanding them: what ``max_runs`` bounds, since expanding costs this many steps.
+        Exclusions only remove runs; ``len(runs())`` is the exact count."""
+        return math.prod(len(next(iter(axis.values()))) for axis in self.axes())
 
     def runs(self) -> list[RunSpec]:
-        """The cartesian product of the grid (first axis slowest), fixed params added."""
+        """Every point of the grid and zip groups (first axis slowest), less the excluded ones,
+        fixed params added."""
         out: list[RunSpec] = []
         seen: set[str] = set()
-        for run in product_runs(self.params, self.grid):
+        for run in sweep_runs(self.params, self.axes(), self.exclude):
             if run.run_id in seen:
                 raise SpecError(f"{self.source}: grid gives the same run twice ({run.run_id}); "
                                 "remove the duplicate value")
             seen.add(run.run_id)
             out.append(run)
+        if not out:
+            raise SpecError(f"{self.source}: exclude skips every one of the sweep's {self.size():,} runs; "
+                            "remove an entry")
         return out
 
     def argv(self, run: RunSpec, run_dir: str = "", attempt: int = 1) -> list[str]:
@@ -179,7 +202,7 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
         if key not in KEYS:
             raise SpecError(f"{at(str(key))}: unknown key {show(key)}{suggest(str(key), KEYS)}")
     for key in REQUIRED:
-        if key not in data or data[key] is None:
+        if (key not in data or data[key] is None) and not (key == "grid" and data.get("zip") is not None):
             raise SpecError(f"{source}: missing required key {key!r}")
 
     name = data["name"]
@@ -201,8 +224,10 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
     if ledger is not None:
         ledger = resolve_location(_check_nonempty_str(ledger, f"{at('ledger')}: ledger"), base)
 
-    grid = data["grid"]
-    if not isinstance(grid, dict) or not grid:
+    grid = data.get("grid")
+    if grid is None or (grid == {} and data.get("zip") is not None):
+        grid = {}  # every varying key is in zip
+    elif not isinstance(grid, dict) or not grid:
         raise SpecError(f"{at('grid')}: grid must map parameter names to lists of values, "
                         "e.g. `lr: [0.1, 0.01]`")
     params = data.get("params") or {}
@@ -222,22 +247,29 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
         canon = [_check_value(v, f"{where}: grid.{key}") for v in values]
         no_duplicate_values(canon, lambda v: render_value(v), f"{where}: grid.{key}", "")
         clean_grid[str(key)] = canon
+    paired = parse_zip(data.get("zip"), at, _check_param_name, _check_value, clean_grid)
+    columns = {key: values for group in paired.values() for key, values in group.items()}
     clean_params: dict[str, Any] = {}
     for key, value in params.items():
         where = at(f"params.{key}")
         _check_param_name(key, where)
-        if key in clean_grid:
-            raise SpecError(f"{where}: {key!r} is both in grid and in params; keep one")
+        if key in clean_grid or key in columns:
+            raise SpecError(f"{where}: {key!r} is both in {'grid' if key in clean_grid else 'zip'} and in "
+                            "params; keep one")
         clean_params[str(key)] = _check_value(value, f"{where}: params.{key}")
 
     max_runs = _check_int(data.get("max_runs", DEFAULTS["max_runs"]), f"{at('max_runs')}: max_runs",
                           *RANGES["max_runs"])
-    size = math.prod(len(v) for v in clean_grid.values())
+    size = math.prod(len(v) for v in clean_grid.values()) * math.prod(
+        len(next(iter(group.values()))) for group in paired.values())
     if size > max_runs:
-        raise SpecError(f"{at('grid')}: the grid has {size:,} runs, more than max_runs ({max_runs:,}); "
-                        "shrink the grid or raise `max_runs:` in the file")
+        what = "grid and zip give" if paired and clean_grid else "zip gives" if paired else "the grid has"
+        raise SpecError(f"{at('zip' if paired else 'grid')}: {what} {size:,} runs, more than max_runs "
+                        f"({max_runs:,}); shrink {'them' if paired else 'the grid'} or raise `max_runs:` "
+                        "in the file")
+    exclude = parse_exclude(data.get("exclude"), at, _check_value, clean_grid, paired, clean_params)
 
-    flags = check_flags(data.get("flags"), clean_grid, clean_params, at)
+    flags = check_flags(data.get("flags"), {**clean_grid, **columns}, clean_params, at)
     spec = SweepSpec(
         name=name, command=command, store=store or "", grid=clean_grid, params=clean_params,
         max_attempts=_check_int(data.get("max_attempts", DEFAULTS["max_attempts"]),
@@ -252,9 +284,15 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
                             *RANGES["max_lost"]),
         lease_settle_s=None if data.get("lease_settle_s") is None else _check_number(
             data["lease_settle_s"], f"{at('lease_settle_s')}: lease_settle_s", *RANGES["lease_settle_s"]),
+        paired=list(paired.values()), exclude=exclude,
+        paired_first="zip" in data and "grid" in data and list(data).index("zip") < list(data).index("grid"),
     )
-    check_command(spec.command, sweep_name=spec.name, store=spec.store, grid=spec.grid, params=spec.params,
-                  flags=spec.flags, where=at("command"), at=at)
+    # The command's checks see each value a key takes once: a zip column may repeat a
+    # value (two models, one batch size), and its points are checked whole by check_rows.
+    check_command(spec.command, sweep_name=spec.name, store=spec.store,
+                  grid={**clean_grid, **{k: distinct_values(v, spec.command, k) for k, v in columns.items()}},
+                  params=spec.params, flags=spec.flags, where=at("command"), at=at)
+    check_rows(paired, spec.command, at)
     return spec
 
 

@@ -187,7 +187,8 @@ def no_duplicate_keys(node: yaml.Node, source: str) -> None:
 
 
 def key_lines(node: yaml.Node | None) -> dict[str, int]:
-    """``key path -> line`` for top-level keys and one level below, for error messages."""
+    """``key path -> line`` for error messages: top-level keys and one level below
+    (``grid.lr``), and the items of a top-level list with their keys (``exclude[0].lr``)."""
     out: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
@@ -195,6 +196,12 @@ def key_lines(node: yaml.Node | None) -> dict[str, int]:
             if isinstance(value, yaml.MappingNode):
                 for k2, _ in value.value:
                     out[f"{key.value}.{k2.value}"] = k2.start_mark.line + 1
+            elif isinstance(value, yaml.SequenceNode):
+                for i, item in enumerate(value.value):
+                    out[f"{key.value}[{i}]"] = item.start_mark.line + 1
+                    if isinstance(item, yaml.MappingNode):
+                        for k2, _ in item.value:
+                            out[f"{key.value}[{i}].{k2.value}"] = k2.start_mark.line + 1
     return out
 
 

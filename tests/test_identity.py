@@ -9,7 +9,14 @@ import string
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sweeprun.identity import LABEL_MAX_CHARS, RunSpec, product_runs, run_id
+from sweeprun.identity import (
+    LABEL_MAX_CHARS,
+    RunSpec,
+    canonical_json,
+    product_runs,
+    run_id,
+    sweep_runs,
+)
 
 names = st.text(alphabet=string.ascii_letters + "_", min_size=1, max_size=12)
 scalars = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
@@ -82,3 +89,40 @@ def test_a_grid_expanded_at_once_names_every_run_as_one_run_at_a_time_would() ->
         at_once = list(product_runs(fixed, grid))
         assert [(r.run_id, r.params, r.index) for r in at_once] == [
             (r.run_id, r.params, r.index) for r in one_by_one], (grid, fixed)
+
+
+def test_zip_groups_and_exclusions_name_every_run_as_one_run_at_a_time_would() -> None:
+    """``sweep_runs`` with axes of several keys (zip groups) and exclusions: the runs kept are
+    the product's points that match no entry, in product order, each exactly as
+    ``RunSpec.from_params`` names it, with ``index`` counting the kept runs."""
+    rnd = random.Random(11)
+    values = [0, 1, 1.5, -0.0, 2.0, "a b", "é", True, False, None, [1, 2.0], "nan", 3e-7, "=,", "x/../y"]
+    for _ in range(300):
+        axes: list[dict[str, list]] = []
+        for a in range(rnd.randint(1, 3)):
+            length = rnd.randint(1, 3)
+            axes.append({f"k{a}{c}": [rnd.choice(values) for _ in range(length)] for c in range(rnd.randint(1, 3))})
+        fixed = {f"f{i}": rnd.choice(values) for i in range(rnd.randint(0, 2))}
+        varying = [k for axis in axes for k in axis]
+        rows = [list(zip(*axis.values(), strict=True)) for axis in axes]
+        points = [{k: v for axis, row in zip(axes, combo, strict=True) for k, v in zip(axis, row, strict=True)}
+                  for combo in itertools.product(*rows)]
+        exclude = [{k: p[k] for k in rnd.sample(varying, rnd.randint(1, len(varying)))}
+                   for p in rnd.sample(points, rnd.randint(0, min(3, len(points))))]
+        kept = [p for p in points if not any(
+            all(canonical_json({k: p[k]}) == canonical_json({k: v}) for k, v in entry.items()) for entry in exclude)]
+        one_by_one = [RunSpec.from_params({**fixed, **p}, label_keys=varying, index=i) for i, p in enumerate(kept)]
+        at_once = list(sweep_runs(fixed, axes, exclude))
+        assert [(r.run_id, r.params, r.index) for r in at_once] == [
+            (r.run_id, r.params, r.index) for r in one_by_one], (axes, fixed, exclude)
+
+
+def test_the_spec_example_keeps_its_ids() -> None:
+    """Ids written by earlier versions for the SPEC's example grid: a plain grid names its runs
+    exactly as before zip and exclude existed, so finished runs stay finished."""
+    grid = {"lr": [0.1, 0.01, 0.001], "weight_decay": [0.0, 0.0001], "seed": [0, 1, 2]}
+    ids = [run.run_id for run in product_runs({"epochs": 20}, grid)]
+    assert ids[:3] == ["lr=0.1,seed=0,weight_decay=0-693de470", "lr=0.1,seed=1,weight_decay=0-f761c982",
+                       "lr=0.1,seed=2,weight_decay=0-b532f5bb"]
+    assert ids[9] == "lr=0.01,seed=0,weight_decay=0.0001-0dd0ac03"
+    assert ids[-1] == "lr=0.001,seed=2,weight_decay=0.0001-2952d09c"

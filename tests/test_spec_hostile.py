@@ -42,6 +42,12 @@ CASES = [
     ("merge-key", HEAD + "grid:\n  lr: [1]\nparams: {!!merge <<: {a: 1}}\n", "merge keys (<<) are not supported"),
     ("billion-runs", HEAD + "grid:\n" + "".join(f"  p{i}: [0,1,2,3,4,5,6,7,8,9]\n" for i in range(9))
      + "  lr: [1]\n", ":4: the grid has 1,000,000,000 runs, more than max_runs (1,000,000)"),
+    ("billion-paired-runs", HEAD + "zip:\n" + "".join(f"  - {{p{i}: [0,1,2,3,4,5,6,7,8,9], q{i}: [0,1,2,3,4,5,6,7,8,9]}}\n"
+                                                     for i in range(9)) + "grid:\n  lr: [1]\n",
+     ":4: grid and zip give 1,000,000,000 runs, more than max_runs (1,000,000)"),
+    ("exclude-shapes", HEAD + "grid:\n" + "".join(f"  p{i}: [0, 1]\n" for i in range(8)) + "  lr: [1]\nexclude:\n"
+     + "".join(f"  - {{p{i}: 0, p{j}: 1}}\n" for i in range(8) for j in range(i + 1, 8)),
+     ":31: exclude names more than 16 different sets of keys"),
     ("over-raised-limit", HEAD + "max_runs: 99\ngrid:\n  lr: [" + ", ".join(map(str, range(100))) + "]\n",
      "the grid has 100 runs, more than max_runs (99)"),
     ("name-too-long", HEAD.replace("name: t", "name: " + "n" * 300) + "grid:\n  lr: [1]\n",
@@ -84,6 +90,18 @@ def test_a_raised_limit_allows_the_grid(sandbox: Sandbox) -> None:
     from sweeprun import load_spec
 
     assert load_spec(sweep).size() == 2_000_000
+
+
+def test_a_long_zip_with_an_exclusion_per_point_stays_linear() -> None:
+    """5,000 points and an exclusion for all but one: each entry is a set lookup, never a
+    scan of the points (25 million steps if it were; nothing here is timed)."""
+    from sweeprun import parse_spec
+
+    n = 5_000
+    text = ("name: t\ncommand: python x.py {x} {y}\nstore: /tmp/s\nzip:\n"
+            f"  x: [{', '.join(map(str, range(n)))}]\n  y: [{', '.join(str(i % 97) for i in range(n))}]\n"
+            "exclude:\n" + "".join(f"  - {{x: {i}, y: {i % 97}}}\n" for i in range(1, n)))
+    assert [run.params for run in parse_spec(text).runs()] == [{"x": 0, "y": 0}]
 
 
 @pytest.mark.parametrize("kind", ["dev-zero", "fifo", "too-big", "folder"])
