@@ -217,6 +217,8 @@ def run_view(detail: RunDetail) -> Group:
 class PlainEvents:
     """One line per event, for logs and pipes (and the tests)."""
 
+    wants_progress = False  # see LiveEvents
+
     def __init__(self, console: Console, total: int, done: int) -> None:
         self.console = console
         self.total = total
@@ -280,6 +282,8 @@ class _SweepProgress(Progress):
 class LiveEvents(PlainEvents):
     """A progress bar for terminals: runs done of total, running, failed, ETA, and a line per
     running run with its step and latest metric; output scrolls above."""
+
+    wants_progress = True
 
     #: Running runs listed under the bar; more are counted in one line.
     RUNS_SHOWN = 12

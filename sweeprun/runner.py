@@ -50,6 +50,10 @@ class Events(Protocol):
     def ended(self, run_id: str, attempt: int, state: RunState | None, exit_code: int | None,
               elapsed_s: float) -> None: ...
     def note(self, message: str) -> None: ...
+    def progress(self, run_id: str, step: int | None, metric: tuple[str, float] | None) -> None: ...
+    #: Whether :meth:`progress` shows anything: reading every running run's metrics each
+    #: heartbeat (a LIST and a read on object stores) is worth it only for a live view.
+    wants_progress: bool
 
 
 @dataclass
@@ -308,9 +312,21 @@ class Launcher:
                         attempt.renew()
                     except SweeprunError:
                         pass  # renew() reports its own failures and stops its child in time
+                if getattr(self.events, "wants_progress", False):
+                    self._report_progress(active)
         except BaseException as exc:
             self._errors.append(exc)
             self.request_stop()
+
+    def _report_progress(self, active: list[Attempt]) -> None:
+        for attempt in active:
+            if attempt.lost:
+                continue
+            run_id = attempt.claim.run_id
+            try:
+                self.events.progress(run_id, *self.sweep.progress_of(run_id))
+            except SweeprunError:
+                pass  # progress is only shown; the store may be slow for a moment
 
     def _claims_open(self) -> bool:
         if self.deadline is None or time.monotonic() < self.deadline.claims_end:

@@ -278,8 +278,9 @@ class Sweep:
             listing = self.paths.listing()
             done = self.paths.done_ids(listing)
         policy = self.policy
+        varying = self.spec.varying()  # grid and paired keys: what tells runs apart
         runs: list[tuple[str, dict[str, Any]]] = [
-            (run.run_id, {k: run.params[k] for k in self.spec.grid}) for run in self.runs]
+            (run.run_id, {k: run.params[k] for k in varying}) for run in self.runs]
         runs += [(row.run_id, row.params) for row in ledger_rows.values()
                  if row.run_id not in self.runs_by_id]
         if only is not None:

@@ -259,8 +259,6 @@ def test_a_bad_zip_or_exclude_is_exit_2_with_nothing_written(sandbox: Sandbox, b
     assert not sandbox.store.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="sweep.py (not this slice's) lists only spec.grid's keys as a run's "
-                                       "params in status; the fix is spec.varying() there")
 def test_status_shows_the_paired_keys(sandbox: Sandbox) -> None:
     """Two runs that differ only in their zip values must not look alike in ``status``."""
     sweep = sandbox.root / "pairs.yaml"

@@ -191,3 +191,38 @@ def test_each_run_is_told_the_sweeps_mean_time_between_interruptions(sandbox: Sa
     assert sandbox.run("launch", str(again), env={"SWEEPRUN_MTBI_S": "900"}).returncode == 0
     (log,) = [p for p in sandbox.store.glob("t/runs/a=2*/logs/attempt-1.log")]
     assert log.read_text().split()[1] == "900"
+
+
+def test_a_live_view_hears_each_running_runs_step_and_metric(sandbox: Sandbox, monkeypatch) -> None:
+    """The launcher reads running runs' progress at each heartbeat for an events object that
+    shows it (the terminal's live view), and for no other."""
+    from sweeprun import Sweep, load_spec
+    from sweeprun.runner import Launcher, LaunchOptions
+
+    class Recorder:
+        wants_progress = True
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, int | None, tuple[str, float] | None]] = []
+
+        def started(self, *a: object) -> None: ...
+        def output(self, *a: object) -> None: ...
+        def ended(self, *a: object) -> None: ...
+        def note(self, *a: object) -> None: ...
+
+        def progress(self, run_id: str, step: int | None, metric: tuple[str, float] | None) -> None:
+            self.seen.append((run_id, step, metric))
+
+    for key, value in sandbox.env().items():
+        monkeypatch.setenv(key, value)
+    sweep = Sweep(load_spec(sandbox.write_sweep({"a": [1]}, {"steps": 30, "sleep": 0.05})), str(sandbox.ledger))
+    ledger = sweep.prepare()
+    events = Recorder()
+    try:
+        result = Launcher(sweep, ledger, LaunchOptions(heartbeat_s=0.2), events).run()  # type: ignore[arg-type]
+    finally:
+        ledger.close()
+    assert result.exit_code == 0
+    steps = [step for _, step, _ in events.seen if step is not None]
+    assert steps and steps == sorted(steps) and 0 < steps[-1] <= 30
+    assert all(metric is None or metric[0] == "loss" for _, _, metric in events.seen)
