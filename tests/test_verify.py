@@ -213,3 +213,12 @@ def test_where_the_metrics_diverge_names_the_piece(step: int, keys: list[str], l
     metrics = MetricsDiff(lines, index=step - 1, step=step, keys=keys)
     (found,) = diagnose(metrics, resumes=[15], resumed_steps=range(1, lines[1] + 1), state=state)
     assert cause in found
+
+
+def test_a_fault_is_blamed_on_the_resume_that_caused_it() -> None:
+    """Resumed at 20 without the optimizer, saved at 21 (the cadence), killed, resumed at 21: the
+    loss of step 22 differs. Measured from 21 it looks like a first-step fault (RNG, data);
+    measured from 20, the older resume, it is the optimizer's signature, and the right answer."""
+    metrics = MetricsDiff((32, 32), index=21, step=22, keys=["loss"])
+    (found,) = diagnose(metrics, resumes=[20, 21], resumed_steps=range(1, 33), state=TRACKED)
+    assert found.startswith("the optimizer was not restored: the first step after resuming from step 20")
