@@ -104,7 +104,7 @@ def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float
 
 
 def _entries(path: Path) -> list[dict[str, Any]]:
-    from .training.metrics import parse_entries
+    from ..training.metrics import parse_entries
 
     try:
         return parse_entries(path.read_bytes())
@@ -152,8 +152,8 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
         return Report(1, ["NOT EXACT: no attempt resumed from a checkpoint; each started again from "
                           "step 0: does the script call run.restore() after run.track(...)?"])
     metrics = diff_metrics(_entries(reference.metrics), _entries(resumed.metrics), atol, set(ignore))
-    from .errors import CheckpointError
-    from .training import load_checkpoint
+    from ..errors import CheckpointError
+    from ..training import load_checkpoint
 
     try:
         want: dict[str, Any] | None = load_checkpoint(reference.dir)
