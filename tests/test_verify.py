@@ -61,12 +61,12 @@ def tiny(tmp_path: Path) -> str:
 # -- as a user runs it ---------------------------------------------------------------------
 
 def test_the_example_resumes_exactly(tmp_path: Path) -> None:
-    result = sweeprun_verify("--kills", "1", "--", *EXAMPLE, tmp=tmp_path)
+    result = sweeprun_verify("--kills", "1", "--", *EXAMPLE, "--epochs", "1", tmp=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[verify] attempt 1: from step 0; SIGTERM after step" in result.stdout
     assert re.search(r"\[verify\] attempt 2: resumed from step \d+; exit 0", result.stdout)
-    assert re.search(r"^EXACT: interrupted 1 time\(s\) .* the same 32 metric lines, the final state "
-                     r"at step 32 equal bit for bit \(model, optimizer, scheduler, data: \d+ tensors\)",
+    assert re.search(r"^EXACT: interrupted 1 time\(s\) .* the same 16 metric lines, the final state "
+                     r"at step 16 equal bit for bit \(model, optimizer, scheduler, data: \d+ tensors\)",
                      result.stdout, re.MULTILINE)
     assert list(tmp_path.glob("sweeprun-verify-*")) == [], "an exact run leaves nothing behind"
 
@@ -108,6 +108,7 @@ def test_a_script_that_never_restores_is_not_exact(tmp_path: Path, tiny: str) ->
     assert "does the script call run.restore()" in result.stdout
 
 
+@pytest.mark.slow  # three starts that import torch to save
 def test_a_script_random_even_uninterrupted_is_told_so(tmp_path: Path, tiny: str) -> None:
     result = sweeprun_verify("--kills", "1", "--", sys.executable, tiny, "--unseeded", tmp=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -130,6 +131,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: tuple[str, ...],
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_run_dir_in_the_command_becomes_the_run_directory(tmp_path: Path) -> None:
+    """For scripts that take their directory as a flag (``--out {run_dir}``)."""
+    result = sweeprun_verify("--", sys.executable, "-c", "import sys; print(sys.argv[1])", "{run_dir}",
+                             tmp=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert re.search(r"its last line: '\S+/sweeprun-verify-\w+/uninterrupted/run'", result.stderr)
+
+
+@pytest.mark.slow  # four starts that import torch to save
+def test_signals_reach_a_script_behind_a_wrapper(tmp_path: Path, tiny: str) -> None:
+    """``sh -c`` forks the script: signals go to the whole session, so SIGTERM still means
+    "save and exit" to the script inside, and the next attempt waits until it has (the shell
+    itself dies of SIGTERM at once, which the verdict points out)."""
+    wrapped = f"{sys.executable} {tiny}; exit $?"
+    result = sweeprun_verify("--seed", "2", "--", "sh", "-c", wrapped, tmp=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    sigterm = re.search(r"attempt 1: from step 0; SIGTERM after step (\d+), exit -15; not 75: .* or a "
+                        r"wrapper died of it first", result.stdout)
+    assert sigterm, result.stdout
+    resumed = re.search(r"attempt 2: resumed from step (\d+); SIGKILL after step \d+, exit -9", result.stdout)
+    assert resumed, result.stdout
+    assert int(resumed[1]) - int(sigterm[1]) in (0, 1), "the script inside saved where SIGTERM found it"
+    assert "EXACT: interrupted 2 time(s)" in result.stdout
 
 
 def test_too_short_a_run_for_the_kills_asked_is_exit_2(tmp_path: Path) -> None:

@@ -116,15 +116,16 @@ def _interrupt(run: ScriptRun, plan: Sequence[Kill], say: Callable[[str], None])
     """Interrupt the run as planned, then re-run it until it finishes; what went wrong, if anything."""
     for kill in plan:
         attempt = run.interrupt_at(kill)
+        if attempt.sent == "SIGTERM" and attempt.exit_code == -signal.SIGTERM:
+            attempt.note += (f"; not {PREEMPTED_EXIT}: the script did not save on SIGTERM (is "
+                             "sweeprun.init called before training?), or a wrapper died of it first "
+                             "(exec the script from wrapper scripts)")
         say(attempt.describe())
         expected = {"SIGKILL": {-signal.SIGKILL}, "SIGTERM": {PREEMPTED_EXIT, -signal.SIGTERM}}
         if attempt.exit_code == 0:
             return None  # finished before (or as) the signal landed: nothing left to interrupt
         if attempt.exit_code not in expected.get(attempt.sent or "", {PREEMPTED_EXIT}):
             return _failed(attempt)
-        if attempt.exit_code == -signal.SIGTERM:
-            attempt.note += ("; SIGTERM ended it without a save (exit 75 expected): is "
-                             "sweeprun.init called before training starts?")
     for _ in range(MAX_RERUNS):
         attempt = run.complete()
         say(attempt.describe())
@@ -166,9 +167,9 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
     lines = []
     if metrics.same and not states:
         tolerance = "bit for bit" if atol == 0 else f"within --atol {atol:g}"
-        what = ("the final state" + (f" at step {want['step']}" if want else "")
-                + f" equal {tolerance} ({', '.join(p for p in _pieces(want) if not (rng and p == 'global RNGs'))}: "
-                f"{count_tensors(want)} tensors)"
+        pieces = [p for p in _pieces(want) if not (rng and p == "global RNGs")]
+        what = (f"the final state at step {want['step']} equal {tolerance} "
+                + (f"({', '.join(pieces)}: {count_tensors(want)} tensors)" if pieces else "(no objects tracked)")
                 if want is not None else "no sweeprun checkpoint to compare (only metrics were)")
         lines.append(f"EXACT: interrupted {len(interruptions)} time(s) ({how}) and resumed from "
                      f"step(s) {', '.join(map(str, resumes))}, it ended as the uninterrupted run: "

@@ -4,6 +4,7 @@ step seen in metrics.jsonl, started again until it finishes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -118,21 +119,7 @@ class ScriptRun:
                 raise SpecError(f"cannot start {self.argv[0]!r}: {exc.strerror or exc}; give the "
                                 "command after --, e.g. sweeprun verify -- python train.py") from None
         try:
-            while target is not None and proc.poll() is None:
-                seen = self.last_step()
-                if seen >= target:
-                    assert kill is not None
-                    _signal_group(proc, kill.signum)
-                    attempt.sent, attempt.after_step = kill.name, seen
-                    break
-                time.sleep(POLL_S)
-            if attempt.sent == "SIGTERM":
-                try:
-                    proc.wait(timeout=GRACE_S)
-                except subprocess.TimeoutExpired:
-                    _signal_group(proc, signal.SIGKILL)
-                    attempt.note = f"; it did not exit within {GRACE_S:g} s of SIGTERM and was killed"
-            attempt.exit_code = proc.wait()
+            self._watch(proc, attempt, kill, target)
         finally:
             if proc.returncode is None:  # verify itself is going down: take the script with it
                 _signal_group(proc, signal.SIGKILL)
@@ -142,6 +129,34 @@ class ScriptRun:
         attempt.during_save = attempt.sent == "SIGKILL" and self._save_was_cut()
         self.attempts.append(attempt)
         return attempt
+
+    def _watch(self, proc: subprocess.Popen[Any], attempt: Attempt, kill: Kill | None,
+               target: int | None) -> None:
+        """Signal at ``target``, wait for the leader, then for anything it left running (a
+        wrapper that died of SIGTERM while the script inside still saves): the next attempt
+        must not start while the last one still writes. The leader stays unreaped until then,
+        so the group's number cannot pass to another process."""
+        deadline = math.inf
+        while not _exited(proc.pid):
+            if kill is not None and target is not None and attempt.sent is None:
+                seen = self.last_step()
+                if seen >= target:
+                    _signal_group(proc, kill.signum)
+                    attempt.sent, attempt.after_step = kill.name, seen
+                    deadline = time.monotonic() + GRACE_S
+            if time.monotonic() > deadline:
+                _signal_group(proc, signal.SIGKILL)
+                attempt.note += f"; it did not exit within {GRACE_S:g} s of {attempt.sent} and was killed"
+                deadline = math.inf
+            time.sleep(POLL_S if attempt.sent is None and target is not None else 0.05)
+        deadline = time.monotonic() + GRACE_S
+        while _members(proc.pid):
+            if time.monotonic() > deadline:
+                _signal_group(proc, signal.SIGKILL)
+                attempt.note += f"; processes it started were still running {GRACE_S:g} s later and were killed"
+                deadline = math.inf
+            time.sleep(0.02)
+        attempt.exit_code = proc.wait()
 
     def last_step(self) -> int:
         """The step of the last whole line of metrics.jsonl (0 before any), reading only its end."""
@@ -172,6 +187,32 @@ class ScriptRun:
             return False
         return any(n.startswith(".tmp-") or (n.endswith(".pt") and n[:-3] + ".json" not in names)
                    for n in names)
+
+
+def _exited(pid: int) -> bool:
+    """Whether the leader has exited, without reaping it (``WNOWAIT``)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None
+    except ChildProcessError:
+        return True
+
+
+def _members(pgid: int) -> list[int]:
+    """The live processes of a group (Linux; none known elsewhere)."""
+    try:
+        names = [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            found.append(int(name))
+    return found
 
 
 def _signal_group(proc: subprocess.Popen[Any], signum: int) -> None:
