@@ -208,7 +208,7 @@ def _finite(value: Any) -> Any:
 def verify(
     command: Annotated[list[str], typer.Argument(
         help="The training command, after --; {run_dir} in it becomes the run directory.",
-        show_default=False, metavar="-- COMMAND ...")] = [],  # noqa: B006 - typer reads it, never mutated
+        show_default=False, metavar="-- COMMAND")] = [],  # noqa: B006 - typer reads it, never mutated
     seed: Annotated[int, typer.Option("--seed", help="Fixes the steps the kills land at.")] = 0,
     kills: Annotated[int, typer.Option("--kills", min=1, max=50,
                                        help="Interruptions: SIGTERM, SIGKILL, SIGTERM, ...")] = 2,
