@@ -34,6 +34,7 @@ from ..redact import redact
 from ..runenv import PREEMPTED_EXIT
 from .attempts import Attempt, Kill, ScriptRun, plan_kills
 from .compare import (
+    Difference,
     MetricsDiff,
     compare_states,
     count_tensors,
@@ -159,9 +160,13 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
     try:
         want: dict[str, Any] | None = load_checkpoint(reference.dir)
     except CheckpointError:
-        want = None
-    got = load_checkpoint(resumed.dir) if want is not None else None
-    states = compare_states(want, got, atol) if want is not None and got is not None else {}
+        want = None  # a script that keeps no sweeprun checkpoint: its metrics are all there is
+    states: dict[str, list[Difference]] = {}
+    if want is not None:
+        try:
+            states = compare_states(want, load_checkpoint(resumed.dir), atol)
+        except CheckpointError as exc:
+            states = {"final checkpoint": [Difference((), f"none in the resumed run ({exc})")]}
     rng = states.pop("global RNGs", None)
     how = ", ".join(f"{a.sent} after step {a.after_step}" for a in interruptions)
     lines = []
@@ -189,11 +194,14 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
         lines.append(f"  metrics: first differ at step {metrics.step} (uninterrupted vs resumed: "
                      f"{metrics.detail}); {metrics.lines[0]} vs {metrics.lines[1]} lines")
     for piece, differences in states.items():
-        shown = differences[0].detail if piece in ("step", "epoch") else summarize(differences)
+        shown = (differences[0].detail if piece in ("step", "epoch", "final checkpoint")
+                 else summarize(differences))
         lines.append(f"  {piece}: {shown}")
     if rng:
         lines.append(f"  global RNGs: {summarize(rng)} (as they do whenever a script leaves one unseeded)")
-    if want is not None and states:
+    if want is None:
+        lines.append("  final state: not compared, the uninterrupted run left no sweeprun checkpoint")
+    elif states:
         equal = [p for p in _pieces(want) if p not in states and not (rng and p == "global RNGs")]
         if equal:
             lines.append(f"  equal: {', '.join(equal)}")
