@@ -158,6 +158,13 @@ def test_signals_reach_a_script_behind_a_wrapper(tmp_path: Path, tiny: str) -> N
     assert "EXACT: interrupted 2 time(s)" in result.stdout
 
 
+def test_credentials_the_script_prints_are_not_repeated(tmp_path: Path) -> None:
+    script = "print('connecting to postgresql://me:hunter2@db/sweeps'); raise SystemExit(1)"
+    result = sweeprun_verify("--", sys.executable, "-c", script, tmp=tmp_path)
+    assert result.returncode == 2
+    assert "postgresql://***@db/sweeps" in result.stderr and "hunter2" not in result.stdout + result.stderr
+
+
 def test_too_short_a_run_for_the_kills_asked_is_exit_2(tmp_path: Path) -> None:
     script = "from sweeprun.training import init\nrun = init(every_steps=1)\nrun.end_step(loss=1.0)\nrun.finish()\n"
     result = sweeprun_verify("--", sys.executable, "-c", script, tmp=tmp_path)
@@ -201,6 +208,7 @@ def test_metrics_differences_start_at_the_first_differing_line() -> None:
     found = diff_metrics(a, b)
     assert (found.step, found.keys) == (4, ["loss"])
     assert diff_metrics(a, b, atol=1e-6).same
+    assert diff_metrics(a, b, ignore={"loss"}).same, "--ignore loss"
     assert diff_metrics(a, a + [{"step": 6, "loss": 0.1}]).detail == "5 lines vs 6"
 
 
