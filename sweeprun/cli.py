@@ -305,6 +305,42 @@ def _finite(value: Any) -> Any:
     return value
 
 
+# -- verify (issue 12) ----------------------------------------------------------------------
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def verify(
+    command: Annotated[list[str], typer.Argument(
+        help="The training command, after --; {run_dir} in it becomes the run directory.",
+        show_default=False, metavar="-- COMMAND")] = [],  # noqa: B006 - typer reads it, never mutated
+    seed: Annotated[int, typer.Option("--seed", help="Fixes the steps the kills land at.")] = 0,
+    kills: Annotated[int, typer.Option("--kills", min=1, max=50,
+                                       help="Interruptions: SIGTERM, SIGKILL, SIGTERM, ...")] = 2,
+    atol: Annotated[float, typer.Option("--atol", min=0.0, help=(
+        "Allowed absolute difference, for nondeterministic GPU kernels (default: bit for bit)."))] = 0.0,
+    ignore: Annotated[list[str], typer.Option("--ignore", metavar="METRIC", help=(
+        "A metric not to compare (repeatable); metrics named like time, *_s, *_per_second "
+        "never are."))] = [],  # noqa: B006
+    keep: Annotated[bool, typer.Option("--keep", help="Keep both run directories, even when exact.")] = False,
+) -> None:
+    """Check that a training script resumes exactly: run it uninterrupted, then again under kills.
+
+    Both runs are standalone, in a temporary directory given as SWEEPRUN_RUN_DIR. The
+    second is SIGTERMed and SIGKILLed at random steps and re-run until it finishes; the
+    endings are compared (every tensor of the final checkpoint, every metrics line) and
+    the verdict names what was not restored. Exit 0 exact, 1 not, 2 bad input or an
+    uninterrupted run that fails. Give it a short configuration: it trains twice.
+    """
+    from .verify import verify as run_verify
+
+    def say(line: str) -> None:
+        print(f"[verify] {redact(line)}", flush=True)
+
+    report = run_verify(command, seed=seed, kills=kills, atol=atol, ignore=ignore, keep=keep, say=say)
+    for line in report.lines:
+        print(redact(line), flush=True)
+    raise typer.Exit(report.exit_code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every user mistake becomes one line on stderr and exit code 2."""
     command = typer.main.get_command(app)

@@ -1,0 +1,215 @@
+"""``sweeprun verify``: kill the script, resume it, and check that it really continued.
+
+Every promise of exact resumption rests on the script tracking all of its state; one
+forgotten piece (a scheduler, a generator, the position in the epoch) resumes without
+an error and quietly trains something else. Reading the script cannot find that; running
+it can. So the script runs standalone twice, each time in a fresh run directory given as
+``SWEEPRUN_RUN_DIR``: once uninterrupted, and once interrupted from outside as a lost
+machine would interrupt it (SIGTERM at one step, SIGKILL at another, seeded) and re-run
+until it finishes. The two endings are then compared: every tensor of the final
+checkpoint, every metrics line. Where they differ, the first differing step, measured
+from the resume before it, says which piece was missing: a learning rate that differs at
+the first resumed step is the scheduler; a loss that differs there with the same
+learning rate is the data position or the RNG; a loss that differs only one step later is
+the optimizer, whose update of that first step was computed from a fresh state.
+
+Steps are observed the way ``sweeprun status`` sees them, from metrics.jsonl growing,
+so kills land wherever the script happens to be, sometimes inside a save. torch is
+imported only to compare, after both runs ended.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import SpecError, SweeprunError
+from ..redact import redact
+from ..runenv import PREEMPTED_EXIT
+from .attempts import Attempt, Kill, ScriptRun, plan_kills
+from .compare import (
+    Difference,
+    MetricsDiff,
+    compare_states,
+    count_tensors,
+    diagnose,
+    diff_metrics,
+    diff_trees,
+    kind_of,
+    summarize,
+)
+
+__all__ = ["Report", "ScriptFailed", "verify", "plan_kills", "diff_metrics", "diff_trees",
+           "compare_states", "diagnose", "kind_of", "MetricsDiff", "Kill"]
+
+#: Re-runs after the planned kills; a script that keeps exiting 75 on its own (a time
+#: limit shorter than the run) would otherwise loop for ever.
+MAX_RERUNS = 20
+
+
+class ScriptFailed(SweeprunError):
+    """The uninterrupted run did not end well: there is nothing to compare against."""
+
+
+@dataclass
+class Report:
+    exit_code: int                 # 0 exact, 1 not
+    lines: list[str]
+    kept: Path | None = None       # the run directories, kept for a look
+
+
+def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float = 0.0,
+           ignore: Sequence[str] = (), keep: bool = False,
+           say: Callable[[str], None] = lambda line: None) -> Report:
+    """Run ``command`` uninterrupted, then interrupted ``kills`` times and resumed, and compare
+    the endings. Bad input and an uninterrupted run that fails raise (exit 2)."""
+    if not command:
+        raise SpecError("no command to verify: give it after --, e.g. "
+                        "sweeprun verify -- python train.py --epochs 2")
+    if kills < 1 or not math.isfinite(atol) or atol < 0:
+        raise SpecError("--kills must be at least 1 and --atol a number >= 0")
+    root = Path(tempfile.mkdtemp(prefix="sweeprun-verify-"))
+    kept = keep
+    try:
+        reference = ScriptRun(command, root / "uninterrupted")
+        say(f"uninterrupted run in {reference.dir} ...")
+        first = reference.complete()
+        entries = _entries(reference.metrics)
+        if first.exit_code != 0 or not entries:
+            kept = True
+            why = (f"exited with {first.exit_code}" if first.exit_code != 0 else
+                   f"logged no steps to {reference.metrics}: does it call run.end_step(loss=...)?")
+            raise ScriptFailed(f"the uninterrupted run {why}, so there is nothing to compare; its "
+                               f"last line: {first.last_line()!r}; its log: {first.log}")
+        plan = plan_kills([int(e["step"]) for e in entries], kills, seed)
+        say(f"uninterrupted: exit 0, {len(entries)} metric lines, last step {entries[-1]['step']}; "
+            f"interrupting at (seed {seed}): " + ", ".join(f"{k.name} after step {k.step}" for k in plan))
+        resumed = ScriptRun(command, root / "interrupted")
+        failure = _interrupt(resumed, plan, say)
+        report = _verdict(reference, resumed, failure, atol, ignore)
+        kept = kept or report.exit_code != 0
+    finally:
+        if not kept:
+            shutil.rmtree(root, ignore_errors=True)
+    if kept:
+        report.kept = root
+        report.lines.append(f"both runs are kept in {root}: uninterrupted/ and interrupted/ "
+                            "(run directory and a log per attempt)")
+    return report
+
+
+def _entries(path: Path) -> list[dict[str, Any]]:
+    from ..training.metrics import parse_entries
+
+    try:
+        return parse_entries(path.read_bytes())
+    except FileNotFoundError:
+        return []
+
+
+def _interrupt(run: ScriptRun, plan: Sequence[Kill], say: Callable[[str], None]) -> str | None:
+    """Interrupt the run as planned, then re-run it until it finishes; what went wrong, if anything."""
+    for kill in plan:
+        attempt = run.interrupt_at(kill)
+        if attempt.sent == "SIGTERM" and attempt.exit_code == -signal.SIGTERM:
+            attempt.note += (f"; not {PREEMPTED_EXIT}: the script did not save on SIGTERM (is "
+                             "sweeprun.init called before training?), or a wrapper died of it first "
+                             "(exec the script from wrapper scripts)")
+        say(attempt.describe())
+        expected = {"SIGKILL": {-signal.SIGKILL}, "SIGTERM": {PREEMPTED_EXIT, -signal.SIGTERM}}
+        if attempt.exit_code == 0:
+            return None  # finished before (or as) the signal landed: nothing left to interrupt
+        if attempt.exit_code not in expected.get(attempt.sent or "", {PREEMPTED_EXIT}):
+            return _failed(attempt)
+    for _ in range(MAX_RERUNS):
+        attempt = run.complete()
+        say(attempt.describe())
+        if attempt.exit_code == 0:
+            return None
+        if attempt.exit_code != PREEMPTED_EXIT:
+            return _failed(attempt)
+    return f"the interrupted run did not finish in {MAX_RERUNS} re-runs: each exited {PREEMPTED_EXIT}"
+
+
+def _failed(attempt: Attempt) -> str:
+    return (f"{attempt.describe()}: the resumed run failed where the uninterrupted one finished; "
+            f"its last line: {attempt.last_line()!r}; its log: {attempt.log}")
+
+
+def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol: float,
+             ignore: Sequence[str]) -> Report:
+    interruptions = [a for a in resumed.attempts if a.sent]
+    resumes = [a.resumed_from for a in resumed.attempts if a.resumed_from is not None]
+    if failure:
+        return Report(1, [f"NOT EXACT: {failure}"])
+    if not interruptions:
+        return Report(1, ["NOT VERIFIED: the script finished before any interruption landed"])
+    if not resumes:
+        return Report(1, ["NOT EXACT: no attempt resumed from a checkpoint; each started again from "
+                          "step 0: does the script call run.restore() after run.track(...)?"])
+    metrics = diff_metrics(_entries(reference.metrics), _entries(resumed.metrics), atol, set(ignore))
+    from ..errors import CheckpointError
+    from ..training import load_checkpoint
+
+    try:
+        want: dict[str, Any] | None = load_checkpoint(reference.dir)
+    except CheckpointError:
+        want = None  # a script that keeps no sweeprun checkpoint: its metrics are all there is
+    states: dict[str, list[Difference]] = {}
+    if want is not None:
+        try:
+            states = compare_states(want, load_checkpoint(resumed.dir), atol)
+        except CheckpointError as exc:
+            states = {"final checkpoint": [Difference((), f"none in the resumed run ({exc})")]}
+    rng = states.pop("global RNGs", None)
+    how = ", ".join(f"{a.sent} after step {a.after_step}" for a in interruptions)
+    lines = []
+    if metrics.same and not states:
+        tolerance = "bit for bit" if atol == 0 else f"within --atol {atol:g}"
+        pieces = [p for p in _pieces(want) if not (rng and p == "global RNGs")]
+        what = (f"the final state at step {want['step']} equal {tolerance} "
+                + (f"({', '.join(pieces)}: {count_tensors(want)} tensors)" if pieces else "(no objects tracked)")
+                if want is not None else "no sweeprun checkpoint to compare (only metrics were)")
+        lines.append(f"EXACT: interrupted {len(interruptions)} time(s) ({how}) and resumed from "
+                     f"step(s) {', '.join(map(str, resumes))}, it ended as the uninterrupted run: "
+                     f"the same {metrics.lines[0]} metric lines, {what}")
+        if rng:
+            lines.append(f"  warning: the global RNGs {summarize(rng)} at the end, though nothing "
+                         "drawn from them changed the result: unseeded (random.seed, "
+                         "np.random.seed), or drawn a different number of times after a resume; "
+                         "a script that draws from them would not be exact")
+        return Report(0, [redact(line) for line in lines])
+    lines.append(f"NOT EXACT: interrupted {len(interruptions)} time(s) ({how}) and resumed from "
+                 f"step(s) {', '.join(map(str, resumes))}, it did not end as the uninterrupted run")
+    resumed_steps = [int(e["step"]) for e in _entries(resumed.metrics) if isinstance(e.get("step"), int)]
+    for cause in diagnose(metrics, resumes, resumed_steps, want):
+        lines.append(f"  likely: {cause}")
+    if not metrics.same:
+        lines.append(f"  metrics: first differ at step {metrics.step} (uninterrupted vs resumed: "
+                     f"{metrics.detail}); {metrics.lines[0]} vs {metrics.lines[1]} lines")
+    for piece, differences in states.items():
+        shown = (differences[0].detail if piece in ("step", "epoch", "final checkpoint")
+                 else summarize(differences))
+        lines.append(f"  {piece}: {shown}")
+    if rng:
+        lines.append(f"  global RNGs: {summarize(rng)} (as they do whenever a script leaves one unseeded)")
+    if want is None:
+        lines.append("  final state: not compared, the uninterrupted run left no sweeprun checkpoint")
+    elif states:
+        equal = [p for p in _pieces(want) if p not in states and not (rng and p == "global RNGs")]
+        if equal:
+            lines.append(f"  equal: {', '.join(equal)}")
+    return Report(1, [redact(line) for line in lines])
+
+
+def _pieces(state: Mapping[str, Any] | None) -> list[str]:
+    if state is None:
+        return []
+    pieces = [str(name) for name in state.get("objects", {})]
+    return pieces + (["global RNGs"] if state.get("rng") is not None else [])

@@ -1,0 +1,258 @@
+"""``sweeprun verify -- COMMAND``: run as a user runs it, a real process that starts, signals and
+re-runs the real script, then compares.
+
+The example passes; the example with one piece of its state left out of checkpoints
+(``--unsafe-omit``) fails, and the verdict names that piece. The diagnosis rules are
+also shown on their own, with the numbers a real run produces, so they read as a table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sweeprun.errors import SpecError
+from sweeprun.verify import MetricsDiff, compare_states, diagnose, diff_metrics, plan_kills
+
+REPO = Path(__file__).resolve().parents[1]
+#: The example, short: 2 epochs of 16 steps, saves every 7 steps so a SIGKILL replays some.
+EXAMPLE = (sys.executable, "examples/train_mlp.py", "--epochs", "2", "--seed", "3", "--save-every-steps", "7")
+
+#: A script with no model at all: the smallest user of the training API. Its "loss" draws
+#: from Python's RNG, which sweeprun checkpoints, so it resumes exactly unless told not to.
+TINY = """\
+import random, sys, time
+from sweeprun.training import init
+
+random.seed(0)
+run = init(every_steps=3)
+if "--unseeded" in sys.argv:
+    random.seed()          # a fresh seed from the OS: two runs differ from their first step
+if "--no-restore" not in sys.argv:
+    run.restore()
+while run.step < 30:
+    time.sleep(0.01)
+    run.end_step(loss=random.random())
+run.finish()
+"""
+
+
+def sweeprun_verify(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m sweeprun verify ARGS`` from the repository root, its temporary folders under ``tmp``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
+    env.pop("SWEEPRUN_RUN_DIR", None)
+    return subprocess.run([sys.executable, "-m", "sweeprun", "verify", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> str:
+    script = tmp_path / "tiny.py"
+    script.write_text(TINY)
+    return str(script)
+
+
+# -- as a user runs it ---------------------------------------------------------------------
+
+def test_the_example_resumes_exactly(tmp_path: Path) -> None:
+    result = sweeprun_verify("--kills", "1", "--", *EXAMPLE, "--epochs", "1", tmp=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[verify] attempt 1: from step 0; SIGTERM after step" in result.stdout
+    assert re.search(r"\[verify\] attempt 2: resumed from step \d+; exit 0", result.stdout)
+    assert re.search(r"^EXACT: interrupted 1 time\(s\) .* the same 16 metric lines, the final state "
+                     r"at step 16 equal bit for bit \(model, optimizer, scheduler, data: \d+ tensors\)",
+                     result.stdout, re.MULTILINE)
+    assert list(tmp_path.glob("sweeprun-verify-*")) == [], "an exact run leaves nothing behind"
+
+
+@pytest.mark.slow  # four starts of the example
+def test_sigterm_and_sigkill_at_seeded_steps_resume_exactly(tmp_path: Path) -> None:
+    result = sweeprun_verify("--seed", "5", "--kills", "3", "--", *EXAMPLE, tmp=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    planned = re.search(r"interrupting at \(seed 5\): SIGTERM after step (\d+), SIGKILL after step (\d+), "
+                        r"SIGTERM after step (\d+)", result.stdout)
+    assert planned, result.stdout
+    assert [int(s) for s in planned.groups()] == [k.step for k in plan_kills(range(1, 33), 3, 5)]
+    assert "EXACT: interrupted 3 time(s)" in result.stdout
+
+
+@pytest.mark.slow  # eight starts of the example
+@pytest.mark.parametrize(("piece", "named"), [
+    ("optimizer", "the optimizer was not restored: the first step after resuming from step"),
+    ("scheduler", "the LR scheduler was not restored: the learning rate differs"),
+    ("rng", "the RNG state was not restored"),
+    ("data", "the data position was not restored"),
+])
+def test_a_forgotten_piece_of_state_is_named(tmp_path: Path, piece: str, named: str) -> None:
+    result = sweeprun_verify("--", *EXAMPLE, "--unsafe-omit", piece, tmp=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "NOT EXACT" in result.stdout
+    (likely,) = [line for line in result.stdout.splitlines() if line.startswith("  likely: ")]
+    assert named in likely
+    kept = re.search(r"both runs are kept in (\S+):", result.stdout)
+    assert kept and Path(kept[1]).parent == tmp_path, "kept where the user can look"
+    assert (Path(kept[1]) / "interrupted" / "logs" / "attempt-3.log").exists()
+
+
+def test_a_script_that_never_restores_is_not_exact(tmp_path: Path, tiny: str) -> None:
+    """Starting over after each kill reproduces the same numbers: exact-looking and wrong."""
+    result = sweeprun_verify("--kills", "1", "--", sys.executable, tiny, "--no-restore", tmp=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "NOT EXACT: no attempt resumed from a checkpoint" in result.stdout
+    assert "does the script call run.restore()" in result.stdout
+
+
+@pytest.mark.slow  # three starts that import torch to save
+def test_a_script_random_even_uninterrupted_is_told_so(tmp_path: Path, tiny: str) -> None:
+    result = sweeprun_verify("--kills", "1", "--", sys.executable, tiny, "--unseeded", tmp=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "likely: the runs differ from step 1, before any resume" in result.stdout
+
+
+# -- bad input: exit 2, one line -------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((), "no command to verify: give it after --"),
+    (("--", "no-such-program-xyz"), "cannot start 'no-such-program-xyz'"),
+    (("--kills", "0", "--", "true"), "--kills"),
+    (("--atol", "-1", "--", "true"), "--atol"),
+    (("--", sys.executable, "-c", "print('boom'); raise SystemExit(3)"),
+     "the uninterrupted run exited with 3, so there is nothing to compare; its last line: 'boom'"),
+    (("--", sys.executable, "-c", "pass"), "logged no steps to"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    result = sweeprun_verify(*args, tmp=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_run_dir_in_the_command_becomes_the_run_directory(tmp_path: Path) -> None:
+    """For scripts that take their directory as a flag (``--out {run_dir}``)."""
+    result = sweeprun_verify("--", sys.executable, "-c", "import sys; print(sys.argv[1])", "{run_dir}",
+                             tmp=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert re.search(r"its last line: '\S+/sweeprun-verify-\w+/uninterrupted/run'", result.stderr)
+
+
+@pytest.mark.slow  # four starts that import torch to save
+def test_signals_reach_a_script_behind_a_wrapper(tmp_path: Path, tiny: str) -> None:
+    """``sh -c`` forks the script: signals go to the whole session, so SIGTERM still means
+    "save and exit" to the script inside, and the next attempt waits until it has (the shell
+    itself dies of SIGTERM at once, which the verdict points out)."""
+    wrapped = f"{sys.executable} {tiny}; exit $?"
+    result = sweeprun_verify("--seed", "2", "--", "sh", "-c", wrapped, tmp=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    sigterm = re.search(r"attempt 1: from step 0; SIGTERM after step (\d+), exit -15; not 75: .* or a "
+                        r"wrapper died of it first", result.stdout)
+    assert sigterm, result.stdout
+    resumed = re.search(r"attempt 2: resumed from step (\d+); SIGKILL after step \d+, exit -9", result.stdout)
+    assert resumed, result.stdout
+    assert int(resumed[1]) - int(sigterm[1]) in (0, 1), "the script inside saved where SIGTERM found it"
+    assert "EXACT: interrupted 2 time(s)" in result.stdout
+
+
+def test_credentials_the_script_prints_are_not_repeated(tmp_path: Path) -> None:
+    script = "print('connecting to postgresql://me:hunter2@db/sweeps'); raise SystemExit(1)"
+    result = sweeprun_verify("--", sys.executable, "-c", script, tmp=tmp_path)
+    assert result.returncode == 2
+    assert "postgresql://***@db/sweeps" in result.stderr and "hunter2" not in result.stdout + result.stderr
+
+
+def test_too_short_a_run_for_the_kills_asked_is_exit_2(tmp_path: Path) -> None:
+    script = "from sweeprun.training import init\nrun = init(every_steps=1)\nrun.end_step(loss=1.0)\nrun.finish()\n"
+    result = sweeprun_verify("--", sys.executable, "-c", script, tmp=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "logged 1 step(s) to metrics.jsonl; 2 interruption(s) need at least 3" in result.stderr
+
+
+def test_the_cli_does_not_import_torch_before_comparing(tmp_path: Path) -> None:
+    code = ("import sys; from sweeprun.cli import main; "
+            "rc = main(['verify', '--', sys.executable, '-c', 'pass']); "
+            "print(rc, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}, timeout=120)
+    assert result.stdout.split()[-2:] == ["2", "False"], result.stdout + result.stderr
+
+
+def test_help_shows_the_command_after_a_double_dash() -> None:
+    result = subprocess.run([sys.executable, "-m", "sweeprun", "verify", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "[-- COMMAND]..." in result.stdout and "--seed" in result.stdout and "--atol" in result.stdout
+
+
+# -- the pieces, in process ------------------------------------------------------------------
+
+def test_kill_points_are_fixed_by_the_seed_and_spread_over_the_run() -> None:
+    steps = list(range(1, 65))
+    plan = plan_kills(steps, 3, seed=7)
+    assert plan == plan_kills(steps, 3, seed=7) != plan_kills(steps, 3, seed=8)
+    assert [k.name for k in plan] == ["SIGTERM", "SIGKILL", "SIGTERM"]
+    assert plan[0].step <= 21 < plan[1].step <= 42 < plan[2].step < 64  # one in each third, never the last
+    with pytest.raises(SpecError, match="need at least 4"):
+        plan_kills([1, 2, 3], 3, seed=0)
+
+
+def test_metrics_differences_start_at_the_first_differing_line() -> None:
+    a = [{"step": s, "loss": 1.0 / s, "lr": 0.1, "time_s": s * 0.3} for s in range(1, 6)]
+    b = [dict(e, time_s=e["time_s"] + 1) for e in a]  # the clock never matches: not compared
+    assert diff_metrics(a, b).same
+    b[3]["loss"] += 1e-9
+    found = diff_metrics(a, b)
+    assert (found.step, found.keys) == (4, ["loss"])
+    assert diff_metrics(a, b, atol=1e-6).same
+    assert diff_metrics(a, b, ignore={"loss"}).same, "--ignore loss"
+    assert diff_metrics(a, a + [{"step": 6, "loss": 0.1}]).detail == "5 lines vs 6"
+
+
+def test_final_states_are_compared_tensor_by_tensor() -> None:
+    weights = {"w": torch.ones(3), "b": torch.zeros(2)}
+    adam = {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}
+    a = {"step": 5, "objects": {"model": weights, "optimizer": adam}, "rng": None}
+    b = {"step": 5, "objects": {"model": {**weights, "w": torch.ones(3) + 1e-7},
+                                "optimizer": {**adam, "state": {0: {"step": torch.tensor(5.0),
+                                                                    "exp_avg": torch.zeros(3)}}}}, "rng": None}
+    found = compare_states(a, b)
+    assert sorted(found) == ["model", "optimizer"]
+    assert [d.path for d in found["optimizer"]] == [("state", 0, "exp_avg")]
+    assert sorted(compare_states(a, b, atol=1e-6)) == ["optimizer"], "within --atol is equal"
+
+
+TRACKED = {"objects": {"model": {"w": torch.ones(1)},
+                       "optimizer": {"state": {}, "param_groups": []},
+                       "scheduler": {"last_epoch": 9, "_last_lr": [0.1]},
+                       "data": {"epoch": 0, "offset": 64, "seed": 3}},
+           "rng": {"torch": torch.zeros(4, dtype=torch.uint8)}}
+
+
+@pytest.mark.parametrize(("step", "keys", "lines", "state", "cause"), [
+    (16, ["lr"], (32, 32), TRACKED, "the LR scheduler was not restored"),
+    (17, ["loss"], (32, 32), TRACKED, "the optimizer was not restored"),
+    (16, ["loss"], (32, 32), {**TRACKED, "rng": None}, "the RNG state was not restored"),
+    (16, ["loss"], (32, 41), TRACKED, "the data position was not restored: the resumed run logged 41"),
+    (3, ["loss"], (32, 32), TRACKED, "before any resume"),
+    (25, ["loss"], (32, 32), TRACKED, "10 steps after resuming from step 15"),
+])
+def test_where_the_metrics_diverge_names_the_piece(step: int, keys: list[str], lines: tuple[int, int],
+                                                    state: dict, cause: str) -> None:
+    """Resumed from step 15, with every step logged: the scheduler shows in the LR of step 16,
+    the RNG and the data position in the loss of step 16, the optimizer in the loss of step 17."""
+    metrics = MetricsDiff(lines, index=step - 1, step=step, keys=keys)
+    (found,) = diagnose(metrics, resumes=[15], resumed_steps=range(1, lines[1] + 1), state=state)
+    assert cause in found
+
+
+def test_a_fault_is_blamed_on_the_resume_that_caused_it() -> None:
+    """Resumed at 20 without the optimizer, saved at 21 (the cadence), killed, resumed at 21: the
+    loss of step 22 differs. Measured from 21 it looks like a first-step fault (RNG, data);
+    measured from 20, the older resume, it is the optimizer's signature, and the right answer."""
+    metrics = MetricsDiff((32, 32), index=21, step=22, keys=["loss"])
+    (found,) = diagnose(metrics, resumes=[20, 21], resumed_steps=range(1, 33), state=TRACKED)
+    assert found.startswith("the optimizer was not restored: the first step after resuming from step 20")
