@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-optuna", action="store_true")
+    ap.add_argument("--optuna-max", type=int, default=1000,
+                    help="largest size built as an Optuna study (building 10,000 trials took over 10 min here)")
     args = ap.parse_args()
     py = sys.executable
     results = []
@@ -129,7 +131,7 @@ def main() -> None:
                                        "--json"], args.repeat, env),
                  "status": timed([py, "-m", "sweeprun", "status", str(spec), "--ledger", ledger],
                                  args.repeat, env, out=root / "table.txt")}
-            if not args.no_optuna:
+            if not args.no_optuna and n <= args.optuna_max:
                 url = build_optuna(root, n)
                 r["optuna_relaunch"] = timed([py, "-c", OPTUNA_RELAUNCH, url, str(n)], args.repeat, env)
                 r["optuna_status"] = timed([py, "-c", OPTUNA_STATUS, url], args.repeat, env)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from .errors import SpecError, SweeprunError
+from .limits import RANGES
 from .redact import redact
-from .spec import RANGES, load_spec
 
 if TYPE_CHECKING:
     from .spec import SweepSpec
@@ -57,6 +57,8 @@ WorkersOpt = Annotated[int, typer.Option(
 
 
 def _spec(path: Path, **overrides: object) -> SweepSpec:
+    from .spec import load_spec
+
     return load_spec(path).with_overrides(**overrides)
 
 

@@ -42,6 +42,7 @@ from .command import (
 )
 from .errors import SpecError
 from .identity import RunSpec, canonical_value, sweep_runs
+from .limits import RANGES
 from .yaml12 import (
     MAX_DEPTH,
     MAX_FILE_BYTES,
@@ -69,11 +70,6 @@ KEYS = ("name", "command", "store", "grid", "zip", "exclude", "params", "flags",
 REQUIRED = ("name", "command", "grid")  # `zip:` may stand in for `grid:`
 
 MAX_NAME_CHARS = 128            # the name is a folder and part of the ledger's file name
-#: ``(minimum, maximum)`` of the numeric settings, from the file or the command line.
-RANGES: dict[str, tuple[float, float]] = {
-    "max_attempts": (1, 1_000_000), "max_lost": (1, 1_000_000), "grace_s": (0.0, 86_400.0), "lease_s": (1.0, 86_400.0),
-    "lease_settle_s": (0.0, 3_600.0), "max_runs": (1, 10**12), "workers": (1, 256),
-}
 
 
 @dataclass(frozen=True)
