@@ -30,6 +30,7 @@ import hashlib
 import os
 import posixpath
 import re
+import stat
 import sys
 import tempfile
 import threading
@@ -315,7 +316,32 @@ class CheckpointWriter:
                 if temp is not None and temp.attempt <= self.attempt:
                     doomed.append(entry)
         for entry in doomed:
+            self._discard(entry)
+
+    def _discard(self, entry: str) -> None:
+        """Delete a file, without making the save wait for a big one on local disk.
+
+        Unlinking a multi-GB checkpoint costs the filesystem a fraction of a second: the
+        old data file is renamed to a temp name of this attempt (one atomic rename) and
+        unlinked on a helper thread. A process killed before that leaves a temp file,
+        which the next save's prune removes like any crashed write's.
+        """
+        parsed = Name.parse(entry)
+        if not (self.dir.local and parsed is not None and entry == parsed.data):
             self.dir.delete(entry)
+            return
+        src = self.dir.join(entry)
+        trash = self.dir.join(f"{TEMP_PREFIX}{parsed.stem}-pruned.pt")
+        try:
+            if not stat.S_ISREG(os.lstat(src).st_mode):
+                return  # a link or anything odd someone put there is left alone, as delete() does
+            os.replace(src, trash)
+        except FileNotFoundError:
+            return
+        except OSError:
+            self.dir.delete(entry)
+            return
+        threading.Thread(target=_unlink_quietly, args=(trash,), name="sweeprun-prune", daemon=True).start()
 
 
 
@@ -404,3 +430,8 @@ def join_in_flight() -> None:
 
 
 atexit.register(join_in_flight)  # runs after the interpreter joined the thread: reports only
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
