@@ -161,7 +161,7 @@ class Launcher:
             raise self._errors[0]
         try:
             now = self.ledger.now()
-            rows: list | None = self.ledger.rows(self.grid)
+            rows: list | None = self.ledger.rows(self.grid, params=False)
         except SweeprunError:
             if not self.stopping:
                 raise

@@ -320,8 +320,10 @@ class Ledger(ABC):
         """
 
     @abstractmethod
-    def rows(self, grid: str | None = None) -> list[RunRow]:
-        """Every run of the sweep (or of one grid), in grid order."""
+    def rows(self, grid: str | None = None, *, params: bool = True) -> list[RunRow]:
+        """Every run of the sweep (or of one grid), in grid order. ``params=False`` leaves
+        each row's params empty: a caller that only counts states (the launcher's exit
+        code) skips decoding 10,000 JSON objects."""
 
     @abstractmethod
     def uptime(self) -> Uptime:

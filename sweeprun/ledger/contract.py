@@ -162,6 +162,14 @@ class LedgerContract:
         finally:
             other.close()
 
+    def test_rows_without_params_keep_everything_else(self, ledger: Ledger) -> None:
+        c = ledger.claim(ME, POLICY, 60, GRID)
+        assert c
+        full, light = ledger.rows(GRID), ledger.rows(GRID, params=False)
+        assert [r.params for r in light] == [{}] * len(full) and full[0].params
+        assert [(r.run_id, r.state, r.attempts, r.worker) for r in light] == [
+            (r.run_id, r.state, r.attempts, r.worker) for r in full]
+
     def test_uptime_counts_running_time_and_interruptions(self, ledger: Ledger, clock: FakeClock) -> None:
         """What the automatic checkpoint interval is chosen from: an interrupted attempt
         and a lost one count, a finished one and a failed one do not; a running attempt

@@ -731,15 +731,16 @@ class PostgresLedger(Ledger):
             query, [self.sweep, run_id]).fetchall())
         return [AttemptRow(*r) for r in found]
 
-    def rows(self, grid: str | None = None) -> list[RunRow]:
+    def rows(self, grid: str | None = None, *, params: bool = True) -> list[RunRow]:
         if not self._tables:
             return []
+        columns = _R_COLUMNS if params else _R_COLUMNS.replace("r.params", "'{}'::text")
         if grid is None:
-            query = (f"SELECT {_R_COLUMNS} FROM sweeprun_runs r WHERE r.sweep = %s "
+            query = (f"SELECT {columns} FROM sweeprun_runs r WHERE r.sweep = %s "
                      "ORDER BY r.idx, r.run_id")
             args = [self.sweep]
         else:
-            query = (f"SELECT {_R_COLUMNS} FROM sweeprun_members m JOIN sweeprun_runs r "
+            query = (f"SELECT {columns} FROM sweeprun_members m JOIN sweeprun_runs r "
                      "ON r.sweep = m.sweep AND r.run_id = m.run_id "
                      "WHERE m.sweep = %s AND m.grid = %s ORDER BY m.idx")
             args = [self.sweep, grid]

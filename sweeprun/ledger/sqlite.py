@@ -625,13 +625,14 @@ class SqliteLedger(Ledger):
                                "ORDER BY attempt", [self.sweep, run_id]).fetchall()
         return [AttemptRow(*r) for r in found]
 
-    def rows(self, grid: str | None = None) -> list[RunRow]:
+    def rows(self, grid: str | None = None, *, params: bool = True) -> list[RunRow]:
+        columns = self._prefixed() if params else self._prefixed().replace("r.params", "'{}'")
         with self._tx(write=False) as db:
             if grid is None:
-                found = db.execute(f"SELECT {self._prefixed()} FROM runs r WHERE r.sweep = ? "
+                found = db.execute(f"SELECT {columns} FROM runs r WHERE r.sweep = ? "
                                    "ORDER BY r.idx, r.run_id", [self.sweep]).fetchall()
             else:
-                found = db.execute(f"SELECT {self._prefixed()} FROM members m JOIN runs r "
+                found = db.execute(f"SELECT {columns} FROM members m JOIN runs r "
                                    "ON r.sweep = m.sweep AND r.run_id = m.run_id "
                                    "WHERE m.sweep = ? AND m.grid = ? ORDER BY m.idx",
                                    [self.sweep, grid]).fetchall()
