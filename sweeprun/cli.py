@@ -309,6 +309,25 @@ def _finite(value: Any) -> Any:
 
 # -- verify (issue 12) ----------------------------------------------------------------------
 
+@app.command()
+def plot(
+    sweep_file: SweepFile,
+    metric: Annotated[str, typer.Option("--metric", "-m", help="The metric to draw, as the script logs it.")] = "loss",
+    by: Annotated[str | None, typer.Option("--by", help="One colour per value of this parameter.")] = None,
+    out: Annotated[Path, typer.Option("--output", "-o", help="The PNG to write.")] = Path("curves.png"),
+    log_y: Annotated[bool, typer.Option("--log-y", help="A logarithmic y axis.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Draw each run's curve of one metric into a PNG (needs the plot extra: matplotlib)."""
+    from .plot import plot_sweep
+    from .sweep import Sweep
+
+    spec = _spec(sweep_file, store=store)
+    result = plot_sweep(Sweep(spec, None, ephemeral_ok=True), metric, str(out), by=by, log_y=log_y)
+    skipped = f"; {len(result.skipped)} run(s) have not logged it yet" if result.skipped else ""
+    print(f"wrote {result.path}: {result.lines} run(s){skipped}")
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def verify(
     command: Annotated[list[str], typer.Argument(
