@@ -60,6 +60,7 @@ except ImportError:  # pragma: no cover - depends on the environment
                     "pip install 'sweeprun[hf]'") from None
 
 from ..errors import CheckpointError, SpecError
+from ..faults import crash_point
 from ..runenv import PREEMPTED_EXIT
 from ..store import atomic_write, fsync_dir, is_local
 from ..training.checkpoints import warn
@@ -372,6 +373,7 @@ class SweeprunCallback(TrainerCallback):
         self._write_rng(folder)
         run = self.run
         run._metrics.flush()
+        crash_point("checkpoint.before_manifest")   # the Trainer's files complete, no seal yet
         seal(folder, state.global_step, {
             "attempt": run.attempt, "run_id": run.run_id, "sweep": run.sweep,
             "metrics_bytes": run._metrics.size, "created": time.time()})

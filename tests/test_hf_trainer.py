@@ -1,0 +1,200 @@
+"""The Hugging Face Trainer under sweeprun, shown with real processes.
+
+Each test starts examples/hf_trainer.py standalone (``--out``): a tiny GPT-2 with
+dropout, shuffled data and an augmentation drawing from Python's and NumPy's global
+RNGs. It is interrupted from outside (SIGKILL, SIGTERM) or kills itself between the
+Trainer's save and sweeprun's seal, then the same command is run again until it
+finishes; the final weights and optimizer state must be ``torch.equal`` to a run
+never interrupted, and the loss at every step the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sweeprun.runenv import PREEMPTED_EXIT
+
+pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "hf_trainer.py"
+TOTAL_STEPS = 40  # 16 steps per epoch: saves (every 5) land mid-epoch and across epochs
+FLAGS = ("--lr", "3e-3", "--seed", "5", "--max-steps", str(TOTAL_STEPS), "--save-steps", "5")
+
+
+@dataclass
+class HFRun:
+    out: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.out / "trainer"
+
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        for name in ("SWEEPRUN_RUN_DIR", "SWEEPRUN_TIME_LIMIT", "SWEEPRUN_CRASH_AT"):
+            if name not in (env or {}):
+                full_env.pop(name, None)
+        return subprocess.Popen([sys.executable, str(EXAMPLE), *FLAGS, "--out", str(self.out), *extra],
+                                env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def complete(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        proc = self.start(*extra, env=env)
+        out, err = proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().split("\n")[:-1]]
+
+    def last_step(self) -> int:
+        return max((e["step"] for e in self.entries()), default=0)
+
+    def interrupt_at(self, step: int, signum: int) -> tuple[int, int, str]:
+        """Signal the process once metrics.jsonl passed ``step``: its exit code, the step seen, stderr."""
+        proc = self.start("--step-sleep-s", "0.05")
+        deadline = time.monotonic() + 300  # only a guard against a hang
+        while self.last_step() < step and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = self.last_step()
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=300)
+        return proc.returncode, seen, err
+
+    def final(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        folder = self.trainer_dir / f"checkpoint-{TOTAL_STEPS}"
+        return (load_file(folder / "model.safetensors"),
+                torch.load(folder / "optimizer.pt", weights_only=True))
+
+
+def tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested state into ``path -> leaf``."""
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in tensors(value, f"{prefix}/{key}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, value in enumerate(obj) for k, v in tensors(value, f"{prefix}/{i}").items()}
+    return {prefix: obj}
+
+
+def differences(run: HFRun, reference: HFRun) -> list[str]:
+    weights, optimizer = run.final()
+    ref_weights, ref_optimizer = reference.final()
+    out = [f"weights {k}: max |diff| {(weights[k].double() - v.double()).abs().max():.3g}"
+           for k, v in ref_weights.items() if not torch.equal(weights[k], v)]
+    mine, theirs = tensors(optimizer), tensors(ref_optimizer)
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        same = torch.equal(mine[key], value) if isinstance(value, torch.Tensor) else mine[key] == value
+        if not same:
+            out.append(f"optimizer {key}")
+    return out
+
+
+def losses(run: HFRun) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in run.entries() if "loss" in e}
+
+
+def assert_same_run(run: HFRun, reference: HFRun) -> None:
+    assert differences(run, reference) == []
+    assert losses(run) == losses(reference)
+    assert sorted(losses(run)) == list(range(1, TOTAL_STEPS + 1))   # one entry per step, no replay
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> HFRun:
+    """The run never interrupted."""
+    run = HFRun(tmp_path_factory.mktemp("reference"))
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith(f"done: step {TOTAL_STEPS}")
+    return run
+
+
+@pytest.mark.slow  # four processes that each load transformers
+@pytest.mark.parametrize("seed", [3])
+def test_sigkill_at_random_steps_then_rerun_ends_bit_for_bit(
+        tmp_path: Path, reference: HFRun, seed: int) -> None:
+    run = HFRun(tmp_path / "run")
+    rng = random.Random(seed)
+    for _ in range(2):
+        target = rng.randint(run.last_step() + 2, run.last_step() + 15)
+        code, seen, err = run.interrupt_at(target, signal.SIGKILL)
+        assert code == -signal.SIGKILL, err
+        assert 0 < seen < TOTAL_STEPS
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "sweeprun: resuming from" in result.stderr
+    assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_kill_between_the_trainer_save_and_the_seal_resumes_from_the_previous_folder(
+        tmp_path: Path, reference: HFRun) -> None:
+    """The Trainer's third save (step 15) is complete on disk but never sealed: skipped."""
+    run = HFRun(tmp_path / "run")
+    result = run.complete(env={"SWEEPRUN_CRASH_AT": "checkpoint.before_manifest@3"})
+    assert result.returncode == -signal.SIGKILL
+    assert not (run.trainer_dir / "checkpoint-15" / "sweeprun-seal.json").exists()
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint-15 (it was never sealed (the save was cut short))" in result.stderr
+    assert "resuming from checkpoint-10" in result.stderr
+    assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_75_and_cut_short_folders_are_skipped(
+        tmp_path: Path, reference: HFRun) -> None:
+    run = HFRun(tmp_path / "run")
+    code, seen, err = run.interrupt_at(22, signal.SIGTERM)
+    assert code == PREEMPTED_EXIT, err
+    stopped = run.entries()[-1]["step"]
+    assert f"SIGTERM received; saved and sealed checkpoint-{stopped}; exiting with 75" in err
+    assert (run.trainer_dir / f"checkpoint-{stopped}" / "sweeprun-seal.json").exists()
+    # damage the newest folders three ways: a truncated weights file, a missing file, no seal
+    folders = sorted(int(p.name.split("-")[1]) for p in run.trainer_dir.glob("checkpoint-*"))
+    newest = folders[-3:]
+    weights = run.trainer_dir / f"checkpoint-{newest[2]}" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (run.trainer_dir / f"checkpoint-{newest[1]}" / "optimizer.pt").unlink()
+    (run.trainer_dir / f"checkpoint-{newest[0]}" / "sweeprun-seal.json").unlink()
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    warning = next(line for line in result.stderr.splitlines() if "folder(s) skipped" in line)
+    assert f"checkpoint-{newest[2]} (model.safetensors is truncated or changed" in warning
+    assert f"checkpoint-{newest[1]} (optimizer.pt is missing)" in warning
+    assert f"checkpoint-{newest[0]} (it was never sealed" in warning
+    assert f"resuming from checkpoint-{folders[-4]}" in warning
+    rejected = run.trainer_dir / ".sweeprun-rejected"
+    assert sorted(p.name.rsplit("-a", 1)[0] for p in rejected.iterdir()) \
+        == sorted(f"checkpoint-{s}" for s in newest)  # kept aside, never written into again
+    assert_same_run(run, reference)
+
+
+def test_time_budget_saves_and_exits_75(tmp_path: Path) -> None:
+    run = HFRun(tmp_path / "run")
+    result = run.complete("--step-sleep-s", "0.3", env={"SWEEPRUN_TIME_LIMIT": "2"})
+    assert result.returncode == PREEMPTED_EXIT, result.stderr
+    assert "time limit of 2 s reached; saved and sealed checkpoint-" in result.stderr
+    stopped = run.entries()[-1]["step"]
+    assert 0 < stopped < TOTAL_STEPS
+    assert (run.trainer_dir / f"checkpoint-{stopped}" / "sweeprun-seal.json").exists()
