@@ -74,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the same kernels whatever machine resumes the run
 
     run = sweeprun_hf.init(params=vars(args), local_dir=args.out, every_s=args.every_s)  # + line 1
-    params = run.params
+    params = vars(args)  # the flags: the launcher renders the run's parameters into them
     config = GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=32, n_layer=2, n_head=2,
                         resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     torch.manual_seed(int(params["seed"]))

@@ -198,3 +198,45 @@ def test_time_budget_saves_and_exits_75(tmp_path: Path) -> None:
     stopped = run.entries()[-1]["step"]
     assert 0 < stopped < TOTAL_STEPS
     assert (run.trainer_dir / f"checkpoint-{stopped}" / "sweeprun-seal.json").exists()
+
+
+def test_without_the_early_rng_restore_the_trainer_diverges_at_the_first_resumed_step(
+        tmp_path: Path, reference: HFRun) -> None:
+    """Why sweeprun-rng.pt exists: left to itself, the Trainer restores the Python/NumPy
+    RNGs after the first resumed batches were fetched, so their augmentation differs."""
+    run = HFRun(tmp_path / "run")
+    code, _, err = run.interrupt_at(12, signal.SIGTERM)
+    assert code == PREEMPTED_EXIT, err
+    stopped = run.entries()[-1]["step"]
+    for rng_file in run.trainer_dir.glob("checkpoint-*/sweeprun-rng.pt"):
+        rng_file.unlink()
+        (rng_file.parent / "sweeprun-seal.json").unlink()  # re-sealed below, as if never written
+    from sweeprun.integrations.transformers import seal
+
+    for folder in run.trainer_dir.glob("checkpoint-*"):
+        seal(str(folder), int(folder.name.split("-")[1]), {"metrics_bytes": None})
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "sweeprun-rng.pt is missing" in result.stderr
+    mine, theirs = losses(run), losses(reference)
+    assert [s for s in mine if mine[s] != theirs[s]][0] == stopped + 1
+    assert differences(run, reference) != []
+
+
+@pytest.mark.slow
+def test_under_launch_a_time_budget_splits_the_run_into_attempts_that_end_bit_for_bit(
+        sandbox: Any, reference: HFRun) -> None:
+    """Each attempt saves, seals and exits 75 before SWEEPRUN_TIME_LIMIT; the launcher
+    resumes it until the Trainer reaches its last step, and the run is done."""
+    command = f"{sys.executable} {EXAMPLE} {' '.join(FLAGS)} --step-sleep-s 0.1 --batch-size {{bs}}"
+    sweep = sandbox.write_sweep({"bs": [16]}, name="hf", command=command)
+    result = sandbox.run("launch", str(sweep), env={"SWEEPRUN_TIME_LIMIT": "2"}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "interrupted (exit 75" in result.stdout and "done (exit 0" in result.stdout
+    (run_dir,) = (sandbox.store / "hf" / "runs").iterdir()
+    assert (run_dir / "DONE").exists()
+    run = HFRun(run_dir)
+    assert_same_run(run, reference)
+    (row,) = sandbox.status(sweep).values()
+    assert (row["state"], row["step"], row["attempts"] > 1) == ("done", TOTAL_STEPS, True)
+    assert row["metric"] == {"loss": losses(reference)[TOTAL_STEPS]}   # status shows the Trainer's logs

@@ -401,6 +401,8 @@ class SweeprunCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
                **kwargs: Any) -> None:
+        if logs and "train_runtime" in logs:
+            return  # the end-of-training summary: wall-time figures, not a step's metrics
         values = {k: v for k, v in (logs or {}).items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if values:
