@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> HFRun:
     result = run.complete()
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].startswith(f"done: step {TOTAL_STEPS}")
+    (run.out / "stdout.txt").write_text(result.stdout)
     return run
 
 
@@ -240,3 +242,44 @@ def test_under_launch_a_time_budget_splits_the_run_into_attempts_that_end_bit_fo
     (row,) = sandbox.status(sweep).values()
     assert (row["state"], row["step"], row["attempts"] > 1) == ("done", TOTAL_STEPS, True)
     assert row["metric"] == {"loss": losses(reference)[TOTAL_STEPS]}   # status shows the Trainer's logs
+
+
+def test_rerun_after_the_last_step_was_sealed_trains_nothing(tmp_path: Path, reference: HFRun) -> None:
+    """A kill after the final seal (during the script's own post-training code) must not
+    make the Trainer train a step past max_steps when the same command runs again."""
+    shutil.copytree(reference.out, tmp_path / "run")
+    run = HFRun(tmp_path / "run")
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert f"checkpoint-{TOTAL_STEPS} is the last step ({TOTAL_STEPS}); nothing left to train" in result.stderr
+    assert result.stdout.splitlines()[-1] == reference_stdout_last_line(reference)
+    assert not (run.trainer_dir / f"checkpoint-{TOTAL_STEPS + 1}").exists()
+    assert run.entries() == reference.entries()
+
+
+def reference_stdout_last_line(reference: HFRun) -> str:
+    """The example prints its first weights at the end; the reference printed them too."""
+    return (reference.out / "stdout.txt").read_text().splitlines()[-1]
+
+
+def test_output_dir_outside_the_run_is_refused_in_one_line(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from sweeprun.errors import SpecError
+    from sweeprun.integrations import transformers as sweeprun_hf
+
+    run = sweeprun_hf.init(params={}, local_dir=tmp_path / "run")
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=8, n_positions=4, n_embd=8, n_layer=1, n_head=1))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "elsewhere"),
+                                                          report_to=[], use_cpu=True))
+    with pytest.raises(SpecError, match=r"is not the run's folder .*: give output_dir=run.output_dir"):
+        run.train(trainer)
+    run.run.close()
+
+
+def test_the_cli_and_the_package_never_import_transformers() -> None:
+    code = ("import sys, sweeprun, sweeprun.cli, sweeprun.training, sweeprun.integrations; "
+            "print(sorted(m for m in ('transformers', 'accelerate', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr

@@ -285,8 +285,11 @@ class SweeprunCallback(TrainerCallback):
                   file=sys.stderr, flush=True)
         run._open_metrics(self._resumed.seal.get("attempt") if self._resumed else None)
         try:
-            result = trainer.train(
-                resume_from_checkpoint=self._resumed.path if self._resumed else None, **kwargs)
+            if self._resumed is not None and self._resumed.seal.get("final"):
+                result = self._load_final(trainer, self._resumed)
+            else:
+                result = trainer.train(
+                    resume_from_checkpoint=self._resumed.path if self._resumed else None, **kwargs)
         except BaseException:
             run.close()
             raise
@@ -300,6 +303,20 @@ class SweeprunCallback(TrainerCallback):
             _write_marker(run.paths, run.paths.api_finished(run.attempt), run.attempt,
                           trainer.state.global_step)
         return result
+
+    @staticmethod
+    def _load_final(trainer: Trainer, final: Sealed) -> Any:
+        """The run had trained to its last step and sealed it, then died before it could exit.
+        Resumed there, the Trainer would train one step past ``max_steps`` (it checks the limit
+        only after a step), so its weights and state are loaded instead of training."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        trainer._load_from_checkpoint(final.path)
+        trainer.state = TrainerState.load_from_json(os.path.join(final.path, "trainer_state.json"))
+        print(f"sweeprun: {final.path} is the last step ({final.step}); nothing left to train",
+              file=sys.stderr, flush=True)
+        return TrainOutput(trainer.state.global_step, 0.0, {})
 
     def _hook(self, trainer: Trainer) -> None:
         """Mark each training fetch (the collator runs once per batch) and keep the Trainer's
@@ -376,7 +393,8 @@ class SweeprunCallback(TrainerCallback):
         crash_point("checkpoint.before_manifest")   # the Trainer's files complete, no seal yet
         seal(folder, state.global_step, {
             "attempt": run.attempt, "run_id": run.run_id, "sweep": run.sweep,
-            "metrics_bytes": run._metrics.size, "created": time.time()})
+            "metrics_bytes": run._metrics.size, "created": time.time(),
+            "final": state.global_step >= state.max_steps > 0})
         self._saved_at = self._clock()
         self._save_s = self._saved_at - start
 
