@@ -202,6 +202,7 @@ def test_time_budget_saves_and_exits_75(tmp_path: Path) -> None:
     assert (run.trainer_dir / f"checkpoint-{stopped}" / "sweeprun-seal.json").exists()
 
 
+@pytest.mark.slow
 def test_without_the_early_rng_restore_the_trainer_diverges_at_the_first_resumed_step(
         tmp_path: Path, reference: HFRun) -> None:
     """Why sweeprun-rng.pt exists: left to itself, the Trainer restores the Python/NumPy

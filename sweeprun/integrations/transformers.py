@@ -118,6 +118,15 @@ def _hash_file(path: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def _hash_all(paths: list[str]) -> list[tuple[int, str]]:
+    """:func:`_hash_file` of each, on a few threads: hashlib and reads release the GIL, and a
+    Trainer folder is a few large files (weights, optimizer) that hash in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(paths)))) as pool:
+        return list(pool.map(_hash_file, paths))
+
+
 def _files(folder: str) -> list[str]:
     """Every regular file under ``folder`` as a relative posix path, the seal and temp files aside."""
     out = []
@@ -132,10 +141,9 @@ def _files(folder: str) -> list[str]:
 
 def seal(folder: str, step: int, extra: Mapping[str, Any]) -> dict[str, Any]:
     """Write ``folder``'s seal: size and SHA-256 of every file in it, atomically and last."""
-    files = {}
-    for rel in _files(folder):
-        size, sha = _hash_file(os.path.join(folder, rel))
-        files[rel] = {"size": size, "sha256": sha}
+    names = _files(folder)
+    files = {rel: {"size": size, "sha256": sha}
+             for rel, (size, sha) in zip(names, _hash_all([os.path.join(folder, n) for n in names]), strict=True)}
     for root, _, _ in os.walk(folder):
         fsync_dir(root)
     record = {"format": SEAL_FORMAT, "step": step, "files": files, **extra}
@@ -158,17 +166,27 @@ def verify(folder: str) -> dict[str, Any]:
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict) or record.get("format") != SEAL_FORMAT or not files:
         raise ValueError("its seal is not one sweeprun writes")
-    for rel, expected in sorted(files.items()):
+    listed = sorted(files.items())
+    for rel, expected in listed:
         target = os.path.normpath(os.path.join(folder, rel))
-        if not isinstance(rel, str) or os.path.isabs(rel) or not target.startswith(
-                os.path.normpath(folder) + os.sep):
+        if os.path.isabs(rel) or not target.startswith(os.path.normpath(folder) + os.sep):
             raise ValueError(f"its seal names {rel!r}, outside the folder")
+        if not isinstance(expected, dict):
+            raise ValueError(f"its seal's entry for {rel!r} is not one sweeprun writes")
         try:
-            size, sha = _hash_file(target)
+            present = os.stat(target, follow_symlinks=False)
         except FileNotFoundError:
             raise ValueError(f"{rel} is missing") from None
         except OSError as exc:
             raise ValueError(f"{rel} is unreadable ({exc})") from None
+        if present.st_size != expected.get("size"):  # cheap, before any hashing
+            raise ValueError(f"{rel} is truncated or changed: {present.st_size} bytes, "
+                             f"sealed {expected.get('size')}")
+    try:
+        hashed = _hash_all([os.path.join(folder, rel) for rel, _ in listed])
+    except OSError as exc:
+        raise ValueError(f"a sealed file is unreadable ({exc})") from None
+    for (rel, expected), (size, sha) in zip(listed, hashed, strict=True):
         if size != expected.get("size"):
             raise ValueError(f"{rel} is truncated or changed: {size} bytes, sealed {expected.get('size')}")
         if sha != expected.get("sha256"):
