@@ -120,6 +120,11 @@ def assert_same_run(run: HFRun, reference: HFRun) -> None:
     assert sorted(losses(run)) == list(range(1, TOTAL_STEPS + 1))   # one entry per step, no replay
 
 
+def reference_stdout_last_line(reference: HFRun) -> str:
+    """The example prints its first weights at the end; the reference printed them too."""
+    return (reference.out / "stdout.txt").read_text().splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> HFRun:
     """The run never interrupted."""
@@ -258,11 +263,6 @@ def test_rerun_after_the_last_step_was_sealed_trains_nothing(tmp_path: Path, ref
     assert run.entries() == reference.entries()
 
 
-def reference_stdout_last_line(reference: HFRun) -> str:
-    """The example prints its first weights at the end; the reference printed them too."""
-    return (reference.out / "stdout.txt").read_text().splitlines()[-1]
-
-
 def test_output_dir_outside_the_run_is_refused_in_one_line(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
@@ -284,3 +284,15 @@ def test_the_cli_and_the_package_never_import_transformers() -> None:
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_process_whose_run_was_taken_over_writes_no_checkpoint(tmp_path: Path) -> None:
+    """Attempt 2 of the run has started elsewhere: attempt 1 (a machine that froze and woke
+    up) stops at its next save, before the Trainer writes anything, and exits 75."""
+    run = HFRun(tmp_path / "run")
+    (run.out / "attempts").mkdir(parents=True)
+    (run.out / "attempts" / "2.json").write_text("{}\n")
+    result = run.complete(env={"SWEEPRUN_RUN_DIR": str(run.out), "SWEEPRUN_ATTEMPT": "1"})
+    assert result.returncode == PREEMPTED_EXIT, result.stderr
+    assert "another worker took the run over; stopping without writing" in result.stderr
+    assert not list(run.trainer_dir.glob("checkpoint-*"))

@@ -399,6 +399,10 @@ class SweeprunCallback(TrainerCallback):
             control.should_save = True   # the end is always sealed: a rerun finds nothing to do
         elif self.every_s is not None and now - self._saved_at >= self.every_s:
             control.should_save = True
+        if control.should_save:
+            # before the Trainer writes in place: a process whose run was taken over (a frozen
+            # machine that woke up) must not rewrite folders the live attempt relies on
+            run._writer.fence()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         start = self._clock()
@@ -409,6 +413,7 @@ class SweeprunCallback(TrainerCallback):
         run = self.run
         run._metrics.flush()
         crash_point("checkpoint.before_manifest")   # the Trainer's files complete, no seal yet
+        run._writer.fence()                         # again: the save may have taken minutes
         seal(folder, state.global_step, {
             "attempt": run.attempt, "run_id": run.run_id, "sweep": run.sweep,
             "metrics_bytes": run._metrics.size, "created": time.time(),
