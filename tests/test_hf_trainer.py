@@ -296,3 +296,28 @@ def test_a_process_whose_run_was_taken_over_writes_no_checkpoint(tmp_path: Path)
     assert result.returncode == PREEMPTED_EXIT, result.stderr
     assert "another worker took the run over; stopping without writing" in result.stderr
     assert not list(run.trainer_dir.glob("checkpoint-*"))
+
+
+def test_sigint_saves_and_exits_75_at_the_step_it_stopped(tmp_path: Path) -> None:
+    run = HFRun(tmp_path / "run")
+    code, _, err = run.interrupt_at(8, signal.SIGINT)
+    assert code == PREEMPTED_EXIT, err
+    stopped = run.entries()[-1]["step"]
+    assert f"SIGINT received; saved and sealed checkpoint-{stopped}; exiting with 75" in err
+    assert (run.trainer_dir / f"checkpoint-{stopped}" / "sweeprun-seal.json").exists()
+
+
+def test_when_no_sealed_folder_verifies_the_run_stops_in_one_line_and_keeps_them(tmp_path: Path) -> None:
+    """Damage everywhere is not a reason to start over silently: exit 2, folders untouched."""
+    run = HFRun(tmp_path / "run")
+    code, _, err = run.interrupt_at(6, signal.SIGTERM)
+    assert code == PREEMPTED_EXIT, err
+    for weights in run.trainer_dir.glob("checkpoint-*/model.safetensors"):
+        weights.write_bytes(b"")
+    for _ in range(2):  # the second try meets the same error: nothing was moved
+        result = run.complete()
+        assert result.returncode == 2, result.stderr
+        (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("sweeprun: error:")]
+        assert "verifies" in line and "model.safetensors is truncated or changed: 0 bytes" in line
+        assert "delete the folder to start the run over" in line
+    assert not (run.trainer_dir / ".sweeprun-rejected").exists()

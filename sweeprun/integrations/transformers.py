@@ -242,7 +242,7 @@ class SweeprunCallback(TrainerCallback):
         except FileNotFoundError:
             return None
         folders = sorted(((s, n) for n in names if (s := _step_of(n)) is not None), reverse=True)
-        rejected: list[str] = []
+        rejected: list[tuple[str, str]] = []
         sealed_seen = False
         chosen: Sealed | None = None
         for step, name in folders:
@@ -251,18 +251,21 @@ class SweeprunCallback(TrainerCallback):
             try:
                 record = verify(path)
             except ValueError as exc:
-                rejected.append(f"{name} ({exc})")
-                self._set_aside(path)
+                rejected.append((path, f"{name} ({exc})"))
                 continue
             chosen = Sealed(path, step, record)
             break
+        reasons = "; ".join(reason for _, reason in rejected)
+        if chosen is None and sealed_seen:
+            # left in place: a second attempt must meet the same error, not a fresh start
+            raise CheckpointError(f"no checkpoint folder in {self.output_dir} verifies: {reasons}; "
+                                  "delete the folder to start the run over")
+        for path, _ in rejected:
+            self._set_aside(path)
         if rejected:
             where = f"resuming from {os.path.basename(chosen.path)}" if chosen else "starting over"
-            warn(f"checkpoint folder(s) skipped: {'; '.join(rejected)}; {where} "
+            warn(f"checkpoint folder(s) skipped: {reasons}; {where} "
                  f"(set aside in {os.path.join(self.output_dir, REJECTED)})")
-        if chosen is None and sealed_seen:
-            raise CheckpointError(f"no checkpoint folder in {self.output_dir} verifies: "
-                                  f"{'; '.join(rejected)}; delete the folder to start the run over")
         return chosen
 
     def _set_aside(self, path: str) -> None:
@@ -405,6 +408,8 @@ class SweeprunCallback(TrainerCallback):
             run._writer.fence()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return  # one process seals the (shared) folder
         start = self._clock()
         folder = os.path.join(args.output_dir, f"{PREFIX}{state.global_step}")
         if not os.path.isdir(folder):
@@ -442,6 +447,8 @@ class SweeprunCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
                **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
         if logs and "train_runtime" in logs:
             return  # the end-of-training summary: wall-time figures, not a step's metrics
         values = {k: v for k, v in (logs or {}).items()
