@@ -32,7 +32,8 @@ VOCAB, LENGTH = 48, 16
 class Sequences(Dataset):
     """Arithmetic token sequences; each fetch shifts and masks them using the global RNGs."""
 
-    def __init__(self, n: int = 256) -> None:
+    def __init__(self, n: int = 256, torch_augment: bool = False) -> None:
+        self.torch_augment = torch_augment
         g = torch.Generator().manual_seed(1234)
         starts = torch.randint(0, VOCAB, (n, 1), generator=g)
         strides = torch.randint(1, 5, (n, 1), generator=g)
@@ -46,6 +47,8 @@ class Sequences(Dataset):
         if np.random.rand() < 0.3:                                 # numpy RNG
             row = row.clone()
             row[np.random.randint(LENGTH)] = 0
+        if self.torch_augment and torch.rand(()) < 0.3:          # torch's global RNG: see --torch-augment
+            row = row.flip(0)
         return {"input_ids": row, "labels": row.clone()}
 
 
@@ -70,6 +73,9 @@ def main() -> None:
     parser.add_argument("--every-s", type=float, default=300.0, help="sweeprun's time cadence")
     parser.add_argument("--out", help="run directory when not under sweeprun launch")
     parser.add_argument("--step-sleep-s", type=float, default=0.0)
+    parser.add_argument("--torch-augment", action="store_true",
+                        help="also augment from torch's global RNG, which a resume cannot replay "
+                             "exactly (it interleaves with dropout while the loader fetches ahead)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same kernels whatever machine resumes the run
 
@@ -87,7 +93,7 @@ def main() -> None:
         save_steps=int(params["save_steps"]), logging_steps=1, seed=int(params["seed"]),
         warmup_steps=5, weight_decay=0.01, report_to=[], use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=training_args, train_dataset=Sequences(),
+    trainer = Trainer(model=model, args=training_args, train_dataset=Sequences(torch_augment=args.torch_augment),
                       callbacks=[run, Slow(args.step_sleep_s)])                # + line 3
     run.train(trainer)                                                      # + line 4 (was trainer.train())
     final = {name: value.tolist() for name, value in list(model.state_dict().items())[:1]}

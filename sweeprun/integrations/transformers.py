@@ -32,8 +32,11 @@ The Trainer checkpoints well but resumes badly, and this module closes its gaps:
 
 The exactness holds for augmentation that draws from Python/NumPy and training that
 draws from torch (dropout): the two streams are restored at different points. A dataset
-that draws from *torch's* global RNG interleaves with dropout in an order a resumed run
-cannot replay while the data loader fetches ahead; give it its own ``torch.Generator``.
+that draws from *torch's* global RNG is not replayed: while the loader fetches ahead its
+draws interleave with dropout's, and a resumed process makes one more draw (a new loader
+iterator) before its first fetch; restoring torch's RNG late, as dropout needs, leaves the
+first resumed fetches on an unrestored stream (tests/test_hf_trainer.py shows it). Give
+such a dataset its own ``torch.Generator``.
 
 transformers is imported here only; ``import sweeprun`` and the CLI never load it.
 """
