@@ -17,12 +17,17 @@ The Trainer checkpoints well but resumes badly, and this module closes its gaps:
   written atomically and last, lists the size and SHA-256 of every file in it. A resume
   takes the newest folder whose seal still verifies; unsealed or damaged folders are set
   aside in ``.sweeprun-rejected/`` with a warning, so the Trainer never writes into them.
-- It restores the Python and NumPy RNGs only after the first resumed batch has been
-  fetched (and, with accelerate's look-ahead, the second), so a dataset that augments
-  with them diverges at once. Here the state those RNGs had right before the first
-  untrained batch was fetched is recorded (the data collator marks each fetch) and saved
-  in the folder as ``sweeprun-rng.pt``; it is restored at ``on_train_begin``, before any
-  fetch, and the Trainer's late restore is left to set torch's RNG only.
+- It restores the RNGs only after the first resumed batch has been fetched (and, with
+  accelerate's look-ahead, the second), so a dataset that augments with the global RNGs
+  diverges at once. Here the CPU RNGs (Python, NumPy, torch) are recorded right before
+  each training fetch (a hook on the train dataset's ``__getitem__``/``__getitems__``)
+  and the record for the first untrained batch is saved in the folder as
+  ``sweeprun-rng.pt``, with torch's state at the save. A resume sets the first from
+  inside the first fetch (after the new loader iterator has drawn its seed, as the
+  uninterrupted run's did long before), torch's state at the save right after that fetch
+  (the uninterrupted run trained its last step there), and leaves the Trainer's late
+  restore to the CUDA RNGs. A save at the end of an epoch fetched nothing ahead: there
+  the Trainer's own restore, before the loader's iterator, is already right.
 - It saves on a step cadence only and knows nothing of preemption. Here a save is also
   due every ``every_s`` seconds, at the last step, and on SIGTERM/SIGINT or before the
   time budget (``SWEEPRUN_TIME_LIMIT``) runs out; then training stops and the process
@@ -30,13 +35,8 @@ The Trainer checkpoints well but resumes badly, and this module closes its gaps:
 - Its logs go to ``metrics.jsonl`` (cut back to the sealed step on resume), so
   ``sweeprun status`` shows progress.
 
-The exactness holds for augmentation that draws from Python/NumPy and training that
-draws from torch (dropout): the two streams are restored at different points. A dataset
-that draws from *torch's* global RNG is not replayed: while the loader fetches ahead its
-draws interleave with dropout's, and a resumed process makes one more draw (a new loader
-iterator) before its first fetch; restoring torch's RNG late, as dropout needs, leaves the
-first resumed fetches on an unrestored stream (tests/test_hf_trainer.py shows it). Give
-such a dataset its own ``torch.Generator``.
+With ``dataloader_num_workers > 0`` the dataset runs in worker processes that the data
+loader seeds itself; only the main process's RNGs are restored (a warning says so).
 
 transformers is imported here only; ``import sweeprun`` and the CLI never load it.
 """
@@ -221,7 +221,12 @@ class SweeprunCallback(TrainerCallback):
         self._resumed: Sealed | None = None
         self._trained = 0                      # micro-batches trained by this process
         self._fetched = 0                      # micro-batches fetched (collated) by this process
-        self._before_fetch: deque[tuple[int, tuple[Any, Any]]] = deque(maxlen=256)
+        self._before_fetch: deque[tuple[int, tuple[Any, Any, Any]]] = deque(maxlen=256)
+        self._in_fetch = False                 # a training batch is being fetched
+        self._training = False
+        self._pending_restore: tuple[Any, Any, Any] | None = None
+        self._torch_after_first_fetch: Any = None
+        self._restored_early = False
         self._stop_reason: str | None = None
         self._warned_rng = False
 
@@ -343,46 +348,96 @@ class SweeprunCallback(TrainerCallback):
         return TrainOutput(trainer.state.global_step, 0.0, {})
 
     def _hook(self, trainer: Trainer) -> None:
-        """Mark each training fetch (the collator runs once per batch) and keep the Trainer's
-        late RNG restore from rewinding the Python/NumPy RNGs that the fetches already used."""
+        """Mark the moment right before each training batch is fetched (the train dataset's
+        ``__getitem__``/``__getitems__``) and right after (the collator), and keep the Trainer's
+        late RNG restore from rewinding the CPU RNGs that the first fetches already used."""
+        dataset = trainer.train_dataset
+        cls = type(dataset)
+        if trainer.args.dataloader_num_workers > 0:
+            warn("dataloader_num_workers > 0: the dataset runs in worker processes, which the "
+                 "data loader seeds itself; a resumed run's augmentation may differ (use 0 for an "
+                 "exact resume)")
+        elif dataset is not None and not getattr(cls, "_sweeprun", False):
+            methods = {name: getattr(cls, name) for name in ("__getitem__", "__getitems__")
+                       if callable(getattr(cls, name, None))}
+            if methods:
+                hooked: dict[str, Any] = {"_sweeprun": True, "__module__": cls.__module__}
+                for name, method in methods.items():
+                    hooked[name] = self._before_item(method)
+                try:
+                    dataset.__class__ = type(cls.__name__, (cls,), hooked)
+                except TypeError:
+                    pass
         collate = trainer.data_collator
         if not getattr(collate, "_sweeprun", False):
             def marked(features: Any) -> Any:
                 batch = collate(features)
-                if trainer.model.training:
-                    self._fetched += 1
-                    self._before_fetch.append((self._fetched, _py_np_state()))
+                if self._in_fetch:
+                    self._in_fetch = False
+                    if self._torch_after_first_fetch is not None:
+                        import torch
+
+                        torch.set_rng_state(self._torch_after_first_fetch)
+                        self._torch_after_first_fetch = None
                 return batch
 
             marked._sweeprun = True  # type: ignore[attr-defined]
             trainer.data_collator = marked
         load = trainer._load_rng_state
 
-        def load_torch_only(checkpoint: Any) -> None:
-            kept = _py_np_state()
-            load(checkpoint)
-            _set_py_np_state(kept)
+        def load_keeping_cpu(checkpoint: Any) -> None:
+            if self._restored_early:
+                kept = _cpu_rng_state()
+                load(checkpoint)            # CUDA and other devices: their state at the save
+                _set_cpu_rng_state(kept)
+            else:
+                load(checkpoint)
 
-        trainer._load_rng_state = load_torch_only  # type: ignore[method-assign]
+        trainer._load_rng_state = load_keeping_cpu  # type: ignore[method-assign]
+
+    def _before_item(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        def hooked(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self._in_fetch and self._training:
+                self._in_fetch = True
+                if self._pending_restore is not None:
+                    _set_cpu_rng_state(self._pending_restore)
+                    self._pending_restore = None
+                self._fetched += 1
+                self._before_fetch.append((self._fetched, _cpu_rng_state()))
+            return method(dataset, *args, **kwargs)
+
+        return hooked
 
     # -- Trainer events -------------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Arm the restore of the CPU RNGs at the first fetch: after the data loader's new
+        iterator has drawn its seed, as in the uninterrupted run, and before the dataset
+        draws. The Trainer's own restore comes after that fetch and would rewind them."""
         self._trained = self._fetched = 0
         self._before_fetch.clear()
+        self._training = True
         if self._resumed is None:
             return
         path = os.path.join(self._resumed.path, RNG_FILE)
         if not os.path.exists(path):
-            warn(f"{path} is missing: the Python/NumPy RNGs are restored by the Trainer, after "
-                 "the first batch was fetched")
+            warn(f"{path} is missing: the CPU RNGs are restored by the Trainer, after the first "
+                 "batches were fetched")
             return
         import torch
 
         from ..training.state import from_safe
 
         saved = from_safe(torch.load(path, weights_only=True))
-        _set_py_np_state((saved["python"], saved.get("numpy")))
+        if saved.get("before_fetch") is None:
+            return  # saved at the end of an epoch: nothing fetched ahead, the Trainer's restore is right
+        before = saved["before_fetch"]
+        self._pending_restore = (before["python"], before.get("numpy"), before["torch"])
+        self._torch_after_first_fetch = saved["torch_at_save"]
+        self._restored_early = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._training = False
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._trained += 1
@@ -430,22 +485,27 @@ class SweeprunCallback(TrainerCallback):
         self._save_s = self._saved_at - start
 
     def _write_rng(self, folder: str) -> None:
-        """The Python/NumPy state right before the first untrained batch was fetched."""
-        state = next((s for n, s in self._before_fetch if n == self._trained), None)
-        if state is None:
-            if not self._warned_rng:
-                self._warned_rng = True
-                warn("no record of the batch fetches (the Trainer's data collator was replaced "
-                     "after run.train() began?): a resumed run's Python/NumPy RNG will differ")
-            return
+        """The CPU RNGs right before the first untrained batch was fetched (the data loader
+        fetches one ahead), and torch's now, which the next fetch and step continue from."""
         import io
 
         import torch
 
         from ..training.state import to_safe
 
+        before = None
+        if self._fetched > self._trained:
+            state = next((s for n, s in self._before_fetch if n == self._trained + 1), None)
+            if state is None:
+                if not self._warned_rng:
+                    self._warned_rng = True
+                    warn("no record of the training fetches (an IterableDataset, or the dataset "
+                         "or collator replaced after run.train() began?): a resumed run's "
+                         "augmentation RNG will differ")
+                return
+            before = {"python": state[0], "numpy": state[1], "torch": state[2]}
         buffer = io.BytesIO()
-        torch.save(to_safe({"python": state[0], "numpy": state[1]}), buffer)
+        torch.save(to_safe({"before_fetch": before, "torch_at_save": torch.get_rng_state()}), buffer)
         atomic_write(_local_fs(), os.path.join(folder, RNG_FILE), buffer.getvalue())
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
@@ -461,20 +521,25 @@ class SweeprunCallback(TrainerCallback):
             self.run.log(**values)
 
 
-def _py_np_state() -> tuple[Any, Any]:
+def _cpu_rng_state() -> tuple[Any, Any, Any]:
+    import torch
+
     try:
         import numpy as np
     except ImportError:
-        return random.getstate(), None
-    return random.getstate(), np.random.get_state()
+        return random.getstate(), None, torch.get_rng_state()
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
 
 
-def _set_py_np_state(state: tuple[Any, Any]) -> None:
+def _set_cpu_rng_state(state: tuple[Any, Any, Any]) -> None:
+    import torch
+
     random.setstate(state[0])
     if state[1] is not None:
         import numpy as np
 
         np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
 
 
 __all__ = ["Sealed", "SweeprunCallback", "init", "seal", "verify"]
