@@ -81,8 +81,9 @@ class HFRun:
         _, err = proc.communicate(timeout=300)
         return proc.returncode, seen, err
 
-    def final(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        folder = self.trainer_dir / f"checkpoint-{TOTAL_STEPS}"
+    def final(self, step: int = TOTAL_STEPS) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Weights and optimizer state of the Trainer's folder at ``step`` (the last is always saved)."""
+        folder = self.trainer_dir / f"checkpoint-{step}"
         return (load_file(folder / "model.safetensors"),
                 torch.load(folder / "optimizer.pt", weights_only=True))
 
@@ -96,9 +97,9 @@ def tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
-def differences(run: HFRun, reference: HFRun) -> list[str]:
-    weights, optimizer = run.final()
-    ref_weights, ref_optimizer = reference.final()
+def differences(run: HFRun, reference: HFRun, step: int = TOTAL_STEPS) -> list[str]:
+    weights, optimizer = run.final(step)
+    ref_weights, ref_optimizer = reference.final(step)
     out = [f"weights {k}: max |diff| {(weights[k].double() - v.double()).abs().max():.3g}"
            for k, v in ref_weights.items() if not torch.equal(weights[k], v)]
     mine, theirs = tensors(optimizer), tensors(ref_optimizer)
@@ -336,3 +337,21 @@ def test_augmentation_from_torchs_global_rng_is_replayed_too(tmp_path: Path) -> 
     assert code == PREEMPTED_EXIT, err
     assert run.complete("--torch-augment").returncode == 0
     assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("flags", "resumed_from"), [
+    (("--save-steps", "8"), 16),                     # the end of an epoch (16 steps): nothing fetched ahead
+    (("--grad-accum", "2", "--max-steps", "20"), 10),  # two batches a step; 8 steps an epoch
+])
+def test_resume_at_an_epoch_end_and_with_gradient_accumulation_is_exact(
+        tmp_path: Path, flags: tuple[str, ...], resumed_from: int) -> None:
+    reference, run = HFRun(tmp_path / "reference"), HFRun(tmp_path / "run")
+    assert reference.complete(*flags).returncode == 0
+    crashed = run.complete(*flags, env={"SWEEPRUN_CRASH_AT": "checkpoint.before_manifest@3"})
+    assert crashed.returncode == -signal.SIGKILL
+    result = run.complete(*flags)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from checkpoint-{resumed_from}" in result.stderr
+    assert differences(run, reference, step=max(losses(reference))) == []
+    assert losses(run) == losses(reference)
