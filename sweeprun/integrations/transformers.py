@@ -108,8 +108,9 @@ class Sealed:
     seal: dict[str, Any]
 
 
-def _hash_file(path: str) -> tuple[int, str]:
-    """Size and SHA-256 of a file, fsynced on the way: the seal must not outlive its data."""
+def _hash_file(path: str, sync: bool = True) -> tuple[int, str]:
+    """Size and SHA-256 of a file, fsynced on the way when sealing: the seal must not
+    outlive its data."""
     digest = hashlib.sha256()
     size = 0
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -117,17 +118,18 @@ def _hash_file(path: str) -> tuple[int, str]:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     return size, digest.hexdigest()
 
 
-def _hash_all(paths: list[str]) -> list[tuple[int, str]]:
+def _hash_all(paths: list[str], sync: bool = True) -> list[tuple[int, str]]:
     """:func:`_hash_file` of each, on a few threads: hashlib and reads release the GIL, and a
     Trainer folder is a few large files (weights, optimizer) that hash in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(paths)))) as pool:
-        return list(pool.map(_hash_file, paths))
+        return list(pool.map(lambda path: _hash_file(path, sync), paths))
 
 
 def _files(folder: str) -> list[str]:
@@ -186,7 +188,7 @@ def verify(folder: str) -> dict[str, Any]:
             raise ValueError(f"{rel} is truncated or changed: {present.st_size} bytes, "
                              f"sealed {expected.get('size')}")
     try:
-        hashed = _hash_all([os.path.join(folder, rel) for rel, _ in listed])
+        hashed = _hash_all([os.path.join(folder, rel) for rel, _ in listed], sync=False)
     except OSError as exc:
         raise ValueError(f"a sealed file is unreadable ({exc})") from None
     for (rel, expected), (size, sha) in zip(listed, hashed, strict=True):
@@ -417,6 +419,9 @@ class SweeprunCallback(TrainerCallback):
         self._trained = self._fetched = 0
         self._before_fetch.clear()
         self._training = True
+        if self._trainer is None:
+            warn("trainer.train() was called directly: call run.train(trainer) instead, which "
+                 "resumes from the newest sealed checkpoint and replays the RNGs exactly")
         if self._resumed is None:
             return
         path = os.path.join(self._resumed.path, RNG_FILE)
