@@ -308,6 +308,7 @@ def test_sigint_saves_and_exits_75_at_the_step_it_stopped(tmp_path: Path) -> Non
     assert (run.trainer_dir / f"checkpoint-{stopped}" / "sweeprun-seal.json").exists()
 
 
+@pytest.mark.slow
 def test_when_no_sealed_folder_verifies_the_run_stops_in_one_line_and_keeps_them(tmp_path: Path) -> None:
     """Damage everywhere is not a reason to start over silently: exit 2, folders untouched."""
     run = HFRun(tmp_path / "run")
