@@ -1,0 +1,358 @@
+"""The Hugging Face Trainer under sweeprun, shown with real processes.
+
+Each test starts examples/hf_trainer.py standalone (``--out``): a tiny GPT-2 with
+dropout, shuffled data and an augmentation drawing from Python's and NumPy's global
+RNGs. It is interrupted from outside (SIGKILL, SIGTERM) or kills itself between the
+Trainer's save and sweeprun's seal, then the same command is run again until it
+finishes; the final weights and optimizer state must be ``torch.equal`` to a run
+never interrupted, and the loss at every step the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sweeprun.runenv import PREEMPTED_EXIT
+
+pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "hf_trainer.py"
+TOTAL_STEPS = 40  # 16 steps per epoch: saves (every 5) land mid-epoch and across epochs
+FLAGS = ("--lr", "3e-3", "--seed", "5", "--max-steps", str(TOTAL_STEPS), "--save-steps", "5")
+
+
+@dataclass
+class HFRun:
+    out: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.out / "trainer"
+
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        for name in ("SWEEPRUN_RUN_DIR", "SWEEPRUN_TIME_LIMIT", "SWEEPRUN_CRASH_AT"):
+            if name not in (env or {}):
+                full_env.pop(name, None)
+        return subprocess.Popen([sys.executable, str(EXAMPLE), *FLAGS, "--out", str(self.out), *extra],
+                                env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def complete(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        proc = self.start(*extra, env=env)
+        out, err = proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().split("\n")[:-1]]
+
+    def last_step(self) -> int:
+        return max((e["step"] for e in self.entries()), default=0)
+
+    def interrupt_at(self, step: int, signum: int, *extra: str) -> tuple[int, int, str]:
+        """Signal the process once metrics.jsonl passed ``step``: its exit code, the step seen, stderr."""
+        proc = self.start("--step-sleep-s", "0.05", *extra)
+        deadline = time.monotonic() + 300  # only a guard against a hang
+        while self.last_step() < step and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = self.last_step()
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=300)
+        return proc.returncode, seen, err
+
+    def final(self, step: int = TOTAL_STEPS) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Weights and optimizer state of the Trainer's folder at ``step`` (the last is always saved)."""
+        folder = self.trainer_dir / f"checkpoint-{step}"
+        return (load_file(folder / "model.safetensors"),
+                torch.load(folder / "optimizer.pt", weights_only=True))
+
+
+def tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested state into ``path -> leaf``."""
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in tensors(value, f"{prefix}/{key}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, value in enumerate(obj) for k, v in tensors(value, f"{prefix}/{i}").items()}
+    return {prefix: obj}
+
+
+def differences(run: HFRun, reference: HFRun, step: int = TOTAL_STEPS) -> list[str]:
+    weights, optimizer = run.final(step)
+    ref_weights, ref_optimizer = reference.final(step)
+    out = [f"weights {k}: max |diff| {(weights[k].double() - v.double()).abs().max():.3g}"
+           for k, v in ref_weights.items() if not torch.equal(weights[k], v)]
+    mine, theirs = tensors(optimizer), tensors(ref_optimizer)
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        same = torch.equal(mine[key], value) if isinstance(value, torch.Tensor) else mine[key] == value
+        if not same:
+            out.append(f"optimizer {key}")
+    return out
+
+
+def losses(run: HFRun) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in run.entries() if "loss" in e}
+
+
+def assert_same_run(run: HFRun, reference: HFRun) -> None:
+    assert differences(run, reference) == []
+    assert losses(run) == losses(reference)
+    assert sorted(losses(run)) == list(range(1, TOTAL_STEPS + 1))   # one entry per step, no replay
+
+
+def reference_stdout_last_line(reference: HFRun) -> str:
+    """The example prints its first weights at the end; the reference printed them too."""
+    return (reference.out / "stdout.txt").read_text().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> HFRun:
+    """The run never interrupted."""
+    run = HFRun(tmp_path_factory.mktemp("reference"))
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith(f"done: step {TOTAL_STEPS}")
+    (run.out / "stdout.txt").write_text(result.stdout)
+    return run
+
+
+@pytest.mark.slow  # four processes that each load transformers
+@pytest.mark.parametrize("seed", [3])
+def test_sigkill_at_random_steps_then_rerun_ends_bit_for_bit(
+        tmp_path: Path, reference: HFRun, seed: int) -> None:
+    run = HFRun(tmp_path / "run")
+    rng = random.Random(seed)
+    for _ in range(2):
+        target = rng.randint(run.last_step() + 2, run.last_step() + 15)
+        code, seen, err = run.interrupt_at(target, signal.SIGKILL)
+        assert code == -signal.SIGKILL, err
+        assert 0 < seen < TOTAL_STEPS
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "sweeprun: resuming from" in result.stderr
+    assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_kill_between_the_trainer_save_and_the_seal_resumes_from_the_previous_folder(
+        tmp_path: Path, reference: HFRun) -> None:
+    """The Trainer's third save (step 15) is complete on disk but never sealed: skipped."""
+    run = HFRun(tmp_path / "run")
+    result = run.complete(env={"SWEEPRUN_CRASH_AT": "checkpoint.before_manifest@3"})
+    assert result.returncode == -signal.SIGKILL
+    assert not (run.trainer_dir / "checkpoint-15" / "sweeprun-seal.json").exists()
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint-15 (it was never sealed (the save was cut short))" in result.stderr
+    assert "resuming from checkpoint-10" in result.stderr
+    assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_75_and_cut_short_folders_are_skipped(
+        tmp_path: Path, reference: HFRun) -> None:
+    run = HFRun(tmp_path / "run")
+    code, seen, err = run.interrupt_at(22, signal.SIGTERM)
+    assert code == PREEMPTED_EXIT, err
+    stopped = run.entries()[-1]["step"]
+    assert f"SIGTERM received; saved and sealed checkpoint-{stopped}; exiting with 75" in err
+    assert (run.trainer_dir / f"checkpoint-{stopped}" / "sweeprun-seal.json").exists()
+    # damage the newest folders three ways: a truncated weights file, a missing file, no seal
+    folders = sorted(int(p.name.split("-")[1]) for p in run.trainer_dir.glob("checkpoint-*"))
+    newest = folders[-3:]
+    weights = run.trainer_dir / f"checkpoint-{newest[2]}" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (run.trainer_dir / f"checkpoint-{newest[1]}" / "optimizer.pt").unlink()
+    (run.trainer_dir / f"checkpoint-{newest[0]}" / "sweeprun-seal.json").unlink()
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    warning = next(line for line in result.stderr.splitlines() if "folder(s) skipped" in line)
+    assert f"checkpoint-{newest[2]} (model.safetensors is truncated or changed" in warning
+    assert f"checkpoint-{newest[1]} (optimizer.pt is missing)" in warning
+    assert f"checkpoint-{newest[0]} (it was never sealed" in warning
+    assert f"resuming from checkpoint-{folders[-4]}" in warning
+    rejected = run.trainer_dir / ".sweeprun-rejected"
+    assert sorted(p.name.rsplit("-a", 1)[0] for p in rejected.iterdir()) \
+        == sorted(f"checkpoint-{s}" for s in newest)  # kept aside, never written into again
+    assert_same_run(run, reference)
+
+
+def test_time_budget_saves_and_exits_75(tmp_path: Path) -> None:
+    run = HFRun(tmp_path / "run")
+    result = run.complete("--step-sleep-s", "0.3", env={"SWEEPRUN_TIME_LIMIT": "2"})
+    assert result.returncode == PREEMPTED_EXIT, result.stderr
+    assert "time limit of 2 s reached; saved and sealed checkpoint-" in result.stderr
+    stopped = run.entries()[-1]["step"]
+    assert 0 < stopped < TOTAL_STEPS
+    assert (run.trainer_dir / f"checkpoint-{stopped}" / "sweeprun-seal.json").exists()
+
+
+@pytest.mark.slow
+def test_without_the_early_rng_restore_the_trainer_diverges_at_the_first_resumed_step(
+        tmp_path: Path, reference: HFRun) -> None:
+    """Why sweeprun-rng.pt exists: left to itself, the Trainer restores the Python/NumPy
+    RNGs after the first resumed batches were fetched, so their augmentation differs."""
+    run = HFRun(tmp_path / "run")
+    code, _, err = run.interrupt_at(12, signal.SIGTERM)
+    assert code == PREEMPTED_EXIT, err
+    stopped = run.entries()[-1]["step"]
+    for rng_file in run.trainer_dir.glob("checkpoint-*/sweeprun-rng.pt"):
+        rng_file.unlink()
+        (rng_file.parent / "sweeprun-seal.json").unlink()  # re-sealed below, as if never written
+    from sweeprun.integrations.transformers import seal
+
+    for folder in run.trainer_dir.glob("checkpoint-*"):
+        seal(str(folder), int(folder.name.split("-")[1]), {"metrics_bytes": None})
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "sweeprun-rng.pt is missing" in result.stderr
+    mine, theirs = losses(run), losses(reference)
+    assert [s for s in mine if mine[s] != theirs[s]][0] == stopped + 1
+    assert differences(run, reference) != []
+
+
+@pytest.mark.slow
+def test_under_launch_a_time_budget_splits_the_run_into_attempts_that_end_bit_for_bit(
+        sandbox: Any, reference: HFRun) -> None:
+    """Each attempt saves, seals and exits 75 before SWEEPRUN_TIME_LIMIT; the launcher
+    resumes it until the Trainer reaches its last step, and the run is done."""
+    command = f"{sys.executable} {EXAMPLE} {' '.join(FLAGS)} --step-sleep-s 0.1 --batch-size {{bs}}"
+    sweep = sandbox.write_sweep({"bs": [16]}, name="hf", command=command)
+    result = sandbox.run("launch", str(sweep), env={"SWEEPRUN_TIME_LIMIT": "2"}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "interrupted (exit 75" in result.stdout and "done (exit 0" in result.stdout
+    (run_dir,) = (sandbox.store / "hf" / "runs").iterdir()
+    assert (run_dir / "DONE").exists()
+    run = HFRun(run_dir)
+    assert_same_run(run, reference)
+    (row,) = sandbox.status(sweep).values()
+    assert (row["state"], row["step"], row["attempts"] > 1) == ("done", TOTAL_STEPS, True)
+    assert row["metric"] == {"loss": losses(reference)[TOTAL_STEPS]}   # status shows the Trainer's logs
+
+
+def test_rerun_after_the_last_step_was_sealed_trains_nothing(tmp_path: Path, reference: HFRun) -> None:
+    """A kill after the final seal (during the script's own post-training code) must not
+    make the Trainer train a step past max_steps when the same command runs again."""
+    shutil.copytree(reference.out, tmp_path / "run")
+    run = HFRun(tmp_path / "run")
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert f"checkpoint-{TOTAL_STEPS} is the last step ({TOTAL_STEPS}); nothing left to train" in result.stderr
+    assert result.stdout.splitlines()[-1] == reference_stdout_last_line(reference)
+    assert not (run.trainer_dir / f"checkpoint-{TOTAL_STEPS + 1}").exists()
+    assert run.entries() == reference.entries()
+
+
+def test_output_dir_outside_the_run_is_refused_in_one_line(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from sweeprun.errors import SpecError
+    from sweeprun.integrations import transformers as sweeprun_hf
+
+    run = sweeprun_hf.init(params={}, local_dir=tmp_path / "run")
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=8, n_positions=4, n_embd=8, n_layer=1, n_head=1))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "elsewhere"),
+                                                          report_to=[], use_cpu=True))
+    with pytest.raises(SpecError, match=r"is not the run's folder .*: give output_dir=run.output_dir"):
+        run.train(trainer)
+    run.run.close()
+
+
+def test_the_cli_and_the_package_never_import_transformers() -> None:
+    code = ("import sys, sweeprun, sweeprun.cli, sweeprun.training, sweeprun.integrations; "
+            "print(sorted(m for m in ('transformers', 'accelerate', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_process_whose_run_was_taken_over_writes_no_checkpoint(tmp_path: Path) -> None:
+    """Attempt 2 of the run has started elsewhere: attempt 1 (a machine that froze and woke
+    up) stops at its next save, before the Trainer writes anything, and exits 75."""
+    run = HFRun(tmp_path / "run")
+    (run.out / "attempts").mkdir(parents=True)
+    (run.out / "attempts" / "2.json").write_text("{}\n")
+    result = run.complete(env={"SWEEPRUN_RUN_DIR": str(run.out), "SWEEPRUN_ATTEMPT": "1"})
+    assert result.returncode == PREEMPTED_EXIT, result.stderr
+    assert "another worker took the run over; stopping without writing" in result.stderr
+    assert not list(run.trainer_dir.glob("checkpoint-*"))
+
+
+def test_sigint_saves_and_exits_75_at_the_step_it_stopped(tmp_path: Path) -> None:
+    run = HFRun(tmp_path / "run")
+    code, _, err = run.interrupt_at(8, signal.SIGINT)
+    assert code == PREEMPTED_EXIT, err
+    stopped = run.entries()[-1]["step"]
+    assert f"SIGINT received; saved and sealed checkpoint-{stopped}; exiting with 75" in err
+    assert (run.trainer_dir / f"checkpoint-{stopped}" / "sweeprun-seal.json").exists()
+
+
+@pytest.mark.slow
+def test_when_no_sealed_folder_verifies_the_run_stops_in_one_line_and_keeps_them(tmp_path: Path) -> None:
+    """Damage everywhere is not a reason to start over silently: exit 2, folders untouched."""
+    run = HFRun(tmp_path / "run")
+    code, _, err = run.interrupt_at(6, signal.SIGTERM)
+    assert code == PREEMPTED_EXIT, err
+    for weights in run.trainer_dir.glob("checkpoint-*/model.safetensors"):
+        weights.write_bytes(b"")
+    for _ in range(2):  # the second try meets the same error: nothing was moved
+        result = run.complete()
+        assert result.returncode == 2, result.stderr
+        (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("sweeprun: error:")]
+        assert "verifies" in line and "model.safetensors is truncated or changed: 0 bytes" in line
+        assert "delete the folder to start the run over" in line
+    assert not (run.trainer_dir / ".sweeprun-rejected").exists()
+
+
+@pytest.mark.slow
+def test_augmentation_from_torchs_global_rng_is_replayed_too(tmp_path: Path) -> None:
+    """The hard case: with accelerate's look-ahead, batch k+1 is fetched before step k
+    trains, so a dataset drawing from torch's global RNG interleaves with dropout, and a
+    resumed process creates a new data-loader iterator (one more torch draw) before its
+    first fetch. sweeprun restores the CPU RNGs at that first fetch, and torch's state at
+    the save right after it."""
+    reference, run = HFRun(tmp_path / "reference"), HFRun(tmp_path / "run")
+    assert reference.complete("--torch-augment").returncode == 0
+    code, _, err = run.interrupt_at(12, signal.SIGTERM, "--torch-augment")
+    assert code == PREEMPTED_EXIT, err
+    assert run.complete("--torch-augment").returncode == 0
+    assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("flags", "resumed_from"), [
+    (("--save-steps", "8"), 16),                     # the end of an epoch (16 steps): nothing fetched ahead
+    (("--grad-accum", "2", "--max-steps", "20"), 10),  # two batches a step; 8 steps an epoch
+])
+def test_resume_at_an_epoch_end_and_with_gradient_accumulation_is_exact(
+        tmp_path: Path, flags: tuple[str, ...], resumed_from: int) -> None:
+    reference, run = HFRun(tmp_path / "reference"), HFRun(tmp_path / "run")
+    assert reference.complete(*flags).returncode == 0
+    crashed = run.complete(*flags, env={"SWEEPRUN_CRASH_AT": "checkpoint.before_manifest@3"})
+    assert crashed.returncode == -signal.SIGKILL
+    result = run.complete(*flags)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from checkpoint-{resumed_from}" in result.stderr
+    assert differences(run, reference, step=max(losses(reference))) == []
+    assert losses(run) == losses(reference)
