@@ -85,15 +85,22 @@ def main() -> None:
     parser.add_argument("--save-every-steps", type=int, help="save every N steps (default: every 300 s)")
     parser.add_argument("--step-sleep-s", type=float, default=0.0,
                         help="tests: slow each step down so a kill can land mid-run")
+    parser.add_argument("--unsafe-omit", choices=("rng", "data"), action="append", default=[],
+                        help="tests: leave the RNG states out, or shuffle with a plain sampler, "
+                             "to show what a plain Lightning resume gets wrong")
     args = parser.parse_args()
 
     sweep = SweeprunCallback(params=vars(args), local_dir=args.out,
-                             every_steps=args.save_every_steps, best="loss")
+                             every_steps=args.save_every_steps, best="loss",
+                             rng="rng" not in args.unsafe_omit)
     torch.set_num_threads(1)  # one core per run, and results independent of the machine's count
     L.seed_everything(args.seed, verbose=False)
     dataset = JitteredPoints()
+    # The loader gets its own generator: otherwise starting each epoch's iterator draws from
+    # the global RNG, and a run resumed mid-epoch would draw once more than the original.
     loader = DataLoader(dataset, batch_size=args.batch_size,
-                        sampler=ResumableSampler(dataset, seed=args.seed),
+                        sampler=None if "data" in args.unsafe_omit else ResumableSampler(dataset, seed=args.seed),
+                        shuffle=True if "data" in args.unsafe_omit else None,
                         generator=torch.Generator().manual_seed(args.seed))
     model = MLP(args.lr, args.weight_decay, args.epochs * len(loader), args.step_sleep_s)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[sweep],

@@ -107,7 +107,8 @@ class SweeprunCallback(Callback):
         chosen = [m for m in self.run.checkpoints() if m.step == self.run.step]
         name = chosen[-1].data if chosen else f"step {self.run.step}"
         self._path = posixpath.join(self.run.paths.checkpoints, name)
-        self._rng = capture_rng()  # restore() put them back; they are re-applied at train start
+        if self.run.capture_rng:  # restore() put them back; they are re-applied at train start
+            self._rng = capture_rng()
 
     # -- Lightning hooks ------------------------------------------------------------------
 
