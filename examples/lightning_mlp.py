@@ -61,6 +61,12 @@ class MLP(L.LightningModule):
             time.sleep(self.step_sleep_s)
         return loss
 
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
+        if self.step_sleep_s:
+            time.sleep(self.step_sleep_s)
+
     def configure_optimizers(self) -> dict:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         warmup = max(1, self.total_steps // 10)
@@ -85,6 +91,7 @@ def main() -> None:
     parser.add_argument("--save-every-steps", type=int, help="save every N steps (default: every 300 s)")
     parser.add_argument("--step-sleep-s", type=float, default=0.0,
                         help="tests: slow each step down so a kill can land mid-run")
+    parser.add_argument("--val", action="store_true", help="validate at the end of each epoch")
     parser.add_argument("--unsafe-omit", choices=("rng", "data"), action="append", default=[],
                         help="tests: leave the RNG states out, or shuffle with a plain sampler, "
                              "to show what a plain Lightning resume gets wrong")
@@ -106,7 +113,9 @@ def main() -> None:
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[sweep],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.fit(model, loader, ckpt_path=sweep.ckpt_path)
+    val = DataLoader(JitteredPoints(n=128), batch_size=64,
+                     generator=torch.Generator().manual_seed(args.seed)) if args.val else None
+    trainer.fit(model, loader, val, ckpt_path=sweep.ckpt_path)
     print(f"done: step {sweep.run.step}, final loss {trainer.callback_metrics['loss'].item():.4f}")
 
 

@@ -22,6 +22,7 @@ pytest.importorskip("lightning")
 from sweeprun.runenv import PREEMPTED_EXIT
 
 from _training_helpers import REPO, SIGKILL, SIGTERM, ExampleRun, assert_same_tree
+from conftest import Sandbox, wait_for
 
 EXAMPLE = REPO / "examples" / "lightning_mlp.py"
 #: 16 batches per epoch, 4 epochs; saves every 5 steps land mid-epoch; steps slow enough
@@ -145,17 +146,26 @@ def test_killed_during_a_save_then_rerun_matches(tmp_path: Path, reference: Exam
 
 
 @pytest.mark.slow
-def test_resume_from_the_end_of_an_epoch_matches(tmp_path: Path, reference: ExampleRun) -> None:
-    """Saves only at epoch ends (every 16 steps): the rerun starts with a fresh epoch's
-    iterator, which the uninterrupted run created after the same step."""
-    flags = tuple(f if f != "5" else "16" for f in FLAGS)
+@pytest.mark.parametrize("val", [False, True], ids=["train-only", "with-validation"])
+def test_resume_from_the_end_of_an_epoch_matches(tmp_path: Path, reference: ExampleRun,
+                                                 val: bool) -> None:
+    """Saves only at epoch ends (every 16 steps). With a validation loop, the last batch's
+    step ends after validation: Lightning resumes a checkpoint of that batch as if its
+    validation had run, and skips it (a save before it lost the validation, and with it
+    the RNG draws of its augmentation: weights off by 7.5e-2 here)."""
+    flags = tuple(f if f != "5" else "16" for f in FLAGS) + (("--val",) if val else ())
     run = ExampleRun(tmp_path / "run", flags=flags, script=EXAMPLE)
+    if val:
+        reference = ExampleRun(tmp_path / "reference", flags=flags, script=EXAMPLE)
+        assert reference.complete().returncode == 0
     code, seen, err = run.interrupt_at(24, SIGKILL)
     assert code == -SIGKILL and seen >= 24, err
     result = run.complete()
     assert result.returncode == 0, result.stderr
     assert "(step 16, epoch 0)" in result.stderr, result.stderr
     assert_same_ending(run, reference)
+    if val:
+        assert [e["step"] for e in run.entries() if "val_loss" in e] == [16, 32, 48, 64]
 
 
 def max_difference(a: Any, b: Any) -> float:
@@ -188,3 +198,37 @@ def test_without_the_rng_or_the_data_position_the_resume_is_not_exact(
     difference = max_difference(got["state_dict"], want["state_dict"])
     print(f"without {omit}: weights differ by up to {difference:.3g}")
     assert difference > 0
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_with_sigterm_and_relaunched_matches(sandbox: Sandbox,
+                                                              reference: ExampleRun) -> None:
+    """Under ``sweeprun launch``: the launcher's SIGTERM reaches the Lightning run, which saves
+    and exits 75 (interrupted, no attempt used); the relaunch resumes it to the same end as
+    the uninterrupted standalone run with the same parameters."""
+    command = (f"python {EXAMPLE} --lr {{lr}} --seed {{seed}} --epochs {{epochs}} "
+               "--save-every-steps 5 --step-sleep-s 0.02")
+    sweep = sandbox.write_sweep({"lr": [0.01], "seed": [3]}, {"epochs": 4}, command=command)
+    launcher = sandbox.sweeprun("launch", str(sweep), "--grace-s", "60")
+    run = ExampleRun(sandbox.store / "t" / "runs" / "unknown")
+
+    def mid_run() -> bool:
+        found = list((sandbox.store / "t" / "runs").glob("*/metrics.jsonl"))
+        if found:
+            run.out = found[0].parent
+        return bool(found) and run.last_step() >= 18
+
+    wait_for(mid_run, timeout=120, what="the Lightning run past step 18")
+    launcher.send_signal(SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, err
+    (row,) = sandbox.status(sweep).values()
+    assert (row["state"], row["failures"]) == ("interrupted", 0)
+    assert "SIGTERM received" in (run.out / "logs" / "attempt-1.log").read_text()
+
+    result = sandbox.run("launch", str(sweep), timeout=300)
+    assert result.returncode == 0, result.stderr
+    (row,) = sandbox.status(sweep).values()
+    assert (row["state"], row["attempts"]) == ("done", 2)
+    assert (run.out / "DONE").exists()
+    assert_same_ending(run, reference)

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 from ..errors import CheckpointError, SweeprunError
+from ..runenv import PREEMPTED_EXIT
 from ..training.run import Run, init
 from ..training.state import capture_rng, restore_rng
 
@@ -84,6 +85,8 @@ class SweeprunCallback(Callback):
         self._rng: Any = None             # the global RNG states at the restored step
         self._samplers: list[Any] = []
         self._io: _FromSweeprun | None = None
+        self._pending: dict[str, Any] | None = None  # a step that ends after its validation
+        self._val_keys: set[str] = set()             # metrics that validation logs
 
     @property
     def params(self) -> dict[str, Any]:
@@ -152,19 +155,48 @@ class SweeprunCallback(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        metrics = {k: v for k, v in _scalars(trainer, outputs).items() if k not in self._val_keys}
+        if _validates_next(trainer):
+            # Lightning resumes a checkpoint of the batch that validation follows as if that
+            # validation had run (it skips it): so this step ends, and may save, after it.
+            self._pending = metrics
+            return
+        self._end_step(trainer, metrics)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        fresh = _scalars(trainer, None)
+        self._val_keys.update(k for k in fresh if k not in (self._pending or {}))
+        if self._pending is not None:
+            self._end_step(trainer, {**self._pending, **{k: fresh[k] for k in self._val_keys
+                                                          if k in fresh}})
+
+    def _end_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._pending = None
         self.run.epoch = trainer.current_epoch
-        self.run.end_step(**_scalars(trainer, outputs))  # saves when due; on a stop: exit 75
+        self.run.end_step(**metrics)  # saves when due; on a stop: save and exit 75
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._pending is not None:  # validation was due but did not run
+            self._end_step(trainer, self._pending)
         if self.run.should_stop:  # a signal that came after the epoch's last batch
             self.run.finish()     # saves, then exits with 75 (resumable)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._pending is not None:
+            self._end_step(trainer, self._pending)
         self.run.epoch = trainer.current_epoch
         self.run.finish()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule,
                      exception: BaseException) -> None:
+        if isinstance(exception, SystemExit) and exception.code in (None, 0) and self.run.should_stop:
+            # Lightning's own SIGTERMException (a SIGTERM during validation) exits 0, which
+            # would read as "finished"; it is resumable from the last checkpoint.
+            print("sweeprun: stopped by a signal outside a training batch; the last checkpoint "
+                  f"resumes; exiting with {PREEMPTED_EXIT} (resumable)", file=sys.stderr, flush=True)
+            exception.code = PREEMPTED_EXIT
         try:
             self.run.close()  # wait for a save in flight; the last checkpoint is what resumes
         except SweeprunError as error:
@@ -236,6 +268,16 @@ def _stateful_samplers(trainer: Trainer) -> list[Any]:
                   "sampler=sweeprun.ResumableSampler(dataset, seed=...)", file=sys.stderr, flush=True)
         found.extend(stateful)
     return found
+
+
+def _validates_next(trainer: Trainer) -> bool:
+    """Whether Lightning runs validation right after this training batch (its own decision,
+    taken with the same inputs as in ``_TrainingEpochLoop.on_advance_end``)."""
+    loop = trainer.fit_loop.epoch_loop
+    fetcher = trainer.fit_loop._data_fetcher
+    if fetcher is None or loop._skip_next_val:
+        return False
+    return bool(loop._should_check_val_fx(fetcher))
 
 
 def _scalars(trainer: Trainer, outputs: Any) -> dict[str, Any]:
