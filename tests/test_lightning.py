@@ -46,6 +46,16 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> ExampleRun:
     return run
 
 
+@pytest.fixture(scope="module")
+def val_reference(tmp_path_factory: pytest.TempPathFactory) -> ExampleRun:
+    """The run never interrupted, validating at each epoch's end (its augmentation draws
+    from the same global RNGs, so its training differs from ``reference``)."""
+    run = ExampleRun(tmp_path_factory.mktemp("val-reference"), flags=(*FLAGS, "--val"),
+                     script=EXAMPLE)
+    assert run.complete().returncode == 0
+    return run
+
+
 def trainer_state(run: ExampleRun) -> dict[str, Any]:
     state = run.final_state()
     assert state["step"] == TOTAL_STEPS
@@ -148,7 +158,7 @@ def test_killed_during_a_save_then_rerun_matches(tmp_path: Path, reference: Exam
 @pytest.mark.slow
 @pytest.mark.parametrize("val", [False, True], ids=["train-only", "with-validation"])
 def test_resume_from_the_end_of_an_epoch_matches(tmp_path: Path, reference: ExampleRun,
-                                                 val: bool) -> None:
+                                                 val_reference: ExampleRun, val: bool) -> None:
     """Saves only at epoch ends (every 16 steps). With a validation loop, the last batch's
     step ends after validation: Lightning resumes a checkpoint of that batch as if its
     validation had run, and skips it (a save before it lost the validation, and with it
@@ -156,8 +166,7 @@ def test_resume_from_the_end_of_an_epoch_matches(tmp_path: Path, reference: Exam
     flags = tuple(f if f != "5" else "16" for f in FLAGS) + (("--val",) if val else ())
     run = ExampleRun(tmp_path / "run", flags=flags, script=EXAMPLE)
     if val:
-        reference = ExampleRun(tmp_path / "reference", flags=flags, script=EXAMPLE)
-        assert reference.complete().returncode == 0
+        reference = val_reference
     code, seen, err = run.interrupt_at(24, SIGKILL)
     assert code == -SIGKILL and seen >= 24, err
     result = run.complete()
@@ -232,3 +241,20 @@ def test_a_sweep_stopped_with_sigterm_and_relaunched_matches(sandbox: Sandbox,
     assert (row["state"], row["attempts"]) == ("done", 2)
     assert (run.out / "DONE").exists()
     assert_same_ending(run, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_before_validation_exits_75_and_the_rerun_matches(
+        tmp_path: Path, val_reference: ExampleRun) -> None:
+    """Signalled during the epoch's last batch (its step ends after validation), the run is
+    stopped by Lightning's own SIGTERM exception in validation, which would exit 0 ("done");
+    the callback makes it 75, and the step-15 checkpoint resumes exactly."""
+    run = ExampleRun(tmp_path / "run", flags=(*FLAGS, "--val", "--step-sleep-s", "0.2"),
+                     script=EXAMPLE)
+    code, seen, err = run.interrupt_at(15, SIGTERM)
+    assert (code, seen) == (PREEMPTED_EXIT, 15), err
+    assert "stopped by a signal outside a training batch" in err
+    assert run.final_state()["step"] == 15
+    result = run.complete("--step-sleep-s", "0")
+    assert result.returncode == 0, result.stderr
+    assert_same_ending(run, val_reference)
