@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 from ..errors import CheckpointError, SweeprunError
+from ..redact import redact
 from ..runenv import PREEMPTED_EXIT
 from ..training.run import Run, init
 from ..training.state import capture_rng, restore_rng
@@ -123,7 +124,7 @@ class SweeprunCallback(Callback):
             self._restore()
             if self._path is not None:
                 raise CheckpointError(
-                    f"{self.run.dir} has a checkpoint to resume from ({self._path}) but "
+                    f"{redact(self.run.dir)} has a checkpoint to resume from ({self._path}) but "
                     "trainer.fit() was not given it: pass ckpt_path=callback.ckpt_path")
         if self._path is not None:
             self._io = _FromSweeprun(trainer.strategy.checkpoint_io, self._path, self._take_loaded)
