@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--step-sleep-s", type=float, default=0.0,
                         help="tests: slow each step down so a kill can land mid-run")
     parser.add_argument("--val", action="store_true", help="validate at the end of each epoch")
+    parser.add_argument("--val-every", type=int, help="with --val: also every N training batches")
     parser.add_argument("--unsafe-omit", choices=("rng", "data"), action="append", default=[],
                         help="tests: leave the RNG states out, or shuffle with a plain sampler, "
                              "to show what a plain Lightning resume gets wrong")
@@ -112,7 +113,7 @@ def main() -> None:
     model = MLP(args.lr, args.weight_decay, args.epochs * len(loader), args.step_sleep_s)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[sweep],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False, val_check_interval=args.val_every)
     val = DataLoader(JitteredPoints(n=128), batch_size=64,
                      generator=torch.Generator().manual_seed(args.seed)) if args.val else None
     trainer.fit(model, loader, val, ckpt_path=sweep.ckpt_path)

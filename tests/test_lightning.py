@@ -258,3 +258,21 @@ def test_sigterm_before_validation_exits_75_and_the_rerun_matches(
     result = run.complete("--step-sleep-s", "0")
     assert result.returncode == 0, result.stderr
     assert_same_ending(run, val_reference)
+
+
+@pytest.mark.slow
+def test_resume_after_a_validation_inside_the_epoch_matches(tmp_path: Path) -> None:
+    """Validation every 8 batches, saves every 8: the step-24 checkpoint (mid-epoch, written
+    after its validation) resumes to the same end, and Lightning's "dataloader is not
+    resumable" warning is not shown (the sampler resumes)."""
+    flags = tuple(f if f != "5" else "8" for f in FLAGS) + ("--val", "--val-every", "8")
+    reference = ExampleRun(tmp_path / "reference", flags=flags, script=EXAMPLE)
+    assert reference.complete().returncode == 0
+    run = ExampleRun(tmp_path / "run", flags=flags, script=EXAMPLE)
+    code, seen, err = run.interrupt_at(28, SIGKILL)
+    assert code == -SIGKILL and 28 <= seen < 32, err
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "(step 24, epoch 1)" in result.stderr and "not resumable" not in result.stderr
+    assert_same_ending(run, reference)
+    assert [e["step"] for e in run.entries() if "val_loss" in e] == list(range(8, 65, 8))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import posixpath
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -88,6 +89,7 @@ class SweeprunCallback(Callback):
         self._io: _FromSweeprun | None = None
         self._pending: dict[str, Any] | None = None  # a step that ends after its validation
         self._val_keys: set[str] = set()             # metrics that validation logs
+        self._train_keys: set[str] = set()           # and those training steps log
 
     @property
     def params(self) -> dict[str, Any]:
@@ -150,6 +152,9 @@ class SweeprunCallback(Callback):
                 "pipeline changed since the checkpoint; restore it, or start the run over")
         for sampler, state in zip(self._samplers, saved, strict=True):
             sampler.load_state_dict(state)
+        if self._samplers:  # Lightning cannot see that the sampler, not the loader, resumes
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that "
+                                    "ended before the epoch ended and your dataloader is not resumable")
         if self._rng is not None:
             # last: Lightning's setup (sanity check, the DataLoader's iterator) has drawn by now
             restore_rng(self._rng)
@@ -157,6 +162,7 @@ class SweeprunCallback(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         metrics = {k: v for k, v in _scalars(trainer, outputs).items() if k not in self._val_keys}
+        self._train_keys = set(metrics)
         if _validates_next(trainer):
             # Lightning resumes a checkpoint of the batch that validation follows as if that
             # validation had run (it skips it): so this step ends, and may save, after it.
@@ -168,7 +174,7 @@ class SweeprunCallback(Callback):
         if trainer.sanity_checking:
             return
         fresh = _scalars(trainer, None)
-        self._val_keys.update(k for k in fresh if k not in (self._pending or {}))
+        self._val_keys.update(set(fresh) - self._train_keys)
         if self._pending is not None:
             self._end_step(trainer, {**self._pending, **{k: fresh[k] for k in self._val_keys
                                                           if k in fresh}})
