@@ -1,0 +1,278 @@
+"""The Lightning integration, shown with real processes: examples/lightning_mlp.py (dropout,
+a shuffled sampler, an augmentation drawing from the global python and numpy RNGs) killed
+or stopped mid-epoch and run again ends bit for bit where the uninterrupted run ends.
+
+Each run is standalone (``--out``); kills come from outside once metrics.jsonl shows the
+chosen step. Compared: the LightningModule's weights, the optimizer and scheduler state
+(``torch.equal``), and every metrics line (loss and LR at every step, one line per step).
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("lightning")
+
+from sweeprun.runenv import PREEMPTED_EXIT
+
+from _training_helpers import REPO, SIGKILL, SIGTERM, ExampleRun, assert_same_tree
+from conftest import Sandbox, wait_for
+
+EXAMPLE = REPO / "examples" / "lightning_mlp.py"
+#: 16 batches per epoch, 4 epochs; saves every 5 steps land mid-epoch; steps slow enough
+#: that a signal lands mid-run.
+FLAGS = ("--lr", "0.01", "--seed", "3", "--epochs", "4", "--save-every-steps", "5",
+         "--step-sleep-s", "0.02")
+TOTAL_STEPS = 64
+
+
+def lightning_run(out: Path) -> ExampleRun:
+    return ExampleRun(out, flags=FLAGS, script=EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> ExampleRun:
+    """The run never interrupted."""
+    run = lightning_run(tmp_path_factory.mktemp("reference"))
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"done: step {TOTAL_STEPS}, final loss"), result.stdout
+    return run
+
+
+@pytest.fixture(scope="module")
+def val_reference(tmp_path_factory: pytest.TempPathFactory) -> ExampleRun:
+    """The run never interrupted, validating at each epoch's end (its augmentation draws
+    from the same global RNGs, so its training differs from ``reference``)."""
+    run = ExampleRun(tmp_path_factory.mktemp("val-reference"), flags=(*FLAGS, "--val"),
+                     script=EXAMPLE)
+    assert run.complete().returncode == 0
+    return run
+
+
+def trainer_state(run: ExampleRun) -> dict[str, Any]:
+    state = run.final_state()
+    assert state["step"] == TOTAL_STEPS
+    return state["objects"]["lightning"]["trainer"]
+
+
+def assert_same_ending(run: ExampleRun, reference: ExampleRun) -> None:
+    got, want = trainer_state(run), trainer_state(reference)
+    assert got["global_step"] == want["global_step"] == TOTAL_STEPS
+    assert_same_tree(got["state_dict"], want["state_dict"], "model")
+    assert_same_tree(got["optimizer_states"], want["optimizer_states"], "optimizer")
+    assert_same_tree(got["lr_schedulers"], want["lr_schedulers"], "scheduler")
+    entries = run.entries()
+    assert [e["step"] for e in entries] == list(range(1, TOTAL_STEPS + 1))
+    assert entries == reference.entries()
+
+
+def interrupt_repeatedly(run: ExampleRun, signum: int, kills: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    hit: list[int] = []
+    for _ in range(kills):
+        target = rng.randint(run.last_step() + 2, run.last_step() + 18)
+        code, seen, err = run.interrupt_at(target, signum)
+        expected = PREEMPTED_EXIT if signum == SIGTERM else -SIGKILL
+        assert code == expected, f"exit {code} after step {seen}, expected {expected}:\n{err}"
+        hit.append(seen)
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "sweeprun: resumed from" in result.stderr
+    return hit
+
+
+@pytest.mark.slow  # five Lightning processes (a few seconds each to import)
+def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(
+        tmp_path: Path, reference: ExampleRun) -> None:
+    run = lightning_run(tmp_path / "run")
+    hit = interrupt_repeatedly(run, SIGKILL, kills=3, seed=5)
+    assert all(0 < s < TOTAL_STEPS for s in hit)
+    assert_same_ending(run, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_75_and_the_rerun_matches(tmp_path: Path, reference: ExampleRun) -> None:
+    run = lightning_run(tmp_path / "run")
+    code, seen, err = run.interrupt_at(11, SIGTERM)
+    assert code == PREEMPTED_EXIT, err
+    assert "SIGTERM received" in err and "exiting with 75" in err
+    saved = run.final_state()
+    assert saved["step"] == run.entries()[-1]["step"] >= seen  # the stop loses no step
+    assert saved["step"] % 16 != 0 or saved["step"] == 0  # a mid-epoch stop, not an epoch end
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert_same_ending(run, reference)
+
+
+def test_time_limit_saves_and_exits_75(tmp_path: Path) -> None:
+    run = lightning_run(tmp_path / "run")
+    result = run.complete(env={"SWEEPRUN_TIME_LIMIT": "0.5"})
+    assert result.returncode == PREEMPTED_EXIT, result.stderr
+    assert "time limit of 0.5 s reached" in result.stderr
+    assert 0 < run.final_state()["step"] < TOTAL_STEPS
+
+
+def test_fit_without_the_checkpoint_path_is_refused(tmp_path: Path) -> None:
+    """A script that forgets ``ckpt_path=`` would silently start over on a resume."""
+    script = tmp_path / "forgets.py"
+    source = EXAMPLE.read_text().replace("ckpt_path=sweep.ckpt_path", "ckpt_path=None")
+    script.write_text(source)
+    run = ExampleRun(tmp_path / "run", flags=FLAGS, script=script)
+    code, _, err = run.interrupt_at(6, SIGTERM)
+    assert code == PREEMPTED_EXIT, err
+    result = run.complete()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("sweeprun: error: ")
+    assert "pass ckpt_path=callback.ckpt_path" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_does_not_import_lightning() -> None:
+    code = ("import sys, sweeprun.cli, sweeprun.integrations; "
+            "assert 'lightning' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["checkpoint.snapshot_taken", "checkpoint.mid_write",
+                                   "checkpoint.before_rename", "checkpoint.before_manifest"])
+def test_killed_during_a_save_then_rerun_matches(tmp_path: Path, reference: ExampleRun,
+                                                 point: str) -> None:
+    """The third save (step 15, mid-epoch) dies half done; the rerun resumes from step 10."""
+    run = lightning_run(tmp_path / "run")
+    crashed = run.complete(env={"SWEEPRUN_CRASH_AT": f"{point}@3"})
+    assert crashed.returncode == -SIGKILL, crashed.stderr
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stderr and "(step 10," in result.stderr, result.stderr
+    assert_same_ending(run, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("val", [False, True], ids=["train-only", "with-validation"])
+def test_resume_from_the_end_of_an_epoch_matches(tmp_path: Path, reference: ExampleRun,
+                                                 val_reference: ExampleRun, val: bool) -> None:
+    """Saves only at epoch ends (every 16 steps). With a validation loop, the last batch's
+    step ends after validation: Lightning resumes a checkpoint of that batch as if its
+    validation had run, and skips it (a save before it lost the validation, and with it
+    the RNG draws of its augmentation: weights off by 7.5e-2 here)."""
+    flags = tuple(f if f != "5" else "16" for f in FLAGS) + (("--val",) if val else ())
+    run = ExampleRun(tmp_path / "run", flags=flags, script=EXAMPLE)
+    if val:
+        reference = val_reference
+    code, seen, err = run.interrupt_at(24, SIGKILL)
+    assert code == -SIGKILL and seen >= 24, err
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "(step 16, epoch 0)" in result.stderr, result.stderr
+    assert_same_ending(run, reference)
+    if val:
+        assert [e["step"] for e in run.entries() if "val_loss" in e] == [16, 32, 48, 64]
+
+
+def max_difference(a: Any, b: Any) -> float:
+    """The largest absolute difference between two states' tensors."""
+    if isinstance(a, dict):
+        return max((max_difference(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (list, tuple)):
+        return max((max_difference(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    if hasattr(a, "dtype") and a.dtype.is_floating_point:
+        return (a - b).abs().max().item()
+    return 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("omit", ["rng", "data"])
+def test_without_the_rng_or_the_data_position_the_resume_is_not_exact(
+        tmp_path: Path, reference: ExampleRun, omit: str) -> None:
+    """What the callback adds, shown by leaving it out (what a plain Lightning resume does):
+    the same kill at step 21 (resuming from step 20, mid-epoch) ends elsewhere."""
+    run = ExampleRun(tmp_path / "run", flags=(*FLAGS, "--unsafe-omit", omit), script=EXAMPLE)
+    omitted_reference = ExampleRun(tmp_path / "reference", flags=run.flags, script=EXAMPLE)
+    assert omitted_reference.complete().returncode == 0
+    code, seen, err = run.interrupt_at(21, SIGKILL)
+    assert code == -SIGKILL and 21 <= seen < 25, err
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    if omit == "data":
+        assert "cannot say where it is in the epoch" in result.stderr
+    got, want = trainer_state(run), trainer_state(omitted_reference)
+    difference = max_difference(got["state_dict"], want["state_dict"])
+    print(f"without {omit}: weights differ by up to {difference:.3g}")
+    assert difference > 0
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_with_sigterm_and_relaunched_matches(sandbox: Sandbox,
+                                                              reference: ExampleRun) -> None:
+    """Under ``sweeprun launch``: the launcher's SIGTERM reaches the Lightning run, which saves
+    and exits 75 (interrupted, no attempt used); the relaunch resumes it to the same end as
+    the uninterrupted standalone run with the same parameters."""
+    command = (f"python {EXAMPLE} --lr {{lr}} --seed {{seed}} --epochs {{epochs}} "
+               "--save-every-steps 5 --step-sleep-s 0.02")
+    sweep = sandbox.write_sweep({"lr": [0.01], "seed": [3]}, {"epochs": 4}, command=command)
+    launcher = sandbox.sweeprun("launch", str(sweep), "--grace-s", "60")
+    run = ExampleRun(sandbox.store / "t" / "runs" / "unknown")
+
+    def mid_run() -> bool:
+        found = list((sandbox.store / "t" / "runs").glob("*/metrics.jsonl"))
+        if found:
+            run.out = found[0].parent
+        return bool(found) and run.last_step() >= 18
+
+    wait_for(mid_run, timeout=120, what="the Lightning run past step 18")
+    launcher.send_signal(SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, err
+    (row,) = sandbox.status(sweep).values()
+    assert (row["state"], row["failures"]) == ("interrupted", 0)
+    assert "SIGTERM received" in (run.out / "logs" / "attempt-1.log").read_text()
+
+    result = sandbox.run("launch", str(sweep), timeout=300)
+    assert result.returncode == 0, result.stderr
+    (row,) = sandbox.status(sweep).values()
+    assert (row["state"], row["attempts"]) == ("done", 2)
+    assert (run.out / "DONE").exists()
+    assert_same_ending(run, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_before_validation_exits_75_and_the_rerun_matches(
+        tmp_path: Path, val_reference: ExampleRun) -> None:
+    """Signalled during the epoch's last batch (its step ends after validation), the run is
+    stopped by Lightning's own SIGTERM exception in validation, which would exit 0 ("done");
+    the callback makes it 75, and the step-15 checkpoint resumes exactly."""
+    run = ExampleRun(tmp_path / "run", flags=(*FLAGS, "--val", "--step-sleep-s", "0.2"),
+                     script=EXAMPLE)
+    code, seen, err = run.interrupt_at(15, SIGTERM)
+    assert (code, seen) == (PREEMPTED_EXIT, 15), err
+    assert "stopped by a signal outside a training batch" in err
+    assert run.final_state()["step"] == 15
+    result = run.complete("--step-sleep-s", "0")
+    assert result.returncode == 0, result.stderr
+    assert_same_ending(run, val_reference)
+
+
+@pytest.mark.slow
+def test_resume_after_a_validation_inside_the_epoch_matches(tmp_path: Path) -> None:
+    """Validation every 8 batches, saves every 8: the step-24 checkpoint (mid-epoch, written
+    after its validation) resumes to the same end, and Lightning's "dataloader is not
+    resumable" warning is not shown (the sampler resumes)."""
+    flags = tuple(f if f != "5" else "8" for f in FLAGS) + ("--val", "--val-every", "8")
+    reference = ExampleRun(tmp_path / "reference", flags=flags, script=EXAMPLE)
+    assert reference.complete().returncode == 0
+    run = ExampleRun(tmp_path / "run", flags=flags, script=EXAMPLE)
+    code, seen, err = run.interrupt_at(28, SIGKILL)
+    assert code == -SIGKILL and 28 <= seen < 32, err
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "(step 24, epoch 1)" in result.stderr and "not resumable" not in result.stderr
+    assert_same_ending(run, reference)
+    assert [e["step"] for e in run.entries() if "val_loss" in e] == list(range(8, 65, 8))
