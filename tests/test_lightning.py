@@ -233,7 +233,9 @@ def test_a_sweep_stopped_with_sigterm_and_relaunched_matches(sandbox: Sandbox,
     assert launcher.returncode == 143, err
     (row,) = sandbox.status(sweep).values()
     assert (row["state"], row["failures"]) == ("interrupted", 0)
-    assert "SIGTERM received" in (run.out / "logs" / "attempt-1.log").read_text()
+    log = (run.out / "logs" / "attempt-1.log").read_text()
+    # Mid-batch it saves at once; between batches (an epoch's end) the last checkpoint resumes.
+    assert "SIGTERM received" in log or "stopped by a signal outside a training batch" in log, log[-2000:]
 
     result = sandbox.run("launch", str(sweep), timeout=300)
     assert result.returncode == 0, result.stderr
