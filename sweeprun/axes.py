@@ -27,6 +27,16 @@ Check = Callable[[Any, str], Any]   # (raw value, where) -> canonical value, or 
 At = Callable[[str], str]           # key path -> "file:line"
 
 
+def axis_values(values: Any, where: str, label: str, check_value: Check) -> list[Any]:
+    """The checked values of one axis (``label``: ``grid.lr``, ``zip.batch``): a non-empty
+    list, each value checked as any parameter value is."""
+    if not isinstance(values, list):
+        raise SpecError(f"{where}: {label} must be a list of values; write [{show(values)}] for one value")
+    if not values:
+        raise SpecError(f"{where}: {label} is an empty list, so the sweep has no runs; give at least one value")
+    return [check_value(v, f"{where}: {label}") for v in values]
+
+
 def parse_zip(value: Any, at: At, check_name: Callable[[Any, str], None], check_value: Check,
               grid: Mapping[str, list[Any]]) -> dict[str, dict[str, list[Any]]]:
     """``zip:``: one group (a mapping of equally long lists) or a list of groups, each
@@ -59,13 +69,7 @@ def parse_zip(value: Any, at: At, check_name: Callable[[Any, str], None], check_
             if key in seen:
                 raise SpecError(f"{where}: {key!r} is both in {seen[key]} and in {name}; keep one")
             seen[key] = name
-            if not isinstance(values, list):
-                raise SpecError(f"{where}: {name}.{key} must be a list of values; write [{show(values)}] "
-                                "for one value")
-            if not values:
-                raise SpecError(f"{where}: {name}.{key} is an empty list, so the sweep has no runs; "
-                                "give at least one value")
-            columns[str(key)] = [check_value(v, f"{where}: {name}.{key}") for v in values]
+            columns[str(key)] = axis_values(values, where, f"{name}.{key}", check_value)
         first, *others = columns
         for key in others:
             if len(columns[key]) != len(columns[first]):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .axes import check_rows, distinct_values, parse_exclude, parse_zip
+from .axes import axis_values, check_rows, distinct_values, parse_exclude, parse_zip
 from .command import (
     BUILTIN_PLACEHOLDERS,
     MAX_ARG_BYTES,
@@ -234,13 +234,7 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
     for key, values in grid.items():
         where = at(f"grid.{key}")
         _check_param_name(key, where)
-        if not isinstance(values, list):
-            raise SpecError(f"{where}: grid.{key} must be a list of values; write [{show(values)}] "
-                            "for one value")
-        if not values:
-            raise SpecError(f"{where}: grid.{key} is an empty list, so the sweep has no runs; "
-                            "give at least one value")
-        canon = [_check_value(v, f"{where}: grid.{key}") for v in values]
+        canon = axis_values(values, where, f"grid.{key}", _check_value)
         no_duplicate_values(canon, lambda v: render_value(v), f"{where}: grid.{key}", "")
         clean_grid[str(key)] = canon
     paired = parse_zip(data.get("zip"), at, _check_param_name, _check_value, clean_grid)
