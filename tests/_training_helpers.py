@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from sweeprun.runenv import PREEMPTED_EXIT
 from sweeprun.training import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +112,20 @@ def assert_same_run(run: ExampleRun, reference: ExampleRun) -> None:
 
 
 SIGKILL, SIGTERM = signal.SIGKILL, signal.SIGTERM
+
+
+def interrupt_repeatedly(run: ExampleRun, signum: int, kills: int, seed: int, span: int = 20) -> list[int]:
+    """Interrupt ``kills`` times at increasing random steps (each at most ``span`` past the last
+    one logged), then let the run finish, which must resume; the steps hit."""
+    rng = random.Random(seed)
+    hit: list[int] = []
+    for _ in range(kills):
+        target = rng.randint(run.last_step() + 2, run.last_step() + span)
+        code, seen, err = run.interrupt_at(target, signum)
+        expected = PREEMPTED_EXIT if signum == SIGTERM else -SIGKILL
+        assert code == expected, f"exit {code} after step {seen}, expected {expected}:\n{err}"
+        hit.append(seen)
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert "sweeprun: resumed from" in result.stderr
+    return hit

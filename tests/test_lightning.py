@@ -9,7 +9,6 @@ chosen step. Compared: the LightningModule's weights, the optimizer and schedule
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,14 @@ pytest.importorskip("lightning")
 
 from sweeprun.runenv import PREEMPTED_EXIT
 
-from _training_helpers import REPO, SIGKILL, SIGTERM, ExampleRun, assert_same_tree
+from _training_helpers import (
+    REPO,
+    SIGKILL,
+    SIGTERM,
+    ExampleRun,
+    assert_same_tree,
+    interrupt_repeatedly,
+)
 from conftest import Sandbox, wait_for
 
 EXAMPLE = REPO / "examples" / "lightning_mlp.py"
@@ -73,26 +79,11 @@ def assert_same_ending(run: ExampleRun, reference: ExampleRun) -> None:
     assert entries == reference.entries()
 
 
-def interrupt_repeatedly(run: ExampleRun, signum: int, kills: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    hit: list[int] = []
-    for _ in range(kills):
-        target = rng.randint(run.last_step() + 2, run.last_step() + 18)
-        code, seen, err = run.interrupt_at(target, signum)
-        expected = PREEMPTED_EXIT if signum == SIGTERM else -SIGKILL
-        assert code == expected, f"exit {code} after step {seen}, expected {expected}:\n{err}"
-        hit.append(seen)
-    result = run.complete()
-    assert result.returncode == 0, result.stderr
-    assert "sweeprun: resumed from" in result.stderr
-    return hit
-
-
 @pytest.mark.slow  # five Lightning processes (a few seconds each to import)
 def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(
         tmp_path: Path, reference: ExampleRun) -> None:
     run = lightning_run(tmp_path / "run")
-    hit = interrupt_repeatedly(run, SIGKILL, kills=3, seed=5)
+    hit = interrupt_repeatedly(run, SIGKILL, kills=3, seed=5, span=18)
     assert all(0 < s < TOTAL_STEPS for s in hit)
     assert_same_ending(run, reference)
 

@@ -9,7 +9,6 @@ the same loss and LR at every step, one metrics entry per step.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from _training_helpers import (
     ExampleRun,
     assert_same_run,
     assert_same_tree,
+    interrupt_repeatedly,
 )
 
 
@@ -36,21 +36,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> ExampleRun:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"done: step {TOTAL_STEPS}, final loss")
     return run
-
-
-def interrupt_repeatedly(run: ExampleRun, signum: int, kills: int, seed: int) -> list[int]:
-    """Interrupt ``kills`` times at increasing random steps, then let the run finish; the steps hit."""
-    rng = random.Random(seed)
-    hit: list[int] = []
-    for _ in range(kills):
-        target = rng.randint(run.last_step() + 2, run.last_step() + 20)
-        code, seen, err = run.interrupt_at(target, signum)
-        expected = PREEMPTED_EXIT if signum == SIGTERM else -SIGKILL
-        assert code == expected, f"exit {code} after step {seen}, expected {expected}:\n{err}"
-        hit.append(seen)
-    result = run.complete()
-    assert result.returncode == 0, result.stderr
-    return hit
 
 
 @pytest.mark.slow  # whole training runs; the full suite (CI) runs it
