@@ -185,6 +185,16 @@ def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> tuple[RunRow, dic
     return row, {"child_pid": child_pid, "child_start": child_start, "progress": progress}
 
 
+def orphan_of(row: RunRow, extra: dict[str, Any]) -> ProcessRef | None:
+    """The child a dead holder of ``row`` may have left running, when it is provably that
+    child: only one whose pid AND start time were recorded, and which is alive."""
+    holder = row.holder
+    if holder is None or not extra["child_pid"] or extra["child_start"] is None:
+        return None
+    child = ProcessRef(holder.host, extra["child_pid"], extra["child_start"])
+    return child if child.alive() else None
+
+
 def judge(row: RunRow, now: float, policy: Policy) -> Verdict:
     """The one definition of what can happen to ``row`` at ledger time ``now``.
 

@@ -36,6 +36,7 @@ from .base import (
     decode_row,
     grid_key,
     judge,
+    orphan_of,
     with_attempt,
 )
 
@@ -499,11 +500,7 @@ class PostgresLedger(Ledger):
         orphan, took_over = None, False
         if row.state is RunState.RUNNING:
             took_over = True
-            holder = row.holder
-            # Only a child whose pid AND start time were recorded is provably ours to kill.
-            if holder is not None and extra["child_pid"] and extra["child_start"] is not None:
-                child = ProcessRef(holder.host, extra["child_pid"], extra["child_start"])
-                orphan = child if child.alive() else None
+            orphan = orphan_of(row, extra)
             self._close_attempt(conn, row.run_id, row.attempts, "lost", None, now, None)
         attempt = row.attempts + 1
         conn.execute(

@@ -35,6 +35,7 @@ from .base import (
     decode_row,
     grid_key,
     judge,
+    orphan_of,
     with_attempt,
 )
 
@@ -423,11 +424,7 @@ class SqliteLedger(Ledger):
             orphan, took_over = None, False
             if row.state is RunState.RUNNING:
                 took_over = True
-                holder = row.holder
-                # Only a child whose pid AND start time were recorded is provably ours to kill.
-                if holder is not None and extra["child_pid"] and extra["child_start"] is not None:
-                    child = ProcessRef(holder.host, extra["child_pid"], extra["child_start"])
-                    orphan = child if child.alive() else None
+                orphan = orphan_of(row, extra)
                 self._close_attempt(db, row.run_id, row.attempts, "lost", None, now)
             attempt = row.attempts + 1
             db.execute(
