@@ -43,15 +43,12 @@ transformers is imported here only; ``import sweeprun`` and the CLI never load i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 try:
@@ -69,13 +66,11 @@ from ..store import atomic_write, fsync_dir, is_local
 from ..training.checkpoints import warn
 from ..training.run import Run, _write_marker
 from ..training.run import init as init_run
+from .sealed import PREFIX, REJECTED, SEAL, Sealed, newest_sealed, seal, verify
 
-SEAL = "sweeprun-seal.json"
+__all__ = ["init", "SweeprunCallback", "Sealed", "seal", "verify", "PREFIX", "SEAL", "REJECTED"]
+
 RNG_FILE = "sweeprun-rng.pt"
-REJECTED = ".sweeprun-rejected"
-PREFIX = "checkpoint-"
-SEAL_FORMAT = 1
-_CHUNK = 1 << 20
 
 
 def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[str] | None = None,
@@ -97,117 +92,6 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
         raise SpecError(f"run directory {run.dir} is not on local disk; the Trainer writes its "
                         "checkpoints with plain file I/O: use a local store (a mounted drive works)")
     return SweeprunCallback(run, every_s=every_s, clock=clock)
-
-
-@dataclass(frozen=True)
-class Sealed:
-    """A checkpoint folder whose seal verified."""
-
-    path: str
-    step: int
-    seal: dict[str, Any]
-
-
-def _hash_file(path: str, sync: bool = True) -> tuple[int, str]:
-    """Size and SHA-256 of a file, fsynced on the way when sealing: the seal must not
-    outlive its data."""
-    digest = hashlib.sha256()
-    size = 0
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-        if sync:
-            os.fsync(f.fileno())
-    return size, digest.hexdigest()
-
-
-def _hash_all(paths: list[str], sync: bool = True) -> list[tuple[int, str]]:
-    """:func:`_hash_file` of each, on a few threads: hashlib and reads release the GIL, and a
-    Trainer folder is a few large files (weights, optimizer) that hash in parallel."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(paths)))) as pool:
-        return list(pool.map(lambda path: _hash_file(path, sync), paths))
-
-
-def _files(folder: str) -> list[str]:
-    """Every regular file under ``folder`` as a relative posix path, the seal and temp files aside."""
-    out = []
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        for name in names:
-            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-            if rel != SEAL and not name.startswith(".tmp-"):
-                out.append(rel)
-    return sorted(out)
-
-
-def seal(folder: str, step: int, extra: Mapping[str, Any]) -> dict[str, Any]:
-    """Write ``folder``'s seal: size and SHA-256 of every file in it, atomically and last."""
-    names = _files(folder)
-    files = {rel: {"size": size, "sha256": sha}
-             for rel, (size, sha) in zip(names, _hash_all([os.path.join(folder, n) for n in names]), strict=True)}
-    for root, _, _ in os.walk(folder):
-        fsync_dir(root)
-    record = {"format": SEAL_FORMAT, "step": step, "files": files, **extra}
-    atomic_write(_local_fs(), os.path.join(folder, SEAL),
-                 (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-    return record
-
-
-def verify(folder: str) -> dict[str, Any]:
-    """The seal of ``folder`` once every file it lists is there with its size and hash;
-    ValueError saying what is wrong otherwise."""
-    path = os.path.join(folder, SEAL)
-    try:
-        with open(path, "rb") as f:
-            record = json.loads(f.read(1 << 24))
-    except FileNotFoundError:
-        raise ValueError("it was never sealed (the save was cut short)") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"its seal is unreadable ({exc})") from None
-    files = record.get("files") if isinstance(record, dict) else None
-    if not isinstance(files, dict) or record.get("format") != SEAL_FORMAT or not files:
-        raise ValueError("its seal is not one sweeprun writes")
-    listed = sorted(files.items())
-    for rel, expected in listed:
-        target = os.path.normpath(os.path.join(folder, rel))
-        if os.path.isabs(rel) or not target.startswith(os.path.normpath(folder) + os.sep):
-            raise ValueError(f"its seal names {rel!r}, outside the folder")
-        if not isinstance(expected, dict):
-            raise ValueError(f"its seal's entry for {rel!r} is not one sweeprun writes")
-        try:
-            present = os.stat(target, follow_symlinks=False)
-        except FileNotFoundError:
-            raise ValueError(f"{rel} is missing") from None
-        except OSError as exc:
-            raise ValueError(f"{rel} is unreadable ({exc})") from None
-        if present.st_size != expected.get("size"):  # cheap, before any hashing
-            raise ValueError(f"{rel} is truncated or changed: {present.st_size} bytes, "
-                             f"sealed {expected.get('size')}")
-    try:
-        hashed = _hash_all([os.path.join(folder, rel) for rel, _ in listed], sync=False)
-    except OSError as exc:
-        raise ValueError(f"a sealed file is unreadable ({exc})") from None
-    for (rel, expected), (size, sha) in zip(listed, hashed, strict=True):
-        if size != expected.get("size"):
-            raise ValueError(f"{rel} is truncated or changed: {size} bytes, sealed {expected.get('size')}")
-        if sha != expected.get("sha256"):
-            raise ValueError(f"{rel} is corrupt: sha256 {sha[:12]}..., sealed {str(expected.get('sha256'))[:12]}...")
-    return record
-
-
-def _local_fs() -> Any:
-    import fsspec
-
-    return fsspec.filesystem("file")
-
-
-def _step_of(name: str) -> int | None:
-    tail = name[len(PREFIX):]
-    return int(tail) if name.startswith(PREFIX) and tail.isdigit() else None
 
 
 class SweeprunCallback(TrainerCallback):
@@ -247,26 +131,10 @@ class SweeprunCallback(TrainerCallback):
         """The newest checkpoint folder that verifies. Newer folders that do not (cut short,
         damaged) are moved to ``.sweeprun-rejected/`` with a warning, so the Trainer never
         writes into them nor rotates the good one away in their favour."""
-        try:
-            names = os.listdir(self.output_dir)
-        except FileNotFoundError:
-            return None
-        folders = sorted(((s, n) for n in names if (s := _step_of(n)) is not None), reverse=True)
-        rejected: list[tuple[str, str]] = []
-        sealed_seen = False
-        chosen: Sealed | None = None
-        for step, name in folders:
-            path = os.path.join(self.output_dir, name)
-            sealed_seen = sealed_seen or os.path.exists(os.path.join(path, SEAL))
-            try:
-                record = verify(path)
-            except ValueError as exc:
-                rejected.append((path, f"{name} ({exc})"))
-                continue
-            chosen = Sealed(path, step, record)
-            break
+        scan = newest_sealed(self.output_dir)
+        chosen, rejected = scan.chosen, scan.rejected
         reasons = "; ".join(reason for _, reason in rejected)
-        if chosen is None and sealed_seen:
+        if chosen is None and scan.sealed_seen:
             # left in place: a second attempt must meet the same error, not a fresh start
             raise CheckpointError(f"no checkpoint folder in {self.output_dir} verifies: {reasons}; "
                                   "delete the folder to start the run over")
@@ -494,6 +362,7 @@ class SweeprunCallback(TrainerCallback):
         fetches one ahead), and torch's now, which the next fetch and step continue from."""
         import io
 
+        import fsspec
         import torch
 
         from ..training.state import to_safe
@@ -511,7 +380,7 @@ class SweeprunCallback(TrainerCallback):
             before = {"python": state[0], "numpy": state[1], "torch": state[2]}
         buffer = io.BytesIO()
         torch.save(to_safe({"before_fetch": before, "torch_at_save": torch.get_rng_state()}), buffer)
-        atomic_write(_local_fs(), os.path.join(folder, RNG_FILE), buffer.getvalue())
+        atomic_write(fsspec.filesystem("file"), os.path.join(folder, RNG_FILE), buffer.getvalue())
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
                **kwargs: Any) -> None:

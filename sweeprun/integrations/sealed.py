@@ -1,0 +1,184 @@
+"""Sealed checkpoint folders: a framework's checkpoint folder made verifiable.
+
+The Hugging Face Trainer writes ``checkpoint-<step>/`` in place, file by file, and
+resumes from the highest number without looking inside, so a kill during a save leaves
+a folder that looks like a checkpoint and is not one. Once a folder is complete, sweeprun
+*seals* it: ``sweeprun-seal.json``, written atomically and last, lists the size and
+SHA-256 of every file in it, and only a folder whose seal still verifies is a checkpoint.
+
+Kept apart from the Trainer callback so that whatever reads a run directory (``status``,
+``show``, ``gc``, ``verify``) can tell a good folder from a cut-short one without
+importing transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..store import atomic_write, fsync_dir
+
+SEAL = "sweeprun-seal.json"
+#: Where cut-short or damaged folders are set aside (never deleted: they may be all there is).
+REJECTED = ".sweeprun-rejected"
+PREFIX = "checkpoint-"
+SEAL_FORMAT = 1
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A checkpoint folder whose seal verified."""
+
+    path: str
+    step: int
+    seal: dict[str, Any]
+
+
+@dataclass
+class Scan:
+    """What :func:`newest_sealed` found in a Trainer's ``output_dir``."""
+
+    chosen: Sealed | None = None
+    #: Newer folders that do not verify, newest first: (path, "name (why)").
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    #: Some folder has a seal (so "none verifies" is damage, not a run that never saved).
+    sealed_seen: bool = False
+
+
+def step_of(name: str) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder name; ``None`` for any other name."""
+    tail = name[len(PREFIX):]
+    return int(tail) if name.startswith(PREFIX) and tail.isdigit() else None
+
+
+def _hash_file(path: str, sync: bool = True) -> tuple[int, str]:
+    """Size and SHA-256 of a file, fsynced on the way when sealing: the seal must not
+    outlive its data."""
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return size, digest.hexdigest()
+
+
+def _hash_all(paths: list[str], sync: bool = True) -> list[tuple[int, str]]:
+    """:func:`_hash_file` of each, on a few threads: hashlib and reads release the GIL, and a
+    Trainer folder is a few large files (weights, optimizer) that hash in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(paths)))) as pool:
+        return list(pool.map(lambda path: _hash_file(path, sync), paths))
+
+
+def _files(folder: str) -> list[str]:
+    """Every regular file under ``folder`` as a relative posix path, the seal and temp files aside."""
+    out = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if rel != SEAL and not name.startswith(".tmp-"):
+                out.append(rel)
+    return sorted(out)
+
+
+def seal(folder: str, step: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write ``folder``'s seal: size and SHA-256 of every file in it, atomically and last."""
+    import fsspec
+
+    names = _files(folder)
+    files = {rel: {"size": size, "sha256": sha}
+             for rel, (size, sha) in zip(names, _hash_all([os.path.join(folder, n) for n in names]), strict=True)}
+    for root, _, _ in os.walk(folder):
+        fsync_dir(root)
+    record = {"format": SEAL_FORMAT, "step": step, "files": files, **extra}
+    atomic_write(fsspec.filesystem("file"), os.path.join(folder, SEAL),
+                 (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    return record
+
+
+def read_seal(folder: str) -> dict[str, Any]:
+    """``folder``'s seal as written, without checking the files; ValueError if there is
+    none or it is not one sweeprun writes."""
+    path = os.path.join(folder, SEAL)
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read(1 << 24))
+    except FileNotFoundError:
+        raise ValueError("it was never sealed (the save was cut short)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"its seal is unreadable ({exc})") from None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or record.get("format") != SEAL_FORMAT or not files:
+        raise ValueError("its seal is not one sweeprun writes")
+    return record
+
+
+def verify(folder: str) -> dict[str, Any]:
+    """The seal of ``folder`` once every file it lists is there with its size and hash;
+    ValueError saying what is wrong otherwise."""
+    record = read_seal(folder)
+    listed = sorted(record["files"].items())
+    for rel, expected in listed:
+        target = os.path.normpath(os.path.join(folder, rel))
+        if os.path.isabs(rel) or not target.startswith(os.path.normpath(folder) + os.sep):
+            raise ValueError(f"its seal names {rel!r}, outside the folder")
+        if not isinstance(expected, dict):
+            raise ValueError(f"its seal's entry for {rel!r} is not one sweeprun writes")
+        try:
+            present = os.stat(target, follow_symlinks=False)
+        except FileNotFoundError:
+            raise ValueError(f"{rel} is missing") from None
+        except OSError as exc:
+            raise ValueError(f"{rel} is unreadable ({exc})") from None
+        if present.st_size != expected.get("size"):  # cheap, before any hashing
+            raise ValueError(f"{rel} is truncated or changed: {present.st_size} bytes, "
+                             f"sealed {expected.get('size')}")
+    try:
+        hashed = _hash_all([os.path.join(folder, rel) for rel, _ in listed], sync=False)
+    except OSError as exc:
+        raise ValueError(f"a sealed file is unreadable ({exc})") from None
+    for (rel, expected), (size, sha) in zip(listed, hashed, strict=True):
+        if size != expected.get("size"):
+            raise ValueError(f"{rel} is truncated or changed: {size} bytes, sealed {expected.get('size')}")
+        if sha != expected.get("sha256"):
+            raise ValueError(f"{rel} is corrupt: sha256 {sha[:12]}..., sealed {str(expected.get('sha256'))[:12]}...")
+    return record
+
+
+def checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every ``checkpoint-<step>`` folder in ``output_dir``, newest first."""
+    try:
+        names = os.listdir(output_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(((s, os.path.join(output_dir, n)) for n in names if (s := step_of(n)) is not None),
+                  reverse=True)
+
+
+def newest_sealed(output_dir: str) -> Scan:
+    """The newest folder of ``output_dir`` that verifies, and the newer ones that do not.
+
+    Reads only: the Trainer callback sets the rejected folders aside before a resume,
+    anything else (``show``, ``verify``) merely reports them.
+    """
+    scan = Scan()
+    for step, path in checkpoint_folders(output_dir):
+        scan.sealed_seen = scan.sealed_seen or os.path.exists(os.path.join(path, SEAL))
+        try:
+            record = verify(path)
+        except ValueError as exc:
+            scan.rejected.append((path, f"{os.path.basename(path)} ({exc})"))
+            continue
+        scan.chosen = Sealed(path, step, record)
+        break
+    return scan
