@@ -160,6 +160,11 @@ def _step_of(line: str) -> int | float | None:
         entry = json.loads(line)
     except ValueError:
         return None
+    return _entry_step(entry)
+
+
+def _entry_step(entry: Any) -> int | float | None:
+    """The step of a decoded metrics line; ``None`` if it is not an entry with one."""
     step = entry.get("step") if isinstance(entry, dict) else None
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
         return None
@@ -168,8 +173,15 @@ def _step_of(line: str) -> int | float | None:
 
 def parse_entries(raw: bytes) -> list[dict[str, Any]]:
     """The whole entries of a metrics file's bytes (a torn last line is left out)."""
-    text = raw.decode(errors="replace")
-    return [json.loads(line) for line in text.split("\n")[:-1] if _step_of(line) is not None]
+    out = []
+    for line in raw.decode(errors="replace").split("\n")[:-1]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if _entry_step(entry) is not None:
+            out.append(entry)
+    return out
 
 
 def read_metrics(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
