@@ -185,7 +185,7 @@ def test_help_shows_the_command_after_a_double_dash() -> None:
     result = subprocess.run([sys.executable, "-m", "sweeprun", "verify", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    assert "[-- COMMAND]..." in result.stdout and "--seed" in result.stdout and "--atol" in result.stdout
+    assert "[-- COMMAND]" in result.stdout and "--seed" in result.stdout and "--atol" in result.stdout
 
 
 # -- the pieces, in process ------------------------------------------------------------------

@@ -24,7 +24,9 @@ from ..runenv import ATTEMPT, MTBI, PARAMS, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
 POLL_S = 0.005
 #: Seconds a script gets to save and exit after SIGTERM before it is killed (as the launcher's grace).
 GRACE_S = 60.0
-_RESUMED = re.compile(rb"sweeprun: resumed from \S+ \(step (\d+)")
+#: What a resume prints: the training API says "resumed from", the Trainer integration
+#: "resuming from" (before the Trainer has loaded anything); a path may hold spaces.
+_RESUMED = re.compile(rb"sweeprun: resum(?:ed|ing) from [^\n]*? \(step (\d+)")
 _SIGNALS = (signal.SIGTERM, signal.SIGKILL)
 
 
