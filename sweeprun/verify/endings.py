@@ -47,7 +47,13 @@ class Ending:
 
     def shown(self) -> list[str]:
         """The pieces named in a verdict, bookkeeping aside."""
-        return [p for p in self.pieces if p not in (*self.scalars, "run.extras")]
+        return [p for p, v in self.pieces.items()
+                if p not in (*self.scalars, "run.extras") and not _empty(v)]
+
+
+def _empty(state: Any) -> bool:
+    """Nothing saved (no callbacks with a state, no sampler): nothing to call equal."""
+    return isinstance(state, (Mapping, list, tuple)) and not state
 
 
 def load_ending(run_dir: Path) -> Ending | None:
@@ -64,6 +70,12 @@ def load_ending(run_dir: Path) -> Ending | None:
         if not (run_dir / "checkpoints").is_dir():
             return None  # a script that keeps no sweeprun checkpoint: its metrics are all there is
         raise
+    return ending_of(state, run_dir)
+
+
+def ending_of(state: Mapping[str, Any], run_dir: Path) -> Ending:
+    """A sweeprun checkpoint of ``run_dir`` as an :class:`Ending`: the Lightning callback's
+    taken apart, any other as the script tracked it."""
     state = _relative(state, run_dir)
     lightning = state.get("objects", {}).get("lightning")
     if isinstance(lightning, Mapping) and isinstance(lightning.get("trainer"), Mapping):
@@ -113,7 +125,8 @@ def _lightning_ending(state: Mapping[str, Any]) -> Ending:
     if "callbacks" in pieces:
         pieces["callbacks"] = _without_clock(pieces["callbacks"])
     samplers = saved.get("samplers") or []
-    pieces["data position"] = samplers
+    if samplers:
+        pieces["data position"] = samplers
     # The loop counters are compared: measured equal after every resume (Lightning aligns its
     # restarted counters before they are saved again), and a batch trained twice or skipped
     # shows there first. Only the epoch and step are named as such.
@@ -127,16 +140,18 @@ def _lightning_ending(state: Mapping[str, Any]) -> Ending:
         pieces["global RNGs"] = state["rng"]
     kinds = {"model": "model", "optimizer": "optimizer", "LR scheduler": "LR scheduler",
              "data position": "data position"}
+    kinds = {k: p for k, p in kinds.items() if pieces.get(p)}
     missing = {}
     if state.get("rng") is None:
         missing["RNG"] = ("Lightning saves no RNG state and the callback was made with "
                           "SweeprunCallback(rng=False), so dropout and augmentation draw afresh")
-    if not samplers:
+    loops = pieces["training progress"].get("loops") or {}
+    if ((loops.get("fit_loop") or {}).get("state_dict") or {}).get("combined_loader"):
+        kinds.setdefault("data position", "training progress")  # a stateful loader: Lightning's own
+    elif not samplers:
         missing["data position"] = ("the training DataLoader has no sampler with a state, so "
                                     "Lightning starts the epoch's order again: give it "
                                     "sampler=sweeprun.ResumableSampler(dataset, seed=...)")
-    if not pieces.get("LR scheduler"):
-        kinds.pop("LR scheduler")
     step = state.get("step")
     return Ending("Lightning checkpoint", step if isinstance(step, int) else None, pieces, kinds,
                   missing, loop_hint="")
