@@ -7,7 +7,8 @@ it can. So the script runs standalone twice, each time in a fresh run directory 
 ``SWEEPRUN_RUN_DIR``: once uninterrupted, and once interrupted from outside as a lost
 machine would interrupt it (SIGTERM at one step, SIGKILL at another, seeded) and re-run
 until it finishes. The two endings are then compared: every tensor of the final
-checkpoint, every metrics line. Where they differ, the first differing step, measured
+checkpoint (a sweeprun checkpoint, Lightning's inside it, or the Trainer's last sealed
+folder, taken apart into pieces by :mod:`.endings`), every metrics line. Where they differ, the first differing step, measured
 from the resume before it, says which piece was missing: a learning rate that differs at
 the first resumed step is the scheduler; a loss that differs there with the same
 learning rate is the data position or the RNG; a loss that differs only one step later is

@@ -253,14 +253,18 @@ def _torch_load(path: Path, numpy: bool = False) -> Any:
     it the few NumPy types it is made of are allowed (as the Trainer itself does to read it)."""
     import torch
 
-    if not numpy:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    import numpy as np
+    allowed: list[Any] = []
+    if numpy:
+        import numpy as np
 
-    core = getattr(np, "_core", None) or np.core
-    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        core = getattr(np, "_core", None) or np.core
+        allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unpickling error names a type deep in a long message
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be read with torch.load(weights_only=True): {first}") from None
 
 
 def _mid_epoch(trainer_state: Mapping[str, Any] | None) -> bool:
