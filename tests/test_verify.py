@@ -152,7 +152,8 @@ def test_signals_reach_a_script_behind_a_wrapper(tmp_path: Path, tiny: str) -> N
     sigterm = re.search(r"attempt 1: from step 0; SIGTERM after step (\d+), exit -15; not 75: .* or a "
                         r"wrapper died of it first", result.stdout)
     assert sigterm, result.stdout
-    resumed = re.search(r"attempt 2: resumed from step (\d+); SIGKILL after step \d+, exit -9", result.stdout)
+    resumed = re.search(r"attempt 2: resumed from step (\d+); SIGKILL after step \d+( \(inside a save\))?, exit -9",
+                        result.stdout)  # the tiny script saves every 3 steps: a kill may land in one
     assert resumed, result.stdout
     assert int(resumed[1]) - int(sigterm[1]) in (0, 1), "the script inside saved where SIGTERM found it"
     assert "EXACT: interrupted 2 time(s)" in result.stdout
@@ -185,7 +186,7 @@ def test_help_shows_the_command_after_a_double_dash() -> None:
     result = subprocess.run([sys.executable, "-m", "sweeprun", "verify", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    assert "[-- COMMAND]..." in result.stdout and "--seed" in result.stdout and "--atol" in result.stdout
+    assert "[-- COMMAND]" in result.stdout and "--seed" in result.stdout and "--atol" in result.stdout
 
 
 # -- the pieces, in process ------------------------------------------------------------------

@@ -7,7 +7,8 @@ it can. So the script runs standalone twice, each time in a fresh run directory 
 ``SWEEPRUN_RUN_DIR``: once uninterrupted, and once interrupted from outside as a lost
 machine would interrupt it (SIGTERM at one step, SIGKILL at another, seeded) and re-run
 until it finishes. The two endings are then compared: every tensor of the final
-checkpoint, every metrics line. Where they differ, the first differing step, measured
+checkpoint (a sweeprun checkpoint, Lightning's inside it, or the Trainer's last sealed
+folder, taken apart into pieces by :mod:`.endings`), every metrics line. Where they differ, the first differing step, measured
 from the resume before it, says which piece was missing: a learning rate that differs at
 the first resumed step is the scheduler; a loss that differs there with the same
 learning rate is the data position or the RNG; a loss that differs only one step later is
@@ -24,7 +25,7 @@ import math
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from .attempts import Attempt, Kill, ScriptRun, plan_kills
 from .compare import (
     Difference,
     MetricsDiff,
+    compare_pieces,
     compare_states,
     count_tensors,
     diagnose,
@@ -44,6 +46,7 @@ from .compare import (
     kind_of,
     summarize,
 )
+from .endings import Ending, load_ending
 
 __all__ = ["Report", "ScriptFailed", "verify", "plan_kills", "diff_metrics", "diff_trees",
            "compare_states", "diagnose", "kind_of", "MetricsDiff", "Kill"]
@@ -155,26 +158,32 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
                           "step 0: does the script call run.restore() after run.track(...)?"])
     metrics = diff_metrics(_entries(reference.metrics), _entries(resumed.metrics), atol, set(ignore))
     from ..errors import CheckpointError
-    from ..training import load_checkpoint
 
     try:
-        want: dict[str, Any] | None = load_checkpoint(reference.dir)
+        want: Ending | None = load_ending(reference.dir)
     except CheckpointError:
-        want = None  # a script that keeps no sweeprun checkpoint: its metrics are all there is
+        want = None  # its checkpoints do not verify: its metrics are all there is to compare
     states: dict[str, list[Difference]] = {}
     if want is not None:
         try:
-            states = compare_states(want, load_checkpoint(resumed.dir), atol)
+            got = load_ending(resumed.dir)
         except CheckpointError as exc:
-            states = {"final checkpoint": [Difference((), f"none in the resumed run ({exc})")]}
-    rng = states.pop("global RNGs", None)
+            got, states = None, {"final checkpoint": [Difference((), f"none in the resumed run ({exc})")]}
+        if got is None and not states:
+            states = {"final checkpoint": [Difference((), f"none in the resumed run, where the "
+                                                          f"uninterrupted one ended with a {want.what}")]}
+        elif got is not None:
+            states = compare_pieces(want.pieces, got.pieces, atol)
+    rng = next((states.pop(p) for p in _RNG_PIECES if p in states), None)
     how = ", ".join(f"{a.sent} after step {a.after_step}" for a in interruptions)
     lines = []
     if metrics.same and not states:
         tolerance = "bit for bit" if atol == 0 else f"within --atol {atol:g}"
-        pieces = [p for p in _pieces(want) if not (rng and p == "global RNGs")]
-        what = (f"the final state at step {want['step']} equal {tolerance} "
-                + (f"({', '.join(pieces)}: {count_tensors(want)} tensors)" if pieces else "(no objects tracked)")
+        pieces = [p for p in want.shown() if not (rng and p in _RNG_PIECES)] if want else []
+        source = "" if want is None or want.what == "sweeprun checkpoint" else f"{want.what}: "
+        what = (f"the final state at step {want.step} equal {tolerance} "
+                + (f"({source}{', '.join(pieces)}: {count_tensors(want.pieces)} tensors)" if pieces
+                   else "(no objects tracked)")
                 if want is not None else "no sweeprun checkpoint to compare (only metrics were)")
         lines.append(f"EXACT: interrupted {len(interruptions)} time(s) ({how}) and resumed from "
                      f"step(s) {', '.join(map(str, resumes))}, it ended as the uninterrupted run: "
@@ -193,23 +202,21 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
     if not metrics.same:
         lines.append(f"  metrics: first differ at step {metrics.step} (uninterrupted vs resumed: "
                      f"{metrics.detail}); {metrics.lines[0]} vs {metrics.lines[1]} lines")
+    scalars = (*want.scalars, "final checkpoint") if want else ("final checkpoint",)
     for piece, differences in states.items():
-        shown = (differences[0].detail if piece in ("step", "epoch", "final checkpoint")
-                 else summarize(differences))
+        shown = differences[0].detail if piece in scalars else summarize(differences)
         lines.append(f"  {piece}: {shown}")
     if rng:
         lines.append(f"  global RNGs: {summarize(rng)} (as they do whenever a script leaves one unseeded)")
     if want is None:
         lines.append("  final state: not compared, the uninterrupted run left no sweeprun checkpoint")
     elif states:
-        equal = [p for p in _pieces(want) if p not in states and not (rng and p == "global RNGs")]
+        equal = [p for p in want.shown() if p not in states and not (rng and p in _RNG_PIECES)]
         if equal:
             lines.append(f"  equal: {', '.join(equal)}")
     return Report(1, [redact(line) for line in lines])
 
 
-def _pieces(state: Mapping[str, Any] | None) -> list[str]:
-    if state is None:
-        return []
-    pieces = [str(name) for name in state.get("objects", {})]
-    return pieces + (["global RNGs"] if state.get("rng") is not None else [])
+#: The pieces that hold the global RNGs: when they alone differ and every result is equal, the
+#: script left one unseeded, or draws from it a varying number of times, without effect (a warning).
+_RNG_PIECES = ("global RNGs",)

@@ -24,7 +24,9 @@ from ..runenv import ATTEMPT, MTBI, PARAMS, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
 POLL_S = 0.005
 #: Seconds a script gets to save and exit after SIGTERM before it is killed (as the launcher's grace).
 GRACE_S = 60.0
-_RESUMED = re.compile(rb"sweeprun: resumed from \S+ \(step (\d+)")
+#: What a resume prints: the training API says "resumed from", the Trainer integration
+#: "resuming from" (before the Trainer has loaded anything); a path may hold spaces.
+_RESUMED = re.compile(rb"sweeprun: resum(?:ed|ing) from [^\n]*? \(step (\d+)")
 _SIGNALS = (signal.SIGTERM, signal.SIGKILL)
 
 
@@ -180,7 +182,13 @@ class ScriptRun:
         return step
 
     def _save_was_cut(self) -> bool:
-        """A temporary file, or a data file without its manifest: the kill hit a save."""
+        """A temporary file, a data file without its manifest, or a Trainer folder without its
+        seal: the kill hit a save."""
+        from ..integrations.sealed import SEAL, checkpoint_folders
+
+        if any(not os.path.exists(os.path.join(path, SEAL))
+               for _, path in checkpoint_folders(str(self.dir / "trainer"))):
+            return True
         try:
             names = set(os.listdir(self.dir / "checkpoints"))
         except OSError:

@@ -170,16 +170,29 @@ def compare_states(a: Mapping[str, Any], b: Mapping[str, Any], atol: float = 0.0
     return found
 
 
+def compare_pieces(a: Mapping[str, Any], b: Mapping[str, Any], atol: float = 0.0) -> dict[str, list[Difference]]:
+    """The differences between two endings' pieces (see :mod:`.endings`), by piece."""
+    found: dict[str, list[Difference]] = {}
+    for d in diff_trees(a, b, atol):
+        found.setdefault(str(d.path[0]), []).append(Difference(d.path[1:] or d.path, d.detail, d.max_abs))
+    return found
+
+
 def diagnose(metrics: MetricsDiff, resumes: Sequence[int], resumed_steps: Sequence[int],
-             state: Mapping[str, Any] | None) -> list[str]:
+             state: Any) -> list[str]:
     """The pieces of state that were most likely not restored, from where the metrics diverge
-    relative to a resume before it, and from what the checkpoint holds.
+    relative to a resume before it, and from what the final state holds (an
+    :class:`~.endings.Ending`, or a sweeprun checkpoint as :func:`load_checkpoint` reads it).
 
     Resumes are tried oldest first: a state restored wrongly at one resume is saved again by
     that attempt, so a later resume from it inherits the fault without causing it."""
+    from .endings import Ending, native_ending
+
     if metrics.same:
         return []
-    kinds = {kind_of(v): name for name, v in (state or {}).get("objects", {}).items()}
+    ending = state if isinstance(state, Ending) or state is None else native_ending(state)
+    kinds = dict(ending.kinds) if ending else {}
+    missing = dict(ending.missing) if ending else {}
     step = metrics.step if metrics.step is not None else math.inf
     before = sorted(r for r in set(resumes) if r < step)
     if not before:
@@ -190,14 +203,15 @@ def diagnose(metrics: MetricsDiff, resumes: Sequence[int], resumed_steps: Sequen
     a_lines, b_lines = metrics.lines
     if a_lines != b_lines:
         how = "trained part of an epoch twice" if b_lines > a_lines else "skipped part of an epoch"
+        fix = missing.get("data position") or (
+            f"{kinds['data position']!r} is tracked: {ending.loop_hint}"
+            if ending and ending.loop_hint and "data position" in kinds else "")
         causes.append(f"the data position was not restored: the resumed run logged {b_lines} metric "
                       f"lines where the uninterrupted one logged {a_lines}, so it {how}"
-                      + _hint(kinds, "data position", "run.track(data=sampler) (a ResumableSampler "
-                              "or a StatefulDataLoader)", "is the epoch loop started from run.epoch?"))
-    rng_captured = bool(state) and state.get("rng") is not None  # type: ignore[union-attr]
+                      + (f"; {fix}" if fix else ""))
     for c in before:
         cause = _at_resume(c, step, metrics.keys, sorted({s for s in resumed_steps if s > c}),
-                           kinds, rng_captured, same_length=a_lines == b_lines)
+                           kinds, missing, same_length=a_lines == b_lines)
         if cause:
             return [*causes, cause]
     if causes:
@@ -208,7 +222,7 @@ def diagnose(metrics: MetricsDiff, resumes: Sequence[int], resumed_steps: Sequen
 
 
 def _at_resume(c: int, step: float, keys: Sequence[str], after: Sequence[int],
-               kinds: Mapping[str | None, str], rng_captured: bool, same_length: bool) -> str | None:
+               kinds: Mapping[str, str], missing: Mapping[str, str], same_length: bool) -> str | None:
     """The cause, if the divergence at ``step`` has the signature of a piece missing at resume ``c``."""
     first = after[0] if after else None
     second = after[1] if len(after) > 1 else None
@@ -218,14 +232,12 @@ def _at_resume(c: int, step: float, keys: Sequence[str], after: Sequence[int],
                 f"after {since}" + _hint(kinds, "LR scheduler", "run.track(scheduler=scheduler)",
                                          "is the learning rate also set outside it?"))
     if step == first and same_length:
-        if not rng_captured:
+        if "RNG" in missing:
             return (f"the RNG state was not restored: the loss differs from the first step after "
-                    f"{since} while the learning rate matches; dropout and augmentation draw from "
-                    "the global RNGs, which init(rng=False) leaves out of checkpoints")
-        if "data position" not in kinds:
+                    f"{since} while the learning rate matches; {missing['RNG']}")
+        if "data position" in missing:
             return (f"the data position was not restored: the first step after {since} already "
-                    "differs, with the same learning rate"
-                    + _hint(kinds, "data position", "run.track(data=sampler)", ""))
+                    f"differs, with the same learning rate; {missing['data position']}")
         return (f"random numbers or data differ from the first step after {since}: is a generator "
                 "of the script's own (torch.Generator, numpy Generator, random.Random) or a second "
                 "data loader left untracked?")
@@ -237,9 +249,7 @@ def _at_resume(c: int, step: float, keys: Sequence[str], after: Sequence[int],
     return None
 
 
-def _hint(kinds: Mapping[str | None, str], kind: str, fix: str, tracked: str) -> str:
+def _hint(kinds: Mapping[str, str], kind: str, fix: str, tracked: str) -> str:
     if kind not in kinds:
         return f"; no {kind} is tracked: {fix}"
     return f"; {kinds[kind]!r} is tracked: {tracked}" if tracked else ""
-
-

@@ -1,0 +1,152 @@
+"""``sweeprun verify`` on the Hugging Face Trainer and Lightning examples, run as a user runs it.
+
+The examples pass: their final states (a sealed Trainer folder; Lightning's checkpoint inside
+sweeprun's) are equal bit for bit, piece by piece. Variants that lose one piece fail, and the
+verdict names it: Lightning with ``--unsafe-omit rng`` or ``data`` (the example's own knobs),
+the Trainer resumed with its own late RNG restore (tests/scripts/verify_hf_late_rng.py).
+
+What legitimately differs between the two runs (their directories, clock readings) is shown
+not to count, in process, on the states these integrations save.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_verify import sweeprun_verify
+
+from sweeprun.verify.compare import MetricsDiff, compare_pieces, diagnose
+from sweeprun.verify.endings import ending_of
+
+#: 40 steps of 16 sequences, sealed every 10: kills at seed 0 land after steps 13 and 33.
+HF = ("examples/hf_trainer.py", "--max-steps", "40", "--save-steps", "10", "--step-sleep-s", "0.02")
+#: 2 epochs of 16 batches, saved every 5 steps: the SIGKILL replays a few steps.
+LIGHTNING = ("examples/lightning_mlp.py", "--epochs", "2", "--save-every-steps", "5",
+             "--step-sleep-s", "0.02")
+
+
+def verdict(stdout: str) -> str:
+    (line,) = [line for line in stdout.splitlines() if line.startswith(("EXACT", "NOT EXACT", "NOT VERIFIED"))]
+    return line
+
+
+def pieces(stdout: str) -> dict[str, str]:
+    """The verdict's ``  piece: detail`` lines."""
+    return dict(re.findall(r"^  ([^:\n]+): (.*)$", stdout, re.MULTILINE))
+
+
+# -- the examples resume exactly ------------------------------------------------------------------
+
+@pytest.mark.slow  # the Trainer example, five starts
+def test_the_trainer_example_resumes_exactly(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    result = sweeprun_verify("--", sys.executable, *HF, tmp=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"attempt 2: resumed from step \d+; SIGKILL", result.stdout), "the Trainer's resume is seen"
+    assert re.match(r"EXACT: interrupted 2 time\(s\) .* the same 40 metric lines, the final state at step 40 "
+                    r"equal bit for bit \(Trainer folder checkpoint-40: model, optimizer, LR scheduler, RNG, "
+                    r"trainer state, other files: \d+ tensors\)", verdict(result.stdout))
+
+
+@pytest.mark.slow  # the Lightning example, five starts
+def test_the_lightning_example_resumes_exactly(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    result = sweeprun_verify("--", sys.executable, *LIGHTNING, tmp=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.match(r"EXACT: interrupted 2 time\(s\) .* the same 32 metric lines, the final state at step 32 "
+                    r"equal bit for bit \(Lightning checkpoint: model, optimizer, LR scheduler, data position, "
+                    r"training progress, global RNGs: \d+ tensors\)", verdict(result.stdout))
+
+
+# -- forgetful variants are named -----------------------------------------------------------------
+
+@pytest.mark.slow  # five starts of the Trainer
+def test_the_trainers_own_late_rng_restore_is_named(tmp_path: Path) -> None:
+    """Resumed as plain ``trainer.train(resume_from_checkpoint=...)`` would: the augmentation of
+    the first resumed batch draws from fresh RNGs, so the loss of that step already differs."""
+    pytest.importorskip("transformers")
+    script = ("tests/scripts/verify_hf_late_rng.py", *HF[1:])
+    result = sweeprun_verify("--", sys.executable, *script, tmp=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert verdict(result.stdout).startswith("NOT EXACT")
+    found = pieces(result.stdout)
+    assert found["likely"].startswith("the RNG state was not restored: the loss differs from the first "
+                                      "step after resuming from step 14 while the learning rate matches; "
+                                      "the Trainer puts the RNGs back only after the first resumed batch")
+    assert "instead of run.train(trainer)" in found["likely"]
+    assert found["metrics"].startswith("first differ at step 15")
+    assert found["RNG"] == "rng_state.pth.python, rng_state.pth.numpy differ"
+    assert found["optimizer"].startswith("exp_avg, exp_avg_sq differ (largest difference")
+    assert found["equal"] == "LR scheduler, other files", "the schedule itself was restored"
+
+
+@pytest.mark.slow  # five starts of the Lightning example, for each piece
+@pytest.mark.parametrize(("omit", "named"), [
+    ("rng", "the RNG state was not restored: the loss differs from the first step after resuming from "
+            "step 15 while the learning rate matches; Lightning saves no RNG state and the callback was "
+            "made with SweeprunCallback(rng=False)"),
+    ("data", "the data position was not restored: the first step after resuming from step 15 already "
+             "differs, with the same learning rate; the training DataLoader has no sampler with a state"),
+])
+def test_a_lightning_run_that_forgets_a_piece_is_named(tmp_path: Path, omit: str, named: str) -> None:
+    pytest.importorskip("lightning")
+    result = sweeprun_verify("--", sys.executable, *LIGHTNING, "--unsafe-omit", omit, tmp=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    found = pieces(result.stdout)
+    assert found["likely"].startswith(named), found["likely"]
+    assert found["model"].startswith("net.0.weight, net.0.bias"), "named as the module names them"
+    assert found["optimizer"].startswith("exp_avg, exp_avg_sq differ")
+    assert "LR scheduler" in found["equal"] and "training progress" in found["equal"]
+
+
+# -- what legitimately differs, in process ---------------------------------------------------------
+
+def lightning_checkpoint(run_dir: Path, elapsed_s: float, rng: bool = True) -> dict:
+    """A sweeprun checkpoint as the Lightning callback writes it, with a ModelCheckpoint that
+    names a file of its own run and a Timer that measured the wall clock."""
+    weights = {"net.0.weight": torch.ones(2, 2)}
+    trainer = {
+        "epoch": 1, "global_step": 32, "pytorch-lightning_version": "2.6.6", "state_dict": weights,
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(2, 2)}}, "param_groups": [{"lr": 0.1}]}],
+        "lr_schedulers": [{"last_epoch": 32, "_last_lr": [0.0]}],
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"completed": 2}}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'loss'}": {"best_model_path": f"{run_dir}/ckpt/best.ckpt",
+                                                             "best_model_score": torch.tensor(0.5)},
+                      "Timer": {"time_elapsed": {"train": elapsed_s}}},
+    }
+    return {"step": 32, "epoch": 1, "extras": {},
+            "objects": {"lightning": {"trainer": trainer,
+                                      "samplers": [{"epoch": 1, "offset": 512, "seed": 0}]}},
+            "rng": {"torch": torch.zeros(4, dtype=torch.uint8)} if rng else None}
+
+
+def test_paths_of_the_run_and_clock_readings_do_not_count(tmp_path: Path) -> None:
+    a = ending_of(lightning_checkpoint(tmp_path / "uninterrupted" / "run", 12.5), tmp_path / "uninterrupted" / "run")
+    b = ending_of(lightning_checkpoint(tmp_path / "interrupted" / "run", 31.0), tmp_path / "interrupted" / "run")
+    assert compare_pieces(a.pieces, b.pieces) == {}
+    assert a.shown() == ["model", "optimizer", "LR scheduler", "callbacks", "data position",
+                         "training progress", "global RNGs"]
+    b.pieces["callbacks"]["ModelCheckpoint{'monitor': 'loss'}"]["best_model_path"] = "/elsewhere/best.ckpt"
+    found = compare_pieces(a.pieces, b.pieces)
+    assert list(found) == ["callbacks"], "a path outside the run still counts"
+
+
+def test_a_lightning_state_names_what_it_cannot_restore(tmp_path: Path) -> None:
+    state = lightning_checkpoint(tmp_path, 1.0, rng=False)
+    state["objects"]["lightning"]["samplers"] = []
+    ending = ending_of(state, tmp_path)
+    assert sorted(ending.missing) == ["RNG", "data position"]
+    assert "data position" not in ending.pieces, "no sampler: nothing to call equal"
+    metrics = MetricsDiff((32, 32), index=15, step=16, keys=["loss"])
+    (cause,) = diagnose(metrics, resumes=[15], resumed_steps=range(1, 33), state=ending)
+    assert cause.startswith("the RNG state was not restored") and "SweeprunCallback(rng=False)" in cause
+    del ending.missing["RNG"]
+    (cause,) = diagnose(metrics, resumes=[15], resumed_steps=range(1, 33), state=ending)
+    assert "sampler=sweeprun.ResumableSampler(dataset, seed=...)" in cause
+    metrics = MetricsDiff((32, 32), index=16, step=17, keys=["loss"])
+    (cause,) = diagnose(metrics, resumes=[15], resumed_steps=range(1, 33), state=ending)
+    assert cause.startswith("the optimizer was not restored") and "'optimizer' is tracked" in cause
