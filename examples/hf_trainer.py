@@ -4,8 +4,10 @@ A tiny GPT-2 built from a config (no download) learns synthetic token sequences,
 with dropout on, shuffled data and an augmentation that draws from Python's and
 NumPy's global RNGs, the cases where a resumed Trainer run drifts on its own. Under
 ``sweeprun launch`` (sweeps/hf_trainer.yaml) the run directory comes from the
-environment; standalone, pass ``--out DIR``. Run the same command again after any
-interruption and it continues exactly where the last sealed checkpoint left it.
+environment; standalone, pass ``--out DIR`` (a folder, or a bucket such as
+``s3://bucket/hf``: the Trainer then writes into a local staging folder and sweeprun
+uploads each sealed checkpoint). Run the same command again after any interruption and
+it continues exactly where the last sealed checkpoint left it.
 
     python examples/hf_trainer.py --lr 3e-3 --seed 0 --max-steps 40 --out /tmp/hf
 """
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--save-steps", type=int, default=5)
+    parser.add_argument("--save-total-limit", type=int, help="keep this many checkpoint folders")
     parser.add_argument("--every-s", type=float, default=300.0, help="sweeprun's time cadence")
     parser.add_argument("--out", help="run directory when not under sweeprun launch")
     parser.add_argument("--step-sleep-s", type=float, default=0.0)
@@ -90,7 +93,8 @@ def main() -> None:
         max_steps=int(params["max_steps"]), learning_rate=float(params["lr"]),
         per_device_train_batch_size=int(params["batch_size"]),
         gradient_accumulation_steps=int(params["grad_accum"]),
-        save_steps=int(params["save_steps"]), logging_steps=1, seed=int(params["seed"]),
+        save_steps=int(params["save_steps"]), save_total_limit=params["save_total_limit"],
+        logging_steps=1, seed=int(params["seed"]),
         warmup_steps=5, weight_decay=0.01, report_to=[], use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0)
     trainer = Trainer(model=model, args=training_args, train_dataset=Sequences(torch_augment=args.torch_augment),

@@ -356,3 +356,54 @@ def test_resume_at_an_epoch_end_and_with_gradient_accumulation_is_exact(
     assert f"resuming from checkpoint-{resumed_from}" in result.stderr
     assert differences(run, reference, step=max(losses(reference))) == []
     assert losses(run) == losses(reference)
+
+
+def test_the_integrations_reach_the_run_through_public_names_only() -> None:
+    """What the Trainer and Lightning callbacks need of a run is public API, so a user's own
+    framework integration can do the same: no ``run._x`` (nor ``self.run._x``) anywhere."""
+    import ast
+
+    for module in ("transformers.py", "hf_rng.py", "hf_store.py", "lightning.py"):
+        tree = ast.parse((REPO / "sweeprun" / "integrations" / module).read_text())
+        private = [f"{module}:{node.lineno} {ast.unparse(node)}" for node in ast.walk(tree)
+                   if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                   and not node.attr.startswith("__")
+                   and ast.unparse(node.value) in ("run", "self.run", "self.callback.run")]
+        imported = [f"{module}: {alias.name}" for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("training.run")
+                    for alias in node.names if alias.name.startswith("_")]
+        assert private == [] and imported == []
+
+
+def test_a_framework_that_writes_its_own_checkpoints_uses_the_public_run_api(tmp_path: Path) -> None:
+    """The five calls an integration makes: resume_at, flush_metrics, fence, stop_reason,
+    mark_finished, as a loop that saves ``{"step", "metrics_bytes"}`` files of its own."""
+    from sweeprun.training import init
+
+    def train(until: int, env: dict[str, str]) -> int:
+        run = init(params={}, local_dir=tmp_path / "run", every_s=None, every_steps=10**9, env=env)
+        mine = tmp_path / "run" / "my-checkpoint.json"
+        if mine.exists():                              # the framework restores its own state...
+            saved = json.loads(mine.read_text())
+            run.resume_at(saved["step"], metrics_bytes=saved["metrics_bytes"])  # ...and the run follows
+        while run.step < until and run.stop_reason is None:
+            run.step += 1
+            run.log(loss=1.0 / run.step)
+            if run.step % 3 == 0:
+                run.fence()                            # nobody took the run over: write
+                record = {"step": run.step, "metrics_bytes": run.flush_metrics()}
+                mine.write_text(json.dumps(record))
+        run.close()
+        run.mark_finished()                            # standalone: nothing to mark
+        return run.step
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWEEPRUN_")}
+    assert train(7, env) == 7                          # saved at 6; step 7 is logged past it
+    assert train(10, env) == 10                        # resumed at 6: metrics cut back, no replay
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines] == list(range(1, 11))
+    run = init(params={}, local_dir=tmp_path / "other", env=env)
+    run.log(loss=0.0)
+    with pytest.raises(RuntimeError, match="resume_at\\(\\) must come before the run's first log"):
+        run.resume_at(3, metrics_bytes=0)
+    run.close()

@@ -137,13 +137,11 @@ class Run:
             obj.load_state_dict(from_safe(state["objects"][name]))
         if self.capture_rng and state.get("rng") is not None:
             restore_rng(state["rng"])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        recorded = state.get("metrics_bytes")
-        self._resume_bytes = recorded if isinstance(recorded, int) and recorded >= 0 else None
+        self.epoch = int(state["epoch"])
         self.extras = from_safe(state["extras"])
+        self._resume(int(state["step"]), state.get("metrics_bytes"), loaded.manifest.attempt)
         self._saved_step, self._saved_at = self.step, self._clock()
         self._step_started = self._saved_at
-        self._open_metrics(loaded.manifest.attempt)
         print(f"sweeprun: resumed from {loaded.manifest.data} (step {self.step}, epoch {self.epoch})",
               file=sys.stderr, flush=True)
         return True
@@ -152,6 +150,75 @@ class Run:
         if not self._metrics.opened:
             self._metrics.open(resume_step=self.step, resume_bytes=self._resume_bytes,
                                resume_attempt=resume_attempt)
+
+    # -- for integrations: a framework that saves and restores its own checkpoints ------
+    #
+    # The Hugging Face Trainer and Lightning decide when a step ends and (the Trainer)
+    # write their own files. What they still need from the run is below: where the
+    # resumed checkpoint left the metrics, the fence before writing, the metrics'
+    # length to record with a checkpoint, the stop request, and the end of training.
+
+    def resume_at(self, step: int, metrics_bytes: int | None, attempt: int | None = None) -> None:
+        """Continue from a checkpoint that the framework restores itself: :attr:`step`
+        becomes ``step`` and metrics.jsonl is cut back to ``metrics_bytes``, the
+        :meth:`flush_metrics` value recorded with that checkpoint (``None``, or a value
+        that does not fit the file: keep the whole entries up to ``step``). ``attempt``
+        is the attempt that wrote the checkpoint: on an object store each attempt keeps
+        its own metrics object, and the recorded length is a length of that one.
+
+        Call it before the first :meth:`log` or save (which open the file for a fresh
+        start); :meth:`restore` calls it for sweeprun's own checkpoints."""
+        if self._metrics.opened:
+            raise RuntimeError("resume_at() must come before the run's first log or save: "
+                               "metrics.jsonl is already open")
+        self._resume(step, metrics_bytes, attempt)
+
+    def _resume(self, step: int, metrics_bytes: Any, attempt: int | None) -> None:
+        self.step = int(step)
+        usable = isinstance(metrics_bytes, int) and not isinstance(metrics_bytes, bool) and metrics_bytes >= 0
+        self._resume_bytes = metrics_bytes if usable else None
+        self._open_metrics(attempt)
+
+    def flush_metrics(self) -> int:
+        """Make every metrics entry so far durable; the length of the run's metrics in bytes,
+        to record with the checkpoint about to be written (give it back to :meth:`resume_at`).
+        Flushed first, so the file is never shorter than a checkpoint says it was."""
+        self._open_metrics()
+        self._metrics.flush()
+        return self._metrics.size
+
+    def fence(self) -> None:
+        """Raise :class:`~sweeprun.errors.LeaseLost` if a newer attempt of this run has started
+        or saved elsewhere (a frozen machine that woke up after its run was given to
+        another worker). Call it right before the framework writes checkpoint files, and
+        again before sealing them: the process that lost the run must write nothing, and
+        from then on this run writes no metrics either."""
+        try:
+            self._writer.fence()
+        except LeaseLost:
+            self._metrics.abandon()        # the run's metrics are the new owner's now
+            raise
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why a stop was requested (``"SIGTERM received"``, the time budget), or ``None``.
+        A framework whose loop this run does not drive reads it after each step to save,
+        stop and exit with 75 (:data:`~sweeprun.runenv.PREEMPTED_EXIT`) itself."""
+        return self._stop_reason
+
+    @property
+    def under_launcher(self) -> bool:
+        """Started by ``sweeprun launch`` (SWEEPRUN_RUN_DIR was set), not standalone."""
+        return self._under_launcher
+
+    def mark_finished(self, step: int | None = None) -> None:
+        """Record that the script reached the end of training (``attempts/<n>.finished``), once
+        its final checkpoint is durable: under the launcher, exit 0 without it (a script
+        that caught SIGTERM and returned) does not make the run done. Standalone it does
+        nothing. :meth:`finish` calls it for sweeprun's own checkpoints."""
+        if self._under_launcher:
+            _write_marker(self.paths, self.paths.api_finished(self.attempt), self.attempt,
+                          self.step if step is None else step)
 
     # -- the training loop --------------------------------------------------------------
 
@@ -324,8 +391,7 @@ class Run:
             print(f"sweeprun: {self._stop_reason}; saved {manifest.data} at step {self.step}; "
                   f"exiting with {PREEMPTED_EXIT} (resumable)", file=sys.stderr, flush=True)
             raise SystemExit(PREEMPTED_EXIT)
-        if self._under_launcher:
-            _write_marker(self.paths, self.paths.api_finished(self.attempt), self.attempt, self.step)
+        self.mark_finished()
         return manifest
 
     def close(self) -> None:

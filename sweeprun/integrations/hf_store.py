@@ -1,0 +1,204 @@
+"""The Trainer's checkpoint folders on an object store (``s3://``, ``gs://``...).
+
+The Trainer writes its folders with plain file I/O, so on an object store it writes into
+a local *staging* folder (under ``$SWEEPRUN_HOME``, keyed by the run) and sweeprun
+mirrors each folder into ``<run dir>/trainer/checkpoint-<step>/`` once it is sealed:
+
+- upload: any leftover of an earlier try at the same step is removed, then every file,
+  then the seal LAST, so a folder cut short by a kill is never sealed in the store;
+- resume: the store is the truth (the staging folder may be stale, or on another
+  machine): the newest store folder with a seal is downloaded, only the files its seal
+  lists, and verified after the download; one that does not verify is set aside in
+  ``trainer/.sweeprun-rejected/`` in the store, as on local disk, and the next older one
+  is tried;
+- retention: the Trainer's ``save_total_limit`` (and its best checkpoint) applies in the
+  store too: older folders are removed there, each one's seal first, so a folder
+  half removed is never taken for a checkpoint.
+
+Each operation is a few requests per folder (one listing, one request per file), not a
+sync of the whole tree. transformers is not imported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import CheckpointError
+from ..faults import crash_point
+from ..redact import redact
+from ..store import RunPaths, store_errors
+from .sealed import PREFIX, REJECTED, SEAL, Sealed, read_seal, step_of, verify
+
+STAGING_DIR = "hf-staging"
+
+
+def staging_root(paths: RunPaths, run_id: str | None) -> str:
+    """The local folder that stands in for the run directory: one per run and store, so two
+    runs (or the same run id in two stores) never share it."""
+    from ..ledger import state_home
+
+    key = hashlib.sha256(paths.url.encode()).hexdigest()[:12]
+    name = f"{run_id or posixpath.basename(paths.dir.rstrip('/')) or 'run'}-{key}"
+    return os.path.join(state_home(), STAGING_DIR, name)
+
+
+@dataclass
+class Pulled:
+    """What :meth:`StoreFolders.pull` found: the folder now in staging, and what it skipped."""
+
+    chosen: Sealed | None = None
+    rejected: list[str] = field(default_factory=list)   # "name (why)", newest first
+    sealed_seen: bool = False
+
+
+class StoreFolders:
+    """``<run dir>/trainer`` in the store, mirrored from and into a local ``output_dir``."""
+
+    def __init__(self, paths: RunPaths, output_dir: str, set_aside_suffix: str) -> None:
+        self.fs = paths.fs
+        self.remote = posixpath.join(paths.dir, "trainer")
+        self.output_dir = output_dir
+        self.suffix = set_aside_suffix
+        self.url = redact(paths.fs.unstrip_protocol(self.remote))
+
+    def _folders(self) -> dict[int, set[str]]:
+        """``step -> relative paths of its files`` for every ``checkpoint-<step>`` in the store,
+        from one recursive listing."""
+        with store_errors("list", self.remote):
+            try:
+                found = self.fs.find(self.remote, detail=False)
+            except FileNotFoundError:
+                found = []
+        folders: dict[int, set[str]] = {}
+        prefix = self.remote.rstrip("/") + "/"
+        for path in found:
+            rel = str(path)[len(prefix):] if str(path).startswith(prefix) else None
+            if rel is None or "/" not in rel:
+                continue
+            name, rest = rel.split("/", 1)
+            step = step_of(name)
+            if step is not None:
+                folders.setdefault(step, set()).add(rest)
+        return folders
+
+    # -- resume -----------------------------------------------------------------------
+
+    def pull(self) -> Pulled:
+        """Empty the staging folder, then download the newest store folder whose seal verifies
+        into it. Folders newer than that one which do not verify are set aside in the store,
+        unless none verifies: then they stay, and a second try meets the same error."""
+        shutil.rmtree(self.output_dir, ignore_errors=True)
+        os.makedirs(self.output_dir, exist_ok=True)
+        pulled = Pulled()
+        rejected: list[str] = []
+        for step, files in sorted(self._folders().items(), reverse=True):
+            name = f"{PREFIX}{step}"
+            local = os.path.join(self.output_dir, name)
+            try:
+                if SEAL not in files:
+                    raise ValueError("it was never sealed in the store: the upload was cut short")
+                pulled.sealed_seen = True
+                self._download(name, local)
+                record = verify(local)
+            except ValueError as exc:
+                shutil.rmtree(local, ignore_errors=True)
+                pulled.rejected.append(f"{name} ({exc})")
+                rejected.append(name)
+                continue
+            pulled.chosen = Sealed(local, step, record)
+            break
+        if pulled.chosen is None and pulled.sealed_seen:
+            raise CheckpointError(f"no checkpoint folder in {self.url} verifies: "
+                                  f"{'; '.join(pulled.rejected)}; delete the folder to start the run over")
+        for name in rejected:
+            self._set_aside(name)
+        return pulled
+
+    def _download(self, name: str, local: str) -> None:
+        """The seal, then only the files it lists (a leftover of an earlier upload is not part
+        of the folder). Staging is emptied before each pull, so a download cut short by a
+        kill is never resumed from; :func:`.sealed.verify` checks the result."""
+        remote = posixpath.join(self.remote, name)
+        os.makedirs(local, exist_ok=True)
+        with store_errors("download", remote):
+            self.fs.get_file(posixpath.join(remote, SEAL), os.path.join(local, SEAL))
+        for rel in sorted(read_seal(local)["files"]):
+            target = os.path.normpath(os.path.join(local, rel))
+            if os.path.isabs(rel) or not target.startswith(os.path.normpath(local) + os.sep):
+                raise ValueError(f"its seal names {rel!r}, outside the folder")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with store_errors("download", posixpath.join(remote, rel)):
+                try:
+                    self.fs.get_file(posixpath.join(remote, rel), target)
+                except FileNotFoundError:
+                    raise ValueError(f"{rel} is missing") from None
+
+    def _set_aside(self, name: str) -> None:
+        """Moved, not deleted: a damaged folder may be all that is left of a run."""
+        source = posixpath.join(self.remote, name)
+        target = posixpath.join(self.remote, REJECTED, f"{name}-{self.suffix}")
+        with store_errors("move", source):
+            n = 0
+            while self.fs.exists(target + (f".{n}" if n else "")):
+                n += 1
+            target += f".{n}" if n else ""
+            for path in self.fs.find(source, detail=False):   # an object store has no rename
+                self.fs.cp_file(path, target + str(path)[len(source.rstrip("/")):])
+        self._remove(source)
+
+    # -- upload and retention ---------------------------------------------------------
+
+    def push(self, folder: str, fence: Callable[[], None]) -> None:
+        """Upload a sealed local folder: a leftover at its name removed, every file, then
+        (after ``fence``: the upload may have taken minutes) the seal."""
+        name = os.path.basename(folder.rstrip(os.sep))
+        remote = posixpath.join(self.remote, name)
+        record = read_seal(folder)
+        with store_errors("upload", remote):
+            if self.fs.exists(remote):
+                self._remove(remote)
+            for n, rel in enumerate(sorted(record["files"])):
+                if n == 1:
+                    crash_point("checkpoint.mid_write")   # some files in the store, no seal
+                self.fs.put_file(os.path.join(folder, rel), posixpath.join(remote, rel))
+        fence()
+        with store_errors("upload", remote):
+            self.fs.put_file(os.path.join(folder, SEAL), posixpath.join(remote, SEAL))
+
+    def retain(self, keep: int | None, best: str | None) -> list[str]:
+        """Apply the Trainer's ``save_total_limit`` in the store: keep the newest ``keep``
+        sealed folders and the best one (by name), remove older ones; the names removed."""
+        if keep is None or keep <= 0:
+            return []
+        folders = self._folders()
+        sealed = sorted((s for s, files in folders.items() if SEAL in files), reverse=True)
+        if not sealed:
+            return []
+        kept = {f"{PREFIX}{s}" for s in sealed[:keep]}
+        if best:
+            kept.add(os.path.basename(best.rstrip("/" + os.sep)))
+        oldest_kept = min(s for s in sealed[:keep])
+        removed = []
+        for step in sorted(folders):
+            name = f"{PREFIX}{step}"
+            if step < oldest_kept and name not in kept:
+                self._remove(posixpath.join(self.remote, name))
+                removed.append(name)
+        return removed
+
+    def _remove(self, remote: str) -> None:
+        """The seal first: a folder half removed must not still look sealed."""
+        with store_errors("remove", remote):
+            try:
+                self.fs.rm_file(posixpath.join(remote, SEAL))
+            except FileNotFoundError:
+                pass
+            try:
+                self.fs.rm(remote, recursive=True)
+            except FileNotFoundError:
+                pass
