@@ -125,12 +125,14 @@ def test_cadence_by_time_with_a_fast_forward_clock(run_dir: str) -> None:
     assert saved_steps(t.run) == [3, 6]
 
 
-def test_time_is_the_default_cadence(run_dir: str) -> None:
+def test_the_automatic_interval_is_the_default_cadence(run_dir: str) -> None:
+    """Saves that cost nothing (this clock does not move during one) come as often as
+    ``min_every_s`` allows: 30 s, so every third step of 10 s."""
     clock = FakeClock()
     t = Trainer.start(run_dir, clock, keep_last=10)
-    t.train(5, clock, step_s=100)
+    t.train(10, clock, step_s=10)
     t.run.close()
-    assert saved_steps(t.run) == [3]             # every 300 s
+    assert saved_steps(t.run) == [3, 6, 9]
 
 
 def test_steps_or_time_whichever_comes_first(run_dir: str) -> None:
@@ -360,6 +362,7 @@ def test_time_limit_saves_and_exits_75(run_dir: str, source: str) -> None:
     clock = FakeClock()
     options: dict[str, Any] = ({"time_limit_s": 100} if source == "argument" else
                                {"env": {"SWEEPRUN_TIME_LIMIT": "100"}, "local_dir": run_dir})
+    options["every_s"] = 300                     # no cadence save before the limit's
     if source == "argument":
         t = Trainer.start(run_dir, clock, **options)
     else:
