@@ -174,10 +174,9 @@ def test_gc_keeps_what_latest_and_best_load_and_frees_the_rest(sandbox: Sandbox)
     result = cli(sandbox, "gc", str(sweep))
     assert result.returncode == 0, result.stderr
     after = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
-    # Kept, by save number: the latest (7, finish()'s save), the lowest loss (2), and for
-    # "acc" the lowest (1) and the highest (6, the first of two equal ones, as "best" picks):
-    # the script's choice of metric and mode is not recorded, so every choice still loads.
-    assert save_numbers(ckpts) == [1, 2, 6, 7]
+    # Kept, by save number: the latest (7, finish()'s save) and the lowest loss (2), the
+    # script's own `best="loss"` (mode "min"), which its manifests record.
+    assert save_numbers(ckpts) == [2, 7]
     assert not any(p.exists() for p in stray)
     freed = before - after
     assert f"freed {freed / 1000:.1f} KB" in result.stdout or f"freed {freed} B" in result.stdout
@@ -186,6 +185,34 @@ def test_gc_keeps_what_latest_and_best_load_and_frees_the_rest(sandbox: Sandbox)
 
     again = cli(sandbox, "gc", str(sweep))  # nothing left to do
     assert again.returncode == 0 and "removed 0 file(s), freed 0 B" in again.stdout
+
+
+def test_gc_of_manifests_from_before_the_choice_was_recorded_keeps_every_best(sandbox: Sandbox) -> None:
+    """A sweep checkpointed by an older sweeprun: its manifests do not say which metric the
+    script kept the best by, so every metric's lowest and highest stay loadable."""
+    sweep = api_sweep(sandbox, steps=6)
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (run_id,) = sandbox.status(sweep)
+    ckpts = runs_dir(sandbox) / run_id / "checkpoints"
+    for manifest in ckpts.glob("ckpt-*.json"):
+        doc = json.loads(manifest.read_text())
+        assert doc.pop("retention") == {"best": "loss", "mode": "min"}
+        manifest.write_text(json.dumps(doc))
+    result = cli(sandbox, "gc", str(sweep))
+    assert result.returncode == 0, result.stderr
+    # the latest (7), the lowest loss (2), and for "acc" the lowest (1) and the highest
+    # (6, the first of two equal ones, as "best" picks)
+    assert save_numbers(ckpts) == [1, 2, 6, 7]
+
+
+def test_gc_of_a_run_that_kept_no_best_keeps_only_the_latest(sandbox: Sandbox) -> None:
+    script = sandbox.root / "nobest.py"
+    script.write_text(CKPT_SCRIPT.replace(', best="loss")', ")"))
+    sweep = sandbox.write_sweep({"steps": [4]}, {}, command=f"{sys.executable} {script}")
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (run_id,) = sandbox.status(sweep)
+    assert cli(sandbox, "gc", str(sweep)).returncode == 0
+    assert save_numbers(runs_dir(sandbox) / run_id / "checkpoints") == [5]
 
 
 def test_gc_best_narrows_what_is_kept(sandbox: Sandbox) -> None:
