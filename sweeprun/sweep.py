@@ -20,6 +20,7 @@ from typing import Any
 from . import faults
 from .errors import StoreError, SweeprunError
 from .identity import RunSpec
+from .integrations.sealed import SEAL, step_of
 from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view, settle_default
 from .ledger import (
     Ledger,
@@ -304,7 +305,7 @@ class Sweep:
                 holder = self._holder(run_id, lease) if state in (RunState.PENDING, RunState.INTERRUPTED) else None
                 if holder:  # held by another machine, whose ledger this one cannot see
                     state, worker = RunState.RUNNING, holder
-            ckpt = [m for p, m in files.items() if p.startswith("checkpoints/")]
+            ckpt = [m for p, m in files.items() if p.startswith("checkpoints/") or is_trainer_seal(p)]
             rows.append(StatusRow(
                 run_id=run_id, params=params, state=state,
                 attempts=attempts, failures=row.failures if row else 0,
@@ -396,6 +397,16 @@ METRICS_TAIL_BYTES = 64 * 1024
 METRICS_TAIL_FIRST_BYTES = 4 * 1024
 #: Points of the shown metric in a status row's sparkline (fewer when the tail holds fewer).
 TREND_POINTS = 20
+
+
+def is_trainer_seal(rel: str) -> bool:
+    """Is ``rel`` (a path in a run's folder) the seal of a Trainer checkpoint folder,
+    ``trainer/checkpoint-<step>/sweeprun-seal.json``? Its time is when that checkpoint
+    became one (sealed last), so ``status`` ages a Trainer run's checkpoints from its
+    listing alone, hashing nothing."""
+    if not rel.startswith("trainer/checkpoint-") or not rel.endswith("/" + SEAL):
+        return False
+    return step_of(rel[len("trainer/"):-len(SEAL) - 1]) is not None
 
 
 def _trend(entries: list[dict[str, Any]], name: str) -> tuple[float, ...]:
