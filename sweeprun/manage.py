@@ -4,12 +4,14 @@
 running, so both first ask :meth:`~sweeprun.sweep.Sweep.holders` and refuse while one of
 the runs they would touch is held, by the ledger or by a lease in the store.
 
-A reset never edits the ledger's rows by hand: it speaks the contract of
-:meth:`~sweeprun.ledger.Ledger.sync`. Telling the ledger the runs are done (which
-clears a failed run's count of failures the moment it becomes "not done" again), then
-moving their folders away, then syncing as a launch does, leaves them pending. Killed
-at any point, it leaves nothing a launch cannot mend: a run the ledger holds as done
-without a ``DONE`` in the store is made pending by the next launch's sync.
+A reset never edits the ledger's rows by hand. Machines that share only the store each
+keep their own ledger, which this machine cannot reach, so a reset speaks through the
+store: a marker per run (``<sweep>/resets/``, see :meth:`~sweeprun.sweep.Sweep.mark_reset`)
+that every launch, on any machine, hands to its ledger (:meth:`~sweeprun.ledger.Ledger.forget`),
+which forgets the run's failures once per marker; then the run's folder is moved away,
+which every ledger's :meth:`~sweeprun.ledger.Ledger.sync` reads as "not done". This
+machine's ledger is synced at once. Killed at any point, it leaves nothing a launch cannot
+mend, and every machine sees the same thing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SpecError, StoreError, SweeprunError
-from .identity import RunSpec
+from .faults import crash_point
 from .integrations import sealed
 from .ledger import RunState
 from .ledger.base import AttemptRow
@@ -459,7 +461,12 @@ def reset(sweep: Sweep, names: Iterable[str] = (), *, failed: bool = False, dry_
     if dry_run:
         return report
     sweep.store.check_writable()
-    _ledger_sync(sweep, mark_done=set(run_ids))
+    # The markers first: every machine's ledger (this one's too, at the sync below) then
+    # forgets the runs' failures once. Killed at any point after, every machine agrees on
+    # what a launch does next, and the same command run again finishes the reset.
+    for run_id in run_ids:
+        sweep.mark_reset(run_id, clock)
+    crash_point("reset.before_set_aside")
     for run_id in run_ids:
         if run_id in present:
             report.moved[run_id] = _set_aside(sweep, run_id, report.moved[run_id])
@@ -472,30 +479,21 @@ def reset(sweep: Sweep, names: Iterable[str] = (), *, failed: bool = False, dry_
     return report
 
 
-def _ledger_sync(sweep: Sweep, mark_done: set[str] | None = None) -> None:
-    """Sync the sweep's ledger as a launch does; ``mark_done``: also hold these runs as
-    done (the first half of a reset, see the module's docstring). No ledger yet, or a
-    sweep never launched with it: nothing to tell it."""
+def _ledger_sync(sweep: Sweep) -> None:
+    """Sync the sweep's ledger as a launch does, then honour the resets (this one's among
+    them). No ledger yet, or a sweep never launched with it: nothing to tell it."""
     if not sweep.ledger_exists():
         return
     key = sweep.ledger_key()
     if key is None:
         return
-    rows, _ = sweep.ledger_rows()
-    runs = list(sweep.runs)
-    runs += [RunSpec(run_id=row.run_id, params=row.params, index=row.index)
-             for run_id, row in rows.items() if run_id not in sweep.runs_by_id
-             and mark_done is not None and run_id in mark_done]
     ledger = sweep.open_ledger()
     try:
         ledger.sweep = key
-        done = sweep.paths.done_ids(prune_stale=mark_done is None)
-        started = sweep.paths.run_ids()
-        if mark_done is not None:
-            ledger.sync(runs, done=done | mark_done, started=started)
-        else:
-            ledger.sync(runs, done=done, started=started,
-                        still_done=lambda run_id: sweep.paths.run(run_id).is_done())
+        ledger.sync(sweep.runs, done=sweep.paths.done_ids(prune_stale=True),
+                    started=sweep.paths.run_ids(),
+                    still_done=lambda run_id: sweep.paths.run(run_id).is_done())
+        sweep.honour_resets(ledger)
     finally:
         ledger.close()
 
