@@ -350,8 +350,8 @@ def trainer_plan(folder: str, damaged: bool = False) -> TrainerPlan:
         if best is not None and best != newest[1]:
             plan.keep.append(best)
     for step, path in folders:
-        if path in plan.keep:
-            continue
+        if path in plan.keep or os.path.islink(path):
+            continue  # a symlink is never followed into, nor removed
         if newest is not None and step < newest[0] and _has_seal(path):
             plan.remove.append(path)
         else:

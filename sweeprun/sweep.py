@@ -177,7 +177,8 @@ class Sweep:
         out: dict[str, str] = {}
         for name in self.paths._names(self.resets_dir, files_only=True):
             run_id, sep, token = name.rpartition("@")
-            if sep and run_id and not name.startswith(".") and _RESET_TOKEN.fullmatch(token) and token > out.get(run_id, ""):
+            if (sep and run_id and not name.startswith(".")  # a temp file of a write
+                    and _RESET_TOKEN.fullmatch(token) and token > out.get(run_id, "")):
                 out[run_id] = token
         return out
 
