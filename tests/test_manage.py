@@ -163,14 +163,14 @@ if os.path.exists(os.environ["FAIL_FLAG"]):
 class Machines:
     """Machines that share only the store: each runs `sweeprun` with its own SQLite ledger."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Sandbox, **extra: Any) -> None:
         self.sandbox = sandbox
         script = sandbox.root / "flaky.py"
         script.write_text(FLAKY_SCRIPT)
         self.flag = sandbox.root / "fail"
         self.flag.touch()
         self.sweep = sandbox.write_sweep({"a": [1]}, {}, command=f"{sys.executable} {script}",
-                                         max_attempts=1)
+                                         max_attempts=1, **extra)
 
     def on(self, machine: str, *args: str, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
         env = self.sandbox.env(FAIL_FLAG=str(self.flag),
@@ -215,6 +215,18 @@ def test_a_reset_reaches_the_ledgers_of_machines_that_share_only_the_store(sandb
     assert m.on("a", "launch").returncode == 0 and m.attempts_run() == 2
     assert m.row("a")["state"] == m.row("b")["state"] == "done"
     assert m.on("b", "launch").returncode == 0 and m.attempts_run() == 2  # done stays done
+
+
+def test_a_reset_in_a_bucket_reaches_the_other_machines_ledger(sandbox: Sandbox, s3_bucket: str) -> None:
+    m = Machines(sandbox, store=f"{s3_bucket}/sweeps")
+    assert m.on("a", "launch").returncode == 1
+    run_id = m.row("a")["run_id"]
+    result = m.on("c", "reset", run_id)
+    assert result.returncode == 0, result.stderr
+    assert (m.row("a")["state"], m.row("a")["failures"]) == ("pending", 0)
+    m.flag.unlink()
+    assert m.on("a", "launch").returncode == 0
+    assert m.row("a")["state"] == "done"
 
 
 @pytest.mark.parametrize("point", ["reset.before_older_markers_go", "reset.before_set_aside",
