@@ -269,15 +269,20 @@ def gc(
     sweep_file: SweepFile,
     dry_run: DryRunOpt = False,
     best: Annotated[str | None, typer.Option(
-        "--best", help="Keep the best checkpoint by this metric only (default: by every metric, "
+        "--best", help="Keep the best checkpoint by this metric (default: by the metric the script "
+                       "chose; for checkpoints from before sweeprun recorded it, by every metric, "
                        "lowest and highest).")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="With --best: min or max (default: both).")] = None,
+    damaged: Annotated[bool, typer.Option(
+        "--damaged", help="Also remove Trainer checkpoint folders that never sealed or do not verify, "
+                          "and .sweeprun-rejected/ (kept by default: they show what went wrong).")] = False,
     store: StoreOpt = None, ledger: LedgerOpt = None,
 ) -> None:
     """Free space in done runs: checkpoints beyond the latest and the best, stray temp files.
 
-    Keeps what load_checkpoint(run, "latest") and load_checkpoint(run, "best") load.
-    Refuses while one of those runs is still held."""
+    Keeps what load_checkpoint(run, "latest") and load_checkpoint(run, "best") load (the
+    best as the script chose it), and in a Hugging Face Trainer run the newest sealed
+    folder that verifies and the Trainer's best. Refuses while one of those runs is still held."""
     from .manage import gc as collect
     from .render import format_bytes
     from .sweep import Sweep
@@ -285,7 +290,7 @@ def gc(
     if mode is not None and mode not in ("min", "max"):
         raise SpecError(f"--mode {mode!r}: give min or max")
     spec = _spec(sweep_file, store=store, ledger=ledger)
-    report = collect(Sweep(spec, ledger), dry_run=dry_run, best=best, mode=mode)
+    report = collect(Sweep(spec, ledger), dry_run=dry_run, best=best, mode=mode, damaged=damaged)
     verb = "would remove" if dry_run else "removed"
     for item in report.runs:
         what = []
@@ -293,8 +298,11 @@ def gc(
             what.append(f"{len(item.checkpoints)} checkpoint(s)")
         if item.temp_files:
             what.append(f"{len(item.temp_files)} temp file(s)")
-        print(f"[sweeprun] {item.run_id}: {verb} {' and '.join(what)} ({format_bytes(item.bytes_freed)}); "
-              f"kept {', '.join(item.kept) or 'none'}", flush=True)
+        print(f"[sweeprun] {item.run_id}: {verb} {' and '.join(what) or 'nothing'} "
+              f"({format_bytes(item.bytes_freed)}); kept {', '.join(item.kept) or 'none'}", flush=True)
+        if item.damaged:
+            print(f"[sweeprun] {item.run_id}: left {', '.join(item.damaged)} (damaged or set aside; "
+                  "look inside, then --damaged removes them)", flush=True)
     print(f"[sweeprun] {spec.name}: {verb} {report.files} file(s), "
           f"{'would free' if dry_run else 'freed'} {format_bytes(report.bytes_freed)}", flush=True)
 

@@ -4,18 +4,23 @@
 running, so both first ask :meth:`~sweeprun.sweep.Sweep.holders` and refuse while one of
 the runs they would touch is held, by the ledger or by a lease in the store.
 
-A reset never edits the ledger's rows by hand: it speaks the contract of
-:meth:`~sweeprun.ledger.Ledger.sync`. Telling the ledger the runs are done (which
-clears a failed run's count of failures the moment it becomes "not done" again), then
-moving their folders away, then syncing as a launch does, leaves them pending. Killed
-at any point, it leaves nothing a launch cannot mend: a run the ledger holds as done
-without a ``DONE`` in the store is made pending by the next launch's sync.
+A reset never edits the ledger's rows by hand. Machines that share only the store each
+keep their own ledger, which this machine cannot reach, so a reset speaks through the
+store: a marker per run (``<sweep>/resets/``, see :meth:`~sweeprun.sweep.Sweep.mark_reset`)
+that every launch, on any machine, hands to its ledger (:meth:`~sweeprun.ledger.Ledger.forget`),
+which forgets the run's failures once per marker; then the run's folder is moved away,
+which every ledger's :meth:`~sweeprun.ledger.Ledger.sync` reads as "not done". This
+machine's ledger is synced at once. Killed at any point, it leaves nothing a launch cannot
+mend, and every machine sees the same thing.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import posixpath
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -23,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SpecError, StoreError, SweeprunError
-from .identity import RunSpec
+from .faults import crash_point
+from .integrations import sealed
 from .ledger import RunState
 from .ledger.base import AttemptRow
 from .redact import redact
@@ -138,8 +144,12 @@ def run_detail(sweep: Sweep, run_id: str) -> RunDetail:
         if len(blob) == LOG_TAIL_BYTES and lines:
             lines = lines[1:]  # cut mid-file: the first line is partial
         tail = [redact(line) for line in lines[-LOG_TAIL_LINES:]]
+    checkpoints = _checkpoints(CheckpointDir(fs, paths.checkpoints))
+    folder = trainer_dir(sweep, run_id)
+    if folder is not None:
+        checkpoints += _trainer_checkpoints(folder)
     return RunDetail(row=row, params=params, attempts=attempts, attempts_from=source,
-                     checkpoints=_checkpoints(CheckpointDir(fs, paths.checkpoints)),
+                     checkpoints=checkpoints,
                      metrics=metrics, log=log, log_tail=tail, done=done)
 
 
@@ -228,6 +238,171 @@ def _checkpoints(directory: CheckpointDir) -> list[CheckpointInfo]:
     return out
 
 
+# -- Trainer checkpoint folders (sweeprun.integrations.transformers) ----------------------------
+
+#: A Hugging Face Trainer run's ``output_dir`` inside its run folder, where it keeps its
+#: sealed ``checkpoint-<step>/`` folders (see :mod:`sweeprun.integrations.sealed`).
+TRAINER = "trainer"
+#: What ``gc`` renames a folder to before deleting it, so that it is gone at once; one left
+#: by a gc killed half-way is deleted by the next.
+GC_PREFIX = TEMP_PREFIX + "gc-"
+#: A folder a resume set aside: ``checkpoint-<step>-a<attempt>`` (``.<n>`` when repeated).
+_SET_ASIDE = re.compile(r"^checkpoint-([0-9]+)-a([0-9]+)(?:\.[0-9]+)?$")
+
+
+def trainer_dir(sweep: Sweep, run_id: str) -> str | None:
+    """The run's Trainer folder, where there is one. The Trainer writes with plain file I/O,
+    so a Trainer run lives on local disk; a run on another store has none. A symlinked
+    folder is not followed: ``gc`` would delete what it points at."""
+    fs = sweep.store.fs
+    if not is_local(fs):
+        return None
+    path = os.path.join(fs._strip_protocol(sweep.paths.run(run_id).dir), TRAINER)
+    return path if os.path.isdir(path) and not os.path.islink(path) else None
+
+
+def _trainer_checkpoints(folder: str) -> list[CheckpointInfo]:
+    """Each ``checkpoint-<step>`` folder, oldest first, checked against its seal (the size
+    and hash of every file), then those a resume set aside because they did not verify."""
+    out = [_folder_info(path, f"{TRAINER}/{os.path.basename(path)}", step)
+           for step, path in sorted(sealed.checkpoint_folders(folder))]
+    aside = os.path.join(folder, sealed.REJECTED)
+    try:
+        names = sorted(os.listdir(aside)) if not os.path.islink(aside) else []
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    for name in names:
+        if (match := _SET_ASIDE.match(name)) and os.path.isdir(os.path.join(aside, name)):
+            info = _folder_info(os.path.join(aside, name), f"{TRAINER}/{sealed.REJECTED}/{name}",
+                                int(match.group(1)))
+            why = f"set aside by attempt {match.group(2)}" + (f" ({info.problem})" if info.problem else "")
+            out.append(CheckpointInfo(**{**info.__dict__, "verified": False, "problem": why}))
+    return out
+
+
+def _folder_info(path: str, rel: str, step: int) -> CheckpointInfo:
+    record: dict[str, Any] | None = None
+    try:
+        record, problem = sealed.verify(path), None
+    except ValueError as exc:
+        problem = str(exc)
+        try:
+            record = sealed.read_seal(path)
+        except ValueError:
+            pass
+    files = record["files"] if record else {}
+    size = (sum(int(f.get("size") or 0) for f in files.values() if isinstance(f, dict)) if files
+            else _tree_size(path))
+    created = record.get("created") if record else None
+    if not (isinstance(created, (int, float)) and math.isfinite(created)):
+        try:
+            created = os.stat(os.path.join(path, sealed.SEAL) if record else path).st_mtime
+        except OSError:
+            created = 0.0
+    attempt = record.get("attempt") if record else None
+    return CheckpointInfo(data=rel, attempt=attempt if isinstance(attempt, int) else 0, step=step,
+                          size=size, created=float(created), verified=problem is None,
+                          problem=problem, metrics={})
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+@dataclass
+class TrainerPlan:
+    """What ``gc`` does in a done run's Trainer folder (absolute paths)."""
+
+    keep: list[str] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+    #: Folders that never sealed or do not verify, and ``.sweeprun-rejected/``: evidence of
+    #: what went wrong, removed only when asked (``damaged=True``).
+    damaged: list[str] = field(default_factory=list)
+    #: Folders a killed gc renamed and did not finish deleting.
+    leftovers: list[str] = field(default_factory=list)
+
+
+def trainer_plan(folder: str, damaged: bool = False) -> TrainerPlan:
+    """Keep the newest folder that verifies (what a resume would take) and the Trainer's
+    best (``best_model_checkpoint`` in its ``trainer_state.json``), remove the older sealed
+    folders (their seals are read, not their files hashed: they are going), and leave the
+    rest unless ``damaged``."""
+    plan = TrainerPlan()
+    folders = sealed.checkpoint_folders(folder)  # newest first
+    newest: tuple[int, str] | None = None
+    for step, path in folders:
+        try:
+            sealed.verify(path)
+        except ValueError:
+            continue
+        newest = step, path
+        break
+    if newest is not None:
+        plan.keep.append(newest[1])
+        best = _trainer_best(folder, newest[1])
+        if best is not None and best != newest[1]:
+            plan.keep.append(best)
+    for step, path in folders:
+        if path in plan.keep or os.path.islink(path):
+            continue  # a symlink is never followed into, nor removed
+        if newest is not None and step < newest[0] and _has_seal(path):
+            plan.remove.append(path)
+        else:
+            (plan.remove if damaged else plan.damaged).append(path)
+    aside = os.path.join(folder, sealed.REJECTED)
+    if os.path.isdir(aside) and not os.path.islink(aside):
+        (plan.remove if damaged else plan.damaged).append(aside)
+    with os.scandir(folder) as entries:
+        plan.leftovers = sorted(e.path for e in entries if e.name.startswith(GC_PREFIX)
+                                and e.is_dir(follow_symlinks=False))
+    return plan
+
+
+def _has_seal(path: str) -> bool:
+    try:
+        sealed.read_seal(path)
+    except ValueError:
+        return False
+    return True
+
+
+def _trainer_best(folder: str, newest: str) -> str | None:
+    """The folder the Trainer names as its best (``load_best_model_at_end``), if it is one of
+    this run's checkpoint folders."""
+    try:
+        with open(os.path.join(newest, "trainer_state.json"), "rb") as f:
+            state = json.loads(f.read(1 << 24))
+    except (OSError, ValueError):
+        return None
+    best = state.get("best_model_checkpoint") if isinstance(state, dict) else None
+    if not isinstance(best, str) or sealed.step_of(os.path.basename(best.rstrip("/\\"))) is None:
+        return None
+    path = os.path.join(folder, os.path.basename(best.rstrip("/\\")))
+    return path if os.path.isdir(path) and not os.path.islink(path) else None
+
+
+def _remove_tree(path: str) -> None:
+    """Rename, then delete: the folder is gone at once, and a kill during the deletion leaves
+    a ``GC_PREFIX`` folder that no reader takes for a checkpoint and the next gc removes."""
+    parent, name = os.path.split(path)
+    target = path if name.startswith(GC_PREFIX) else os.path.join(parent, f"{GC_PREFIX}{name}-{os.getpid()}")
+    with store_errors("delete", path):
+        if target != path:
+            try:
+                os.rename(path, target)
+            except FileNotFoundError:
+                return  # another gc took it
+            fsync_dir(parent)
+        shutil.rmtree(target, ignore_errors=False)
+
+
 # -- refusing while held ------------------------------------------------------------------------
 
 
@@ -286,7 +461,12 @@ def reset(sweep: Sweep, names: Iterable[str] = (), *, failed: bool = False, dry_
     if dry_run:
         return report
     sweep.store.check_writable()
-    _ledger_sync(sweep, mark_done=set(run_ids))
+    # The markers first: every machine's ledger (this one's too, at the sync below) then
+    # forgets the runs' failures once. Killed at any point after, every machine agrees on
+    # what a launch does next, and the same command run again finishes the reset.
+    for run_id in run_ids:
+        sweep.mark_reset(run_id, clock)
+    crash_point("reset.before_set_aside")
     for run_id in run_ids:
         if run_id in present:
             report.moved[run_id] = _set_aside(sweep, run_id, report.moved[run_id])
@@ -299,30 +479,21 @@ def reset(sweep: Sweep, names: Iterable[str] = (), *, failed: bool = False, dry_
     return report
 
 
-def _ledger_sync(sweep: Sweep, mark_done: set[str] | None = None) -> None:
-    """Sync the sweep's ledger as a launch does; ``mark_done``: also hold these runs as
-    done (the first half of a reset, see the module's docstring). No ledger yet, or a
-    sweep never launched with it: nothing to tell it."""
+def _ledger_sync(sweep: Sweep) -> None:
+    """Sync the sweep's ledger as a launch does, then honour the resets (this one's among
+    them). No ledger yet, or a sweep never launched with it: nothing to tell it."""
     if not sweep.ledger_exists():
         return
     key = sweep.ledger_key()
     if key is None:
         return
-    rows, _ = sweep.ledger_rows()
-    runs = list(sweep.runs)
-    runs += [RunSpec(run_id=row.run_id, params=row.params, index=row.index)
-             for run_id, row in rows.items() if run_id not in sweep.runs_by_id
-             and mark_done is not None and run_id in mark_done]
     ledger = sweep.open_ledger()
     try:
         ledger.sweep = key
-        done = sweep.paths.done_ids(prune_stale=mark_done is None)
-        started = sweep.paths.run_ids()
-        if mark_done is not None:
-            ledger.sync(runs, done=done | mark_done, started=started)
-        else:
-            ledger.sync(runs, done=done, started=started,
-                        still_done=lambda run_id: sweep.paths.run(run_id).is_done())
+        ledger.sync(sweep.runs, done=sweep.paths.done_ids(prune_stale=True),
+                    started=sweep.paths.run_ids(),
+                    still_done=lambda run_id: sweep.paths.run(run_id).is_done())
+        sweep.honour_resets(ledger)
     finally:
         ledger.close()
 
@@ -370,6 +541,9 @@ class GcRun:
     checkpoints: list[str] = field(default_factory=list)   # data files removed
     temp_files: list[str] = field(default_factory=list)    # paths inside the run's folder
     kept: list[str] = field(default_factory=list)          # data files kept
+    #: Trainer folders left in place: never sealed, not verifying, or set aside (``damaged``
+    #: removes them). Paths inside the run's folder.
+    damaged: list[str] = field(default_factory=list)
     files: int = 0                                         # files removed, all told
     bytes_freed: int = 0
 
@@ -391,9 +565,10 @@ class GcReport:
 def keep_set(directory: CheckpointDir, manifests: list[Manifest], best: str | None = None,
              mode: str | None = None) -> set[str]:
     """The data files that ``load_checkpoint(run, "latest")`` and ``load_checkpoint(run, "best",
-    best=..., mode=...)`` would load: the newest that verifies, and the best by each metric
-    the manifests record, lowest and highest (the script's choice of metric and mode is
-    not recorded), or only by ``best`` and ``mode`` when given."""
+    best=..., mode=...)`` would load: the newest that verifies, and the best as the script
+    chose it (``sweeprun.init(best=..., mode=...)``, recorded in its newest manifest; none if
+    it kept no best). ``best`` (and ``mode``) given: by that metric instead. Manifests from
+    before the choice was recorded: the best by each metric they hold, lowest and highest."""
     keep: set[str] = set()
     for manifest in reversed(manifests):
         try:
@@ -402,20 +577,27 @@ def keep_set(directory: CheckpointDir, manifests: list[Manifest], best: str | No
             continue
         keep.add(manifest.data)
         break
-    names = [best] if best else sorted({k for m in manifests for k in m.metrics})
-    modes = [mode] if mode else ["min", "max"]
-    for name in names:
-        for how in modes:
-            chosen = Retention(best=name, mode=how).best_of(manifests)  # type: ignore[arg-type]
-            if chosen is not None:
-                keep.add(chosen.data)
+    recorded = next((r for m in reversed(manifests)
+                     if (r := Retention.from_record(m.retention)) is not None), None)
+    if best or mode or recorded is None:
+        names = [best] if best else sorted({k for m in manifests for k in m.metrics})
+        choices = [Retention(best=name, mode=how)  # type: ignore[arg-type]
+                   for name in names for how in ([mode] if mode else ["min", "max"])]
+    else:
+        choices = [recorded] if recorded.best else []
+    for retention in choices:
+        chosen = retention.best_of(manifests)
+        if chosen is not None:
+            keep.add(chosen.data)
     return keep
 
 
 def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
-       mode: str | None = None) -> GcReport:
+       mode: str | None = None, damaged: bool = False) -> GcReport:
     """For every done run: remove checkpoints that neither "latest" nor "best" would load
-    (and data files whose manifest never came), and stray temp files of atomic writes."""
+    (and data files whose manifest never came), and stray temp files of atomic writes.
+    In a Trainer run's folder, see :func:`trainer_plan`; ``damaged`` also removes the
+    folders that do not verify."""
     sweep.store.check_present()
     listing = sweep.paths.listing()
     done = sorted(sweep.paths.done_ids(listing))
@@ -451,10 +633,24 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
             item.checkpoints.append(name)
             item.files += 1
             item.bytes_freed += rel_sizes.get(f"checkpoints/{name}", 0)
-        temps = sorted(rel for rel in rel_sizes if posixpath.basename(rel).startswith(TEMP_PREFIX))
-        item.temp_files = temps
-        item.files += len(temps)
-        item.bytes_freed += sum(rel_sizes[rel] for rel in temps)
+        folder = trainer_dir(sweep, run_id)
+        plan = trainer_plan(folder, damaged) if folder is not None else TrainerPlan()
+        gone = [f"{TRAINER}/{os.path.relpath(p, folder)}" for p in plan.remove + plan.leftovers]
+
+        def inside(rel: str, tops: list[str] = gone) -> list[str]:
+            return [top for top in tops if rel.startswith(top + "/")]
+
+        temps = sorted(rel for rel in rel_sizes
+                       if posixpath.basename(rel).startswith(TEMP_PREFIX) and not inside(rel))
+        item.temp_files = temps + gone[len(plan.remove):]
+        temp_set = set(temps)
+        for rel, size in rel_sizes.items():
+            if rel in temp_set or inside(rel):
+                item.files += 1
+                item.bytes_freed += size
+        item.checkpoints += gone[:len(plan.remove)]
+        item.kept += [f"{TRAINER}/{os.path.relpath(p, folder)}" for p in plan.keep]
+        item.damaged = [f"{TRAINER}/{os.path.relpath(p, folder)}" for p in plan.damaged]
         if not dry_run:
             for manifest in manifests:
                 if manifest.data in item.checkpoints:
@@ -464,7 +660,9 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
                 directory.delete(name)
             for rel in temps:
                 _remove_file(sweep, posixpath.join(paths.dir, rel))
-        if item.checkpoints or item.temp_files:
+            for path in plan.leftovers + plan.remove:
+                _remove_tree(path)
+        if item.checkpoints or item.temp_files or item.damaged:
             report.runs.append(item)
     return report
 

@@ -7,19 +7,21 @@ This is the library face of the CLI: ``Sweep.open(spec)`` then ``prepare()`` and
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import posixpath
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import faults
 from .errors import StoreError, SweeprunError
 from .identity import RunSpec
+from .integrations.sealed import SEAL, step_of
 from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view, settle_default
 from .ledger import (
     Ledger,
@@ -154,10 +156,58 @@ class Sweep:
             started = self.paths.run_ids()
             self._record_spec(done)
             ledger.sync(self.runs, done=done, started=started, still_done=self._still_done)
+            self.honour_resets(ledger)
         except BaseException:
             ledger.close()
             raise
         return ledger
+
+    # -- resets made on any machine ---------------------------------------------------------
+
+    @property
+    def resets_dir(self) -> str:
+        """``resets/``: one marker per run ``sweeprun reset`` made run again, named
+        ``<run id>@<token>``, beside ``runs/``: a run's own folder is moved away by the reset,
+        and any folder there would make the run look started to every reader."""
+        return posixpath.join(self.paths.dir, "resets")
+
+    def resets(self) -> dict[str, str]:
+        """``run id -> token`` of each run's newest reset marker, from one listing (no reads:
+        a launch pays one LIST however many runs were ever reset)."""
+        out: dict[str, str] = {}
+        for name in self.paths._names(self.resets_dir, files_only=True):
+            run_id, sep, token = name.rpartition("@")
+            if (sep and run_id and not name.startswith(".")  # a temp file of a write
+                    and _RESET_TOKEN.fullmatch(token) and token > out.get(run_id, "")):
+                out[run_id] = token
+        return out
+
+    def mark_reset(self, run_id: str, clock: Callable[[], float] = time.time) -> str:
+        """Leave the marker every machine's ledger honours (:meth:`Ledger.forget`) for a run
+        just reset, and remove its older ones. The token sorts after every earlier one of the
+        run whatever the clocks say, so a kill before the old ones are gone still leaves this
+        one the newest."""
+        self.paths.run(run_id)  # the id is a safe path segment
+        older = [name for name in self.paths._names(self.resets_dir, files_only=True)
+                 if name.rpartition("@")[0] == run_id]
+        stamp = max([int(clock() * 1000)] + [int(t[:13]) + 1 for n in older
+                                             if _RESET_TOKEN.fullmatch(t := n.rpartition("@")[2])])
+        token = f"{stamp:013d}-{uuid.uuid4().hex[:8]}"
+        atomic_write(self.store.fs, posixpath.join(self.resets_dir, f"{run_id}@{token}"),
+                     (json.dumps({"run_id": run_id, "at": clock()}) + "\n").encode())
+        faults.crash_point("reset.before_older_markers_go")
+        for name in older:
+            with store_errors("delete", self.resets_dir):
+                try:
+                    self.store.fs.rm_file(posixpath.join(self.resets_dir, name))
+                except FileNotFoundError:
+                    pass
+        return token
+
+    def honour_resets(self, ledger: Ledger) -> set[str]:
+        """Tell ``ledger`` of the resets made on any machine (after a sync: see :meth:`Ledger.forget`)."""
+        markers = self.resets()
+        return ledger.forget(markers) if markers else set()
 
     def _still_done(self, run_id: str) -> bool:
         """Is a run the ledger has as done, and the done index lacks, done in the store? If
@@ -267,6 +317,7 @@ class Sweep:
         """
         self.store.check_present()
         ledger_rows, now = self.ledger_rows()
+        self._as_reset(ledger_rows)
         if only is not None:
             listing = self.paths.listing(only=only)
             done = self.paths.done_ids(listing)
@@ -304,7 +355,7 @@ class Sweep:
                 holder = self._holder(run_id, lease) if state in (RunState.PENDING, RunState.INTERRUPTED) else None
                 if holder:  # held by another machine, whose ledger this one cannot see
                     state, worker = RunState.RUNNING, holder
-            ckpt = [m for p, m in files.items() if p.startswith("checkpoints/")]
+            ckpt = [m for p, m in files.items() if p.startswith("checkpoints/") or is_trainer_seal(p)]
             rows.append(StatusRow(
                 run_id=run_id, params=params, state=state,
                 attempts=attempts, failures=row.failures if row else 0,
@@ -313,6 +364,27 @@ class Sweep:
                 worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
                 metrics_path=self._metrics_path(run_id, files)))
         return rows if summary else self.with_progress(rows)
+
+    def _as_reset(self, rows: dict[str, RunRow]) -> None:
+        """Show runs reset on another machine as that ledger will have them at its next
+        launch (:meth:`honour_resets`): failures forgotten, a failed run pending."""
+        markers = self.resets() if rows else {}
+        if not any(run_id in rows for run_id in markers):
+            return
+        key = self.ledger_key()
+        if key is None:
+            return
+        ledger = self.open_ledger(readonly=True)
+        try:
+            ledger.sweep = key
+            seen = ledger.honoured()
+        finally:
+            ledger.close()
+        for run_id, token in markers.items():
+            row = rows.get(run_id)
+            if row is not None and seen.get(run_id) != token:
+                rows[run_id] = replace(row, failures=0, lost=0, state=RunState.PENDING
+                                       if row.state is RunState.FAILED else row.state)
 
     def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:
         """``rows`` with each run's step, last metric and that metric's recent values
@@ -390,12 +462,25 @@ class Sweep:
             return [], whole
 
 
+#: A reset marker's token: milliseconds since the epoch (13 digits), then 8 random hex digits.
+_RESET_TOKEN = re.compile(r"[0-9]{13}-[0-9a-f]{8}")
+
 #: How much of a metrics file status reads at most for its last entry and the sparkline's points.
 METRICS_TAIL_BYTES = 64 * 1024
 #: The first read: enough for the last entry and the sparkline of most files.
 METRICS_TAIL_FIRST_BYTES = 4 * 1024
 #: Points of the shown metric in a status row's sparkline (fewer when the tail holds fewer).
 TREND_POINTS = 20
+
+
+def is_trainer_seal(rel: str) -> bool:
+    """Is ``rel`` (a path in a run's folder) the seal of a Trainer checkpoint folder,
+    ``trainer/checkpoint-<step>/sweeprun-seal.json``? Its time is when that checkpoint
+    became one (sealed last), so ``status`` ages a Trainer run's checkpoints from its
+    listing alone, hashing nothing."""
+    if not rel.startswith("trainer/checkpoint-") or not rel.endswith("/" + SEAL):
+        return False
+    return step_of(rel[len("trainer/"):-len(SEAL) - 1]) is not None
 
 
 def _trend(entries: list[dict[str, Any]], name: str) -> tuple[float, ...]:

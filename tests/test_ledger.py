@@ -109,6 +109,26 @@ def test_a_schema_1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     led.close()
 
 
+def test_a_ledger_from_before_resets_were_honoured_gains_the_column(tmp_path: Path) -> None:
+    """Read-only (status) it honours nothing yet; opened to write, the column is added and
+    the rows are kept."""
+    path = tmp_path / "ledger.sqlite"
+    led = open_ledger(path, "sweep")
+    led.sync(RUNS, set(), set())
+    led.close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE runs DROP COLUMN reset")
+    conn.commit()
+    conn.close()
+    reader = open_ledger(path, "sweep", readonly=True)
+    assert reader.honoured() == {} and len(reader.rows()) == len(RUNS)
+    reader.close()
+    led = open_ledger(path, "sweep")
+    assert led.forget({RUNS[0].run_id: "t"}) == {RUNS[0].run_id}
+    assert led.honoured() == {RUNS[0].run_id: "t"}
+    led.close()
+
+
 @pytest.mark.parametrize("column, value, message", [
     ("state", "exploded", "unknown state 'exploded'"),
     ("params", "{not json", "unreadable params"),

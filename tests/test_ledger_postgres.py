@@ -430,3 +430,18 @@ def test_the_store_never_keeps_the_ledger_password(sandbox: Sandbox, postgres_se
     assert password not in result.stdout + result.stderr
     stored = [p for p in Path(sandbox.store).rglob("*") if p.is_file()]
     assert stored and not [p for p in stored if password.encode() in p.read_bytes()]
+
+
+def test_a_database_from_before_resets_were_honoured_gains_the_column(postgres_url: str) -> None:
+    led = open_ledger(postgres_url, "sweep")
+    led.sync(RUNS, set(), set())
+    led.close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE sweeprun_runs DROP COLUMN reset")
+    reader = open_ledger(postgres_url, "sweep", readonly=True)
+    assert reader.honoured() == {} and len(reader.rows()) == len(RUNS)
+    reader.close()
+    led = open_ledger(postgres_url, "sweep")  # a newer sweeprun's first open adds it
+    assert led.forget({RUNS[0].run_id: "t"}) == {RUNS[0].run_id}
+    assert led.honoured() == {RUNS[0].run_id: "t"}
+    led.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,6 +151,109 @@ def test_reset_without_a_ledger_on_this_machine_still_reruns(sandbox: Sandbox, t
     assert sandbox.status(sweep)[run_id]["state"] == "pending"  # the first machine's ledger agrees
 
 
+#: Fails (exit 7) while the file FAIL_FLAG names exists, succeeds once it is gone.
+FLAKY_SCRIPT = """
+import os, sys
+if os.path.exists(os.environ["FAIL_FLAG"]):
+    print("failing on purpose", flush=True)
+    sys.exit(7)
+"""
+
+
+class Machines:
+    """Machines that share only the store: each runs `sweeprun` with its own SQLite ledger."""
+
+    def __init__(self, sandbox: Sandbox, **extra: Any) -> None:
+        self.sandbox = sandbox
+        script = sandbox.root / "flaky.py"
+        script.write_text(FLAKY_SCRIPT)
+        self.flag = sandbox.root / "fail"
+        self.flag.touch()
+        self.sweep = sandbox.write_sweep({"a": [1]}, {}, command=f"{sys.executable} {script}",
+                                         max_attempts=1, **extra)
+
+    def on(self, machine: str, *args: str, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = self.sandbox.env(FAIL_FLAG=str(self.flag),
+                               **({"SWEEPRUN_CRASH_AT": crash_at} if crash_at else {}))
+        return subprocess.run([sys.executable, "-m", "sweeprun", *args[:1], str(self.sweep), *args[1:],
+                               "--ledger", str(self.sandbox.root / f"{machine}.sqlite")],
+                              env=env, cwd=self.sandbox.root, text=True, capture_output=True, timeout=120)
+
+    def row(self, machine: str) -> dict[str, Any]:
+        result = self.on(machine, "status", "--json")
+        assert result.returncode == 0, result.stderr
+        (row,) = json.loads(result.stdout)
+        return row
+
+    def attempts_run(self) -> int:
+        """Attempt logs in the run's current folder: how many times it was started since its reset."""
+        return len(list(runs_dir(self.sandbox).glob("*/logs/attempt-*.log")))
+
+
+def test_a_reset_reaches_the_ledgers_of_machines_that_share_only_the_store(sandbox: Sandbox) -> None:
+    m = Machines(sandbox)
+    assert m.on("a", "launch").returncode == 1
+    assert m.on("b", "launch").returncode == 1  # machine b tries it too: failed in both ledgers
+    assert m.row("a")["state"] == m.row("b")["state"] == "failed"
+    run_id = m.row("a")["run_id"]
+
+    # Machine c has never seen the sweep: its reset reaches a's and b's ledgers through the store.
+    result = m.on("c", "reset", run_id)
+    assert result.returncode == 0, result.stderr
+    assert [p.name.split("@")[0] for p in (sandbox.store / "t" / "resets").iterdir()] == [run_id]
+    for machine in ("a", "b"):  # status shows what their next launch will do
+        assert (m.row(machine)["state"], m.row(machine)["failures"]) == ("pending", 0)
+
+    assert m.on("a", "launch").returncode == 1  # a runs it again: the script still fails
+    assert m.attempts_run() == 1 and m.row("a")["state"] == "failed"
+    assert m.on("a", "launch").returncode == 1  # the same reset is not honoured twice
+    assert m.attempts_run() == 1 and m.row("a")["state"] == "failed"
+
+    m.flag.unlink()  # fixed: b honours the reset at its first launch since, and the run is done
+    assert m.on("b", "launch").returncode == 0
+    assert m.attempts_run() == 2
+    assert m.on("a", "launch").returncode == 0 and m.attempts_run() == 2
+    assert m.row("a")["state"] == m.row("b")["state"] == "done"
+    assert m.on("b", "launch").returncode == 0 and m.attempts_run() == 2  # done stays done
+
+
+def test_a_reset_in_a_bucket_reaches_the_other_machines_ledger(sandbox: Sandbox, s3_bucket: str) -> None:
+    m = Machines(sandbox, store=f"{s3_bucket}/sweeps")
+    assert m.on("a", "launch").returncode == 1
+    run_id = m.row("a")["run_id"]
+    result = m.on("c", "reset", run_id)
+    assert result.returncode == 0, result.stderr
+    assert (m.row("a")["state"], m.row("a")["failures"]) == ("pending", 0)
+    m.flag.unlink()
+    assert m.on("a", "launch").returncode == 0
+    assert m.row("a")["state"] == "done"
+
+
+@pytest.mark.parametrize("point", ["reset.before_older_markers_go", "reset.before_set_aside",
+                                   "ledger.in_forget"])
+def test_a_reset_killed_anywhere_is_finished_by_running_it_again(sandbox: Sandbox, point: str) -> None:
+    m = Machines(sandbox)
+    assert m.on("a", "launch").returncode == 1
+    assert m.on("b", "launch").returncode == 1
+    run_id = m.row("a")["run_id"]
+    assert m.on("a", "reset", run_id).returncode == 0  # an earlier reset: its marker is there
+    assert m.on("a", "launch").returncode == 1 and m.on("b", "launch").returncode == 1
+
+    killed = m.on("a", "reset", run_id, crash_at=point)
+    assert killed.returncode == -signal.SIGKILL
+    # Whatever was done, both machines agree on it: the failures are forgotten once the
+    # marker is written (every point here comes after it).
+    assert m.row("a")["state"] == m.row("b")["state"] == "pending"
+    result = m.on("a", "reset", run_id)
+    assert result.returncode == 0, result.stderr
+    assert len(list((sandbox.store / "t" / "resets").iterdir())) == 1  # older markers gone
+    assert not (runs_dir(sandbox) / run_id).exists()
+    assert len(list((sandbox.store / "t" / "trash").iterdir())) == 2  # each reset moved one folder aside
+    m.flag.unlink()
+    assert m.on("b", "launch").returncode == 0 and m.on("a", "launch").returncode == 0
+    assert m.attempts_run() == 1  # run once, by b; a found it done
+
+
 # -- gc -----------------------------------------------------------------------------------------
 
 
@@ -174,10 +278,9 @@ def test_gc_keeps_what_latest_and_best_load_and_frees_the_rest(sandbox: Sandbox)
     result = cli(sandbox, "gc", str(sweep))
     assert result.returncode == 0, result.stderr
     after = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
-    # Kept, by save number: the latest (7, finish()'s save), the lowest loss (2), and for
-    # "acc" the lowest (1) and the highest (6, the first of two equal ones, as "best" picks):
-    # the script's choice of metric and mode is not recorded, so every choice still loads.
-    assert save_numbers(ckpts) == [1, 2, 6, 7]
+    # Kept, by save number: the latest (7, finish()'s save) and the lowest loss (2), the
+    # script's own `best="loss"` (mode "min"), which its manifests record.
+    assert save_numbers(ckpts) == [2, 7]
     assert not any(p.exists() for p in stray)
     freed = before - after
     assert f"freed {freed / 1000:.1f} KB" in result.stdout or f"freed {freed} B" in result.stdout
@@ -186,6 +289,34 @@ def test_gc_keeps_what_latest_and_best_load_and_frees_the_rest(sandbox: Sandbox)
 
     again = cli(sandbox, "gc", str(sweep))  # nothing left to do
     assert again.returncode == 0 and "removed 0 file(s), freed 0 B" in again.stdout
+
+
+def test_gc_of_manifests_from_before_the_choice_was_recorded_keeps_every_best(sandbox: Sandbox) -> None:
+    """A sweep checkpointed by an older sweeprun: its manifests do not say which metric the
+    script kept the best by, so every metric's lowest and highest stay loadable."""
+    sweep = api_sweep(sandbox, steps=6)
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (run_id,) = sandbox.status(sweep)
+    ckpts = runs_dir(sandbox) / run_id / "checkpoints"
+    for manifest in ckpts.glob("ckpt-*.json"):
+        doc = json.loads(manifest.read_text())
+        assert doc.pop("retention") == {"best": "loss", "mode": "min"}
+        manifest.write_text(json.dumps(doc))
+    result = cli(sandbox, "gc", str(sweep))
+    assert result.returncode == 0, result.stderr
+    # the latest (7), the lowest loss (2), and for "acc" the lowest (1) and the highest
+    # (6, the first of two equal ones, as "best" picks)
+    assert save_numbers(ckpts) == [1, 2, 6, 7]
+
+
+def test_gc_of_a_run_that_kept_no_best_keeps_only_the_latest(sandbox: Sandbox) -> None:
+    script = sandbox.root / "nobest.py"
+    script.write_text(CKPT_SCRIPT.replace(', best="loss")', ")"))
+    sweep = sandbox.write_sweep({"steps": [4]}, {}, command=f"{sys.executable} {script}")
+    assert sandbox.run("launch", str(sweep)).returncode == 0
+    (run_id,) = sandbox.status(sweep)
+    assert cli(sandbox, "gc", str(sweep)).returncode == 0
+    assert save_numbers(runs_dir(sandbox) / run_id / "checkpoints") == [5]
 
 
 def test_gc_best_narrows_what_is_kept(sandbox: Sandbox) -> None:

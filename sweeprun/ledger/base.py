@@ -28,7 +28,7 @@ import json
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -282,6 +282,26 @@ class Ledger(ABC):
         becomes done after that read is left done. Rows are never deleted: another
         launcher with another grid may run them.
         """
+
+    @abstractmethod
+    def forget(self, resets: Mapping[str, str]) -> set[str]:
+        """Honour resets made on any machine: ``run id -> reset token``, the newest marker
+        ``sweeprun reset`` left for each run in the store (see :meth:`sweeprun.sweep.Sweep.resets`).
+
+        Each run whose row last honoured another token (or none) takes this one: its
+        failures and lost attempts are forgotten and, if it had failed, it is pending
+        again. A done run stays done and a running one keeps its lease; runs the ledger
+        has no row for are passed over (a row added later starts with nothing to forget,
+        and the caller honours the markers right after each :meth:`sync`). One
+        transaction, and idempotent: a token is honoured once per ledger, so failures
+        after the reset count again, and a retried or repeated call changes nothing more.
+        Returns the runs that took a new token.
+        """
+
+    @abstractmethod
+    def honoured(self) -> dict[str, str]:
+        """``run id -> reset token`` each run of the sweep last honoured (:meth:`forget`), read-only:
+        ``status`` shows a failed run whose newer reset this ledger has not seen yet as pending."""
 
     @abstractmethod
     def claim(self, worker: ProcessRef, policy: Policy, lease_s: float,

@@ -313,6 +313,36 @@ class LedgerContract:
         ledger.sync(RUNS, done=listed_done, started=set(), still_done=lambda run_id: run_id == c.run_id)
         assert self.state(ledger, c.run_id) is RunState.DONE
 
+    # -- resets made on another machine -------------------------------------------------------
+
+    def test_forget_honours_each_reset_once(self, ledger: Ledger) -> None:
+        """A reset elsewhere (a marker in the store) gives a failed run a fresh count here; the
+        same marker seen at the next launch changes nothing, so failures after it count."""
+        strict = Policy(max_attempts=1, max_lost=3)
+        c = ledger.claim(ME, strict, 60, GRID)
+        assert c and ledger.finish(c, Outcome.FAILED, strict) is RunState.FAILED
+        assert ledger.forget({c.run_id: "t1", "no-such-run": "t1"}) == {c.run_id}
+        row = next(r for r in ledger.rows() if r.run_id == c.run_id)
+        assert (row.state, row.failures, row.attempts) == (RunState.PENDING, 0, 1)
+        again = ledger.claim(ME, strict, 60, GRID)
+        assert again and again.run_id == c.run_id and again.attempt == 2
+        assert ledger.finish(again, Outcome.FAILED, strict) is RunState.FAILED
+        assert ledger.forget({c.run_id: "t1"}) == set()  # honoured already: the failure stands
+        assert self.state(ledger, c.run_id) is RunState.FAILED
+        assert ledger.honoured() == {c.run_id: "t1"}
+        assert ledger.forget({c.run_id: "t2"}) == {c.run_id}  # a second reset
+        assert self.state(ledger, c.run_id) is RunState.PENDING
+
+    def test_forget_leaves_done_and_held_runs_as_they_are(self, ledger: Ledger) -> None:
+        done = ledger.claim(ME, POLICY, 60, GRID)
+        held = ledger.claim(OTHER_HOST, POLICY, 60, GRID)
+        assert done and held and ledger.finish(done, Outcome.DONE, POLICY) is RunState.DONE
+        assert ledger.forget({done.run_id: "t", held.run_id: "t"}) == {done.run_id, held.run_id}
+        assert self.state(ledger, done.run_id) is RunState.DONE
+        assert self.state(ledger, held.run_id) is RunState.RUNNING
+        assert ledger.heartbeat(held, 60)  # its holder keeps the run
+        assert ledger.forget({}) == set()
+
     def test_two_grids_share_a_sweep_and_keep_their_runs(self, ledger: Ledger) -> None:
         extra = [RunSpec.from_params({"i": i}, index=i) for i in range(4, 9)]
         ledger.sync(extra, done=set(), started=set())  # another launcher, another grid

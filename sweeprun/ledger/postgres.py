@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -90,6 +90,7 @@ CREATE TABLE IF NOT EXISTS sweeprun_runs (
     updated_at double precision NOT NULL,
     claim_token text,
     PRIMARY KEY (sweep, run_id));
+ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS reset text;
 CREATE INDEX IF NOT EXISTS sweeprun_runs_claim ON sweeprun_runs (sweep, (state <> 'interrupted'), idx)
     WHERE state <> 'done';
 CREATE TABLE IF NOT EXISTS sweeprun_members (
@@ -102,6 +103,12 @@ CREATE TABLE IF NOT EXISTS sweeprun_attempts (
     outcome text, exit_code integer, result text,
     PRIMARY KEY (sweep, run_id, attempt));
 """
+#: ``reset``, the last reset a run honoured (:meth:`PostgresLedger.forget`), came after schema 1
+#: without a new version: a nullable column an older sweeprun never reads. Added once, to
+#: databases created before it, under the schema lock.
+_RESET_COLUMN = "ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS reset text"
+_HAS_RESET = ("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('sweeprun_runs') "
+              "AND attname = 'reset' AND NOT attisdropped")
 
 
 def wait_from_env() -> float:
@@ -245,6 +252,10 @@ class PostgresLedger(Ledger):
                         conn.execute("INSERT INTO sweeprun_meta (key, value) VALUES "
                                      "('schema_version', %s) ON CONFLICT (key) DO UPDATE SET value "
                                      "= EXCLUDED.value", [str(SCHEMA_VERSION)])
+                elif not self.readonly and conn.execute(_HAS_RESET).fetchone() is None:
+                    with conn.transaction():
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
+                        conn.execute(_RESET_COLUMN)
         except self._pg.Error as exc:
             self.close()
             hint = ("; let the user create tables in the database (GRANT CREATE ON SCHEMA public) "
@@ -433,6 +444,44 @@ class PostgresLedger(Ledger):
                         {"sweep": self.sweep, "grid": key, "ids": ids, "idx": [r.index for r in runs]})
 
         self._run("syncing with the store", tx, timeout_s=SYNC_TIMEOUT_S + len(runs) / 1000)
+
+    def forget(self, resets: Mapping[str, str]) -> set[str]:
+        self._writable()
+        if not resets:
+            return set()
+        ids = sorted(resets)
+
+        def tx(conn: psycopg.Connection[Any], _retry: bool) -> set[str]:
+            with conn.transaction():
+                now = self._tx_now(conn)
+                # rows locked in one order: two launchers honouring the same resets never deadlock
+                conn.execute("SELECT 1 FROM sweeprun_runs WHERE sweep = %s AND run_id = ANY(%s::text[]) "
+                             "ORDER BY run_id FOR UPDATE", [self.sweep, ids])
+                found = conn.execute(
+                    "UPDATE sweeprun_runs r SET failures = 0, lost = 0, reset = u.token, "
+                    "updated_at = %(now)s, state = CASE WHEN r.state = 'failed' THEN 'pending' "
+                    "ELSE r.state END FROM unnest(%(ids)s::text[], %(tokens)s::text[]) AS u(run_id, token) "
+                    "WHERE r.sweep = %(sweep)s AND r.run_id = u.run_id AND r.reset IS DISTINCT FROM u.token "
+                    "RETURNING r.run_id",
+                    {"sweep": self.sweep, "now": now, "ids": ids, "tokens": [resets[i] for i in ids]}
+                ).fetchall()
+                crash_point("ledger.in_forget")
+            return {r[0] for r in found}
+
+        return self._run("honouring resets", tx, timeout_s=SYNC_TIMEOUT_S + len(ids) / 1000)
+
+    def honoured(self) -> dict[str, str]:
+        if not self._tables:
+            return {}
+
+        def read(conn: psycopg.Connection[Any], _retry: bool) -> dict[str, str]:
+            if conn.execute(_HAS_RESET).fetchone() is None:
+                return {}  # a database from before resets were honoured, read-only
+            return {r[0]: r[1] for r in conn.execute(
+                "SELECT run_id, reset FROM sweeprun_runs WHERE sweep = %s AND reset IS NOT NULL",
+                [self.sweep]).fetchall()}
+
+        return self._run("reading the resets honoured", read, timeout_s=SYNC_TIMEOUT_S)
 
     def claim(self, worker: ProcessRef, policy: Policy, lease_s: float,
               grid: str | None = None, skip: Collection[str] = ()) -> Claim | None:

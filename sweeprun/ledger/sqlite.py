@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -334,6 +334,8 @@ class SqliteLedger(Ledger):
             db.execute("ALTER TABLE runs ADD COLUMN lost INTEGER NOT NULL DEFAULT 0")
         if "progress" not in columns:
             db.execute("ALTER TABLE runs ADD COLUMN progress TEXT")
+        if "reset" not in columns:  # the last reset honoured (forget); older sweeprun leaves it alone
+            db.execute("ALTER TABLE runs ADD COLUMN reset TEXT")
         db["members"].create({"sweep": str, "grid": str, "run_id": str, "idx": int},
                              pk=("sweep", "grid", "run_id"), if_not_exists=True)
         db.execute("CREATE INDEX IF NOT EXISTS members_order ON members (sweep, grid, idx)")
@@ -411,6 +413,29 @@ class SqliteLedger(Ledger):
             if known is None:
                 db["members"].insert_all(({"sweep": self.sweep, "grid": key, "run_id": run.run_id,
                                            "idx": run.index} for run in runs), ignore=True)
+
+    def forget(self, resets: Mapping[str, str]) -> set[str]:
+        if not resets:
+            return set()
+        with self._tx(durable=True) as db:
+            now = self.now()
+            found = db.execute("SELECT run_id, reset FROM runs WHERE sweep = ? AND run_id IN "
+                               "(SELECT value FROM json_each(?))",
+                               [self.sweep, json.dumps(sorted(resets))]).fetchall()
+            fresh = {run_id for run_id, seen in found if seen != resets[run_id]}
+            for run_id in sorted(fresh):
+                db.execute("UPDATE runs SET failures = 0, lost = 0, reset = ?, updated_at = ?, "
+                           "state = CASE WHEN state = 'failed' THEN 'pending' ELSE state END "
+                           "WHERE sweep = ? AND run_id = ?", [resets[run_id], now, self.sweep, run_id])
+            crash_point("ledger.in_forget")
+        return fresh
+
+    def honoured(self) -> dict[str, str]:
+        with self._tx(write=False) as db:
+            if "reset" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:
+                return {}  # a ledger written before resets were honoured, opened read-only
+            return {r[0]: r[1] for r in db.execute(
+                "SELECT run_id, reset FROM runs WHERE sweep = ? AND reset IS NOT NULL", [self.sweep])}
 
     def claim(self, worker: ProcessRef, policy: Policy, lease_s: float,
               grid: str | None = None, skip: Collection[str] = ()) -> Claim | None:

@@ -119,6 +119,10 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     created: float = 0.0
     format: int = FORMAT
+    #: The saving script's choice of best checkpoint (:meth:`Retention.record`), so that
+    #: ``sweeprun gc`` keeps what ``best`` loads and no more; ``None`` in manifests written
+    #: before it was recorded (they load as before).
+    retention: dict[str, Any] | None = None
 
     @property
     def name(self) -> Name:
@@ -159,6 +163,7 @@ class Manifest:
             ("metrics", isinstance(obj.get("metrics", {}), dict)
              and all(isinstance(k, str) and _finite(v) for k, v in obj.get("metrics", {}).items())),
             ("created", _finite(obj.get("created", 0.0))),
+            ("retention", obj.get("retention") is None or Retention.from_record(obj["retention"]) is not None),
             ("format", obj.get("format") == FORMAT)) if not ok]
         if problems:
             shown = ", ".join(f"{key}={obj.get(key)!r}"[:60] for key in problems)
@@ -185,6 +190,20 @@ class Retention:
             raise ValueError(f"keep_last must be at least 1, got {self.keep_last}")
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+
+    def record(self) -> dict[str, Any]:
+        """What a manifest keeps of this retention: the best metric (or ``None``) and its mode."""
+        return {"best": self.best, "mode": self.mode}
+
+    @classmethod
+    def from_record(cls, record: Any) -> Retention | None:
+        """The retention a manifest recorded; ``None`` if ``record`` is not one :meth:`record` writes."""
+        if not isinstance(record, dict) or record.get("mode") not in ("min", "max"):
+            return None
+        best = record.get("best")
+        if best is not None and not (isinstance(best, str) and best):
+            return None
+        return cls(best=best, mode=record["mode"])
 
     def best_of(self, manifests: list[Manifest]) -> Manifest | None:
         scored = [m for m in manifests if self.best and _finite(m.metrics.get(self.best))]

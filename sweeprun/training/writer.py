@@ -229,7 +229,7 @@ class CheckpointWriter:
                             sha256=sha256, run_id=self.owner.run_id,
                             sweep=self.owner.sweep, data=name.data,
                             metrics={k: v for k, v in snapshot.metrics.items() if _finite(v)},
-                            created=time.time())
+                            created=time.time(), retention=self.retention.record())
         crash_point("checkpoint.before_manifest")
         try:
             folder = self.fence()
