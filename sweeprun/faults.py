@@ -32,6 +32,9 @@ POINTS = (
     "runner.after_done",           # DONE written, the ledger not yet told
     "ledger.in_claim",             # inside the claim transaction, before commit
     "ledger.in_heartbeat",         # inside the heartbeat transaction, before commit
+    "ledger.in_forget",            # inside the transaction that applies reset markers, before commit
+    "reset.before_older_markers_go",  # a reset's new marker written, older ones of the run still there
+    "reset.before_set_aside",      # the marker written, the run's folder not yet moved away
 )
 
 _hits: Counter[str] = Counter()

@@ -105,6 +105,20 @@ def _finite(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint as its manifest describes it, and whether its data file still matches."""
+
+    data: str
+    attempt: int
+    step: int
+    size: int
+    created: float
+    verified: bool
+    problem: str | None
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What a reader checks before trusting a data file."""
 
