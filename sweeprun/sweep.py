@@ -433,6 +433,8 @@ class Sweep:
     def _metrics_path(self, run_id: str, files: dict[str, float]) -> str | None:
         """Where the run's metrics are, from the listing: ``metrics.jsonl`` on local disk,
         the newest attempt's object on object stores (see :class:`~sweeprun.training.metrics.MetricsLog`)."""
+        if not files:  # a done run of a big sweep's summary, never listed: nothing to build
+            return None
         paths = self.paths.run(run_id)
         if is_local(self.store.fs):
             return paths.metrics if "metrics.jsonl" in files else None
