@@ -108,6 +108,15 @@ def test_keeps_the_last_k_and_the_best(run_dir: str, mode: Literal["min", "max"]
     assert saved_steps(t.run) == sorted({best_step, 6, 7})
     best = load_checkpoint(run_dir, which="best", best="val", mode=mode)
     assert best["step"] == best_step
+    assert load_checkpoint(run_dir, which="best")["step"] == best_step  # the script's own best
+
+
+def test_best_needs_a_metric_when_the_script_kept_none(run_dir: str) -> None:
+    t = Trainer.start(run_dir, every_steps=1)
+    t.train(2)
+    t.run.close()
+    with pytest.raises(CheckpointError, match="record no best metric"):
+        load_checkpoint(run_dir, which="best")
 
 
 def test_cadence_by_steps_and_a_final_save(run_dir: str) -> None:

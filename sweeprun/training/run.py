@@ -634,15 +634,25 @@ def _flag_env(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def load_checkpoint(run_dir: str | os.PathLike[str], which: Literal["latest", "best"] = "latest",
-                    best: str | None = None, mode: Literal["min", "max"] = "min") -> dict[str, Any]:
+                    best: str | None = None, mode: Literal["min", "max"] | None = None) -> dict[str, Any]:
     """The full saved state of a run (``{"step", "epoch", "extras", "objects", "rng"}``),
-    from its newest verified checkpoint or, with ``which="best"``, the best by ``best``.
+    from its newest verified checkpoint or, with ``which="best"``, the best by ``best``
+    (by default the metric and mode the script gave ``sweeprun.init(best=..., mode=...)``,
+    as its checkpoints recorded them: what it kept is what it meant by best).
     For evaluation and tests: ``load_checkpoint(d)["objects"]["model"]``."""
     store = open_store(os.fspath(run_dir))
     directory = CheckpointDir(store.fs, RunPaths(store.fs, store.root).checkpoints)
     directory.check()
     if which == "best":
-        chosen = Retention(best=best, mode=mode).best_of(directory.manifests())
+        manifests = directory.manifests()
+        if best is None:
+            recorded = next((r for m in sorted(manifests, key=lambda m: m.name, reverse=True)
+                             if (r := Retention.from_record(m.retention)) is not None and r.best), None)
+            if recorded is None:
+                raise CheckpointError(f"the checkpoints in {directory.path} record no best metric "
+                                      "(the script gave sweeprun.init no best=...); pass best=METRIC")
+            best, mode = recorded.best, mode or recorded.mode
+        chosen = Retention(best=best, mode=mode or "min").best_of(manifests)
         if chosen is None:
             raise CheckpointError(f"no checkpoint in {directory.path} has metric {best!r}")
         try:
