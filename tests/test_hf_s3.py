@@ -102,6 +102,9 @@ def test_a_kill_during_an_upload_resumes_from_the_previous_complete_folder_on_a_
     assert all(SEAL in folders[f] for f in ("checkpoint-35", "checkpoint-40"))
     assert any(name.startswith("checkpoint-15-a") for name in
                {p.split("/")[0] for p in folders[".sweeprun-rejected"]})
+    # done: the staged copies are gone (they are in the store), or a sweep would fill the disk
+    staged = list(run.home.glob("hf-staging/*/trainer/checkpoint-*"))
+    assert list(run.home.glob("hf-staging/*/trainer")) and staged == [], staged
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from ..errors import CheckpointError
 from ..faults import crash_point
 from ..redact import redact
 from ..store import RunPaths, store_errors
-from .sealed import PREFIX, REJECTED, SEAL, Sealed, read_seal, step_of, verify
+from .sealed import PREFIX, REJECTED, SEAL, Sealed, checkpoint_folders, read_seal, step_of, verify
 
 STAGING_DIR = "hf-staging"
 
@@ -87,6 +87,13 @@ class StoreFolders:
         return folders
 
     # -- resume -----------------------------------------------------------------------
+
+    def release(self) -> None:
+        """The run is done and every folder it needs is sealed in the store: its local copies
+        go. A resume never reads them (:meth:`pull` empties the staging folder first), and on
+        a notebook's disk one run's checkpoints after another would fill it in a long sweep."""
+        for _, path in checkpoint_folders(self.output_dir):
+            shutil.rmtree(path, ignore_errors=True)
 
     def pull(self) -> Pulled:
         """Empty the staging folder, then download the newest store folder whose seal verifies

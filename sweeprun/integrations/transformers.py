@@ -205,6 +205,8 @@ class SweeprunCallback(TrainerCallback):
                   file=sys.stderr, flush=True)
             raise SystemExit(PREEMPTED_EXIT)
         run.mark_finished(trainer.state.global_step)
+        if self._store is not None:
+            self._store.release()
         return result
 
     @staticmethod
