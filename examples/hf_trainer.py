@@ -73,7 +73,8 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--save-steps", type=int, default=5)
     parser.add_argument("--save-total-limit", type=int, help="keep this many checkpoint folders")
-    parser.add_argument("--every-s", type=float, default=300.0, help="sweeprun's time cadence")
+    parser.add_argument("--every-s", type=lambda v: v if v == "auto" else float(v), default=300.0,
+                        help="sweeprun's time cadence in seconds, or auto (Young/Daly)")
     parser.add_argument("--out", help="run directory when not under sweeprun launch")
     parser.add_argument("--step-sleep-s", type=float, default=0.0)
     parser.add_argument("--torch-augment", action="store_true",

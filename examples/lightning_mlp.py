@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", help="run directory when not under sweeprun launch")
-    parser.add_argument("--save-every-steps", type=int, help="save every N steps (default: every 300 s)")
+    parser.add_argument("--save-every-steps", type=int, help="save every N steps (default: the automatic interval)")
     parser.add_argument("--step-sleep-s", type=float, default=0.0,
                         help="tests: slow each step down so a kill can land mid-run")
     parser.add_argument("--val", action="store_true", help="validate at the end of each epoch")

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", help="run directory when not under sweeprun launch")
-    parser.add_argument("--save-every-steps", type=int, help="save every N steps (default: every 300 s)")
+    parser.add_argument("--save-every-steps", type=int, help="save every N steps (default: the automatic interval)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler (cuda)")
     parser.add_argument("--step-sleep-s", type=float, default=0.0,

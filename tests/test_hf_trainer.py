@@ -407,3 +407,39 @@ def test_a_framework_that_writes_its_own_checkpoints_uses_the_public_run_api(tmp
     with pytest.raises(RuntimeError, match="resume_at\\(\\) must come before the run's first log"):
         run.resume_at(3, metrics_bytes=0)
     run.close()
+
+
+def test_the_automatic_interval_learns_from_the_trainers_own_saves(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``every_s="auto"`` (the default): the first time save comes at ``min_every_s`` (30 s);
+    then the cost of what training waited for (the Trainer's writing after the step, and the
+    seal) sets the next interval by Young/Daly: 2 s a save and 6 h between interruptions
+    give sqrt(2 x 2 x 21600) = 294 s."""
+    from types import SimpleNamespace
+
+    from sweeprun.integrations.transformers import init
+
+    now = [0.0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWEEPRUN_")}
+    callback = init(params={}, local_dir=tmp_path / "run", clock=lambda: now[0], env=env)
+    state = SimpleNamespace(global_step=0, max_steps=10**6, is_world_process_zero=True,
+                            best_model_checkpoint=None)
+    args = SimpleNamespace(output_dir=callback.output_dir, save_total_limit=None)
+
+    def step(seconds: float) -> bool:
+        now[0] += seconds
+        state.global_step += 1
+        control = SimpleNamespace(should_save=False, should_training_stop=False)
+        callback.on_step_end(args, state, control)
+        return control.should_save
+
+    assert [step(10.0) for _ in range(3)] == [False, False, True]    # 30 s: the first, to measure
+    folder = Path(callback.output_dir) / f"checkpoint-{state.global_step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    now[0] += 2.0                                                     # the Trainer writes for 2 s
+    callback.on_save(args, state, SimpleNamespace())
+    assert "checkpoint interval 294 s" in capsys.readouterr().err
+    due = [step(10.0) for _ in range(30)]
+    assert due.index(True) == 29                                      # 290 s not yet, 300 s due
+    callback.run.close()

@@ -40,7 +40,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -66,7 +66,7 @@ __all__ = ["init", "SweeprunCallback", "Sealed", "seal", "verify", "PREFIX", "SE
 
 
 def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[str] | None = None,
-         *, every_s: float | None = 300.0, time_limit_s: float | None = None,
+         *, every_s: float | Literal["auto"] | None = "auto", time_limit_s: float | None = None,
          stop_signals: Iterable[int] = (), staging_dir: str | os.PathLike[str] | None = None,
          clock: Callable[[], float] = time.monotonic,
          env: Mapping[str, str] | None = None) -> SweeprunCallback:
@@ -74,7 +74,9 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
 
     Parameters and directory come from the launcher's environment, or standalone from
     ``params`` and ``local_dir`` (as :func:`sweeprun.init`). ``every_s``: a save is due
-    this often besides the Trainer's own ``save_steps`` (``None``: only those).
+    this often besides the Trainer's own ``save_steps`` (``None``: only those); ``"auto"``
+    (the default) spaces them by Young/Daly from the measured cost of the Trainer's saves
+    and the sweep's interruption rate, as :func:`sweeprun.init` does.
     ``time_limit_s`` (or SWEEPRUN_TIME_LIMIT, the smaller wins): save and exit 75 before
     that many seconds have passed.
 
@@ -98,7 +100,7 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
 class SweeprunCallback(TrainerCallback):
     """A Trainer callback that makes its training a sweeprun run. Create with :func:`init`."""
 
-    def __init__(self, run: Run, *, every_s: float | None, clock: Callable[[], float],
+    def __init__(self, run: Run, *, every_s: float | Literal["auto"] | None, clock: Callable[[], float],
                  staging_dir: str | None = None) -> None:
         self.run = run
         self._root = run.paths.dir if staging_dir is None else staging_dir
@@ -108,6 +110,7 @@ class SweeprunCallback(TrainerCallback):
         self._clock = clock
         self._started = self._saved_at = self._step_started = clock()
         self._step_s = self._save_s = 0.0
+        self._step_ended = 0.0
         self._trainer: Trainer | None = None
         self._resumed: Sealed | None = None
         self._rng = RngReplay()
@@ -253,8 +256,9 @@ class SweeprunCallback(TrainerCallback):
             control.should_training_stop = True
         elif state.global_step >= state.max_steps > 0:
             control.should_save = True   # the end is always sealed: a rerun finds nothing to do
-        elif self.every_s is not None and now - self._saved_at >= self.every_s:
+        elif (every_s := self._every_s()) is not None and now - self._saved_at >= every_s:
             control.should_save = True
+        self._step_ended = now
         if control.should_save:
             # before the Trainer writes in place: a process whose run was taken over (a frozen
             # machine that woke up) must not rewrite folders the live attempt relies on
@@ -281,6 +285,16 @@ class SweeprunCallback(TrainerCallback):
             self._store.retain(args.save_total_limit, state.best_model_checkpoint)
         self._saved_at = self._clock()
         self._save_s = self._saved_at - start
+        auto = run.auto_interval
+        if auto is not None:
+            # what training waited for: the Trainer's own writing (after the step ended) and the seal
+            line = auto.observe(self._saved_at - max(self._step_ended, self._started))
+            if line is not None:
+                print(f"sweeprun: {line}", file=sys.stderr, flush=True)
+
+    def _every_s(self) -> float | None:
+        auto = self.run.auto_interval
+        return auto.interval_s if auto is not None else self.every_s  # type: ignore[return-value]
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
                **kwargs: Any) -> None:

@@ -258,6 +258,13 @@ class Run:
                     print(f"sweeprun: {line}", file=sys.stderr, flush=True)
 
     @property
+    def auto_interval(self) -> AutoInterval | None:
+        """With ``every_s="auto"``, what picks the interval between saves. An integration
+        whose framework writes its own checkpoints (the Trainer) feeds it each save's cost
+        with ``observe(seconds)`` and asks ``interval_s`` when the next save is due."""
+        return self._auto
+
+    @property
     def should_stop(self) -> bool:
         """A stop was requested; the next :meth:`end_step` will save and exit."""
         return self._stop_reason is not None
