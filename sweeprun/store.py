@@ -625,9 +625,10 @@ class SweepPaths:
 
 def _local_files(top: str) -> Iterator[tuple[str, float]]:
     """``(path, mtime)`` of every regular file under ``top`` on local disk, as fsspec's
-    ``find`` lists them (a link to a file counts as one, with its target's time) but in one
-    ``scandir`` pass per folder: fsspec stats every entry through its own ``info`` and a
-    status of 10,000 runs spent two seconds there. Linked folders are not entered (a link
+    ``find`` lists them (a link is not a file: a linked ``DONE`` is not a finished run, as
+    :meth:`RunPaths.is_done` agrees, and a linked ``metrics.jsonl`` is never read) but in
+    one ``scandir`` pass per folder: fsspec stats every entry through its own ``info`` and
+    a status of 10,000 runs spent two seconds there. Linked folders are not entered (a link
     loop in a run folder would never end); a missing ``top`` is an empty listing."""
     stack = [top]
     while stack:
@@ -640,8 +641,8 @@ def _local_files(top: str) -> Iterator[tuple[str, float]]:
             try:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
-                elif entry.is_file():
-                    yield entry.path, entry.stat().st_mtime
+                elif entry.is_file(follow_symlinks=False):
+                    yield entry.path, entry.stat(follow_symlinks=False).st_mtime
             except FileNotFoundError:  # removed since the folder was read
                 continue
 

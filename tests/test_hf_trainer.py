@@ -443,3 +443,24 @@ def test_the_automatic_interval_learns_from_the_trainers_own_saves(
     due = [step(10.0) for _ in range(30)]
     assert due.index(True) == 29                                      # 290 s not yet, 300 s due
     callback.run.close()
+
+
+def test_no_time_cadence_leaves_the_saves_to_the_trainer(tmp_path: Path) -> None:
+    """``every_s=None``: only the Trainer's own ``save_steps`` (and the last step, and a stop)."""
+    from types import SimpleNamespace
+
+    from sweeprun.integrations.transformers import init
+
+    now = [0.0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWEEPRUN_")}
+    callback = init(params={}, local_dir=tmp_path / "run", every_s=None, clock=lambda: now[0], env=env)
+    state = SimpleNamespace(global_step=0, max_steps=10**6)
+    due = []
+    for _ in range(50):
+        now[0] += 100.0
+        state.global_step += 1
+        control = SimpleNamespace(should_save=False, should_training_stop=False)
+        callback.on_step_end(SimpleNamespace(), state, control)
+        due.append(control.should_save)
+    callback.run.close()
+    assert not any(due)

@@ -91,15 +91,17 @@ def test_done_means_a_regular_file_called_done(tmp_path: Path, where: str) -> No
 
 
 def test_a_link_loop_in_a_run_folder_does_not_hang_the_listing(tmp_path: Path) -> None:
-    """A local listing lists files, links to files included, and never enters a linked folder."""
+    """A local listing lists regular files only (as the launcher's own check of ``DONE``
+    does: a linked ``DONE`` is not a finished run) and never enters a linked folder."""
     sweep = open_store(str(tmp_path)).sweep("s")
     run = Path(sweep.run("looped-1").dir)
     (run / "logs").mkdir(parents=True)
     (run / "logs" / "attempt-1.log").write_text("x")
     (run / "loop").symlink_to(run)                     # runs/looped-1/loop -> runs/looped-1
     (run / "DONE").symlink_to(run / "logs" / "attempt-1.log")
-    assert sorted(sweep.listing()["looped-1"]) == ["DONE", "logs/attempt-1.log"]
+    assert sorted(sweep.listing()["looped-1"]) == ["logs/attempt-1.log"]
     assert sorted(sweep.listing(only=["looped-1", "absent-2"])) == ["looped-1"]
+    assert sweep.done_ids(sweep.listing()) == set() and not sweep.run("looped-1").is_done()
 
 
 def test_status_and_launch_agree_that_a_done_folder_is_not_done(sandbox: Sandbox) -> None:

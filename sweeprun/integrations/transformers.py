@@ -293,6 +293,8 @@ class SweeprunCallback(TrainerCallback):
                 print(f"sweeprun: {line}", file=sys.stderr, flush=True)
 
     def _every_s(self) -> float | None:
+        if self.every_s is None:
+            return None  # only the Trainer's own save_steps (the run has an interval it never uses)
         auto = self.run.auto_interval
         return auto.interval_s if auto is not None else self.every_s  # type: ignore[return-value]
 
