@@ -105,6 +105,11 @@ def test_a_lightning_run_that_forgets_a_piece_is_named(tmp_path: Path, omit: str
 
 # -- what legitimately differs, in process ---------------------------------------------------------
 
+#: ModelCheckpoint's state key, as Lightning 2.6 writes it: its settings, a clock-like name among them.
+CHECKPOINT_KEY = ("ModelCheckpoint{'monitor': 'loss', 'mode': 'min', 'every_n_train_steps': 0, "
+                  "'every_n_epochs': 1, 'train_time_interval': None}")
+
+
 def lightning_checkpoint(run_dir: Path, elapsed_s: float, rng: bool = True) -> dict:
     """A sweeprun checkpoint as the Lightning callback writes it, with a ModelCheckpoint that
     names a file of its own run and a Timer that measured the wall clock."""
@@ -114,7 +119,7 @@ def lightning_checkpoint(run_dir: Path, elapsed_s: float, rng: bool = True) -> d
         "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(2, 2)}}, "param_groups": [{"lr": 0.1}]}],
         "lr_schedulers": [{"last_epoch": 32, "_last_lr": [0.0]}],
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"completed": 2}}}},
-        "callbacks": {"ModelCheckpoint{'monitor': 'loss'}": {"best_model_path": f"{run_dir}/ckpt/best.ckpt",
+        "callbacks": {CHECKPOINT_KEY: {"best_model_path": f"{run_dir}/ckpt/best.ckpt",
                                                              "best_model_score": torch.tensor(0.5)},
                       "Timer": {"time_elapsed": {"train": elapsed_s}}},
     }
@@ -130,9 +135,12 @@ def test_paths_of_the_run_and_clock_readings_do_not_count(tmp_path: Path) -> Non
     assert compare_pieces(a.pieces, b.pieces) == {}
     assert a.shown() == ["model", "optimizer", "LR scheduler", "callbacks", "data position",
                          "training progress", "global RNGs"]
-    b.pieces["callbacks"]["ModelCheckpoint{'monitor': 'loss'}"]["best_model_path"] = "/elsewhere/best.ckpt"
+    b.pieces["callbacks"][CHECKPOINT_KEY]["best_model_path"] = "/elsewhere/best.ckpt"
     found = compare_pieces(a.pieces, b.pieces)
     assert list(found) == ["callbacks"], "a path outside the run still counts"
+    b = ending_of(lightning_checkpoint(tmp_path / "interrupted" / "run", 31.0), tmp_path / "interrupted" / "run")
+    b.pieces["callbacks"][CHECKPOINT_KEY]["best_model_score"] = torch.tensor(0.25)
+    assert list(compare_pieces(a.pieces, b.pieces)) == ["callbacks"], "its best-k tracking counts"
 
 
 def test_a_lightning_state_names_what_it_cannot_restore(tmp_path: Path) -> None:

@@ -122,8 +122,10 @@ def _lightning_ending(state: Mapping[str, Any]) -> Ending:
         if key in ckpt:
             pieces[piece] = ckpt.pop(key)
     # Timer's time_elapsed and the like: a callback's clock readings, never equal between runs.
-    if "callbacks" in pieces:
-        pieces["callbacks"] = _without_clock(pieces["callbacks"])
+    # Inside each callback's state only: the keys naming the callbacks carry their settings
+    # (ModelCheckpoint's include 'train_time_interval'), and its best-k tracking must count.
+    if isinstance(pieces.get("callbacks"), Mapping):
+        pieces["callbacks"] = {k: _without_clock(v) for k, v in pieces["callbacks"].items()}
     samplers = saved.get("samplers") or []
     if samplers:
         pieces["data position"] = samplers
