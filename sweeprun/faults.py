@@ -34,7 +34,7 @@ POINTS = (
     "ledger.in_heartbeat",         # inside the heartbeat transaction, before commit
     "ledger.in_forget",            # inside the transaction that applies reset markers, before commit
     "reset.before_older_markers_go",  # a reset's new marker written, older ones of the run still there
-    "reset.before_set_aside",      # the marker written, the run's folder not yet moved away
+    "reset.before_set_aside",      # a reset: the run's done entry gone, its folder not yet moved, no marker yet
 )
 
 _hits: Counter[str] = Counter()

@@ -286,20 +286,24 @@ def reset(sweep: Sweep, names: Iterable[str] = (), *, failed: bool = False, dry_
     if dry_run:
         return report
     sweep.store.check_writable()
-    # The markers first: every machine's ledger (this one's too, at the sync below) then
-    # forgets the runs' failures once. Killed at any point after, every machine agrees on
-    # what a launch does next, and the same command run again finishes the reset.
+    # Per run: its done entry, its folder, then its marker. Until the marker is written
+    # nothing offers the run again (a failed run stays failed in every ledger), so no
+    # launch starts it under a folder about to be moved away; once it is, every machine's
+    # ledger (this one's too, at the sync below) forgets the run's failures once. The
+    # entry goes before DONE: an object store's done index counts a run whose folder is
+    # there, and a kill during a slow move must not leave a run done with no DONE. Killed
+    # at any point, every machine agrees on the run's state, and the same command run
+    # again finishes the reset.
     for run_id in run_ids:
-        sweep.mark_reset(run_id, clock)
-    crash_point("reset.before_set_aside")
-    for run_id in run_ids:
-        if run_id in present:
-            report.moved[run_id] = _set_aside(sweep, run_id, report.moved[run_id])
         with store_errors("delete", sweep.paths.run(run_id).done_entry):
             try:
                 sweep.store.fs.rm_file(sweep.paths.run(run_id).done_entry)
             except FileNotFoundError:
                 pass
+        crash_point("reset.before_set_aside")
+        if run_id in present:
+            report.moved[run_id] = _set_aside(sweep, run_id, report.moved[run_id])
+        sweep.mark_reset(run_id, clock)
     _ledger_sync(sweep)
     return report
 
