@@ -39,7 +39,14 @@ from .trainer_folders import (
     trainer_dir,
     trainer_plan,
 )
-from .training.checkpoints import TEMP_PREFIX, CheckpointDir, CheckpointInfo, Manifest, Retention
+from .training.checkpoints import (
+    TEMP_PREFIX,
+    CheckpointDir,
+    CheckpointInfo,
+    Manifest,
+    Retention,
+    recorded_retention,
+)
 
 #: How much of the newest log ``show`` reads, and how many of its last lines it shows.
 LOG_TAIL_BYTES = 16 * 1024
@@ -406,8 +413,9 @@ def keep_set(directory: CheckpointDir, manifests: list[Manifest], best: str | No
             continue
         keep.add(manifest.data)
         break
-    recorded = next((r for m in reversed(manifests)
-                     if (r := Retention.from_record(m.retention)) is not None), None)
+    recorded = recorded_retention(manifests)
+    if best and not mode and recorded is not None and recorded.best == best:
+        mode = recorded.mode  # the script's own metric: its own direction
     if best or mode or recorded is None:
         names = [best] if best else sorted({k for m in manifests for k in m.metrics})
         choices = [Retention(best=name, mode=how)  # type: ignore[arg-type]

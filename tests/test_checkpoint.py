@@ -109,6 +109,7 @@ def test_keeps_the_last_k_and_the_best(run_dir: str, mode: Literal["min", "max"]
     best = load_checkpoint(run_dir, which="best", best="val", mode=mode)
     assert best["step"] == best_step
     assert load_checkpoint(run_dir, which="best")["step"] == best_step  # the script's own best
+    assert load_checkpoint(run_dir, which="best", best="val")["step"] == best_step  # and its mode
 
 
 def test_best_needs_a_metric_when_the_script_kept_none(run_dir: str) -> None:

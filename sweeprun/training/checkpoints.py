@@ -100,6 +100,15 @@ def _int(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def recorded_retention(manifests: list[Manifest]) -> Retention | None:
+    """The retention the script gave ``sweeprun.init`` as its newest manifest that records one
+    has it (``best`` ``None``: it keeps no best); ``None`` when none does (written before the
+    record existed). ``gc`` and ``load_checkpoint(run, "best")`` both go by this one rule,
+    so what gc keeps is what a later load takes for the best."""
+    return next((r for m in sorted(manifests, key=lambda m: m.name, reverse=True)
+                 if (r := Retention.from_record(m.retention)) is not None), None)
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

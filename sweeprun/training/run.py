@@ -35,7 +35,7 @@ from ..faults import crash_point
 from ..runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
 from ..store import JSON_MAX_BYTES, RunPaths, atomic_write, open_store, read_regular, store_errors
 from .cadence import MTBI_ENV, PRIOR_MTBI_S, AutoInterval
-from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention
+from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention, recorded_retention
 from .metrics import MetricsLog, plain
 from .state import (
     HostBuffers,
@@ -652,13 +652,14 @@ def load_checkpoint(run_dir: str | os.PathLike[str], which: Literal["latest", "b
     directory.check()
     if which == "best":
         manifests = directory.manifests()
+        recorded = recorded_retention(manifests)
         if best is None:
-            recorded = next((r for m in sorted(manifests, key=lambda m: m.name, reverse=True)
-                             if (r := Retention.from_record(m.retention)) is not None and r.best), None)
-            if recorded is None:
+            if recorded is None or recorded.best is None:
                 raise CheckpointError(f"the checkpoints in {directory.path} record no best metric "
                                       "(the script gave sweeprun.init no best=...); pass best=METRIC")
-            best, mode = recorded.best, mode or recorded.mode
+            best = recorded.best
+        if mode is None and recorded is not None and recorded.best == best:
+            mode = recorded.mode  # the script's own metric: its own direction
         chosen = Retention(best=best, mode=mode or "min").best_of(manifests)
         if chosen is None:
             raise CheckpointError(f"no checkpoint in {directory.path} has metric {best!r}")
