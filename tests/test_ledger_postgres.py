@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -445,3 +446,23 @@ def test_a_database_from_before_resets_were_honoured_gains_the_column(postgres_u
     assert led.forget({RUNS[0].run_id: "t"}) == {RUNS[0].run_id}
     assert led.honoured() == {RUNS[0].run_id: "t"}
     led.close()
+
+
+def test_a_role_that_does_not_own_an_old_ledger_is_told_what_its_owner_must_run(postgres_url: str) -> None:
+    """Only a table's owner may add a column: a worker role granted another role's ledger
+    meets that on the first open by a newer sweeprun, and is told the one statement to run."""
+    led = open_ledger(postgres_url, "sweep")
+    led.sync(RUNS, set(), set())
+    led.close()
+    role = "w_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE sweeprun_runs DROP COLUMN reset")
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+    worker_url = postgres_url.replace("postgres@", f"{role}@", 1)
+    with pytest.raises(LedgerError, match="have the owner of sweeprun_runs run `ALTER TABLE sweeprun_runs "
+                                          "ADD COLUMN IF NOT EXISTS reset text` once"):
+        open_ledger(worker_url, "sweep")
+    reader = open_ledger(worker_url, "sweep", readonly=True)   # reading needs no new column
+    assert len(reader.rows()) == len(RUNS)
+    reader.close()

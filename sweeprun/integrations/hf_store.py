@@ -37,13 +37,16 @@ from .sealed import PREFIX, REJECTED, SEAL, Sealed, checkpoint_folders, read_sea
 STAGING_DIR = "hf-staging"
 
 
-def staging_root(paths: RunPaths, run_id: str | None) -> str:
+def staging_root(paths: RunPaths, run_id: str | None, base: str | None = None) -> str:
     """The local folder that stands in for the run directory: one per run and store, so two
-    runs (or the same run id in two stores) never share it."""
-    from ..ledger import state_home
-
+    runs (or the same run id in two stores) never share it, even under one ``base`` given
+    by the script (a resume empties its staging folder first)."""
     key = hashlib.sha256(paths.url.encode()).hexdigest()[:12]
     name = f"{run_id or posixpath.basename(paths.dir.rstrip('/')) or 'run'}-{key}"
+    if base is not None:
+        return os.path.join(base, name)
+    from ..ledger import state_home
+
     return os.path.join(state_home(), STAGING_DIR, name)
 
 

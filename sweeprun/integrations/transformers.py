@@ -81,16 +81,17 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     that many seconds have passed.
 
     A run directory on an object store (``s3://...``) works too: the Trainer writes into
-    a local staging folder (``staging_dir``, else one under ``$SWEEPRUN_HOME`` keyed by
-    the run) and each sealed folder is uploaded to the store, the seal last; a resume
-    downloads the newest folder that verifies (:mod:`.hf_store`).
+    a local staging folder (one per run, under ``staging_dir`` or else ``$SWEEPRUN_HOME``)
+    and each sealed folder is uploaded to the store, the seal last; a resume downloads the
+    newest folder that verifies (:mod:`.hf_store`).
     """
     run = init_run(params, local_dir, every_s=every_s, time_limit_s=time_limit_s,
                    stop_signals=stop_signals, clock=clock, env=env)
     staging = None
     if not is_local(run.paths.fs):
         try:
-            staging = os.fspath(staging_dir) if staging_dir is not None else staging_root(run.paths, run.run_id)
+            staging = staging_root(run.paths, run.run_id,
+                                   os.fspath(staging_dir) if staging_dir is not None else None)
         except BaseException:
             run.close()
             raise

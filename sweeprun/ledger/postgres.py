@@ -239,6 +239,7 @@ class PostgresLedger(Ledger):
         except self._pg.Error as exc:
             raise LedgerError(f"cannot open the ledger {self.shown}: {_one_line(exc)}; check the "
                               "host, port, database and password (PGPASSWORD or ~/.pgpass)") from None
+        adding = False  # the reset column, to a ledger an older sweeprun created
         try:
             with self._watchdog.watch(conn.pgconn.socket, self.call_timeout_s):
                 version = self._version(conn)
@@ -253,14 +254,20 @@ class PostgresLedger(Ledger):
                                      "('schema_version', %s) ON CONFLICT (key) DO UPDATE SET value "
                                      "= EXCLUDED.value", [str(SCHEMA_VERSION)])
                 elif not self.readonly and conn.execute(_HAS_RESET).fetchone() is None:
+                    adding = True
                     with conn.transaction():
                         conn.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
                         conn.execute(_RESET_COLUMN)
         except self._pg.Error as exc:
             self.close()
-            hint = ("; let the user create tables in the database (GRANT CREATE ON SCHEMA public) "
-                    "or give --ledger a database it owns"
-                    if isinstance(exc, self._pg.errors.InsufficientPrivilege) else "")
+            hint = ""
+            if isinstance(exc, self._pg.errors.InsufficientPrivilege):
+                # Only the owner of a table may add a column to it: a role granted the rows of
+                # a ledger another role created meets this on the first launch of a newer sweeprun.
+                hint = (f"; this sweeprun needs one more column: have the owner of sweeprun_runs run "
+                        f"`{_RESET_COLUMN}` once" if adding else
+                        "; let the user create tables in the database (GRANT CREATE ON SCHEMA "
+                        "public) or give --ledger a database it owns")
             raise LedgerError(f"cannot open the ledger {self.shown}: {_one_line(exc)}{hint}") from None
         except BaseException:
             self.close()
