@@ -118,24 +118,16 @@ def trainer_plan(folder: str, damaged: bool = False) -> TrainerPlan:
     folders (their seals are read, not their files hashed: they are going), and leave the
     rest unless ``damaged``."""
     plan = TrainerPlan()
-    folders = sealed.checkpoint_folders(folder)  # newest first
-    newest: tuple[int, str] | None = None
-    for step, path in folders:
-        try:
-            sealed.verify(path)
-        except ValueError:
-            continue
-        newest = step, path
-        break
+    newest = sealed.newest_sealed(folder).chosen
     if newest is not None:
-        plan.keep.append(newest[1])
-        best = _trainer_best(folder, newest[1])
-        if best is not None and best != newest[1]:
+        plan.keep.append(newest.path)
+        best = _trainer_best(folder, newest.path)
+        if best is not None and best != newest.path:
             plan.keep.append(best)
-    for step, path in folders:
+    for step, path in sealed.checkpoint_folders(folder):
         if path in plan.keep or os.path.islink(path):
             continue  # a symlink is never followed into, nor removed
-        if newest is not None and step < newest[0] and _has_seal(path):
+        if newest is not None and step < newest.step and _has_seal(path):
             plan.remove.append(path)
         else:
             (plan.remove if damaged else plan.damaged).append(path)
