@@ -11,10 +11,8 @@ store too.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("s3fs")
 from safetensors.torch import load_file  # noqa: E402
-from test_hf_trainer import EXAMPLE, FLAGS, REPO, TOTAL_STEPS, differences, losses, reference  # noqa: E402,F401
+from test_hf_trainer import TOTAL_STEPS, HFRun, differences, losses, reference  # noqa: E402,F401
 
 from sweeprun import open_store  # noqa: E402
 from sweeprun.store import RunPaths  # noqa: E402
@@ -42,13 +40,10 @@ class S3HFRun:
     home: Path
 
     def complete(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), "SWEEPRUN_HOME": str(self.home), **(env or {})}
-        for name in ("SWEEPRUN_RUN_DIR", "SWEEPRUN_TIME_LIMIT", "SWEEPRUN_CRASH_AT"):
-            if name not in (env or {}):
-                full_env.pop(name, None)
-        return subprocess.run([sys.executable, str(EXAMPLE), *FLAGS, "--save-total-limit", "2",
-                               "--out", self.url, *extra],
-                              env=full_env, text=True, capture_output=True, timeout=300)
+        """The example run to its end (or its crash point) as :class:`HFRun` runs it, with
+        ``--out`` the bucket and the staging folder under ``home``."""
+        return HFRun(self.url).complete(  # type: ignore[arg-type]  (a URL where HFRun has a path)
+            "--save-total-limit", "2", *extra, env={"SWEEPRUN_HOME": str(self.home), **(env or {})})
 
     @property
     def fs(self) -> Any:
