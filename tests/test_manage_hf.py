@@ -198,3 +198,16 @@ def test_a_real_trainer_run_in_status_show_and_gc(sandbox: Sandbox) -> None:
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in trainer.glob("checkpoint-*")) == ["checkpoint-12"]
     sealed.verify(str(trainer / "checkpoint-12"))
+
+
+def test_a_seal_that_names_a_file_outside_its_folder_does_not_verify(tmp_path: Path) -> None:
+    """A seal is a file anyone can edit; what it names is read, hashed and downloaded."""
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "secret").write_bytes(b"not ours")
+    record = sealed.seal(str(folder), 5, {})
+    record["files"]["../secret"] = record["files"].pop("model.safetensors")
+    (folder / sealed.SEAL).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"its seal names '\.\./secret', outside the folder"):
+        sealed.verify(str(folder))

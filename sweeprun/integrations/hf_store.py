@@ -32,7 +32,17 @@ from ..errors import CheckpointError
 from ..faults import crash_point
 from ..redact import redact
 from ..store import RunPaths, store_errors
-from .sealed import PREFIX, REJECTED, SEAL, Sealed, checkpoint_folders, read_seal, step_of, verify
+from .sealed import (
+    PREFIX,
+    REJECTED,
+    SEAL,
+    Sealed,
+    checkpoint_folders,
+    inside,
+    read_seal,
+    step_of,
+    verify,
+)
 
 STAGING_DIR = "hf-staging"
 
@@ -138,9 +148,7 @@ class StoreFolders:
         with store_errors("download", remote):
             self.fs.get_file(posixpath.join(remote, SEAL), os.path.join(local, SEAL))
         for rel in sorted(read_seal(local)["files"]):
-            target = os.path.normpath(os.path.join(local, rel))
-            if os.path.isabs(rel) or not target.startswith(os.path.normpath(local) + os.sep):
-                raise ValueError(f"its seal names {rel!r}, outside the folder")
+            target = inside(local, rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with store_errors("download", posixpath.join(remote, rel)):
                 try:

@@ -123,15 +123,22 @@ def read_seal(folder: str) -> dict[str, Any]:
     return record
 
 
+def inside(folder: str, rel: str) -> str:
+    """``folder``/``rel``, which a seal lists; ValueError when it would lie outside ``folder``
+    (a seal is a file anyone can edit, and it names what is read, hashed and downloaded)."""
+    target = os.path.normpath(os.path.join(folder, rel))
+    if os.path.isabs(rel) or not target.startswith(os.path.normpath(folder) + os.sep):
+        raise ValueError(f"its seal names {rel!r}, outside the folder")
+    return target
+
+
 def verify(folder: str) -> dict[str, Any]:
     """The seal of ``folder`` once every file it lists is there with its size and hash;
     ValueError saying what is wrong otherwise."""
     record = read_seal(folder)
     listed = sorted(record["files"].items())
     for rel, expected in listed:
-        target = os.path.normpath(os.path.join(folder, rel))
-        if os.path.isabs(rel) or not target.startswith(os.path.normpath(folder) + os.sep):
-            raise ValueError(f"its seal names {rel!r}, outside the folder")
+        target = inside(folder, rel)
         if not isinstance(expected, dict):
             raise ValueError(f"its seal's entry for {rel!r} is not one sweeprun writes")
         try:
