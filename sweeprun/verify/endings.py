@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..integrations.hf_rng import RNG_FILE
+from ..integrations.sealed import SEAL
 from .compare import TIMING, kind_of
 
 #: Where a run directory appears inside a saved state: the two runs live in two directories.
@@ -167,10 +169,10 @@ _SKIPPED = {
     # different in the two runs; the arguments are the script's, not state a resume restores
     "training_args.bin",
     # written by sweeprun: the attempt that sealed the folder, when, and file hashes of the above
-    "sweeprun-seal.json",
+    SEAL,
 }
 _OPTIMIZER, _SCHEDULER, _SCALER, _STATE = "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json"
-_SWEEPRUN_RNG = "sweeprun-rng.pt"
+_SWEEPRUN_RNG = RNG_FILE
 
 
 def _hf_ending(output_dir: Path, run_dir: Path) -> Ending | None:
