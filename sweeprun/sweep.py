@@ -14,7 +14,7 @@ import posixpath
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -260,10 +260,14 @@ class Sweep:
     def policy(self) -> Policy:
         return Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost)
 
-    def ledger_rows(self) -> tuple[dict[str, RunRow], float]:
+    def ledger_rows(self, resets: Callable[[], Mapping[str, str]] | None = None
+                    ) -> tuple[dict[str, RunRow], float]:
         """What the ledger knows of this sweep's runs, read-only, and the ledger's time now.
 
         Nothing when there is no ledger yet or the sweep was never launched with it.
+        ``resets`` (:meth:`resets`, called only when the ledger has rows): runs reset on any
+        machine are shown as this ledger will have them at its next launch
+        (:meth:`honour_resets`): failures forgotten, a failed run pending.
         """
         if not self.ledger_exists():
             return {}, time.time()
@@ -273,7 +277,16 @@ class Sweep:
             if key is None:  # never launched: the ledger holds nothing of it
                 return {}, ledger.now()
             ledger.sweep = key
-            return {r.run_id: r for r in ledger.rows()}, ledger.now()
+            rows = {r.run_id: r for r in ledger.rows()}
+            markers = resets() if resets is not None and rows else {}
+            pending = {run_id: token for run_id, token in markers.items() if run_id in rows}
+            seen = ledger.honoured() if pending else {}
+            for run_id, token in pending.items():
+                if seen.get(run_id) != token:
+                    row = rows[run_id]
+                    rows[run_id] = replace(row, failures=0, lost=0, state=RunState.PENDING
+                                           if row.state is RunState.FAILED else row.state)
+            return rows, ledger.now()
         finally:
             ledger.close()
 
@@ -316,8 +329,7 @@ class Sweep:
         ``only``: just these runs (``show``), whether or not they belong to the grid.
         """
         self.store.check_present()
-        ledger_rows, now = self.ledger_rows()
-        self._as_reset(ledger_rows)
+        ledger_rows, now = self.ledger_rows(self.resets)
         if only is not None:
             listing = self.paths.listing(only=only)
             done = self.paths.done_ids(listing)
@@ -364,27 +376,6 @@ class Sweep:
                 worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
                 metrics_path=self._metrics_path(run_id, files)))
         return rows if summary else self.with_progress(rows)
-
-    def _as_reset(self, rows: dict[str, RunRow]) -> None:
-        """Show runs reset on another machine as that ledger will have them at its next
-        launch (:meth:`honour_resets`): failures forgotten, a failed run pending."""
-        markers = self.resets() if rows else {}
-        if not any(run_id in rows for run_id in markers):
-            return
-        key = self.ledger_key()
-        if key is None:
-            return
-        ledger = self.open_ledger(readonly=True)
-        try:
-            ledger.sweep = key
-            seen = ledger.honoured()
-        finally:
-            ledger.close()
-        for run_id, token in markers.items():
-            row = rows.get(run_id)
-            if row is not None and seen.get(run_id) != token:
-                rows[run_id] = replace(row, failures=0, lost=0, state=RunState.PENDING
-                                       if row.state is RunState.FAILED else row.state)
 
     def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:
         """``rows`` with each run's step, last metric and that metric's recent values
