@@ -280,9 +280,10 @@ class Attempt:
                 if self.terminated or self.launcher.stopping:
                     self._record(Outcome.INTERRUPTED, rc)
                     return
-                self.events.note(f"{claim.run_id}: exited 0 without calling run.finish() (it uses "
-                                 "the training API); counted as a failed attempt, not done. A script "
-                                 "that catches SIGTERM or KeyboardInterrupt must exit 75, not 0")
+                self.events.note(f"{claim.run_id}: exited 0 but never reported the end of training "
+                                 "(run.finish(), or an integration's end of training, was not reached); "
+                                 "counted as a failed attempt, not done. A script that stops early (it "
+                                 "caught SIGTERM or KeyboardInterrupt) must exit 75, not 0; see its log")
                 self._record(Outcome.FAILED, rc)
                 return
             crash_point("runner.before_done")
