@@ -484,6 +484,11 @@ class SweepPaths:
         """``ID``: the sweep's id, created once (see :meth:`sweeprun.sweep.Sweep.ledger_key`)."""
         return posixpath.join(self.dir, "ID")
 
+    @property
+    def coordination(self) -> str:
+        """``COORDINATION``: how the sweep's workers are kept apart (:mod:`sweeprun.fleet`)."""
+        return posixpath.join(self.dir, "COORDINATION")
+
     def run(self, run_id: str) -> RunPaths:
         if "/" in run_id or run_id in ("", ".", ".."):
             raise StoreError(f"run id {run_id!r} is not a safe path segment")

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import faults
 from .errors import StoreError, SweeprunError
+from .fleet import Coordination, CoordinationRecord
 from .identity import RunSpec
 from .integrations.sealed import SEAL, step_of
 from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view, settle_default
@@ -111,6 +112,8 @@ class Sweep:
         self.notes: list[str] = []
         #: This grid's runs found done in the store by :meth:`prepare` (the ledger agrees after it).
         self.done_at_start: set[str] = set()
+        #: How this launcher's workers are kept apart, as the store agreed in :meth:`prepare`.
+        self.coordination: Coordination | None = None
 
     def open_ledger(self, readonly: bool = False, key: str | None = None) -> Ledger:
         return open_ledger(self.ledger_location, key or self.spec.name, readonly=readonly)
@@ -140,16 +143,27 @@ class Sweep:
                              "by sweeprun; move it away and run again (finished runs stay finished)")
         return f"{self.spec.name}#{ident[:16]}"
 
-    def prepare(self) -> Ledger:
-        """Check the store, open the ledger, record the spec, and sync the ledger from the store.
+    def prepare(self, move_ledger: bool = False) -> Ledger:
+        """Check the store, open the ledger, agree with the store on how the sweep is
+        coordinated, record the spec, and sync the ledger from the store.
 
-        Checks come first so bad input writes nothing; the store is listed
-        once for done runs and once for started ones, whatever the sweep's size.
+        Checks come first so bad input writes nothing (a worker whose ledger would
+        coordinate differently from the sweep's record included: see
+        :meth:`CoordinationRecord.join`; ``move_ledger`` moves the sweep to this ledger);
+        the store is listed once for done runs and once for started ones, whatever the
+        sweep's size.
         """
         faults.check()
         self.store.check_writable()
         ledger = self.open_ledger()  # opening checks the ledger before anything is written
         try:
+            mine = Coordination.of(ledger)
+            moved = CoordinationRecord(self.paths).join(
+                mine, self.spec.name, move=move_ledger, settle_s=self.settle_s,
+                holders=lambda: self.store_holders(self.paths.run_ids() - self.paths.done_ids()))
+            self.coordination = mine
+            if moved:
+                self.notes.append(moved)
             ledger.sweep = self.ledger_key(create=True) or self.spec.name
             done = self.paths.done_ids(prune_stale=True)
             self.done_at_start = done & self.runs_by_id.keys()
@@ -299,7 +313,14 @@ class Sweep:
         rows, now = self.ledger_rows()
         out = {run_id: rows[run_id].worker or "a worker" for run_id in run_ids
                if run_id in rows and judge(rows[run_id], now, self.policy) is Verdict.HELD}
-        for run_id, files in self.paths.listing(only=sorted(run_ids - out.keys())).items():
+        out.update(self.store_holders(run_ids - out.keys()))
+        return out
+
+    def store_holders(self, run_ids: Iterable[str]) -> dict[str, str]:
+        """Which of ``run_ids`` hold a live lease in the store, and who: what any machine can
+        see of another's runs without its ledger."""
+        out = {}
+        for run_id, files in self.paths.listing(only=sorted(run_ids)).items():
             lease = lease_view(files, settle_s=self.settle_s)
             holder = self._holder(run_id, lease) if lease is not None else None
             if holder:

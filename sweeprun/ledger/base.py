@@ -266,6 +266,14 @@ class Ledger(ABC):
     def now(self) -> float:
         return self.clock()
 
+    def shared(self) -> tuple[str, str, str] | None:
+        """``(backend, id, where)`` for a ledger that machines share and that keeps them apart
+        itself: the id is random and held by the database (every URL that reaches it agrees,
+        another database differs), ``where`` names it without credentials. ``None`` (the
+        default) for one machine's ledger, which cannot: leases in the store must
+        (:class:`sweeprun.fleet.Coordination` decides)."""
+        return None
+
     @abstractmethod
     def sync(self, runs: Iterable[RunSpec], done: set[str], started: set[str],
              still_done: Callable[[str], bool] | None = None) -> None:
