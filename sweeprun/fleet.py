@@ -13,6 +13,7 @@ worker started after a stop (the user relaunching) is not stopped by it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import re
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from .errors import SpecError, StoreError
 from .redact import redact
 from .store import SweepPaths, read_json, write_json
+from .training.checkpoints import warn_once
 
 #: How often a worker looks for a stop request (one small read of the store each time).
 STOP_POLL_ENV = "SWEEPRUN_STOP_POLL_S"
@@ -93,13 +95,18 @@ class StopRequests:
         except StoreError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
                 return None
-            raise
-        except ValueError:
+            if exc.__cause__ is not None:  # the store failed; a damaged STOP has no cause
+                raise
+            found = str(exc)
+        except (ValueError, RecursionError):
             found = None
         request = found.get("id") if isinstance(found, dict) else None
         if not isinstance(request, str):
-            raise StoreError(f"{redact(self.fs.unstrip_protocol(self.path))} is not a stop request "
-                             "written by sweeprun; move it away and run again")
+            # `touch STOP`, or a file sweeprun did not write: one warning, and it counts as a
+            # request (workers already running stop; a launch started after it does not).
+            warn_once(f"{redact(self.fs.unstrip_protocol(self.path))} is not a stop request written "
+                      "by `sweeprun stop`; workers that were running before it stop, later ones do not")
+            return "foreign:" + hashlib.sha256(repr(found).encode()).hexdigest()[:16]
         return request
 
     def request(self) -> str:

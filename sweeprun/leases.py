@@ -37,6 +37,7 @@ import posixpath
 import random
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -373,6 +374,7 @@ class StoreLeases:
         object's clock, since its first call that saw it.
         """
         paths = LeasePaths(run_dir)
+        self._set_aside_non_folder(paths)
         if self.settle_s:
             return self._take_settled(paths)
         if run_dir not in self._seen:
@@ -386,6 +388,28 @@ class StoreLeases:
         if top in listing.released or self._holder_gone(paths, top) or self._stale(paths, top):
             return self._create(paths, top + 1)
         return None
+
+    def _set_aside_non_folder(self, paths: LeasePaths) -> None:
+        """A plain file (or pipe) where the lease folder belongs, on local disk, would make
+        every take fail and the run be passed over for good: it holds no lease, so it is
+        renamed aside (``lease.not-a-folder-<pid>``) with one warning. Links are left to the
+        folder's own checks."""
+        if not is_local(self.fs):
+            return  # an object store has no folders: a "lease" object does not block lease/...
+        path = self.fs._strip_protocol(paths.folder)
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            return
+        target = f"{path}.not-a-folder-{os.getpid()}-{secrets.token_hex(2)}"
+        with store_errors("move", path):
+            try:
+                os.rename(path, target)
+            except FileNotFoundError:
+                return  # another worker moved it
+        warn_once(f"{path} was a file, not the run's lease folder; moved it to {target}")
 
     def _holder_gone(self, paths: LeasePaths, generation: int) -> bool:
         """A holder on this machine whose process is provably gone (a killed launcher): its

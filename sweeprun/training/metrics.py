@@ -232,8 +232,8 @@ def tail_entries(fs: fsspec.AbstractFileSystem, path: str, size: int,
         entries = parse_entries(blob[first + 1:], path)
         if entries or start == 0:
             return entries, start == 0
-        if first >= 0:  # whole lines after it, none an entry: look at the line it ends
-            end = start + first + 1
+        if first >= 0 and start + first + 1 < end:  # whole lines after it, none an entry:
+            end = start + first + 1                  # look at the line it ends
             continue
         # Inside one line longer than ``size``: the newline before it, in growing chunks.
         pos, chunk = start, size
