@@ -379,7 +379,15 @@ def verify(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: every user mistake becomes one line on stderr and exit code 2."""
+    """Entry point: every user mistake becomes one line on stderr and exit code 2; Ctrl-C
+    at any moment, even while an error is being printed, is exit 130 and no traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     try:
         rc = command.main(args=argv, prog_name="sweeprun", standalone_mode=False)

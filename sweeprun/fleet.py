@@ -18,6 +18,7 @@ refused before it writes anything, rather than run every run a second time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 from .errors import LedgerError, SpecError, StoreError
 from .redact import redact
 from .store import SweepPaths, atomic_write, create_only, read_json, read_regular, write_json
+from .training.checkpoints import warn_once
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -104,13 +106,18 @@ class StopRequests:
         except StoreError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
                 return None
-            raise
-        except ValueError:
+            if exc.__cause__ is not None:  # the store failed; a damaged STOP has no cause
+                raise
+            found = str(exc)
+        except (ValueError, RecursionError):
             found = None
         request = found.get("id") if isinstance(found, dict) else None
         if not isinstance(request, str):
-            raise StoreError(f"{redact(self.fs.unstrip_protocol(self.path))} is not a stop request "
-                             "written by sweeprun; move it away and run again")
+            # `touch STOP`, or a file sweeprun did not write: one warning, and it counts as a
+            # request (workers already running stop; a launch started after it does not).
+            warn_once(f"{redact(self.fs.unstrip_protocol(self.path))} is not a stop request written "
+                      "by `sweeprun stop`; workers that were running before it stop, later ones do not")
+            return "foreign:" + hashlib.sha256(repr(found).encode()).hexdigest()[:16]
         return request
 
     def request(self) -> str:

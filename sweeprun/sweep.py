@@ -48,7 +48,7 @@ from .store import (
     store_errors,
     write_json,
 )
-from .training.metrics import parse_entries
+from .training.metrics import tail_entries
 
 #: The ledger URL or path when ``--ledger`` is not given; it wins over ``ledger:`` in the file.
 LEDGER_ENV = "SWEEPRUN_LEDGER"
@@ -437,7 +437,7 @@ class Sweep:
             record = None
         settle_s = self.settle_s
         # The holder's own lease, where it says (it may be longer than this file's).
-        window = max(self.spec.lease_s, (record.lease_s or 0.0) if record else 0.0) + settle_s
+        window = (record.lease_for(self.spec.lease_s) if record else self.spec.lease_s) + settle_s
         if time.time() - lease.beat_mtime > window or (record is not None and record.gone()):
             return None
         return record.worker if record is not None else "another machine"
@@ -462,18 +462,10 @@ class Sweep:
     def _tail_entries(self, path: str, size: int | None = None) -> tuple[list[dict[str, Any]], bool]:
         """The whole entries in the last ``size`` bytes (default :data:`METRICS_TAIL_BYTES`)
         of a metrics file, never the whole file, never a FIFO; and whether that was all of it."""
-        size = size or METRICS_TAIL_BYTES
-        try:
-            blob = read_regular(self.store.fs, path, size, tail=True)
+        try:  # a long last line that is not an entry is looked past, in bounded chunks
+            return tail_entries(self.store.fs, path, size or METRICS_TAIL_BYTES)
         except (StoreError, FileNotFoundError):
             return [], True
-        whole = len(blob) < size
-        if not whole:  # cut mid-file: the first line may be partial
-            blob = blob[blob.find(b"\n") + 1:]
-        try:
-            return parse_entries(blob), whole
-        except ValueError:  # a line that is not JSON (the file was edited by hand)
-            return [], whole
 
 
 #: A reset marker's token: milliseconds since the epoch (13 digits), then 8 random hex digits.

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..numbers import ascii_int
 from ..store import atomic_write, fsync_dir
 
 SEAL = "sweeprun-seal.json"
@@ -51,8 +52,7 @@ class Scan:
 
 def step_of(name: str) -> int | None:
     """The step of a ``checkpoint-<step>`` folder name; ``None`` for any other name."""
-    tail = name[len(PREFIX):]
-    return int(tail) if name.startswith(PREFIX) and tail.isdigit() else None
+    return ascii_int(name[len(PREFIX):]) if name.startswith(PREFIX) else None  # ASCII: never "²"
 
 
 def _hash_file(path: str, sync: bool = True) -> tuple[int, str]:
