@@ -45,7 +45,7 @@ import fsspec
 
 from .errors import LeaseLost, SpecError, StoreError
 from .procs import HOST, ProcessRef, boot_clock
-from .store import atomic_write, create_only, is_local, read_regular, store_errors
+from .store import atomic_write, confine, create_only, is_local, read_regular, store_errors
 
 #: A take not over a stale holder: no beat to re-read before creating the generation.
 _UNWATCHED = object()
@@ -532,7 +532,7 @@ class StoreLeases:
         attempts from it."""
         with store_errors("list", lease.paths.folder):
             try:
-                names = self.fs.ls(lease.paths.folder, detail=False)
+                names = self.fs.ls(confine(self.fs, lease.paths.folder), detail=False)
             except FileNotFoundError:
                 return
         old = []
@@ -562,7 +562,7 @@ class StoreLeases:
     def _list(self, paths: LeasePaths) -> _Listing:
         with store_errors("list", paths.folder):
             try:
-                names = self.fs.ls(paths.folder, detail=False)
+                names = self.fs.ls(confine(self.fs, paths.folder), detail=False)
             except FileNotFoundError:
                 return _Listing()
         return _Listing.parse(names)

@@ -91,6 +91,97 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+class StoreFileSystem(LocalFileSystem):
+    """Local disk under one store's root: no write, delete or trusted read follows a link there.
+
+    The store is a folder the user shares with other tools; a symlink left inside it
+    (``done/`` pointing at a home folder, say) would make sweeprun write, prune or trust
+    files outside the store. The root itself may be a link (Colab's ``My Drive``); every
+    name below it is checked by :func:`confine`, which each fsspec entry point that
+    writes, deletes or opens goes through, as do the helpers here that use ``os`` directly.
+    """
+
+    def __init__(self, store_root: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.store_root = os.path.normpath(store_root)
+
+    def _open(self, path: Any, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+        return super()._open(confine(self, path), mode, *args, **kwargs)
+
+    def touch(self, path: Any, truncate: bool = True, **kwargs: Any) -> None:
+        super().touch(confine(self, path), truncate, **kwargs)
+
+    def makedirs(self, path: Any, exist_ok: bool = False) -> None:
+        super().makedirs(confine(self, path), exist_ok)
+
+    def mkdir(self, path: Any, create_parents: bool = True, **kwargs: Any) -> None:
+        super().mkdir(confine(self, path), create_parents, **kwargs)
+
+    def rm_file(self, path: Any) -> None:
+        super().rm_file(confine(self, path, leaf=False))
+
+    def rmdir(self, path: Any) -> None:
+        super().rmdir(confine(self, path, leaf=False))
+
+    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
+        paths = path if isinstance(path, list) else [path]
+        super().rm([confine(self, p, leaf=False) for p in paths], recursive, maxdepth)
+
+    def cp_file(self, path1: Any, path2: Any, **kwargs: Any) -> None:
+        super().cp_file(confine(self, path1), confine(self, path2), **kwargs)
+
+    def put_file(self, path1: Any, path2: Any, callback: Any = None, **kwargs: Any) -> None:
+        super().put_file(path1, confine(self, path2), callback, **kwargs)
+
+    def mv(self, path1: Any, path2: Any, recursive: bool = False, maxdepth: int | None = None,
+           **kwargs: Any) -> None:
+        super().mv(confine(self, path1), confine(self, path2), recursive, maxdepth, **kwargs)
+
+    def link(self, src: Any, dst: Any, **kwargs: Any) -> None:
+        super().link(confine(self, src), confine(self, dst), **kwargs)
+
+    def symlink(self, src: Any, dst: Any, **kwargs: Any) -> None:
+        raise _error(f"cannot link {dst} to {src}: sweeprun puts no links in a store")
+
+
+def confine(fs: fsspec.AbstractFileSystem, path: Any, *, leaf: bool = True) -> str:
+    """``path`` as ``fs`` names it on disk, once no name between the store's root and it is
+    a symbolic link (the last one too, unless ``leaf`` is ``False``: removing a link only
+    removes the link). Every local write, delete and trusted read of a store starts here.
+
+    Only a :class:`StoreFileSystem` has a root to check below; object stores have no
+    links, and other local paths (a Trainer's output folder) are the user's own.
+    """
+    local = fs._strip_protocol(path) if is_local(fs) else path
+    if not isinstance(fs, StoreFileSystem):
+        return local
+    rel = os.path.relpath(os.path.normpath(local), fs.store_root)
+    if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return local  # the root itself, or not the store's (a spool file, a temp folder)
+    parts = rel.split(os.sep)
+    current = fs.store_root
+    for i, part in enumerate(parts):
+        current = os.path.join(current, part)
+        try:
+            mode = os.lstat(current).st_mode
+        except OSError:
+            break  # missing (about to be created) or unreadable: the operation says so
+        if stat.S_ISLNK(mode) and (leaf or i < len(parts) - 1):
+            raise _link_error(current)
+    return local
+
+
+def _link_error(path: str) -> StoreError:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return _error(f"{path} is a symbolic link{target} inside the store; sweeprun never writes, "
+                  "deletes or trusts files through a link there, since they would be outside the "
+                  "store: replace it with a real folder or file (move its content in) and run the "
+                  "same command again")
+
+
 def _proc_umask() -> int | None:
     try:
         with open("/proc/self/status", "rb") as f:
@@ -134,6 +225,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         if not is_local(fs):
             fs.pipe_file(path, data)
             return
+        path = confine(fs, path)
         directory = os.path.dirname(path)
         tmp = _durable_temp(path, data)
         try:
@@ -189,7 +281,7 @@ def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
             except FileExistsError:
                 return False
             return True
-        path = fs._strip_protocol(path)
+        path = confine(fs, path)
         directory = os.path.dirname(path)
         tmp = _durable_temp(path, data)
         try:
@@ -274,7 +366,7 @@ def read_regular(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, *,
             size = int(info.get("size") or 0)
             start = max(0, size - max_bytes) if tail else 0
             return bytes(fs.cat_file(path, start=start, end=min(size, start + max_bytes)))
-        path = fs._strip_protocol(path)
+        path = confine(fs, path)
         before = os.stat(path)
         if not stat.S_ISREG(before.st_mode):
             raise _not_regular(path, _kind(before.st_mode))
@@ -412,7 +504,7 @@ class RunPaths:
         """:func:`is_done_entry` on one listing of the run folder, as ``done_ids`` decides."""
         with store_errors("list", self.dir):
             try:
-                entries = self.fs.ls(self.dir, detail=True)
+                entries = self.fs.ls(confine(self.fs, self.dir), detail=True)
             except FileNotFoundError:
                 return False
         return any(is_done_entry(posixpath.basename(str(e["name"]).rstrip("/")), e)
@@ -454,8 +546,9 @@ class RunPaths:
             create_only(self.fs, self.done_entry, data)
             return
         with store_errors("write", self.done_entry):
-            _index_entry(self.fs._strip_protocol(self.done_entry), data)
-            fsync_dir(os.path.dirname(self.fs._strip_protocol(self.done_entry)))
+            entry = confine(self.fs, self.done_entry)
+            _index_entry(entry, data)
+            fsync_dir(os.path.dirname(entry))
 
     def read_done(self) -> dict[str, Any] | None:
         try:
@@ -483,6 +576,22 @@ class SweepPaths:
     def identity(self) -> str:
         """``ID``: the sweep's id, created once (see :meth:`sweeprun.sweep.Sweep.ledger_key`)."""
         return posixpath.join(self.dir, "ID")
+
+    def check_no_links(self) -> None:
+        """Refuse, before anything is written, a sweep folder that is a link or holds one at its
+        top (``done/``, ``runs/``, ``resets/``, ...): each write there would go through it. Deeper
+        links (a run's ``logs/``) are refused by :func:`confine` when the run is touched."""
+        if not isinstance(self.fs, StoreFileSystem):
+            return
+        with store_errors("list", self.dir):
+            folder = confine(self.fs, self.dir)
+            try:
+                with os.scandir(folder) as entries:
+                    links = sorted(e.path for e in entries if e.is_symlink())
+            except (FileNotFoundError, NotADirectoryError):
+                return
+        if links:
+            raise _link_error(links[0])
 
     def run(self, run_id: str) -> RunPaths:
         if "/" in run_id or run_id in ("", ".", ".."):
@@ -533,7 +642,7 @@ class SweepPaths:
         if is_local(self.fs):
             # A stat per indexed run (milliseconds for 10,000): a DONE deleted by hand is
             # a re-run here as it is in `status`, which sees the DONE files themselves.
-            runs = self.fs._strip_protocol(self.runs)
+            runs = confine(self.fs, self.runs)
             present = {run_id for run_id in present & indexed
                        if _regular_file(os.path.join(runs, run_id, "DONE"))}
         if prune_stale:
@@ -552,13 +661,12 @@ class SweepPaths:
         """Done runs of a local sweep without a complete index, by one glob of every run
         folder; ``write``: give each an entry, then mark the index complete."""
         with store_errors("list", self.runs):
-            found = (self.fs.glob(posixpath.join(self.runs, "*", "DONE"), detail=True)
-                     if self.fs.exists(self.runs) else {})
-        done = {posixpath.basename(posixpath.dirname(str(path).rstrip("/")))
-                for path, info in found.items() if is_done_entry("DONE", info)}
+            runs = confine(self.fs, self.runs)
+            done = {run_id for run_id in self.run_ids()
+                    if _regular_file(os.path.join(runs, run_id, "DONE"))}
         if write:
             with store_errors("write", self.done_index):
-                folder = self.fs._strip_protocol(self.done_index)
+                folder = confine(self.fs, self.done_index)
                 for run_id in done:
                     _index_entry(os.path.join(folder, run_id), b"{}")
                 os.makedirs(folder, exist_ok=True)
@@ -568,7 +676,7 @@ class SweepPaths:
 
     def _exists(self, path: str) -> bool:
         with store_errors("read", path):
-            return bool(self.fs.exists(path))
+            return bool(self.fs.exists(confine(self.fs, path)))
 
     def run_ids(self) -> set[str]:
         """Ids of the runs that have a folder in the store (one listing of ``runs/``)."""
@@ -579,9 +687,9 @@ class SweepPaths:
             try:
                 if is_local(self.fs):
                     # os.scandir, not fs.ls: ls stats every entry, scandir reads only names and types
-                    with os.scandir(self.fs._strip_protocol(folder)) as entries:
-                        return {e.name for e in entries
-                                if not files_only or e.is_file(follow_symlinks=False)}
+                    with os.scandir(confine(self.fs, folder)) as entries:
+                        return {e.name for e in entries if not e.is_symlink()
+                                and (not files_only or e.is_file(follow_symlinks=False))}
                 found = self.fs.ls(folder, detail=True)
             except FileNotFoundError:
                 return set()
@@ -602,7 +710,7 @@ class SweepPaths:
             if is_local(self.fs):
                 tops = [self.runs] if only is None else [prefix + run_id for run_id in only]
                 for top in tops:
-                    for path, mtime in _local_files(top):
+                    for path, mtime in _local_files(confine(self.fs, top)):
                         run_id, _, inner = path[len(prefix):].partition("/")
                         out.setdefault(run_id, {})[inner] = mtime
                 return out
@@ -659,8 +767,9 @@ def _index_entry(path: str, data: bytes) -> None:
 
 
 def _regular_file(path: str) -> bool:
+    """Is ``path`` a regular file, not a link to one (a linked ``DONE`` is not a finished run)?"""
     try:
-        return stat.S_ISREG(os.stat(path).st_mode)
+        return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
 
@@ -811,7 +920,10 @@ def open_store(url: str) -> Store:
                      "and its URL is right") from exc
     except Exception as exc:  # a backend failing in its constructor (auth, network, ...)
         raise _error(f"store {url}: cannot open it: {_first_line(exc)}") from exc
-    return Store(fs=fs, root=root.rstrip("/") or "/", url=url)
+    root = root.rstrip("/") or "/"
+    if is_local(fs):
+        fs = StoreFileSystem(store_root=root)
+    return Store(fs=fs, root=root, url=url)
 
 
 #: Object stores whose filesystems cache listings (fsspec's DirCache).

@@ -148,6 +148,7 @@ class Sweep:
         """
         faults.check()
         self.store.check_writable()
+        self.paths.check_no_links()
         ledger = self.open_ledger()  # opening checks the ledger before anything is written
         try:
             ledger.sweep = self.ledger_key(create=True) or self.spec.name
