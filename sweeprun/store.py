@@ -822,10 +822,17 @@ class Store:
             return os.path.realpath(self.root)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         path = self.root.strip("/")
-        parts = urlsplit(self.url) if "://" in self.url else None
+        try:
+            parts = urlsplit(self.url) if "://" in self.url else None
+        except ValueError:  # "ftp://[x": the backend took it; its host is not shown
+            parts = None
         host = (parts.hostname or "") if parts else ""
-        if parts and parts.port:
-            host += f":{parts.port}"
+        try:
+            port = parts.port if parts else None
+        except ValueError:  # not a number: no port, as the backend saw it
+            port = None
+        if port:
+            host += f":{port}"
         # s3fs and memory:// keep the bucket (or first segment) in ``root``; ftp:// and
         # sftp:// keep the host in the filesystem's options instead, so it is added here.
         if host and not type(self.fs)._strip_protocol(f"{protocol}://sweeprun-probe/p").lstrip(
@@ -898,10 +905,7 @@ def open_store(url: str) -> Store:
     if protocol in _READ_ONLY_PROTOCOLS:
         raise _error(f"store {url}: {protocol}:// is read-only and cannot hold a sweep; use a local "
                      "path or an object store URL such as s3://bucket/x")
-    if protocol in ("s3", "s3a") and "@" in urlsplit(url).netloc:
-        raise _error(f"store {url}: credentials do not belong in the store URL (it is copied into "
-                     "logs and the store); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-                     "AWS_PROFILE) in the environment and give s3://bucket/path")
+    _check_url(url, protocol)
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options(protocol))
     except ValueError as exc:
@@ -924,6 +928,39 @@ def open_store(url: str) -> Store:
     if is_local(fs):
         fs = StoreFileSystem(store_root=root)
     return Store(fs=fs, root=root, url=url)
+
+
+#: Object stores whose first segment is a bucket name, which never holds ``@`` or ``:``: one
+#: that does is credentials (``s3://KEY:SECRET@bucket``, the secret perhaps holding ``/``).
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})
+_SHOWN_TAIL = re.compile(r"[A-Za-z0-9._-]+(?:/[^?#=&@\s]*)?")
+
+
+def _check_url(url: str, protocol: str) -> None:
+    """Refuse what a store URL must not carry, without ever quoting it.
+
+    Credentials: the URL is copied into logs, messages and every run's
+    ``SWEEPRUN_RUN_DIR``. A query string or fragment: fsspec would take it as part of the
+    path, so options there (``?secret_access_key=...``) would end up in every object's key.
+    Only what surely follows the credentials and holds no option is shown.
+    """
+    if not protocol or protocol in ("file", "local"):
+        return
+    rest = url.split("://", 1)[1]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if protocol in _BUCKET_PROTOCOLS and ("@" in authority or ":" in authority):
+        tail = url.rsplit("@", 1)[1] if "@" in url else ""
+        shown = f"{protocol}://***@{tail}" if _SHOWN_TAIL.fullmatch(tail) else f"{protocol}://***"
+        raise StoreError(f"store {shown}: credentials do not belong in the store URL (it is copied "
+                         "into logs and the store); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                         "(or AWS_PROFILE) in the environment and give s3://bucket/path")
+    if "?" in rest or "#" in rest:
+        head = f"{protocol}://..." if "@" in url else re.split(r"[?#]", url, maxsplit=1)[0] + "?..."
+        raise _error(f"store {head}: a store URL takes no query string or fragment (?... or "
+                     "#...): fsspec would make it part of every object's name, credentials "
+                     "included; set options in the environment (AWS_ENDPOINT_URL, "
+                     "AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) or in fsspec's configuration "
+                     "(~/.config/fsspec/), and give the URL without them")
 
 
 #: Object stores whose filesystems cache listings (fsspec's DirCache).
