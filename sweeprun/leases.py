@@ -45,7 +45,7 @@ import fsspec
 
 from .errors import LeaseLost, SpecError, StoreError
 from .procs import HOST, ProcessRef, boot_clock
-from .store import atomic_write, confine, create_only, is_local, read_regular, store_errors
+from .store import atomic_write, confine, create_only, is_local, read_regular, remove, store_errors
 
 #: A take not over a stale holder: no beat to re-read before creating the generation.
 _UNWATCHED = object()
@@ -542,7 +542,7 @@ class StoreLeases:
                 old.append(str(name))
         if old:
             with store_errors("delete", lease.paths.folder):
-                self.fs.rm(old)
+                remove(self.fs, old)
 
     # -- reading ------------------------------------------------------------------------------
 

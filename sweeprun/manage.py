@@ -29,7 +29,16 @@ from .faults import crash_point
 from .ledger import RunState
 from .ledger.base import AttemptRow
 from .redact import redact
-from .store import confine, fsync_dir, is_local, read_json, read_regular, store_errors
+from .store import (
+    confine,
+    fsync_dir,
+    is_local,
+    literal,
+    read_json,
+    read_regular,
+    remove,
+    store_errors,
+)
 from .sweep import StatusRow, Sweep
 from .trainer_folders import (
     TRAINER,
@@ -360,12 +369,12 @@ def _set_aside(sweep: Sweep, run_id: str, dest: str | None) -> str | None:
         return dest
     with store_errors("move", src):
         if dest is not None:
-            fs.copy(src.rstrip("/") + "/", dest, recursive=True)
+            fs.copy(literal(fs, src.rstrip("/")) + "/", dest, recursive=True)
         try:
             fs.rm_file(sweep.paths.run(run_id).done)
         except FileNotFoundError:
             pass
-        fs.rm(src, recursive=True)
+        remove(fs, [src], recursive=True)
     return dest
 
 

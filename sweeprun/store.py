@@ -171,6 +171,27 @@ def confine(fs: fsspec.AbstractFileSystem, path: Any, *, leaf: bool = True) -> s
     return local
 
 
+_GLOB_MAGIC = re.compile(r"([*?\[])")
+
+
+def literal(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` as fsspec's pattern-expanding calls (``rm`` with a list or ``recursive``,
+    ``copy``, ``expand_path``) must be given it to mean this path only.
+
+    They take ``*?[`` as glob characters, so ``s3://b/out[1]/...`` would match
+    ``s3://b/out1/...``: a reset would delete another store's run. Each one is escaped as
+    a one-character class. Local disk's ``rm`` takes names as they are.
+    """
+    return path if is_local(fs) else _GLOB_MAGIC.sub(r"[\1]", path)
+
+
+def remove(fs: fsspec.AbstractFileSystem, paths: list[str], *, recursive: bool = False) -> None:
+    """Delete exactly ``paths`` (folders too, with ``recursive``): never what a pattern in
+    their names matches (:func:`literal`), never through a link (:func:`confine`)."""
+    if paths:
+        fs.rm([literal(fs, p) for p in paths], recursive=recursive)
+
+
 def _link_error(path: str) -> StoreError:
     try:
         target = f" (to {os.readlink(path)})"
@@ -820,7 +841,7 @@ class Store:
         """
         if is_local(self.fs):
             return os.path.realpath(self.root)
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        protocol = self.protocol
         path = self.root.strip("/")
         try:
             parts = urlsplit(self.url) if "://" in self.url else None
@@ -840,13 +861,41 @@ class Store:
             path = f"{host}/{path}" if path else host
         return redact(f"{protocol}://{path}".split("?", 1)[0].split("#", 1)[0])
 
+    @property
+    def protocol(self) -> str:
+        return self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+
+    def first_contact(self) -> fsspec.AbstractFileSystem:
+        """The filesystem for the checks that open a store: on s3://, few retries and a short
+        connect timeout (:data:`S3_FIRST_CONTACT`), with everything else as configured."""
+        if self.protocol not in ("s3", "s3a"):
+            return self.fs
+        options = dict(self.fs.storage_options)
+        options["config_kwargs"] = {**options.get("config_kwargs", {}), **S3_FIRST_CONTACT}
+        return type(self.fs)(**options)
+
+    def _check_bucket(self, fs: fsspec.AbstractFileSystem, next_step: str) -> None:
+        """A missing bucket is a wrong URL (or a store not made yet), not a sweep not started."""
+        if self.protocol not in _BUCKETED:
+            return
+        bucket = self.root.strip("/").split("/", 1)[0]
+        # The root first: an unreachable endpoint raises there, where a bucket's own check
+        # (s3fs's exists) would say only "no such bucket".
+        if bucket and not fs.exists(self.root) and not fs.exists(bucket):
+            raise _error(f"store {self.url}: bucket {bucket} does not exist, or cannot be reached "
+                         f"with this endpoint and these credentials; {next_step}")
+
     def sweep(self, name: str) -> SweepPaths:
         return SweepPaths(self.fs, posixpath.join(self.root, name))
 
     def check_present(self) -> None:
         """For readers: a local store whose parent folder is missing is an unmounted drive,
-        not a sweep that has not started; saying "all pending" there would mislead."""
+        not a sweep that has not started; saying "all pending" there would mislead. So is
+        an object store's missing bucket."""
         if not is_local(self.fs):
+            with store_errors("use store", self.url):
+                self._check_bucket(self.first_contact(), "check the URL, the endpoint "
+                                   "(AWS_ENDPOINT_URL) and the credentials, or give the right --store")
             return
         with store_errors("use store", self.url):
             parent = posixpath.dirname(self.root.rstrip("/"))
@@ -862,6 +911,10 @@ class Store:
         sweep on the local disk of a machine that is about to disappear.
         """
         with store_errors("use store", self.url):
+            if not is_local(self.fs):
+                self._check_bucket(self.first_contact(), "create it, or check the URL, the "
+                                   "endpoint (AWS_ENDPOINT_URL) and the credentials")
+                return
             if not self.fs.exists(self.root):
                 parent = posixpath.dirname(self.root.rstrip("/"))
                 if is_local(self.fs) and parent and not self.fs.exists(parent):
@@ -968,6 +1021,13 @@ _LISTING_CACHES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "a
 #: botocore's retries for s3://: "adaptive" backs off on throttling (503 SlowDown) and
 #: transient errors and slows the client down; s3fs adds its own retries on top.
 S3_RETRIES = {"mode": "adaptive", "max_attempts": 10}
+#: The first contact with an s3:// store (:meth:`Store.check_writable`, :meth:`Store.check_present`):
+#: a dead endpoint or a wrong URL is bad input, said in seconds, not after a minute of the
+#: backoff above meant for a live store that stumbles.
+S3_FIRST_CONTACT = {"connect_timeout": 3, "read_timeout": 20,
+                    "retries": {"mode": "standard", "max_attempts": 2}}
+#: Protocols whose root starts with a bucket (container) that must exist.
+_BUCKETED = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 def storage_options(protocol: str) -> dict[str, Any]:
