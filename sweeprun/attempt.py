@@ -27,7 +27,7 @@ from .ledger import Claim, Outcome, RunState
 from .procs import ProcessRef, boot_clock, spawn
 from .redact import redact
 from .runenv import PREEMPTED_EXIT
-from .store import RunPaths, confine, create_only, is_local, store_errors
+from .store import RunPaths, StoreLinkError, confine, create_only, is_local, store_errors
 
 if TYPE_CHECKING:
     from .runner import Launcher
@@ -155,6 +155,8 @@ class Attempt:
         cannot see each other. Held elsewhere: the claim goes back, no attempt is used."""
         try:
             lease = self.launcher.take_store_lease(self.paths.dir, self.claim.run_id)
+        except StoreLinkError:
+            raise  # not a passing failure: the launcher stops with its one line
         except SweeprunError as exc:  # the store failed for now: pass the run over for a while
             self.events.note(f"{self.claim.run_id}: cannot read its lease in the store ({exc})")
             self.launcher.pass_over(self.claim.run_id, store_failed=True)

@@ -54,6 +54,12 @@ def secrets_in(text: str) -> set[str]:
         for m in pattern.finditer(text):
             found.add(m.group(0)[len(m["key"]):].strip("'"))
     found |= {unquote(value) for value in found}
+    # A parser that stops at a delimiter the password holds echoes only the part before
+    # (or after) it: psycopg quotes ``p"a s`` of ``p"a s/x@db``.
+    for value in list(found):
+        for i, char in enumerate(value):
+            if char in "/?#@:":
+                found |= {value[:i], value[i + 1:]}
     return {value for value in found if len(value) >= 3}
 
 

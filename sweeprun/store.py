@@ -192,15 +192,20 @@ def remove(fs: fsspec.AbstractFileSystem, paths: list[str], *, recursive: bool =
         fs.rm([literal(fs, p) for p in paths], recursive=recursive)
 
 
+class StoreLinkError(StoreError):
+    """A symlink inside the store where sweeprun would write, delete or read: not a passing
+    failure of the store, so no retry can help; the user replaces it."""
+
+
 def _link_error(path: str) -> StoreError:
     try:
         target = f" (to {os.readlink(path)})"
     except OSError:
         target = ""
-    return _error(f"{path} is a symbolic link{target} inside the store; sweeprun never writes, "
-                  "deletes or trusts files through a link there, since they would be outside the "
-                  "store: replace it with a real folder or file (move its content in) and run the "
-                  "same command again")
+    return StoreLinkError(redact(f"{path} is a symbolic link{target} inside the store; sweeprun never writes, "
+                                "deletes or trusts files through a link there, since they would be outside "
+                                "the store: replace it with a real folder or file (move its content in) and "
+                                "run the same command again"))
 
 
 def _proc_umask() -> int | None:
