@@ -47,9 +47,9 @@ def secrets_in(text: str) -> set[str]:
     password it cannot parse), to be starred wherever it shows up (``redact(msg, also=...)``)."""
     found: set[str] = set()
     for m in _USERINFO.finditer(text):
-        userinfo = m.group(0)[len(m["scheme"]):-1]
-        found.add(userinfo)
-        found.add(userinfo.partition(":")[2])
+        user, colon, password = m.group(0)[len(m["scheme"]):-1].partition(":")
+        if colon:  # a user alone (postgresql://postgres@db) is a name, not a secret
+            found.add(password)
     for pattern in (_SECRET_QUERY, _KEYWORD_PASSWORD):
         for m in pattern.finditer(text):
             found.add(m.group(0)[len(m["key"]):].strip("'"))
@@ -58,7 +58,7 @@ def secrets_in(text: str) -> set[str]:
     # (or after) it: psycopg quotes ``p"a s`` of ``p"a s/x@db``.
     for value in list(found):
         for i, char in enumerate(value):
-            if char in "/?#@:":
+            if char in "/?#@":
                 found |= {value[:i], value[i + 1:]}
     return {value for value in found if len(value) >= 3}
 
