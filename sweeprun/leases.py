@@ -48,7 +48,7 @@ import fsspec
 from .errors import LeaseLost, SpecError, StoreError
 from .numbers import bounded_int, finite, worker_pid
 from .procs import HOST, ProcessRef, boot_clock
-from .store import atomic_write, create_only, is_local, read_regular, store_errors
+from .store import atomic_write, confine, create_only, is_local, read_regular, remove, store_errors
 from .training.checkpoints import warn_once
 
 #: A take not over a stale holder: no beat to re-read before creating the generation.
@@ -596,7 +596,7 @@ class StoreLeases:
         attempts from it."""
         with store_errors("list", lease.paths.folder):
             try:
-                names = self.fs.ls(lease.paths.folder, detail=False)
+                names = self.fs.ls(confine(self.fs, lease.paths.folder), detail=False)
             except FileNotFoundError:
                 return
         old = []
@@ -606,7 +606,7 @@ class StoreLeases:
                 old.append(str(name))
         if old:
             with store_errors("delete", lease.paths.folder):
-                self.fs.rm(old)
+                remove(self.fs, old)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -626,7 +626,7 @@ class StoreLeases:
     def _list(self, paths: LeasePaths) -> _Listing:
         with store_errors("list", paths.folder):
             try:
-                names = self.fs.ls(paths.folder, detail=False)
+                names = self.fs.ls(confine(self.fs, paths.folder), detail=False)
             except FileNotFoundError:
                 return _Listing()
         return _Listing.parse(names)

@@ -30,6 +30,7 @@ from .ledger import (
     RunRow,
     RunState,
     Verdict,
+    check_location,
     default_ledger_path,
     judge,
     open_ledger,
@@ -105,9 +106,9 @@ class Sweep:
         self.runs_by_id = {run.run_id: run for run in self.runs}
         # --ledger, then SWEEPRUN_LEDGER (a notebook keeps a database password out of the
         # sweep file there), then `ledger:` in the file, then a SQLite file per store.
-        self.ledger_location = str(ledger_location or os.environ.get(LEDGER_ENV, "").strip()
-                                   or spec.ledger
-                                   or default_ledger_path(self.store.canonical_url, spec.name))
+        self.ledger_location = check_location(str(
+            ledger_location or os.environ.get(LEDGER_ENV, "").strip() or spec.ledger
+            or default_ledger_path(self.store.canonical_url, spec.name)))
         #: Things the user should hear about before the runs start (the launcher prints them).
         self.notes: list[str] = []
         #: This grid's runs found done in the store by :meth:`prepare` (the ledger agrees after it).
@@ -155,6 +156,7 @@ class Sweep:
         """
         faults.check()
         self.store.check_writable()
+        self.paths.check_no_links()
         ledger = self.open_ledger()  # opening checks the ledger before anything is written
         try:
             mine = Coordination.of(ledger)

@@ -32,7 +32,7 @@ import fsspec
 from ..errors import StoreError
 from ..faults import crash_point
 from ..numbers import finite
-from ..store import RunPaths, atomic_write, is_local, read_regular, store_errors
+from ..store import RunPaths, atomic_write, confine, is_local, read_regular, store_errors
 from .checkpoints import warn_once
 
 #: The most of one run's metrics file a reader loads whole (``plot``, ``show``); a longer
@@ -98,8 +98,9 @@ class MetricsLog:
         self.size = len(kept_raw)
         if self.local:
             with store_errors("open", self.path):
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for appends
+                local = confine(self.fs, self.path)  # never appended through a link
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                self._file = open(local, "a", encoding="utf-8")  # noqa: SIM115 - held open for appends
         self.opened = True
 
     def append(self, entry: dict[str, Any]) -> None:
