@@ -92,6 +92,7 @@ def test_the_uninterrupted_run_logs_step_validation_and_epoch_values(reference: 
     assert "train_loss_epoch" in entries[42]  # EarlyStopping ends epoch 3 after its validation
 
 
+@pytest.mark.slow  # four Lightning processes
 def test_sigkill_at_random_steps_then_rerun_matches(tmp_path: Path, reference: ExampleRun) -> None:
     run = user_run(tmp_path / "run")
     hit = interrupt_repeatedly(run, SIGKILL, kills=3, seed=11, span=14)
@@ -99,6 +100,7 @@ def test_sigkill_at_random_steps_then_rerun_matches(tmp_path: Path, reference: E
     assert_same_ending(run, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every", ["6", "12"], ids=["after-validation", "at-epoch-end"])
 def test_resume_from_a_validation_or_an_epoch_end_matches(tmp_path: Path, reference: ExampleRun,
                                                           every: str) -> None:
@@ -129,6 +131,7 @@ def test_a_model_checkpoint_file_of_a_lost_attempt_is_removed(tmp_path: Path,
     assert_same_ending(run, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["checkpoint.snapshot_taken", "checkpoint.before_manifest"])
 def test_killed_during_a_save_then_rerun_matches(tmp_path: Path, reference: ExampleRun,
                                                  point: str) -> None:
