@@ -316,6 +316,9 @@ class SweeprunCallback(Callback):
             if not self._started and self._path is not None:
                 self._samplers = _stateful_samplers(trainer)
                 self._load_samplers()
+                loops = (self._loaded or {}).get("loops")
+                if loops is not None:  # what the script reads after fit: trainer.callback_metrics
+                    _lightning_state.restore(trainer, loops)
             self._finish(trainer)
 
     def _finish(self, trainer: Trainer) -> None:
@@ -439,7 +442,10 @@ def _stateful_samplers(trainer: Trainer) -> list[Any]:
     loader that cannot (Lightning restarts it from its first batch on resume)."""
     from torch.utils.data import DataLoader
 
-    loaders = trainer.fit_loop._combined_loader.flattened if trainer.fit_loop._combined_loader else []
+    combined = trainer.fit_loop._combined_loader
+    # "is not None": its truth is its length, which raises before its first iteration (a fit
+    # that restored a run at its end never iterates it)
+    loaders = combined.flattened if combined is not None else []
     found: list[Any] = []
     for loader in loaders:
         if not isinstance(loader, DataLoader) or hasattr(loader, "state_dict"):
