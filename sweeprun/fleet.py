@@ -18,7 +18,6 @@ refused before it writes anything, rather than run every run a second time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
@@ -113,11 +112,13 @@ class StopRequests:
             found = None
         request = found.get("id") if isinstance(found, dict) else None
         if not isinstance(request, str):
-            # `touch STOP`, or a file sweeprun did not write: one warning, and it counts as a
-            # request (workers already running stop; a launch started after it does not).
+            # `touch STOP`, a file sweeprun did not write, or a request a Drive has synced only
+            # in part: no news, with one warning. It neither stops a worker nor blocks a
+            # launch; `sweeprun stop` writes a request that does.
             warn_once(f"{redact(self.fs.unstrip_protocol(self.path))} is not a stop request written "
-                      "by `sweeprun stop`; workers that were running before it stop, later ones do not")
-            return "foreign:" + hashlib.sha256(repr(found).encode()).hexdigest()[:16]
+                      "by `sweeprun stop` (empty or damaged); ignored: use `sweeprun stop` to stop "
+                      "the sweep's workers")
+            return None
         return request
 
     def request(self) -> str:

@@ -689,8 +689,9 @@ class SweepPaths:
 
 
     def _index_old_sweep(self, write: bool) -> set[str]:
-        """Done runs of a local sweep without a complete index, by one glob of every run
-        folder; ``write``: give each an entry, then mark the index complete."""
+        """Done runs of a local sweep without a complete index, by one listing of ``runs/``
+        and a look at each run's DONE; ``write``: give each an entry, then mark the index
+        complete."""
         with store_errors("list", self.runs):
             runs = confine(self.fs, self.runs)
             done = {run_id for run_id in self.run_ids()

@@ -132,12 +132,35 @@ def postgres_url(postgres_server: PostgresServer) -> str:
     return postgres_server.database()
 
 
+_PUT_LOCK = threading.Lock()
+
+
+def _atomic_conditional_puts() -> None:
+    """Make moto's PUT one step, as S3's is. moto checks ``If-None-Match: *`` and then stores
+    the object, with other requests' threads free to run in between: under load two
+    conditional PUTs of one key can both succeed, which S3 never allows and which the
+    store-lease races below would (rightly) count as two winners."""
+    from moto.s3.responses import S3Response
+
+    put = S3Response.put_object
+    if getattr(put, "_sweeprun_atomic", False):
+        return
+
+    def locked(self: S3Response) -> object:
+        with _PUT_LOCK:
+            return put(self)
+
+    locked._sweeprun_atomic = True  # type: ignore[attr-defined]
+    S3Response.put_object = locked  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:
         pytest.fail("moto is not installed; `pip install -e .[test]` installs it")
+    _atomic_conditional_puts()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sweeprun import open_store
+from sweeprun.errors import StoreError
 
 
 def test_every_spelling_of_a_local_store_is_one_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,7 +56,9 @@ def test_two_places_stay_two_urls(tmp_path: Path) -> None:
 
 def test_a_url_is_protocol_and_path_without_query_or_credentials() -> None:
     base = "sweeprun-canon/x"
-    spellings = [f"memory://{base}", f"memory:///{base}", f"memory://{base}/",
-                 f"memory://{base}?token=abc", f"memory://{base}#frag"]
+    spellings = [f"memory://{base}", f"memory:///{base}", f"memory://{base}/"]
     assert {open_store(s).canonical_url for s in spellings} == {f"memory://{base}"}
+    for options in (f"memory://{base}?token=abc", f"memory://{base}#frag"):  # never part of a name
+        with pytest.raises(StoreError, match="takes no query string"):
+            open_store(options)
     assert "s3cr3t" not in open_store(f"memory://me:s3cr3t@{base}").canonical_url
