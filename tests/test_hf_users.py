@@ -1,0 +1,214 @@
+"""A Trainer script written as users write them, interrupted every way, ends as if it never was.
+
+tests/scripts/hf_user.py: gradient accumulation (2 batches a step), evaluation and saves
+every 5 steps, the best model reloaded at the end and written with ``save_model``,
+``save_total_limit=2``, a collator that masks and noises with torch's global RNG (in
+evaluation too), the loss logged every 2 steps, a plain list as the train data. It is run
+once uninterrupted; then killed (SIGKILL from outside, inside a save, between the
+Trainer's save and sweeprun's seal, right after the last seal), stopped with SIGTERM,
+and run again until it ends. Every ending is compared with the uninterrupted one: the
+last folder's weights, optimizer and scheduler, the best model ``save_model`` wrote,
+``train()``'s ``train_loss``, and every line of metrics.jsonl, wall-clock figures aside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sweeprun.runenv import PREEMPTED_EXIT
+
+pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "scripts" / "hf_user.py"
+LAST = 24            # 4 epochs of 6 steps; saved and evaluated at 5, 10, 15, 20 and the end
+BEST = 5             # the best eval_loss of this seed: the folder rotation must keep
+CLOCK = ("_runtime", "_per_second")   # wall-clock figures: legitimately differ
+
+
+@dataclass
+class UserRun:
+    out: Path
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.out / "trainer"
+
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("SWEEPRUN_")}
+        full.update(PYTHONPATH=str(REPO), **(env or {}))
+        return subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(self.out), *extra],
+                                env=full, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def complete(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        proc = self.start(*extra, env=env)
+        out, err = proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def interrupt_when(self, ready: Callable[[], bool], signum: int) -> tuple[int, str]:
+        """Signal the process once ``ready()``: its exit code and stderr."""
+        proc = self.start("--step-sleep-s", "0.1")
+        deadline = time.monotonic() + 300   # only a guard against a hang
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=300)
+        return proc.returncode, err
+
+    def entries(self) -> list[dict[str, Any]]:
+        path = self.out / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line) for line in lines]
+
+    def last_step(self) -> int:
+        return max((e["step"] for e in self.entries()), default=0)
+
+    def sealed(self) -> list[int]:
+        return sorted(int(p.parent.name.split("-")[1])
+                      for p in self.trainer_dir.glob("checkpoint-*/sweeprun-seal.json"))
+
+
+def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in flat(value, f"{prefix}/{key}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, value in enumerate(obj) for k, v in flat(value, f"{prefix}/{i}").items()}
+    return {prefix: obj}
+
+
+def ending(run: UserRun) -> dict[str, Any]:
+    """Everything a run ends with that does not depend on the clock."""
+    last = run.trainer_dir / f"checkpoint-{LAST}"
+    summary = json.loads((run.out / "train_output.json").read_text())
+    return {
+        "weights": load_file(last / "model.safetensors"),
+        "optimizer": flat(torch.load(last / "optimizer.pt", weights_only=True)),
+        "scheduler": flat(torch.load(last / "scheduler.pt", weights_only=True)),
+        "best model": load_file(run.trainer_dir / "best-model" / "model.safetensors"),
+        "train_loss": (summary["training_loss"], summary["metrics"]["train_loss"]),
+        "summary": {k: v for k, v in summary["metrics"].items() if not k.endswith(CLOCK)},
+        "best": os.path.basename(summary["best"]),
+        "metrics": [{k: v for k, v in e.items() if not k.endswith(CLOCK)} for e in run.entries()],
+    }
+
+
+def differences(run: UserRun, reference: UserRun) -> list[str]:
+    mine, theirs = ending(run), ending(reference)
+    out = []
+    for part in ("weights", "optimizer", "scheduler", "best model"):
+        assert mine[part].keys() == theirs[part].keys(), part
+        out += [f"{part} {key}" for key, value in theirs[part].items()
+                if not (torch.equal(mine[part][key], value) if isinstance(value, torch.Tensor)
+                        else mine[part][key] == value)]
+    out += [f"{part}: {mine[part]} != {theirs[part]}" for part in ("train_loss", "summary", "best")
+            if mine[part] != theirs[part]]
+    out += [f"metrics.jsonl line {i + 1}: {a} != {b}"
+            for i, (a, b) in enumerate(zip(mine["metrics"], theirs["metrics"], strict=False)) if a != b]
+    if len(mine["metrics"]) != len(theirs["metrics"]):
+        out.append(f"metrics.jsonl: {len(mine['metrics'])} lines, {len(theirs['metrics'])} expected")
+    return out
+
+
+def finish(run: UserRun) -> subprocess.CompletedProcess[str]:
+    result = run.complete()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith(f"done: step {LAST}"), result.stdout
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> UserRun:
+    run = UserRun(tmp_path_factory.mktemp("reference"))
+    finish(run)
+    assert ending(run)["best"] == f"checkpoint-{BEST}"   # an early best: rotation must spare it
+    assert not torch.equal(load_file(run.trainer_dir / "best-model" / "model.safetensors")["bert.embeddings"
+                                     ".word_embeddings.weight"],
+                           load_file(run.trainer_dir / f"checkpoint-{LAST}" / "model.safetensors")[
+                               "bert.embeddings.word_embeddings.weight"])
+    return run
+
+
+def test_a_kill_between_the_trainers_save_and_the_seal_resumes_mid_window_and_mid_epoch(
+        tmp_path: Path, reference: UserRun) -> None:
+    """The save at step 10 is cut short: the run resumes from step 5, in the middle of an
+    epoch (6 steps) and of a logging window (the loss of steps 5 and 6 is logged at 6)."""
+    run = UserRun(tmp_path / "run")
+    crashed = run.complete(env={"SWEEPRUN_CRASH_AT": "checkpoint.before_manifest@2"})
+    assert crashed.returncode == -signal.SIGKILL
+    result = finish(run)
+    assert "checkpoint-10 (it was never sealed" in result.stderr
+    assert "resuming from" in result.stderr and "(step 5)" in result.stderr
+    assert differences(run, reference) == []
+
+
+def test_rotation_waits_for_the_seal_and_spares_the_best(tmp_path: Path, reference: UserRun) -> None:
+    """Killed in the save at step 15, before its seal: the Trainer would already have deleted
+    checkpoint-10 to keep two folders (the best, 5, is spared), leaving only step 5."""
+    run = UserRun(tmp_path / "run")
+    crashed = run.complete(env={"SWEEPRUN_CRASH_AT": "checkpoint.before_manifest@3"})
+    assert crashed.returncode == -signal.SIGKILL
+    assert run.sealed() == [5, 10]
+    result = finish(run)
+    assert "(step 10)" in result.stderr
+    assert {p.name for p in run.trainer_dir.glob("checkpoint-*")} == {
+        f"checkpoint-{BEST}", f"checkpoint-{LAST}"}
+    assert differences(run, reference) == []
+
+
+def test_killed_right_after_the_last_seal_the_rerun_reloads_the_best_model(
+        tmp_path: Path, reference: UserRun) -> None:
+    """The last folder is sealed, the process dies before train() returns: the rerun trains
+    nothing, reloads the best model as the Trainer's end does, and reports its train_loss."""
+    shutil.copytree(reference.out, tmp_path / "run")
+    run = UserRun(tmp_path / "run")
+    shutil.rmtree(run.trainer_dir / "best-model")
+    (run.out / "train_output.json").unlink()
+    result = finish(run)
+    assert f"checkpoint-{LAST} is the last step ({LAST}); nothing left to train" in result.stderr
+    assert differences(run, reference) == []
+    summary = json.loads((run.out / "train_output.json").read_text())
+    assert summary["best"] == str(run.trainer_dir / f"checkpoint-{BEST}")   # its own copy, not the reference's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [11])
+def test_sigkill_at_random_moments_then_rerun_ends_the_same(
+        tmp_path: Path, reference: UserRun, seed: int) -> None:
+    run = UserRun(tmp_path / "run")
+    rng = random.Random(seed)
+    for _ in range(2):
+        target = rng.randint(run.last_step() + 1, run.last_step() + 9)
+        code, err = run.interrupt_when(lambda t=target: run.last_step() >= t, signal.SIGKILL)
+        assert code == -signal.SIGKILL, err
+    finish(run)
+    assert differences(run, reference) == []
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_end_and_the_rerun_ends_the_same(
+        tmp_path: Path, reference: UserRun) -> None:
+    """SIGTERM lands anywhere, often between the two batches of a step: the save waits for
+    the step to end (never a half-accumulated gradient), the process exits 75."""
+    run = UserRun(tmp_path / "run")
+    code, err = run.interrupt_when(lambda: run.last_step() >= 7, signal.SIGTERM)
+    assert code == PREEMPTED_EXIT, err
+    stopped = int(err.split("saved and sealed checkpoint-")[1].split(";")[0])
+    assert stopped not in (5, 10, 15, 20) and stopped in run.sealed()
+    finish(run)
+    assert differences(run, reference) == []
