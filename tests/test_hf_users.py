@@ -212,3 +212,39 @@ def test_sigterm_saves_at_the_step_end_and_the_rerun_ends_the_same(
     assert stopped not in (5, 10, 15, 20) and stopped in run.sealed()
     finish(run)
     assert differences(run, reference) == []
+
+
+@pytest.mark.slow
+def test_under_launch_a_run_killed_after_each_new_seal_is_not_failed_and_ends_the_same(
+        sandbox: Any, reference: UserRun) -> None:
+    """The machine dies (the launcher and its child, SIGKILL) right after every new sealed
+    folder, the last one included. Each attempt is lost with its worker, but each made
+    progress, so ``max_lost`` (2) is never reached: the run ends done, as never interrupted."""
+    command = f"{sys.executable} {SCRIPT} --seed {{seed}} --step-sleep-s 0.2"
+    sweep = sandbox.write_sweep({"seed": [3]}, name="hf", command=command, max_lost=2)
+    runs = sandbox.store / "hf" / "runs"
+
+    def sealed() -> set[int]:
+        found = list(runs.iterdir()) if runs.exists() else []
+        return set(UserRun(found[0]).sealed()) if found else set()
+
+    kills = 0
+    while True:
+        seen = sealed()
+        proc = sandbox.sweeprun("launch", str(sweep))
+        deadline = time.monotonic() + 300   # only a guard against a hang
+        while proc.poll() is None and not sealed() - seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)   # the child dies with its launcher
+            kills += 1
+        out, err = proc.communicate(timeout=300)
+        if proc.returncode != -signal.SIGKILL:
+            break
+    assert proc.returncode == 0, out + err
+    assert kills > 2
+    (row,) = sandbox.status(sweep).values()
+    assert (row["state"], row["step"]) == ("done", LAST)
+    (run_dir,) = runs.iterdir()
+    assert (run_dir / "DONE").exists()
+    assert differences(UserRun(run_dir), reference) == []
