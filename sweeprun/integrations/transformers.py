@@ -258,7 +258,11 @@ class SweeprunCallback(TrainerCallback):
         metrics["train_loss"] = loss
         trainer.log(metrics)            # as the Trainer's end does: into log_history, to the callbacks
         if trainer.args.load_best_model_at_end and state.best_model_checkpoint is not None:
-            trainer._load_best_model()
+            if hasattr(trainer, "_load_best_model"):
+                trainer._load_best_model()
+            else:
+                warn("this transformers version has no Trainer._load_best_model: the model is "
+                     "the last step's, not the best")
         return TrainOutput(state.global_step, loss, metrics)
 
     def _find_best(self, state: Any, resumed: str) -> None:
