@@ -34,6 +34,7 @@ class LoopCarry:
         self._trainer: Any = None
         self._tr_loss: Any = None       # the Trainer's running-loss tensor, as last passed to its log
         self._pending: Any = None       # the saved running sum, for the first resumed micro-batch
+        self.carried = False            # the sum of logged losses was carried over from a folder
         self._warned: set[str] = set()
 
     def _warn(self, name: str, what: str) -> None:
@@ -68,6 +69,17 @@ class LoopCarry:
 
             training_step._sweeprun = True  # type: ignore[attr-defined]
             trainer.training_step = training_step
+        log = trainer.log
+        if not getattr(log, "_sweeprun", False):
+            def whole_run_log(logs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+                if self.carried and "train_loss" in logs and "train_runtime" in logs:
+                    # the end-of-training summary: the Trainer divided the carried sum by the
+                    # steps of this process only; over every step it is the uninterrupted run's
+                    logs["train_loss"] = self.whole_run_train_loss(trainer.state.global_step)
+                return log(logs, *args, **kwargs)
+
+            whole_run_log._sweeprun = True  # type: ignore[attr-defined]
+            trainer.log = whole_run_log
 
     def snapshot(self) -> dict[str, Any]:
         """The bookkeeping now (at a save, between optimizer steps), for the folder's file."""
@@ -88,6 +100,7 @@ class LoopCarry:
         folder written before sweeprun kept these). Called from ``on_train_begin``, after the
         Trainer has reset them."""
         self._pending = None
+        self.carried = False
         if not saved:
             return
         trainer = self._trainer
@@ -97,6 +110,7 @@ class LoopCarry:
                 continue
             if hasattr(trainer, name):
                 setattr(trainer, name, saved[key])
+                self.carried = self.carried or key == "total_loss"
             else:
                 self._warn(name, what)
         if "tr_loss" in saved and bool(saved["tr_loss"] != 0):
@@ -111,6 +125,7 @@ class LoopCarry:
         left = float(saved["tr_loss"].item()) if "tr_loss" in saved else 0.0
         return (saved["total_loss"] + left) / max(global_step, 0.001)
 
-    def total_loss(self) -> float | None:
-        """The Trainer's sum of logged losses, after its end (``None`` where it keeps none)."""
-        return getattr(self._trainer, "_total_loss_scalar", None)
+    def whole_run_train_loss(self, global_step: int) -> float:
+        """At the end of a resumed run: the carried sum (with what its last steps added) over
+        every step, as the uninterrupted run divides it."""
+        return self._trainer._total_loss_scalar / max(global_step, 0.001)

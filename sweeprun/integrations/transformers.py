@@ -216,8 +216,7 @@ class SweeprunCallback(TrainerCallback):
             else:
                 result = trainer.train(
                     resume_from_checkpoint=self._resumed.path if self._resumed else None, **kwargs)
-                if self._resumed is not None:
-                    result = self._whole_run_train_loss(trainer, result)
+                result = self._whole_run_train_loss(result)
         except BaseException:
             run.close()
             raise
@@ -284,20 +283,13 @@ class SweeprunCallback(TrainerCallback):
         elif state.best_model_checkpoint is not None and not os.path.isdir(state.best_model_checkpoint):
             state.best_model_checkpoint = None
 
-    def _whole_run_train_loss(self, trainer: Trainer, result: Any) -> Any:
-        """The Trainer divides its sum of losses by the steps of this process only; the sum was
-        carried over (:mod:`.hf_loop`), so over every step it is the uninterrupted run's."""
-        total = self._loop.total_loss()
-        if total is None or not hasattr(result, "_replace"):
+    def _whole_run_train_loss(self, result: Any) -> Any:
+        """``train()``'s own ``training_loss`` is that of this process's steps; the summary it
+        logged (its ``metrics``) was corrected to the whole run's (:mod:`.hf_loop`)."""
+        metrics = getattr(result, "metrics", None)
+        if not self._loop.carried or not isinstance(metrics, dict) or "train_loss" not in metrics:
             return result
-        loss = total / max(trainer.state.global_step, 0.001)
-        if isinstance(getattr(result, "metrics", None), dict) and "train_loss" in result.metrics:
-            result.metrics["train_loss"] = loss
-        for entry in reversed(trainer.state.log_history):
-            if "train_loss" in entry:
-                entry["train_loss"] = loss
-                break
-        return result._replace(training_loss=loss)
+        return result._replace(training_loss=metrics["train_loss"])
 
     # -- Trainer events -------------------------------------------------------------------
 
