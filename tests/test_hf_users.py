@@ -92,9 +92,9 @@ def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
-def ending(run: UserRun) -> dict[str, Any]:
+def ending(run: UserRun, last_step: int = LAST) -> dict[str, Any]:
     """Everything a run ends with that does not depend on the clock."""
-    last = run.trainer_dir / f"checkpoint-{LAST}"
+    last = run.trainer_dir / f"checkpoint-{last_step}"
     summary = json.loads((run.out / "train_output.json").read_text())
     return {
         "weights": load_file(last / "model.safetensors"),
@@ -108,8 +108,8 @@ def ending(run: UserRun) -> dict[str, Any]:
     }
 
 
-def differences(run: UserRun, reference: UserRun) -> list[str]:
-    mine, theirs = ending(run), ending(reference)
+def differences(run: UserRun, reference: UserRun, last_step: int = LAST) -> list[str]:
+    mine, theirs = ending(run, last_step), ending(reference, last_step)
     out = []
     for part in ("weights", "optimizer", "scheduler", "best model"):
         assert mine[part].keys() == theirs[part].keys(), part
@@ -125,10 +125,10 @@ def differences(run: UserRun, reference: UserRun) -> list[str]:
     return out
 
 
-def finish(run: UserRun) -> subprocess.CompletedProcess[str]:
-    result = run.complete()
+def finish(run: UserRun, *flags: str, last_step: int = LAST) -> subprocess.CompletedProcess[str]:
+    result = run.complete(*flags)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1].startswith(f"done: step {LAST}"), result.stdout
+    assert result.stdout.splitlines()[-1].startswith(f"done: step {last_step}"), result.stdout
     return result
 
 
@@ -184,6 +184,24 @@ def test_killed_right_after_the_last_seal_the_rerun_reloads_the_best_model(
     assert differences(run, reference) == []
     summary = json.loads((run.out / "train_output.json").read_text())
     assert summary["best"] == str(run.trainer_dir / f"checkpoint-{BEST}")   # its own copy, not the reference's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("save_steps", "crash_at", "resumed_at"), [
+    (7, "checkpoint.before_manifest@2", 7),    # an epoch's end, after its one-batch last step
+    (5, "checkpoint.before_manifest@3", 10),   # mid-epoch (7 steps an epoch)
+])
+def test_with_an_odd_number_of_batches_an_epoch_ends_on_a_one_batch_step(
+        tmp_path: Path, save_steps: int, crash_at: str, resumed_at: int) -> None:
+    """104 examples: 13 batches an epoch, so each epoch's last step accumulates one batch."""
+    flags = ("--examples", "104", "--epochs", "3", "--save-steps", str(save_steps))
+    reference, run = UserRun(tmp_path / "reference"), UserRun(tmp_path / "run")
+    finish(reference, *flags, last_step=21)
+    crashed = run.complete(*flags, env={"SWEEPRUN_CRASH_AT": crash_at})
+    assert crashed.returncode == -signal.SIGKILL
+    result = finish(run, *flags, last_step=21)
+    assert f"(step {resumed_at})" in result.stderr
+    assert differences(run, reference, last_step=21) == []
 
 
 @pytest.mark.slow

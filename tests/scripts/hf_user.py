@@ -59,13 +59,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--examples", type=int, default=96, help="training examples, 8 a batch")
+    parser.add_argument("--save-steps", type=int, default=5, help="evaluate and save this often")
     parser.add_argument("--out", help="run directory when not under sweeprun launch")
     parser.add_argument("--step-sleep-s", type=float, default=0.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    run = sweeprun_hf.init(params={"lr": args.lr, "seed": args.seed, "epochs": args.epochs},
-                           local_dir=args.out, every_s=None)
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "step_sleep_s")}
+    run = sweeprun_hf.init(params=params, local_dir=args.out, every_s=None)
     torch.manual_seed(args.seed)
     model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
                                        num_attention_heads=2, intermediate_size=32,
@@ -73,14 +75,14 @@ def main() -> None:
     training_args = TrainingArguments(
         output_dir=run.output_dir,
         num_train_epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
-        per_device_train_batch_size=8, gradient_accumulation_steps=2,   # 12 batches, 6 steps an epoch
+        per_device_train_batch_size=8, gradient_accumulation_steps=2,   # 96: 12 batches, 6 steps an epoch
         per_device_eval_batch_size=16,
-        eval_strategy="steps", eval_steps=5, save_strategy="steps", save_steps=5,
+        eval_strategy="steps", eval_steps=args.save_steps, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
         logging_steps=2, warmup_steps=3, weight_decay=0.01,
         report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=training_args, data_collator=mask_and_noise,
-                      train_dataset=examples(96, 1), eval_dataset=examples(32, 2),
+                      train_dataset=examples(args.examples, 1), eval_dataset=examples(32, 2),
                       callbacks=[run, Pace(args.step_sleep_s)])
     result = run.train(trainer)
     trainer.save_model(os.path.join(run.output_dir, "best-model"))
