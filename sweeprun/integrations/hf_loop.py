@@ -9,11 +9,12 @@ its ``train_loss`` covers only its last attempt (or is 0.0 when there was nothin
 
 :class:`LoopCarry` records the three (the running-loss tensor, the step last logged, the
 sum of logged losses) at each save, in sweeprun's own file of the folder (:mod:`.hf_rng`),
-and puts them back on resume so that every float comes out bit for bit: the saved running
-sum ``S`` is added to the first resumed micro-batch's loss ``c``, so the Trainer's
+and puts them back on resume so that every float comes out bit for bit. The saved running
+sum ``S`` is added to the first resumed micro-batch's loss ``c``: the Trainer's
 ``0 + (c + S)`` equals the uninterrupted ``S + c`` (IEEE addition commutes, ``0 + x`` is
-``x``), where setting the sum first and adding later would round differently in some
-versions that keep it in a local variable.
+``x``), and it works where the running loss is a local variable of the training loop
+(older transformers) as well as where it is an attribute. Adding ``S`` anywhere later in
+the window would round differently.
 
 The names reached are private to transformers: where one is missing (another version), a
 warning says which figure may differ and training goes on.
