@@ -27,7 +27,7 @@ from .ledger import Claim, Outcome, RunState
 from .procs import ProcessRef, boot_clock, spawn
 from .redact import redact
 from .runenv import PREEMPTED_EXIT
-from .store import RunPaths, create_only, is_local, store_errors
+from .store import RunPaths, StoreLinkError, confine, create_only, is_local, store_errors
 
 if TYPE_CHECKING:
     from .runner import Launcher
@@ -155,6 +155,8 @@ class Attempt:
         cannot see each other. Held elsewhere: the claim goes back, no attempt is used."""
         try:
             lease = self.launcher.take_store_lease(self.paths.dir, self.claim.run_id)
+        except StoreLinkError:
+            raise  # not a passing failure: the launcher stops with its one line
         except SweeprunError as exc:  # the store failed for now: pass the run over for a while
             self.events.note(f"{self.claim.run_id}: cannot read its lease in the store ({exc})")
             self.launcher.pass_over(self.claim.run_id, store_failed=True)
@@ -286,9 +288,10 @@ class Attempt:
                 if self.terminated or self.launcher.stopping:
                     self._record(Outcome.INTERRUPTED, rc)
                     return
-                self.events.note(f"{claim.run_id}: exited 0 without calling run.finish() (it uses "
-                                 "the training API); counted as a failed attempt, not done. A script "
-                                 "that catches SIGTERM or KeyboardInterrupt must exit 75, not 0")
+                self.events.note(f"{claim.run_id}: exited 0 but never reported the end of training "
+                                 "(run.finish(), or an integration's end of training, was not reached); "
+                                 "counted as a failed attempt, not done. A script that stops early (it "
+                                 "caught SIGTERM or KeyboardInterrupt) must exit 75, not 0; see its log")
                 self._record(Outcome.FAILED, rc)
                 return
             crash_point("runner.before_done")
@@ -559,12 +562,13 @@ class _AttemptLog:
         self._uploader: threading.Thread | None = None
         try:
             if is_local(paths.fs):
-                os.makedirs(os.path.dirname(self.target), exist_ok=True)
-                self.file = open(self.target, "ab")  # noqa: SIM115 - held for the attempt
+                local = confine(paths.fs, self.target)  # never appended through a link
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                self.file = open(local, "ab")  # noqa: SIM115 - held for the attempt
             else:
                 fd, self.spool = tempfile.mkstemp(prefix="sweeprun-log-")
                 self.file = os.fdopen(fd, "wb")
-        except OSError:
+        except (OSError, SweeprunError):
             self.file = None
         if self.file is not None and self.spool is not None:
             self._uploader = threading.Thread(target=self._upload_every, args=(_log_upload_s(),),

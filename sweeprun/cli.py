@@ -52,6 +52,9 @@ TimeLimitOpt = Annotated[str | None, typer.Option(
     "--time-limit", metavar="DURATION",
     help="This worker must be gone after DURATION (11h, 90m, 1h30m, seconds): it stops claiming "
          "in time and its runs checkpoint and exit before it. Exit 75 if runs remain.")]
+MoveLedgerOpt = Annotated[bool, typer.Option(
+    "--move-ledger", help="The sweep is coordinated by another ledger: move it to this one "
+                          "(stop its workers first, `sweeprun stop`).")]
 WorkersOpt = Annotated[int, typer.Option(
     "--workers", "-w", min=RANGES["workers"][0], max=RANGES["workers"][1], help="Runs in parallel on this machine.")]
 
@@ -77,7 +80,7 @@ def _parse_gpus(gpus: str | None) -> list[str] | None:
 
 
 def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
-            time_limit: str | None = None) -> int:
+            time_limit: str | None = None, move_ledger: bool = False) -> int:
     from rich.console import Console
 
     from .fleet import parse_duration
@@ -87,7 +90,7 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
     gpu_list = _parse_gpus(gpus)
     limit_s = parse_duration(time_limit) if time_limit is not None else None
     sweep = Sweep(spec, ledger)
-    led = sweep.prepare()
+    led = sweep.prepare(move_ledger=move_ledger)
     console = Console(stderr=False)
     try:
         done = len(sweep.done_at_start)
@@ -115,6 +118,7 @@ def launch(
         "--gpus", help="Comma-separated GPU indices: one slot per GPU, each with its own CUDA_VISIBLE_DEVICES.")] = None,
     store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
     lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None, time_limit: TimeLimitOpt = None,
+    move_ledger: MoveLedgerOpt = False,
 ) -> None:
     """Run every run that is not done: skip done, resume interrupted, retry failed.
 
@@ -122,7 +126,7 @@ def launch(
     """
     spec = _spec(sweep_file, store=store, ledger=ledger, grace_s=grace_s, lease_s=lease_s,
                  max_attempts=max_attempts)
-    raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit))
+    raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit, move_ledger))
 
 
 @app.command()
@@ -132,6 +136,7 @@ def worker(
     gpus: Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, one slot each.")] = None,
     store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
     lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None, time_limit: TimeLimitOpt = None,
+    move_ledger: MoveLedgerOpt = False,
 ) -> None:
     """Join a running sweep as one more worker, from a second notebook, a VM or a SLURM task.
 
@@ -140,7 +145,7 @@ def worker(
     """
     spec = _spec(sweep_file, store=store, ledger=ledger, grace_s=grace_s, lease_s=lease_s,
                  max_attempts=max_attempts)
-    raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit))
+    raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit, move_ledger))
 
 
 @app.command()
@@ -374,7 +379,15 @@ def verify(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: every user mistake becomes one line on stderr and exit code 2."""
+    """Entry point: every user mistake becomes one line on stderr and exit code 2; Ctrl-C
+    at any moment, even while an error is being printed, is exit 130 and no traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     try:
         rc = command.main(args=argv, prog_name="sweeprun", standalone_mode=False)

@@ -28,6 +28,7 @@ POINTS = (
     "checkpoint.before_rename",    # temp file complete and fsynced, not yet renamed
     "checkpoint.before_manifest",  # data file in place, manifest not written
     "metrics.after_append",        # a metrics.jsonl line appended (e.g. a validation loss)
+    "training.before_finished",    # the final checkpoint durable, attempts/<n>.finished not written
     "runner.before_done",          # child exited 0, DONE not yet written
     "runner.after_done",           # DONE written, the ledger not yet told
     "ledger.in_claim",             # inside the claim transaction, before commit

@@ -37,15 +37,19 @@ import posixpath
 import random
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 
 from .errors import LeaseLost, SpecError, StoreError
+from .numbers import bounded_int, finite, worker_pid
 from .procs import HOST, ProcessRef, boot_clock
-from .store import atomic_write, create_only, is_local, read_regular, store_errors
+from .store import atomic_write, confine, create_only, is_local, read_regular, remove, store_errors
+from .training.checkpoints import warn_once
 
 #: A take not over a stale holder: no beat to re-read before creating the generation.
 _UNWATCHED = object()
@@ -53,7 +57,14 @@ _UNWATCHED = object()
 #: Lease files are tens of bytes; anything larger is not one of ours and is read no further.
 _READ_MAX = 4096
 
-_NAME = re.compile(r"^(?P<gen>[0-9]{8,})\.(?:(?P<kind>json|beat|released)|(?P<nonce>[0-9a-f]+)\.claim)$")
+#: A generation is the attempt number: 8 to 12 ASCII digits. A longer number (a name made by
+#: hand, near 2**63) is not one of ours: counting on from it would overflow the ledger.
+_NAME = re.compile(r"^(?P<gen>[0-9]{8,12})\.(?:(?P<kind>json|beat|released)|(?P<nonce>[0-9a-f]+)\.claim)$")
+_TOO_LONG = re.compile(r"^[0-9]{13,}\.")
+#: A holder's record may ask takers to wait longer than their own ``lease_s`` (machines
+#: launched with different ``--lease-s``), up to this many times it: a record is a file
+#: anyone can write, and ``lease_s: 1e9`` in one must not block a run for good.
+HOLDER_LEASE_FACTOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,23 @@ class LeasePaths:
         return posixpath.join(self.folder, f"{generation:08d}.{nonce}.claim")
 
 
+#: The highest generation a name can carry (12 digits, see :data:`_NAME`).
+GENERATION_MAX = 10**12 - 1
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value
+
+
+def _number(value: object, parsed: float | None) -> Any:
+    """``parsed`` (a bounded reading of ``value``), or ValueError naming what was wrong."""
+    if parsed is None:
+        raise ValueError(f"{str(value)[:40]!r} is not a number sweeprun writes there")
+    return parsed
+
+
 @dataclass(frozen=True)
 class LeaseRecord:
     """The content of ``<generation>.json``: who took this generation."""
@@ -97,10 +125,15 @@ class LeaseRecord:
     def gone(self) -> bool:
         """Is the holder a process of this host that is provably gone (see
         :meth:`ProcessRef.alive`)? A holder elsewhere is never known to be gone."""
-        host, _, pid = self.worker.rpartition(":")
-        if self.host != HOST or host != HOST or not pid.isdigit():
+        host, pid = worker_pid(self.worker)
+        if self.host != HOST or host != HOST or pid is None:
             return False
-        return not ProcessRef(host, int(pid), self.started).alive()
+        return not ProcessRef(host, pid, self.started).alive()
+
+    def lease_for(self, lease_s: float) -> float:
+        """How long a taker whose own lease is ``lease_s`` waits for this holder: the
+        holder's lease where it is longer, at most :data:`HOLDER_LEASE_FACTOR` times ours."""
+        return max(lease_s, min(self.lease_s or 0.0, HOLDER_LEASE_FACTOR * lease_s))
 
     def to_bytes(self) -> bytes:
         return (json.dumps({"host": self.host, "worker": self.worker, "generation": self.generation,
@@ -112,11 +145,15 @@ class LeaseRecord:
         try:
             doc = json.loads(blob)
             started, lease_s = doc.get("started"), doc.get("lease_s")
-            return cls(host=str(doc["host"]), worker=str(doc["worker"]),
-                       generation=int(doc["generation"]), nonce=str(doc["nonce"]),
-                       started=int(started) if started is not None else None,
-                       lease_s=float(lease_s) if lease_s is not None else None)
-        except (ValueError, KeyError, TypeError) as exc:
+            fields = cls(host=_text(doc["host"]), worker=_text(doc["worker"]),
+                         generation=_number(doc["generation"], bounded_int(doc["generation"], 1, GENERATION_MAX)),
+                         nonce=_text(doc["nonce"]),
+                         started=None if started is None else _number(started, bounded_int(started)),
+                         lease_s=None if lease_s is None else _number(lease_s, finite(lease_s)))
+            if fields.lease_s is not None and fields.lease_s <= 0:
+                raise ValueError("lease_s")
+            return fields
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise StoreError(f"lease file {path} is not a sweeprun lease ({type(exc).__name__}); "
                              "move the run's lease/ folder away and run the same command again") from exc
 
@@ -184,8 +221,12 @@ class _Listing:
         what a user left there) is not ours and is passed over."""
         out = cls()
         for name in names:
-            m = _NAME.match(posixpath.basename(str(name).rstrip("/")))
+            base = posixpath.basename(str(name).rstrip("/"))
+            m = _NAME.match(base)
             if not m:
+                if _TOO_LONG.match(base):
+                    warn_once(f"lease file {name} has a generation of more than 12 digits, which "
+                              "sweeprun never writes; passing it over")
                 continue
             gen = int(m.group("gen"))
             if m.group("nonce"):
@@ -333,6 +374,7 @@ class StoreLeases:
         object's clock, since its first call that saw it.
         """
         paths = LeasePaths(run_dir)
+        self._set_aside_non_folder(paths)
         if self.settle_s:
             return self._take_settled(paths)
         if run_dir not in self._seen:
@@ -346,6 +388,28 @@ class StoreLeases:
         if top in listing.released or self._holder_gone(paths, top) or self._stale(paths, top):
             return self._create(paths, top + 1)
         return None
+
+    def _set_aside_non_folder(self, paths: LeasePaths) -> None:
+        """A plain file (or pipe) where the lease folder belongs, on local disk, would make
+        every take fail and the run be passed over for good: it holds no lease, so it is
+        renamed aside (``lease.not-a-folder-<pid>``) with one warning. Links are left to the
+        folder's own checks."""
+        if not is_local(self.fs):
+            return  # an object store has no folders: a "lease" object does not block lease/...
+        path = self.fs._strip_protocol(paths.folder)
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            return
+        target = f"{path}.not-a-folder-{os.getpid()}-{secrets.token_hex(2)}"
+        with store_errors("move", path):
+            try:
+                os.rename(path, target)
+            except FileNotFoundError:
+                return  # another worker moved it
+        warn_once(f"{path} was a file, not the run's lease folder; moved it to {target}")
 
     def _holder_gone(self, paths: LeasePaths, generation: int) -> bool:
         """A holder on this machine whose process is provably gone (a killed launcher): its
@@ -380,7 +444,7 @@ class StoreLeases:
             # The holder's own lease if longer than ours; where the store shows writes late
             # (settle mode), a beat may be that late too.
             record = self._record(paths, generation)
-            lease_s = max(self.lease_s, record.lease_s or 0.0) if record else self.lease_s
+            lease_s = record.lease_for(self.lease_s) if record else self.lease_s
             return now - seen.since >= lease_s + self.settle_s
         self._seen[paths.run_dir] = _Seen(generation, beat, now)
         return False
@@ -532,7 +596,7 @@ class StoreLeases:
         attempts from it."""
         with store_errors("list", lease.paths.folder):
             try:
-                names = self.fs.ls(lease.paths.folder, detail=False)
+                names = self.fs.ls(confine(self.fs, lease.paths.folder), detail=False)
             except FileNotFoundError:
                 return
         old = []
@@ -542,7 +606,7 @@ class StoreLeases:
                 old.append(str(name))
         if old:
             with store_errors("delete", lease.paths.folder):
-                self.fs.rm(old)
+                remove(self.fs, old)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -562,7 +626,7 @@ class StoreLeases:
     def _list(self, paths: LeasePaths) -> _Listing:
         with store_errors("list", paths.folder):
             try:
-                names = self.fs.ls(paths.folder, detail=False)
+                names = self.fs.ls(confine(self.fs, paths.folder), detail=False)
             except FileNotFoundError:
                 return _Listing()
         return _Listing.parse(names)

@@ -29,7 +29,16 @@ from .faults import crash_point
 from .ledger import RunState
 from .ledger.base import AttemptRow
 from .redact import redact
-from .store import fsync_dir, is_local, read_json, read_regular, store_errors
+from .store import (
+    confine,
+    fsync_dir,
+    is_local,
+    literal,
+    read_json,
+    read_regular,
+    remove,
+    store_errors,
+)
 from .sweep import StatusRow, Sweep
 from .trainer_folders import (
     TRAINER,
@@ -293,6 +302,7 @@ def reset(sweep: Sweep, names: Iterable[str] = (), *, failed: bool = False, dry_
     if dry_run:
         return report
     sweep.store.check_writable()
+    sweep.paths.check_no_links()
     # Per run: its done entry, its folder, then its marker. Until the marker is written
     # nothing offers the run again (a failed run stays failed in every ledger), so no
     # launch starts it under a folder about to be moved away; once it is, every machine's
@@ -344,9 +354,9 @@ def _set_aside(sweep: Sweep, run_id: str, dest: str | None) -> str | None:
     trash = posixpath.join(sweep.paths.dir, "trash")
     if is_local(fs):
         with store_errors("move", src):
-            local_src, local_trash = fs._strip_protocol(src), fs._strip_protocol(trash)
+            local_src, local_trash = confine(fs, src), confine(fs, trash)
             os.makedirs(local_trash, exist_ok=True)
-            target = fs._strip_protocol(dest) if dest else os.path.join(
+            target = confine(fs, dest) if dest else os.path.join(
                 local_trash, f"{TEMP_PREFIX}deleting-{run_id}-{os.getpid()}")
             if os.path.lexists(target):
                 raise StoreError(f"cannot move {src} to {target}: something is there already; "
@@ -359,12 +369,12 @@ def _set_aside(sweep: Sweep, run_id: str, dest: str | None) -> str | None:
         return dest
     with store_errors("move", src):
         if dest is not None:
-            fs.copy(src.rstrip("/") + "/", dest, recursive=True)
+            fs.copy(literal(fs, src.rstrip("/")) + "/", dest, recursive=True)
         try:
             fs.rm_file(sweep.paths.run(run_id).done)
         except FileNotFoundError:
             pass
-        fs.rm(src, recursive=True)
+        remove(fs, [src], recursive=True)
     return dest
 
 
@@ -510,7 +520,7 @@ def _remove_file(sweep: Sweep, path: str) -> None:
     with store_errors("delete", path):
         try:
             if is_local(fs):
-                local = fs._strip_protocol(path)
+                local = confine(fs, path, leaf=False)
                 if os.path.isfile(local) and not os.path.islink(local):
                     os.unlink(local)
             else:

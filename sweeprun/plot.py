@@ -7,18 +7,21 @@ in CI and in a notebook's terminal alike.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import SpecError, StoreError, SweeprunError
-from .training.metrics import read_run_metrics
+from .numbers import finite
+from .store import read_regular
+from .training.checkpoints import warn
+from .training.metrics import METRICS_MAX_BYTES, parse_entries
 
 if TYPE_CHECKING:
     from .sweep import Sweep
 
-#: Runs drawn at most: past that a plot is a blur, and reading every run's metrics slow.
-MAX_RUNS = 500
+#: Values (and steps) drawn at most this far from 0: matplotlib cannot lay out an axis whose
+#: span overflows a float (-1e308 .. 1e308), so points past it are left out, with a warning.
+ABS_MAX = 1e300
 
 
 @dataclass(frozen=True)
@@ -42,16 +45,45 @@ def _matplotlib() -> Any:
     return plt
 
 
-def _points(entries: list[dict[str, Any]], metric: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
+def _points(entries: list[dict[str, Any]], metric: str) -> tuple[list[float], list[float], int]:
+    """The finite points of ``metric`` (x: the step, or the line's index without one), and how
+    many were left out for lying past :data:`ABS_MAX`."""
+    xs, ys, beyond = [], [], 0
     for i, entry in enumerate(entries):
-        value = entry.get(metric)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        value = finite(entry.get(metric))
+        if value is None:
             continue
-        step = entry.get("step")
-        xs.append(float(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else float(i))
-        ys.append(float(value))
-    return xs, ys
+        step = finite(entry.get("step"))
+        x = step if step is not None else float(i)
+        if abs(value) > ABS_MAX or abs(x) > ABS_MAX:
+            beyond += 1
+            continue
+        xs.append(x)
+        ys.append(value)
+    return xs, ys, beyond
+
+
+def _run_metrics(sweep: Sweep) -> dict[str, list[dict[str, Any]]]:
+    """Every run's metrics entries, found from one listing of the sweep's folder (no request
+    per run that has none); only regular files are read, never a named pipe. A file that
+    cannot be read is one warning, and its run is drawn without it."""
+    fs = sweep.store.fs
+    listing = sweep.paths.listing()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for run in sweep.runs:
+        path = sweep._metrics_path(run.run_id, listing.get(run.run_id, {}))
+        if path is None:
+            continue  # not started yet
+        try:
+            blob = read_regular(fs, path, METRICS_MAX_BYTES, tail=True)
+        except StoreError as exc:
+            warn(f"{exc}; run {run.run_id} is left out of the plot")
+            continue
+        if len(blob) == METRICS_MAX_BYTES:
+            warn(f"{path} is larger than {METRICS_MAX_BYTES} bytes; only its end is drawn")
+            blob = blob[blob.find(b"\n") + 1:]
+        out[run.run_id] = parse_entries(blob, path)
+    return out
 
 
 def plot_sweep(sweep: Sweep, metric: str, out: str, by: str | None = None,
@@ -62,23 +94,24 @@ def plot_sweep(sweep: Sweep, metric: str, out: str, by: str | None = None,
     if by is not None and by not in sweep.runs[0].params:
         raise SpecError(f"--by {by!r} is not a parameter of sweep {sweep.spec.name}; "
                         f"choose one of: {', '.join(varying) or ', '.join(sweep.runs[0].params)}")
-    runs = sweep.runs[:MAX_RUNS]
     curves: list[tuple[str, Any, list[float], list[float]]] = []
     skipped: list[str] = []
     seen_metrics: set[str] = set()
-    for run in runs:
-        try:
-            entries = read_run_metrics(sweep.paths.run(run.run_id))
-        except (StoreError, FileNotFoundError):
-            entries = []  # not started yet
+    beyond = 0
+    metrics = _run_metrics(sweep)
+    for run in sweep.runs:
+        entries = metrics.get(run.run_id, [])
         for entry in entries[-50:]:
-            seen_metrics.update(k for k, v in entry.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step")
-        xs, ys = _points(entries, metric)
+            seen_metrics.update(k for k, v in entry.items() if k != "step" and finite(v) is not None)
+        xs, ys, left_out = _points(entries, metric)
+        beyond += left_out
         if not xs:
             skipped.append(run.run_id)
             continue
         curves.append((run.run_id, run.params.get(by) if by else None, xs, ys))
+    if beyond:
+        warn(f"left out {beyond} point(s) of {metric!r} beyond ±{ABS_MAX:g} (or at a step "
+             "beyond it), which a plot cannot draw")
     if not curves:
         known = ", ".join(sorted(seen_metrics)) or "none yet"
         raise SpecError(f"no run of sweep {sweep.spec.name} logged {metric!r}; metrics logged: {known}")

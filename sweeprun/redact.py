@@ -9,6 +9,8 @@ query parameter (after ``?`` or ``&``), and a libpq-style ``password=...`` word.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from urllib.parse import unquote
 
 # The lookbehind anchors a scheme at the start of a word and the bound caps its length, so
 # a long run of letters (a 200 kB parameter in a sweep file) is scanned once, not once per
@@ -18,11 +20,14 @@ _SCHEME = r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://"
 # ``scheme://user:pass@host``. The first form is RFC 3986's authority, up to its last ``@`` so
 # that an unencoded ``@`` in a password is covered too. The second takes a password that
 # (wrongly, but AWS secret keys often do) holds ``/``: ``user:`` followed by anything that is
-# not a port number, up to the last ``@`` of the word. Both are bounded (no credential is
+# not a port number, up to the last ``@`` of the word. The third, a password that holds what
+# ends a word in prose (quotes, ``<``, ``>``, spaces: ``postgresql://u:p"a<s s>@db``), runs to
+# the last ``@`` of the line before any other URL starts. All are bounded (no credential is
 # longer), which keeps hostile text linear.
 _USERINFO = re.compile(
     rf"(?P<scheme>{_SCHEME})"
-    r"(?:[^\s/?#'\"<>]{0,512}|[^\s/?#@:'\"<>]{0,256}:(?!\d{0,5}(?:[/?#\s]|$))[^\s'\"<>]{0,512})@")
+    r"(?:[^\s/?#'\"<>]{0,512}|[^\s/?#@:'\"<>]{0,256}:(?!\d{0,5}(?:[/?#\s]|$))[^\s'\"<>]{0,512}"
+    r"|[^\s/?#@:'\"<>]{0,256}:(?!\d{0,5}(?:[/?#\s]|$))(?:(?!://)[^\r\n]){0,512})@")
 
 _SECRET_NAME = (r"[A-Za-z0-9_.-]*(?:token|secret|passw(?:or)?d|pwd|key|sig|signature|credential|"
                 r"auth|session)[A-Za-z0-9_.-]*")
@@ -36,8 +41,33 @@ _KEYWORD_PASSWORD = re.compile(r"(?P<key>(?:^|(?<=[\s,;(]))(?:password|passwd|pw
                                re.IGNORECASE)
 
 
-def redact(text: str) -> str:
-    """``text`` with URL userinfo, secret-named query values and ``password=`` values as ``***``."""
+def secrets_in(text: str) -> set[str]:
+    """The credentials :func:`redact` finds in ``text`` (a URL the user gave), as written and
+    percent-decoded: what a library may echo back in its own words (psycopg quotes a
+    password it cannot parse), to be starred wherever it shows up (``redact(msg, also=...)``)."""
+    found: set[str] = set()
+    for m in _USERINFO.finditer(text):
+        user, colon, password = m.group(0)[len(m["scheme"]):-1].partition(":")
+        if colon:  # a user alone (postgresql://postgres@db) is a name, not a secret
+            found.add(password)
+    for pattern in (_SECRET_QUERY, _KEYWORD_PASSWORD):
+        for m in pattern.finditer(text):
+            found.add(m.group(0)[len(m["key"]):].strip("'"))
+    found |= {unquote(value) for value in found}
+    # A parser that stops at a delimiter the password holds echoes only the part before
+    # (or after) it: psycopg quotes ``p"a s`` of ``p"a s/x@db``.
+    for value in list(found):
+        for i, char in enumerate(value):
+            if char in "/?#@":
+                found |= {value[:i], value[i + 1:]}
+    return {value for value in found if len(value) >= 3}
+
+
+def redact(text: str, also: Iterable[str] = ()) -> str:
+    """``text`` with URL userinfo, secret-named query values and ``password=`` values as ``***``;
+    and every occurrence of the strings ``also`` (see :func:`secrets_in`)."""
+    for secret in sorted(also, key=len, reverse=True):
+        text = text.replace(secret, "***")
     text = _USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
     text = _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
     return _KEYWORD_PASSWORD.sub(lambda m: f"{m['key']}***", text)

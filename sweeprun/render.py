@@ -31,6 +31,8 @@ STATE_STYLE = {RunState.PENDING: "dim", RunState.RUNNING: "cyan", RunState.INTER
 def format_age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if not math.isfinite(seconds):  # an age from a file's time of 1e308 or NaN
+        return "?"
     seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -61,7 +63,10 @@ def sparkline(values: Sequence[float]) -> str:
         elif high == low:
             out.append(SPARK_CHARS[top // 2])
         else:
-            out.append(SPARK_CHARS[round((v - low) / (high - low) * top)])
+            # high - low of finite values may overflow (-1e308 .. 1e308): then halve both sides.
+            frac = ((v - low) / (high - low) if math.isfinite(high - low)
+                    else (v / 2 - low / 2) / (high / 2 - low / 2))
+            out.append(SPARK_CHARS[round(frac * top)])
     return "".join(out)
 
 
@@ -159,7 +164,12 @@ _OUTCOME = {"done": "done", "interrupted": "interrupted (resumable)", "failed": 
 
 
 def format_time(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    if t is None:
+        return "-"
+    try:  # a time read from a file in the store may be 1e308 or NaN
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return "?"
 
 
 def run_view(detail: RunDetail) -> Group:

@@ -20,11 +20,10 @@ from typing import Protocol
 
 from .attempt import Attempt
 from .errors import LedgerError, SweeprunError
-from .fleet import Deadline, StopRequests, stop_poll_s
+from .fleet import Coordination, CoordinationRecord, Deadline, StopRequests, stop_poll_s
 from .leases import Lease, StoreLeases, backoff_s, settle_default
 from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
 from .ledger.base import settled
-from .ledger.sqlite import SqliteLedger
 from .procs import ProcessRef
 from .runenv import ATTEMPT, MTBI, PARAMS, PRIOR_MTBI_S, RUN_DIR, RUN_ID, SWEEP
 from .store import RunPaths
@@ -38,7 +37,8 @@ PARAMS_ENV_MAX_BYTES = 32 * 1024
 #: nothing failed, run the same command again (EX_TEMPFAIL, as a preempted run's exit).
 EXIT_UNSETTLED = 75
 
-#: ``0`` turns store leases off (on by default with a SQLite ledger).
+#: ``0`` turns store leases off (on wherever the sweep is coordinated by them): a benchmark's
+#: knob; machines that share the store then run runs twice.
 STORE_LEASES_ENV = "SWEEPRUN_STORE_LEASES"
 
 
@@ -101,10 +101,13 @@ class Launcher:
                          if options.time_limit_s else None)
         self._claims_closed_noted = False
         self.stop_requests = StopRequests(sweep.paths)
-        # Leases in the store keep machines apart when their ledgers cannot see each other:
-        # a SQLite ledger is one machine's. (A shared PostgreSQL ledger needs none.)
+        # Leases in the store keep machines apart when their ledgers cannot see each other
+        # (each machine's SQLite ledger); a shared ledger needs none. The store's record
+        # agreed to this way in Sweep.prepare; a move away from it drains this launcher.
+        self.coordination = sweep.coordination or Coordination.of(ledger)
+        self.coordination_record = CoordinationRecord(sweep.paths)
         self.leases: StoreLeases | None = None
-        if isinstance(ledger, SqliteLedger) and os.environ.get(STORE_LEASES_ENV, "1") != "0":
+        if self.coordination.store_leases and os.environ.get(STORE_LEASES_ENV, "1") != "0":
             settle_s, why = settle_default(sweep.store.fs, sweep.store.root)
             if self.spec.lease_settle_s is not None:
                 settle_s = self.spec.lease_settle_s
@@ -353,15 +356,21 @@ class Launcher:
             attempt.check_lease()
 
     def _watch_stop_requests(self, seen: str | None) -> None:
-        """Obey `sweeprun stop` from any machine: a request made after this launcher started."""
+        """Obey `sweeprun stop` from any machine: a request made after this launcher started;
+        and a move of the sweep to another ledger (--move-ledger): workers coordinated the
+        old way cannot see the new one's runs."""
         poll_s = stop_poll_s()
         while not self._finished.wait(poll_s):
             try:
                 current = self.stop_requests.current()
+                record = self.coordination_record.read()
             except SweeprunError:
                 continue  # the store is unreachable for now; the runs' own writes will tell
             if current is not None and current != seen:
                 self.request_stop(None, "`sweeprun stop` was run for this sweep")
+                return
+            if record is not None and not record.agrees(self.coordination):
+                self.request_stop(None, f"the sweep was moved to {record.describe()}")
                 return
 
     def _enforce_grace(self) -> None:

@@ -202,7 +202,10 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
             raise SpecError(f"{source}: missing required key {key!r}")
 
     name = data["name"]
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str):  # `name: 123` is a number in YAML, `name: yes` a boolean
+        raise SpecError(f"{at('name')}: name {show(name)} must be a string: quote it, "
+                        f"e.g. name: \"{show(name).strip(chr(39))}\"")
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
         raise SpecError(f"{at('name')}: name {show(name)} may only use letters, digits, '.', '_' and '-' "
                         "(it names the sweep's folder)")
     if len(name) > MAX_NAME_CHARS:
@@ -287,7 +290,7 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
 
 
 def _check_param_name(key: Any, where: str) -> None:
-    if not isinstance(key, str) or not PARAM_RE.match(key):
+    if not isinstance(key, str) or not PARAM_RE.fullmatch(key):
         raise SpecError(f"{where}: parameter name {show(key)} must be a Python identifier "
                         "(letters, digits, '_'), so it can be a {placeholder}")
     if key in BUILTIN_PLACEHOLDERS:

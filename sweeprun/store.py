@@ -91,6 +91,123 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+class StoreFileSystem(LocalFileSystem):
+    """Local disk under one store's root: no write, delete or trusted read follows a link there.
+
+    The store is a folder the user shares with other tools; a symlink left inside it
+    (``done/`` pointing at a home folder, say) would make sweeprun write, prune or trust
+    files outside the store. The root itself may be a link (Colab's ``My Drive``); every
+    name below it is checked by :func:`confine`, which each fsspec entry point that
+    writes, deletes or opens goes through, as do the helpers here that use ``os`` directly.
+    """
+
+    def __init__(self, store_root: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.store_root = os.path.normpath(store_root)
+
+    def _open(self, path: Any, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+        return super()._open(confine(self, path), mode, *args, **kwargs)
+
+    def touch(self, path: Any, truncate: bool = True, **kwargs: Any) -> None:
+        super().touch(confine(self, path), truncate, **kwargs)
+
+    def makedirs(self, path: Any, exist_ok: bool = False) -> None:
+        super().makedirs(confine(self, path), exist_ok)
+
+    def mkdir(self, path: Any, create_parents: bool = True, **kwargs: Any) -> None:
+        super().mkdir(confine(self, path), create_parents, **kwargs)
+
+    def rm_file(self, path: Any) -> None:
+        super().rm_file(confine(self, path, leaf=False))
+
+    def rmdir(self, path: Any) -> None:
+        super().rmdir(confine(self, path, leaf=False))
+
+    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
+        paths = path if isinstance(path, list) else [path]
+        super().rm([confine(self, p, leaf=False) for p in paths], recursive, maxdepth)
+
+    def cp_file(self, path1: Any, path2: Any, **kwargs: Any) -> None:
+        super().cp_file(confine(self, path1), confine(self, path2), **kwargs)
+
+    def put_file(self, path1: Any, path2: Any, callback: Any = None, **kwargs: Any) -> None:
+        super().put_file(path1, confine(self, path2), callback, **kwargs)
+
+    def mv(self, path1: Any, path2: Any, recursive: bool = False, maxdepth: int | None = None,
+           **kwargs: Any) -> None:
+        super().mv(confine(self, path1), confine(self, path2), recursive, maxdepth, **kwargs)
+
+    def link(self, src: Any, dst: Any, **kwargs: Any) -> None:
+        super().link(confine(self, src), confine(self, dst), **kwargs)
+
+    def symlink(self, src: Any, dst: Any, **kwargs: Any) -> None:
+        raise _error(f"cannot link {dst} to {src}: sweeprun puts no links in a store")
+
+
+def confine(fs: fsspec.AbstractFileSystem, path: Any, *, leaf: bool = True) -> str:
+    """``path`` as ``fs`` names it on disk, once no name between the store's root and it is
+    a symbolic link (the last one too, unless ``leaf`` is ``False``: removing a link only
+    removes the link). Every local write, delete and trusted read of a store starts here.
+
+    Only a :class:`StoreFileSystem` has a root to check below; object stores have no
+    links, and other local paths (a Trainer's output folder) are the user's own.
+    """
+    local = fs._strip_protocol(path) if is_local(fs) else path
+    if not isinstance(fs, StoreFileSystem):
+        return local
+    rel = os.path.relpath(os.path.normpath(local), fs.store_root)
+    if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return local  # the root itself, or not the store's (a spool file, a temp folder)
+    parts = rel.split(os.sep)
+    current = fs.store_root
+    for i, part in enumerate(parts):
+        current = os.path.join(current, part)
+        try:
+            mode = os.lstat(current).st_mode
+        except OSError:
+            break  # missing (about to be created) or unreadable: the operation says so
+        if stat.S_ISLNK(mode) and (leaf or i < len(parts) - 1):
+            raise _link_error(current)
+    return local
+
+
+_GLOB_MAGIC = re.compile(r"([*?\[])")
+
+
+def literal(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` as fsspec's pattern-expanding calls (``rm`` with a list or ``recursive``,
+    ``copy``, ``expand_path``) must be given it to mean this path only.
+
+    They take ``*?[`` as glob characters, so ``s3://b/out[1]/...`` would match
+    ``s3://b/out1/...``: a reset would delete another store's run. Each one is escaped as
+    a one-character class. Local disk's ``rm`` takes names as they are.
+    """
+    return path if is_local(fs) else _GLOB_MAGIC.sub(r"[\1]", path)
+
+
+def remove(fs: fsspec.AbstractFileSystem, paths: list[str], *, recursive: bool = False) -> None:
+    """Delete exactly ``paths`` (folders too, with ``recursive``): never what a pattern in
+    their names matches (:func:`literal`), never through a link (:func:`confine`)."""
+    if paths:
+        fs.rm([literal(fs, p) for p in paths], recursive=recursive)
+
+
+class StoreLinkError(StoreError):
+    """A symlink inside the store where sweeprun would write, delete or read: not a passing
+    failure of the store, so no retry can help; the user replaces it."""
+
+
+def _link_error(path: str) -> StoreError:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return StoreLinkError(redact(f"{path} is a symbolic link{target} inside the store; sweeprun never writes, "
+                                "deletes or trusts files through a link there, since they would be outside "
+                                "the store: replace it with a real folder or file (move its content in) and "
+                                "run the same command again"))
+
+
 def _proc_umask() -> int | None:
     try:
         with open("/proc/self/status", "rb") as f:
@@ -134,6 +251,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         if not is_local(fs):
             fs.pipe_file(path, data)
             return
+        path = confine(fs, path)
         directory = os.path.dirname(path)
         tmp = _durable_temp(path, data)
         try:
@@ -189,7 +307,7 @@ def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
             except FileExistsError:
                 return False
             return True
-        path = fs._strip_protocol(path)
+        path = confine(fs, path)
         directory = os.path.dirname(path)
         tmp = _durable_temp(path, data)
         try:
@@ -274,7 +392,7 @@ def read_regular(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, *,
             size = int(info.get("size") or 0)
             start = max(0, size - max_bytes) if tail else 0
             return bytes(fs.cat_file(path, start=start, end=min(size, start + max_bytes)))
-        path = fs._strip_protocol(path)
+        path = confine(fs, path)
         before = os.stat(path)
         if not stat.S_ISREG(before.st_mode):
             raise _not_regular(path, _kind(before.st_mode))
@@ -412,7 +530,7 @@ class RunPaths:
         """:func:`is_done_entry` on one listing of the run folder, as ``done_ids`` decides."""
         with store_errors("list", self.dir):
             try:
-                entries = self.fs.ls(self.dir, detail=True)
+                entries = self.fs.ls(confine(self.fs, self.dir), detail=True)
             except FileNotFoundError:
                 return False
         return any(is_done_entry(posixpath.basename(str(e["name"]).rstrip("/")), e)
@@ -454,8 +572,9 @@ class RunPaths:
             create_only(self.fs, self.done_entry, data)
             return
         with store_errors("write", self.done_entry):
-            _index_entry(self.fs._strip_protocol(self.done_entry), data)
-            fsync_dir(os.path.dirname(self.fs._strip_protocol(self.done_entry)))
+            entry = confine(self.fs, self.done_entry)
+            _index_entry(entry, data)
+            fsync_dir(os.path.dirname(entry))
 
     def read_done(self) -> dict[str, Any] | None:
         try:
@@ -483,6 +602,27 @@ class SweepPaths:
     def identity(self) -> str:
         """``ID``: the sweep's id, created once (see :meth:`sweeprun.sweep.Sweep.ledger_key`)."""
         return posixpath.join(self.dir, "ID")
+
+    @property
+    def coordination(self) -> str:
+        """``COORDINATION``: how the sweep's workers are kept apart (:mod:`sweeprun.fleet`)."""
+        return posixpath.join(self.dir, "COORDINATION")
+
+    def check_no_links(self) -> None:
+        """Refuse, before anything is written, a sweep folder that is a link or holds one at its
+        top (``done/``, ``runs/``, ``resets/``, ...): each write there would go through it. Deeper
+        links (a run's ``logs/``) are refused by :func:`confine` when the run is touched."""
+        if not isinstance(self.fs, StoreFileSystem):
+            return
+        with store_errors("list", self.dir):
+            folder = confine(self.fs, self.dir)
+            try:
+                with os.scandir(folder) as entries:
+                    links = sorted(e.path for e in entries if e.is_symlink())
+            except (FileNotFoundError, NotADirectoryError):
+                return
+        if links:
+            raise _link_error(links[0])
 
     def run(self, run_id: str) -> RunPaths:
         if "/" in run_id or run_id in ("", ".", ".."):
@@ -533,7 +673,7 @@ class SweepPaths:
         if is_local(self.fs):
             # A stat per indexed run (milliseconds for 10,000): a DONE deleted by hand is
             # a re-run here as it is in `status`, which sees the DONE files themselves.
-            runs = self.fs._strip_protocol(self.runs)
+            runs = confine(self.fs, self.runs)
             present = {run_id for run_id in present & indexed
                        if _regular_file(os.path.join(runs, run_id, "DONE"))}
         if prune_stale:
@@ -552,13 +692,12 @@ class SweepPaths:
         """Done runs of a local sweep without a complete index, by one glob of every run
         folder; ``write``: give each an entry, then mark the index complete."""
         with store_errors("list", self.runs):
-            found = (self.fs.glob(posixpath.join(self.runs, "*", "DONE"), detail=True)
-                     if self.fs.exists(self.runs) else {})
-        done = {posixpath.basename(posixpath.dirname(str(path).rstrip("/")))
-                for path, info in found.items() if is_done_entry("DONE", info)}
+            runs = confine(self.fs, self.runs)
+            done = {run_id for run_id in self.run_ids()
+                    if _regular_file(os.path.join(runs, run_id, "DONE"))}
         if write:
             with store_errors("write", self.done_index):
-                folder = self.fs._strip_protocol(self.done_index)
+                folder = confine(self.fs, self.done_index)
                 for run_id in done:
                     _index_entry(os.path.join(folder, run_id), b"{}")
                 os.makedirs(folder, exist_ok=True)
@@ -568,7 +707,7 @@ class SweepPaths:
 
     def _exists(self, path: str) -> bool:
         with store_errors("read", path):
-            return bool(self.fs.exists(path))
+            return bool(self.fs.exists(confine(self.fs, path)))
 
     def run_ids(self) -> set[str]:
         """Ids of the runs that have a folder in the store (one listing of ``runs/``)."""
@@ -579,9 +718,9 @@ class SweepPaths:
             try:
                 if is_local(self.fs):
                     # os.scandir, not fs.ls: ls stats every entry, scandir reads only names and types
-                    with os.scandir(self.fs._strip_protocol(folder)) as entries:
-                        return {e.name for e in entries
-                                if not files_only or e.is_file(follow_symlinks=False)}
+                    with os.scandir(confine(self.fs, folder)) as entries:
+                        return {e.name for e in entries if not e.is_symlink()
+                                and (not files_only or e.is_file(follow_symlinks=False))}
                 found = self.fs.ls(folder, detail=True)
             except FileNotFoundError:
                 return set()
@@ -602,7 +741,7 @@ class SweepPaths:
             if is_local(self.fs):
                 tops = [self.runs] if only is None else [prefix + run_id for run_id in only]
                 for top in tops:
-                    for path, mtime in _local_files(top):
+                    for path, mtime in _local_files(confine(self.fs, top)):
                         run_id, _, inner = path[len(prefix):].partition("/")
                         out.setdefault(run_id, {})[inner] = mtime
                 return out
@@ -659,8 +798,9 @@ def _index_entry(path: str, data: bytes) -> None:
 
 
 def _regular_file(path: str) -> bool:
+    """Is ``path`` a regular file, not a link to one (a linked ``DONE`` is not a finished run)?"""
     try:
-        return stat.S_ISREG(os.stat(path).st_mode)
+        return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
 
@@ -711,12 +851,19 @@ class Store:
         """
         if is_local(self.fs):
             return os.path.realpath(self.root)
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        protocol = self.protocol
         path = self.root.strip("/")
-        parts = urlsplit(self.url) if "://" in self.url else None
+        try:
+            parts = urlsplit(self.url) if "://" in self.url else None
+        except ValueError:  # "ftp://[x": the backend took it; its host is not shown
+            parts = None
         host = (parts.hostname or "") if parts else ""
-        if parts and parts.port:
-            host += f":{parts.port}"
+        try:
+            port = parts.port if parts else None
+        except ValueError:  # not a number: no port, as the backend saw it
+            port = None
+        if port:
+            host += f":{port}"
         # s3fs and memory:// keep the bucket (or first segment) in ``root``; ftp:// and
         # sftp:// keep the host in the filesystem's options instead, so it is added here.
         if host and not type(self.fs)._strip_protocol(f"{protocol}://sweeprun-probe/p").lstrip(
@@ -724,13 +871,41 @@ class Store:
             path = f"{host}/{path}" if path else host
         return redact(f"{protocol}://{path}".split("?", 1)[0].split("#", 1)[0])
 
+    @property
+    def protocol(self) -> str:
+        return self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+
+    def first_contact(self) -> fsspec.AbstractFileSystem:
+        """The filesystem for the checks that open a store: on s3://, few retries and a short
+        connect timeout (:data:`S3_FIRST_CONTACT`), with everything else as configured."""
+        if self.protocol not in ("s3", "s3a"):
+            return self.fs
+        options = dict(self.fs.storage_options)
+        options["config_kwargs"] = {**options.get("config_kwargs", {}), **S3_FIRST_CONTACT}
+        return type(self.fs)(**options)
+
+    def _check_bucket(self, fs: fsspec.AbstractFileSystem, next_step: str) -> None:
+        """A missing bucket is a wrong URL (or a store not made yet), not a sweep not started."""
+        if self.protocol not in _BUCKETED:
+            return
+        bucket = self.root.strip("/").split("/", 1)[0]
+        # The root first: an unreachable endpoint raises there, where a bucket's own check
+        # (s3fs's exists) would say only "no such bucket".
+        if bucket and not fs.exists(self.root) and not fs.exists(bucket):
+            raise _error(f"store {self.url}: bucket {bucket} does not exist, or cannot be reached "
+                         f"with this endpoint and these credentials; {next_step}")
+
     def sweep(self, name: str) -> SweepPaths:
         return SweepPaths(self.fs, posixpath.join(self.root, name))
 
     def check_present(self) -> None:
         """For readers: a local store whose parent folder is missing is an unmounted drive,
-        not a sweep that has not started; saying "all pending" there would mislead."""
+        not a sweep that has not started; saying "all pending" there would mislead. So is
+        an object store's missing bucket."""
         if not is_local(self.fs):
+            with store_errors("use store", self.url):
+                self._check_bucket(self.first_contact(), "check the URL, the endpoint "
+                                   "(AWS_ENDPOINT_URL) and the credentials, or give the right --store")
             return
         with store_errors("use store", self.url):
             parent = posixpath.dirname(self.root.rstrip("/"))
@@ -746,6 +921,10 @@ class Store:
         sweep on the local disk of a machine that is about to disappear.
         """
         with store_errors("use store", self.url):
+            if not is_local(self.fs):
+                self._check_bucket(self.first_contact(), "create it, or check the URL, the "
+                                   "endpoint (AWS_ENDPOINT_URL) and the credentials")
+                return
             if not self.fs.exists(self.root):
                 parent = posixpath.dirname(self.root.rstrip("/"))
                 if is_local(self.fs) and parent and not self.fs.exists(parent):
@@ -789,10 +968,7 @@ def open_store(url: str) -> Store:
     if protocol in _READ_ONLY_PROTOCOLS:
         raise _error(f"store {url}: {protocol}:// is read-only and cannot hold a sweep; use a local "
                      "path or an object store URL such as s3://bucket/x")
-    if protocol in ("s3", "s3a") and "@" in urlsplit(url).netloc:
-        raise _error(f"store {url}: credentials do not belong in the store URL (it is copied into "
-                     "logs and the store); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-                     "AWS_PROFILE) in the environment and give s3://bucket/path")
+    _check_url(url, protocol)
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options(protocol))
     except ValueError as exc:
@@ -811,7 +987,43 @@ def open_store(url: str) -> Store:
                      "and its URL is right") from exc
     except Exception as exc:  # a backend failing in its constructor (auth, network, ...)
         raise _error(f"store {url}: cannot open it: {_first_line(exc)}") from exc
-    return Store(fs=fs, root=root.rstrip("/") or "/", url=url)
+    root = root.rstrip("/") or "/"
+    if is_local(fs):
+        fs = StoreFileSystem(store_root=root)
+    return Store(fs=fs, root=root, url=url)
+
+
+#: Object stores whose first segment is a bucket name, which never holds ``@`` or ``:``: one
+#: that does is credentials (``s3://KEY:SECRET@bucket``, the secret perhaps holding ``/``).
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})
+_SHOWN_TAIL = re.compile(r"[A-Za-z0-9._-]+(?:/[^?#=&@\s]*)?")
+
+
+def _check_url(url: str, protocol: str) -> None:
+    """Refuse what a store URL must not carry, without ever quoting it.
+
+    Credentials: the URL is copied into logs, messages and every run's
+    ``SWEEPRUN_RUN_DIR``. A query string or fragment: fsspec would take it as part of the
+    path, so options there (``?secret_access_key=...``) would end up in every object's key.
+    Only what surely follows the credentials and holds no option is shown.
+    """
+    if not protocol or protocol in ("file", "local"):
+        return
+    rest = url.split("://", 1)[1]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if protocol in _BUCKET_PROTOCOLS and ("@" in authority or ":" in authority):
+        tail = url.rsplit("@", 1)[1] if "@" in url else ""
+        shown = f"{protocol}://***@{tail}" if _SHOWN_TAIL.fullmatch(tail) else f"{protocol}://***"
+        raise StoreError(f"store {shown}: credentials do not belong in the store URL (it is copied "
+                         "into logs and the store); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                         "(or AWS_PROFILE) in the environment and give s3://bucket/path")
+    if "?" in rest or "#" in rest:
+        head = f"{protocol}://..." if "@" in url else re.split(r"[?#]", url, maxsplit=1)[0] + "?..."
+        raise _error(f"store {head}: a store URL takes no query string or fragment (?... or "
+                     "#...): fsspec would make it part of every object's name, credentials "
+                     "included; set options in the environment (AWS_ENDPOINT_URL, "
+                     "AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) or in fsspec's configuration "
+                     "(~/.config/fsspec/), and give the URL without them")
 
 
 #: Object stores whose filesystems cache listings (fsspec's DirCache).
@@ -819,6 +1031,13 @@ _LISTING_CACHES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "a
 #: botocore's retries for s3://: "adaptive" backs off on throttling (503 SlowDown) and
 #: transient errors and slows the client down; s3fs adds its own retries on top.
 S3_RETRIES = {"mode": "adaptive", "max_attempts": 10}
+#: The first contact with an s3:// store (:meth:`Store.check_writable`, :meth:`Store.check_present`):
+#: a dead endpoint or a wrong URL is bad input, said in seconds, not after a minute of the
+#: backoff above meant for a live store that stumbles.
+S3_FIRST_CONTACT = {"connect_timeout": 3, "read_timeout": 20,
+                    "retries": {"mode": "standard", "max_attempts": 2}}
+#: Protocols whose root starts with a bucket (container) that must exist.
+_BUCKETED = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 def storage_options(protocol: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import faults
 from .errors import StoreError, SweeprunError
+from .fleet import Coordination, CoordinationRecord
 from .identity import RunSpec
 from .integrations.sealed import SEAL, step_of
 from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view, settle_default
@@ -29,6 +30,7 @@ from .ledger import (
     RunRow,
     RunState,
     Verdict,
+    check_location,
     default_ledger_path,
     judge,
     open_ledger,
@@ -47,7 +49,7 @@ from .store import (
     store_errors,
     write_json,
 )
-from .training.metrics import parse_entries
+from .training.metrics import tail_entries
 
 #: The ledger URL or path when ``--ledger`` is not given; it wins over ``ledger:`` in the file.
 LEDGER_ENV = "SWEEPRUN_LEDGER"
@@ -104,13 +106,15 @@ class Sweep:
         self.runs_by_id = {run.run_id: run for run in self.runs}
         # --ledger, then SWEEPRUN_LEDGER (a notebook keeps a database password out of the
         # sweep file there), then `ledger:` in the file, then a SQLite file per store.
-        self.ledger_location = str(ledger_location or os.environ.get(LEDGER_ENV, "").strip()
-                                   or spec.ledger
-                                   or default_ledger_path(self.store.canonical_url, spec.name))
+        self.ledger_location = check_location(str(
+            ledger_location or os.environ.get(LEDGER_ENV, "").strip() or spec.ledger
+            or default_ledger_path(self.store.canonical_url, spec.name)))
         #: Things the user should hear about before the runs start (the launcher prints them).
         self.notes: list[str] = []
         #: This grid's runs found done in the store by :meth:`prepare` (the ledger agrees after it).
         self.done_at_start: set[str] = set()
+        #: How this launcher's workers are kept apart, as the store agreed in :meth:`prepare`.
+        self.coordination: Coordination | None = None
 
     def open_ledger(self, readonly: bool = False, key: str | None = None) -> Ledger:
         return open_ledger(self.ledger_location, key or self.spec.name, readonly=readonly)
@@ -140,16 +144,28 @@ class Sweep:
                              "by sweeprun; move it away and run again (finished runs stay finished)")
         return f"{self.spec.name}#{ident[:16]}"
 
-    def prepare(self) -> Ledger:
-        """Check the store, open the ledger, record the spec, and sync the ledger from the store.
+    def prepare(self, move_ledger: bool = False) -> Ledger:
+        """Check the store, open the ledger, agree with the store on how the sweep is
+        coordinated, record the spec, and sync the ledger from the store.
 
-        Checks come first so bad input writes nothing; the store is listed
-        once for done runs and once for started ones, whatever the sweep's size.
+        Checks come first so bad input writes nothing (a worker whose ledger would
+        coordinate differently from the sweep's record included: see
+        :meth:`CoordinationRecord.join`; ``move_ledger`` moves the sweep to this ledger);
+        the store is listed once for done runs and once for started ones, whatever the
+        sweep's size.
         """
         faults.check()
         self.store.check_writable()
+        self.paths.check_no_links()
         ledger = self.open_ledger()  # opening checks the ledger before anything is written
         try:
+            mine = Coordination.of(ledger)
+            moved = CoordinationRecord(self.paths).join(
+                mine, self.spec.name, move=move_ledger, settle_s=self.settle_s,
+                holders=lambda: self.store_holders(self.paths.run_ids() - self.paths.done_ids()))
+            self.coordination = mine
+            if moved:
+                self.notes.append(moved)
             ledger.sweep = self.ledger_key(create=True) or self.spec.name
             done = self.paths.done_ids(prune_stale=True)
             self.done_at_start = done & self.runs_by_id.keys()
@@ -299,7 +315,14 @@ class Sweep:
         rows, now = self.ledger_rows()
         out = {run_id: rows[run_id].worker or "a worker" for run_id in run_ids
                if run_id in rows and judge(rows[run_id], now, self.policy) is Verdict.HELD}
-        for run_id, files in self.paths.listing(only=sorted(run_ids - out.keys())).items():
+        out.update(self.store_holders(run_ids - out.keys()))
+        return out
+
+    def store_holders(self, run_ids: Iterable[str]) -> dict[str, str]:
+        """Which of ``run_ids`` hold a live lease in the store, and who: what any machine can
+        see of another's runs without its ledger."""
+        out = {}
+        for run_id, files in self.paths.listing(only=sorted(run_ids)).items():
             lease = lease_view(files, settle_s=self.settle_s)
             holder = self._holder(run_id, lease) if lease is not None else None
             if holder:
@@ -416,7 +439,7 @@ class Sweep:
             record = None
         settle_s = self.settle_s
         # The holder's own lease, where it says (it may be longer than this file's).
-        window = max(self.spec.lease_s, (record.lease_s or 0.0) if record else 0.0) + settle_s
+        window = (record.lease_for(self.spec.lease_s) if record else self.spec.lease_s) + settle_s
         if time.time() - lease.beat_mtime > window or (record is not None and record.gone()):
             return None
         return record.worker if record is not None else "another machine"
@@ -441,18 +464,10 @@ class Sweep:
     def _tail_entries(self, path: str, size: int | None = None) -> tuple[list[dict[str, Any]], bool]:
         """The whole entries in the last ``size`` bytes (default :data:`METRICS_TAIL_BYTES`)
         of a metrics file, never the whole file, never a FIFO; and whether that was all of it."""
-        size = size or METRICS_TAIL_BYTES
-        try:
-            blob = read_regular(self.store.fs, path, size, tail=True)
+        try:  # a long last line that is not an entry is looked past, in bounded chunks
+            return tail_entries(self.store.fs, path, size or METRICS_TAIL_BYTES)
         except (StoreError, FileNotFoundError):
             return [], True
-        whole = len(blob) < size
-        if not whole:  # cut mid-file: the first line may be partial
-            blob = blob[blob.find(b"\n") + 1:]
-        try:
-            return parse_entries(blob), whole
-        except ValueError:  # a line that is not JSON (the file was edited by hand)
-            return [], whole
 
 
 #: A reset marker's token: milliseconds since the epoch (13 digits), then 8 random hex digits.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .integrations import sealed
-from .store import fsync_dir, is_local, store_errors
+from .store import confine, fsync_dir, is_local, store_errors
 from .training.checkpoints import TEMP_PREFIX, CheckpointInfo
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def trainer_dir(sweep: Sweep, run_id: str) -> str | None:
     fs = sweep.store.fs
     if not is_local(fs):
         return None
-    path = os.path.join(fs._strip_protocol(sweep.paths.run(run_id).dir), TRAINER)
+    path = os.path.join(confine(fs, sweep.paths.run(run_id).dir), TRAINER)
     return path if os.path.isdir(path) and not os.path.islink(path) else None
 
 

@@ -260,7 +260,7 @@ def test_a_script_that_exits_0_without_finishing_is_not_done(sandbox: Sandbox) -
     sweep = sandbox.write_sweep({"a": [1]}, command=f"python {script}", max_attempts=1)
     result = sandbox.run("launch", str(sweep))
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "without calling run.finish()" in result.stdout
+    assert "exited 0 but never reported the end of training" in result.stdout
     (run,) = runs_dir(sandbox).iterdir()
     assert not (run / "DONE").exists()
 

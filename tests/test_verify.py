@@ -36,9 +36,12 @@ if "--unseeded" in sys.argv:
     random.seed()          # a fresh seed from the OS: two runs differ from their first step
 if "--no-restore" not in sys.argv:
     run.restore()
+seen = []                  # --running-mean: a mean over the process's own steps, not saved
 while run.step < 30:
     time.sleep(0.01)
-    run.end_step(loss=random.random())
+    loss = random.random()
+    seen.append(loss)
+    run.end_step(loss=loss, **({"mean_loss": sum(seen) / len(seen)} if "--running-mean" in sys.argv else {}))
 run.finish()
 """
 
@@ -106,6 +109,23 @@ def test_a_script_that_never_restores_is_not_exact(tmp_path: Path, tiny: str) ->
     assert result.returncode == 1, result.stdout + result.stderr
     assert "NOT EXACT: no attempt resumed from a checkpoint" in result.stdout
     assert "does the script call run.restore()" in result.stdout
+
+
+def test_a_logged_average_that_spans_the_resume_is_told_apart_from_the_training(
+        tmp_path: Path, tiny: str) -> None:
+    """The state resumes exactly; only a mean kept outside the checkpoint is logged differently.
+    The verdict says so, and does not send the user after a piece of training state."""
+    result = sweeprun_verify("--kills", "1", "--", sys.executable, tiny, "--running-mean", tmp=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"^NOT EXACT: interrupted 1 time\(s\) .*, it trained exactly as the uninterrupted "
+                     r"run \(the final state at step 30 equal bit for bit: no objects tracked\), but its logged "
+                     r"metrics differ$", result.stdout, re.MULTILINE), result.stdout
+    (likely,) = [line for line in result.stdout.splitlines() if line.startswith("  likely: ")]
+    assert likely.startswith("  likely: a logged value spans the resume: mean_loss differ first at step ")
+    assert "generator" not in result.stdout and "not restored" not in result.stdout
+    ignored = sweeprun_verify("--kills", "1", "--ignore", "mean_loss", "--", sys.executable, tiny,
+                              "--running-mean", tmp=tmp_path)
+    assert ignored.returncode == 0, ignored.stdout + ignored.stderr
 
 
 @pytest.mark.slow  # three starts that import torch to save

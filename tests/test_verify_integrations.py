@@ -49,7 +49,7 @@ def test_the_trainer_example_resumes_exactly(tmp_path: Path) -> None:
     assert re.search(r"attempt 2: resumed from step \d+; SIGKILL", result.stdout), "the Trainer's resume is seen"
     assert re.match(r"EXACT: interrupted 2 time\(s\) .* the same 40 metric lines, the final state at step 40 "
                     r"equal bit for bit \(Trainer folder checkpoint-40: model, optimizer, LR scheduler, RNG, "
-                    r"trainer state, other files: \d+ tensors\)", verdict(result.stdout))
+                    r"trainer state, log history, other files: \d+ tensors\)", verdict(result.stdout))
 
 
 @pytest.mark.slow  # the Lightning example, five starts
@@ -123,7 +123,9 @@ def lightning_checkpoint(run_dir: Path, elapsed_s: float, rng: bool = True) -> d
         "lr_schedulers": [{"last_epoch": 32, "_last_lr": [0.0]}],
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"completed": 2}}}},
         "callbacks": {CHECKPOINT_KEY: {"best_model_path": f"{run_dir}/ckpt/best.ckpt",
-                                                             "best_model_score": torch.tensor(0.5)},
+                                       "best_model_score": torch.tensor(0.5),
+                                       "best_k_models": {f"{run_dir}/ckpt/best.ckpt": torch.tensor(0.5),
+                                                         f"{run_dir}/ckpt/other.ckpt": torch.tensor(0.7)}},
                       "Timer": {"time_elapsed": {"train": elapsed_s}}},
     }
     return {"step": 32, "epoch": 1, "extras": {},

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from ..errors import CheckpointError
 from ..faults import crash_point
 from ..redact import redact
-from ..store import RunPaths, store_errors
+from ..store import RunPaths, remove, store_errors
 from ..training.checkpoints import warn
 from .sealed import (
     PREFIX,
@@ -249,6 +249,6 @@ class StoreFolders:
             except FileNotFoundError:
                 pass
             try:
-                self.fs.rm(remote, recursive=True)
+                remove(self.fs, [remote], recursive=True)
             except FileNotFoundError:
                 pass

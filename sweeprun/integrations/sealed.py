@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..numbers import ascii_int
 from ..store import atomic_write, fsync_dir
 
 SEAL = "sweeprun-seal.json"
@@ -55,8 +56,7 @@ class Scan:
 
 def step_of(name: str) -> int | None:
     """The step of a ``checkpoint-<step>`` folder name; ``None`` for any other name."""
-    tail = name[len(PREFIX):]
-    return int(tail) if name.startswith(PREFIX) and tail.isdigit() else None
+    return ascii_int(name[len(PREFIX):]) if name.startswith(PREFIX) else None  # ASCII: never "²"
 
 
 def _hash_file(path: str, sync: bool = True) -> tuple[int, str]:
@@ -235,8 +235,10 @@ def sealed_names(fs: Any, run_dir: str) -> list[str]:
     verifying them: what the launcher counts as a run's progress, not what a resume trusts."""
     trainer = posixpath.join(run_dir, TRAINER_DIR)
     try:
-        found = fs.glob(posixpath.join(trainer, f"{PREFIX}*", SEAL))
+        # find, not glob: a store path may hold glob characters ("out[1]") and mean them literally
+        found = fs.find(trainer, maxdepth=2)
     except FileNotFoundError:
         return []
-    names = {posixpath.basename(posixpath.dirname(str(path).rstrip("/"))) for path in found}
-    return sorted(name for name in names if step_of(name) is not None)
+    names = {posixpath.basename(posixpath.dirname(str(path).rstrip("/"))) for path in found
+             if posixpath.basename(str(path)) == SEAL}
+    return sorted(name for name in names if name.startswith(PREFIX) and step_of(name) is not None)

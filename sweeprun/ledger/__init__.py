@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LedgerError
+from ..redact import redact, secrets_in
 from .base import (
     Claim,
     Ledger,
@@ -24,7 +26,7 @@ from .base import (
 from .sqlite import SqliteLedger
 
 __all__ = ["Claim", "Ledger", "Outcome", "Policy", "RunRow", "RunState", "SqliteLedger", "Uptime", "Verdict",
-           "default_ledger_path", "grid_key", "judge", "open_ledger", "shown_state"]
+           "check_location", "default_ledger_path", "grid_key", "judge", "open_ledger", "shown_state"]
 
 HOME_ENV = "SWEEPRUN_HOME"
 
@@ -84,16 +86,53 @@ def default_ledger_path(store_key: str, sweep: str) -> Path:
     return state_home() / "ledgers" / f"{sweep[:80]}-{key}.sqlite"
 
 
+#: libpq's connection keywords: ``host=db user=me password=...`` is a PostgreSQL connection
+#: string, never meant as the name of a SQLite file.
+_LIBPQ_WORDS = ("host", "hostaddr", "port", "dbname", "user", "password", "passfile", "sslmode",
+                "service", "options", "connect_timeout", "application_name", "target_session_attrs",
+                "sslcert", "sslkey", "sslrootcert", "require_auth", "channel_binding", "gssencmode")
+_LIBPQ_PAIR = rf"\s*(?:{'|'.join(_LIBPQ_WORDS)})\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']*)\s*"
+_LIBPQ_STRING = re.compile(rf"(?:{_LIBPQ_PAIR})+", re.IGNORECASE)
+
+
+def check_location(location: str) -> str:
+    """``location`` if it can name a ledger; a libpq keyword string is refused without quoting it.
+
+    Taken as a path, ``host=db password=s3cret`` would silently become a SQLite file named
+    with the password, and each machine would coordinate alone. A single ``word=value``
+    with a ``/`` stays a path (``host=a/ledger.sqlite``).
+    """
+    if "://" not in location and _LIBPQ_STRING.fullmatch(location) and (
+            len(location.split()) > 1 or "/" not in location):
+        words = sorted({w.split("=", 1)[0].strip().lower() for w in re.findall(
+            rf"(?:{'|'.join(_LIBPQ_WORDS)})\s*=", location, re.IGNORECASE)})
+        raise LedgerError(f"ledger is a PostgreSQL keyword string (with {', '.join(words)}), which "
+                          "sweeprun does not take: give --ledger a postgresql:// URL "
+                          "(postgresql://HOST:5432/DATABASE) and the user and password in PGUSER "
+                          "and PGPASSWORD or ~/.pgpass; for a SQLite file of that name, write ./ "
+                          "before it")
+    return location
+
+
 def open_ledger(location: str | Path, sweep: str, *, readonly: bool = False) -> Ledger:
-    """Open ``location``: a file path, ``sqlite:///path`` or ``postgresql://user@host:port/db``."""
-    text = str(location)
+    """Open ``location``: a file path, ``sqlite:///path`` or ``postgresql://user@host:port/db``.
+
+    No message says a credential of ``location``, even one the backend's own error
+    quotes back (psycopg does, for a password it cannot parse).
+    """
+    text = check_location(str(location))
     scheme, sep, _ = text.partition("://")
     if not sep:
         return SqliteLedger(text, sweep, readonly=readonly)
     backend = BACKENDS.get(scheme)
     if backend is None:
-        from ..redact import redact
-
         raise LedgerError(f"ledger {redact(text)}: unknown backend {scheme!r}; "
                           f"use a file path or one of: {', '.join(s + '://' for s in BACKENDS)}")
-    return backend(text, sweep, readonly)
+    secrets = secrets_in(text)
+    try:
+        return backend(text, sweep, readonly)
+    except LedgerError as exc:
+        message = redact(str(exc), also=secrets)
+        if message == str(exc):
+            raise
+        raise LedgerError(message) from None

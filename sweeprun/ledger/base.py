@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import LedgerError
 from ..identity import RunSpec
+from ..numbers import worker_pid
 from ..procs import ProcessRef
 
 #: Consecutive attempts lost with their worker (no exit code: the machine died) without a
@@ -137,11 +138,8 @@ class RunRow:
     def holder(self) -> ProcessRef | None:
         if not self.worker:
             return None
-        host, _, pid = self.worker.rpartition(":")
-        try:
-            return ProcessRef(host, int(pid), self.worker_start)
-        except ValueError:
-            return None
+        host, pid = worker_pid(self.worker)  # a row edited by hand may hold '²' or 10**30
+        return ProcessRef(host, pid, self.worker_start) if pid is not None else None
 
 
 @dataclass(frozen=True)
@@ -265,6 +263,14 @@ class Ledger(ABC):
 
     def now(self) -> float:
         return self.clock()
+
+    def shared(self) -> tuple[str, str, str] | None:
+        """``(backend, id, where)`` for a ledger that machines share and that keeps them apart
+        itself: the id is random and held by the database (every URL that reaches it agrees,
+        another database differs), ``where`` names it without credentials. ``None`` (the
+        default) for one machine's ledger, which cannot: leases in the store must
+        (:class:`sweeprun.fleet.Coordination` decides)."""
+        return None
 
     @abstractmethod
     def sync(self, runs: Iterable[RunSpec], done: set[str], started: set[str],

@@ -363,6 +363,20 @@ class PostgresLedger(Ledger):
                 delay = min(delay * 2, 5.0)
             retry = True
 
+    def shared(self) -> tuple[str, str, str]:
+        """The id is created once, in ``sweeprun_meta`` (an older sweeprun reads only its schema
+        version there); ``where`` is the connection's own host, port and database."""
+        self._writable()
+
+        def tx(conn: psycopg.Connection[Any], _retry: bool) -> tuple[str, str, str]:
+            conn.execute("INSERT INTO sweeprun_meta (key, value) VALUES ('ledger_id', %s) "
+                         "ON CONFLICT (key) DO NOTHING", [uuid.uuid4().hex])
+            ident = conn.execute("SELECT value FROM sweeprun_meta WHERE key = 'ledger_id'").fetchone()[0]
+            info = conn.info
+            return "postgresql", str(ident), f"{info.host}:{info.port}/{info.dbname}"
+
+        return self._run("reading its id", tx)
+
     def stop_waiting(self) -> None:
         self._given_up.set()
 

@@ -21,16 +21,23 @@ never read again once a newer attempt has written.
 from __future__ import annotations
 
 import json
-import math
 import os
 import posixpath
+import stat
 from collections.abc import Callable
 from typing import IO, Any
 
 import fsspec
 
+from ..errors import StoreError
 from ..faults import crash_point
-from ..store import RunPaths, atomic_write, is_local, store_errors
+from ..numbers import finite
+from ..store import RunPaths, atomic_write, confine, is_local, read_regular, store_errors
+from .checkpoints import warn_once
+
+#: The most of one run's metrics file a reader loads whole (``plot``, ``show``); a longer
+#: file is not one a script wrote through this module.
+METRICS_MAX_BYTES = 1 << 30
 
 
 def plain(value: Any) -> Any:
@@ -91,8 +98,9 @@ class MetricsLog:
         self.size = len(kept_raw)
         if self.local:
             with store_errors("open", self.path):
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for appends
+                local = confine(self.fs, self.path)  # never appended through a link
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                self._file = open(local, "a", encoding="utf-8")  # noqa: SIM115 - held open for appends
         self.opened = True
 
     def append(self, entry: dict[str, Any]) -> None:
@@ -158,30 +166,113 @@ class MetricsLog:
 def _step_of(line: str) -> int | float | None:
     try:
         entry = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: [[[[... nested past the stack
         return None
     return _entry_step(entry)
 
 
 def _entry_step(entry: Any) -> int | float | None:
-    """The step of a decoded metrics line; ``None`` if it is not an entry with one."""
+    """The step of a decoded metrics line; ``None`` if it is not an entry with a finite one
+    (an integer past the float range, ``10**400``, is not: comparing it would overflow)."""
     step = entry.get("step") if isinstance(entry, dict) else None
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
-        return None
-    return step
+    return step if finite(step) is not None else None
 
 
-def parse_entries(raw: bytes) -> list[dict[str, Any]]:
-    """The whole entries of a metrics file's bytes (a torn last line is left out)."""
+def parse_entries(raw: bytes, where: str | None = None) -> list[dict[str, Any]]:
+    """The whole entries of a metrics file's bytes (a torn last line is left out).
+
+    A line that is not a JSON object with a finite ``step`` is passed over; in an entry,
+    a number too large for a float (an integer such as ``10**400``: JSON has no limit,
+    ``float()`` and every reader's ``math`` fail) is left out of it, with one warning
+    naming ``where`` (the file), so that no reader meets it.
+    """
     out = []
+    dropped = 0
     for line in raw.decode(errors="replace").split("\n")[:-1]:
         try:
             entry = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if _entry_step(entry) is not None:
-            out.append(entry)
+        if _entry_step(entry) is None:
+            continue
+        huge = [k for k, v in entry.items()
+                if isinstance(v, int) and not isinstance(v, bool) and finite(v) is None]
+        for key in huge:
+            del entry[key]
+        dropped += len(huge)
+        out.append(entry)
+    if dropped:
+        warn_once(f"{where or 'a metrics file'}: left out {dropped} value(s) too large for a "
+                  "float (not numbers a script logs)")
     return out
+
+
+#: How far back from its end a metrics file is searched for its last whole entry, when the
+#: end is one long line that is not one (garbage appended by hand, a binary written over it).
+TAIL_SCAN_MAX = 1 << 30
+_CHUNK_MAX = 4 << 20
+
+
+def tail_entries(fs: fsspec.AbstractFileSystem, path: str, size: int,
+                 scan_max: int = TAIL_SCAN_MAX) -> tuple[list[dict[str, Any]], bool]:
+    """The whole entries in the last ``size`` bytes of a metrics file, and whether that was
+    all of it. Never the whole file, never a FIFO (:func:`read_regular`): where those bytes
+    hold no whole entry (the file ends in a 100 MB line of garbage), the lines before are
+    looked for, reading backwards in bounded chunks, up to ``scan_max`` bytes."""
+    blob = read_regular(fs, path, size, tail=True)
+    if len(blob) < size:
+        return parse_entries(blob, path), True
+    end = _file_size(fs, path)
+    scanned = 0
+    while True:
+        start = max(0, end - size)
+        if scanned:
+            blob = _read_range(fs, path, start, end)
+        scanned += len(blob)
+        first = blob.find(b"\n") if start > 0 else -1  # cut mid-file: the first line is partial
+        entries = parse_entries(blob[first + 1:], path)
+        if entries or start == 0:
+            return entries, start == 0
+        if first >= 0 and start + first + 1 < end:  # whole lines after it, none an entry:
+            end = start + first + 1                  # look at the line it ends
+            continue
+        # Inside one line longer than ``size``: the newline before it, in growing chunks.
+        pos, chunk = start, size
+        end = -1
+        while pos > 0 and scanned < scan_max:
+            chunk = min(chunk * 4, _CHUNK_MAX)
+            lo = max(0, pos - chunk)
+            piece = _read_range(fs, path, lo, pos)
+            scanned += len(piece)
+            if (nl := piece.rfind(b"\n")) >= 0:
+                end = lo + nl + 1
+                break
+            pos = lo
+        if end < 0:
+            return [], pos == 0
+
+
+def _file_size(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    with store_errors("read", path):
+        if is_local(fs):
+            return os.stat(fs._strip_protocol(path)).st_size
+        return int(fs.info(path).get("size") or 0)
+
+
+def _read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a file :func:`read_regular` already found regular; on local
+    disk opened without blocking and checked again, so a pipe put in its place is refused."""
+    with store_errors("read", path):
+        if not is_local(fs):
+            return bytes(fs.cat_file(path, start=start, end=end))
+        fd = os.open(fs._strip_protocol(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreError(f"cannot read {path}: it is no longer a regular file; "
+                                 "move it away and run the same command again")
+            return os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
 
 
 def read_metrics(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
@@ -193,7 +284,7 @@ def read_metrics(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any
     if not is_local(fs) and posixpath.basename(path) == "metrics.jsonl":
         return read_run_metrics(RunPaths(fs, posixpath.dirname(path)))
     with store_errors("read", path):
-        return parse_entries(fs.cat_file(path))
+        return parse_entries(fs.cat_file(path), path)
 
 
 def read_run_metrics(paths: RunPaths) -> list[dict[str, Any]]:
@@ -201,10 +292,9 @@ def read_run_metrics(paths: RunPaths) -> list[dict[str, Any]]:
     path = paths.current_metrics()
     if path is None:
         return []
-    with store_errors("read", path):
-        try:
-            return parse_entries(paths.fs.cat_file(path))
-        except FileNotFoundError:
-            if is_local(paths.fs):
-                raise
+    try:
+        return parse_entries(read_regular(paths.fs, path, METRICS_MAX_BYTES), path)
+    except StoreError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError) and not is_local(paths.fs):
             return []
+        raise

@@ -101,6 +101,13 @@ class Run:
         self._saved_step: int | None = None
         self._step_s = self._save_s = 0.0
         self._stop_reason: str | None = None
+        self._due_pending = False                  # a cadence save fell inside an accumulation
+        self._optimizer_steps = 0                  # steps of tracked optimizers (their post hooks)
+        self._steps_seen = 0                       # ... as of the last end_step
+        self._hooked = 0                           # tracked optimizers that report their steps
+        self._unhooked = 0                         # ... and those that cannot
+        self._window = 1                           # end_step calls per optimizer step, last seen
+        self._since_boundary = 0                   # end_step calls since the last optimizer step
         self._previous_handlers: dict[int, Any] = {}
         self._install_handlers({signal.SIGTERM, signal.SIGINT, *stop_signals})
 
@@ -118,7 +125,25 @@ class Run:
         for name, obj in objects.items():
             if obj is not None:
                 self._objects[name] = stateful(name, obj)
+                self._watch_optimizer(obj)
         return self
+
+    def _watch_optimizer(self, obj: Any) -> None:
+        """Count the steps of a tracked optimizer, so that :meth:`end_step` knows whether the
+        batch it ends stepped one (see there). An optimizer-like object that cannot report
+        its steps turns that detection off: every call is then a boundary, as before."""
+        if not (hasattr(obj, "param_groups") and callable(getattr(obj, "step", None))):
+            return
+        register = getattr(obj, "register_step_post_hook", None)
+        if not callable(register):
+            self._unhooked += 1
+            return
+
+        def stepped(*_: Any) -> None:
+            self._optimizer_steps += 1
+
+        register(stepped)
+        self._hooked += 1
 
     def restore(self) -> bool:
         """Load the newest checkpoint that verifies into every tracked object; ``False`` when
@@ -219,6 +244,7 @@ class Run:
         that caught SIGTERM and returned) does not make the run done. Standalone it does
         nothing. :meth:`finish` calls it for sweeprun's own checkpoints."""
         if self._under_launcher:
+            crash_point("training.before_finished")
             _write_marker(self.paths, self.paths.api_finished(self.attempt), self.attempt,
                           self.step if step is None else step)
 
@@ -231,17 +257,35 @@ class Run:
         self._last_metrics.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
         self._metrics.append({"step": self.step, **values})
 
-    def end_step(self, **metrics: Any) -> None:
-        """Call after each optimizer step: counts it, logs its metrics, saves when due, and on a
-        stop request (signal or time budget) saves and exits with PREEMPTED_EXIT (75)."""
+    def end_step(self, *, optimizer_stepped: bool | None = None, **metrics: Any) -> None:
+        """Call after each optimizer step (or each batch): counts it, logs its metrics, saves
+        when due, and on a stop request (signal or time budget) saves and exits with
+        PREEMPTED_EXIT (75).
+
+        Under gradient accumulation a checkpoint must not fall between the batches of one
+        optimizer step: the gradients summed so far are in no checkpoint, so the resumed
+        run's next step would see fewer batches. A call after a batch that did not step
+        the optimizer is counted and logged, but a save or a stop that falls due there
+        waits for the next call that ends an optimizer step. Say which it is with
+        ``optimizer_stepped``; left ``None``, it is whether any tracked optimizer stepped
+        since the previous call (every call counts as a step when no tracked optimizer
+        can report its steps)."""
         now = self._clock()
         self._collect(block=False)             # a failed background save surfaces here
         self.step += 1
         if metrics:
             self.log(**metrics)
         self._step_s, self._step_started = now - self._step_started, now
+        if not self._boundary(optimizer_stepped):
+            self._due_pending = self._due_pending or self._due(now)
+            if self._stop_reason is None and self.time_limit_s is not None:
+                # the rest of the accumulation must fit too before the save
+                left = max(1, self._window - self._since_boundary) * self._step_s
+                if now - self._started + left + self._save_s >= self.time_limit_s:
+                    self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
+            return
         if self._stop_reason is None and self.time_limit_s is not None:
-            if now - self._started + self._step_s + self._save_s >= self.time_limit_s:
+            if now - self._started + self._step_s * self._window + self._save_s >= self.time_limit_s:
                 self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
         if self._stop_reason is not None:
             manifest = self._save_durably()
@@ -249,13 +293,25 @@ class Run:
             print(f"sweeprun: {self._stop_reason}; saved {manifest.data} at step {self.step}; "
                   f"exiting with {PREEMPTED_EXIT} (resumable)", file=sys.stderr, flush=True)
             raise SystemExit(PREEMPTED_EXIT)
-        if self._due(now):
+        if self._due(now) or self._due_pending:
+            self._due_pending = False
             start = self._clock()
             self.save(wait=not self.async_save)
             if self._auto is not None:
                 line = self._auto.observe(self._clock() - start)
                 if line is not None:
                     print(f"sweeprun: {line}", file=sys.stderr, flush=True)
+
+    def _boundary(self, optimizer_stepped: bool | None) -> bool:
+        """Whether this end_step closes an optimizer step (a point a checkpoint may fall on)."""
+        if optimizer_stepped is None:
+            stepped = self._optimizer_steps != self._steps_seen
+            optimizer_stepped = stepped or not self._hooked or bool(self._unhooked)
+        self._steps_seen = self._optimizer_steps
+        self._since_boundary += 1
+        if optimizer_stepped:
+            self._window, self._since_boundary = self._since_boundary, 0
+        return optimizer_stepped
 
     @property
     def auto_interval(self) -> AutoInterval | None:
@@ -266,7 +322,8 @@ class Run:
 
     @property
     def should_stop(self) -> bool:
-        """A stop was requested; the next :meth:`end_step` will save and exit."""
+        """A stop was requested; the next :meth:`end_step` that ends an optimizer step will
+        save and exit."""
         return self._stop_reason is not None
 
     def _due(self, now: float) -> bool:

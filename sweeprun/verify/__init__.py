@@ -194,6 +194,15 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
                          "np.random.seed), or drawn a different number of times after a resume; "
                          "a script that draws from them would not be exact")
         return Report(0, [redact(line) for line in lines])
+    if want is not None and not metrics.same and _training_equal(want, states):
+        # The weights, optimizer, schedule and data position ended equal: the training was the
+        # same, and what differs is what was logged (or kept from what was logged). Blaming a
+        # piece of training state here would send the user after the wrong fix.
+        lines = _logging_verdict(want, metrics, states, resumes,
+                                 f"interrupted {len(interruptions)} time(s) ({how})")
+        if rng:
+            lines.append(f"  global RNGs: {summarize(rng)} (as they do whenever a script leaves one unseeded)")
+        return Report(1, [redact(line) for line in lines])
     lines.append(f"NOT EXACT: interrupted {len(interruptions)} time(s) ({how}) and resumed from "
                  f"step(s) {', '.join(map(str, resumes))}, it did not end as the uninterrupted run")
     resumed_steps = [int(e["step"]) for e in _entries(resumed.metrics) if isinstance(e.get("step"), int)]
@@ -215,6 +224,36 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
         if equal:
             lines.append(f"  equal: {', '.join(equal)}")
     return Report(1, [redact(line) for line in lines])
+
+
+def _training_equal(want: Ending, states: dict[str, list[Difference]]) -> bool:
+    """Whether every piece that trains (model, optimizer, LR scheduler, data position, the
+    RNG states a resume restores) ended equal, so any difference left is in what the run
+    logged or derived from it (a callback's best score, the Trainer's log history). The
+    global RNGs alone differing is the unseeded case the EXACT verdict warns about."""
+    training = {*want.kinds.values(), "model", "RNG", "step", "epoch", "final checkpoint"}
+    return not any(piece in training for piece in states)
+
+
+def _logging_verdict(want: Ending, metrics: MetricsDiff, states: dict[str, list[Difference]],
+                     resumes: Sequence[int], interrupted: str) -> list[str]:
+    """The verdict when the training ended equal and the logged metrics did not."""
+    before = [r for r in sorted(set(resumes)) if metrics.step is None or r < metrics.step]
+    keys = [k for k in metrics.keys if k != "step"] or ["the number of lines"]
+    where = (f"first at step {metrics.step}, after resuming from step {before[-1]}" if before
+             else f"first at step {metrics.step}")
+    trained = [p for p in want.shown() if p not in states and p not in _RNG_PIECES]
+    lines = [f"NOT EXACT: {interrupted}, it trained exactly as the uninterrupted run (the final state "
+             f"at step {want.step} equal bit for bit: {', '.join(trained) or 'no objects tracked'}), "
+             "but its logged metrics differ",
+             f"  likely: a logged value spans the resume: {', '.join(keys[:5])} differ {where}; a value "
+             "averaged over several steps (an epoch mean, a running loss since the last log) lost the "
+             "steps before the resume, or a metric draws from a random source outside training "
+             "(pass --ignore NAME to leave a metric out)"]
+    lines.append(f"  metrics: {metrics.detail}; {metrics.lines[0]} vs {metrics.lines[1]} lines")
+    for piece, differences in states.items():
+        lines.append(f"  {piece}: {summarize(differences)} (values derived from the logged metrics)")
+    return lines
 
 
 #: The pieces that hold the global RNGs: when they alone differ and every result is equal, the

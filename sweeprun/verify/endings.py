@@ -206,7 +206,13 @@ def _hf_ending(output_dir: Path, run_dir: Path) -> Ending | None:
     trainer_state = None
     if _STATE in names:
         trainer_state = json.loads((folder / _STATE).read_text())
-        pieces["trainer state"] = _without_clock(trainer_state)
+        progress = _without_clock(trainer_state)
+        # what was logged, apart from where training stands: a difference there alone is a
+        # logging difference, not a training one
+        history = progress.pop("log_history", None)
+        pieces["trainer state"] = progress
+        if history:
+            pieces["log history"] = history
     loaded = {n for n in names if n in (_OPTIMIZER, _SCHEDULER, _SCALER, _STATE, _SWEEPRUN_RNG)
               or _is_weights(n) or n.startswith("rng_state")}
     others = {n: scan.chosen.seal["files"][n].get("sha256") for n in names
@@ -300,8 +306,8 @@ def _relative(tree: Any, run_dir: Path) -> Any:
             for prefix in prefixes:
                 x = x.replace(prefix, RUN_DIR)
             return x
-        if isinstance(x, Mapping):
-            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, Mapping):  # keys too: ModelCheckpoint's best_k_models is keyed by path
+            return {walk(k): walk(v) for k, v in x.items()}
         if isinstance(x, list):
             return [walk(v) for v in x]
         if isinstance(x, tuple):
