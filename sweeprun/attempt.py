@@ -220,8 +220,14 @@ class Attempt:
 
     def _progress(self) -> str | None:
         """What the checkpoints folder holds, as a digest: it changes when a save lands
-        (a new name, whatever the names look like), not when nothing was saved."""
+        (a new name, whatever the names look like), not when nothing was saved. A Hugging
+        Face Trainer run saves into ``trainer/checkpoint-<step>/`` instead, and a folder
+        there counts once sweeprun has sealed it (in the store too: that is where they live)."""
+        from .integrations.sealed import TRAINER_DIR, sealed_names
+
         names = sorted(n for n in self._names(self.paths.checkpoints) if not n.startswith("."))
+        with store_errors("list", posixpath.join(self.paths.dir, TRAINER_DIR)):
+            names += [f"{TRAINER_DIR}/{n}" for n in sealed_names(self.paths.fs, self.paths.dir)]
         if not names:
             return None
         return hashlib.sha256("\0".join(names).encode()).hexdigest()[:16]

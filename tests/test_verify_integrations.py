@@ -79,7 +79,10 @@ def test_the_trainers_own_late_rng_restore_is_named(tmp_path: Path) -> None:
                                       "the Trainer puts the RNGs back only after the first resumed batch")
     assert "instead of run.train(trainer)" in found["likely"]
     assert found["metrics"].startswith("first differ at step 15")
-    assert found["RNG"] == "rng_state.pth.python, rng_state.pth.numpy differ"
+    # sweeprun-rng.pt holds the CPU RNGs at the save and the Trainer's loss sums: they follow
+    assert found["RNG"].split(" differ")[0] == (
+        "rng_state.pth.python, rng_state.pth.numpy, sweeprun-rng.pt.cpu_at_save.python, "
+        "sweeprun-rng.pt.cpu_at_save.numpy, sweeprun-rng.pt.extra.total_loss")
     assert found["optimizer"].startswith("exp_avg, exp_avg_sq differ (largest difference")
     assert found["equal"] == "LR scheduler, other files", "the schedule itself was restored"
 

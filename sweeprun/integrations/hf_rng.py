@@ -5,12 +5,19 @@ with accelerate's look-ahead, the second), so a dataset that augments with the g
 RNGs diverges at once. :class:`RngReplay` records the CPU RNGs (Python, NumPy, torch)
 right before each training fetch (a hook on the train dataset's
 ``__getitem__``/``__getitems__``) and saves the record for the first untrained batch in
-the checkpoint folder as ``sweeprun-rng.pt``, with torch's state at the save. A resume
+the checkpoint folder as ``sweeprun-rng.pt``, with the CPU RNGs at the save. A resume
 sets the first from inside the first fetch (after the new loader iterator has drawn its
-seed, as the uninterrupted run's did long before), torch's state at the save right after
-that fetch (the uninterrupted run trained its last step there), and leaves the Trainer's
-late restore to the CUDA RNGs. A save at the end of an epoch fetched nothing ahead: there
-the Trainer's own restore, before the loader's iterator, is already right.
+seed, as the uninterrupted run's did long before), the state at the save right after
+that fetch (the uninterrupted run trained its last step there, and evaluated: a collator
+that draws noise draws in evaluation too), and leaves the Trainer's late restore to the
+CUDA RNGs. A save at the end of an epoch fetched nothing ahead: there the Trainer's own
+restore, before the loader's iterator, is already right.
+
+A dataset that cannot be hooked (a plain list of examples) is wrapped in a thin
+``Dataset`` that marks each fetch the same way.
+
+The same file carries whatever else the callback must put back that the Trainer does not
+save (its loss bookkeeping, :mod:`.hf_loop`): one file of sweeprun's per folder.
 
 Kept apart from the callback (:mod:`.transformers`): it is the one part that reaches
 into the Trainer's data path, and it knows nothing of runs, seals or stores. It needs
@@ -49,7 +56,7 @@ class RngReplay:
         self._in_fetch = False                 # a training batch is being fetched
         self._training = False
         self._pending_restore: CpuRng | None = None
-        self._torch_after_first_fetch: Any = None
+        self._after_first_fetch: CpuRng | None = None
         self._restored_early = False
         self._warned = False
 
@@ -72,19 +79,17 @@ class RngReplay:
                     hooked[name] = self._before_item(method)
                 try:
                     dataset.__class__ = type(cls.__name__, (cls,), hooked)
-                except TypeError:
-                    pass
+                except TypeError:   # a builtin (a list of examples): its class is fixed
+                    trainer.train_dataset = _Marked(dataset, self._before_item(_Marked.fetch))
         collate = trainer.data_collator
         if not getattr(collate, "_sweeprun", False):
             def marked(features: Any) -> Any:
                 batch = collate(features)
                 if self._in_fetch:
                     self._in_fetch = False
-                    if self._torch_after_first_fetch is not None:
-                        import torch
-
-                        torch.set_rng_state(self._torch_after_first_fetch)
-                        self._torch_after_first_fetch = None
+                    if self._after_first_fetch is not None:
+                        _set_cpu_rng_state(self._after_first_fetch)
+                        self._after_first_fetch = None
                 return batch
 
             marked._sweeprun = True  # type: ignore[attr-defined]
@@ -114,31 +119,27 @@ class RngReplay:
 
         return hooked
 
-    def start(self, resumed: str | None) -> None:
+    def start(self, resumed: str | None, saved: dict[str, Any] | None = None) -> None:
         """Training begins, resumed from the folder ``resumed`` (``None``: a fresh start).
         Arms the restore of the CPU RNGs at the first fetch: after the data loader's new
         iterator has drawn its seed, as in the uninterrupted run, and before the dataset
-        draws. The Trainer's own restore comes after that fetch and would rewind them."""
+        draws. The Trainer's own restore comes after that fetch and would rewind them.
+        ``saved``: the folder's file as :func:`load` read it (``None``: it has none)."""
         self._trained = self._fetched = 0
         self._before_fetch.clear()
         self._training = True
         if resumed is None:
             return
-        path = os.path.join(resumed, RNG_FILE)
-        if not os.path.exists(path):
-            warn(f"{path} is missing: the CPU RNGs are restored by the Trainer, after the first "
-                 "batches were fetched")
+        if saved is None:
+            warn(f"{os.path.join(resumed, RNG_FILE)} is missing: the CPU RNGs are restored by the "
+                 "Trainer, after the first batches were fetched")
             return
-        import torch
-
-        from ..training.state import from_safe
-
-        saved = from_safe(torch.load(path, weights_only=True))
         if saved.get("before_fetch") is None:
             return  # saved at the end of an epoch: nothing fetched ahead, the Trainer's restore is right
         before = saved["before_fetch"]
         self._pending_restore = (before["python"], before.get("numpy"), before["torch"])
-        self._torch_after_first_fetch = saved["torch_at_save"]
+        at_save = saved.get("cpu_at_save") or {"torch": saved["torch_at_save"]}  # older files: torch's only
+        self._after_first_fetch = (at_save.get("python"), at_save.get("numpy"), at_save["torch"])
         self._restored_early = True
 
     def stop(self) -> None:
@@ -148,10 +149,10 @@ class RngReplay:
         """One micro-batch was trained (a step, or a gradient-accumulation substep)."""
         self._trained += 1
 
-    def save(self, folder: str) -> None:
+    def save(self, folder: str, extra: dict[str, Any] | None = None) -> None:
         """Write ``sweeprun-rng.pt`` into ``folder``: the CPU RNGs right before the first
-        untrained batch was fetched (the data loader fetches one ahead), and torch's now,
-        which the next fetch and step continue from."""
+        untrained batch was fetched (the data loader fetches one ahead), and the CPU RNGs now,
+        which the next fetch and step continue from; ``extra`` is stored along (:func:`load`)."""
         import fsspec
         import torch
 
@@ -166,11 +167,52 @@ class RngReplay:
                     warn("no record of the training fetches (an IterableDataset, or the dataset "
                          "or collator replaced after run.train() began?): a resumed run's "
                          "augmentation RNG will differ")
-                return
-            before = {"python": state[0], "numpy": state[1], "torch": state[2]}
+                if not extra:
+                    return
+            else:
+                before = _as_dict(state)
+        now = _cpu_rng_state()
+        record = {"before_fetch": before, "torch_at_save": now[2], "cpu_at_save": _as_dict(now)}
+        if extra:
+            record["extra"] = extra
         buffer = io.BytesIO()
-        torch.save(to_safe({"before_fetch": before, "torch_at_save": torch.get_rng_state()}), buffer)
+        torch.save(to_safe(record), buffer)
         atomic_write(fsspec.filesystem("file"), os.path.join(folder, RNG_FILE), buffer.getvalue())
+
+
+def load(folder: str) -> dict[str, Any] | None:
+    """``folder``'s ``sweeprun-rng.pt`` as :meth:`RngReplay.save` wrote it; ``None`` if it has none."""
+    path = os.path.join(folder, RNG_FILE)
+    if not os.path.exists(path):
+        return None
+    import torch
+
+    from ..training.state import from_safe
+
+    return from_safe(torch.load(path, weights_only=True))
+
+
+class _Marked:
+    """A train dataset whose class cannot be hooked (a list), wrapped so its fetches are marked."""
+
+    _sweeprun = True
+
+    def __init__(self, items: Any, getitem: Callable[..., Any]) -> None:
+        self.items = items
+        self._getitem = getitem
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._getitem(self, i)
+
+    def fetch(self, i: Any) -> Any:
+        return self.items[i]
+
+
+def _as_dict(state: CpuRng) -> dict[str, Any]:
+    return {"python": state[0], "numpy": state[1], "torch": state[2]}
 
 
 def _cpu_rng_state() -> CpuRng:
@@ -184,9 +226,11 @@ def _cpu_rng_state() -> CpuRng:
 
 
 def _set_cpu_rng_state(state: CpuRng) -> None:
+    """Python's and NumPy's only where given (``None``: left as they are), torch's always."""
     import torch
 
-    random.setstate(state[0])
+    if state[0] is not None:
+        random.setstate(state[0])
     if state[1] is not None:
         import numpy as np
 

@@ -10,7 +10,8 @@ mirrors each folder into ``<run dir>/trainer/checkpoint-<step>/`` once it is sea
   machine): the newest store folder with a seal is downloaded, only the files its seal
   lists, and verified after the download; one that does not verify is set aside in
   ``trainer/.sweeprun-rejected/`` in the store, as on local disk, and the next older one
-  is tried;
+  is tried; the folder of the best model (``load_best_model_at_end``) comes along, so the
+  Trainer can reload it at the end;
 - retention: the Trainer's ``save_total_limit`` (and its best checkpoint) applies in the
   store too: older folders are removed there, each one's seal first, so a folder
   half removed is never taken for a checkpoint.
@@ -22,6 +23,7 @@ sync of the whole tree. transformers is not imported here.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import shutil
@@ -32,6 +34,7 @@ from ..errors import CheckpointError
 from ..faults import crash_point
 from ..redact import redact
 from ..store import RunPaths, remove, store_errors
+from ..training.checkpoints import warn
 from .sealed import (
     PREFIX,
     REJECTED,
@@ -116,7 +119,8 @@ class StoreFolders:
         os.makedirs(self.output_dir, exist_ok=True)
         pulled = Pulled()
         rejected: list[str] = []
-        for step, files in sorted(self._folders().items(), reverse=True):
+        folders = self._folders()
+        for step, files in sorted(folders.items(), reverse=True):
             name = f"{PREFIX}{step}"
             local = os.path.join(self.output_dir, name)
             try:
@@ -137,7 +141,35 @@ class StoreFolders:
                                   f"{'; '.join(pulled.rejected)}; delete the folder to start the run over")
         for name in rejected:
             self._set_aside(name)
+        if pulled.chosen is not None:
+            self._pull_best(pulled.chosen.path, folders)
         return pulled
+
+    def _pull_best(self, chosen: str, folders: dict[int, set[str]]) -> None:
+        """Download the best model's folder that ``chosen``'s trainer state names, if it is
+        another one; a best folder that is gone or does not verify is warned about and left out
+        (the Trainer then forgets its best model, as it does when the folder is missing)."""
+        try:
+            with open(os.path.join(chosen, "trainer_state.json")) as f:
+                best = json.load(f).get("best_model_checkpoint")
+        except (OSError, ValueError):
+            return
+        if not isinstance(best, str):
+            return
+        name = os.path.basename(best.rstrip("/" + os.sep))
+        step = step_of(name)
+        if step is None or name == os.path.basename(chosen):
+            return
+        local = os.path.join(self.output_dir, name)
+        try:
+            if SEAL not in folders.get(step, set()):
+                raise ValueError("it is not sealed in the store")
+            self._download(name, local)
+            verify(local)
+        except ValueError as exc:
+            shutil.rmtree(local, ignore_errors=True)
+            warn(f"the best model's folder {name} cannot be used ({exc}): the Trainer will not "
+                 "reload the best model at the end")
 
     def _download(self, name: str, local: str) -> None:
         """The seal, then only the files it lists (a leftover of an earlier upload is not part

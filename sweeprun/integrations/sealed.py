@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,8 @@ from ..numbers import ascii_int
 from ..store import atomic_write, fsync_dir
 
 SEAL = "sweeprun-seal.json"
+#: The Trainer's ``output_dir`` inside a run directory (in the store, the sealed folders' home).
+TRAINER_DIR = "trainer"
 #: Where cut-short or damaged folders are set aside (never deleted: they may be all there is).
 REJECTED = ".sweeprun-rejected"
 PREFIX = "checkpoint-"
@@ -189,3 +193,52 @@ def newest_sealed(output_dir: str) -> Scan:
         scan.chosen = Sealed(path, step, record)
         break
     return scan
+
+
+def rotate(output_dir: str, keep: int | None, best: str | None) -> list[str]:
+    """The Trainer's ``save_total_limit`` rule, applied once the newest folder is sealed.
+
+    The Trainer rotates inside its save, before sweeprun seals the new folder: a kill in
+    between leaves the new folder unsealed and the previous one already deleted, so the run
+    resumes from an older folder still. Here the same rule runs after the seal: keep at most
+    ``keep`` folders, never the newest nor ``best`` (by name: the run directory may have moved),
+    the oldest removed first, each one's seal first so a folder half removed is never taken
+    for a checkpoint. The paths removed.
+    """
+    if keep is None or keep <= 0:
+        return []
+    folders = sorted(checkpoint_folders(output_dir))           # oldest first
+    if len(folders) <= keep:
+        return []
+    protected = {folders[-1][1]}
+    if best:
+        protected.add(os.path.join(output_dir, os.path.basename(best.rstrip("/" + os.sep))))
+    remaining, removed = len(folders), []
+    for _, path in folders:
+        if remaining <= max(keep, len(protected)):
+            break
+        if path in protected:
+            continue
+        try:
+            os.remove(os.path.join(path, SEAL))
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        remaining -= 1
+    return removed
+
+
+def sealed_names(fs: Any, run_dir: str) -> list[str]:
+    """Names of the ``checkpoint-<step>`` folders in ``run_dir``'s Trainer folder that carry a
+    seal, on any fsspec filesystem (a local disk, a bucket), from one listing and without
+    verifying them: what the launcher counts as a run's progress, not what a resume trusts."""
+    trainer = posixpath.join(run_dir, TRAINER_DIR)
+    try:
+        # find, not glob: a store path may hold glob characters ("out[1]") and mean them literally
+        found = fs.find(trainer, maxdepth=2)
+    except FileNotFoundError:
+        return []
+    names = {posixpath.basename(posixpath.dirname(str(path).rstrip("/"))) for path in found
+             if posixpath.basename(str(path)) == SEAL}
+    return sorted(name for name in names if name.startswith(PREFIX) and step_of(name) is not None)

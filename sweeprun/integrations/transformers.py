@@ -26,7 +26,16 @@ The Trainer checkpoints well but resumes badly, and this module closes its gaps:
   time budget (``SWEEPRUN_TIME_LIMIT``) runs out; then training stops and the process
   exits with 75, which the launcher resumes.
 - Its logs go to ``metrics.jsonl`` (cut back to the sealed step on resume), so
-  ``sweeprun status`` shows progress.
+  ``sweeprun status`` shows progress. It keeps its running loss and its ``train_loss``
+  sum out of its checkpoints; here they are saved and put back (:mod:`.hf_loop`), so the
+  logged ``loss`` and the final ``train_loss`` of a resumed run are those of a run never
+  interrupted.
+- It rotates (``save_total_limit``) inside its save, before the new folder is sealed: a
+  kill in between would leave the run an older folder than the previous one. Here
+  rotation waits for the seal, and never removes the best model's folder.
+- Resumed at its last step it would train one step too many; here its final state is
+  loaded instead, with the best model reloaded (``load_best_model_at_end``) and the same
+  ``train_loss`` as the uninterrupted run.
 
 With ``dataloader_num_workers > 0`` the dataset runs in worker processes that the data
 loader seeds itself; only the main process's RNGs are restored (a warning says so).
@@ -57,9 +66,11 @@ from ..store import fsync_dir, is_local
 from ..training.checkpoints import warn
 from ..training.run import Run
 from ..training.run import init as init_run
+from . import hf_rng
+from .hf_loop import LoopCarry
 from .hf_rng import RNG_FILE, RngReplay
 from .hf_store import StoreFolders, staging_root
-from .sealed import PREFIX, REJECTED, SEAL, Sealed, newest_sealed, seal, verify
+from .sealed import PREFIX, REJECTED, SEAL, TRAINER_DIR, Sealed, newest_sealed, rotate, seal, verify
 
 __all__ = ["init", "SweeprunCallback", "Sealed", "seal", "verify", "PREFIX", "SEAL", "REJECTED",
            "RNG_FILE"]
@@ -115,6 +126,8 @@ class SweeprunCallback(TrainerCallback):
         self._trainer: Trainer | None = None
         self._resumed: Sealed | None = None
         self._rng = RngReplay()
+        self._loop = LoopCarry()
+        self._saved: dict[str, Any] | None = None    # sweeprun's file of the resumed folder
         self._stop_reason: str | None = None
 
     @property
@@ -125,7 +138,7 @@ class SweeprunCallback(TrainerCallback):
     def output_dir(self) -> str:
         """Give this to ``TrainingArguments(output_dir=...)``: ``<run dir>/trainer``, or on an
         object store its local staging folder."""
-        return os.path.join(self._root, "trainer")
+        return os.path.join(self._root, TRAINER_DIR)
 
     # -- which checkpoint to resume from --------------------------------------------------
 
@@ -179,12 +192,16 @@ class SweeprunCallback(TrainerCallback):
                             f"run's folder {self.output_dir!r}: give output_dir=run.output_dir")
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
-        if trainer.args.save_total_limit == 1:
-            warn("save_total_limit=1 deletes the last sealed checkpoint before the new one is "
-                 "sealed: a kill in between starts the run over; use 2 or more")
+        if trainer.args.save_total_limit == 1 and trainer.args.load_best_model_at_end:
+            warn("save_total_limit=1 with load_best_model_at_end: at the end the Trainer deletes "
+                 "every folder but the best, the last one too; a rerun then trains again from the "
+                 "best; use 2 or more")
         self._trainer = trainer
         self._rng.hook(trainer)
+        self._loop.hook(trainer)
+        _rotate_after_the_seal(trainer)
         self._resumed = self.latest_sealed()
+        self._saved = hf_rng.load(self._resumed.path) if self._resumed is not None else None
         run = self.run
         if self._resumed is not None:
             run.resume_at(self._resumed.step, metrics_bytes=self._resumed.seal.get("metrics_bytes"),
@@ -199,6 +216,7 @@ class SweeprunCallback(TrainerCallback):
             else:
                 result = trainer.train(
                     resume_from_checkpoint=self._resumed.path if self._resumed else None, **kwargs)
+                result = self._whole_run_train_loss(result)
         except BaseException:
             run.close()
             raise
@@ -213,19 +231,65 @@ class SweeprunCallback(TrainerCallback):
             self._store.release()
         return result
 
-    @staticmethod
-    def _load_final(trainer: Trainer, final: Sealed) -> Any:
+    def _load_final(self, trainer: Trainer, final: Sealed) -> Any:
         """The run had trained to its last step and sealed it, then died before it could exit.
         Resumed there, the Trainer would train one step past ``max_steps`` (it checks the limit
-        only after a step), so its weights and state are loaded instead of training."""
+        only after a step), so it is brought where the uninterrupted run's ``train()`` ended
+        instead: the last weights and state, then the best model if it reloads that at the
+        end, and the end-of-training summary with the same ``train_loss``."""
         from transformers.trainer_callback import TrainerState
-        from transformers.trainer_utils import TrainOutput
+        from transformers.trainer_utils import TrainOutput, speed_metrics
 
+        start = time.time()
         trainer._load_from_checkpoint(final.path)
         trainer.state = TrainerState.load_from_json(os.path.join(final.path, "trainer_state.json"))
+        self._find_best(trainer.state, final.path)
+        state = trainer.state
         print(f"sweeprun: {final.path} is the last step ({final.step}); nothing left to train",
               file=sys.stderr, flush=True)
-        return TrainOutput(trainer.state.global_step, 0.0, {})
+        loss = LoopCarry.train_loss((self._saved or {}).get("extra"), state.global_step)
+        if loss is None:
+            warn(f"{final.path} holds no record of the Trainer's loss sums (sealed by an older "
+                 "sweeprun): train_loss is reported as 0.0")
+            loss = 0.0
+        metrics = speed_metrics("train", start, num_samples=0, num_steps=0)
+        metrics["total_flos"] = state.total_flos
+        metrics["train_loss"] = loss
+        trainer.log(metrics)            # as the Trainer's end does: into log_history, to the callbacks
+        if trainer.args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            if hasattr(trainer, "_load_best_model"):
+                trainer._load_best_model()
+            else:
+                warn("this transformers version has no Trainer._load_best_model: the model is "
+                     "the last step's, not the best")
+        return TrainOutput(state.global_step, loss, metrics)
+
+    def _find_best(self, state: Any, resumed: str) -> None:
+        """Point the state's best model at its folder in this ``output_dir``. The Trainer keeps it
+        as the path it had when it was saved: a run directory that moved (another mount, a
+        bucket's staging folder on another machine) makes it forget the best model."""
+        import json
+
+        try:
+            with open(os.path.join(resumed, "trainer_state.json")) as f:
+                recorded = json.load(f).get("best_model_checkpoint")
+        except (OSError, ValueError):
+            return
+        if not isinstance(recorded, str):
+            return
+        here = os.path.join(self.output_dir, os.path.basename(recorded.rstrip("/" + os.sep)))
+        if os.path.isdir(here):
+            state.best_model_checkpoint = here
+        elif state.best_model_checkpoint is not None and not os.path.isdir(state.best_model_checkpoint):
+            state.best_model_checkpoint = None
+
+    def _whole_run_train_loss(self, result: Any) -> Any:
+        """``train()``'s own ``training_loss`` is that of this process's steps; the summary it
+        logged (its ``metrics``) was corrected to the whole run's (:mod:`.hf_loop`)."""
+        metrics = getattr(result, "metrics", None)
+        if not self._loop.carried or not isinstance(metrics, dict) or "train_loss" not in metrics:
+            return result
+        return result._replace(training_loss=metrics["train_loss"])
 
     # -- Trainer events -------------------------------------------------------------------
 
@@ -233,7 +297,10 @@ class SweeprunCallback(TrainerCallback):
         if self._trainer is None:
             warn("trainer.train() was called directly: call run.train(trainer) instead, which "
                  "resumes from the newest sealed checkpoint and replays the RNGs exactly")
-        self._rng.start(self._resumed.path if self._resumed else None)
+        self._rng.start(self._resumed.path if self._resumed else None, self._saved)
+        self._loop.restore((self._saved or {}).get("extra"))
+        if self._resumed is not None:
+            self._find_best(state, self._resumed.path)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._rng.stop()
@@ -272,7 +339,7 @@ class SweeprunCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX}{state.global_step}")
         if not os.path.isdir(folder):
             return  # another process (rank) wrote it, or the Trainer saved nowhere
-        self._rng.save(folder)
+        self._rng.save(folder, self._loop.snapshot())
         run = self.run
         metrics_bytes = run.flush_metrics()
         crash_point("checkpoint.before_manifest")   # the Trainer's files complete, no seal yet
@@ -284,6 +351,7 @@ class SweeprunCallback(TrainerCallback):
         if self._store is not None:
             self._store.push(folder, run.fence)
             self._store.retain(args.save_total_limit, state.best_model_checkpoint)
+        rotate(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
         self._saved_at = self._clock()
         self._save_s = self._saved_at - start
         auto = run.auto_interval
@@ -311,3 +379,30 @@ class SweeprunCallback(TrainerCallback):
             self.run.step = state.global_step
             self.run.log(**values)
 
+
+
+def _rotate_after_the_seal(trainer: Trainer) -> None:
+    """Keep the Trainer from rotating inside its save (``save_total_limit`` is read there);
+    :func:`.sealed.rotate` applies the same rule once the new folder is sealed."""
+    save = getattr(trainer, "_save_checkpoint", None)
+    if save is None or getattr(save, "_sweeprun", False):
+        if save is None:
+            warn("this transformers version has no Trainer._save_checkpoint: it rotates its "
+                 "folders before sweeprun seals the new one; a kill in between resumes from an "
+                 "older folder")
+        return
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        training_args = trainer.args
+        limit = training_args.save_total_limit
+        try:
+            training_args.save_total_limit = None
+        except Exception:   # frozen arguments: the Trainer rotates as it always did
+            return save(*args, **kwargs)
+        try:
+            return save(*args, **kwargs)
+        finally:
+            training_args.save_total_limit = limit
+
+    save_checkpoint._sweeprun = True  # type: ignore[attr-defined]
+    trainer._save_checkpoint = save_checkpoint
