@@ -232,7 +232,8 @@ def test_verify_timeout_s_must_be_a_positive_number(tmp_path: Path, value: str) 
     result = sweeprun_verify("--timeout-s", value, "--", sys.executable, "-c", "pass", tmp=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert "--timeout-s" in line and "Traceback" not in result.stderr
+    assert f"--timeout-s {float(value)!r}: give a number of seconds above 0" in line, line
+    assert "Traceback" not in result.stderr
 
 
 # -- the last numbers and nestings ------------------------------------------------------------------
