@@ -358,6 +358,12 @@ def verify(
         "A metric not to compare (repeatable); metrics named like time, *_s, *_per_second "
         "never are."))] = [],  # noqa: B006
     keep: Annotated[bool, typer.Option("--keep", help="Keep both run directories, even when exact.")] = False,
+    timeout_s: Annotated[float | None, typer.Option("--timeout-s", metavar="SECONDS", help=(
+        "Seconds any one attempt may run before it is killed with its processes, the "
+        "uninterrupted run's too. Default: no bound for the uninterrupted run, and for each "
+        "attempt of the interrupted one 3x the uninterrupted run's time, at least 60 s. An "
+        "interrupted attempt past it is NOT EXACT (exit 1); the uninterrupted run past it, "
+        "exit 2."), show_default=False)] = None,
 ) -> None:
     """Check that a training script resumes exactly: run it uninterrupted, then again under kills.
 
@@ -372,7 +378,8 @@ def verify(
     def say(line: str) -> None:
         print(f"[verify] {redact(line)}", flush=True)
 
-    report = run_verify(command, seed=seed, kills=kills, atol=atol, ignore=ignore, keep=keep, say=say)
+    report = run_verify(command, seed=seed, kills=kills, atol=atol, ignore=ignore, keep=keep,
+                        timeout_s=timeout_s, say=say)
     for line in report.lines:
         print(redact(line), flush=True)
     raise typer.Exit(report.exit_code)

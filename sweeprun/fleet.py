@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 STOP_POLL_ENV = "SWEEPRUN_STOP_POLL_S"
 DEFAULT_STOP_POLL_S = 5.0
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])", re.IGNORECASE)
+#: ``[0-9]``, never ``\d``: ``float()`` reads ``'١٢'`` as 12, and a time limit is ASCII.
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([dhms])", re.IGNORECASE)
 _SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 MAX_TIME_LIMIT_S = 366 * 86400.0
 
@@ -50,7 +51,7 @@ def parse_duration(text: str, option: str = "--time-limit") -> float:
     """``11h``, ``90m``, ``1h30m``, ``2d``, ``45s`` or a plain number of seconds."""
     raw = text.strip()
     seconds: float | None = None
-    if re.fullmatch(r"\d+(?:\.\d+)?", raw):
+    if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", raw):
         seconds = float(raw)
     elif raw and re.fullmatch(rf"(?:{_DURATION.pattern}\s*)+", raw, re.IGNORECASE):
         seconds = sum(float(n) * _SECONDS[u.lower()] for n, u in _DURATION.findall(raw))

@@ -40,14 +40,7 @@ from .store import (
     store_errors,
 )
 from .sweep import StatusRow, Sweep
-from .trainer_folders import (
-    TRAINER,
-    TrainerPlan,
-    remove_tree,
-    trainer_checkpoints,
-    trainer_dir,
-    trainer_plan,
-)
+from .trainer_folders import TrainerPlan, run_trainer
 from .training.checkpoints import (
     TEMP_PREFIX,
     CheckpointDir,
@@ -151,9 +144,9 @@ def run_detail(sweep: Sweep, run_id: str) -> RunDetail:
             lines = lines[1:]  # cut mid-file: the first line is partial
         tail = [redact(line) for line in lines[-LOG_TAIL_LINES:]]
     checkpoints = _checkpoints(CheckpointDir(fs, paths.checkpoints))
-    folder = trainer_dir(sweep, run_id)
-    if folder is not None:
-        checkpoints += trainer_checkpoints(folder)
+    trainer = run_trainer(sweep, run_id, mtimes=files)
+    if trainer is not None:
+        checkpoints += trainer.checkpoints()
     return RunDetail(row=row, params=params, attempts=attempts, attempts_from=source,
                      checkpoints=checkpoints,
                      metrics=metrics, log=log, log_tail=tail, done=done)
@@ -454,7 +447,7 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
     for run_id in done:
         paths = sweep.paths.run(run_id)
         with store_errors("list", paths.dir):
-            sizes = {path: int(info.get("size") or 0)
+            sizes = {str(path): int(info.get("size") or 0)
                      for path, info in fs.find(paths.dir, detail=True).items() if info.get("type") == "file"}
         prefix = fs._strip_protocol(paths.dir).rstrip("/") + "/"
         rel_sizes = {p[len(prefix):] if p.startswith(prefix) else p: s for p, s in sizes.items()}
@@ -480,9 +473,9 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
             item.checkpoints.append(name)
             item.files += 1
             item.bytes_freed += rel_sizes.get(f"checkpoints/{name}", 0)
-        folder = trainer_dir(sweep, run_id)
-        plan = trainer_plan(folder, damaged) if folder is not None else TrainerPlan()
-        gone = [f"{TRAINER}/{os.path.relpath(p, folder)}" for p in plan.remove + plan.leftovers]
+        trainer = run_trainer(sweep, run_id, sizes=rel_sizes)
+        plan = trainer.plan(damaged) if trainer is not None else TrainerPlan()
+        gone = [trainer.rel(p) for p in plan.remove + plan.leftovers] if trainer else []
 
         def inside(rel: str, tops: list[str] = gone) -> list[str]:
             return [top for top in tops if rel.startswith(top + "/")]
@@ -496,8 +489,9 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
                 item.files += 1
                 item.bytes_freed += size
         item.checkpoints += gone[:len(plan.remove)]
-        item.kept += [f"{TRAINER}/{os.path.relpath(p, folder)}" for p in plan.keep]
-        item.damaged = [f"{TRAINER}/{os.path.relpath(p, folder)}" for p in plan.damaged]
+        if trainer is not None:
+            item.kept += [trainer.rel(p) for p in plan.keep]
+            item.damaged = [trainer.rel(p) for p in plan.damaged]
         if not dry_run:
             for manifest in manifests:
                 if manifest.data in item.checkpoints:
@@ -508,7 +502,7 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
             for rel in temps:
                 _remove_file(sweep, posixpath.join(paths.dir, rel))
             for path in plan.leftovers + plan.remove:
-                remove_tree(path)
+                trainer.remove(path)  # type: ignore[union-attr]  (a plan has paths only with a trainer)
         if item.checkpoints or item.temp_files or item.damaged:
             report.runs.append(item)
     return report

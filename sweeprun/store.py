@@ -371,7 +371,13 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int = JSON_MA
     if len(blob) > max_bytes:
         raise _error(f"cannot read {path}: it is larger than {max_bytes} bytes, so it is not one "
                      "of sweeprun's files; move it away and run the same command again")
-    return json.loads(blob)
+    try:
+        return json.loads(blob)
+    except RecursionError:
+        # Callers catch ValueError (a damaged file) and StoreError; a stray file of a
+        # hundred thousand "[" would otherwise escape both as a traceback.
+        raise _error(f"cannot read {path}: it is nested too deeply to be one of sweeprun's "
+                     "files; move it away and run the same command again") from None
 
 
 def read_regular(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, *,

@@ -84,7 +84,7 @@ def test_the_trainers_own_late_rng_restore_is_named(tmp_path: Path) -> None:
         "rng_state.pth.python, rng_state.pth.numpy, sweeprun-rng.pt.cpu_at_save.python, "
         "sweeprun-rng.pt.cpu_at_save.numpy, sweeprun-rng.pt.extra.total_loss")
     assert found["optimizer"].startswith("exp_avg, exp_avg_sq differ (largest difference")
-    assert found["equal"] == "LR scheduler, other files", "the schedule itself was restored"
+    assert found["equal"] == "LR scheduler, trainer state, other files", "the schedule itself was restored"
 
 
 @pytest.mark.slow  # five starts of the Lightning example, for each piece

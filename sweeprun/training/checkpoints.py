@@ -42,8 +42,11 @@ from ..errors import CheckpointError, StoreError
 from ..store import is_local, store_errors
 
 FORMAT = 2
-#: ``ckpt-a<attempt>-<seq>-step<step>.<pt|json>``: ASCII digits of any length, no sign.
-NAME = re.compile(r"^ckpt-a([1-9][0-9]*)-([0-9]+)-step([0-9]+)\.(pt|json)$")
+#: ``ckpt-a<attempt>-<seq>-step<step>.<pt|json>``: 1 to 18 ASCII digits each (``[0-9]``, never
+#: ``\d``, which takes ``'²'`` and ``'١'``; 18 always fit SQLite and C, see
+#: :data:`sweeprun.numbers.MAX_DIGITS`), no sign; matched whole (``\Z``: ``$`` would take a
+#: trailing newline).
+NAME = re.compile(r"ckpt-a([1-9][0-9]{0,17})-([0-9]{1,18})-step([0-9]{1,18})\.(pt|json)\Z")
 TEMP_PREFIX = ".tmp-"
 _warned: set[str] = set()
 

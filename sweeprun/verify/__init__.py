@@ -54,6 +54,11 @@ __all__ = ["Report", "ScriptFailed", "verify", "plan_kills", "diff_metrics", "di
 #: Re-runs after the planned kills; a script that keeps exiting 75 on its own (a time
 #: limit shorter than the run) would otherwise loop for ever.
 MAX_RERUNS = 20
+#: Without --timeout-s, each attempt of the interrupted run may take TIMEOUT_FACTOR times the
+#: uninterrupted run's wall time, and at least MIN_TIMEOUT_S: a resumed attempt redoes at most
+#: the whole run, plus a start and a checkpoint load; far past that it hangs.
+TIMEOUT_FACTOR = 3.0
+MIN_TIMEOUT_S = 60.0
 
 
 class ScriptFailed(SweeprunError):
@@ -68,21 +73,36 @@ class Report:
 
 
 def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float = 0.0,
-           ignore: Sequence[str] = (), keep: bool = False,
+           ignore: Sequence[str] = (), keep: bool = False, timeout_s: float | None = None,
            say: Callable[[str], None] = lambda line: None) -> Report:
     """Run ``command`` uninterrupted, then interrupted ``kills`` times and resumed, and compare
-    the endings. Bad input and an uninterrupted run that fails raise (exit 2)."""
+    the endings. Bad input and an uninterrupted run that fails raise (exit 2).
+
+    ``timeout_s`` bounds every attempt, the uninterrupted run's too; without it the
+    uninterrupted run has no bound (how long a script trains is its own business) and each
+    attempt of the interrupted run gets :data:`TIMEOUT_FACTOR` times the uninterrupted run's
+    time, at least :data:`MIN_TIMEOUT_S`. An attempt past its bound is killed with its process
+    group; in the interrupted run that is the verdict (it hangs where the uninterrupted run
+    finished), in the uninterrupted run an error."""
     if not command:
         raise SpecError("no command to verify: give it after --, e.g. "
                         "sweeprun verify -- python train.py --epochs 2")
     if kills < 1 or not math.isfinite(atol) or atol < 0:
         raise SpecError("--kills must be at least 1 and --atol a number >= 0")
+    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise SpecError(f"--timeout-s {timeout_s!r}: give a number of seconds above 0")
     root = Path(tempfile.mkdtemp(prefix="sweeprun-verify-"))
     kept = keep
     try:
         reference = ScriptRun(command, root / "uninterrupted")
         say(f"uninterrupted run in {reference.dir} ...")
-        first = reference.complete()
+        first = reference.complete(timeout_s)
+        if first.timed_out is not None:
+            kept = True
+            raise ScriptFailed(f"the uninterrupted run did not exit within {first.timed_out:g} s "
+                               "(--timeout-s) and was killed with its process group, so there is "
+                               f"nothing to compare; give a larger --timeout-s or a shorter run; its "
+                               f"last line: {first.last_line()!r}; its log: {first.log}")
         entries = _entries(reference.metrics)
         if first.exit_code != 0 or not entries:
             kept = True
@@ -94,7 +114,11 @@ def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float
         say(f"uninterrupted: exit 0, {len(entries)} metric lines, last step {entries[-1]['step']}; "
             f"interrupting at (seed {seed}): " + ", ".join(f"{k.name} after step {k.step}" for k in plan))
         resumed = ScriptRun(command, root / "interrupted")
-        failure = _interrupt(resumed, plan, say)
+        bound = (timeout_s, "--timeout-s") if timeout_s is not None else (
+            max(MIN_TIMEOUT_S, TIMEOUT_FACTOR * first.wall_s),
+            f"{TIMEOUT_FACTOR:g}x the uninterrupted run's {first.wall_s:.1f} s, at least "
+            f"{MIN_TIMEOUT_S:g} s; --timeout-s sets it")
+        failure = _interrupt(resumed, plan, say, bound)
         report = _verdict(reference, resumed, failure, atol, ignore)
         kept = kept or report.exit_code != 0
     finally:
@@ -116,10 +140,15 @@ def _entries(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _interrupt(run: ScriptRun, plan: Sequence[Kill], say: Callable[[str], None]) -> str | None:
-    """Interrupt the run as planned, then re-run it until it finishes; what went wrong, if anything."""
+def _interrupt(run: ScriptRun, plan: Sequence[Kill], say: Callable[[str], None],
+               bound: tuple[float, str] = (math.inf, "")) -> str | None:
+    """Interrupt the run as planned, then re-run it until it finishes, each attempt within
+    ``bound`` (seconds, and where that number comes from); what went wrong, if anything."""
+    timeout_s = None if math.isinf(bound[0]) else bound[0]
     for kill in plan:
-        attempt = run.interrupt_at(kill)
+        attempt = run.interrupt_at(kill, timeout_s)
+        if attempt.timed_out is not None:
+            return _hung(attempt, bound)
         if attempt.sent == "SIGTERM" and attempt.exit_code == -signal.SIGTERM:
             attempt.note += (f"; not {PREEMPTED_EXIT}: the script did not save on SIGTERM (is "
                              "sweeprun.init called before training?), or a wrapper died of it first "
@@ -131,13 +160,22 @@ def _interrupt(run: ScriptRun, plan: Sequence[Kill], say: Callable[[str], None])
         if attempt.exit_code not in expected.get(attempt.sent or "", {PREEMPTED_EXIT}):
             return _failed(attempt)
     for _ in range(MAX_RERUNS):
-        attempt = run.complete()
+        attempt = run.complete(timeout_s)
+        if attempt.timed_out is not None:
+            return _hung(attempt, bound)
         say(attempt.describe())
         if attempt.exit_code == 0:
             return None
         if attempt.exit_code != PREEMPTED_EXIT:
             return _failed(attempt)
     return f"the interrupted run did not finish in {MAX_RERUNS} re-runs: each exited {PREEMPTED_EXIT}"
+
+
+def _hung(attempt: Attempt, bound: tuple[float, str]) -> str:
+    start = f"resumed from step {attempt.resumed_from}" if attempt.resumed_from is not None else "from step 0"
+    return (f"attempt {attempt.number}: {start}; it did not exit within {bound[0]:g} s ({bound[1]}) "
+            "and was killed with its process group, where the uninterrupted run finished; its last "
+            f"line: {attempt.last_line()!r}; its log: {attempt.log}")
 
 
 def _failed(attempt: Attempt) -> str:

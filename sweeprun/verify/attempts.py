@@ -66,6 +66,8 @@ class Attempt:
     resumed_from: int | None = None    # the step the script said it resumed from
     during_save: bool = False          # a SIGKILL left a checkpoint half written
     note: str = ""
+    wall_s: float = 0.0                # from its start to its end
+    timed_out: float | None = None     # the bound it ran past, when it did (it was killed)
 
     def describe(self) -> str:
         start = f"resumed from step {self.resumed_from}" if self.resumed_from is not None else "from step 0"
@@ -104,12 +106,14 @@ class ScriptRun:
         env = {k: v for k, v in os.environ.items() if k not in (RUN_ID, PARAMS, SWEEP, TIME_LIMIT, MTBI)}
         return {**env, RUN_DIR: str(self.dir), ATTEMPT: str(attempt)}
 
-    def complete(self) -> Attempt:
-        return self.interrupt_at(None)
+    def complete(self, timeout_s: float | None = None) -> Attempt:
+        return self.interrupt_at(None, timeout_s)
 
-    def interrupt_at(self, kill: Kill | None) -> Attempt:
+    def interrupt_at(self, kill: Kill | None, timeout_s: float | None = None) -> Attempt:
         """Start the script; with ``kill``, signal it once it has logged ``kill.step`` (or, after a
-        resume that replays, once it is past anything logged before); wait for its end."""
+        resume that replays, once it is past anything logged before); wait for its end. An
+        attempt still running ``timeout_s`` after its start is killed with its process group
+        (``timed_out``)."""
         number = len(self.attempts) + 1
         attempt = Attempt(number, 0, self.logs / f"attempt-{number}.log")
         target = None if kill is None else max(kill.step, self.last_step() + 1)
@@ -120,9 +124,11 @@ class ScriptRun:
             except OSError as exc:
                 raise SpecError(f"cannot start {self.argv[0]!r}: {exc.strerror or exc}; give the "
                                 "command after --, e.g. sweeprun verify -- python train.py") from None
+        started = time.monotonic()
         try:
-            self._watch(proc, attempt, kill, target)
+            self._watch(proc, attempt, kill, target, timeout_s)
         finally:
+            attempt.wall_s = time.monotonic() - started
             if proc.returncode is None:  # verify itself is going down: take the script with it
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
@@ -133,12 +139,13 @@ class ScriptRun:
         return attempt
 
     def _watch(self, proc: subprocess.Popen[Any], attempt: Attempt, kill: Kill | None,
-               target: int | None) -> None:
+               target: int | None, timeout_s: float | None = None) -> None:
         """Signal at ``target``, wait for the leader, then for anything it left running (a
         wrapper that died of SIGTERM while the script inside still saves): the next attempt
         must not start while the last one still writes. The leader stays unreaped until then,
         so the group's number cannot pass to another process."""
         deadline = math.inf
+        bound = math.inf if timeout_s is None else time.monotonic() + timeout_s
         while not _exited(proc.pid):
             if kill is not None and target is not None and attempt.sent is None:
                 seen = self.last_step()
@@ -150,6 +157,9 @@ class ScriptRun:
                 _signal_group(proc, signal.SIGKILL)
                 attempt.note += f"; it did not exit within {GRACE_S:g} s of {attempt.sent} and was killed"
                 deadline = math.inf
+            if time.monotonic() > bound:
+                _signal_group(proc, signal.SIGKILL)
+                attempt.timed_out, bound = timeout_s, math.inf
             time.sleep(POLL_S if attempt.sent is None and target is not None else 0.05)
         deadline = time.monotonic() + GRACE_S
         while _members(proc.pid):
