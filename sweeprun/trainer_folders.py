@@ -21,7 +21,6 @@ import os
 import posixpath
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -269,19 +268,12 @@ class BucketTrainer:
         return record, None
 
     def _read_seal(self, rel: str) -> dict[str, Any]:
-        """The seal, judged by :func:`.sealed.read_seal` itself (one rule for what a seal is):
-        its bytes (a small file) are put where that function reads them."""
+        """The seal, judged by :func:`.sealed.parse_seal` (one rule for what a seal is)."""
         try:
             blob = read_regular(self.fs, self._path(f"{rel}/{sealed.SEAL}"), _SMALL_FILE_BYTES)
         except StoreError as exc:
             raise ValueError(f"its seal is unreadable ({exc})") from None
-        with tempfile.TemporaryDirectory(prefix="sweeprun-seal-") as folder:
-            with open(os.path.join(folder, sealed.SEAL), "wb") as f:
-                f.write(blob)
-            try:
-                return sealed.read_seal(folder)
-            except RecursionError:
-                raise ValueError("its seal is unreadable (nested too deeply)") from None
+        return sealed.parse_seal(blob)
 
     def _info(self, rel: str, files: Mapping[str, int], step: int) -> CheckpointInfo:
         record, problem = self.judge(rel, files)

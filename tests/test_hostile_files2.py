@@ -276,3 +276,15 @@ def test_a_time_limit_in_other_scripts_digits_is_refused(text: str) -> None:
 
 def test_a_time_limit_in_ascii_digits_still_parses() -> None:
     assert parse_duration("1h30m") == 5400.0 and parse_duration("90") == 90.0
+
+
+def test_a_seal_nested_past_the_parsers_limit_is_a_damaged_folder(tmp_path: Path) -> None:
+    """A seal is a file anyone can write: nested too deeply, it is one reason, not a traceback
+    (local resume and gc read it with read_seal, a bucket's with parse_seal)."""
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    (folder / sealed.SEAL).write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        sealed.read_seal(str(folder))
+    scan = sealed.newest_sealed(str(tmp_path))
+    assert scan.chosen is None and "nested too deeply" in scan.rejected[0][1]

@@ -116,11 +116,23 @@ def read_seal(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, SEAL)
     try:
         with open(path, "rb") as f:
-            record = json.loads(f.read(1 << 24))
+            blob = f.read(1 << 24)
     except FileNotFoundError:
         raise ValueError("it was never sealed (the save was cut short)") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise ValueError(f"its seal is unreadable ({exc})") from None
+    return parse_seal(blob)
+
+
+def parse_seal(blob: bytes) -> dict[str, Any]:
+    """A seal's bytes as :func:`read_seal` judges them, wherever they were read from (a
+    bucket's folder is judged without a local copy); ValueError if not one sweeprun writes."""
+    try:
+        record = json.loads(blob)
+    except ValueError as exc:
+        raise ValueError(f"its seal is unreadable ({exc})") from None
+    except RecursionError:  # a file anyone can write: nested past the parser's limit
+        raise ValueError("its seal is unreadable (nested too deeply)") from None
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict) or record.get("format") != SEAL_FORMAT or not files:
         raise ValueError("its seal is not one sweeprun writes")
