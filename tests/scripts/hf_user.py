@@ -32,15 +32,20 @@ def examples(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": row} for row in rows]
 
 
+#: The broken variant (``--own-generator``): the collator draws from a generator of its own,
+#: which no checkpoint holds, so a resumed run masks other tokens than the uninterrupted one.
+OWN: torch.Generator | None = None
+
+
 def mask_and_noise(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Hide 20% of the tokens (the model learns them back) and swap 10% for random ones."""
     ids = torch.stack([f["input_ids"] for f in features])
     labels = ids.clone()
-    hidden = torch.rand(ids.shape) < 0.2
+    hidden = torch.rand(ids.shape, generator=OWN) < 0.2
     labels[~hidden] = -100
     noisy = ids.masked_fill(hidden, MASK)
-    swap = (torch.rand(ids.shape) < 0.1) & ~hidden
-    noisy = torch.where(swap, torch.randint(2, VOCAB, ids.shape), noisy)
+    swap = (torch.rand(ids.shape, generator=OWN) < 0.1) & ~hidden
+    noisy = torch.where(swap, torch.randint(2, VOCAB, ids.shape, generator=OWN), noisy)
     return {"input_ids": noisy, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
@@ -63,10 +68,14 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=5, help="evaluate and save this often")
     parser.add_argument("--out", help="run directory when not under sweeprun launch")
     parser.add_argument("--step-sleep-s", type=float, default=0.0)
+    parser.add_argument("--own-generator", action="store_true", help="the broken variant (OWN)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.own_generator:
+        global OWN
+        OWN = torch.Generator().manual_seed(args.seed)
 
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "step_sleep_s")}
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "step_sleep_s", "own_generator")}
     run = sweeprun_hf.init(params=params, local_dir=args.out, every_s=None)
     torch.manual_seed(args.seed)
     model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,

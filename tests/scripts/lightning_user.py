@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--sleep-s", type=float, default=0.0, help="per training batch")
     parser.add_argument("--val-sleep-s", type=float, default=0.0, help="per validation batch")
     parser.add_argument("--linger-s", type=float, default=0.0, help="wait after fit returns")
+    parser.add_argument("--shuffle", action="store_true",
+                        help="the broken variant: shuffle=True, a loader that cannot say where it is")
     args = parser.parse_args()
 
     sweep = SweeprunCallback(params=vars(args), local_dir=args.out,
@@ -81,7 +83,9 @@ def main() -> None:
     torch.set_num_threads(1)
     L.seed_everything(args.seed, verbose=False)
     train = points(192, 1)
-    loader = DataLoader(train, batch_size=8, sampler=ResumableSampler(train, seed=args.seed),
+    loader = DataLoader(train, batch_size=8,
+                        sampler=None if args.shuffle else ResumableSampler(train, seed=args.seed),
+                        shuffle=True if args.shuffle else None,
                         generator=torch.Generator().manual_seed(args.seed))
     val = DataLoader(points(64, 2), batch_size=32)
     best = ModelCheckpoint(dirpath=os.path.join(sweep.run.dir, "lightning_ckpts"),
