@@ -129,3 +129,35 @@ def interrupt_repeatedly(run: ExampleRun, signum: int, kills: int, seed: int, sp
     assert result.returncode == 0, result.stderr
     assert "sweeprun: resumed from" in result.stderr
     return hit
+
+
+def stop_the_launcher_mid_run_then_relaunch(sandbox: Any, sweep: Path, past_step: int) -> ExampleRun:
+    """Under ``sweeprun launch``: SIGTERM to the launcher once its one run has logged
+    ``past_step``; the run saves and exits 75 (interrupted, no attempt used); then the same
+    command again, which must finish it in a second attempt. The run, for comparing."""
+    from conftest import wait_for
+
+    launcher = sandbox.sweeprun("launch", str(sweep), "--grace-s", "60")
+    run = ExampleRun(sandbox.store / "t" / "runs" / "unknown")
+
+    def mid_run() -> bool:
+        found = list((sandbox.store / "t" / "runs").glob("*/metrics.jsonl"))
+        if found:
+            run.out = found[0].parent
+        return bool(found) and run.last_step() >= past_step
+
+    wait_for(mid_run, timeout=120, what=f"the run past step {past_step}")
+    launcher.send_signal(SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, err
+    (row,) = sandbox.status(sweep).values()
+    assert (row["state"], row["failures"]) == ("interrupted", 0)
+    log = (run.out / "logs" / "attempt-1.log").read_text()
+    assert "SIGTERM received" in log, log[-2000:]
+
+    result = sandbox.run("launch", str(sweep), timeout=300)
+    assert result.returncode == 0, result.stderr
+    (row,) = sandbox.status(sweep).values()
+    assert (row["state"], row["attempts"]) == ("done", 2)
+    assert (run.out / "DONE").exists()
+    return run

@@ -33,6 +33,10 @@ from servers import PostgresServer, S3Server
 from test_chaos import EXAMPLE_FLAGS, reference
 
 LEASE_S = 3
+#: A 3 s lease on a loaded 2-core machine (the suite runs in parallel) is lost now and then
+#: before a start could save anything: that is fencing doing its job, not the cap on lost
+#: attempts under test (test_launch_edges has that), so the chaos sweeps allow many.
+MAX_LOST = 50
 
 
 @dataclass
@@ -170,7 +174,7 @@ def test_four_hosts_sharing_only_postgres_and_a_bucket_survive_kills_preemptions
     lrs, seeds, epochs = [0.01, 0.03], [0, 1, 2, 3], 3
     sweep = sandbox.write_sweep(
         {"lr": lrs, "seed": seeds}, {"epochs": epochs}, name="fleet", lease_s=LEASE_S, grace_s=10,
-        command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
+        max_lost=MAX_LOST, command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
                 f"--lr {{lr}} --seed {{seed}} {EXAMPLE_FLAGS}")
     text = sweep.read_text().replace(f"store: {sandbox.store}", f"store: {s3_bucket}/sweeps")
     sweep.write_text(text)
@@ -219,7 +223,7 @@ def test_a_host_frozen_past_its_lease_is_taken_over_and_fenced(
     its own clock before anything else, and the run ends exactly as an uninterrupted one."""
     sweep = sandbox.write_sweep(
         {"lr": [0.01], "seed": [5]}, {"epochs": 6}, name="fleet", lease_s=LEASE_S, grace_s=10,
-        command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
+        max_lost=MAX_LOST, command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
                 f"--lr {{lr}} --seed {{seed}} {EXAMPLE_FLAGS}")
     sweep.write_text(sweep.read_text().replace(f"store: {sandbox.store}", f"store: {s3_bucket}/sweeps"))
     fleet = Fleet(sandbox, sweep, postgres_url, s3_env)
@@ -266,7 +270,7 @@ def test_four_hosts_sharing_only_the_store_never_run_a_run_twice(
     epochs = 3
     sweep = sandbox.write_sweep(
         {"lr": [0.01, 0.03], "seed": [0, 1, 2]}, {"epochs": epochs}, name="fleet", lease_s=LEASE_S,
-        grace_s=10, command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
+        grace_s=10, max_lost=MAX_LOST, command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
                             f"--lr {{lr}} --seed {{seed}} {EXAMPLE_FLAGS}")
     sweep.write_text(sweep.read_text().replace(f"store: {sandbox.store}", f"store: {root}"))
     fleet = Fleet(sandbox, sweep, "", s3)

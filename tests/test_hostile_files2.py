@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_verify import sweeprun_verify
 
 from sweeprun import Sweep, load_spec, open_store
 from sweeprun.errors import SpecError, StoreError
@@ -187,13 +188,6 @@ while run.step < 30:
     run.end_step(loss=random.random())
 run.finish()
 """
-
-
-def sweeprun_verify(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
-    env.pop("SWEEPRUN_RUN_DIR", None)
-    return subprocess.run([sys.executable, "-m", "sweeprun", "verify", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 def test_verify_kills_a_resumed_attempt_that_never_exits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,8 +27,9 @@ from _training_helpers import (
     ExampleRun,
     assert_same_tree,
     interrupt_repeatedly,
+    stop_the_launcher_mid_run_then_relaunch,
 )
-from conftest import Sandbox, wait_for
+from conftest import Sandbox
 
 EXAMPLE = REPO / "examples" / "lightning_mlp.py"
 #: 16 batches per epoch, 4 epochs; saves every 5 steps land mid-epoch; steps slow enough
@@ -209,29 +210,7 @@ def test_a_sweep_stopped_with_sigterm_and_relaunched_matches(sandbox: Sandbox,
     command = (f"python {EXAMPLE} --lr {{lr}} --seed {{seed}} --epochs {{epochs}} "
                "--save-every-steps 5 --step-sleep-s 0.02")
     sweep = sandbox.write_sweep({"lr": [0.01], "seed": [3]}, {"epochs": 4}, command=command)
-    launcher = sandbox.sweeprun("launch", str(sweep), "--grace-s", "60")
-    run = ExampleRun(sandbox.store / "t" / "runs" / "unknown")
-
-    def mid_run() -> bool:
-        found = list((sandbox.store / "t" / "runs").glob("*/metrics.jsonl"))
-        if found:
-            run.out = found[0].parent
-        return bool(found) and run.last_step() >= 18
-
-    wait_for(mid_run, timeout=120, what="the Lightning run past step 18")
-    launcher.send_signal(SIGTERM)
-    _, err = launcher.communicate(timeout=120)
-    assert launcher.returncode == 143, err
-    (row,) = sandbox.status(sweep).values()
-    assert (row["state"], row["failures"]) == ("interrupted", 0)
-    log = (run.out / "logs" / "attempt-1.log").read_text()
-    assert "SIGTERM received" in log, log[-2000:]
-
-    result = sandbox.run("launch", str(sweep), timeout=300)
-    assert result.returncode == 0, result.stderr
-    (row,) = sandbox.status(sweep).values()
-    assert (row["state"], row["attempts"]) == ("done", 2)
-    assert (run.out / "DONE").exists()
+    run = stop_the_launcher_mid_run_then_relaunch(sandbox, sweep, past_step=18)
     assert_same_ending(run, reference)
 
 

@@ -28,12 +28,12 @@ from sweeprun.runenv import PREEMPTED_EXIT
 from _training_helpers import (
     REPO,
     SIGKILL,
-    SIGTERM,
     ExampleRun,
     assert_same_tree,
     interrupt_repeatedly,
+    stop_the_launcher_mid_run_then_relaunch,
 )
-from conftest import Sandbox, wait_for
+from conftest import Sandbox
 
 SCRIPT = REPO / "tests" / "scripts" / "lightning_user.py"
 TOTAL_STEPS = 42
@@ -207,29 +207,7 @@ def test_a_sweep_stopped_with_sigterm_and_relaunched_matches(sandbox: Sandbox,
     """Under ``sweeprun launch``: SIGTERM to the launcher mid-run, then a relaunch."""
     command = f"python {SCRIPT} --seed {{seed}} --save-every-steps 5 --sleep-s 0.02"
     sweep = sandbox.write_sweep({"seed": [0]}, {}, command=command)
-    launcher = sandbox.sweeprun("launch", str(sweep), "--grace-s", "60")
-    run = ExampleRun(sandbox.store / "t" / "runs" / "unknown")
-
-    def mid_run() -> bool:
-        found = list((sandbox.store / "t" / "runs").glob("*/metrics.jsonl"))
-        if found:
-            run.out = found[0].parent
-        return bool(found) and run.last_step() >= 17
-
-    wait_for(mid_run, timeout=120, what="the Lightning run past step 17")
-    launcher.send_signal(SIGTERM)
-    _, err = launcher.communicate(timeout=120)
-    assert launcher.returncode == 143, err
-    (row,) = sandbox.status(sweep).values()
-    assert (row["state"], row["failures"]) == ("interrupted", 0)
-    log = (run.out / "logs" / "attempt-1.log").read_text()
-    assert "SIGTERM received" in log, log[-2000:]
-
-    result = sandbox.run("launch", str(sweep), timeout=300)
-    assert result.returncode == 0, result.stderr
-    (row,) = sandbox.status(sweep).values()
-    assert (row["state"], row["attempts"]) == ("done", 2)
-    assert (run.out / "DONE").exists()
+    run = stop_the_launcher_mid_run_then_relaunch(sandbox, sweep, past_step=17)
     assert_same_ending(run, reference)
 
 
