@@ -23,7 +23,6 @@ sync of the whole tree. transformers is not imported here.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
 import shutil
@@ -43,6 +42,7 @@ from .sealed import (
     checkpoint_folders,
     inside,
     read_seal,
+    recorded_best,
     step_of,
     verify,
 )
@@ -149,14 +149,9 @@ class StoreFolders:
         """Download the best model's folder that ``chosen``'s trainer state names, if it is
         another one; a best folder that is gone or does not verify is warned about and left out
         (the Trainer then forgets its best model, as it does when the folder is missing)."""
-        try:
-            with open(os.path.join(chosen, "trainer_state.json")) as f:
-                best = json.load(f).get("best_model_checkpoint")
-        except (OSError, ValueError):
+        name = recorded_best(chosen)
+        if name is None:
             return
-        if not isinstance(best, str):
-            return
-        name = os.path.basename(best.rstrip("/" + os.sep))
         step = step_of(name)
         if step is None or name == os.path.basename(chosen):
             return

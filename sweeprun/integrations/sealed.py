@@ -139,6 +139,20 @@ def parse_seal(blob: bytes) -> dict[str, Any]:
     return record
 
 
+def recorded_best(folder: str) -> str | None:
+    """The name of the folder (``checkpoint-<step>``) that ``folder``'s ``trainer_state.json``
+    names as the best model, or ``None``. The Trainer records an absolute path, valid only
+    where the run directory was when it saved: the name is what holds everywhere."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), "rb") as f:
+            best = json.loads(f.read(1 << 24)).get("best_model_checkpoint")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(best, str):
+        return None
+    return os.path.basename(best.rstrip("/" + os.sep)) or None
+
+
 def inside(folder: str, rel: str) -> str:
     """``folder``/``rel``, which a seal lists; ValueError when it would lie outside ``folder``
     (a seal is a file anyone can edit, and it names what is read, hashed and downloaded)."""

@@ -70,7 +70,18 @@ from . import hf_rng
 from .hf_loop import LoopCarry
 from .hf_rng import RNG_FILE, RngReplay
 from .hf_store import StoreFolders, staging_root
-from .sealed import PREFIX, REJECTED, SEAL, TRAINER_DIR, Sealed, newest_sealed, rotate, seal, verify
+from .sealed import (
+    PREFIX,
+    REJECTED,
+    SEAL,
+    TRAINER_DIR,
+    Sealed,
+    newest_sealed,
+    recorded_best,
+    rotate,
+    seal,
+    verify,
+)
 
 __all__ = ["init", "SweeprunCallback", "Sealed", "seal", "verify", "PREFIX", "SEAL", "REJECTED",
            "RNG_FILE"]
@@ -268,16 +279,10 @@ class SweeprunCallback(TrainerCallback):
         """Point the state's best model at its folder in this ``output_dir``. The Trainer keeps it
         as the path it had when it was saved: a run directory that moved (another mount, a
         bucket's staging folder on another machine) makes it forget the best model."""
-        import json
-
-        try:
-            with open(os.path.join(resumed, "trainer_state.json")) as f:
-                recorded = json.load(f).get("best_model_checkpoint")
-        except (OSError, ValueError):
+        name = recorded_best(resumed)
+        if name is None:
             return
-        if not isinstance(recorded, str):
-            return
-        here = os.path.join(self.output_dir, os.path.basename(recorded.rstrip("/" + os.sep)))
+        here = os.path.join(self.output_dir, name)
         if os.path.isdir(here):
             state.best_model_checkpoint = here
         elif state.best_model_checkpoint is not None and not os.path.isdir(state.best_model_checkpoint):
