@@ -87,3 +87,21 @@ def test_checkpoints_inside_an_accumulation_are_not_exact(tmp_path: Path, refere
     got, want = load_checkpoint(run.out), load_checkpoint(reference.out)
     with pytest.raises(AssertionError):
         assert_same_tree(got["objects"]["model"], want["objects"]["model"], "model")
+
+
+def test_an_optimizer_that_hides_its_steps_makes_every_call_a_step(tmp_path: Path) -> None:
+    """accelerate's AcceleratedOptimizer forwards register_step_post_hook but not its storage:
+    tracking it must work, and every end_step is then a boundary, as before."""
+    import torch
+    from accelerate import Accelerator
+
+    import sweeprun
+
+    model = torch.nn.Linear(2, 2)
+    model, optimizer = Accelerator(cpu=True).prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    run = sweeprun.init(local_dir=tmp_path / "run", every_steps=2, async_save=False)
+    run.track(model=model, optimizer=optimizer)
+    run.end_step(loss=1.0)
+    run.end_step(loss=0.5)           # no optimizer step seen, none can be: still a save point
+    assert [m.step for m in run.checkpoints()] == [2]
+    run.close()

@@ -211,3 +211,33 @@ def test_a_sweep_stopped_with_sigterm_and_relaunched_matches(sandbox: Sandbox,
     assert_same_ending(run, reference)
 
 
+
+
+def test_stray_files_are_removed_only_where_the_callbacks_state_was_restored_for_that_folder(
+        tmp_path: Path) -> None:
+    """Lightning restores a ModelCheckpoint's kept files only when its folder is unchanged; in a
+    run directory that moved (another mount), it knows none of them, and none may be deleted."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sweeprun.integrations._lightning_state import ModelCheckpointFiles
+
+    run_dir = tmp_path / "run"
+    folder = run_dir / "ckpts"
+    folder.mkdir(parents=True)
+    kept, lost = folder / "epoch=0-step=5.ckpt", folder / "epoch=1-step=9.ckpt"
+    kept.write_bytes(b"a")
+    lost.write_bytes(b"b")
+    callback = ModelCheckpoint(dirpath=str(folder), monitor="val_loss", save_top_k=2)
+    callback.best_k_models = {str(kept): torch.tensor(0.5)}
+
+    class FakeTrainer:
+        checkpoint_callbacks = [callback]
+
+    files = ModelCheckpointFiles(str(run_dir))
+    moved = {callback.state_key: {"dirpath": "/elsewhere/run/ckpts"}}
+    assert files.remove_strays(FakeTrainer(), moved) == []
+    assert files.remove_strays(FakeTrainer(), {}) == [], "a callback with no restored state"
+    assert kept.exists() and lost.exists()
+    same = {callback.state_key: {"dirpath": callback.dirpath}}
+    assert files.remove_strays(FakeTrainer(), same) == [str(lost)]
+    assert kept.exists() and not lost.exists()

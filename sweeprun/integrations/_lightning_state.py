@@ -178,12 +178,22 @@ class ModelCheckpointFiles:
                 keep.append((step, path))
         self.pending = keep
 
-    def remove_strays(self, trainer: Any) -> list[str]:
-        """Remove the checkpoint files that no restored ModelCheckpoint names; the paths removed."""
+    def remove_strays(self, trainer: Any, restored: dict[str, Any] | None) -> list[str]:
+        """Remove the checkpoint files that no restored ModelCheckpoint names; the paths removed.
+
+        ``restored``: the callbacks' states in the checkpoint the run resumed from (``None``
+        on a fresh start: then every file in the folder is a lost attempt's). A folder is
+        pruned only when its callback's state was restored for that very folder: Lightning
+        restores the list of kept files only then, and a run directory that moved (another
+        mount) or a callback whose settings changed would otherwise lose every kept file."""
         named: dict[str, set[str]] = {}
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or not self.inside(callback.dirpath):
                 continue
+            if restored is not None:
+                saved = restored.get(callback.state_key)
+                if not isinstance(saved, dict) or saved.get("dirpath") != callback.dirpath:
+                    continue
             paths = {*callback.best_k_models, callback.best_model_path, callback.last_model_path,
                      callback.kth_best_model_path}
             folder = os.path.abspath(os.fspath(callback.dirpath))

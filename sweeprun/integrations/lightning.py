@@ -51,6 +51,7 @@ from ..errors import CheckpointError, SweeprunError
 from ..redact import redact
 from ..runenv import PREEMPTED_EXIT
 from ..store import is_local
+from ..training.checkpoints import warn_once
 from ..training.run import Run, init
 from ..training.state import capture_rng, restore_rng
 
@@ -122,6 +123,7 @@ class SweeprunCallback(Callback):
         self._wrapped: list[tuple[Any, str]] = []
         self._started = False             # on_train_start ran in this fit
         self._finished = False            # run.finish() was called
+        self._flushed_at: int | None = None  # the save after which deferred deletions were last let go
         # the step in progress: its batches' metrics, whether the optimizer stepped, and
         # what validation or the epoch's end logged since the last step ended
         self._global_step: int | None = None
@@ -209,6 +211,9 @@ class SweeprunCallback(Callback):
             # that epoch's ReduceLROnPlateau step (the monitored metrics were not in its
             # checkpoint; they are in ours). Only the fit loop's flag: the epoch loop needs
             # its own to continue mid-epoch.
+            if not hasattr(trainer.fit_loop, "_restarting"):
+                warn_once("this Lightning version's fit loop has no _restarting: "
+                          "an epoch-level ReduceLROnPlateau step may be skipped after a mid-epoch resume")
             trainer.fit_loop._restarting = False
         self._remove_stray_files(trainer)
         if self._rng is not None:
@@ -240,9 +245,16 @@ class SweeprunCallback(Callback):
         if callable(before) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, before)
             connector.received_sigterm = False  # a SIGTERM already seen is the run's stop request too
+        elif not isinstance(getattr(connector, "_original_handlers", None), dict):
+            warn_once("this Lightning version's signal connector is not the one "
+                      "sweeprun knows: a SIGTERM may end the fit without a save at its step")
 
     def _remove_stray_files(self, trainer: Trainer) -> None:
-        for path in self._files.remove_strays(trainer):
+        restored = None
+        if self._path is not None:  # the callbacks' states as the resumed checkpoint holds them
+            callbacks = ((self._loaded or {}).get("trainer") or {}).get("callbacks")
+            restored = callbacks if isinstance(callbacks, dict) else {}
+        for path in self._files.remove_strays(trainer, restored):
             print(f"sweeprun: removed {path}: a ModelCheckpoint file of an attempt that did not "
                   "reach a checkpoint", file=sys.stderr, flush=True)
 
@@ -302,9 +314,13 @@ class SweeprunCallback(Callback):
         except SystemExit:
             self._files.flush(self.run.step + 1)  # the stop's checkpoint is durable
             raise
-        if self._files.pending:
+        if self._files.pending and self.run.saved_step != self._flushed_at:
+            # a save was started since the last look: once durable it lets the deletions go
             durable = [m.step for m in self.run.checkpoints() if m.attempt == self.run.attempt]
-            self._files.flush(max(durable, default=-1))
+            newest = max(durable, default=-1)
+            self._files.flush(newest)
+            if newest >= (self.run.saved_step or 0):
+                self._flushed_at = self.run.saved_step
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer)
@@ -332,8 +348,12 @@ class SweeprunCallback(Callback):
         self._finished = True
         try:
             self.run.finish()
-        finally:
-            self._files.flush(self.run.step + 1)
+        except SystemExit as stop:
+            if stop.code == PREEMPTED_EXIT:  # a stop: its checkpoint is durable
+                self._files.flush(self.run.step + 1)
+            raise
+        # not after a failed final save (the checkpoint that resumes still names those files)
+        self._files.flush(self.run.step + 1)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule,
                      exception: BaseException) -> None:
@@ -347,6 +367,10 @@ class SweeprunCallback(Callback):
             self.run.close()  # wait for a save in flight; the last checkpoint is what resumes
         except SweeprunError as error:
             print(f"sweeprun: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        finally:
+            # Lightning runs the callbacks' teardown only when fit succeeds: a notebook that
+            # catches the error and fits again must not find the loops wrapped twice
+            self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._io is not None and trainer.strategy.checkpoint_io is self._io:

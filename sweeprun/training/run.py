@@ -135,14 +135,19 @@ class Run:
         if not (hasattr(obj, "param_groups") and callable(getattr(obj, "step", None))):
             return
         register = getattr(obj, "register_step_post_hook", None)
-        if not callable(register):
-            self._unhooked += 1
-            return
 
         def stepped(*_: Any) -> None:
             self._optimizer_steps += 1
 
-        register(stepped)
+        try:
+            if not callable(register):
+                raise TypeError("no register_step_post_hook")
+            register(stepped)
+        except (AttributeError, TypeError, RuntimeError):
+            # a wrapper (accelerate's AcceleratedOptimizer) that forwards the name but not the
+            # hook's storage: its steps cannot be seen, so every end_step counts as one
+            self._unhooked += 1
+            return
         self._hooked += 1
 
     def restore(self) -> bool:
@@ -312,6 +317,14 @@ class Run:
         if optimizer_stepped:
             self._window, self._since_boundary = self._since_boundary, 0
         return optimizer_stepped
+
+    @property
+    def saved_step(self) -> int | None:
+        """The step of the newest save started by this process, durable or still being written
+        (the restored step after :meth:`restore`); ``None`` before any. An integration that
+        waits for a checkpoint newer than some event lists :meth:`checkpoints` only once this
+        has moved, not at every step."""
+        return self._saved_step
 
     @property
     def auto_interval(self) -> AutoInterval | None:
