@@ -21,10 +21,11 @@ is durable; files that the restored state does not name were written by a lost a
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import torch
+
+from ..training.checkpoints import warn_once
 
 try:
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -55,7 +56,7 @@ def capture(trainer: Any) -> dict[str, Any]:
         state = _metric_state(key, metric)
         (saved if state is not None else skipped).append(state if state is not None else key)
     if skipped:
-        _warn_once(f"sweeprun: warning: the logged value(s) {', '.join(sorted(skipped))} (a "
+        warn_once(f"the logged value(s) {', '.join(sorted(skipped))} (a "
                    "torchmetrics.Metric, a custom reduction or a process group) cannot be saved: "
                    "after a resume mid-epoch their epoch value covers only the batches since")
     return {"should_stop": bool(trainer.should_stop),
@@ -120,15 +121,6 @@ def _metric(trainer: Any, saved: dict[str, Any]) -> Any:
 
 def _tensors(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(line: str) -> None:
-    if line not in _warned:
-        _warned.add(line)
-        print(line, file=sys.stderr, flush=True)
 
 
 class ModelCheckpointFiles:
