@@ -38,7 +38,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 SweepFile = Annotated[Path, typer.Argument(help="The sweep file (YAML).", show_default=False, metavar="SWEEP.yaml")]
 StoreOpt = Annotated[str | None, typer.Option("--store", help="Store path or fsspec URL; overrides the file.")]
 LedgerOpt = Annotated[str | None, typer.Option(
-    "--ledger", help="Ledger file on local disk (default: under ~/.local/state/sweeprun).")]
+    "--ledger", help="A SQLite file on local disk or a postgresql:// URL; overrides SWEEPRUN_LEDGER "
+                     "and the file (default: a SQLite file per store under $SWEEPRUN_HOME, "
+                     "~/.local/state/sweeprun).")]
 GraceOpt = Annotated[float | None, typer.Option(
     "--grace-s", min=RANGES["grace_s"][0], max=RANGES["grace_s"][1],
     help="Seconds a run gets to checkpoint and exit after SIGTERM (default 30).")]
