@@ -1,5 +1,5 @@
 """Leases kept in the store itself, so machines that share only a folder or a bucket never
-run one run twice (issue 10; the design in notes/store-leases.md).
+run one run twice (issue 10; the design in docs/many-machines.md, "Leases in the store").
 
 A run's lease is a series of small objects under ``runs/<run id>/lease/``, one per holder,
 each created exclusively and never rewritten by anyone else::

@@ -311,6 +311,16 @@ def test_commands_run(command: DocCommand, site: Site) -> None:
                                     f"{result.returncode}: {result.stderr.strip()[-2000:]}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.argv[0] == "verify"], ids=lambda c: c.id)
+def test_verify_commands_run(command: DocCommand, tmp_path: Path) -> None:
+    """``sweeprun verify`` as documented: it trains the example twice, so it is slow."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SWEEPRUN_HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "sweeprun", *command.argv], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{command.block.where}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
+
+
 # -- Python ------------------------------------------------------------------------------------
 
 
