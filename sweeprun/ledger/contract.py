@@ -73,9 +73,7 @@ class LedgerContract:
 
     @staticmethod
     def open(location: str, clock: FakeClock, sweep: str = "sweep") -> Ledger:
-        led = open_ledger(location, sweep)
-        led.clock = clock
-        return led
+        return open_ledger(location, sweep, clock=clock)
 
     def state(self, ledger: Ledger, run_id: str) -> RunState:
         return next(r.state for r in ledger.rows() if r.run_id == run_id)
