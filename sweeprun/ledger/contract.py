@@ -52,16 +52,17 @@ POLICY = Policy(max_attempts=3, max_lost=3)
 
 
 class FakeClock:
-    """A clock that moves only when told to: the one every ledger test injects."""
+    """A clock that moves only when told to: the one fake clock of the tests, for a ledger's
+    time as for a lease's or a training run's. ``offset_s`` plays a machine whose clock is off."""
 
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.t = start
+    def __init__(self, start: float = 1000.0, *, offset_s: float = 0.0) -> None:
+        self.now = start + offset_s
 
     def __call__(self) -> float:
-        return self.t
+        return self.now
 
     def advance(self, seconds: float) -> None:
-        self.t += seconds
+        self.now += seconds
 
 
 #: A worker that takes every run it can, one at a time, and prints what it took: the many-process
@@ -262,7 +263,7 @@ class LedgerContract:
         assert [(a.attempt, a.worker, a.outcome, a.exit_code) for a in rows] == [
             (1, ME.label, "failed", 3), (2, OTHER_HOST.label, None, None)]
         assert rows[0].ended_at == pytest.approx(rows[0].started_at + 10)
-        assert rows[1].started_at == pytest.approx(clock.t) and rows[1].ended_at is None
+        assert rows[1].started_at == pytest.approx(clock.now) and rows[1].ended_at is None
         assert ledger.attempts(RUNS[1].run_id) == [] and ledger.attempts("no-such-run") == []
 
     def test_heartbeat_extends_the_lease(self, ledger: Ledger, clock: FakeClock) -> None:
@@ -477,7 +478,7 @@ class LedgerContract:
             if running and rng.random() < 0.9:
                 end = rng.choice(remote if remote and rng.random() < 0.7 else running).lease_until
                 assert end is not None
-                clock.t = rng.choice([end, end, math.nextafter(end, -math.inf),
+                clock.now = rng.choice([end, end, math.nextafter(end, -math.inf),
                                       math.nextafter(end, math.inf)])
             policy = Policy(max_attempts=rng.randint(1, 4), max_lost=rng.randint(1, 3))
             skip = set(rng.sample(ids, rng.randint(0, 2)))

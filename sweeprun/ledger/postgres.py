@@ -189,7 +189,7 @@ class PostgresLedger(PostgresDatabase, Ledger):
         # tr.synced decides each run's target from whether its row is done or not (or missing);
         # a whole grid is written set-wise, each statement conditional on that, so a retry (or
         # another launcher syncing at once) converges on the same rows.
-        initial = [tr.synced(None, r, done, started, gone).value for r in ids]  # type: ignore[union-attr]
+        initial = [tr.first_state(r, done, started).value for r in ids]
         targets: dict[tuple[str, RunState], list[str]] = {}
         for run_id in ids:
             for now_state in (RunState.DONE, RunState.PENDING):  # as if done, as if not

@@ -145,14 +145,20 @@ def forgotten(row: RunRow, honoured: str | None, token: str, now: float) -> RunR
     return replace(row, failures=0, lost=0, state=state, updated_at=now)
 
 
+def first_state(run_id: str, done: Collection[str], started: Collection[str]) -> RunState:
+    """The state of a run the ledger has no row for yet: done, or interrupted when it has
+    files in the store (``started``), else pending."""
+    return (RunState.DONE if run_id in done else
+            RunState.INTERRUPTED if run_id in started else RunState.PENDING)
+
+
 def synced(state: str | None, run_id: str, done: Collection[str], started: Collection[str],
            gone: Collection[str] | None) -> RunState | None:
     """The state :meth:`~sweeprun.ledger.base.Ledger.sync` gives a run whose row holds ``state``
     (``None``: no row yet; a damaged row's unknown state is not done), or ``None`` to leave it.
     ``gone``: the runs the store confirmed are no longer done (``None``: trust ``done``)."""
     if state is None:
-        return (RunState.DONE if run_id in done else
-                RunState.INTERRUPTED if run_id in started else RunState.PENDING)
+        return first_state(run_id, done, started)
     if run_id in done and state != RunState.DONE:
         return RunState.DONE
     if run_id not in done and state == RunState.DONE and (gone is None or run_id in gone):
