@@ -134,7 +134,7 @@ class RunRow:
     lost: int = 0        # consecutive attempts lost with their worker, without checkpoint progress
     worker_start: int | None = None  # the holder's process start time, to tell a reused pid
     #: The newest checkpoint when the current attempt started: a lost attempt that leaves it
-    #: unchanged counts toward ``max_lost`` (see :func:`started`).
+    #: unchanged counts toward ``max_lost`` (:func:`~sweeprun.ledger.transitions.started`).
     progress: str | None = None
     child_pid: int | None = None     # the holder's child, to kill it if the holder died
     child_start: int | None = None
