@@ -38,25 +38,10 @@ from .base import (
     mutable_values,
     with_attempt,
 )
-from .postgres_conn import (
-    CALL_TIMEOUT_S,
-    CONNECT_DEFAULTS,
-    DEFAULT_WAIT_S,
-    HAS_RESET,
-    HEARTBEAT_TIMEOUT_S,
-    SCHEMA_LOCK,
-    SCHEMA_VERSION,
-    SYNC_TIMEOUT_S,
-    WAIT_ENV,
-    PostgresDatabase,
-    wait_from_env,
-)
+from .postgres_conn import HAS_RESET, HEARTBEAT_TIMEOUT_S, SYNC_TIMEOUT_S, PostgresDatabase
 
 if TYPE_CHECKING:
     import psycopg
-
-__all__ = ["CALL_TIMEOUT_S", "CONNECT_DEFAULTS", "DEFAULT_WAIT_S", "HEARTBEAT_TIMEOUT_S", "SCHEMA_LOCK",
-           "SCHEMA_VERSION", "SYNC_TIMEOUT_S", "WAIT_ENV", "PostgresLedger", "wait_from_env"]
 
 _R_COLUMNS = ", ".join(f"r.{c}" for c in RUN_COLUMNS)
 _SET_MUTABLE = ", ".join(f"{c} = %s" for c in MUTABLE_COLUMNS)

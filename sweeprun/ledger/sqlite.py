@@ -37,22 +37,10 @@ from .base import (
     mutable_values,
     with_attempt,
 )
-from .sqlite_file import (
-    ALLOW_NETWORK_ENV,
-    APPLICATION_ID,
-    BUSY_TIMEOUT_ENV,
-    CLAIM_ORDER,
-    NETWORK_FS,
-    OPEN_RUNS,
-    SCHEMA_VERSION,
-    SqliteFile,
-    busy_timeout_from_env,
-    mount_fstype,
-    sqlite_utils,
-)
+from .sqlite_file import CLAIM_ORDER, OPEN_RUNS, SqliteFile, mount_fstype, sqlite_utils
 
-__all__ = ["ALLOW_NETWORK_ENV", "APPLICATION_ID", "BUSY_TIMEOUT_ENV", "NETWORK_FS", "SCHEMA_VERSION",
-           "SqliteLedger", "busy_timeout_from_env", "mount_fstype"]
+#: leases.py reads mounts through here until the store owns that reader.
+__all__ = ["SqliteLedger", "mount_fstype"]
 
 #: How this host's workers are labelled: a run leased by any other label is surely held.
 _LOCAL = HOST + ":"
