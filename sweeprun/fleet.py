@@ -171,8 +171,7 @@ class Coordination:
 
     @classmethod
     def of(cls, ledger: Ledger) -> Coordination:
-        shared = ledger.shared()
-        return cls(STORE_LEASES) if shared is None else cls(*shared)
+        return cls(STORE_LEASES) if ledger.store_leases else cls(*ledger.shared())
 
     @property
     def store_leases(self) -> bool:

@@ -26,24 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sweeprun.errors import CheckpointError
+from sweeprun.ledger.contract import FakeClock
 from sweeprun.runenv import PREEMPTED_EXIT
 from sweeprun.training.checkpoints import FORMAT, Manifest
 from sweeprun.training.metrics import read_metrics
 from sweeprun.training.run import Run, init, load_checkpoint
 from sweeprun.training.sampler import ResumableSampler
-
-
-@dataclass
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(params=["local", "memory"])

@@ -31,19 +31,23 @@ __all__ = ["Claim", "Ledger", "Outcome", "Policy", "RunRow", "RunState", "Sqlite
 HOME_ENV = "SWEEPRUN_HOME"
 
 
-def _sqlite(url: str, sweep: str, readonly: bool) -> Ledger:
-    return SqliteLedger(url.partition("://")[2], sweep, readonly=readonly)
+Clock = Callable[[], float]
 
 
-def _postgres(url: str, sweep: str, readonly: bool) -> Ledger:
+def _sqlite(url: str, sweep: str, readonly: bool, clock: Clock | None = None) -> Ledger:
+    return SqliteLedger(url.partition("://")[2], sweep, readonly=readonly, clock=clock)
+
+
+def _postgres(url: str, sweep: str, readonly: bool, clock: Clock | None = None) -> Ledger:
     from .postgres import PostgresLedger  # psycopg is an extra, imported only when asked for
 
-    return PostgresLedger(url, sweep, readonly=readonly)
+    return PostgresLedger(url, sweep, readonly=readonly, clock=clock)
 
 
-#: URL scheme -> backend constructor ``(whole URL, sweep, readonly)``: a server's URL carries
-#: more than a path (user, host, port, options). A bare path means SQLite.
-BACKENDS: dict[str, Callable[[str, str, bool], Ledger]] = {
+#: URL scheme -> backend constructor ``(whole URL, sweep, readonly, clock)``: a server's URL
+#: carries more than a path (user, host, port, options). A bare path means SQLite. The clock
+#: is ``None`` (the backend's own) unless a caller injects one (tests).
+BACKENDS: dict[str, Callable[[str, str, bool, Clock | None], Ledger]] = {
     "sqlite": _sqlite,
     "postgresql": _postgres,
     "postgres": _postgres,
@@ -114,8 +118,12 @@ def check_location(location: str) -> str:
     return location
 
 
-def open_ledger(location: str | Path, sweep: str, *, readonly: bool = False) -> Ledger:
+def open_ledger(location: str | Path, sweep: str, *, readonly: bool = False,
+                clock: Clock | None = None) -> Ledger:
     """Open ``location``: a file path, ``sqlite:///path`` or ``postgresql://user@host:port/db``.
+
+    ``clock``: the ledger's time in seconds, instead of its own (this process's for SQLite,
+    the server's for PostgreSQL); tests move time with it.
 
     No message says a credential of ``location``, even one the backend's own error
     quotes back (psycopg does, for a password it cannot parse).
@@ -123,14 +131,14 @@ def open_ledger(location: str | Path, sweep: str, *, readonly: bool = False) -> 
     text = check_location(str(location))
     scheme, sep, _ = text.partition("://")
     if not sep:
-        return SqliteLedger(text, sweep, readonly=readonly)
+        return SqliteLedger(text, sweep, readonly=readonly, clock=clock)
     backend = BACKENDS.get(scheme)
     if backend is None:
         raise LedgerError(f"ledger {redact(text)}: unknown backend {scheme!r}; "
                           f"use a file path or one of: {', '.join(s + '://' for s in BACKENDS)}")
     secrets = secrets_in(text)
     try:
-        return backend(text, sweep, readonly)
+        return backend(text, sweep, readonly, clock)
     except LedgerError as exc:
         message = redact(str(exc), also=secrets)
         if message == str(exc):

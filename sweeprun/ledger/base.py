@@ -133,6 +133,11 @@ class RunRow:
     updated_at: float
     lost: int = 0        # consecutive attempts lost with their worker, without checkpoint progress
     worker_start: int | None = None  # the holder's process start time, to tell a reused pid
+    #: The newest checkpoint when the current attempt started: a lost attempt that leaves it
+    #: unchanged counts toward ``max_lost`` (:func:`~sweeprun.ledger.transitions.started`).
+    progress: str | None = None
+    child_pid: int | None = None     # the holder's child, to kill it if the holder died
+    child_start: int | None = None
 
     @property
     def holder(self) -> ProcessRef | None:
@@ -156,12 +161,20 @@ class AttemptRow:
     exit_code: int | None
 
 
-def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> tuple[RunRow, dict[str, Any]]:
-    """A row of a backend's ``runs`` table, in the column order every backend selects.
+#: The columns of a backend's ``runs`` table that :func:`decode_row` reads, in its order.
+RUN_COLUMNS = ("run_id", "idx", "params", "state", "attempts", "failures", "lost", "progress",
+               "worker", "worker_start", "child_pid", "child_start", "lease_until", "heartbeat_at",
+               "last_exit", "updated_at")
+#: The columns a transition may change (never the run's identity, index or params): what a
+#: backend writes back for a :class:`Change`.
+MUTABLE_COLUMNS = RUN_COLUMNS[3:]
 
-    Returns the :class:`RunRow` and what only the ledger itself needs (the child's pid and
-    start time, the checkpoint progress). A damaged row is a one-line :class:`LedgerError`
-    naming ``where`` (the ledger) and ``remedy`` (how to rebuild it from the store).
+
+def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> RunRow:
+    """A row of a backend's ``runs`` table, in :data:`RUN_COLUMNS` order.
+
+    A damaged row is a one-line :class:`LedgerError` naming ``where`` (the ledger) and
+    ``remedy`` (how to rebuild it from the store).
     """
     (run_id, idx, params, state, attempts, failures, lost, progress, worker, worker_start,
      child_pid, child_start, lease_until, heartbeat_at, last_exit, updated_at) = r
@@ -176,20 +189,27 @@ def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> tuple[RunRow, dic
             raise ValueError("not an object")
     except (TypeError, ValueError):
         raise LedgerError(f"ledger {where}: run {run_id} has unreadable params; {remedy}") from None
-    row = RunRow(run_id=run_id, index=idx or 0, params=decoded, state=run_state,
-                 attempts=attempts or 0, failures=failures or 0, worker=worker,
-                 heartbeat_at=heartbeat_at, lease_until=lease_until, last_exit=last_exit,
-                 updated_at=updated_at or 0.0, lost=lost or 0, worker_start=worker_start)
-    return row, {"child_pid": child_pid, "child_start": child_start, "progress": progress}
+    return RunRow(run_id=run_id, index=idx or 0, params=decoded, state=run_state,
+                  attempts=attempts or 0, failures=failures or 0, worker=worker,
+                  heartbeat_at=heartbeat_at, lease_until=lease_until, last_exit=last_exit,
+                  updated_at=updated_at or 0.0, lost=lost or 0, worker_start=worker_start,
+                  progress=progress, child_pid=child_pid, child_start=child_start)
 
 
-def orphan_of(row: RunRow, extra: dict[str, Any]) -> ProcessRef | None:
+def mutable_values(row: RunRow) -> list[Any]:
+    """``row``'s :data:`MUTABLE_COLUMNS`, as a backend stores them."""
+    return [row.state.value, row.attempts, row.failures, row.lost, row.progress, row.worker,
+            row.worker_start, row.child_pid, row.child_start, row.lease_until, row.heartbeat_at,
+            row.last_exit, row.updated_at]
+
+
+def orphan_of(row: RunRow) -> ProcessRef | None:
     """The child a dead holder of ``row`` may have left running, when it is provably that
     child: only one whose pid AND start time were recorded, and which is alive."""
     holder = row.holder
-    if holder is None or not extra["child_pid"] or extra["child_start"] is None:
+    if holder is None or not row.child_pid or row.child_start is None:
         return None
-    child = ProcessRef(holder.host, extra["child_pid"], extra["child_start"])
+    child = ProcessRef(holder.host, row.child_pid, row.child_start)
     return child if child.alive() else None
 
 
@@ -249,28 +269,46 @@ def check_lease(lease_s: float) -> float:
 
 
 class Ledger(ABC):
-    """One sweep's coordination state. Backends: :class:`~sweeprun.ledger.sqlite.SqliteLedger`.
+    """One sweep's coordination state. Backends: :class:`~sweeprun.ledger.sqlite.SqliteLedger`,
+    :class:`~sweeprun.ledger.postgres.PostgresLedger`.
 
     Time is the ledger's own (:meth:`now`): the process clock for SQLite, the server's
-    clock for a database server, so that leases never compare two machines' clocks.
-    Tests replace :attr:`clock` to move time without sleeping.
+    clock for a database server, so that leases never compare two machines' clocks. A
+    ``clock`` given to the backend's constructor (or to :func:`~sweeprun.ledger.open_ledger`)
+    replaces it: tests move time with it without sleeping.
+
+    Every change to a run is one of :mod:`sweeprun.ledger.transitions`; a backend reads the
+    rows, calls it and persists the result in one transaction.
     """
 
-    clock: Callable[[], float] = staticmethod(time.time)
+    #: Whether machines that share a store must also take leases in it to stay apart. True
+    #: for a ledger only one machine sees (SQLite on local disk): it cannot keep another
+    #: machine's workers out. False for one every machine shares, which keeps them apart
+    #: itself (PostgreSQL); it then names itself with :meth:`shared`. The launcher decides
+    #: from this alone (:class:`sweeprun.fleet.Coordination`), never from the class. True
+    #: unless a backend says otherwise: the safe answer for a backend that does not know.
+    store_leases: bool = True
+    #: The ledger's time in seconds; ``None``: the backend's own (see :meth:`now`).
+    clock: Callable[[], float] | None = None
     #: The key of this sweep's rows: one ledger (a database) holds many sweeps. A launcher
     #: opens the ledger first (so a bad ledger writes nothing to the store), then sets it.
     sweep: str
 
     def now(self) -> float:
-        return self.clock()
+        return self.clock() if self.clock is not None else self.own_now()
 
-    def shared(self) -> tuple[str, str, str] | None:
-        """``(backend, id, where)`` for a ledger that machines share and that keeps them apart
-        itself: the id is random and held by the database (every URL that reaches it agrees,
-        another database differs), ``where`` names it without credentials. ``None`` (the
-        default) for one machine's ledger, which cannot: leases in the store must
-        (:class:`sweeprun.fleet.Coordination` decides)."""
-        return None
+    def own_now(self) -> float:
+        """The backend's own clock, used when no ``clock`` was given: this process's."""
+        return time.time()
+
+    def shared(self) -> tuple[str, str, str]:
+        """``(backend, id, where)`` of a ledger every machine shares (``store_leases`` False): the
+        id is random and held by the database (every URL that reaches it agrees, another
+        database differs), ``where`` names it without credentials. Asked only of such a ledger;
+        one that declares itself shared must say which it is."""
+        raise LedgerError(f"the {type(self).__name__} ledger declares that it keeps machines apart "
+                          "(store_leases False) but does not name its database (shared()); set "
+                          "store_leases True on it, or give --ledger a SQLite file or a PostgreSQL URL")
 
     @abstractmethod
     def sync(self, runs: Iterable[RunSpec], done: set[str], started: set[str],

@@ -8,22 +8,41 @@ ledger the way users do (through :func:`sweeprun.ledger.open_ledger`)::
         def location(self, tmp_path):
             return str(tmp_path / "ledger.sqlite")
 
-Time is the ledger's own clock, replaced here by :class:`FakeClock`, so leases
-expire without sleeping; a server backend honours the same clock in its queries.
-Needs pytest (the ``test`` extra).
+Time is the ledger's own clock, replaced here by :class:`FakeClock` (injected through
+``open_ledger(clock=...)``), so leases expire without sleeping; a server backend honours
+the same clock in its queries. Needs pytest (the ``test`` extra).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import random
 import subprocess
+import sys
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from ..identity import RunSpec
-from ..procs import ProcessRef
+from ..procs import HOST, ProcessRef
 from . import open_ledger
-from .base import Ledger, Outcome, Policy, RunState, Uptime, Verdict, grid_key, judge
+from .base import (
+    Claim,
+    Ledger,
+    Outcome,
+    Policy,
+    RunRow,
+    RunState,
+    Uptime,
+    Verdict,
+    grid_key,
+    judge,
+    settled,
+)
 
 RUNS = [RunSpec.from_params({"i": i}, index=i) for i in range(6)]
 GRID = grid_key(RUNS)
@@ -33,16 +52,42 @@ POLICY = Policy(max_attempts=3, max_lost=3)
 
 
 class FakeClock:
-    """A clock that moves only when told to."""
+    """A clock that moves only when told to: the one fake clock of the tests, for a ledger's
+    time as for a lease's or a training run's. ``offset_s`` plays a machine whose clock is off."""
 
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.t = start
+    def __init__(self, start: float = 1000.0, *, offset_s: float = 0.0) -> None:
+        self.now = start + offset_s
 
     def __call__(self) -> float:
-        return self.t
+        return self.now
 
     def advance(self, seconds: float) -> None:
-        self.t += seconds
+        self.now += seconds
+
+
+#: A worker that takes every run it can, one at a time, and prints what it took: the many-process
+#: test starts several of these at once against one ledger.
+CLAIMER = """
+import json, sys
+from sweeprun.ledger import Outcome, Policy, RunState, open_ledger
+from sweeprun.procs import ProcessRef
+led = open_ledger(sys.argv[1], sys.argv[2])
+me, policy = ProcessRef.me(), Policy()
+got = []
+while (c := led.claim(me, policy, 600)) is not None:
+    got.append(c.run_id)
+    assert led.finish(c, Outcome.DONE, policy) is RunState.DONE
+led.close()
+print(json.dumps(got))
+"""
+#: Where this sweeprun is imported from, for the claimer processes.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def claim_order(row: RunRow) -> tuple[bool, int]:
+    """The order claims take runnable runs in: interrupted first (their checkpoints hold
+    work), then grid order."""
+    return row.state is not RunState.INTERRUPTED, row.index
 
 
 def dead_process() -> ProcessRef:
@@ -53,8 +98,23 @@ def dead_process() -> ProcessRef:
     return ref
 
 
+def hostile_workers() -> list[ProcessRef]:
+    """Holders a run can have, each judged differently: alive here, dead here, a pid reused by
+    another process, another host (alive as far as anyone here can tell), a label whose pid
+    cannot be a process, hosts whose names extend ours or hold LIKE's wildcards."""
+    me = ProcessRef.me()
+    return [me, dead_process(), ProcessRef(HOST, me.pid, (me.start or 0) + 1), OTHER_HOST,
+            ProcessRef(HOST, 0, None), ProcessRef(HOST + "x", me.pid, me.start),
+            ProcessRef(HOST[:-1] + "_" if HOST else "_", me.pid, me.start),
+            ProcessRef("h%st", 7, 1)]
+
+
 class LedgerContract:
     """What every backend promises; see :mod:`sweeprun.ledger.base` for the contract itself."""
+
+    #: How many processes race for how many runs in the exactly-once test.
+    claimers = 10
+    many_runs = 200
 
     @pytest.fixture
     def location(self) -> str:  # pragma: no cover - each backend overrides it
@@ -73,9 +133,7 @@ class LedgerContract:
 
     @staticmethod
     def open(location: str, clock: FakeClock, sweep: str = "sweep") -> Ledger:
-        led = open_ledger(location, sweep)
-        led.clock = clock
-        return led
+        return open_ledger(location, sweep, clock=clock)
 
     def state(self, ledger: Ledger, run_id: str) -> RunState:
         return next(r.state for r in ledger.rows() if r.run_id == run_id)
@@ -205,7 +263,7 @@ class LedgerContract:
         assert [(a.attempt, a.worker, a.outcome, a.exit_code) for a in rows] == [
             (1, ME.label, "failed", 3), (2, OTHER_HOST.label, None, None)]
         assert rows[0].ended_at == pytest.approx(rows[0].started_at + 10)
-        assert rows[1].started_at == pytest.approx(clock.t) and rows[1].ended_at is None
+        assert rows[1].started_at == pytest.approx(clock.now) and rows[1].ended_at is None
         assert ledger.attempts(RUNS[1].run_id) == [] and ledger.attempts("no-such-run") == []
 
     def test_heartbeat_extends_the_lease(self, ledger: Ledger, clock: FakeClock) -> None:
@@ -366,3 +424,107 @@ class LedgerContract:
         assert ledger.finish(moved, Outcome.INTERRUPTED, POLICY) is RunState.INTERRUPTED
         again = ledger.claim(ME, POLICY, 60, GRID)
         assert again and again.attempt == 8
+
+    # -- many processes at once ------------------------------------------------------------------
+
+    def test_many_processes_take_each_run_exactly_once(self, location: str) -> None:
+        """Real processes, each with its own connections, race to claim; every run is taken
+        by exactly one of them, once."""
+        runs = [RunSpec.from_params({"i": i}, index=i) for i in range(self.many_runs)]
+        led = open_ledger(location, "race")
+        led.sync(runs, set(), set())
+        led.close()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [_PACKAGE_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, location, "race"], env=env,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(self.claimers)]
+        taken = [rid for p in procs for rid in json.loads(p.communicate(timeout=600)[0])]
+        assert all(p.returncode == 0 for p in procs)
+        assert Counter(taken) == Counter(r.run_id for r in runs)
+        led = open_ledger(location, "race", readonly=True)
+        try:
+            assert {(r.state, r.attempts) for r in led.rows()} == {(RunState.DONE, 1)}
+        finally:
+            led.close()
+
+    # -- the SQL pre-filters never hide a run that judge would take ----------------------------
+
+    @pytest.mark.parametrize("seed", range(16))
+    def test_a_claim_takes_exactly_what_judge_says(self, location: str, seed: int) -> None:
+        """Generated row states (every state, holders alive, dead, reused or elsewhere, leases
+        just before, at and just after their end, failures and lost attempts at and around
+        the limits, renumbered attempts, resets) judged at a generated time and policy: the
+        claims take exactly the runs :func:`judge` calls runnable, in claim order, and
+        ``settled`` agrees with it. A backend's SQL may drop runs for speed, only ever ones
+        judge would not take."""
+        rng = random.Random(seed)
+        clock = FakeClock()
+        led = self.open(location, clock, sweep=f"judge-{seed}")
+        try:
+            runs = [RunSpec.from_params({"seed": seed, "i": i}, index=i) for i in range(14)]
+            grid = grid_key(runs)
+            ids = [r.run_id for r in runs]
+            led.sync(runs, done={i for i in ids if rng.random() < 0.05},
+                     started={i for i in ids if rng.random() < 0.3})
+            workers = hostile_workers()
+            for _ in range(rng.randint(1, 3)):
+                for run_id in rng.sample(ids, len(ids)):
+                    self._live_a_little(led, clock, rng, workers, grid, run_id, ids)
+            rows = led.rows(grid)
+            # At, just before or just after a lease's end; mostly one that the SQL could drop
+            # (held elsewhere: only the lease tells), where an off-by-one would hide a run.
+            running = [r for r in rows if r.state is RunState.RUNNING and r.lease_until]
+            remote = [r for r in running if not (r.worker or "").startswith(HOST + ":")]
+            if running and rng.random() < 0.9:
+                end = rng.choice(remote if remote and rng.random() < 0.7 else running).lease_until
+                assert end is not None
+                clock.now = rng.choice([end, end, math.nextafter(end, -math.inf),
+                                      math.nextafter(end, math.inf)])
+            policy = Policy(max_attempts=rng.randint(1, 4), max_lost=rng.randint(1, 3))
+            skip = set(rng.sample(ids, rng.randint(0, 2)))
+            now = led.now()
+            expected = [r.run_id for r in sorted(rows, key=claim_order)
+                        if judge(r, now, policy) is Verdict.RUNNABLE and r.run_id not in skip]
+            assert led.settled(policy, grid) is settled(rows, now, policy)
+            taken = []
+            while len(taken) <= len(ids) and (c := led.claim(ME, policy, 3600, grid, skip)):
+                taken.append(c.run_id)
+            verdicts = {r.run_id: (r.state.value, r.worker, r.lease_until, r.failures, r.lost,
+                                   judge(r, now, policy).value) for r in rows}
+            assert taken == expected, (now, policy, verdicts)
+        finally:
+            led.close()
+
+    @staticmethod
+    def _live_a_little(led: Ledger, clock: FakeClock, rng: random.Random, workers: list[ProcessRef],
+                       grid: str, run_id: str, ids: list[str]) -> None:
+        """A few random steps of ``run_id``'s life, through the ledger's own calls."""
+        policy = Policy(max_attempts=rng.randint(1, 4), max_lost=rng.randint(1, 3))
+        lease_s = rng.choice([0.5, 2.0, 60.0])
+        claim: Claim | None = led.claim(rng.choice(workers), policy, lease_s, grid,
+                                        skip=[i for i in ids if i != run_id])
+        while claim is not None:
+            step = rng.choice(["start", "start", "heartbeat", "renumber", "release", "finish",
+                               "forget", "leave", "leave"])
+            clock.advance(rng.choice([0.0, 0.25, 1.0, 3.0]))
+            if step == "start":
+                if led.start(claim, lease_s, rng.choice([None, "ckpt-1"]), policy) is not RunState.RUNNING:
+                    return
+            elif step == "heartbeat":
+                child = rng.choice([None, ProcessRef.me(), dead_process()])
+                if not led.heartbeat(claim, lease_s, child):
+                    return
+            elif step == "renumber":
+                claim = led.renumber(claim, claim.attempt + rng.randint(1, 3))
+            elif step == "release":
+                led.release(claim)
+                return
+            elif step == "finish":
+                outcome = rng.choice([Outcome.DONE, Outcome.INTERRUPTED, Outcome.FAILED, Outcome.FAILED])
+                led.finish(claim, outcome, policy, rng.choice([None, 0, 1]))
+                return
+            elif step == "forget":
+                led.forget({run_id: f"reset-{rng.randint(0, 2)}"})
+            else:
+                return
+

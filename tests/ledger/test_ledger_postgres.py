@@ -18,7 +18,6 @@ import psycopg
 import pytest
 
 from sweeprun.errors import LedgerError
-from sweeprun.identity import RunSpec
 from sweeprun.ledger import Outcome, Policy, RunState, open_ledger
 from sweeprun.ledger.contract import GRID, ME, OTHER_HOST, POLICY, RUNS, FakeClock, LedgerContract
 from sweeprun.ledger.postgres import PostgresLedger
@@ -30,6 +29,11 @@ from servers import PostgresServer, TcpProxy
 
 
 class TestPostgresLedger(LedgerContract):
+    """The contract on a shared server: the exactly-once race with 16 processes for 1,000 runs."""
+
+    claimers = 16
+    many_runs = 1000
+
     @pytest.fixture
     def location(self, postgres_url: str) -> str:
         return postgres_url
@@ -66,36 +70,7 @@ def sweeprun_cli(sandbox: Sandbox, *args: str, env: dict[str, str] | None = None
                           cwd=sandbox.root, text=True, capture_output=True, timeout=timeout)
 
 
-# -- many processes, many sweeps -------------------------------------------------------------
-
-CLAIMER = """
-import json, sys
-from sweeprun.ledger import Outcome, Policy, RunState, open_ledger
-from sweeprun.procs import ProcessRef
-led = open_ledger(sys.argv[1], "sweep")
-me, policy = ProcessRef.me(), Policy()
-got = []
-while (c := led.claim(me, policy, 600)) is not None:
-    got.append(c.run_id)
-    assert led.finish(c, Outcome.DONE, policy) is RunState.DONE
-print(json.dumps(got))
-"""
-
-
-def test_sixteen_processes_take_each_of_a_thousand_runs_exactly_once(postgres_url: str) -> None:
-    runs = [RunSpec.from_params({"i": i}, index=i) for i in range(1000)]
-    led = open_ledger(postgres_url, "sweep")
-    led.sync(runs, set(), set())
-    led.close()
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, postgres_url], stdout=subprocess.PIPE,
-                              text=True, cwd=REPO) for _ in range(16)]
-    taken = [rid for p in procs for rid in json.loads(p.communicate(timeout=300)[0])]
-    assert all(p.returncode == 0 for p in procs)
-    assert Counter(taken) == Counter(r.run_id for r in runs)
-    led = open_ledger(postgres_url, "sweep")
-    assert {(r.state, r.attempts) for r in led.rows()} == {(RunState.DONE, 1)}
-    led.close()
-
+# -- many sweeps in one database ---------------------------------------------------------------
 
 READER = """
 import json, sys
@@ -370,15 +345,15 @@ def lose_the_first_reply(led: PostgresLedger) -> None:
 
 
 def test_calls_retried_after_a_lost_reply_count_once(postgres_url: str) -> None:
-    led = open_ledger(postgres_url, "sweep")
+    clock = FakeClock()
+    led = open_ledger(postgres_url, "sweep", clock=clock)
     assert isinstance(led, PostgresLedger)
-    led.clock = FakeClock()
     policy = Policy(max_attempts=3, max_lost=3)
     try:
         led.sync(RUNS, set(), set())
         dead = led.claim(OTHER_HOST, policy, 60, GRID)
         assert dead is not None
-        led.clock.advance(120)  # its holder vanished: the next claim takes it over
+        clock.advance(120)  # its holder vanished: the next claim takes it over
         lose_the_first_reply(led)
         claim = led.claim(ME, policy, 60, GRID)
         # the retry found the claim it had committed: no second run taken, no phantom holder

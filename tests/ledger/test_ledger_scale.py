@@ -34,7 +34,7 @@ def sweep(tmp_path: Path, size: int, name: str = "ledger") -> tuple[SqliteLedger
 
 def instructions(led: SqliteLedger, call: Callable[[], T]) -> tuple[T, int]:
     """``call()``'s result and about how many SQLite instructions it ran on ``led``'s connection."""
-    conn: sqlite3.Connection = led._db().conn
+    conn: sqlite3.Connection = led.file.db().conn
     count = [0]
 
     def tick() -> int:
@@ -74,7 +74,7 @@ def test_failed_runs_are_not_walked_by_claims(tmp_path: Path) -> None:
     """A sweep where most runs failed for good: claims and the launcher's "is it over" check
     go straight to the runs that can still run, and a raised limit re-opens failed runs."""
     led, runs, grid = sweep(tmp_path, 20_000)
-    led._db().conn.execute("UPDATE runs SET state = 'failed', failures = 3 WHERE idx < 19000")
+    led.file.db().conn.execute("UPDATE runs SET state = 'failed', failures = 3 WHERE idx < 19000")
     claim, work = instructions(led, lambda: led.claim(ME, POLICY, 3600, grid))
     assert claim and claim.run_id == runs[19_000].run_id
     assert work < 5_000, work
