@@ -223,7 +223,7 @@ class Attempt:
         (a new name, whatever the names look like), not when nothing was saved. A Hugging
         Face Trainer run saves into ``trainer/checkpoint-<step>/`` instead, and a folder
         there counts once sweeprun has sealed it (in the store too: that is where they live)."""
-        from .integrations.sealed import TRAINER_DIR, sealed_names
+        from .training.sealed import TRAINER_DIR, sealed_names
 
         names = sorted(n for n in self._names(self.paths.checkpoints) if not n.startswith("."))
         with store_errors("list", posixpath.join(self.paths.dir, TRAINER_DIR)):

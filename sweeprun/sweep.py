@@ -22,7 +22,6 @@ from . import faults
 from .errors import StoreError, SweeprunError
 from .fleet import Coordination, CoordinationRecord
 from .identity import RunSpec
-from .integrations.sealed import SEAL, step_of
 from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view, settle_default
 from .ledger import (
     Ledger,
@@ -50,6 +49,7 @@ from .store import (
     write_json,
 )
 from .training.metrics import tail_entries
+from .training.sealed import SEAL, step_of
 
 #: The ledger URL or path when ``--ledger`` is not given; it wins over ``ledger:`` in the file.
 LEDGER_ENV = "SWEEPRUN_LEDGER"

@@ -40,12 +40,12 @@ from .compare import (
     compare_pieces,
     compare_states,
     count_tensors,
-    diagnose,
     diff_metrics,
     diff_trees,
     kind_of,
     summarize,
 )
+from .diagnose import diagnose
 from .endings import Ending, load_ending
 
 __all__ = ["Report", "ScriptFailed", "verify", "plan_kills", "diff_metrics", "diff_trees",
