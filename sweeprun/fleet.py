@@ -29,8 +29,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import settings
 from .errors import LedgerError, SpecError, StoreError
-from .redact import redact
+from .redact import record_bytes, redact
 from .store import SweepPaths, atomic_write, create_only, read_json, read_regular, write_json
 from .training.checkpoints import warn_once
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from .ledger import Ledger
 
 #: How often a worker looks for a stop request (one small read of the store each time).
-STOP_POLL_ENV = "SWEEPRUN_STOP_POLL_S"
+STOP_POLL_ENV = settings.STOP_POLL_S.name
 DEFAULT_STOP_POLL_S = 5.0
 
 #: ``[0-9]``, never ``\d``: ``float()`` reads ``'١٢'`` as 12, and a time limit is ASCII.
@@ -131,17 +132,7 @@ class StopRequests:
 
 
 def stop_poll_s() -> float:
-    raw = os.environ.get(STOP_POLL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_STOP_POLL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.05 <= value <= 3600:
-        raise SpecError(f"{STOP_POLL_ENV}={raw!r} must be a number of seconds between 0.05 and 3600; "
-                        "unset it or fix its value")
-    return value
+    return settings.STOP_POLL_S.get() or DEFAULT_STOP_POLL_S
 
 
 #: How a sweep is coordinated without a shared database: each machine's own ledger, and a
@@ -189,7 +180,7 @@ class Coordination:
     def to_bytes(self) -> bytes:
         doc = {"kind": self.kind} if self.store_leases else {"kind": self.kind, "id": self.ident,
                                                              "where": self.where}
-        return (json.dumps(doc, sort_keys=True) + "\n").encode()
+        return record_bytes(doc)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> Coordination:

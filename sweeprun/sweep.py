@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import faults
+from . import faults, settings
 from .errors import StoreError, SweeprunError
 from .fleet import Coordination, CoordinationRecord
 from .identity import RunSpec
@@ -52,7 +52,7 @@ from .training.metrics import tail_entries
 from .training.sealed import SEAL, step_of
 
 #: The ledger URL or path when ``--ledger`` is not given; it wins over ``ledger:`` in the file.
-LEDGER_ENV = "SWEEPRUN_LEDGER"
+LEDGER_ENV = settings.LEDGER.name
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class Sweep:
         # --ledger, then SWEEPRUN_LEDGER (a notebook keeps a database password out of the
         # sweep file there), then `ledger:` in the file, then a SQLite file per store.
         self.ledger_location = check_location(str(
-            ledger_location or os.environ.get(LEDGER_ENV, "").strip() or spec.ledger
+            ledger_location or (settings.LEDGER.get() or "").strip() or spec.ledger
             or default_ledger_path(self.store.canonical_url, spec.name)))
         #: Things the user should hear about before the runs start (the launcher prints them).
         self.notes: list[str] = []

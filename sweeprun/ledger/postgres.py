@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import socket
@@ -15,6 +14,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import settings
 from ..errors import LedgerError
 from ..faults import crash_point
 from ..identity import RunSpec
@@ -47,7 +47,7 @@ T = TypeVar("T")
 
 #: How long a launcher keeps retrying a ledger call while the database is unreachable,
 #: after the ledger was opened once (a restarted server, a notebook's dropped network).
-WAIT_ENV = "SWEEPRUN_LEDGER_WAIT_S"
+WAIT_ENV = settings.LEDGER_WAIT_S.name
 DEFAULT_WAIT_S = 300.0
 
 #: Version 1: the first PostgreSQL schema.
@@ -112,17 +112,8 @@ _HAS_RESET = ("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('sweeprun
 
 
 def wait_from_env() -> float:
-    raw = os.environ.get(WAIT_ENV)
-    if raw is None or not raw.strip():
-        return DEFAULT_WAIT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 <= value <= 86400):
-        raise LedgerError(f"{WAIT_ENV}={raw!r} must be a number of seconds between 0 and 86400; "
-                          "unset it or fix its value")
-    return value
+    value = settings.LEDGER_WAIT_S.get()
+    return DEFAULT_WAIT_S if value is None else value
 
 
 def _psycopg() -> Any:

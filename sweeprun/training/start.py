@@ -7,20 +7,19 @@ script as the CLI does (:func:`_exit_2_on_sweeprun_errors`).
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal
 
+from .. import settings
 from ..errors import CheckpointError, LeaseLost, SpecError, SweeprunError
-from ..runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
+from ..redact import redact
+from ..runenv import PREEMPTED_EXIT, RUN_DIR, RUN_ID
 from ..store import JSON_MAX_BYTES, RunPaths, open_store, read_regular, store_errors
-from .cadence import MTBI_ENV, PRIOR_MTBI_S, AutoInterval
+from .cadence import PRIOR_MTBI_S, AutoInterval
 from .checkpoints import CheckpointDir, Owner, Retention
 from .run import Run, write_marker
 from .writer import join_in_flight
@@ -30,7 +29,7 @@ from .writer import join_in_flight
 #: fixed 5 minutes lost up to 4.6x more at one interruption an hour (benchmarks/lost_work.py).
 DEFAULT_EVERY_S: Literal["auto"] = "auto"
 #: ``0`` makes saves synchronous when ``init(async_save=...)`` is not given.
-ASYNC_ENV = "SWEEPRUN_ASYNC_SAVE"
+ASYNC_ENV = settings.ASYNC_SAVE.name
 
 
 def _exit_2_on_sweeprun_errors() -> None:
@@ -50,7 +49,8 @@ def _exit_2_on_sweeprun_errors() -> None:
         if not issubclass(kind, SweeprunError):
             previous(kind, value, tb)
             return
-        print(f"sweeprun: error: {' '.join(str(value).split())}", file=sys.stderr, flush=True)
+        # the training side's console exit: the script's stderr goes to the user's terminal
+        print(f"sweeprun: error: {redact(' '.join(str(value).split()))}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         join_in_flight()  # os._exit skips the interpreter's wait for a save in flight
         os._exit(PREEMPTED_EXIT if issubclass(kind, LeaseLost) else 2)
@@ -87,8 +87,8 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     """
     env = os.environ if env is None else env
     _exit_2_on_sweeprun_errors()
-    run_dir = env.get(RUN_DIR)
-    env_limit = _seconds_env(env, TIME_LIMIT)
+    run_dir = settings.RUN_DIR.get(env)
+    env_limit = settings.TIME_LIMIT.get(env)
     if every_steps is not None and (isinstance(every_steps, bool) or every_steps < 1):
         raise ValueError(f"every_steps must be a positive number of steps, got {every_steps!r}")
     if every_s is None and every_steps is None:
@@ -97,21 +97,21 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     if isinstance(every_s, str):
         if every_s != "auto":
             raise ValueError(f"every_s must be a number of seconds or 'auto', got {every_s!r}")
-        mtbi_s = _seconds_env(env, MTBI_ENV)
+        mtbi_s = settings.MTBI_S.get(env)
         auto = AutoInterval(min_s=min_every_s, max_s=max_every_s,
                             mtbi_s=PRIOR_MTBI_S if mtbi_s is None else mtbi_s,
                             mtbi_measured=mtbi_s is not None)
     if async_save is None:
-        async_save = _flag_env(env, ASYNC_ENV, default=True)
+        async_save = bool(settings.ASYNC_SAVE.get(env))
     attempt: int | None
     fence_attempts = False
     if run_dir:
-        attempt = _attempt_env(env)
+        attempt = settings.ATTEMPT.get(env)  # None: counted as standalone
         fence_attempts = attempt is not None   # numbered by the launcher, in attempts/
         store = open_store(run_dir)
         paths = RunPaths(store.fs, store.root)
         params = _launcher_params(env, paths, params)
-        owner = Owner(env.get(RUN_ID) or None, env.get(SWEEP) or None)
+        owner = Owner(settings.RUN_ID.get(env), settings.SWEEP.get(env))
         folder = paths.dir.rstrip("/").rsplit("/", 1)[-1]
         if owner.run_id is not None and folder != owner.run_id:
             # the launcher names every run's folder by its id: anything else is another run's
@@ -142,40 +142,23 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
                fence_attempts=fence_attempts)
 
 
-def _attempt_env(env: Mapping[str, str]) -> int | None:
-    """The launcher's attempt number; ``None`` when unset (then counted as standalone)."""
-    value = env.get(ATTEMPT)
-    if value is None:
-        return None
-    if not re.fullmatch(r"[1-9][0-9]{0,17}", value.strip()):
-        raise SpecError(f"{ATTEMPT}={value!r} is not a positive integer; it is set by sweeprun "
-                        "launch (1 for the first attempt): unset it or give one")
-    return int(value)
-
-
 def _launcher_params(env: Mapping[str, str], paths: RunPaths,
                      fallback: Mapping[str, Any] | None) -> dict[str, Any]:
     """SWEEPRUN_PARAMS, else the run's params.json (the launcher leaves a parameter too large
     for the environment out of it), else what the script passed."""
-    raw, source = env.get(PARAMS), PARAMS
-    if not raw:
-        source = paths.params
-        with store_errors("read", paths.params):
-            present = paths.fs.exists(paths.params)
-        if not present:
-            return dict(fallback or {})
-        try:
-            raw = read_regular(paths.fs, paths.params, JSON_MAX_BYTES).decode()
-        except UnicodeDecodeError as exc:
-            raise SpecError(f"{source} is not UTF-8 JSON ({exc}); it is written by sweeprun launch") from None
+    params = settings.PARAMS.get(env)
+    if params is not None:
+        return params
+    with store_errors("read", paths.params):
+        present = paths.fs.exists(paths.params)
+    if not present:
+        return dict(fallback or {})
     try:
-        params = json.loads(raw)
+        return settings.parse_json_object(read_regular(paths.fs, paths.params, JSON_MAX_BYTES).decode())
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{paths.params} is not UTF-8 JSON ({exc}); it is written by sweeprun launch") from None
     except ValueError as exc:
-        raise SpecError(f"{source} is not valid JSON ({exc}); it is set by sweeprun launch") from None
-    if not isinstance(params, dict):
-        raise SpecError(f"{source} is a JSON {type(params).__name__}, not an object of parameters; "
-                        "it is set by sweeprun launch")
-    return params
+        raise SpecError(f"{paths.params} {exc}; it is written by sweeprun launch") from None
 
 
 def _refuse_sweep_run_dir(paths: RunPaths) -> None:
@@ -194,28 +177,3 @@ def _refuse_sweep_run_dir(paths: RunPaths) -> None:
             raise CheckpointError(
                 f"{paths.url} holds checkpoints of run {manifest.run_id} of sweep {manifest.sweep}; "
                 "it is run by `sweeprun launch`: use that, or give init() another local_dir")
-
-
-def _seconds_env(env: Mapping[str, str], name: str) -> float | None:
-    value = env.get(name)
-    if value is None or not value.strip():
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise SpecError(f"{name}={value!r} is not a positive number of seconds; unset it or give one")
-    return seconds
-
-
-def _flag_env(env: Mapping[str, str], name: str, default: bool) -> bool:
-    value = env.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise SpecError(f"{name}={env[name]!r} is neither 1 nor 0; unset it or give one")
-
