@@ -529,12 +529,11 @@ def _drain(proc: subprocess.Popen[bytes], log: _AttemptLog | None) -> None:
 
 #: Seconds between uploads of a running attempt's log to an object store.
 LOG_UPLOAD_ENV = settings.LOG_UPLOAD_S.name
-DEFAULT_LOG_UPLOAD_S = 30.0
 
 
 def _log_upload_s() -> float:
     """``SWEEPRUN_LOG_UPLOAD_S``, or 30 s (a bad value was refused when the command started)."""
-    return settings.LOG_UPLOAD_S.get() or DEFAULT_LOG_UPLOAD_S
+    return settings.LOG_UPLOAD_S.value()
 
 
 class _AttemptLog:
@@ -573,7 +572,8 @@ class _AttemptLog:
     def write(self, data: bytes) -> None:
         if self.file is None:
             return
-        if b"://" in data or b"=" in data:  # only such lines can hold a credential
+        # the exit of the attempt log (local file or upload): only such lines can hold a credential
+        if b"://" in data or b"=" in data:
             data = redact(data.decode(errors="surrogateescape")).encode(errors="surrogateescape")
         with self._lock:
             try:

@@ -114,6 +114,13 @@ class Setting(Generic[T]):
             return self.default
         return self.parse_value(raw)
 
+    def value(self, env: Mapping[str, str] | None = None) -> T:
+        """:meth:`get` for a setting with a default: never ``None``."""
+        value = self.get(env)
+        if value is None:
+            raise TypeError(f"{self.name} has no default; use get()")
+        return value
+
     def parse_value(self, raw: str) -> T:
         """``raw`` as this setting's type; a :class:`SettingError` naming it if it is not one."""
         try:

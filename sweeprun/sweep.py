@@ -140,7 +140,7 @@ class Sweep:
             raise
         ident = raw.decode(errors="replace").strip()
         if not re.fullmatch(r"[0-9a-f]{32}", ident):
-            raise StoreError(f"{redact(self.store.fs.unstrip_protocol(path))} is not a sweep id written "
+            raise StoreError(f"{self.store.fs.unstrip_protocol(path)} is not a sweep id written "
                              "by sweeprun; move it away and run again (finished runs stay finished)")
         return f"{self.spec.name}#{ident[:16]}"
 
@@ -241,7 +241,7 @@ class Sweep:
     def _record_spec(self, done: set[str]) -> None:
         """Keep the spec as launched in the store, without secrets; say so when the command changed."""
         fs = self.store.fs
-        text = redact(self.spec.text)
+        text = redact(self.spec.text)  # the exit of this stored file
         with store_errors("read", self.paths.spec):
             exists = fs.exists(self.paths.spec)
         # bounded like the sweep file itself; anything odd there is simply replaced
@@ -261,7 +261,7 @@ class Sweep:
                 self.notes.append(
                     f"the command changed since this sweep was last launched; {finished} finished "
                     f"run(s) keep their results and are not run again. To re-run one with the new "
-                    f"command, delete its folder under {redact(self.store.fs.unstrip_protocol(self.paths.runs))}"
+                    f"command, delete its folder under {self.store.fs.unstrip_protocol(self.paths.runs)}"
                     " (or give the sweep a new name)")
         atomic_write(fs, self.paths.spec, text.encode())
 

@@ -48,7 +48,6 @@ T = TypeVar("T")
 #: How long a launcher keeps retrying a ledger call while the database is unreachable,
 #: after the ledger was opened once (a restarted server, a notebook's dropped network).
 WAIT_ENV = settings.LEDGER_WAIT_S.name
-DEFAULT_WAIT_S = 300.0
 
 #: Version 1: the first PostgreSQL schema.
 SCHEMA_VERSION = 1
@@ -112,8 +111,7 @@ _HAS_RESET = ("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('sweeprun
 
 
 def wait_from_env() -> float:
-    value = settings.LEDGER_WAIT_S.get()
-    return DEFAULT_WAIT_S if value is None else value
+    return settings.LEDGER_WAIT_S.value()
 
 
 def _psycopg() -> Any:

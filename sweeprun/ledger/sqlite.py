@@ -105,8 +105,7 @@ def _is_network_fs(fstype: str | None) -> bool:
 
 
 def busy_timeout_from_env() -> float:
-    value = settings.BUSY_TIMEOUT_S.get()
-    return 30.0 if value is None else value
+    return settings.BUSY_TIMEOUT_S.value()
 
 
 class SqliteLedger(Ledger):
