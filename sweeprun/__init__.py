@@ -21,7 +21,7 @@ _LAZY = {
     "RunPaths": "store", "SweepPaths": "store", "atomic_write": "store", "open_store": "store",
     "Sweep": "sweep",
     # training side: these pull in torch
-    "init": "training.run", "Run": "training.run", "load_checkpoint": "training.run",
+    "init": "training.start", "Run": "training.run", "load_checkpoint": "training.load",
     "ResumableSampler": "training.sampler",
 }
 

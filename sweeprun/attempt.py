@@ -9,7 +9,6 @@ one place.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
 import re
@@ -20,12 +19,13 @@ import threading
 import time
 from typing import IO, TYPE_CHECKING
 
+from . import settings
 from .errors import LeaseLost, SweeprunError
 from .faults import crash_point
 from .leases import Lease
 from .ledger import Claim, Outcome, RunState
 from .procs import ProcessRef, boot_clock, spawn
-from .redact import redact
+from .redact import record_bytes, redact
 from .runenv import PREEMPTED_EXIT
 from .store import RunPaths, StoreLinkError, confine, create_only, is_local, store_errors
 
@@ -223,7 +223,7 @@ class Attempt:
         (a new name, whatever the names look like), not when nothing was saved. A Hugging
         Face Trainer run saves into ``trainer/checkpoint-<step>/`` instead, and a folder
         there counts once sweeprun has sealed it (in the store too: that is where they live)."""
-        from .integrations.sealed import TRAINER_DIR, sealed_names
+        from .training.sealed import TRAINER_DIR, sealed_names
 
         names = sorted(n for n in self._names(self.paths.checkpoints) if not n.startswith("."))
         with store_errors("list", posixpath.join(self.paths.dir, TRAINER_DIR)):
@@ -506,7 +506,7 @@ def _create_only(paths: RunPaths, path: str, obj: object) -> bool:
     Create-only in the store itself (:func:`~sweeprun.store.create_only`), so two
     workers that read the same highest attempt number can never both take the next one.
     """
-    return create_only(paths.fs, path, (json.dumps(obj, sort_keys=True) + "\n").encode())
+    return create_only(paths.fs, path, record_bytes(obj))
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -528,18 +528,12 @@ def _drain(proc: subprocess.Popen[bytes], log: _AttemptLog | None) -> None:
 
 
 #: Seconds between uploads of a running attempt's log to an object store.
-LOG_UPLOAD_ENV = "SWEEPRUN_LOG_UPLOAD_S"
-DEFAULT_LOG_UPLOAD_S = 30.0
+LOG_UPLOAD_ENV = settings.LOG_UPLOAD_S.name
 
 
 def _log_upload_s() -> float:
-    """``SWEEPRUN_LOG_UPLOAD_S``, or 30 s; a value that is not a positive number is ignored
-    (a log setting must never stop a sweep)."""
-    try:
-        value = float(os.environ.get(LOG_UPLOAD_ENV, "") or DEFAULT_LOG_UPLOAD_S)
-    except ValueError:
-        return DEFAULT_LOG_UPLOAD_S
-    return value if 0 < value < float("inf") else DEFAULT_LOG_UPLOAD_S
+    """``SWEEPRUN_LOG_UPLOAD_S``, or 30 s (a bad value was refused when the command started)."""
+    return settings.LOG_UPLOAD_S.value()
 
 
 class _AttemptLog:
@@ -578,7 +572,8 @@ class _AttemptLog:
     def write(self, data: bytes) -> None:
         if self.file is None:
             return
-        if b"://" in data or b"=" in data:  # only such lines can hold a credential
+        # the exit of the attempt log (local file or upload): only such lines can hold a credential
+        if b"://" in data or b"=" in data:
             data = redact(data.decode(errors="surrogateescape")).encode(errors="surrogateescape")
         with self._lock:
             try:

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from . import settings
 from .errors import SpecError, SweeprunError
 from .limits import RANGES
-from .redact import redact
+from .redact import redact, redacted_console
 
 if TYPE_CHECKING:
     from .spec import SweepSpec
@@ -195,7 +196,7 @@ def status(
 
     from .render import SCREEN_ROWS, attention, status_table
 
-    title = escape(redact(f"sweep {spec.name} · {spec.store}"))
+    title = escape(redact(f"sweep {spec.name} · {spec.store}"))  # before rich wraps it
     if every or len(sweep.runs) <= SCREEN_ROWS:
         Console().print(status_table(sweep.status(), title=title))
         return
@@ -264,7 +265,7 @@ def reset(
         if run_id not in report.had_folder:
             where = "it had no folder; its failures are forgotten"
         else:
-            where = f"old results kept in {redact(dest)}" if dest else "its folder deleted"
+            where = f"old results kept in {dest}" if dest else "its folder deleted"
         print(f"[sweeprun] {verb} {run_id}: {where}", flush=True)
     if not dry_run:
         print(f"[sweeprun] {spec.name}: {len(report.run_ids)} run(s) pending; the next launch runs them",
@@ -378,20 +379,22 @@ def verify(
     from .verify import verify as run_verify
 
     def say(line: str) -> None:
-        print(f"[verify] {redact(line)}", flush=True)
+        print(f"[verify] {line}", flush=True)
 
     report = run_verify(command, seed=seed, kills=kills, atol=atol, ignore=ignore, keep=keep,
                         timeout_s=timeout_s, say=say)
     for line in report.lines:
-        print(redact(line), flush=True)
+        print(line, flush=True)
     raise typer.Exit(report.exit_code)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every user mistake becomes one line on stderr and exit code 2; Ctrl-C
-    at any moment, even while an error is being printed, is exit 130 and no traceback."""
+    at any moment, even while an error is being printed, is exit 130 and no traceback.
+    Everything the command prints passes the redactor (the console is one of its exits)."""
     try:
-        return _main(argv)
+        with redacted_console():
+            return _main(argv)
     except KeyboardInterrupt:
         return 130
 
@@ -399,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     try:
+        settings.check()  # a bad SWEEPRUN_* value is refused now, not by a worker mid-sweep
         rc = command.main(args=argv, prog_name="sweeprun", standalone_mode=False)
     except SweeprunError as exc:
         _error(str(exc))
@@ -417,7 +421,9 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _error(message: str) -> None:
-    """One red line on stderr; credentials in any URL it quotes are hidden first."""
+    """One red line on stderr. Redacted here too, before rich lays it out: the line is
+    printed before :func:`main`'s redacting streams exist when a test calls this directly,
+    and a URL that rich wraps would no longer look like one."""
     from rich.console import Console
     from rich.markup import escape
 

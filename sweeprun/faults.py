@@ -18,8 +18,10 @@ import signal
 import threading
 from collections import Counter
 
-ENV = "SWEEPRUN_CRASH_AT"
-FREEZE_ENV = "SWEEPRUN_FREEZE_AT"
+from . import settings
+
+ENV = settings.CRASH_AT.name
+FREEZE_ENV = settings.FREEZE_AT.name
 
 #: Every point the code defines; tests iterate over this to prove recovery at each.
 POINTS = (
@@ -46,8 +48,8 @@ def check() -> None:
     line, instead of mid-run."""
     from .errors import SpecError
 
-    for env in (ENV, FREEZE_ENV):
-        spec = os.environ.get(env)
+    for env, setting in ((ENV, settings.CRASH_AT), (FREEZE_ENV, settings.FREEZE_AT)):
+        spec = setting.get()
         if not spec:
             continue
         for item in spec.split(","):
@@ -68,7 +70,7 @@ def _named(spec: str, name: str) -> bool:
 
 
 def crash_point(name: str) -> None:
-    crash, freeze = os.environ.get(ENV), os.environ.get(FREEZE_ENV)
+    crash, freeze = settings.CRASH_AT.get(), settings.FREEZE_AT.get()
     if not crash and not freeze:
         return
     _hits[name] += 1

@@ -29,8 +29,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import settings
 from .errors import LedgerError, SpecError, StoreError
-from .redact import redact
+from .redact import record_bytes
 from .store import SweepPaths, atomic_write, create_only, read_json, read_regular, write_json
 from .training.checkpoints import warn_once
 
@@ -38,8 +39,7 @@ if TYPE_CHECKING:
     from .ledger import Ledger
 
 #: How often a worker looks for a stop request (one small read of the store each time).
-STOP_POLL_ENV = "SWEEPRUN_STOP_POLL_S"
-DEFAULT_STOP_POLL_S = 5.0
+STOP_POLL_ENV = settings.STOP_POLL_S.name
 
 #: ``[0-9]``, never ``\d``: ``float()`` reads ``'١٢'`` as 12, and a time limit is ASCII.
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([dhms])", re.IGNORECASE)
@@ -116,7 +116,7 @@ class StopRequests:
             # `touch STOP`, a file sweeprun did not write, or a request a Drive has synced only
             # in part: no news, with one warning. It neither stops a worker nor blocks a
             # launch; `sweeprun stop` writes a request that does.
-            warn_once(f"{redact(self.fs.unstrip_protocol(self.path))} is not a stop request written "
+            warn_once(f"{self.fs.unstrip_protocol(self.path)} is not a stop request written "
                       "by `sweeprun stop` (empty or damaged); ignored: use `sweeprun stop` to stop "
                       "the sweep's workers")
             return None
@@ -131,17 +131,7 @@ class StopRequests:
 
 
 def stop_poll_s() -> float:
-    raw = os.environ.get(STOP_POLL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_STOP_POLL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.05 <= value <= 3600:
-        raise SpecError(f"{STOP_POLL_ENV}={raw!r} must be a number of seconds between 0.05 and 3600; "
-                        "unset it or fix its value")
-    return value
+    return settings.STOP_POLL_S.value()
 
 
 #: How a sweep is coordinated without a shared database: each machine's own ledger, and a
@@ -188,7 +178,7 @@ class Coordination:
     def to_bytes(self) -> bytes:
         doc = {"kind": self.kind} if self.store_leases else {"kind": self.kind, "id": self.ident,
                                                              "where": self.where}
-        return (json.dumps(doc, sort_keys=True) + "\n").encode()
+        return record_bytes(doc)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> Coordination:
@@ -224,7 +214,7 @@ class CoordinationRecord:
         try:
             return Coordination.from_bytes(blob)
         except ValueError as exc:
-            raise StoreError(f"{redact(self.fs.unstrip_protocol(self.path))} is not a coordination "
+            raise StoreError(f"{self.fs.unstrip_protocol(self.path)} is not a coordination "
                              f"record written by sweeprun; launch once with {MOVE_FLAG} to replace it "
                              "with this worker's") from exc
 
@@ -240,7 +230,7 @@ class CoordinationRecord:
         run still held: those workers cannot see this one's claims. Returns a note for the
         user when the sweep was moved.
         """
-        shown = f"sweep {sweep} in {redact(self.fs.unstrip_protocol(posixpath.dirname(self.path)))}"
+        shown = f"sweep {sweep} in {self.fs.unstrip_protocol(posixpath.dirname(self.path))}"
         try:
             found = self.read()
         except StoreError as exc:

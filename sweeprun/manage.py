@@ -28,7 +28,6 @@ from .errors import SpecError, StoreError, SweeprunError
 from .faults import crash_point
 from .ledger import RunState
 from .ledger.base import AttemptRow
-from .redact import redact
 from .store import (
     confine,
     fsync_dir,
@@ -142,7 +141,7 @@ def run_detail(sweep: Sweep, run_id: str) -> RunDetail:
         lines = blob.decode(errors="replace").splitlines()
         if len(blob) == LOG_TAIL_BYTES and lines:
             lines = lines[1:]  # cut mid-file: the first line is partial
-        tail = [redact(line) for line in lines[-LOG_TAIL_LINES:]]
+        tail = lines[-LOG_TAIL_LINES:]  # the log was redacted as it was written
     checkpoints = _checkpoints(CheckpointDir(fs, paths.checkpoints))
     trainer = run_trainer(sweep, run_id, mtimes=files)
     if trainer is not None:

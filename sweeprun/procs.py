@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import settings
+
 
 def _pid_space() -> str:
     """A short tag for this boot of this kernel and this pid namespace: where a pid means something.
@@ -46,7 +48,7 @@ def _pid_space() -> str:
 
 #: This machine's name in the ledger: its hostname and the tag of its pid space.
 #: ``SWEEPRUN_HOST`` overrides it, e.g. for tests that play several machines on one.
-HOST = os.environ.get("SWEEPRUN_HOST") or socket.gethostname() + _pid_space()
+HOST = settings.HOST.get() or socket.gethostname() + _pid_space()
 
 _PR_SET_PDEATHSIG = 1
 

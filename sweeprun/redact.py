@@ -1,4 +1,10 @@
-"""Credentials never leave the process: every user-facing string of a URL goes through :func:`redact`.
+"""Credentials never leave the process: redaction sits at the exits, not at the call sites.
+
+The exits are the console (the CLI swaps ``sys.stdout``/``sys.stderr`` for
+:class:`RedactingStream` while it runs, so rich, typer and every ``print`` pass through it),
+the attempt logs (the launcher's log writer), and the records sweeprun stores
+(:func:`record_bytes`). Code inside need not remember to call :func:`redact`; a new code
+path that prints or stores a URL is covered by the exit it leaves through.
 
 Messages mix URLs with ordinary paths, and run folders are named ``lr=0.1,seed=0-...``; a
 redactor that starred every ``=`` or ``@`` would make errors useless. So secrets are
@@ -8,8 +14,12 @@ query parameter (after ``?`` or ``&``), and a libpq-style ``password=...`` word.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
 from urllib.parse import unquote
 
 # The lookbehind anchors a scheme at the start of a word and the bound caps its length, so
@@ -71,3 +81,55 @@ def redact(text: str, also: Iterable[str] = ()) -> str:
     text = _USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
     text = _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
     return _KEYWORD_PASSWORD.sub(lambda m: f"{m['key']}***", text)
+
+
+def redact_tree(value: Any) -> Any:
+    """A JSON-like value with every string in it (keys too) redacted: starring the encoded
+    text instead could eat a closing quote (``password=...`` runs to the next space)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_tree(k): redact_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_tree(v) for v in value]
+    return value
+
+
+def record_bytes(obj: Any) -> bytes:
+    """The bytes of a JSON record sweeprun stores (attempt and coordination records), redacted.
+
+    Not for data a run reads back as given (``params.json``): those are the user's values."""
+    return (json.dumps(redact_tree(obj), sort_keys=True) + "\n").encode()
+
+
+class RedactingStream:
+    """A text stream that redacts every write before passing it on; everything else is the
+    wrapped stream's (``isatty``, ``fileno``, ``encoding``: rich still sees a terminal)."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        self._inner.write(redact(text) if ("://" in text or "=" in text) else text)
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "buffer":  # bytes written there would skip the redaction
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def redacted_console() -> Iterator[None]:
+    """``sys.stdout`` and ``sys.stderr`` redacted for the duration (the CLI's whole run)."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout = RedactingStream(saved[0])  # type: ignore[assignment]
+    sys.stderr = RedactingStream(saved[1])  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

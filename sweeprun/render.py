@@ -236,7 +236,6 @@ class PlainEvents:
         self._lock = threading.Lock()
 
     def _print(self, text: str) -> None:
-        text = redact(text)  # a child may print its store URL; credentials stay out of logs
         with self._lock:
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
@@ -351,6 +350,7 @@ class LiveEvents(PlainEvents):
         table.add_column(no_wrap=True)
         table.add_column(no_wrap=True)
         for run_id, (attempt, step, metric) in runs[:self.RUNS_SHOWN]:
+            # redacted before rich cuts it to the column: a cut URL no longer looks like one
             table.add_row(escape(redact(run_id)), f"attempt {attempt}", escape(progress_text(step, metric)))
         if len(runs) > self.RUNS_SHOWN:
             table.add_row(f"… and {len(runs) - self.RUNS_SHOWN} more running", "", "")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from . import settings
 from .attempt import Attempt
 from .errors import LedgerError, SweeprunError
 from .fleet import Coordination, CoordinationRecord, Deadline, StopRequests, stop_poll_s
@@ -39,7 +40,7 @@ EXIT_UNSETTLED = 75
 
 #: ``0`` turns store leases off (on wherever the sweep is coordinated by them): a benchmark's
 #: knob; machines that share the store then run runs twice.
-STORE_LEASES_ENV = "SWEEPRUN_STORE_LEASES"
+STORE_LEASES_ENV = settings.STORE_LEASES.name
 
 
 class Events(Protocol):
@@ -107,7 +108,7 @@ class Launcher:
         self.coordination = sweep.coordination or Coordination.of(ledger)
         self.coordination_record = CoordinationRecord(sweep.paths)
         self.leases: StoreLeases | None = None
-        if self.coordination.store_leases and os.environ.get(STORE_LEASES_ENV, "1") != "0":
+        if self.coordination.store_leases and settings.STORE_LEASES.get():
             settle_s, why = settle_default(sweep.store.fs, sweep.store.root)
             if self.spec.lease_settle_s is not None:
                 settle_s = self.spec.lease_settle_s
@@ -393,7 +394,7 @@ class Launcher:
             env[PARAMS] = params
         if self.options.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(self.options.gpus[slot])
-        if MTBI not in os.environ:  # a user's own figure wins
+        if not settings.MTBI_S.present():  # a user's own figure wins
             mtbi = self._mtbi_s()
             if mtbi is not None:
                 env[MTBI] = f"{mtbi:.0f}"

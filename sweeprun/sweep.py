@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import faults
+from . import faults, settings
 from .errors import StoreError, SweeprunError
 from .fleet import Coordination, CoordinationRecord
 from .identity import RunSpec
-from .integrations.sealed import SEAL, step_of
 from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view, settle_default
 from .ledger import (
     Ledger,
@@ -50,9 +49,10 @@ from .store import (
     write_json,
 )
 from .training.metrics import tail_entries
+from .training.sealed import SEAL, step_of
 
 #: The ledger URL or path when ``--ledger`` is not given; it wins over ``ledger:`` in the file.
-LEDGER_ENV = "SWEEPRUN_LEDGER"
+LEDGER_ENV = settings.LEDGER.name
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class Sweep:
         # --ledger, then SWEEPRUN_LEDGER (a notebook keeps a database password out of the
         # sweep file there), then `ledger:` in the file, then a SQLite file per store.
         self.ledger_location = check_location(str(
-            ledger_location or os.environ.get(LEDGER_ENV, "").strip() or spec.ledger
+            ledger_location or (settings.LEDGER.get() or "").strip() or spec.ledger
             or default_ledger_path(self.store.canonical_url, spec.name)))
         #: Things the user should hear about before the runs start (the launcher prints them).
         self.notes: list[str] = []
@@ -140,7 +140,7 @@ class Sweep:
             raise
         ident = raw.decode(errors="replace").strip()
         if not re.fullmatch(r"[0-9a-f]{32}", ident):
-            raise StoreError(f"{redact(self.store.fs.unstrip_protocol(path))} is not a sweep id written "
+            raise StoreError(f"{self.store.fs.unstrip_protocol(path)} is not a sweep id written "
                              "by sweeprun; move it away and run again (finished runs stay finished)")
         return f"{self.spec.name}#{ident[:16]}"
 
@@ -241,7 +241,7 @@ class Sweep:
     def _record_spec(self, done: set[str]) -> None:
         """Keep the spec as launched in the store, without secrets; say so when the command changed."""
         fs = self.store.fs
-        text = redact(self.spec.text)
+        text = redact(self.spec.text)  # the exit of this stored file
         with store_errors("read", self.paths.spec):
             exists = fs.exists(self.paths.spec)
         # bounded like the sweep file itself; anything odd there is simply replaced
@@ -261,7 +261,7 @@ class Sweep:
                 self.notes.append(
                     f"the command changed since this sweep was last launched; {finished} finished "
                     f"run(s) keep their results and are not run again. To re-run one with the new "
-                    f"command, delete its folder under {redact(self.store.fs.unstrip_protocol(self.paths.runs))}"
+                    f"command, delete its folder under {self.store.fs.unstrip_protocol(self.paths.runs)}"
                     " (or give the sweep a new name)")
         atomic_write(fs, self.paths.spec, text.encode())
 

@@ -1,7 +1,7 @@
 """A Hugging Face Trainer run's checkpoint folders, as ``show`` and ``gc`` see them.
 
 The Trainer keeps its state in ``<run>/trainer/checkpoint-<step>/`` folders that sweeprun
-seals (:mod:`sweeprun.integrations.sealed`), not in sweeprun's own checkpoints. ``show``
+seals (:mod:`sweeprun.training.sealed`), not in sweeprun's own checkpoints. ``show``
 lists them with whether each still verifies; ``gc`` keeps what a resume would take and the
 Trainer's best. transformers is not imported: everything is read from the folders.
 
@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from .errors import StoreError
-from .integrations import sealed
 from .store import confine, fsync_dir, is_local, read_regular, remove, store_errors
+from .training import sealed
 from .training.checkpoints import TEMP_PREFIX, CheckpointInfo
 
 if TYPE_CHECKING:
     from .sweep import Sweep
 
 #: A Hugging Face Trainer run's ``output_dir`` inside its run folder, where it keeps its
-#: sealed ``checkpoint-<step>/`` folders (see :mod:`sweeprun.integrations.sealed`).
+#: sealed ``checkpoint-<step>/`` folders (see :mod:`sweeprun.training.sealed`).
 TRAINER = "trainer"
 #: What ``gc`` renames a folder to before deleting it, so that it is gone at once; one left
 #: by a gc killed half-way is deleted by the next.

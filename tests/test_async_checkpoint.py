@@ -29,7 +29,7 @@ from test_training_edges import launched, launcher_env, names
 
 from sweeprun.errors import CheckpointError, LeaseLost
 from sweeprun.runenv import PREEMPTED_EXIT
-from sweeprun.training.run import load_checkpoint
+from sweeprun.training import load_checkpoint
 from sweeprun.training.writer import Snapshot
 
 from _training_helpers import REPO, SIGKILL, ExampleRun, assert_same_run

@@ -15,8 +15,8 @@ import pytest
 from test_checkpoint import FakeClock, Trainer, saved_steps
 
 from sweeprun.errors import SpecError
+from sweeprun.training import init
 from sweeprun.training.cadence import PRIOR_MTBI_S, AutoInterval
-from sweeprun.training.run import init
 
 
 class CostlyState:

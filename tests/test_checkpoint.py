@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from sweeprun.errors import CheckpointError
 from sweeprun.ledger.contract import FakeClock
 from sweeprun.runenv import PREEMPTED_EXIT
+from sweeprun.training import Run, init, load_checkpoint
 from sweeprun.training.checkpoints import FORMAT, Manifest
 from sweeprun.training.metrics import read_metrics
-from sweeprun.training.run import Run, init, load_checkpoint
 from sweeprun.training.sampler import ResumableSampler
 
 

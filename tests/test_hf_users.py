@@ -277,9 +277,9 @@ def test_in_a_bucket_a_new_machine_resumes_with_the_best_models_folder(
     counts the store's sealed folders as the run's progress."""
     pytest.importorskip("s3fs")
     from sweeprun import open_store
-    from sweeprun.integrations.sealed import sealed_names
     from sweeprun.store import RunPaths
     from sweeprun.training.metrics import read_run_metrics
+    from sweeprun.training.sealed import sealed_names
 
     url = f"{s3_bucket}/user-run"
     run = UserRun(url)  # type: ignore[arg-type]  (a URL where a local run has a path)

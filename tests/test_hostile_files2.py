@@ -16,10 +16,10 @@ from test_verify import sweeprun_verify
 from sweeprun import Sweep, load_spec, open_store
 from sweeprun.errors import SpecError, StoreError
 from sweeprun.fleet import parse_duration
-from sweeprun.integrations import sealed
 from sweeprun.manage import run_detail
 from sweeprun.store import read_json
 from sweeprun.trainer_folders import GC_MARK
+from sweeprun.training import sealed
 from sweeprun.training.checkpoints import Name
 
 from conftest import Sandbox
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUCKET_FOLDERS = """
 import json, os, tempfile
 from sweeprun import open_store
-from sweeprun.integrations import sealed
+from sweeprun.training import sealed
 from sweeprun.integrations.hf_store import StoreFolders
 from sweeprun.store import RunPaths
 

@@ -21,9 +21,9 @@ from rich.console import Console
 from test_manage import cli, runs_dir
 
 from sweeprun import Sweep, load_spec
-from sweeprun.integrations import sealed
 from sweeprun.manage import run_detail
 from sweeprun.render import run_view
+from sweeprun.training import sealed
 
 from conftest import Sandbox
 
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: sealed and then damaged (its weights truncated), and one folder a resume set aside.
 FOLDERS_SCRIPT = """
 import json, os, sys
-from sweeprun.integrations import sealed
+from sweeprun.training import sealed
 out = os.path.join(os.environ["SWEEPRUN_RUN_DIR"], "trainer")
 
 def folder(path, step, seal=True):

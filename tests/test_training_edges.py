@@ -25,8 +25,8 @@ from torch import nn
 
 from sweeprun.errors import CheckpointError, LeaseLost, SpecError
 from sweeprun.runenv import PREEMPTED_EXIT
+from sweeprun.training import init, load_checkpoint
 from sweeprun.training.metrics import read_metrics
-from sweeprun.training.run import init, load_checkpoint
 
 from _training_helpers import REPO, assert_same_tree
 

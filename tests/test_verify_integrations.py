@@ -19,7 +19,8 @@ import pytest
 import torch
 from test_verify import sweeprun_verify
 
-from sweeprun.verify.compare import MetricsDiff, compare_pieces, diagnose
+from sweeprun.verify.compare import MetricsDiff, compare_pieces
+from sweeprun.verify.diagnose import diagnose
 from sweeprun.verify.endings import ending_of
 
 #: 40 steps of 16 sequences, sealed every 10: kills at seed 0 land after steps 13 and 33.

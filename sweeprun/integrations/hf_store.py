@@ -34,7 +34,7 @@ from ..faults import crash_point
 from ..redact import redact
 from ..store import RunPaths, remove, store_errors
 from ..training.checkpoints import warn
-from .sealed import (
+from ..training.sealed import (
     PREFIX,
     REJECTED,
     SEAL,

@@ -52,7 +52,8 @@ from ..redact import redact
 from ..runenv import PREEMPTED_EXIT
 from ..store import is_local
 from ..training.checkpoints import warn_once
-from ..training.run import Run, init
+from ..training.run import Run
+from ..training.start import init
 from ..training.state import capture_rng, restore_rng
 
 try:

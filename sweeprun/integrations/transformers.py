@@ -65,12 +65,7 @@ from ..runenv import PREEMPTED_EXIT
 from ..store import fsync_dir, is_local
 from ..training.checkpoints import warn
 from ..training.run import Run
-from ..training.run import init as init_run
-from . import hf_rng
-from .hf_loop import LoopCarry
-from .hf_rng import RNG_FILE, RngReplay
-from .hf_store import StoreFolders, staging_root
-from .sealed import (
+from ..training.sealed import (
     PREFIX,
     REJECTED,
     SEAL,
@@ -82,6 +77,11 @@ from .sealed import (
     seal,
     verify,
 )
+from ..training.start import init as init_run
+from . import hf_rng
+from .hf_loop import LoopCarry
+from .hf_rng import RNG_FILE, RngReplay
+from .hf_store import StoreFolders, staging_root
 
 __all__ = ["init", "SweeprunCallback", "Sealed", "seal", "verify", "PREFIX", "SEAL", "REJECTED",
            "RNG_FILE"]

@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import settings
 from ..errors import LedgerError
 from ..redact import redact, secrets_in
 from .base import (
@@ -28,7 +29,7 @@ from .sqlite import SqliteLedger
 __all__ = ["Claim", "Ledger", "Outcome", "Policy", "RunRow", "RunState", "SqliteLedger", "Uptime", "Verdict",
            "check_location", "default_ledger_path", "grid_key", "judge", "open_ledger", "shown_state"]
 
-HOME_ENV = "SWEEPRUN_HOME"
+HOME_ENV = settings.HOME.name
 
 
 Clock = Callable[[], float]
@@ -56,11 +57,8 @@ BACKENDS: dict[str, Callable[[str, str, bool, Clock | None], Ledger]] = {
 
 def state_home() -> Path:
     """``$SWEEPRUN_HOME`` or ``~/.local/state/sweeprun``: where default ledgers live."""
-    raw = os.environ.get(HOME_ENV)
+    raw = settings.HOME.get()
     if raw is not None:
-        if not raw.strip() or "\0" in raw:
-            raise LedgerError(f"{HOME_ENV}={raw!r} is not a usable folder; set it to a folder on "
-                              "local disk or unset it")
         home = Path(raw).expanduser()
         if home.exists() and not home.is_dir():
             raise LedgerError(f"{HOME_ENV}={raw} is a file, not a folder; set it to a folder on local "

@@ -9,7 +9,6 @@ their own that every operation shares.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import socket
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import settings
 from ..errors import LedgerError
 from ..redact import redact
 
@@ -29,8 +29,7 @@ T = TypeVar("T")
 
 #: How long a launcher keeps retrying a ledger call while the database is unreachable,
 #: after the ledger was opened once (a restarted server, a notebook's dropped network).
-WAIT_ENV = "SWEEPRUN_LEDGER_WAIT_S"
-DEFAULT_WAIT_S = 300.0
+WAIT_ENV = settings.LEDGER_WAIT_S.name
 
 #: Version 1: the first PostgreSQL schema.
 SCHEMA_VERSION = 1
@@ -86,17 +85,7 @@ HAS_RESET = ("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('sweeprun_
 
 
 def wait_from_env() -> float:
-    raw = os.environ.get(WAIT_ENV)
-    if raw is None or not raw.strip():
-        return DEFAULT_WAIT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 <= value <= 86400):
-        raise LedgerError(f"{WAIT_ENV}={raw!r} must be a number of seconds between 0 and 86400; "
-                          "unset it or fix its value")
-    return value
+    return settings.LEDGER_WAIT_S.value()
 
 
 def _psycopg() -> Any:

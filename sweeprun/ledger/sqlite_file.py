@@ -6,7 +6,6 @@ file is trusted, locked and upgraded is a concern of its own, and every operatio
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import sqlite3
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .. import settings
 from ..errors import LedgerError
 
 
@@ -44,9 +44,9 @@ sqlite_utils = _import_sqlite_utils()
 #: Filesystems where SQLite's locks do not hold (NFS, SMB, FUSE mounts such as
 #: Colab's Google Drive, gcsfuse, s3fs, rclone): two workers could both claim a run.
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "ceph", "glusterfs", "lustre", "afs")
-ALLOW_NETWORK_ENV = "SWEEPRUN_ALLOW_NETWORK_LEDGER"
+ALLOW_NETWORK_ENV = settings.ALLOW_NETWORK_LEDGER.name
 
-BUSY_TIMEOUT_ENV = "SWEEPRUN_BUSY_TIMEOUT_S"  # how long to wait for another process's lock
+BUSY_TIMEOUT_ENV = settings.BUSY_TIMEOUT_S.name  # how long to wait for another process's lock
 
 #: Version 1 had no application id, no grid membership and no lost-attempt count.
 SCHEMA_VERSION = 2
@@ -84,17 +84,7 @@ def _is_network_fs(fstype: str | None) -> bool:
 
 
 def busy_timeout_from_env() -> float:
-    raw = os.environ.get(BUSY_TIMEOUT_ENV)
-    if raw is None or not raw.strip():
-        return 30.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 <= value <= 86400):
-        raise LedgerError(f"{BUSY_TIMEOUT_ENV}={raw!r} must be a number of seconds between 0 and "
-                          "86400; unset it or fix its value")
-    return value
+    return settings.BUSY_TIMEOUT_S.value()
 
 
 class SqliteFile:
@@ -120,7 +110,7 @@ class SqliteFile:
         else:
             parent = self.path.parent
             fstype = mount_fstype(parent if parent.exists() else Path(os.path.dirname(os.path.abspath(parent))))
-            if _is_network_fs(fstype) and not os.environ.get(ALLOW_NETWORK_ENV):
+            if _is_network_fs(fstype) and not settings.ALLOW_NETWORK_LEDGER.get():
                 raise LedgerError(f"ledger {self.path} is on a {fstype} mount, where SQLite locking is "
                                   "unsafe; put it on local disk with --ledger (the store can stay there)")
             try:

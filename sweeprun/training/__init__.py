@@ -1,4 +1,5 @@
-"""The training-side API, by responsibility: :mod:`.run` (the user API), :mod:`.state`
+"""The training-side API, by responsibility: :mod:`.start` (:func:`init`), :mod:`.run`
+(the :class:`Run` a script drives), :mod:`.load` (:func:`load_checkpoint`), :mod:`.state`
 (capture/restore), :mod:`.checkpoints` (names, manifests, retention, verified reads),
 :mod:`.writer` (file I/O of a save), :mod:`.sampler`, :mod:`.metrics`.
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_NAMES = {"init": "run", "Run": "run", "load_checkpoint": "run", "ResumableSampler": "sampler"}
+_NAMES = {"init": "start", "Run": "run", "load_checkpoint": "load", "ResumableSampler": "sampler"}
 
 __all__ = ["Run", "ResumableSampler", "init", "load_checkpoint"]
 

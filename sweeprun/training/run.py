@@ -1,6 +1,6 @@
 """The training-side API: parameters, run directory, checkpoint/resume, metrics, preemption.
 
-A script calls :func:`init` once, registers what makes up its state with
+A script calls :func:`~.start.init` once, registers what makes up its state with
 :meth:`Run.track`, calls :meth:`Run.restore`, then :meth:`Run.end_step` after each
 optimizer step. Everything else (cadence, retention, SIGTERM, time budget, the
 metrics file) follows from that, so the promise holds without the script's help:
@@ -12,6 +12,9 @@ state in host memory, and a background thread writes it (:class:`.writer.Backgro
 Every exit path (a stop request, :meth:`Run.finish`, :meth:`Run.close`, the end of the
 interpreter) waits for that write, and its error is raised on the training thread.
 
+The :class:`Run` lives here; :mod:`.start` makes one from the launcher's environment or a
+standalone folder, and :mod:`.load` reads a run's checkpoints from outside it.
+
 This module does not import torch at import time (:mod:`.state` and :mod:`.writer`
 load it when a save or restore needs it).
 """
@@ -19,23 +22,19 @@ load it when a save or restore needs it).
 from __future__ import annotations
 
 import json
-import math
-import os
-import re
 import signal
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
-from ..errors import CheckpointError, LeaseLost, SpecError, SweeprunError
+from ..errors import CheckpointError, LeaseLost
 from ..faults import crash_point
-from ..runenv import ATTEMPT, PARAMS, PREEMPTED_EXIT, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
-from ..store import JSON_MAX_BYTES, RunPaths, atomic_write, open_store, read_regular, store_errors
-from .cadence import MTBI_ENV, PRIOR_MTBI_S, AutoInterval
-from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention, recorded_retention
+from ..runenv import PREEMPTED_EXIT
+from ..store import RunPaths, atomic_write
+from .cadence import AutoInterval
+from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention
 from .metrics import MetricsLog, plain
 from .state import (
     HostBuffers,
@@ -47,14 +46,7 @@ from .state import (
     sync_copies,
     to_safe,
 )
-from .writer import BackgroundSave, CheckpointWriter, Snapshot, join_in_flight
-
-#: The cadence when neither ``every_s`` nor ``every_steps`` is given: the interval that
-#: wastes least for this run's measured save cost and its sweep's interruption rate. A
-#: fixed 5 minutes lost up to 4.6x more at one interruption an hour (benchmarks/lost_work.py).
-DEFAULT_EVERY_S: Literal["auto"] = "auto"
-#: ``0`` makes saves synchronous when ``init(async_save=...)`` is not given.
-ASYNC_ENV = "SWEEPRUN_ASYNC_SAVE"
+from .writer import BackgroundSave, CheckpointWriter, Snapshot
 
 
 class Run:
@@ -250,7 +242,7 @@ class Run:
         nothing. :meth:`finish` calls it for sweeprun's own checkpoints."""
         if self._under_launcher:
             crash_point("training.before_finished")
-            _write_marker(self.paths, self.paths.api_finished(self.attempt), self.attempt,
+            write_marker(self.paths, self.paths.api_finished(self.attempt), self.attempt,
                           self.step if step is None else step)
 
     # -- the training loop --------------------------------------------------------------
@@ -519,225 +511,8 @@ class Run:
         self._stop_reason = f"{signal.Signals(signum).name} received"
 
 
-def _exit_2_on_sweeprun_errors() -> None:
-    """Make an uncaught :class:`SweeprunError` end the script as the CLI does: one line, exit 2.
 
-    A checkpoint from another run or a full disk is the user's to fix, and a traceback
-    through the training loop only hides the message. :class:`LeaseLost` exits 75
-    instead: the run is alive elsewhere, so this attempt is neither a success nor a
-    failure. The script can still catch the error; only an uncaught one is turned into
-    the line.
-    """
-    previous = sys.excepthook
-    if getattr(previous, "_sweeprun", False):
-        return
-
-    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
-        if not issubclass(kind, SweeprunError):
-            previous(kind, value, tb)
-            return
-        print(f"sweeprun: error: {' '.join(str(value).split())}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        join_in_flight()  # os._exit skips the interpreter's wait for a save in flight
-        os._exit(PREEMPTED_EXIT if issubclass(kind, LeaseLost) else 2)
-
-    hook._sweeprun = True  # type: ignore[attr-defined]
-    sys.excepthook = hook
-
-
-def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[str] | None = None,
-         *, every_s: float | Literal["auto"] | None = None, every_steps: int | None = None,
-         min_every_s: float = 30.0, max_every_s: float = 3600.0, keep_last: int = 3,
-         best: str | None = None, mode: Literal["min", "max"] = "min",
-         time_limit_s: float | None = None, stop_signals: Iterable[int] = (), rng: bool = True,
-         async_save: bool | None = None, clock: Callable[[], float] = time.monotonic,
-         env: Mapping[str, str] | None = None) -> Run:
-    """Start (or continue) this process's run.
-
-    Under ``sweeprun launch`` the parameters and directory come from the environment
-    (SWEEPRUN_PARAMS, or the run's params.json when the launcher left a large one out;
-    SWEEPRUN_RUN_DIR); standalone, from ``params`` and ``local_dir`` (a path or fsspec
-    URL). Saves happen every ``every_s`` seconds and/or at every multiple of
-    ``every_steps`` steps, keeping the last ``keep_last`` plus the best by metric
-    ``best``. ``every_s="auto"`` (the default when neither is given) picks the interval
-    from the measured cost of a save and the interruption rate (SWEEPRUN_MTBI_S, else a
-    6 h prior), between ``min_every_s`` and ``max_every_s`` (:mod:`.cadence`).
-    Cadence saves overlap training unless ``async_save=False`` (or
-    SWEEPRUN_ASYNC_SAVE=0). ``time_limit_s`` (or
-    SWEEPRUN_TIME_LIMIT, the smaller wins) makes the run save and exit with 75 before
-    that many seconds have passed. ``rng=False`` leaves RNG states out: only to show
-    why they matter. ``clock`` and ``env`` are for tests.
-
-    Nothing is written before the environment and the folder have been checked: bad
-    input is one :class:`SweeprunError` line (exit 2 when uncaught).
-    """
-    env = os.environ if env is None else env
-    _exit_2_on_sweeprun_errors()
-    run_dir = env.get(RUN_DIR)
-    env_limit = _seconds_env(env, TIME_LIMIT)
-    if every_steps is not None and (isinstance(every_steps, bool) or every_steps < 1):
-        raise ValueError(f"every_steps must be a positive number of steps, got {every_steps!r}")
-    if every_s is None and every_steps is None:
-        every_s = DEFAULT_EVERY_S
-    auto = None
-    if isinstance(every_s, str):
-        if every_s != "auto":
-            raise ValueError(f"every_s must be a number of seconds or 'auto', got {every_s!r}")
-        mtbi_s = _seconds_env(env, MTBI_ENV)
-        auto = AutoInterval(min_s=min_every_s, max_s=max_every_s,
-                            mtbi_s=PRIOR_MTBI_S if mtbi_s is None else mtbi_s,
-                            mtbi_measured=mtbi_s is not None)
-    if async_save is None:
-        async_save = _flag_env(env, ASYNC_ENV, default=True)
-    attempt: int | None
-    fence_attempts = False
-    if run_dir:
-        attempt = _attempt_env(env)
-        fence_attempts = attempt is not None   # numbered by the launcher, in attempts/
-        store = open_store(run_dir)
-        paths = RunPaths(store.fs, store.root)
-        params = _launcher_params(env, paths, params)
-        owner = Owner(env.get(RUN_ID) or None, env.get(SWEEP) or None)
-        folder = paths.dir.rstrip("/").rsplit("/", 1)[-1]
-        if owner.run_id is not None and folder != owner.run_id:
-            # the launcher names every run's folder by its id: anything else is another run's
-            raise CheckpointError(f"{RUN_DIR}={paths.url} is the folder of run {folder}, not of "
-                                  f"{RUN_ID}={owner.run_id}; they are set together by sweeprun "
-                                  "launch: unset both to run standalone")
-    elif local_dir is not None:
-        attempt = None
-        store = open_store(os.fspath(local_dir))
-        paths = RunPaths(store.fs, store.root)
-        params, owner = dict(params or {}), Owner(None, None)
-        _refuse_sweep_run_dir(paths)
-    else:
-        raise CheckpointError(f"no run directory: {RUN_DIR} is not set (the script is not under "
-                              "sweeprun launch) and init() got no local_dir; pass local_dir=...")
-    directory = CheckpointDir(paths.fs, paths.checkpoints)
-    names = directory.names()                        # also refuses a symlinked folder
-    if attempt is None:  # standalone: newer than anything here, so "newest attempt wins" holds
-        attempt = 1 + max((n.attempt for n in names), default=0)
-    if run_dir:
-        _write_marker(paths, paths.api_started(attempt), attempt, 0)
-    limits = [t for t in (time_limit_s, env_limit) if t is not None]
-    return Run(params=dict(params), paths=paths, owner=owner,
-               attempt=attempt, every_s=every_s, every_steps=every_steps,
-               retention=Retention(keep_last=keep_last, best=best, mode=mode),
-               time_limit_s=min(limits) if limits else None, stop_signals=stop_signals, rng=rng,
-               clock=clock, under_launcher=bool(run_dir), async_save=async_save, auto=auto,
-               fence_attempts=fence_attempts)
-
-
-def _write_marker(paths: RunPaths, path: str, attempt: int, step: int) -> None:
+def write_marker(paths: RunPaths, path: str, attempt: int, step: int) -> None:
+    """``attempts/<n>.started`` / ``.finished``: what the launcher reads of this attempt."""
     atomic_write(paths.fs, path, (json.dumps({"attempt": attempt, "step": step}) + "\n").encode())
 
-
-def _attempt_env(env: Mapping[str, str]) -> int | None:
-    """The launcher's attempt number; ``None`` when unset (then counted as standalone)."""
-    value = env.get(ATTEMPT)
-    if value is None:
-        return None
-    if not re.fullmatch(r"[1-9][0-9]{0,17}", value.strip()):
-        raise SpecError(f"{ATTEMPT}={value!r} is not a positive integer; it is set by sweeprun "
-                        "launch (1 for the first attempt): unset it or give one")
-    return int(value)
-
-
-def _launcher_params(env: Mapping[str, str], paths: RunPaths,
-                     fallback: Mapping[str, Any] | None) -> dict[str, Any]:
-    """SWEEPRUN_PARAMS, else the run's params.json (the launcher leaves a parameter too large
-    for the environment out of it), else what the script passed."""
-    raw, source = env.get(PARAMS), PARAMS
-    if not raw:
-        source = paths.params
-        with store_errors("read", paths.params):
-            present = paths.fs.exists(paths.params)
-        if not present:
-            return dict(fallback or {})
-        try:
-            raw = read_regular(paths.fs, paths.params, JSON_MAX_BYTES).decode()
-        except UnicodeDecodeError as exc:
-            raise SpecError(f"{source} is not UTF-8 JSON ({exc}); it is written by sweeprun launch") from None
-    try:
-        params = json.loads(raw)
-    except ValueError as exc:
-        raise SpecError(f"{source} is not valid JSON ({exc}); it is set by sweeprun launch") from None
-    if not isinstance(params, dict):
-        raise SpecError(f"{source} is a JSON {type(params).__name__}, not an object of parameters; "
-                        "it is set by sweeprun launch")
-    return params
-
-
-def _refuse_sweep_run_dir(paths: RunPaths) -> None:
-    """A standalone run must not take over a sweep's run: its saves would prune that run's
-    checkpoints. A launcher's run directory has params.json and attempts/, and its
-    checkpoints name their run id."""
-    with store_errors("read", paths.dir):
-        for marker in (paths.params, paths.attempts):
-            if paths.fs.exists(marker):
-                raise CheckpointError(
-                    f"{paths.url} is the directory of a sweep's run (it has "
-                    f"{marker.rsplit('/', 1)[-1]}); it is run by `sweeprun launch`: use that, or "
-                    "give init() another local_dir")
-    for manifest in CheckpointDir(paths.fs, paths.checkpoints).manifests():
-        if manifest.run_id is not None:
-            raise CheckpointError(
-                f"{paths.url} holds checkpoints of run {manifest.run_id} of sweep {manifest.sweep}; "
-                "it is run by `sweeprun launch`: use that, or give init() another local_dir")
-
-
-def _seconds_env(env: Mapping[str, str], name: str) -> float | None:
-    value = env.get(name)
-    if value is None or not value.strip():
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise SpecError(f"{name}={value!r} is not a positive number of seconds; unset it or give one")
-    return seconds
-
-
-def _flag_env(env: Mapping[str, str], name: str, default: bool) -> bool:
-    value = env.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise SpecError(f"{name}={env[name]!r} is neither 1 nor 0; unset it or give one")
-
-
-def load_checkpoint(run_dir: str | os.PathLike[str], which: Literal["latest", "best"] = "latest",
-                    best: str | None = None, mode: Literal["min", "max"] | None = None) -> dict[str, Any]:
-    """The full saved state of a run (``{"step", "epoch", "extras", "objects", "rng"}``),
-    from its newest verified checkpoint or, with ``which="best"``, the best by ``best``
-    (by default the metric and mode the script gave ``sweeprun.init(best=..., mode=...)``,
-    as its checkpoints recorded them: what it kept is what it meant by best).
-    For evaluation and tests: ``load_checkpoint(d)["objects"]["model"]``."""
-    store = open_store(os.fspath(run_dir))
-    directory = CheckpointDir(store.fs, RunPaths(store.fs, store.root).checkpoints)
-    directory.check()
-    if which == "best":
-        manifests = directory.manifests()
-        recorded = recorded_retention(manifests)
-        if best is None:
-            if recorded is None or recorded.best is None:
-                raise CheckpointError(f"the checkpoints in {directory.path} record no best metric "
-                                      "(the script gave sweeprun.init no best=...); pass best=METRIC")
-            best = recorded.best
-        if mode is None and recorded is not None and recorded.best == best:
-            mode = recorded.mode  # the script's own metric: its own direction
-        chosen = Retention(best=best, mode=mode or "min").best_of(manifests)
-        if chosen is None:
-            raise CheckpointError(f"no checkpoint in {directory.path} has metric {best!r}")
-        try:
-            return from_safe(directory.load(chosen))
-        except ValueError as exc:
-            raise CheckpointError(f"best checkpoint {directory.join(chosen.data)} does not verify: {exc}") from None
-    loaded = directory.load_latest()
-    if loaded is None:
-        raise CheckpointError(f"no checkpoint in {directory.path}; has the run saved yet?")
-    return from_safe(loaded.state)

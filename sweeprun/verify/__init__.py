@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError, SweeprunError
-from ..redact import redact
 from ..runenv import PREEMPTED_EXIT
 from .attempts import Attempt, Kill, ScriptRun, plan_kills
 from .compare import (
@@ -40,12 +39,12 @@ from .compare import (
     compare_pieces,
     compare_states,
     count_tensors,
-    diagnose,
     diff_metrics,
     diff_trees,
     kind_of,
     summarize,
 )
+from .diagnose import diagnose
 from .endings import Ending, load_ending
 
 __all__ = ["Report", "ScriptFailed", "verify", "plan_kills", "diff_metrics", "diff_trees",
@@ -231,7 +230,7 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
                          "drawn from them changed the result: unseeded (random.seed, "
                          "np.random.seed), or drawn a different number of times after a resume; "
                          "a script that draws from them would not be exact")
-        return Report(0, [redact(line) for line in lines])
+        return Report(0, lines)
     after_resume = metrics.step is None or any(r < metrics.step for r in resumes)
     if want is not None and not metrics.same and after_resume and _training_equal(want, states):
         # The weights, optimizer, schedule and data position ended equal: the training was the
@@ -241,7 +240,7 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
                                  f"interrupted {len(interruptions)} time(s) ({how})")
         if rng:
             lines.append(f"  global RNGs: {summarize(rng)} (as they do whenever a script leaves one unseeded)")
-        return Report(1, [redact(line) for line in lines])
+        return Report(1, lines)
     lines.append(f"NOT EXACT: interrupted {len(interruptions)} time(s) ({how}) and resumed from "
                  f"step(s) {', '.join(map(str, resumes))}, it did not end as the uninterrupted run")
     resumed_steps = [int(e["step"]) for e in _entries(resumed.metrics) if isinstance(e.get("step"), int)]
@@ -262,7 +261,7 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
         equal = [p for p in want.shown() if p not in states and not (rng and p in _RNG_PIECES)]
         if equal:
             lines.append(f"  equal: {', '.join(equal)}")
-    return Report(1, [redact(line) for line in lines])
+    return Report(1, lines)
 
 
 def _training_equal(want: Ending, states: dict[str, list[Difference]]) -> bool:

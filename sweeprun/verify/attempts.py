@@ -194,7 +194,7 @@ class ScriptRun:
     def _save_was_cut(self) -> bool:
         """A temporary file, a data file without its manifest, or a Trainer folder without its
         seal: the kill hit a save."""
-        from ..integrations.sealed import SEAL, checkpoint_folders
+        from ..training.sealed import SEAL, checkpoint_folders
 
         if any(not os.path.exists(os.path.join(path, SEAL))
                for _, path in checkpoint_folders(str(self.dir / "trainer"))):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 #: Metrics that measure the clock, not the training: never equal between two runs.
 TIMING = re.compile(r"time|elapsed|duration|runtime|throughput|per_s(ec(ond)?)?\b|_s$|_ms$|_sec$",
                     re.IGNORECASE)
-_LR = re.compile(r"(^|[^a-z])(lr|learning_rate)([^a-z]|$)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -176,80 +175,3 @@ def compare_pieces(a: Mapping[str, Any], b: Mapping[str, Any], atol: float = 0.0
     for d in diff_trees(a, b, atol):
         found.setdefault(str(d.path[0]), []).append(Difference(d.path[1:] or d.path, d.detail, d.max_abs))
     return found
-
-
-def diagnose(metrics: MetricsDiff, resumes: Sequence[int], resumed_steps: Sequence[int],
-             state: Any) -> list[str]:
-    """The pieces of state that were most likely not restored, from where the metrics diverge
-    relative to a resume before it, and from what the final state holds (an
-    :class:`~.endings.Ending`, or a sweeprun checkpoint as :func:`load_checkpoint` reads it).
-
-    Resumes are tried oldest first: a state restored wrongly at one resume is saved again by
-    that attempt, so a later resume from it inherits the fault without causing it."""
-    from .endings import Ending, native_ending
-
-    if metrics.same:
-        return []
-    ending = state if isinstance(state, Ending) or state is None else native_ending(state)
-    kinds = dict(ending.kinds) if ending else {}
-    missing = dict(ending.missing) if ending else {}
-    step = metrics.step if metrics.step is not None else math.inf
-    before = sorted(r for r in set(resumes) if r < step)
-    if not before:
-        return [f"the runs differ from step {metrics.step}, before any resume: the script is not "
-                "deterministic even uninterrupted (an unseeded RNG, nondeterministic GPU kernels: "
-                "seed it, or allow a tolerance with --atol)"]
-    causes = []
-    a_lines, b_lines = metrics.lines
-    if a_lines != b_lines:
-        how = "trained part of an epoch twice" if b_lines > a_lines else "skipped part of an epoch"
-        fix = missing.get("data position") or (
-            f"{kinds['data position']!r} is tracked: {ending.loop_hint}"
-            if ending and ending.loop_hint and "data position" in kinds else "")
-        causes.append(f"the data position was not restored: the resumed run logged {b_lines} metric "
-                      f"lines where the uninterrupted one logged {a_lines}, so it {how}"
-                      + (f"; {fix}" if fix else ""))
-    for c in before:
-        cause = _at_resume(c, step, metrics.keys, sorted({s for s in resumed_steps if s > c}),
-                           kinds, missing, same_length=a_lines == b_lines)
-        if cause:
-            return [*causes, cause]
-    if causes:
-        return causes
-    return [f"the runs diverge at step {metrics.step}, {step - before[-1]:g} steps after resuming "
-            f"from step {before[-1]}: state that acts only later was not restored (a counter or a "
-            "best metric kept outside run.extras, an object not passed to run.track?)"]
-
-
-def _at_resume(c: int, step: float, keys: Sequence[str], after: Sequence[int],
-               kinds: Mapping[str, str], missing: Mapping[str, str], same_length: bool) -> str | None:
-    """The cause, if the divergence at ``step`` has the signature of a piece missing at resume ``c``."""
-    first = after[0] if after else None
-    second = after[1] if len(after) > 1 else None
-    since = f"resuming from step {c}"
-    if step == first and any(_LR.search(k) for k in keys):
-        return (f"the LR scheduler was not restored: the learning rate differs from the first step "
-                f"after {since}" + _hint(kinds, "LR scheduler", "run.track(scheduler=scheduler)",
-                                         "is the learning rate also set outside it?"))
-    if step == first and same_length:
-        if "RNG" in missing:
-            return (f"the RNG state was not restored: the loss differs from the first step after "
-                    f"{since} while the learning rate matches; {missing['RNG']}")
-        if "data position" in missing:
-            return (f"the data position was not restored: the first step after {since} already "
-                    f"differs, with the same learning rate; {missing['data position']}")
-        return (f"random numbers or data differ from the first step after {since}: is a generator "
-                "of the script's own (torch.Generator, numpy Generator, random.Random) or a second "
-                "data loader left untracked?")
-    if step == second and first == c + 1 and same_length:
-        return (f"the optimizer was not restored: the first step after {since} matches and the "
-                "next one does not, as when momentum or Adam's averages (exp_avg) start again "
-                "from zero" + _hint(kinds, "optimizer", "run.track(optimizer=optimizer)",
-                                    "a second optimizer, or one built after run.restore()?"))
-    return None
-
-
-def _hint(kinds: Mapping[str, str], kind: str, fix: str, tracked: str) -> str:
-    if kind not in kinds:
-        return f"; no {kind} is tracked: {fix}"
-    return f"; {kinds[kind]!r} is tracked: {tracked}" if tracked else ""

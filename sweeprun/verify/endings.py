@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..integrations.hf_rng import RNG_FILE
-from ..integrations.sealed import SEAL
+from ..training.sealed import SEAL
 from .compare import TIMING, kind_of
 
 #: Where a run directory appears inside a saved state: the two runs live in two directories.
@@ -178,7 +178,7 @@ _SWEEPRUN_RNG = RNG_FILE
 def _hf_ending(output_dir: Path, run_dir: Path) -> Ending | None:
     """The newest sealed Trainer folder: the one a resume would start from, and at the end
     of a run the one sealed at its last step."""
-    from ..integrations.sealed import checkpoint_folders, newest_sealed
+    from ..training.sealed import checkpoint_folders, newest_sealed
 
     scan = newest_sealed(str(output_dir))
     if scan.chosen is None:

@@ -21,6 +21,7 @@ from sweeprun.errors import LedgerError
 from sweeprun.ledger import Outcome, Policy, RunState, open_ledger
 from sweeprun.ledger.contract import GRID, ME, OTHER_HOST, POLICY, RUNS, FakeClock, LedgerContract
 from sweeprun.ledger.postgres import PostgresLedger
+from sweeprun.settings import SettingError
 from sweeprun.spec import load_spec
 from sweeprun.sweep import Sweep
 
@@ -227,7 +228,7 @@ def test_a_missing_psycopg_names_the_pip_install(sandbox: Sandbox, postgres_url:
 def test_a_garbage_ledger_wait_is_a_clear_error(postgres_url: str, monkeypatch: pytest.MonkeyPatch,
                                                 value: str) -> None:
     monkeypatch.setenv("SWEEPRUN_LEDGER_WAIT_S", value)
-    with pytest.raises(LedgerError, match="SWEEPRUN_LEDGER_WAIT_S=.*between 0 and 86400"):
+    with pytest.raises(SettingError, match="SWEEPRUN_LEDGER_WAIT_S=.*between 0 and 86400"):
         open_ledger(postgres_url, "sweep")
 
 

@@ -11,6 +11,7 @@ import pytest
 from sweeprun.errors import LedgerError
 from sweeprun.ledger import open_ledger
 from sweeprun.ledger.contract import RUNS, LedgerContract
+from sweeprun.settings import SettingError
 
 
 class TestSqliteLedger(LedgerContract):
@@ -143,6 +144,6 @@ def test_an_in_memory_ledger_is_refused(location: str) -> None:
 def test_a_garbage_busy_timeout_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  value: str) -> None:
     monkeypatch.setenv("SWEEPRUN_BUSY_TIMEOUT_S", value)
-    with pytest.raises(LedgerError, match="SWEEPRUN_BUSY_TIMEOUT_S"):
+    with pytest.raises(SettingError, match="SWEEPRUN_BUSY_TIMEOUT_S"):
         open_ledger(tmp_path / "ledger.sqlite", "sweep")
     assert not (tmp_path / "ledger.sqlite").exists()
