@@ -1,4 +1,4 @@
-"""Regenerate the command reference in docs/commands.md from the CLI's own help.
+"""Regenerate the command reference in docs/commands.md from the CLI's own help and settings.
 
 The part of docs/commands.md between the two markers below is this script's output, so
 the reference cannot drift from ``sweeprun --help``; tests/docs/test_docs.py fails when it
@@ -33,14 +33,20 @@ def _help(command: Any, name: str, parent: Any) -> tuple[str, Any]:
 
 
 def reference() -> str:
-    """The generated part: ``sweeprun --help``, then each command's ``--help``."""
+    """The generated part: every ``SWEEPRUN_*`` variable as :mod:`sweeprun.settings`
+    declares it, then ``sweeprun --help`` and each command's ``--help``."""
     import typer
 
+    from sweeprun import settings
     from sweeprun.cli import app
+
+    variables = ["### Environment variables", "",
+                 "Every variable sweeprun reads, as `sweeprun/settings.py` declares it; a bad value is",
+                 "one line naming it, exit 2.", "", settings.table().rstrip(), ""]
 
     group = typer.main.get_command(app)
     text, root = _help(group, "sweeprun", None)
-    parts = ["### `sweeprun --help`", "", "```text", text.rstrip(), "```"]
+    parts = [*variables, "### `sweeprun --help`", "", "```text", text.rstrip(), "```"]
     for name in group.list_commands(root):
         sub = group.get_command(root, name)
         sub_text, _ = _help(sub, name, root)
