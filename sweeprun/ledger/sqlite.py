@@ -19,6 +19,7 @@ from ..errors import LedgerError
 from ..faults import crash_point
 from ..identity import RunSpec
 from ..procs import HOST, ProcessRef
+from ..store import mount_fstype
 from .base import (
     _ATTEMPT_COLUMNS,
     _UPTIME_SQL,
@@ -80,24 +81,6 @@ _OPEN = "r.state NOT IN ('done', 'failed')"
 _CLAIM_ORDER = "r.state <> 'interrupted', r.idx"
 #: How this host's workers are labelled: a run leased by any other label is surely held.
 _LOCAL = HOST + ":"
-
-
-def mount_fstype(path: Path) -> str | None:
-    """Filesystem type of the mount holding ``path``, from /proc/mounts (Linux), else ``None``."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    target = os.path.realpath(path)
-    best, fstype = "", None
-    for line in mounts:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount = parts[1].replace("\\040", " ")
-        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-            best, fstype = mount, parts[2]
-    return fstype
 
 
 def _is_network_fs(fstype: str | None) -> bool:
