@@ -51,6 +51,8 @@ class ObjectBackend(StoreBackend):
     """An object store: whole-object PUTs, conditional creates, multipart uploads; no links."""
 
     kind = "object"
+    #: Part size of a streaming write: what it holds in memory.
+    part_bytes = UPLOAD_PART_BYTES
 
     def atomic_write(self, path: str, data: bytes) -> None:
         with store_errors("write", path):
@@ -76,12 +78,12 @@ class ObjectBackend(StoreBackend):
         won = True
         with store_errors("write", path):
             try:
-                f = self.fs.open(path, "xb" if create_only else "wb", block_size=UPLOAD_PART_BYTES)
+                f = self.fs.open(path, "xb" if create_only else "wb", block_size=self.part_bytes)
             except FileExistsError:
                 won = False
             if won:
                 try:
-                    yield Sink(f, part_bytes=UPLOAD_PART_BYTES)
+                    yield Sink(f, part_bytes=self.part_bytes)
                     if before_commit is not None:
                         before_commit()
                     f.close()
