@@ -3,7 +3,6 @@ functions the rest of sweeprun calls with a filesystem in hand."""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,7 +13,9 @@ from .late import LateFolderBackend, late_reason
 from .local import LocalBackend, StoreFileSystem, is_local
 from .object import ObjectBackend
 
-_PICKED: weakref.WeakKeyDictionary[fsspec.AbstractFileSystem, StoreBackend] = weakref.WeakKeyDictionary()
+#: Where a filesystem keeps its picked backend: on the instance itself, since two fsspec
+#: filesystems with equal options compare equal yet may reach different endpoints.
+_PICKED = "_sweeprun_backend"
 
 
 def backend_for(fs: fsspec.AbstractFileSystem, root: str | None = None) -> StoreBackend:
@@ -26,10 +27,9 @@ def backend_for(fs: fsspec.AbstractFileSystem, root: str | None = None) -> Store
     store decides alike, with no setting to keep in step. Picked once per filesystem.
     """
     if root is None:
-        try:
-            return _PICKED[fs]
-        except (KeyError, TypeError):
-            pass
+        picked_before = getattr(fs, _PICKED, None)
+        if isinstance(picked_before, StoreBackend) and picked_before.fs is fs:
+            return picked_before
     if not is_local(fs):
         picked: StoreBackend = ObjectBackend(fs)
     else:
@@ -38,8 +38,8 @@ def backend_for(fs: fsspec.AbstractFileSystem, root: str | None = None) -> Store
         picked = LateFolderBackend(fs, why) if why else LocalBackend(fs)
     if root is None:
         try:
-            _PICKED[fs] = picked
-        except TypeError:
+            setattr(fs, _PICKED, picked)
+        except AttributeError:  # a filesystem with __slots__: picked again next time
             pass
     return picked
 
