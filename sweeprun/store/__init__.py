@@ -22,6 +22,7 @@ from .backends import (
     atomic_write,
     backend_for,
     create_only,
+    listed_path,
     native_path,
     read_json,
     read_regular,
@@ -51,7 +52,7 @@ __all__ = [
     "UPLOAD_PART_BYTES", "LateFolderBackend", "LocalBackend", "ObjectBackend", "RunPaths", "Sink",
     "Store", "StoreBackend", "StoreFileSystem", "StoreLinkError", "SweepPaths", "atomic_write",
     "backend_for", "confine", "create_only", "current_umask", "fsync_dir", "is_done_entry",
-    "is_local", "json_bytes", "literal", "mount_fstype", "native_path", "newest_metrics_part",
+    "is_local", "json_bytes", "listed_path", "literal", "mount_fstype", "native_path", "newest_metrics_part",
     "open_store", "read_json", "read_regular", "remove", "settle_default", "storage_options",
     "store_errors", "store_kind", "write_json",
 ]

@@ -63,6 +63,12 @@ def native_path(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     return backend_for(fs).native_path(path)
 
 
+def listed_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` as ``fs`` names it in its own listings (``find``, ``ls``): without protocol,
+    so that a listed name can be made relative to it."""
+    return str(fs._strip_protocol(path))
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so a reader sees the old file or the whole new one
     (:meth:`StoreBackend.atomic_write`)."""
@@ -96,5 +102,5 @@ def remove(fs: fsspec.AbstractFileSystem, paths: Iterable[str], *, recursive: bo
     backend_for(fs).delete(paths, recursive=recursive)
 
 
-__all__ = ["StoreFileSystem", "atomic_write", "backend_for", "create_only", "native_path",
+__all__ = ["StoreFileSystem", "atomic_write", "backend_for", "create_only", "listed_path", "native_path",
            "read_json", "read_regular", "remove", "settle_default", "store_kind", "write_json"]

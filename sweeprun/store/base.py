@@ -89,6 +89,14 @@ class StoreBackend(ABC):
     #: the methods, never off comparing this.
     kind: ClassVar[str]
 
+    #: Can a file be appended to in place (a log, ``metrics.jsonl``)? Where not (an object
+    #: is only ever rewritten whole), each writer keeps its own file, so that a fenced-out
+    #: writer cannot clobber the live one's lines.
+    appendable: bool = False
+    #: Does a folder move in one atomic rename? Where not, a move is a copy and a delete,
+    #: and callers order them so that a kill half-way leaves nothing that looks finished.
+    renames_folders: bool = False
+
     #: How long a claim must settle before it is trusted (see :mod:`sweeprun.leases`): zero
     #: where a create-only write is seen by every machine at once.
     settle_s: float = 0.0

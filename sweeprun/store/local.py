@@ -280,6 +280,8 @@ class LocalBackend(StoreBackend):
     """This machine's disk (and NFS): rename and ``link()`` are atomic, fsync makes them durable."""
 
     kind = "local"
+    appendable = True
+    renames_folders = True
 
     def atomic_write(self, path: str, data: bytes) -> None:
         # Temp file in the same folder, fsync, rename, fsync of the folder, so the rename
