@@ -43,13 +43,13 @@ from .local import (
     is_local,
     mount_fstype,
 )
-from .object import ObjectBackend, literal
+from .object import MemoryBackend, ObjectBackend, literal
 from .paths import RunPaths, SweepPaths, is_done_entry, newest_metrics_part
 from .url import S3_FIRST_CONTACT, S3_RETRIES, Store, open_store, storage_options
 
 __all__ = [
     "JSON_MAX_BYTES", "S3_FIRST_CONTACT", "S3_RETRIES", "SETTLE_DEFAULT_S", "TEMP_PREFIX",
-    "UPLOAD_PART_BYTES", "LateFolderBackend", "LocalBackend", "ObjectBackend", "RunPaths", "Sink",
+    "UPLOAD_PART_BYTES", "LateFolderBackend", "LocalBackend", "MemoryBackend", "ObjectBackend", "RunPaths", "Sink",
     "Store", "StoreBackend", "StoreFileSystem", "StoreLinkError", "SweepPaths", "atomic_write",
     "backend_for", "confine", "create_only", "current_umask", "fsync_dir", "is_done_entry",
     "is_local", "json_bytes", "listed_path", "literal", "mount_fstype", "native_path", "newest_metrics_part",

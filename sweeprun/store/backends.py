@@ -7,11 +7,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
 
 from .base import JSON_MAX_BYTES, StoreBackend, json_bytes
 from .late import LateFolderBackend, late_reason
 from .local import LocalBackend, StoreFileSystem, is_local
-from .object import ObjectBackend
+from .object import MemoryBackend, ObjectBackend
 
 #: Where a filesystem keeps its picked backend: on the instance itself, since two fsspec
 #: filesystems with equal options compare equal yet may reach different endpoints.
@@ -30,8 +31,10 @@ def backend_for(fs: fsspec.AbstractFileSystem, root: str | None = None) -> Store
         picked_before = getattr(fs, _PICKED, None)
         if isinstance(picked_before, StoreBackend) and picked_before.fs is fs:
             return picked_before
-    if not is_local(fs):
-        picked: StoreBackend = ObjectBackend(fs)
+    if isinstance(fs, MemoryFileSystem):
+        picked: StoreBackend = MemoryBackend(fs)
+    elif not is_local(fs):
+        picked = ObjectBackend(fs)
     else:
         folder = root if root is not None else getattr(fs, "store_root", None)
         why = late_reason(str(fs._strip_protocol(folder))) if folder is not None else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -94,6 +95,7 @@ class ObjectBackend(StoreBackend):
                     if discard is not None and not f.closed:
                         with contextlib.suppress(Exception):
                             discard()
+                            f.closed = True  # or its finaliser would try to close it again
                     raise
         if not won:
             raise FileExistsError(errno.EEXIST, "another writer's file is there", path)
@@ -168,3 +170,24 @@ class ObjectBackend(StoreBackend):
                 if exc.errno == errno.EINVAL:  # S3 answers a ranged GET of an empty object 416
                     return b""
                 raise
+
+
+class MemoryBackend(ObjectBackend):
+    """``memory://`` (tests, notebooks): a file there exists from the moment it is opened, so
+    a streamed write is buffered and put whole at its commit."""
+
+    kind = "object"
+
+    @contextmanager
+    def stream_write(self, path: str, *, create_only: bool = False, temp_prefix: str = TEMP_PREFIX,
+                     temp_suffix: str = "", before_commit: Callable[[], None] | None = None,
+                     ) -> Iterator[Sink]:
+        buffer = io.BytesIO()
+        yield Sink(buffer)  # type: ignore[arg-type]
+        if before_commit is not None:
+            before_commit()
+        if create_only:
+            if not self.create_only(path, buffer.getvalue()):
+                raise FileExistsError(errno.EEXIST, "another writer's file is there", path)
+        else:
+            self.atomic_write(path, buffer.getvalue())
