@@ -77,7 +77,5 @@ def _link_error(path: str) -> StoreError:
                                 "run the same command again"))
 
 
-
-
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import os
 
+import fsspec
+
 from .local import LocalBackend, mount_fstype
 
 #: The settle delay on folders known to show one machine's writes to another late: Google
@@ -25,8 +27,8 @@ class LateFolderBackend(LocalBackend):
 
     kind = "late"
 
-    def __init__(self, fs: object, why: str) -> None:
-        super().__init__(fs)  # type: ignore[arg-type]
+    def __init__(self, fs: fsspec.AbstractFileSystem, why: str) -> None:
+        super().__init__(fs)
         self.settle_s = SETTLE_DEFAULT_S
         self.settle_why = why
 

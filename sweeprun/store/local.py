@@ -240,6 +240,13 @@ def _index_entry(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def _is_link(path: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _regular_file(path: str) -> bool:
     """Is ``path`` a regular file, not a link to one (a linked ``DONE`` is not a finished run)?"""
     try:
@@ -254,8 +261,6 @@ def _suppress_missing() -> Iterator[None]:
         yield
     except FileNotFoundError:
         pass
-
-
 
 
 def mount_fstype(path: str | Path) -> str | None:
@@ -378,8 +383,12 @@ class LocalBackend(StoreBackend):
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             try:
                 now = os.fstat(fd)
-                if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+                if not stat.S_ISREG(now.st_mode):
                     raise _not_regular(path, _kind(now.st_mode))
+                if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino) and _is_link(path):
+                    # Another file since the check: the whole new one of an atomic write is
+                    # fine to read, but not one reached through a link put in its place.
+                    raise _link_error(path)
                 if tail and now.st_size > max_bytes:
                     os.lseek(fd, now.st_size - max_bytes, os.SEEK_SET)
                 chunks, left = [], max_bytes

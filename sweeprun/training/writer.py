@@ -1,11 +1,12 @@
 """The file I/O of a save: stream, fence, write data then manifest, prune.
 
-On local disk the serialised state is streamed straight into a temp file in the
-checkpoints folder while a helper thread hashes the same chunks (:mod:`.digest`: no
-second copy of a multi-GB state in memory, and the hash overlaps the write), then fsynced, renamed into place and the folder fsynced, so the rename itself survives
-a power loss. Object stores cannot rename: there the bytes stream into a multipart
-upload, which appears whole or not at all. The manifest goes last, create-only
-(:func:`~sweeprun.store.create_only`): no writer can replace one.
+The serialised state streams straight into the store's streaming write
+(:meth:`~sweeprun.store.base.StoreBackend.stream_write`) while a helper thread hashes
+the same chunks (:mod:`.digest`: no second copy of a multi-GB state in memory, and the
+hash overlaps the write). The store makes it appear whole or not at all: on local disk a
+temp file, fsynced and linked into place, on object stores a multipart upload. The
+manifest goes last, create-only (:func:`~sweeprun.store.create_only`): no writer can
+replace one.
 
 The crash points (``checkpoint.mid_write`` ...) are plain calls that cost one
 environment lookup when fault injection is off; the write path is the same with or
