@@ -27,7 +27,7 @@ from .ledger import Claim, Outcome, RunState
 from .procs import ProcessRef, boot_clock, spawn
 from .redact import record_bytes, redact
 from .runenv import PREEMPTED_EXIT
-from .store import RunPaths, StoreLinkError, confine, create_only, is_local, store_errors
+from .store import RunPaths, StoreLinkError, backend_for, confine, create_only, store_errors
 
 if TYPE_CHECKING:
     from .runner import Launcher
@@ -555,7 +555,7 @@ class _AttemptLog:
         self._stop = threading.Event()
         self._uploader: threading.Thread | None = None
         try:
-            if is_local(paths.fs):
+            if backend_for(paths.fs).appendable:
                 local = confine(paths.fs, self.target)  # never appended through a link
                 os.makedirs(os.path.dirname(local), exist_ok=True)
                 self.file = open(local, "ab")  # noqa: SIM115 - held for the attempt

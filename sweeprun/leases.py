@@ -30,7 +30,6 @@ ends; ``status`` reads leases from the listing it makes anyway (:func:`lease_vie
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import posixpath
@@ -48,7 +47,17 @@ import fsspec
 from .errors import LeaseLost, SpecError, StoreError
 from .numbers import bounded_int, finite, worker_pid
 from .procs import HOST, ProcessRef, boot_clock
-from .store import atomic_write, confine, create_only, is_local, read_regular, remove, store_errors
+from .store import (
+    SETTLE_DEFAULT_S,  # noqa: F401  (imported from here by callers and tests)
+    atomic_write,
+    backend_for,
+    confine,
+    create_only,
+    native_path,
+    remove,
+    settle_default,  # noqa: F401  (imported from here by the launcher, sweep and tests)
+    store_errors,
+)
 from .training.checkpoints import warn_once
 
 #: A take not over a stale holder: no beat to re-read before creating the generation.
@@ -286,36 +295,6 @@ class _Seen:
     since: float
 
 
-#: The settle delay on folders known to show one machine's writes to another late: Google
-#: Drive mounted in Colab shows another VM's new file within seconds, and sometimes a
-#: minute later. A take there waits this long (twice, when machines contend).
-SETTLE_DEFAULT_S = 60.0
-
-#: Mounts whose view of other machines' writes is cached and late (FUSE types by name part).
-_LATE_MOUNTS = ("drive", "rclone", "gcsfuse", "onedrive", "dropbox")
-_DRIVE_PARTS = ("MyDrive", "My Drive", "Shareddrives", "Shared drives")
-
-
-def settle_default(fs: fsspec.AbstractFileSystem, root: str) -> tuple[float, str | None]:
-    """``(settle_s, why)`` for a store: claim-then-confirm on folders that show other
-    machines' writes late (a mounted Google Drive, an rclone or gcsfuse mount), plain
-    exclusive creates everywhere else (a local disk, NFS, and object stores, which are
-    strongly consistent: S3 since 2020, GCS always)."""
-    if not is_local(fs):
-        return 0.0, None
-    from .ledger.sqlite import mount_fstype  # the one reader of /proc/mounts
-
-    path = os.path.realpath(root)
-    parts = path.split(os.sep)
-    fstype = mount_fstype(path) or ""
-    if path.startswith("/content/drive/") or any(p in _DRIVE_PARTS or p.startswith("GoogleDrive")
-                                                 for p in parts):
-        return SETTLE_DEFAULT_S, f"{path} looks like a Google Drive folder"
-    if fstype.startswith("fuse.") and any(name in fstype for name in _LATE_MOUNTS):
-        return SETTLE_DEFAULT_S, f"{path} is on a {fstype} mount"
-    return 0.0, None
-
-
 def backoff_s(attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0,
               rng: random.Random | None = None) -> float:
     """How long an idle taker waits before its ``attempt``-th look (full jitter).
@@ -394,9 +373,9 @@ class StoreLeases:
         every take fail and the run be passed over for good: it holds no lease, so it is
         renamed aside (``lease.not-a-folder-<pid>``) with one warning. Links are left to the
         folder's own checks."""
-        if not is_local(self.fs):
+        path = native_path(self.fs, paths.folder)
+        if path is None:
             return  # an object store has no folders: a "lease" object does not block lease/...
-        path = self.fs._strip_protocol(paths.folder)
         try:
             mode = os.lstat(path).st_mode
         except OSError:
@@ -632,23 +611,6 @@ class StoreLeases:
         return _Listing.parse(names)
 
     def _read(self, path: str) -> bytes | None:
-        """A small lease file's bytes, ``None`` if absent: one ranged GET on object stores
-        (``exists`` costs a HEAD and then a LIST for a missing key, and s3fs's plain
-        ``cat_file`` a HEAD first); on local disk through :func:`read_regular`, so a pipe
-        in the lease folder cannot block a worker."""
-        if is_local(self.fs):
-            try:
-                return read_regular(self.fs, path, _READ_MAX)
-            except StoreError as exc:
-                if isinstance(exc.__cause__, FileNotFoundError):
-                    return None
-                raise
-        with store_errors("read", path):
-            try:
-                return bytes(self.fs.cat_file(path, start=0, end=_READ_MAX))
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:  # S3 answers a ranged GET of an empty object 416
-                    return b""
-                raise
+        """A small lease file's bytes, ``None`` if absent: one ranged GET on object stores; on
+        local disk a bounded read, so a pipe in the lease folder cannot block a worker."""
+        return backend_for(self.fs).read_if_present(path, _READ_MAX)

@@ -29,9 +29,10 @@ from .faults import crash_point
 from .ledger import RunState
 from .ledger.base import AttemptRow
 from .store import (
+    backend_for,
     confine,
     fsync_dir,
-    is_local,
+    listed_path,
     literal,
     read_json,
     read_regular,
@@ -344,7 +345,7 @@ def _set_aside(sweep: Sweep, run_id: str, dest: str | None) -> str | None:
     fs = sweep.store.fs
     src = sweep.paths.run(run_id).dir
     trash = posixpath.join(sweep.paths.dir, "trash")
-    if is_local(fs):
+    if backend_for(fs).renames_folders:
         with store_errors("move", src):
             local_src, local_trash = confine(fs, src), confine(fs, trash)
             os.makedirs(local_trash, exist_ok=True)
@@ -448,7 +449,7 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
         with store_errors("list", paths.dir):
             sizes = {str(path): int(info.get("size") or 0)
                      for path, info in fs.find(paths.dir, detail=True).items() if info.get("type") == "file"}
-        prefix = fs._strip_protocol(paths.dir).rstrip("/") + "/"
+        prefix = listed_path(fs, paths.dir).rstrip("/") + "/"
         rel_sizes = {p[len(prefix):] if p.startswith(prefix) else p: s for p, s in sizes.items()}
         item = GcRun(run_id)
         directory = CheckpointDir(fs, paths.checkpoints)
@@ -509,14 +510,4 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
 
 def _remove_file(sweep: Sweep, path: str) -> None:
     """Remove a regular file, never what a symlink points at."""
-    fs = sweep.store.fs
-    with store_errors("delete", path):
-        try:
-            if is_local(fs):
-                local = confine(fs, path, leaf=False)
-                if os.path.isfile(local) and not os.path.islink(local):
-                    os.unlink(local)
-            else:
-                fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+    backend_for(sweep.store.fs).delete_file(path)

@@ -40,8 +40,8 @@ from .spec import SweepSpec, parse_spec
 from .store import (
     SweepPaths,
     atomic_write,
+    backend_for,
     create_only,
-    is_local,
     newest_metrics_part,
     open_store,
     read_regular,
@@ -450,7 +450,7 @@ class Sweep:
         if not files:  # a done run of a big sweep's summary, never listed: nothing to build
             return None
         paths = self.paths.run(run_id)
-        if is_local(self.store.fs):
+        if backend_for(self.store.fs).appendable:
             return paths.metrics if "metrics.jsonl" in files else None
         newest = newest_metrics_part(p.split("/", 1)[1] for p in files if p.startswith("metrics/"))
         return posixpath.join(paths.metrics_parts, newest) if newest else None

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from .errors import StoreError
-from .store import confine, fsync_dir, is_local, read_regular, remove, store_errors
+from .store import confine, fsync_dir, listed_path, native_path, read_regular, remove, store_errors
 from .training import sealed
 from .training.checkpoints import TEMP_PREFIX, CheckpointInfo
 
@@ -50,7 +50,7 @@ def trainer_dir(sweep: Sweep, run_id: str) -> str | None:
     so a Trainer run lives on local disk; a run on another store has none. A symlinked
     folder is not followed: ``gc`` would delete what it points at."""
     fs = sweep.store.fs
-    if not is_local(fs):
+    if native_path(fs, sweep.paths.run(run_id).dir) is None:
         return None
     path = os.path.join(confine(fs, sweep.paths.run(run_id).dir), TRAINER)
     return path if os.path.isdir(path) and not os.path.islink(path) else None
@@ -400,7 +400,7 @@ def run_trainer(sweep: Sweep, run_id: str, sizes: Mapping[str, int] | None = Non
     the caller already listed them; without ``sizes``, the ``trainer/`` folder is listed once
     here, and only when ``mtimes`` (the run's listing) shows it has files."""
     fs = sweep.store.fs
-    if is_local(fs):
+    if native_path(fs, sweep.paths.run(run_id).dir) is not None:
         folder = trainer_dir(sweep, run_id)
         return LocalTrainer(folder) if folder is not None else None
     prefix = TRAINER + "/"
@@ -413,7 +413,7 @@ def run_trainer(sweep: Sweep, run_id: str, sizes: Mapping[str, int] | None = Non
                 found = fs.find(remote, detail=True)
             except FileNotFoundError:
                 found = {}
-        top = fs._strip_protocol(remote).rstrip("/") + "/"
+        top = listed_path(fs, remote).rstrip("/") + "/"
         sizes = {prefix + str(path)[len(top):]: int(info.get("size") or 0)
                  for path, info in found.items()
                  if info.get("type") == "file" and str(path).startswith(top)}

@@ -113,23 +113,6 @@ def test_status_and_launch_agree_that_a_done_folder_is_not_done(sandbox: Sandbox
 
 # -- bounded reads of regular files only ----------------------------------------------------
 
-def test_read_regular_reads_at_most_max_bytes_from_either_end(tmp_path: Path) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(b"0123456789")
-    fs = open_store(str(tmp_path)).fs
-    assert read_regular(fs, str(path), 4) == b"0123"
-    assert read_regular(fs, str(path), 4, tail=True) == b"6789"
-    assert read_regular(fs, str(path), 100, tail=True) == b"0123456789"
-    mem = fsspec.filesystem("memory")
-    mem.pipe_file(f"/sweeprun-read/{tmp_path.name}/f", b"0123456789")
-    try:
-        assert read_regular(mem, f"/sweeprun-read/{tmp_path.name}/f", 3, tail=True) == b"789"
-        with pytest.raises(StoreError, match="a folder, not a regular file"):
-            read_regular(mem, f"/sweeprun-read/{tmp_path.name}", 3)
-    finally:
-        mem.rm(f"/sweeprun-read/{tmp_path.name}", recursive=True)
-
-
 @pytest.mark.parametrize("make, kind", [
     (lambda p: os.mkfifo(p), "a named pipe"),
     (lambda p: os.symlink("/dev/zero", p), "a symbolic link"),  # never followed in a store
@@ -145,13 +128,6 @@ def test_read_regular_refuses_what_is_not_a_regular_file(tmp_path: Path, make, k
         read_regular(fs, str(path), 1 << 20, tail=True)
     with pytest.raises(StoreError, match=said):
         read_json(fs, str(path))
-
-
-def test_read_json_refuses_an_oversized_file(tmp_path: Path) -> None:
-    path = tmp_path / "params.json"
-    path.write_text(json.dumps({"x": "y" * 100}))
-    with pytest.raises(StoreError, match="larger than 50 bytes"):
-        read_json(open_store(str(tmp_path)).fs, str(path), max_bytes=50)
 
 
 def test_read_done_of_a_device_is_not_a_hang(tmp_path: Path) -> None:

@@ -27,9 +27,8 @@ import yaml
 from sweeprun import open_store
 from sweeprun.attempt import _AttemptLog, _create_only
 from sweeprun.spec import parse_spec
-from sweeprun.store import SweepPaths, create_only
+from sweeprun.store import ObjectBackend, SweepPaths, create_only
 from sweeprun.sweep import Sweep
-from sweeprun.training import writer as writer_module
 from sweeprun.training.checkpoints import CheckpointDir, Owner, Retention
 from sweeprun.training.writer import CheckpointWriter, Snapshot
 
@@ -367,7 +366,7 @@ def test_a_large_checkpoint_streams_in_parts_through_throttling(
     state, and 503s on parts are retried."""
     import torch
 
-    monkeypatch.setattr(writer_module, "UPLOAD_PART_BYTES", 5 * 2**20)
+    monkeypatch.setattr(ObjectBackend, "part_bytes", 5 * 2**20)
     proxy.slow_down_every = 4
     store = open_store(f"{s3_bucket}/big")
     buffered: list[int] = []

@@ -50,7 +50,7 @@ from typing import Any, Literal
 from ..errors import CheckpointError, SweeprunError
 from ..redact import redact
 from ..runenv import PREEMPTED_EXIT
-from ..store import is_local
+from ..store import native_path
 from ..training.checkpoints import warn_once
 from ..training.run import Run
 from ..training.start import init
@@ -112,8 +112,7 @@ class SweeprunCallback(Callback):
                              time_limit_s=time_limit_s, stop_signals=stop_signals,
                              async_save=async_save, **init_options)
         self.run.track(lightning=_TrainerState(self))
-        local = is_local(self.run.paths.fs)
-        self._files = _lightning_state.ModelCheckpointFiles(self.run.paths.dir if local else None)
+        self._files = _lightning_state.ModelCheckpointFiles(native_path(self.run.paths.fs, self.run.paths.dir))
         self._trainer: Trainer | None = None
         self._restored = False            # run.restore() was called
         self._path: str | None = None     # the checkpoint Lightning is to resume from

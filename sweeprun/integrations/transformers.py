@@ -62,7 +62,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from ..errors import CheckpointError, SpecError
 from ..faults import crash_point
 from ..runenv import PREEMPTED_EXIT
-from ..store import fsync_dir, is_local
+from ..store import fsync_dir, native_path
 from ..training.checkpoints import warn
 from ..training.run import Run
 from ..training.sealed import (
@@ -110,7 +110,7 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     run = init_run(params, local_dir, every_s=every_s, time_limit_s=time_limit_s,
                    stop_signals=stop_signals, clock=clock, env=env)
     staging = None
-    if not is_local(run.paths.fs):
+    if native_path(run.paths.fs, run.paths.dir) is None:  # the Trainer writes OS files: stage them
         try:
             staging = staging_root(run.paths, run.run_id,
                                    os.fspath(staging_dir) if staging_dir is not None else None)

@@ -37,10 +37,9 @@ from .base import (
     mutable_values,
     with_attempt,
 )
-from .sqlite_file import CLAIM_ORDER, OPEN_RUNS, SqliteFile, mount_fstype, sqlite_utils
+from .sqlite_file import CLAIM_ORDER, OPEN_RUNS, SqliteFile, sqlite_utils
 
-#: leases.py reads mounts through here until the store owns that reader.
-__all__ = ["SqliteLedger", "mount_fstype"]
+__all__ = ["SqliteLedger"]
 
 #: How this host's workers are labelled: a run leased by any other label is surely held.
 _LOCAL = HOST + ":"

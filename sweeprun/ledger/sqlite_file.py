@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import settings
 from ..errors import LedgerError
+from ..store import mount_fstype
 
 
 def _import_sqlite_utils() -> Any:
@@ -59,24 +60,6 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 #: checkpoints hold work), then grid order. Both are spelled as the ``runs_claim`` index is.
 OPEN_RUNS = "r.state NOT IN ('done', 'failed')"
 CLAIM_ORDER = "r.state <> 'interrupted', r.idx"
-
-
-def mount_fstype(path: Path) -> str | None:
-    """Filesystem type of the mount holding ``path``, from /proc/mounts (Linux), else ``None``."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    target = os.path.realpath(path)
-    best, fstype = "", None
-    for line in mounts:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount = parts[1].replace("\\040", " ")
-        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-            best, fstype = mount, parts[2]
-    return fstype
 
 
 def _is_network_fs(fstype: str | None) -> bool:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import fsspec
 
 from ..errors import CheckpointError, StoreError
-from ..store import is_local, store_errors
+from ..store import backend_for, store_errors
 
 FORMAT = 2
 #: ``ckpt-a<attempt>-<seq>-step<step>.<pt|json>``: 1 to 18 ASCII digits each (``[0-9]``, never
@@ -256,17 +256,18 @@ class CheckpointDir:
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
         self.fs = fs
         self.path = path.rstrip("/")
-        self.local = is_local(fs)
+        self.store = backend_for(fs)
 
     def join(self, name: str) -> str:
         return posixpath.join(self.path, name)
 
     def check(self) -> None:
         """Refuse a folder that is a symlink: pruning through it would delete files elsewhere."""
-        if not self.local:
-            return
+        native = self.store.native_path(self.path)
+        if native is None:
+            return  # an object store has no links
         try:
-            mode = os.lstat(self.path).st_mode
+            mode = os.lstat(native).st_mode
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -282,19 +283,7 @@ class CheckpointDir:
     def listing(self) -> dict[str, bool]:
         """``name -> is a regular file`` for everything in the folder (a symlink is not)."""
         self.check()
-        with store_errors("list", self.path):
-            if self.local:
-                try:
-                    with os.scandir(self.path) as entries:
-                        return {e.name: e.is_file(follow_symlinks=False) for e in entries}
-                except FileNotFoundError:
-                    return {}
-            try:
-                found = self.fs.ls(self.path, detail=True)
-            except FileNotFoundError:
-                return {}
-            return {posixpath.basename(info["name"].rstrip("/")): info.get("type") == "file"
-                    for info in found}
+        return self.store.entries(self.path)
 
     def names(self) -> list[Name]:
         """The parsed checkpoint names present (data or manifest), warning once about anything else."""
@@ -309,28 +298,21 @@ class CheckpointDir:
 
     def read(self, name: str) -> bytes:
         """The bytes of a regular file in this folder, never through a symlink (OSError if not)."""
-        if not self.local:
+        native = self.store.native_path(self.join(name))
+        if native is None:
             return self.fs.cat_file(self.join(name))
-        fd = os.open(self.join(name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(native, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise IsADirectoryError(f"{self.join(name)} is not a regular file")
             return f.read()
 
-    def delete(self, name: str) -> None:
-        """Remove a regular file of this folder; anything else is left alone."""
+    def delete(self, name: str, *, set_aside: str | None = None) -> None:
+        """Remove a regular file of this folder; anything else is left alone. ``set_aside``:
+        see :meth:`~sweeprun.store.base.StoreBackend.delete_file`."""
         if posixpath.basename(name) != name or name in ("", ".", ".."):
             return
-        path = self.join(name)
-        try:
-            with store_errors("delete", path):
-                if self.local:
-                    if stat.S_ISREG(os.lstat(path).st_mode):
-                        os.unlink(path)
-                else:
-                    self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+        self.store.delete_file(self.join(name), set_aside=set_aside)
 
     def manifests(self, listing: dict[str, bool] | None = None) -> list[Manifest]:
         """Every manifest that parses and checks out, oldest first. Anything else is reported

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import stat
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -32,7 +31,7 @@ import fsspec
 from ..errors import StoreError
 from ..faults import crash_point
 from ..numbers import finite
-from ..store import RunPaths, atomic_write, confine, is_local, read_regular, store_errors
+from ..store import RunPaths, atomic_write, backend_for, confine, read_regular, store_errors
 from .checkpoints import warn_once
 
 #: The most of one run's metrics file a reader loads whole (``plot``, ``show``); a longer
@@ -51,9 +50,10 @@ class MetricsLog:
     def __init__(self, paths: RunPaths, attempt: int) -> None:
         self.fs = paths.fs
         self.paths = paths
-        self.local = is_local(paths.fs)
-        #: What this process writes: metrics.jsonl on local disk, its attempt's object otherwise.
-        self.path = paths.metrics if self.local else paths.metrics_part(attempt)
+        self.appendable = backend_for(paths.fs).appendable
+        #: What this process writes: metrics.jsonl where files can be appended to (local disk),
+        #: its attempt's own object otherwise.
+        self.path = paths.metrics if self.appendable else paths.metrics_part(attempt)
         self._lines: list[str] = []          # the whole file, kept for object stores
         self._file: IO[str] | None = None
         self._dirty = False
@@ -72,7 +72,7 @@ class MetricsLog:
         readers see this attempt's view.
         """
         source = self.path
-        if not self.local:
+        if not self.appendable:
             newest = self.paths.current_metrics()
             source = (self.paths.metrics_part(resume_attempt) if resume_attempt is not None
                       else newest or self.path)
@@ -86,7 +86,7 @@ class MetricsLog:
             kept_raw = raw[:resume_bytes]
             self._lines = [line + "\n" for line in kept_raw.decode(errors="replace").split("\n")[:-1]]
         else:
-            if not self.local and resume_attempt is not None and newest and newest != source:
+            if not self.appendable and resume_attempt is not None and newest and newest != source:
                 with store_errors("read", newest):  # the resumed attempt's object is gone
                     raw = self.fs.cat_file(newest)
             whole = raw.decode(errors="replace").split("\n")[:-1]  # after the last newline: torn
@@ -96,7 +96,7 @@ class MetricsLog:
         if kept_raw != raw or source != self.path:
             atomic_write(self.fs, self.path, kept_raw)
         self.size = len(kept_raw)
-        if self.local:
+        if self.appendable:
             with store_errors("open", self.path):
                 local = confine(self.fs, self.path)  # never appended through a link
                 os.makedirs(os.path.dirname(local), exist_ok=True)
@@ -253,26 +253,13 @@ def tail_entries(fs: fsspec.AbstractFileSystem, path: str, size: int,
 
 
 def _file_size(fs: fsspec.AbstractFileSystem, path: str) -> int:
-    with store_errors("read", path):
-        if is_local(fs):
-            return os.stat(fs._strip_protocol(path)).st_size
-        return int(fs.info(path).get("size") or 0)
+    return backend_for(fs).size(path)
 
 
 def _read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> bytes:
     """Bytes ``[start, end)`` of a file :func:`read_regular` already found regular; on local
     disk opened without blocking and checked again, so a pipe put in its place is refused."""
-    with store_errors("read", path):
-        if not is_local(fs):
-            return bytes(fs.cat_file(path, start=start, end=end))
-        fd = os.open(fs._strip_protocol(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise StoreError(f"cannot read {path}: it is no longer a regular file; "
-                                 "move it away and run the same command again")
-            return os.pread(fd, end - start, start)
-        finally:
-            os.close(fd)
+    return backend_for(fs).read_range(path, start, end)
 
 
 def read_metrics(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
@@ -281,7 +268,7 @@ def read_metrics(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any
     Given a run's ``metrics.jsonl`` on an object store, where each attempt keeps its
     own object, the run's metrics as :func:`read_run_metrics` reads them.
     """
-    if not is_local(fs) and posixpath.basename(path) == "metrics.jsonl":
+    if not backend_for(fs).appendable and posixpath.basename(path) == "metrics.jsonl":
         return read_run_metrics(RunPaths(fs, posixpath.dirname(path)))
     with store_errors("read", path):
         return parse_entries(fs.cat_file(path), path)
@@ -295,6 +282,6 @@ def read_run_metrics(paths: RunPaths) -> list[dict[str, Any]]:
     try:
         return parse_entries(read_regular(paths.fs, path, METRICS_MAX_BYTES), path)
     except StoreError as exc:
-        if isinstance(exc.__cause__, FileNotFoundError) and not is_local(paths.fs):
+        if isinstance(exc.__cause__, FileNotFoundError) and not backend_for(paths.fs).appendable:
             return []
         raise

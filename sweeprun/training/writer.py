@@ -1,11 +1,12 @@
 """The file I/O of a save: stream, fence, write data then manifest, prune.
 
-On local disk the serialised state is streamed straight into a temp file in the
-checkpoints folder while a helper thread hashes the same chunks (:mod:`.digest`: no
-second copy of a multi-GB state in memory, and the hash overlaps the write), then fsynced, renamed into place and the folder fsynced, so the rename itself survives
-a power loss. Object stores cannot rename: there the bytes stream into a multipart
-upload, which appears whole or not at all. The manifest goes last, create-only
-(:func:`~sweeprun.store.create_only`): no writer can replace one.
+The serialised state streams straight into the store's streaming write
+(:meth:`~sweeprun.store.base.StoreBackend.stream_write`) while a helper thread hashes
+the same chunks (:mod:`.digest`: no second copy of a multi-GB state in memory, and the
+hash overlaps the write). The store makes it appear whole or not at all: on local disk a
+temp file, fsynced and linked into place, on object stores a multipart upload. The
+manifest goes last, create-only (:func:`~sweeprun.store.create_only`): no writer can
+replace one.
 
 The crash points (``checkpoint.mid_write`` ...) are plain calls that cost one
 environment lookup when fault injection is off; the write path is the same with or
@@ -30,9 +31,7 @@ import hashlib
 import os
 import posixpath
 import re
-import stat
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -42,13 +41,9 @@ from typing import IO, Any
 
 from ..errors import LeaseLost
 from ..faults import crash_point
-from ..store import create_only, current_umask, fsync_dir, store_errors
+from ..store import UPLOAD_PART_BYTES, create_only, store_errors
 from .checkpoints import TEMP_PREFIX, CheckpointDir, Manifest, Name, Owner, Retention, _finite
 from .digest import StreamDigest, tensor_memory
-
-#: Part size of a checkpoint's multipart upload: what a save holds in memory on an
-#: object store (S3 allows 10,000 parts: 500 GiB at this size).
-UPLOAD_PART_BYTES = 50 * 2**20
 
 #: A record of an attempt's start in ``attempts/``: the launcher's ``<n>.json``, the API's
 #: ``<n>.started`` and ``<n>.finished``.
@@ -195,36 +190,13 @@ class CheckpointWriter:
         becomes one a restore would take. It then removes its data file and raises
         :class:`LeaseLost`. What is left is the moment between that second check and the
         manifest's creation: no store offers a write conditional on another file."""
-        import torch
 
         folder = self.fence() if folder is None else folder
         listing = folder.listing
         seq = max((n.seq for n in map(Name.parse, listing) if n is not None), default=0) + 1
         name = Name(self.attempt, seq, snapshot.step)
         path = self.dir.join(name.data)
-        with store_errors("write", path):
-            if self.dir.local:
-                os.makedirs(self.dir.path, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.dir.path, prefix=f"{TEMP_PREFIX}{name.stem}-",
-                                           suffix=".pt")
-                try:
-                    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: honour the umask
-                    with os.fdopen(fd, "wb") as f, StreamDigest(tensor_memory(snapshot.state)) as digest:
-                        torch.save(snapshot.state, _HashingSink(f, digest, fd=f.fileno()))
-                        f.flush()
-                        os.fsync(f.fileno())        # the hash of the last chunks overlaps this
-                        size, sha256 = digest.size, digest.hexdigest()
-                    crash_point("checkpoint.before_rename")
-                    os.replace(tmp, path)
-                except BaseException:
-                    try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
-                    raise
-                fsync_dir(self.dir.path)
-            else:
-                size, sha256 = self._stream(snapshot, path)
+        size, sha256 = self._stream(snapshot, path, name)
         manifest = Manifest(attempt=self.attempt, seq=seq, step=snapshot.step, size=size,
                             sha256=sha256, run_id=self.owner.run_id,
                             sweep=self.owner.sweep, data=name.data,
@@ -247,34 +219,30 @@ class CheckpointWriter:
                           [*folder.manifests, manifest]))
         return manifest
 
-    def _stream(self, snapshot: Snapshot, path: str) -> tuple[int, str]:
-        """Serialise straight into a create-only multipart upload, hashing as it goes.
+    def _stream(self, snapshot: Snapshot, path: str, name: Name) -> tuple[int, str]:
+        """Serialise straight into a create-only streaming write of the store, hashing as it goes.
 
-        Memory holds one part (:data:`UPLOAD_PART_BYTES`), never the whole state, and
-        parts lift S3's 5 GiB limit of a single PUT. Create-only (``If-None-Match`` on
-        the completion) because two writers of one name means the other one owns it.
-        A failed save aborts its upload; one killed mid-way leaves an incomplete upload,
-        which S3 bills until a lifecycle rule (AbortIncompleteMultipartUpload) removes it.
+        Memory holds one upload part at most, never the whole state. Create-only because
+        two writers of one name means the other one owns it: unless its bytes are ours (a
+        retry after a lost reply), that is a clash. On local disk the writeback is hinted
+        as the file grows, and the hash of the last chunks overlaps the fsync.
         """
         import torch
 
-        f = self.dir.fs.open(path, "xb", block_size=UPLOAD_PART_BYTES)
+        store = self.dir.store
         size, sha256 = 0, ""
         try:
-            with StreamDigest(tensor_memory(snapshot.state)) as digest:
-                torch.save(snapshot.state, _HashingSink(f, digest, slice_bytes=UPLOAD_PART_BYTES))
-                size, sha256 = digest.size, digest.hexdigest()
-            crash_point("checkpoint.before_rename")
-            f.close()
+            with store.stream_write(path, create_only=True, temp_prefix=f"{TEMP_PREFIX}{name.stem}-",
+                                    temp_suffix=".pt",
+                                    before_commit=lambda: crash_point("checkpoint.before_rename")) as sink:
+                with StreamDigest(tensor_memory(snapshot.state)) as digest:
+                    torch.save(snapshot.state, _HashingSink(sink.file, digest, slice_bytes=sink.part_bytes,
+                                                            fd=sink.fd))
+                    sink.sync()
+                    size, sha256 = digest.size, digest.hexdigest()
         except FileExistsError:
             if self._digest(path) != sha256:
                 raise self._clash(path) from None
-        except BaseException:
-            discard = getattr(f, "discard", None)
-            if discard is not None and not f.closed:
-                with contextlib.suppress(Exception):
-                    discard()
-            raise
         return size, sha256
 
     def _digest(self, path: str) -> str | None:
@@ -327,21 +295,9 @@ class CheckpointWriter:
         which the next save's prune removes like any crashed write's.
         """
         parsed = Name.parse(entry)
-        if not (self.dir.local and parsed is not None and entry == parsed.data):
-            self.dir.delete(entry)
-            return
-        src = self.dir.join(entry)
-        trash = self.dir.join(f"{TEMP_PREFIX}{parsed.stem}-pruned.pt")
-        try:
-            if not stat.S_ISREG(os.lstat(src).st_mode):
-                return  # a link or anything odd someone put there is left alone, as delete() does
-            os.replace(src, trash)
-        except FileNotFoundError:
-            return
-        except OSError:
-            self.dir.delete(entry)
-            return
-        threading.Thread(target=_unlink_quietly, args=(trash,), name="sweeprun-prune", daemon=True).start()
+        aside = (self.dir.join(f"{TEMP_PREFIX}{parsed.stem}-pruned.pt")
+                 if parsed is not None and entry == parsed.data else None)
+        self.dir.delete(entry, set_aside=aside)
 
 
 
