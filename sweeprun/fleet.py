@@ -95,7 +95,7 @@ class StopRequests:
 
     def __init__(self, paths: SweepPaths) -> None:
         self.fs = paths.fs
-        self.path = posixpath.join(paths.dir, "STOP")
+        self.path = paths.stop
 
     def current(self) -> str | None:
         """The id of the latest request, or ``None``; a :class:`StoreError` when the store

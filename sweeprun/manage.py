@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import layout
 from .errors import SpecError, StoreError, SweeprunError
 from .faults import crash_point
 from .ledger import RunState
@@ -42,7 +43,6 @@ from .store import (
 from .sweep import StatusRow, Sweep
 from .trainer_folders import TrainerPlan, run_trainer
 from .training.checkpoints import (
-    TEMP_PREFIX,
     CheckpointDir,
     CheckpointInfo,
     Manifest,
@@ -126,7 +126,7 @@ def run_detail(sweep: Sweep, run_id: str) -> RunDetail:
     files = {rel: mtime for rel, mtime in sweep.paths.listing(only=[run_id]).get(run_id, {}).items()}
     params = _params(sweep, run_id, paths.params, files)
     attempts, source = _attempts(sweep, run_id, files)
-    done = paths.read_done() if "DONE" in files else None
+    done = paths.read_done() if layout.DONE in files else None
     if source == "store" and done:
         attempts = [_with_done(a, done) for a in attempts]
     metrics_path = paths.current_metrics()
@@ -155,7 +155,7 @@ def run_detail(sweep: Sweep, run_id: str) -> RunDetail:
 def _params(sweep: Sweep, run_id: str, path: str, files: dict[str, float]) -> dict[str, Any]:
     if run_id in sweep.runs_by_id:
         return dict(sweep.runs_by_id[run_id].params)
-    if "params.json" in files:
+    if layout.PARAMS in files:
         try:
             found = read_json(sweep.store.fs, path)
             if isinstance(found, dict):
@@ -185,7 +185,7 @@ def _attempts(sweep: Sweep, run_id: str, files: dict[str, float]) -> tuple[list[
     out = []
     for n in sorted(numbers):
         record: dict[str, Any] = {}
-        if f"attempts/{n}.json" in files:
+        if f"{layout.ATTEMPTS}/{layout.attempt_record_name(n)}" in files:
             try:
                 loaded = read_json(sweep.store.fs, sweep.paths.run(run_id).attempt_record(n))
                 record = loaded if isinstance(loaded, dict) else {}
@@ -194,7 +194,8 @@ def _attempts(sweep: Sweep, run_id: str, files: dict[str, float]) -> tuple[list[
         started = record.get("started_at")
         out.append(AttemptRow(attempt=n, worker=str(record["worker"]) if record.get("worker") else None,
                               started_at=float(started) if isinstance(started, (int, float)) else None,
-                              ended_at=files.get(f"logs/attempt-{n}.log"), outcome=None, exit_code=None))
+                              ended_at=files.get(f"{layout.LOGS}/{layout.log_name(n)}"), outcome=None,
+                              exit_code=None))
     return out, "store"
 
 
@@ -207,20 +208,17 @@ def _with_done(attempt: AttemptRow, done: dict[str, Any]) -> AttemptRow:
                       "done", 0)
 
 
-def _number(rel: str, folder: str, prefix: str, suffix: str) -> int | None:
-    head, _, name = rel.rpartition("/")
-    if head != folder or not name.startswith(prefix) or not name.endswith(suffix):
-        return None
-    digits = name[len(prefix):len(name) - len(suffix)]
-    return int(digits) if digits.isascii() and digits.isdigit() else None
-
-
 def _log_number(rel: str) -> int | None:
-    return _number(rel, "logs", "attempt-", ".log")
+    """The attempt of ``logs/attempt-<n>.log`` (a path in the run's folder)."""
+    folder, _, name = rel.partition("/")
+    return layout.parse_log(name) if folder == layout.LOGS else None
 
 
 def _record_number(rel: str) -> int | None:
-    return _number(rel, "attempts", "", ".json")
+    """The attempt of the launcher's record ``attempts/<n>.json``."""
+    folder, _, name = rel.partition("/")
+    record = layout.parse_attempt_record(name) if folder == layout.ATTEMPTS else None
+    return record[0] if record and record[1] == "json" else None
 
 
 def _checkpoints(directory: CheckpointDir) -> list[CheckpointInfo]:
@@ -285,13 +283,13 @@ def reset(sweep: Sweep, names: Iterable[str] = (), *, failed: bool = False, dry_
     refuse_held(sweep, run_ids, "reset")
     present = sweep.paths.run_ids()
     report.had_folder = present & set(run_ids)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(clock()))
+    now = clock()
     for run_id in run_ids:
         if run_id not in present:
             report.moved[run_id] = None
         else:
-            report.moved[run_id] = None if delete else posixpath.join(sweep.paths.dir, "trash",
-                                                                      f"{run_id}-{stamp}")
+            report.moved[run_id] = None if delete else posixpath.join(
+                sweep.paths.trash, layout.trash_name(run_id, now))
     if dry_run:
         return report
     sweep.store.check_writable()
@@ -344,13 +342,13 @@ def _set_aside(sweep: Sweep, run_id: str, dest: str | None) -> str | None:
     is not done, never a done run with missing files."""
     fs = sweep.store.fs
     src = sweep.paths.run(run_id).dir
-    trash = posixpath.join(sweep.paths.dir, "trash")
+    trash = sweep.paths.trash
     if backend_for(fs).renames_folders:
         with store_errors("move", src):
             local_src, local_trash = confine(fs, src), confine(fs, trash)
             os.makedirs(local_trash, exist_ok=True)
             target = confine(fs, dest) if dest else os.path.join(
-                local_trash, f"{TEMP_PREFIX}deleting-{run_id}-{os.getpid()}")
+                local_trash, layout.trash_deleting_name(run_id, os.getpid()))
             if os.path.lexists(target):
                 raise StoreError(f"cannot move {src} to {target}: something is there already; "
                                  "wait a second and run the same command again")
@@ -463,16 +461,16 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
                 continue
             item.checkpoints.append(manifest.data)
             for name in (manifest.name.manifest, manifest.data):
-                if f"checkpoints/{name}" in rel_sizes:
+                if f"{layout.CHECKPOINTS}/{name}" in rel_sizes:
                     item.files += 1
-                    item.bytes_freed += rel_sizes[f"checkpoints/{name}"]
-        orphans = [name for name, regular in present.items() if regular and name.endswith(".pt")
-                   and not name.startswith(TEMP_PREFIX) and name not in described
-                   and name[:-3] + ".json" not in present]
+                    item.bytes_freed += rel_sizes[f"{layout.CHECKPOINTS}/{name}"]
+        orphans = [name for name, regular in present.items()
+                   if regular and (c := layout.CheckpointName.parse(name)) is not None and name == c.data
+                   and name not in described and c.manifest not in present]
         for name in orphans:
             item.checkpoints.append(name)
             item.files += 1
-            item.bytes_freed += rel_sizes.get(f"checkpoints/{name}", 0)
+            item.bytes_freed += rel_sizes.get(f"{layout.CHECKPOINTS}/{name}", 0)
         trainer = run_trainer(sweep, run_id, sizes=rel_sizes)
         plan = trainer.plan(damaged) if trainer is not None else TrainerPlan()
         gone = [trainer.rel(p) for p in plan.remove + plan.leftovers] if trainer else []
@@ -481,7 +479,7 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
             return [top for top in tops if rel.startswith(top + "/")]
 
         temps = sorted(rel for rel in rel_sizes
-                       if posixpath.basename(rel).startswith(TEMP_PREFIX) and not inside(rel))
+                       if posixpath.basename(rel).startswith(layout.TEMP_PREFIX) and not inside(rel))
         item.temp_files = temps + gone[len(plan.remove):]
         temp_set = set(temps)
         for rel, size in rel_sizes.items():

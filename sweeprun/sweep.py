@@ -11,14 +11,13 @@ import json
 import math
 import os
 import posixpath
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import faults, settings
+from . import faults, layout, settings
 from .errors import StoreError, SweeprunError
 from .fleet import Coordination, CoordinationRecord
 from .identity import RunSpec
@@ -49,7 +48,6 @@ from .store import (
     write_json,
 )
 from .training.metrics import tail_entries
-from .training.sealed import SEAL, step_of
 
 #: The ledger URL or path when ``--ledger`` is not given; it wins over ``ledger:`` in the file.
 LEDGER_ENV = settings.LEDGER.name
@@ -131,15 +129,15 @@ class Sweep:
         """
         path = self.paths.identity
         if create:
-            create_only(self.store.fs, path, (uuid.uuid4().hex + "\n").encode())
+            create_only(self.store.fs, path, layout.sweep_id_text(uuid.uuid4().hex))
         try:
             raw = read_regular(self.store.fs, path, 256)
         except StoreError as exc:
             if not create and isinstance(exc.__cause__, FileNotFoundError):
                 return None
             raise
-        ident = raw.decode(errors="replace").strip()
-        if not re.fullmatch(r"[0-9a-f]{32}", ident):
+        ident = layout.parse_sweep_id(raw)
+        if ident is None:
             raise StoreError(f"{self.store.fs.unstrip_protocol(path)} is not a sweep id written "
                              "by sweeprun; move it away and run again (finished runs stay finished)")
         return f"{self.spec.name}#{ident[:16]}"
@@ -185,16 +183,20 @@ class Sweep:
         """``resets/``: one marker per run ``sweeprun reset`` made run again, named
         ``<run id>@<token>``, beside ``runs/``: a run's own folder is moved away by the reset,
         and any folder there would make the run look started to every reader."""
-        return posixpath.join(self.paths.dir, "resets")
+        return self.paths.resets
+
+    def _markers(self) -> list[tuple[str, str, str]]:
+        """``(name, run id, token)`` of every reset marker, from one listing (temp files of a
+        marker's write and anything else there are passed over)."""
+        return [(name, *parsed) for name in self.paths._names(self.resets_dir, files_only=True)
+                if (parsed := layout.parse_reset_marker(name)) is not None]
 
     def resets(self) -> dict[str, str]:
         """``run id -> token`` of each run's newest reset marker, from one listing (no reads:
         a launch pays one LIST however many runs were ever reset)."""
         out: dict[str, str] = {}
-        for name in self.paths._names(self.resets_dir, files_only=True):
-            run_id, sep, token = name.rpartition("@")
-            if (sep and run_id and not name.startswith(".")  # a temp file of a write
-                    and _RESET_TOKEN.fullmatch(token) and token > out.get(run_id, "")):
+        for _, run_id, token in self._markers():
+            if token > out.get(run_id, ""):
                 out[run_id] = token
         return out
 
@@ -204,15 +206,13 @@ class Sweep:
         run whatever the clocks say, so a kill before the old ones are gone still leaves this
         one the newest."""
         self.paths.run(run_id)  # the id is a safe path segment
-        older = [name for name in self.paths._names(self.resets_dir, files_only=True)
-                 if name.rpartition("@")[0] == run_id]
-        stamp = max([int(clock() * 1000)] + [int(t[:13]) + 1 for n in older
-                                             if _RESET_TOKEN.fullmatch(t := n.rpartition("@")[2])])
-        token = f"{stamp:013d}-{uuid.uuid4().hex[:8]}"
-        atomic_write(self.store.fs, posixpath.join(self.resets_dir, f"{run_id}@{token}"),
+        older = [(name, token) for name, marked, token in self._markers() if marked == run_id]
+        stamp = max([int(clock() * 1000)] + [(layout.reset_token_ms(t) or 0) + 1 for _, t in older])
+        token = layout.reset_token(stamp, uuid.uuid4().hex[:8])
+        atomic_write(self.store.fs, self.paths.reset_marker(run_id, token),
                      (json.dumps({"run_id": run_id, "at": clock()}) + "\n").encode())
         faults.crash_point("reset.before_older_markers_go")
-        for name in older:
+        for name, _ in older:
             with store_errors("delete", self.resets_dir):
                 try:
                     self.store.fs.rm_file(posixpath.join(self.resets_dir, name))
@@ -390,7 +390,7 @@ class Sweep:
                 holder = self._holder(run_id, lease) if state in (RunState.PENDING, RunState.INTERRUPTED) else None
                 if holder:  # held by another machine, whose ledger this one cannot see
                     state, worker = RunState.RUNNING, holder
-            ckpt = [m for p, m in files.items() if p.startswith("checkpoints/") or is_trainer_seal(p)]
+            ckpt = [m for p, m in files.items() if p.startswith(layout.CHECKPOINTS + "/") or layout.is_trainer_seal(p)]
             rows.append(StatusRow(
                 run_id=run_id, params=params, state=state,
                 attempts=attempts, failures=row.failures if row else 0,
@@ -451,8 +451,9 @@ class Sweep:
             return None
         paths = self.paths.run(run_id)
         if backend_for(self.store.fs).appendable:
-            return paths.metrics if "metrics.jsonl" in files else None
-        newest = newest_metrics_part(p.split("/", 1)[1] for p in files if p.startswith("metrics/"))
+            return paths.metrics if layout.METRICS in files else None
+        parts = layout.METRICS_PARTS + "/"
+        newest = newest_metrics_part(p[len(parts):] for p in files if p.startswith(parts))
         return posixpath.join(paths.metrics_parts, newest) if newest else None
 
     def ledger_exists(self) -> bool:
@@ -469,26 +470,12 @@ class Sweep:
         except (StoreError, FileNotFoundError):
             return [], True
 
-
-#: A reset marker's token: milliseconds since the epoch (13 digits), then 8 random hex digits.
-_RESET_TOKEN = re.compile(r"[0-9]{13}-[0-9a-f]{8}")
-
 #: How much of a metrics file status reads at most for its last entry and the sparkline's points.
 METRICS_TAIL_BYTES = 64 * 1024
 #: The first read: enough for the last entry and the sparkline of most files.
 METRICS_TAIL_FIRST_BYTES = 4 * 1024
 #: Points of the shown metric in a status row's sparkline (fewer when the tail holds fewer).
 TREND_POINTS = 20
-
-
-def is_trainer_seal(rel: str) -> bool:
-    """Is ``rel`` (a path in a run's folder) the seal of a Trainer checkpoint folder,
-    ``trainer/checkpoint-<step>/sweeprun-seal.json``? Its time is when that checkpoint
-    became one (sealed last), so ``status`` ages a Trainer run's checkpoints from its
-    listing alone, hashing nothing."""
-    if not rel.startswith("trainer/checkpoint-") or not rel.endswith("/" + SEAL):
-        return False
-    return step_of(rel[len("trainer/"):-len(SEAL) - 1]) is not None
 
 
 def _trend(entries: list[dict[str, Any]], name: str) -> tuple[float, ...]:

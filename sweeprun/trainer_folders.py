@@ -19,7 +19,6 @@ import json
 import math
 import os
 import posixpath
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,21 +27,17 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from .errors import StoreError
+from .layout import TEMP_PREFIX, TRAINER, parse_set_aside
 from .store import confine, fsync_dir, listed_path, native_path, read_regular, remove, store_errors
 from .training import sealed
-from .training.checkpoints import TEMP_PREFIX, CheckpointInfo
+from .training.checkpoints import CheckpointInfo
 
 if TYPE_CHECKING:
     from .sweep import Sweep
 
-#: A Hugging Face Trainer run's ``output_dir`` inside its run folder, where it keeps its
-#: sealed ``checkpoint-<step>/`` folders (see :mod:`sweeprun.training.sealed`).
-TRAINER = "trainer"
 #: What ``gc`` renames a folder to before deleting it, so that it is gone at once; one left
 #: by a gc killed half-way is deleted by the next.
 GC_PREFIX = TEMP_PREFIX + "gc-"
-#: A folder a resume set aside: ``checkpoint-<step>-a<attempt>`` (``.<n>`` when repeated).
-_SET_ASIDE = re.compile(r"^checkpoint-([0-9]+)-a([0-9]+)(?:\.[0-9]+)?$")
 
 
 def trainer_dir(sweep: Sweep, run_id: str) -> str | None:
@@ -67,10 +62,10 @@ def trainer_checkpoints(folder: str) -> list[CheckpointInfo]:
     except (FileNotFoundError, NotADirectoryError):
         names = []
     for name in names:
-        if (match := _SET_ASIDE.match(name)) and os.path.isdir(os.path.join(aside, name)):
-            info = _folder_info(os.path.join(aside, name), f"{TRAINER}/{sealed.REJECTED}/{name}",
-                                int(match.group(1)))
-            why = f"set aside by attempt {match.group(2)}" + (f" ({info.problem})" if info.problem else "")
+        if (parsed := parse_set_aside(name)) and os.path.isdir(os.path.join(aside, name)):
+            step, attempt = parsed
+            info = _folder_info(os.path.join(aside, name), f"{TRAINER}/{sealed.REJECTED}/{name}", step)
+            why = f"set aside by attempt {attempt}" + (f" ({info.problem})" if info.problem else "")
             out.append(CheckpointInfo(**{**info.__dict__, "verified": False, "problem": why}))
     return out
 
@@ -301,10 +296,11 @@ class BucketTrainer:
         """As :func:`trainer_checkpoints`: each folder oldest first, then those set aside."""
         out = [self._info(name, self.folders[name], step) for step, name in reversed(self._steps())]
         for name in sorted(self.aside):
-            if match := _SET_ASIDE.match(name):
+            if parsed := parse_set_aside(name):
+                step, attempt = parsed
                 rel = f"{sealed.REJECTED}/{name}"
-                info = self._info(rel, self.aside[name], int(match.group(1)))
-                why = f"set aside by attempt {match.group(2)}" + (f" ({info.problem})" if info.problem else "")
+                info = self._info(rel, self.aside[name], step)
+                why = f"set aside by attempt {attempt}" + (f" ({info.problem})" if info.problem else "")
                 out.append(CheckpointInfo(**{**info.__dict__, "verified": False, "problem": why}))
         return out
 
@@ -404,7 +400,7 @@ def run_trainer(sweep: Sweep, run_id: str, sizes: Mapping[str, int] | None = Non
         folder = trainer_dir(sweep, run_id)
         return LocalTrainer(folder) if folder is not None else None
     prefix = TRAINER + "/"
-    remote = posixpath.join(sweep.paths.run(run_id).dir, TRAINER)
+    remote = sweep.paths.run(run_id).trainer
     if sizes is None:
         if mtimes is not None and not any(rel.startswith(prefix) for rel in mtimes):
             return None

@@ -129,7 +129,7 @@ def test_no_verified_folder_in_the_store_stops_in_one_line_and_moves_nothing(
     store.fs.pipe_file(f"{store.root}/trainer/checkpoint-5/model.safetensors", b"weights")
     store.fs.pipe_file(f"{store.root}/trainer/checkpoint-5/{SEAL}",
                        b'{"format": 1, "step": 5, "files": {"model.safetensors": {"size": 99, "sha256": "0"}}}')
-    folders = StoreFolders(paths, str(tmp_path / "staging"), "a1")
+    folders = StoreFolders(paths, str(tmp_path / "staging"), 1)
     for _ in range(2):
         with pytest.raises(CheckpointError, match=r"no checkpoint folder in s3://.*/hf/trainer verifies: "
                            r"checkpoint-5 \(model.safetensors is truncated or changed: 7 bytes, sealed 99\)"):

@@ -42,7 +42,7 @@ from sweeprun.store import RunPaths
 
 store = open_store(os.environ["SWEEPRUN_RUN_DIR"])
 staging = tempfile.mkdtemp()
-folders = StoreFolders(RunPaths(store.fs, store.root), staging, "a2")
+folders = StoreFolders(RunPaths(store.fs, store.root), staging, 2)
 
 def folder(step, seal=True):
     path = os.path.join(staging, f"checkpoint-{step}")

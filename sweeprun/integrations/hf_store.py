@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 
 from ..errors import CheckpointError
 from ..faults import crash_point
+from ..layout import checkpoint_folder, set_aside_name
 from ..redact import redact
 from ..store import RunPaths, remove, store_errors
 from ..training.checkpoints import warn
 from ..training.sealed import (
-    PREFIX,
     REJECTED,
     SEAL,
     Sealed,
@@ -75,11 +75,11 @@ class Pulled:
 class StoreFolders:
     """``<run dir>/trainer`` in the store, mirrored from and into a local ``output_dir``."""
 
-    def __init__(self, paths: RunPaths, output_dir: str, set_aside_suffix: str) -> None:
+    def __init__(self, paths: RunPaths, output_dir: str, attempt: int) -> None:
         self.fs = paths.fs
-        self.remote = posixpath.join(paths.dir, "trainer")
+        self.remote = paths.trainer
         self.output_dir = output_dir
-        self.suffix = set_aside_suffix
+        self.attempt = attempt  # the attempt that sets folders aside, in their new names
         self.url = redact(paths.fs.unstrip_protocol(self.remote))
 
     def _folders(self) -> dict[int, set[str]]:
@@ -121,7 +121,7 @@ class StoreFolders:
         rejected: list[str] = []
         folders = self._folders()
         for step, files in sorted(folders.items(), reverse=True):
-            name = f"{PREFIX}{step}"
+            name = checkpoint_folder(step)
             local = os.path.join(self.output_dir, name)
             try:
                 if SEAL not in files:
@@ -186,12 +186,12 @@ class StoreFolders:
     def _set_aside(self, name: str) -> None:
         """Moved, not deleted: a damaged folder may be all that is left of a run."""
         source = posixpath.join(self.remote, name)
-        target = posixpath.join(self.remote, REJECTED, f"{name}-{self.suffix}")
+        aside = posixpath.join(self.remote, REJECTED)
         with store_errors("move", source):
             n = 0
-            while self.fs.exists(target + (f".{n}" if n else "")):
+            while self.fs.exists(posixpath.join(aside, set_aside_name(name, self.attempt, n))):
                 n += 1
-            target += f".{n}" if n else ""
+            target = posixpath.join(aside, set_aside_name(name, self.attempt, n))
             for path in self.fs.find(source, detail=False):   # an object store has no rename
                 self.fs.cp_file(path, target + str(path)[len(source.rstrip("/")):])
         self._remove(source)
@@ -224,13 +224,13 @@ class StoreFolders:
         sealed = sorted((s for s, files in folders.items() if SEAL in files), reverse=True)
         if not sealed:
             return []
-        kept = {f"{PREFIX}{s}" for s in sealed[:keep]}
+        kept = {checkpoint_folder(s) for s in sealed[:keep]}
         if best:
             kept.add(os.path.basename(best.rstrip("/" + os.sep)))
         oldest_kept = min(s for s in sealed[:keep])
         removed = []
         for step in sorted(folders):
-            name = f"{PREFIX}{step}"
+            name = checkpoint_folder(step)
             if step < oldest_kept and name not in kept:
                 self._remove(posixpath.join(self.remote, name))
                 removed.append(name)

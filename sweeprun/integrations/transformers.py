@@ -61,12 +61,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from ..errors import CheckpointError, SpecError
 from ..faults import crash_point
+from ..layout import CHECKPOINT_FOLDER_PREFIX as PREFIX
+from ..layout import checkpoint_folder, set_aside_name
 from ..runenv import PREEMPTED_EXIT
 from ..store import fsync_dir, native_path
 from ..training.checkpoints import warn
 from ..training.run import Run
 from ..training.sealed import (
-    PREFIX,
     REJECTED,
     SEAL,
     TRAINER_DIR,
@@ -128,7 +129,7 @@ class SweeprunCallback(TrainerCallback):
         self.run = run
         self._root = run.paths.dir if staging_dir is None else staging_dir
         self._store = (None if staging_dir is None else
-                       StoreFolders(run.paths, self.output_dir, f"a{run.attempt}"))
+                       StoreFolders(run.paths, self.output_dir, run.attempt))
         self.every_s = every_s
         self._clock = clock
         self._started = self._saved_at = self._step_started = clock()
@@ -183,11 +184,10 @@ class SweeprunCallback(TrainerCallback):
     def _set_aside(self, path: str) -> None:
         aside = os.path.join(self.output_dir, REJECTED)
         os.makedirs(aside, exist_ok=True)
-        target = os.path.join(aside, f"{os.path.basename(path)}-a{self.run.attempt}")
-        n = 0
-        while os.path.exists(target + (f".{n}" if n else "")):
+        name, n = os.path.basename(path), 0
+        while os.path.exists(os.path.join(aside, set_aside_name(name, self.run.attempt, n))):
             n += 1
-        os.replace(path, target + (f".{n}" if n else ""))
+        os.replace(path, os.path.join(aside, set_aside_name(name, self.run.attempt, n)))
         fsync_dir(self.output_dir)
 
     # -- the entry point ------------------------------------------------------------------
@@ -341,7 +341,7 @@ class SweeprunCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return  # one process seals the (shared) folder
         start = self._clock()
-        folder = os.path.join(args.output_dir, f"{PREFIX}{state.global_step}")
+        folder = os.path.join(args.output_dir, checkpoint_folder(state.global_step))
         if not os.path.isdir(folder):
             return  # another process (rank) wrote it, or the Trainer saved nowhere
         self._rng.save(folder, self._loop.snapshot())

@@ -25,15 +25,16 @@ from typing import IO, Any, ClassVar
 
 import fsspec
 
+from ..layout import TEMP_PREFIX as TEMP_PREFIX
 from .errors import _error
 
 #: How much of a JSON state file (params, DONE, attempt records) is ever read: far above any
 #: real one, far below what a stray multi-gigabyte file would cost in memory.
 JSON_MAX_BYTES = 16 * 2**20
 
-#: The prefix of every temp file the store writes beside its target (``.tmp-...``): no run
-#: id, checkpoint or record name starts with a dot, so a crashed write's leftover is known.
-TEMP_PREFIX = ".tmp-"
+#: TEMP_PREFIX (``.tmp-``, from the layout): the prefix of every temp file the store writes
+#: beside its target. No run id, checkpoint or record name starts with a dot, so a crashed
+#: write's leftover is known.
 
 #: Part size of a streaming write to an object store: what it holds in memory (S3 allows
 #: 10,000 parts: 500 GiB at this size).

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 
 import fsspec
 
+from .. import layout
 from ..errors import StoreError
 from .backends import create_only, read_json
 from .base import json_bytes as _json_bytes
@@ -37,7 +37,7 @@ def is_done_entry(name: str, info: dict[str, Any]) -> bool:
     A folder, pipe or device called ``DONE`` is not a finished run: reading it as one
     would fail, or hang, later.
     """
-    return name == "DONE" and info.get("type") == "file"
+    return name == layout.DONE and info.get("type") == "file"
 
 
 @dataclass(frozen=True)
@@ -53,21 +53,26 @@ class RunPaths:
         return self.dir if is_local(self.fs) else self.fs.unstrip_protocol(self.dir)
 
     @property
+    def run_id(self) -> str:
+        """The run id, the folder's name (:meth:`SweepPaths.run` made it a safe segment)."""
+        return posixpath.basename(self.dir.rstrip("/"))
+
+    @property
     def params(self) -> str:
-        return posixpath.join(self.dir, "params.json")
+        return posixpath.join(self.dir, layout.PARAMS)
 
     @property
     def checkpoints(self) -> str:
-        return posixpath.join(self.dir, "checkpoints")
+        return posixpath.join(self.dir, layout.CHECKPOINTS)
 
     @property
     def metrics(self) -> str:
         """``metrics.jsonl``, appended in place: local disk only (see :meth:`metrics_part`)."""
-        return posixpath.join(self.dir, "metrics.jsonl")
+        return posixpath.join(self.dir, layout.METRICS)
 
     @property
     def metrics_parts(self) -> str:
-        return posixpath.join(self.dir, "metrics")
+        return posixpath.join(self.dir, layout.METRICS_PARTS)
 
     def metrics_part(self, attempt: int) -> str:
         """``metrics/attempt-<n>.jsonl``: on object stores, the metrics as attempt ``n`` sees them.
@@ -77,7 +82,7 @@ class RunPaths:
         writes only its own object (the entries it resumed from, then its own), and
         the newest attempt's object is the run's metrics.
         """
-        return posixpath.join(self.metrics_parts, f"attempt-{attempt}.jsonl")
+        return posixpath.join(self.metrics_parts, layout.metrics_part_name(attempt))
 
     def current_metrics(self) -> str | None:
         """The file holding the run's metrics as a reader should see them, or ``None``."""
@@ -95,23 +100,33 @@ class RunPaths:
 
     @property
     def logs(self) -> str:
-        return posixpath.join(self.dir, "logs")
+        return posixpath.join(self.dir, layout.LOGS)
 
     def log(self, attempt: int) -> str:
-        return posixpath.join(self.logs, f"attempt-{attempt}.log")
+        return posixpath.join(self.logs, layout.log_name(attempt))
 
     @property
     def done(self) -> str:
-        return posixpath.join(self.dir, "DONE")
+        return posixpath.join(self.dir, layout.DONE)
 
     @property
     def attempts(self) -> str:
         """``attempts/``: the durable record of every start of the run (the ledger may be rebuilt)."""
-        return posixpath.join(self.dir, "attempts")
+        return posixpath.join(self.dir, layout.ATTEMPTS)
+
+    @property
+    def lease(self) -> str:
+        """``lease/``: the run's store lease (:mod:`sweeprun.leases`)."""
+        return posixpath.join(self.dir, layout.LEASE)
+
+    @property
+    def trainer(self) -> str:
+        """``trainer/``: a Hugging Face Trainer's sealed ``checkpoint-<step>/`` folders."""
+        return posixpath.join(self.dir, layout.TRAINER)
 
     def attempt_record(self, attempt: int) -> str:
         """``attempts/<n>.json``: written create-only by the launcher when it starts attempt ``n``."""
-        return posixpath.join(self.attempts, f"{attempt}.json")
+        return posixpath.join(self.attempts, layout.attempt_record_name(attempt, "json"))
 
     def api_started(self, attempt: int) -> str:
         """``attempts/<n>.started``: written by ``sweeprun.init()`` under the launcher.
@@ -119,11 +134,11 @@ class RunPaths:
         Its presence says the script uses the training API, so exit 0 alone does not make
         the run done: :meth:`api_finished` must exist too.
         """
-        return posixpath.join(self.attempts, f"{attempt}.started")
+        return posixpath.join(self.attempts, layout.attempt_record_name(attempt, "started"))
 
     def api_finished(self, attempt: int) -> str:
         """``attempts/<n>.finished``: written by ``Run.finish()`` after the final checkpoint."""
-        return posixpath.join(self.attempts, f"{attempt}.finished")
+        return posixpath.join(self.attempts, layout.attempt_record_name(attempt, "finished"))
 
     def is_done(self) -> bool:
         """:func:`is_done_entry` on one listing of the run folder, as ``done_ids`` decides."""
@@ -139,7 +154,7 @@ class RunPaths:
     def done_entry(self) -> str:
         """``<sweep>/done/<run id>``: the run's entry in the sweep's done index."""
         runs = posixpath.dirname(self.dir.rstrip("/"))
-        return posixpath.join(posixpath.dirname(runs), "done", posixpath.basename(self.dir.rstrip("/")))
+        return posixpath.join(posixpath.dirname(runs), layout.DONE_INDEX, self.run_id)
 
     def write_done(self, summary: dict[str, Any]) -> bool:
         """Mark the run finished; ``False`` when it already was (not an error: it is done).
@@ -191,21 +206,39 @@ class SweepPaths:
 
     @property
     def spec(self) -> str:
-        return posixpath.join(self.dir, "sweep.yaml")
+        return posixpath.join(self.dir, layout.SPEC)
 
     @property
     def runs(self) -> str:
-        return posixpath.join(self.dir, "runs")
+        return posixpath.join(self.dir, layout.RUNS)
 
     @property
     def identity(self) -> str:
         """``ID``: the sweep's id, created once (see :meth:`sweeprun.sweep.Sweep.ledger_key`)."""
-        return posixpath.join(self.dir, "ID")
+        return posixpath.join(self.dir, layout.SWEEP_ID)
 
     @property
     def coordination(self) -> str:
         """``COORDINATION``: how the sweep's workers are kept apart (:mod:`sweeprun.fleet`)."""
-        return posixpath.join(self.dir, "COORDINATION")
+        return posixpath.join(self.dir, layout.COORDINATION)
+
+    @property
+    def stop(self) -> str:
+        """``STOP``: the latest request that the sweep's workers stop (:mod:`sweeprun.fleet`)."""
+        return posixpath.join(self.dir, layout.STOP)
+
+    @property
+    def resets(self) -> str:
+        """``resets/``: one marker per run ``sweeprun reset`` made run again (:func:`.layout.reset_marker`)."""
+        return posixpath.join(self.dir, layout.RESETS)
+
+    def reset_marker(self, run_id: str, token: str) -> str:
+        return posixpath.join(self.resets, layout.reset_marker(run_id, token))
+
+    @property
+    def trash(self) -> str:
+        """``trash/``: where ``reset`` moves run folders (:func:`.layout.trash_name`)."""
+        return posixpath.join(self.dir, layout.TRASH)
 
     def check_no_links(self) -> None:
         """Refuse, before anything is written, a sweep folder that is a link or holds one at its
@@ -224,14 +257,14 @@ class SweepPaths:
             raise _link_error(links[0])
 
     def run(self, run_id: str) -> RunPaths:
-        if "/" in run_id or run_id in ("", ".", ".."):
+        if not layout.is_run_id(run_id):
             raise StoreError(f"run id {run_id!r} is not a safe path segment")
         return RunPaths(self.fs, posixpath.join(self.runs, run_id))
 
     @property
     def done_index(self) -> str:
         """``done/``: one entry per finished run, beside ``runs/``."""
-        return posixpath.join(self.dir, "done")
+        return posixpath.join(self.dir, layout.DONE_INDEX)
 
     @property
     def done_index_complete(self) -> str:
@@ -240,7 +273,7 @@ class SweepPaths:
         Sweeps from before local disk had a done index have none; their first launch
         indexes them (:meth:`done_ids`). No run id starts with a dot.
         """
-        return posixpath.join(self.done_index, ".complete")
+        return posixpath.join(self.done_index, layout.DONE_INDEX_COMPLETE)
 
     def done_ids(self, listing: dict[str, dict[str, float]] | None = None, *,
                  prune_stale: bool = False) -> set[str]:
@@ -263,18 +296,18 @@ class SweepPaths:
         sweeprun) is globbed as before; a launcher (``prune_stale``) then indexes it, once.
         """
         if listing is not None:
-            return {run_id for run_id, files in listing.items() if "DONE" in files}
+            return {run_id for run_id, files in listing.items() if layout.DONE in files}
         if is_local(self.fs) and not self._exists(self.done_index_complete):
             return self._index_old_sweep(prune_stale)
         present = self.run_ids()
         indexed = {name for name in self._names(self.done_index, files_only=True)
-                   if not name.startswith(".")}
+                   if layout.is_done_index_entry(name)}
         if is_local(self.fs):
             # A stat per indexed run (milliseconds for 10,000): a DONE deleted by hand is
             # a re-run here as it is in `status`, which sees the DONE files themselves.
             runs = confine(self.fs, self.runs)
             present = {run_id for run_id in present & indexed
-                       if _regular_file(os.path.join(runs, run_id, "DONE"))}
+                       if _regular_file(os.path.join(runs, run_id, layout.DONE))}
         if prune_stale:
             # Listed again after the index: a run started and finished between the two
             # listings has a folder now, and its fresh entry must stay.
@@ -294,7 +327,7 @@ class SweepPaths:
         with store_errors("list", self.runs):
             runs = confine(self.fs, self.runs)
             done = {run_id for run_id in self.run_ids()
-                    if _regular_file(os.path.join(runs, run_id, "DONE"))}
+                    if _regular_file(os.path.join(runs, run_id, layout.DONE))}
         if write:
             with store_errors("write", self.done_index):
                 folder = confine(self.fs, self.done_index)
@@ -362,10 +395,7 @@ class SweepPaths:
         return out
 
 
-_METRICS_PART = re.compile(r"^attempt-([1-9][0-9]{0,17})\.jsonl$")
-
-
 def newest_metrics_part(names: Iterable[str]) -> str | None:
     """The name among ``metrics/`` entries that belongs to the highest attempt."""
-    numbered = [(int(m.group(1)), name) for name in names if (m := _METRICS_PART.match(name))]
+    numbered = [(n, name) for name in names if (n := layout.parse_metrics_part(name)) is not None]
     return max(numbered)[1] if numbered else None

@@ -39,15 +39,10 @@ from typing import Any, Literal
 import fsspec
 
 from ..errors import CheckpointError, StoreError
+from ..layout import TEMP_PREFIX, CheckpointName
 from ..store import backend_for, store_errors
 
 FORMAT = 2
-#: ``ckpt-a<attempt>-<seq>-step<step>.<pt|json>``: 1 to 18 ASCII digits each (``[0-9]``, never
-#: ``\d``, which takes ``'²'`` and ``'١'``; 18 always fit SQLite and C, see
-#: :data:`sweeprun.numbers.MAX_DIGITS`), no sign; matched whole (``\Z``: ``$`` would take a
-#: trailing newline).
-NAME = re.compile(r"ckpt-a([1-9][0-9]{0,17})-([0-9]{1,18})-step([0-9]{1,18})\.(pt|json)\Z")
-TEMP_PREFIX = ".tmp-"
 _warned: set[str] = set()
 
 
@@ -62,30 +57,9 @@ def warn_once(message: str) -> None:
         warn(message)
 
 
-@dataclass(frozen=True, order=True)
-class Name:
-    """A parsed checkpoint name; ordering is newest-last by (attempt, seq)."""
-
-    attempt: int
-    seq: int
-    step: int
-
-    @property
-    def stem(self) -> str:
-        return f"ckpt-a{self.attempt}-{self.seq:08d}-step{self.step:010d}"
-
-    @property
-    def data(self) -> str:
-        return self.stem + ".pt"
-
-    @property
-    def manifest(self) -> str:
-        return self.stem + ".json"
-
-    @classmethod
-    def parse(cls, name: str) -> Name | None:
-        match = NAME.match(name)
-        return cls(int(match.group(1)), int(match.group(2)), int(match.group(3))) if match else None
+#: A checkpoint's name (``ckpt-a<attempt>-<seq>-step<step>.<pt|json>``), parsed by the one
+#: layout of every name a sweep writes.
+Name = CheckpointName
 
 
 @dataclass(frozen=True)

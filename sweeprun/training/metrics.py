@@ -30,6 +30,7 @@ import fsspec
 
 from ..errors import StoreError
 from ..faults import crash_point
+from ..layout import METRICS
 from ..numbers import finite
 from ..store import RunPaths, atomic_write, backend_for, confine, read_regular, store_errors
 from .checkpoints import warn_once
@@ -268,7 +269,7 @@ def read_metrics(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any
     Given a run's ``metrics.jsonl`` on an object store, where each attempt keeps its
     own object, the run's metrics as :func:`read_run_metrics` reads them.
     """
-    if not backend_for(fs).appendable and posixpath.basename(path) == "metrics.jsonl":
+    if not backend_for(fs).appendable and posixpath.basename(path) == METRICS:
         return read_run_metrics(RunPaths(fs, posixpath.dirname(path)))
     with store_errors("read", path):
         return parse_entries(fs.cat_file(path), path)

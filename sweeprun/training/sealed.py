@@ -21,15 +21,13 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..numbers import ascii_int
+# The names (the seal, the set-aside folder, checkpoint-<step>, the Trainer's folder) are the layout's.
+from ..layout import REJECTED as REJECTED
+from ..layout import SEAL as SEAL
+from ..layout import TRAINER as TRAINER_DIR
+from ..layout import parse_checkpoint_folder
 from ..store import atomic_write, fsync_dir
 
-SEAL = "sweeprun-seal.json"
-#: The Trainer's ``output_dir`` inside a run directory (in the store, the sealed folders' home).
-TRAINER_DIR = "trainer"
-#: Where cut-short or damaged folders are set aside (never deleted: they may be all there is).
-REJECTED = ".sweeprun-rejected"
-PREFIX = "checkpoint-"
 SEAL_FORMAT = 1
 _CHUNK = 1 << 20
 
@@ -54,9 +52,8 @@ class Scan:
     sealed_seen: bool = False
 
 
-def step_of(name: str) -> int | None:
-    """The step of a ``checkpoint-<step>`` folder name; ``None`` for any other name."""
-    return ascii_int(name[len(PREFIX):]) if name.startswith(PREFIX) else None  # ASCII: never "²"
+#: The step of a ``checkpoint-<step>`` folder name; ``None`` for any other name.
+step_of = parse_checkpoint_folder
 
 
 def _hash_file(path: str, sync: bool = True) -> tuple[int, str]:
@@ -267,4 +264,4 @@ def sealed_names(fs: Any, run_dir: str) -> list[str]:
         return []
     names = {posixpath.basename(posixpath.dirname(str(path).rstrip("/"))) for path in found
              if posixpath.basename(str(path)) == SEAL}
-    return sorted(name for name in names if name.startswith(PREFIX) and step_of(name) is not None)
+    return sorted(name for name in names if step_of(name) is not None)

@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import os
 import posixpath
-import re
 import sys
 import threading
 import time
@@ -41,17 +40,10 @@ from typing import IO, Any
 
 from ..errors import LeaseLost
 from ..faults import crash_point
+from ..layout import ATTEMPTS, attempt_of, highest_attempt
 from ..store import UPLOAD_PART_BYTES, create_only, store_errors
-from .checkpoints import TEMP_PREFIX, CheckpointDir, Manifest, Name, Owner, Retention, _finite
+from .checkpoints import CheckpointDir, Manifest, Name, Owner, Retention, _finite
 from .digest import StreamDigest, tensor_memory
-
-#: A record of an attempt's start in ``attempts/``: the launcher's ``<n>.json``, the API's
-#: ``<n>.started`` and ``<n>.finished``.
-_ATTEMPT_RECORD = re.compile(r"^([1-9][0-9]{0,17})\.(?:json|started|finished)$")
-
-#: The checkpoint stem inside a temp file's name (ours: ``.tmp-<stem>-<random>.pt``; the
-#: store's create_only for a manifest: ``.tmp-<random>-<stem>.json``).
-_STEM = re.compile(r"ckpt-a[1-9][0-9]*-[0-9]+-step[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -175,9 +167,9 @@ class CheckpointWriter:
                 found = self.dir.fs.ls(self.attempts, detail=False)
             except FileNotFoundError:
                 return
-        records = [(int(m.group(1)), m.group(0)) for m in
-                   (_ATTEMPT_RECORD.match(posixpath.basename(p.rstrip("/"))) for p in found) if m]
-        newest, record = max(records, default=(0, ""))
+        names = [posixpath.basename(p.rstrip("/")) for p in found]
+        newest = highest_attempt(f"{ATTEMPTS}/{name}" for name in names)
+        record = next((name for name in names if attempt_of(f"{ATTEMPTS}/{name}") == newest), "")
         if newest > self.attempt:
             raise LeaseLost(
                 f"attempt {newest} has started ({posixpath.join(self.attempts, record)}) and this process "
@@ -232,7 +224,7 @@ class CheckpointWriter:
         store = self.dir.store
         size, sha256 = 0, ""
         try:
-            with store.stream_write(path, create_only=True, temp_prefix=f"{TEMP_PREFIX}{name.stem}-",
+            with store.stream_write(path, create_only=True, temp_prefix=name.temp_prefix,
                                     temp_suffix=".pt",
                                     before_commit=lambda: crash_point("checkpoint.before_rename")) as sink:
                 with StreamDigest(tensor_memory(snapshot.state)) as digest:
@@ -278,11 +270,9 @@ class CheckpointWriter:
             if (parsed is not None and entry == parsed.data and parsed.attempt <= self.attempt
                     and parsed.manifest not in listing):
                 doomed.append(entry)                    # data whose manifest was never written
-            if entry.startswith(TEMP_PREFIX):                # a crashed write's temp file
-                stem = _STEM.search(entry)
-                temp = Name.parse(stem.group(0) + ".pt") if stem else None
-                if temp is not None and temp.attempt <= self.attempt:
-                    doomed.append(entry)
+            temp = Name.in_temp(entry)                  # a crashed write's temp file
+            if temp is not None and temp.attempt <= self.attempt:
+                doomed.append(entry)
         for entry in doomed:
             self._discard(entry)
 
@@ -295,7 +285,7 @@ class CheckpointWriter:
         which the next save's prune removes like any crashed write's.
         """
         parsed = Name.parse(entry)
-        aside = (self.dir.join(f"{TEMP_PREFIX}{parsed.stem}-pruned.pt")
+        aside = (self.dir.join(parsed.pruned)
                  if parsed is not None and entry == parsed.data else None)
         self.dir.delete(entry, set_aside=aside)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import layout
 from ..errors import SpecError
 from ..procs import spawn
 from ..runenv import ATTEMPT, MTBI, PARAMS, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
@@ -94,8 +95,8 @@ class ScriptRun:
 
     def __init__(self, command: Sequence[str], root: Path) -> None:
         self.dir = root / "run"
-        self.logs = root / "logs"
-        self.metrics = self.dir / "metrics.jsonl"
+        self.logs = root / layout.LOGS
+        self.metrics = self.dir / layout.METRICS
         self.argv = [arg.replace("{run_dir}", str(self.dir)) for arg in command]
         self.attempts: list[Attempt] = []
         self._tail = (-1, 0)  # (size of metrics.jsonl, its last step) when last read
@@ -115,7 +116,7 @@ class ScriptRun:
         attempt still running ``timeout_s`` after its start is killed with its process group
         (``timed_out``)."""
         number = len(self.attempts) + 1
-        attempt = Attempt(number, 0, self.logs / f"attempt-{number}.log")
+        attempt = Attempt(number, 0, self.logs / layout.log_name(number))
         target = None if kill is None else max(kill.step, self.last_step() + 1)
         with open(attempt.log, "wb") as out:
             try:
@@ -197,13 +198,14 @@ class ScriptRun:
         from ..training.sealed import SEAL, checkpoint_folders
 
         if any(not os.path.exists(os.path.join(path, SEAL))
-               for _, path in checkpoint_folders(str(self.dir / "trainer"))):
+               for _, path in checkpoint_folders(str(self.dir / layout.TRAINER))):
             return True
         try:
-            names = set(os.listdir(self.dir / "checkpoints"))
+            names = set(os.listdir(self.dir / layout.CHECKPOINTS))
         except OSError:
             return False
-        return any(n.startswith(".tmp-") or (n.endswith(".pt") and n[:-3] + ".json" not in names)
+        return any(n.startswith(layout.TEMP_PREFIX)
+                   or ((c := layout.CheckpointName.parse(n)) is not None and n == c.data and c.manifest not in names)
                    for n in names)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import layout
 from ..errors import CheckpointError
 from ..integrations.hf_rng import RNG_FILE
 from ..training.sealed import SEAL
@@ -63,13 +64,13 @@ def load_ending(run_dir: Path) -> Ending | None:
     its metrics are compared). CheckpointError when it has checkpoints and none verifies."""
     from .. import training
 
-    trainer = run_dir / "trainer"
+    trainer = run_dir / layout.TRAINER
     if trainer.is_dir():
         return _hf_ending(trainer, run_dir)
     try:
         state = training.load_checkpoint(run_dir)
     except CheckpointError:
-        if not (run_dir / "checkpoints").is_dir():
+        if not (run_dir / layout.CHECKPOINTS).is_dir():
             return None  # a script that keeps no sweeprun checkpoint: its metrics are all there is
         raise
     return ending_of(state, run_dir)
