@@ -216,8 +216,8 @@ def parse_attempt_record(name: str) -> tuple[int, RecordKind] | None:
 _STEM = rf"ckpt-a(?P<attempt>{_POSITIVE})-(?P<seq>{_PADDED})-step(?P<step>{_PADDED})"
 _CHECKPOINT = re.compile(rf"{_STEM}\.(?P<ext>pt|json)")
 #: The stem inside a temp file's name (the writer's ``.tmp-<stem>-<random>.pt`` and
-#: ``.tmp-<stem>-pruned.pt``; the store's ``.tmp-<random>-<stem>.json``): not inside a longer number.
-_STEM_IN_TEMP = re.compile(rf"{_STEM}(?![0-9])")
+#: ``.tmp-<stem>-pruned.pt``; the store's ``.tmp-<random>-<stem>.json``): the stem ends there.
+_STEM_IN_TEMP = re.compile(rf"{_STEM}(?=-|\.(?:pt|json)\Z)")
 
 
 @dataclass(frozen=True, order=True)

@@ -145,7 +145,7 @@ def _durable_temp(path: str, data: bytes) -> str:
     """
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path))
     try:
         # mkstemp makes 0600; a store shared with a group must stay readable to it, as
         # any file the user's own tools create would be.
