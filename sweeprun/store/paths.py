@@ -14,7 +14,7 @@ import fsspec
 
 from .. import layout
 from ..errors import StoreError
-from .backends import create_only, read_json
+from .backends import backend_for, create_only, read_json
 from .base import json_bytes as _json_bytes
 from .errors import _link_error, store_errors
 from .local import (
@@ -35,7 +35,8 @@ def is_done_entry(name: str, info: dict[str, Any]) -> bool:
 
     ``name`` is the path relative to the run folder and ``info`` an fsspec listing entry.
     A folder, pipe or device called ``DONE`` is not a finished run: reading it as one
-    would fail, or hang, later.
+    would fail, or hang, later; nor is a link to a file, which every reader (the listing,
+    the done index, :meth:`RunPaths.is_done`) sees without following it.
     """
     return name == layout.DONE and info.get("type") == "file"
 
@@ -141,14 +142,11 @@ class RunPaths:
         return posixpath.join(self.attempts, layout.attempt_record_name(attempt, "finished"))
 
     def is_done(self) -> bool:
-        """:func:`is_done_entry` on one listing of the run folder, as ``done_ids`` decides."""
-        with store_errors("list", self.dir):
-            try:
-                entries = self.fs.ls(confine(self.fs, self.dir), detail=True)
-            except FileNotFoundError:
-                return False
-        return any(is_done_entry(posixpath.basename(str(e["name"]).rstrip("/")), e)
-                   for e in entries)
+        """Is the run's ``DONE`` a regular file (:func:`is_done_entry`)? From one listing of the
+        run folder by the store, which never follows a link (as ``done_ids`` and
+        :meth:`SweepPaths.listing` do not): fsspec's own ``info`` would, and a linked ``DONE``
+        would be done here and nowhere else."""
+        return backend_for(self.fs).entries(self.dir).get(layout.DONE) is True
 
     @property
     def done_entry(self) -> str:
