@@ -55,7 +55,7 @@ def staging_root(paths: RunPaths, run_id: str | None, base: str | None = None) -
     runs (or the same run id in two stores) never share it, even under one ``base`` given
     by the script (a resume empties its staging folder first)."""
     key = hashlib.sha256(paths.url.encode()).hexdigest()[:12]
-    name = f"{run_id or posixpath.basename(paths.dir.rstrip('/')) or 'run'}-{key}"
+    name = f"{run_id or paths.run_id or 'run'}-{key}"
     if base is not None:
         return os.path.join(base, name)
     from ..ledger import state_home

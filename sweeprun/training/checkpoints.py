@@ -150,7 +150,7 @@ class Manifest:
         if not isinstance(obj, dict):
             raise ValueError("it is not a JSON object")
         name = Name.parse(filename)
-        if name is None or not filename.endswith(".json"):
+        if name is None or filename != name.manifest:
             raise ValueError("its file name is not a checkpoint manifest's")
         problems = [key for key, ok in (
             ("attempt", _int(obj.get("attempt"), 1)), ("seq", _int(obj.get("seq"), 0)),
@@ -295,7 +295,7 @@ class CheckpointDir:
         out = []
         for name, regular in listing.items():
             parsed = Name.parse(name)
-            if parsed is None or not name.endswith(".json"):
+            if parsed is None or name != parsed.manifest:
                 continue
             if not regular:
                 warn_once(f"manifest {self.join(name)} is not a regular file; ignoring it")

@@ -24,8 +24,8 @@ from typing import Any
 # The names (the seal, the set-aside folder, checkpoint-<step>, the Trainer's folder) are the layout's.
 from ..layout import REJECTED as REJECTED
 from ..layout import SEAL as SEAL
+from ..layout import TEMP_PREFIX, parse_checkpoint_folder
 from ..layout import TRAINER as TRAINER_DIR
-from ..layout import parse_checkpoint_folder
 from ..store import atomic_write, fsync_dir
 
 SEAL_FORMAT = 1
@@ -87,7 +87,7 @@ def _files(folder: str) -> list[str]:
         dirs.sort()
         for name in names:
             rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-            if rel != SEAL and not name.startswith(".tmp-"):
+            if rel != SEAL and not name.startswith(TEMP_PREFIX):
                 out.append(rel)
     return sorted(out)
 

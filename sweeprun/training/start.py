@@ -112,7 +112,7 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
         paths = RunPaths(store.fs, store.root)
         params = _launcher_params(env, paths, params)
         owner = Owner(settings.RUN_ID.get(env), settings.SWEEP.get(env))
-        folder = paths.dir.rstrip("/").rsplit("/", 1)[-1]
+        folder = paths.run_id
         if owner.run_id is not None and folder != owner.run_id:
             # the launcher names every run's folder by its id: anything else is another run's
             raise CheckpointError(f"{RUN_DIR}={paths.url} is the folder of run {folder}, not of "
