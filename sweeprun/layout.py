@@ -51,6 +51,8 @@ _NATURAL = rf"(?:0|{_POSITIVE})"
 _PADDED = rf"[0-9]{{1,{MAX_DIGITS}}}"
 #: A lease generation: zero-padded to 8 digits, at most 12 (see :data:`GENERATION_MAX`).
 _GENERATION = r"[0-9]{8,12}"
+#: A lease claim's nonce: lowercase hex.
+_NONCE = r"[0-9a-f]+"
 
 
 def _match(pattern: re.Pattern[str], name: object) -> re.Match[str] | None:
@@ -277,7 +279,7 @@ class CheckpointName:
 #: hand, near 2**63) is not one of ours: counting on from it would overflow the ledger.
 GENERATION_MAX = 10**12 - 1
 _LEASE = re.compile(
-    rf"(?P<gen>{_GENERATION})\.(?:(?P<kind>json|beat|released)|(?P<nonce>[0-9a-f]+)\.claim)")
+    rf"(?P<gen>{_GENERATION})\.(?:(?P<kind>json|beat|released)|(?P<nonce>{_NONCE})\.claim)")
 _LEASE_TOO_LONG = re.compile(r"[0-9]{13,}\..*", re.DOTALL)
 
 LeaseKind = Literal["json", "beat", "released", "claim"]
@@ -295,7 +297,7 @@ class LeaseName:
     def __str__(self) -> str:
         gen = f"{_number(self.generation, 0, GENERATION_MAX):08d}"
         if self.kind == "claim":
-            if not re.fullmatch(r"[0-9a-f]+", self.nonce or ""):
+            if not re.fullmatch(_NONCE, self.nonce or ""):
                 raise ValueError(f"{self.nonce!r} is not a claim's nonce (lowercase hex)")
             return f"{gen}.{self.nonce}.claim"
         if self.kind not in ("json", "beat", "released"):

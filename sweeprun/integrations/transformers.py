@@ -233,8 +233,8 @@ class SweeprunCallback(TrainerCallback):
             raise
         run.close()
         if self._stop_reason is not None:
-            print(f"sweeprun: {self._stop_reason}; saved and sealed checkpoint-"
-                  f"{trainer.state.global_step}; exiting with {PREEMPTED_EXIT} (resumable)",
+            print(f"sweeprun: {self._stop_reason}; saved and sealed "
+                  f"{checkpoint_folder(trainer.state.global_step)}; exiting with {PREEMPTED_EXIT} (resumable)",
                   file=sys.stderr, flush=True)
             raise SystemExit(PREEMPTED_EXIT)
         run.mark_finished(trainer.state.global_step)
