@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_checkpoint import FakeClock, Trainer, saved_steps
+from test_checkpoint import Trainer, saved_steps
 
 from sweeprun.errors import SpecError
 from sweeprun.training.cadence import PRIOR_MTBI_S, AutoInterval
 from sweeprun.training.run import init
+
+from _helpers import FakeClock
 
 
 class CostlyState:

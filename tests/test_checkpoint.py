@@ -32,18 +32,7 @@ from sweeprun.training.metrics import read_metrics
 from sweeprun.training.run import Run, init, load_checkpoint
 from sweeprun.training.sampler import ResumableSampler
 
-
-@dataclass
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from _helpers import FakeClock
 
 
 @pytest.fixture(params=["local", "memory"])

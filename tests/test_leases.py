@@ -36,20 +36,9 @@ from sweeprun.leases import (
 from sweeprun.procs import ProcessRef
 from sweeprun.store import atomic_write, open_store
 
+from _helpers import FakeClock
+
 LEASE_S = 60.0
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand; ``offset`` plays a machine whose clock is off."""
-
-    def __init__(self, offset_s: float = 0.0) -> None:
-        self.now = 1000.0 + offset_s
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
