@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_checkpoint import FakeClock, Trainer, metrics_of, saved_steps
+from test_checkpoint import Trainer, metrics_of, saved_steps
 from torch import nn
 
 from sweeprun.errors import CheckpointError, LeaseLost, SpecError
@@ -28,6 +28,7 @@ from sweeprun.runenv import PREEMPTED_EXIT
 from sweeprun.training.metrics import read_metrics
 from sweeprun.training.run import init, load_checkpoint
 
+from _helpers import FakeClock
 from _training_helpers import REPO, assert_same_tree
 
 
@@ -544,11 +545,26 @@ def test_step_cadence_stays_on_multiples_after_a_sigterm_save(tmp_path: Path) ->
 # -- item 11: the environment --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "value"), [
+GARBAGE = [
     ("SWEEPRUN_ATTEMPT", "abc"), ("SWEEPRUN_ATTEMPT", "0"), ("SWEEPRUN_ATTEMPT", "-1"),
     ("SWEEPRUN_ATTEMPT", ""), ("SWEEPRUN_PARAMS", "[1, 2]"), ("SWEEPRUN_PARAMS", "{not json"),
     ("SWEEPRUN_PARAMS", '"lr"'), ("SWEEPRUN_TIME_LIMIT", "-1"), ("SWEEPRUN_TIME_LIMIT", "nan"),
-    ("SWEEPRUN_TIME_LIMIT", "abc"), ("SWEEPRUN_TIME_LIMIT", "inf")])
+    ("SWEEPRUN_TIME_LIMIT", "abc"), ("SWEEPRUN_TIME_LIMIT", "inf")]
+
+
+@pytest.mark.parametrize(("name", "value"), GARBAGE)
+def test_environment_garbage_is_a_one_line_error_naming_the_variable_and_nothing_written(
+        tmp_path: Path, name: str, value: str) -> None:
+    """Every bad value, in process: the error a script's process turns into its one line
+    (as the next test shows, with a real process for each variable)."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(SpecError) as error:
+        init(params={}, every_steps=2, env={**launcher_env(run_dir, 1), name: value}, clock=FakeClock())
+    assert str(error.value).startswith(name)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("name", "value"), [GARBAGE[0], GARBAGE[4], GARBAGE[7]])
 def test_environment_garbage_is_one_line_exit_2_and_nothing_written(
         tmp_path: Path, name: str, value: str) -> None:
     run_dir = tmp_path / "run"
