@@ -57,19 +57,26 @@ def wait_for(condition, what: str) -> None:  # type: ignore[no-untyped-def]
 # -- a machine lost in the middle of a background save ------------------------------------------
 
 
-@pytest.mark.parametrize("phase", ["checkpoint.snapshot_taken", "checkpoint.mid_write",
-                                   "checkpoint.before_rename", "checkpoint.before_manifest"])
 def test_sigkill_in_each_phase_of_a_background_save_keeps_the_previous_and_resumes_exactly(
-        tmp_path: Path, reference: ExampleRun, phase: str) -> None:
+        tmp_path: Path, reference: ExampleRun) -> None:
     """The example saves every 7 steps; the process SIGKILLs itself during the second save,
-    on the background thread, while the training thread may already be steps further."""
+    on the background thread, while the training thread may already be steps further.
+    Each phase in turn, in one run directory (one start per phase, not two): every rerun
+    resumes from step 7 and dies in the next phase of its own first save (step 14 again),
+    the debris of the earlier deaths still there; the last rerun ends as the run never
+    interrupted, with no temp file left."""
     run = ExampleRun(tmp_path / "run")
-    crashed = run.complete(env={"SWEEPRUN_CRASH_AT": f"{phase}@2"})
-    assert crashed.returncode == -SIGKILL, crashed.stderr
-    assert load_checkpoint(run.out)["step"] == 7          # the first save, whole and verified
+    phases = ["checkpoint.snapshot_taken", "checkpoint.mid_write", "checkpoint.before_rename",
+              "checkpoint.before_manifest"]
+    resumed = "resumed from ckpt-a1-00000001-step0000000007.pt (step 7"
+    for i, phase in enumerate(phases):
+        crashed = run.complete(env={"SWEEPRUN_CRASH_AT": f"{phase}@{1 if i else 2}"})
+        assert crashed.returncode == -SIGKILL, (phase, crashed.stderr)
+        assert i == 0 or resumed in crashed.stderr, (phase, crashed.stderr)
+        assert load_checkpoint(run.out)["step"] == 7, phase   # the first save, whole and verified
     result = run.complete()
     assert result.returncode == 0, result.stderr
-    assert "resumed from ckpt-a1-00000001-step0000000007.pt (step 7" in result.stderr
+    assert resumed in result.stderr
     assert_same_run(run, reference)
     leftovers = [p.name for p in (run.out / "checkpoints").iterdir() if not p.name.startswith("ckpt-")]
     assert leftovers == []

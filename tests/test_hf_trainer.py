@@ -278,6 +278,7 @@ def test_a_process_whose_run_was_taken_over_writes_no_checkpoint(tmp_path: Path)
     assert not list(run.trainer_dir.glob("checkpoint-*"))
 
 
+@pytest.mark.slow  # a Trainer start; the fast subset saves and exits 75 on a time budget
 def test_sigint_saves_and_exits_75_at_the_step_it_stopped(tmp_path: Path) -> None:
     run = HFRun(tmp_path / "run")
     code, _, err = run.interrupt_at(8, signal.SIGINT)

@@ -143,6 +143,7 @@ def test_a_kill_between_the_trainers_save_and_the_seal_resumes_mid_window_and_mi
     assert differences(run, reference) == []
 
 
+@pytest.mark.slow  # two Trainer starts; the fast subset resumes a cut-short save in the test above
 def test_rotation_waits_for_the_seal_and_spares_the_best(tmp_path: Path, reference: UserRun) -> None:
     """Killed in the save at step 15, before its seal: the Trainer would already have deleted
     checkpoint-10 to keep two folders (the best, 5, is spared), leaving only step 5."""
