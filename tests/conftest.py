@@ -132,10 +132,11 @@ def sandbox(tmp_path: Path) -> Sandbox:
     return Sandbox(tmp_path)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition",
+             poll_s: float = 0.05) -> None:
     """Poll until ``predicate()``; the timeout only guards against a hung test, it asserts nothing about speed."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(poll_s)

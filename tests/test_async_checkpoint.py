@@ -33,6 +33,7 @@ from sweeprun.training.run import load_checkpoint
 from sweeprun.training.writer import Snapshot
 
 from _training_helpers import REPO, SIGKILL, ExampleRun, assert_same_run
+from conftest import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +46,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> ExampleRun:
 
 def background_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "sweeprun-checkpoint"]
-
-
-def wait_for(condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + 60          # guards a hang only
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 # -- a machine lost in the middle of a background save ------------------------------------------
@@ -98,7 +92,7 @@ def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path: Pa
     t.run.wait()
     break_the_checkpoints_folder(tmp_path)
     t.train(2)                                   # step 4: the save starts in the background, fails there
-    wait_for(lambda: not background_threads(), "the background save to end")
+    wait_for(lambda: not background_threads(), what="the background save to end", poll_s=0.005)
     with pytest.raises(CheckpointError, match="checkpoints folder .* is not a folder"):
         if surfaces_at == "next step":
             t.train(1)
