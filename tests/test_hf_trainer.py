@@ -105,9 +105,10 @@ def reference_stdout_last_line(reference: HFRun) -> str:
     return (reference.out / "stdout.txt").read_text().splitlines()[-1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> HFRun:
-    """The run never interrupted."""
+    """The run never interrupted. Per session, not per module: test_hf_s3 compares against
+    it too, and a worker that runs both files trains it once."""
     run = HFRun(tmp_path_factory.mktemp("reference"))
     result = run.complete()
     assert result.returncode == 0, result.stderr
