@@ -63,6 +63,7 @@ def test_sigterm_checkpoint_is_at_the_step_it_stopped(tmp_path: Path) -> None:
     assert run.final_state()["step"] == run.entries()[-1]["step"]
 
 
+@pytest.mark.slow  # four starts; the fast subset crashes in every phase of a save in test_async_checkpoint
 def test_crashes_inside_checkpoint_writes_are_recovered(tmp_path: Path, reference: ExampleRun) -> None:
     """The machine dies at each fault point of a save (sweeprun.faults), then the run is re-run."""
     run = ExampleRun(tmp_path / "run")
