@@ -79,6 +79,7 @@ def test_sigterm_inside_an_accumulation_finishes_the_optimizer_step_first(tmp_pa
     assert saved % 2 == 0 and saved >= seen, (saved, seen, err)
 
 
+@pytest.mark.slow  # the broken variant, two more starts: in the full suite
 def test_checkpoints_inside_an_accumulation_are_not_exact(tmp_path: Path, reference: ExampleRun) -> None:
     """The broken variant: every batch claimed as an optimizer step. The test above would catch it."""
     run = accumulating(tmp_path / "run", "--every-batch-is-a-step", "--sync-saves", "--step-sleep-s", "0.05")

@@ -196,6 +196,7 @@ def live_snapshots() -> int:
     return sum(type(o) is Snapshot for o in gc.get_objects())
 
 
+@pytest.mark.slow  # 50 saves of a real model: a resource bound, in the full suite
 def test_memory_stays_bounded_to_one_snapshot_over_50_saves(tmp_path: Path) -> None:
     t = Trainer.start(str(tmp_path), every_steps=1, keep_last=2)
     assert live_snapshots() == 0

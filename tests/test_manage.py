@@ -217,6 +217,7 @@ def test_a_reset_reaches_the_ledgers_of_machines_that_share_only_the_store(sandb
     assert m.on("b", "launch").returncode == 0 and m.attempts_run() == 2  # done stays done
 
 
+@pytest.mark.slow  # the bucket variant of the test above, several launches against S3
 def test_a_reset_in_a_bucket_reaches_the_other_machines_ledger(sandbox: Sandbox, s3_bucket: str) -> None:
     m = Machines(sandbox, store=f"{s3_bucket}/sweeps")
     assert m.on("a", "launch").returncode == 1
@@ -229,8 +230,9 @@ def test_a_reset_in_a_bucket_reaches_the_other_machines_ledger(sandbox: Sandbox,
     assert m.row("a")["state"] == "done"
 
 
-@pytest.mark.parametrize("point", ["reset.before_older_markers_go", "reset.before_set_aside",
-                                   "ledger.in_forget"])
+@pytest.mark.parametrize("point", [  # one crash point in the fast subset, all three in the full suite
+    pytest.param("reset.before_older_markers_go", marks=pytest.mark.slow), "reset.before_set_aside",
+    pytest.param("ledger.in_forget", marks=pytest.mark.slow)])
 def test_a_reset_killed_anywhere_is_finished_by_running_it_again(sandbox: Sandbox, point: str) -> None:
     m = Machines(sandbox)
     assert m.on("a", "launch").returncode == 1

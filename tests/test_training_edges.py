@@ -411,6 +411,7 @@ def test_leaving_the_context_normally_finishes_and_an_error_does_not(tmp_path: P
     assert not (tmp_path / "bad" / "attempts" / "1.finished").exists()
 
 
+@pytest.mark.slow  # two torch starts; the fast subset has the exit codes of fenced and garbage-fed scripts
 def test_a_script_that_swallows_sigterm_and_exits_0_leaves_no_finished_marker(tmp_path: Path) -> None:
     result = script(tmp_path, "swallow-sigterm", 6, launcher_env(tmp_path, 1))
     assert result.returncode == 0, result.stderr
@@ -508,6 +509,7 @@ def test_a_symlinked_data_file_is_neither_read_nor_deleted(tmp_path: Path,
     assert victim.exists() and data.is_symlink()
 
 
+@pytest.mark.slow  # a launch with a torch start; symlinked checkpoint folders are refused in process above
 def test_under_launch_a_symlinked_checkpoints_folder_fails_the_run_in_one_line(sandbox: Any) -> None:
     command = f"python {REPO}/examples/train_mlp.py --lr {{lr}} --seed 0 --epochs 1 --save-every-steps 4"
     sweep = sandbox.write_sweep({"lr": [0.01]}, command=command, max_attempts=1)
@@ -564,7 +566,8 @@ def test_environment_garbage_is_a_one_line_error_naming_the_variable_and_nothing
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize(("name", "value"), [GARBAGE[0], GARBAGE[4], GARBAGE[7]])
+@pytest.mark.parametrize(("name", "value"), [  # a real process per variable; one in the fast subset
+    GARBAGE[0], pytest.param(*GARBAGE[4], marks=pytest.mark.slow), pytest.param(*GARBAGE[7], marks=pytest.mark.slow)])
 def test_environment_garbage_is_one_line_exit_2_and_nothing_written(
         tmp_path: Path, name: str, value: str) -> None:
     run_dir = tmp_path / "run"
