@@ -158,6 +158,7 @@ def test_rotation_waits_for_the_seal_and_spares_the_best(tmp_path: Path, referen
     assert differences(run, reference) == []
 
 
+@pytest.mark.slow  # the fast subset has the same ending for the example in test_hf_trainer
 def test_killed_right_after_the_last_seal_the_rerun_reloads_the_best_model(
         tmp_path: Path, reference: UserRun) -> None:
     """The last folder is sealed, the process dies before train() returns: the rerun trains

@@ -295,6 +295,7 @@ def test_gc_keeps_what_latest_and_best_load_and_frees_the_rest(sandbox: Sandbox)
     assert again.returncode == 0 and "removed 0 file(s), freed 0 B" in again.stdout
 
 
+@pytest.mark.slow  # the gc variants after the first: a launch with a torch start each, in the full suite
 def test_gc_of_manifests_from_before_the_choice_was_recorded_keeps_every_best(sandbox: Sandbox) -> None:
     """A sweep checkpointed by an older sweeprun: its manifests do not say which metric the
     script kept the best by, so every metric's lowest and highest stay loadable."""
@@ -313,6 +314,7 @@ def test_gc_of_manifests_from_before_the_choice_was_recorded_keeps_every_best(sa
     assert save_numbers(ckpts) == [1, 2, 6, 7]
 
 
+@pytest.mark.slow  # see above
 def test_gc_of_a_run_that_kept_no_best_keeps_only_the_latest(sandbox: Sandbox) -> None:
     script = sandbox.root / "nobest.py"
     script.write_text(CKPT_SCRIPT.replace(', best="loss")', ")"))
@@ -323,6 +325,7 @@ def test_gc_of_a_run_that_kept_no_best_keeps_only_the_latest(sandbox: Sandbox) -
     assert save_numbers(runs_dir(sandbox) / run_id / "checkpoints") == [5]
 
 
+@pytest.mark.slow  # see above
 def test_gc_best_narrows_what_is_kept(sandbox: Sandbox) -> None:
     sweep = api_sweep(sandbox, steps=5)
     assert sandbox.run("launch", str(sweep)).returncode == 0
