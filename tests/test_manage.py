@@ -217,6 +217,7 @@ def test_a_reset_reaches_the_ledgers_of_machines_that_share_only_the_store(sandb
     assert m.on("b", "launch").returncode == 0 and m.attempts_run() == 2  # done stays done
 
 
+@pytest.mark.slow  # the bucket variant of the test above, several launches against S3
 def test_a_reset_in_a_bucket_reaches_the_other_machines_ledger(sandbox: Sandbox, s3_bucket: str) -> None:
     m = Machines(sandbox, store=f"{s3_bucket}/sweeps")
     assert m.on("a", "launch").returncode == 1
@@ -229,8 +230,9 @@ def test_a_reset_in_a_bucket_reaches_the_other_machines_ledger(sandbox: Sandbox,
     assert m.row("a")["state"] == "done"
 
 
-@pytest.mark.parametrize("point", ["reset.before_older_markers_go", "reset.before_set_aside",
-                                   "ledger.in_forget"])
+@pytest.mark.parametrize("point", [  # one crash point in the fast subset, all three in the full suite
+    pytest.param("reset.before_older_markers_go", marks=pytest.mark.slow), "reset.before_set_aside",
+    pytest.param("ledger.in_forget", marks=pytest.mark.slow)])
 def test_a_reset_killed_anywhere_is_finished_by_running_it_again(sandbox: Sandbox, point: str) -> None:
     m = Machines(sandbox)
     assert m.on("a", "launch").returncode == 1
@@ -293,6 +295,7 @@ def test_gc_keeps_what_latest_and_best_load_and_frees_the_rest(sandbox: Sandbox)
     assert again.returncode == 0 and "removed 0 file(s), freed 0 B" in again.stdout
 
 
+@pytest.mark.slow  # the gc variants after the first: a launch with a torch start each, in the full suite
 def test_gc_of_manifests_from_before_the_choice_was_recorded_keeps_every_best(sandbox: Sandbox) -> None:
     """A sweep checkpointed by an older sweeprun: its manifests do not say which metric the
     script kept the best by, so every metric's lowest and highest stay loadable."""
@@ -311,6 +314,7 @@ def test_gc_of_manifests_from_before_the_choice_was_recorded_keeps_every_best(sa
     assert save_numbers(ckpts) == [1, 2, 6, 7]
 
 
+@pytest.mark.slow  # see above
 def test_gc_of_a_run_that_kept_no_best_keeps_only_the_latest(sandbox: Sandbox) -> None:
     script = sandbox.root / "nobest.py"
     script.write_text(CKPT_SCRIPT.replace(', best="loss")', ")"))
@@ -321,6 +325,7 @@ def test_gc_of_a_run_that_kept_no_best_keeps_only_the_latest(sandbox: Sandbox) -
     assert save_numbers(runs_dir(sandbox) / run_id / "checkpoints") == [5]
 
 
+@pytest.mark.slow  # see above
 def test_gc_best_narrows_what_is_kept(sandbox: Sandbox) -> None:
     sweep = api_sweep(sandbox, steps=5)
     assert sandbox.run("launch", str(sweep)).returncode == 0
