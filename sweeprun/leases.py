@@ -40,7 +40,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -242,39 +242,12 @@ class _Listing:
 
 
 @dataclass(frozen=True)
-class LeaseView:
-    """A run's lease as ``status`` sees it in the listing it makes anyway (no extra request
-    but one small read of the holder's record)."""
+class Holding:
+    """The lease protocol's answer to "who holds this run" (see :meth:`StoreLeases.holder`)."""
 
-    generation: int
-    released: bool
-    contested: bool
-    #: The store's timestamp of the holder's last beat (or of its record, before the first
-    #: beat). Only for showing an age: takeovers never compare clocks.
-    beat_mtime: float
-
-
-def lease_view(files: Mapping[str, float], now: float | None = None,
-               settle_s: float = 0.0) -> LeaseView | None:
-    """The lease in a run's listing (``relative path -> mtime``, as
-    :meth:`~sweeprun.store.SweepPaths.listing` gives); ``None`` when the run was never leased.
-
-    Contested as :meth:`_Listing.contested` says, a claim counting as past its settle
-    rounds once the store's timestamp of it is ``2 * settle_s`` older than ``now`` (a
-    display only).
-    """
-    names = {path.split("/", 1)[1]: mtime for path, mtime in files.items() if path.startswith("lease/")}
-    listing = _Listing.parse(names)
-    top = listing.top
-    if top is None:
-        return None
-    beat = names.get(f"{top:08d}.beat", names.get(f"{top:08d}.json", 0.0))
-    now = time.time() if now is None else now
-
-    def settled(gen: int, nonce: str) -> bool:
-        return now - names.get(f"{gen:08d}.{nonce}.claim", now) > 2 * settle_s
-
-    return LeaseView(top, top in listing.released, listing.contested(settled), beat)
+    holder: str | None          # None: free to take
+    moved: bool = False         # the beat or generation changed since the last look: alive
+    left_s: float = 0.0         # how much longer the beat must stand still before it is free
 
 
 @dataclass(frozen=True)
@@ -437,6 +410,12 @@ class StoreLeases:
 
     def _stale(self, paths: LeasePaths, generation: int) -> bool:
         """Has ``generation``'s beat stood still for ``lease_s`` on this worker's clock?"""
+        return self._watch(paths, generation).left_s <= 0
+
+    def _watch(self, paths: LeasePaths, generation: int) -> Holding:
+        """Look at ``generation``'s beat once more: how much longer it must stand still, by
+        this object's clock, before the run is free, and whether it moved since the last look
+        (a beat that moves, or a newer generation, is a live holder)."""
         beat = self._read(paths.beat(generation))
         now = self.clock()
         seen = self._seen.get(paths.run_dir)
@@ -445,9 +424,45 @@ class StoreLeases:
             # (settle mode), a beat may be that late too.
             record = self._record(paths, generation)
             lease_s = record.lease_for(self.lease_s) if record else self.lease_s
-            return now - seen.since >= lease_s + self.settle_s
+            return Holding(None, left_s=lease_s + self.settle_s - (now - seen.since))
         self._seen[paths.run_dir] = _Seen(generation, beat, now)
-        return False
+        moved = seen is not None and 0 < seen.generation <= generation
+        return Holding(None, moved=moved, left_s=self.lease_s + self.settle_s)
+
+    def holder(self, run_dir: str, generation: int | None = None, released: bool = False) -> Holding:
+        """Who holds the run, by this protocol's own rule as this object has watched it: the
+        one rule for takers, ``status``, ``reset`` and ``gc``. Free (``holder`` ``None``) when
+        never leased, released, held by a gone process of this host, or when its beat stood
+        still for ``lease_s`` on this object's clock since a look that saw it; never by a
+        store timestamp. ``generation``/``released`` from a listing the caller made (else
+        one LIST here)."""
+        paths = LeasePaths(run_dir)
+        if generation is None:
+            listing = self._list(paths)
+            generation, released = listing.top, listing.top in listing.released
+        if generation is None or released or self._holder_gone(paths, generation):
+            return Holding(None)
+        look = self._watch(paths, generation)
+        if look.left_s <= 0:
+            return look
+        record = self._record(paths, generation)
+        return replace(look, holder=record.worker if record is not None else "another machine")
+
+    def remembered(self) -> dict[str, list[Any]]:
+        """What this object has watched, as JSON: :meth:`remember` gives it to a later process of
+        this machine (the clock is the machine's boot clock), so that one-shot commands watch
+        a beat across calls as a taker does across looks."""
+        return {run: [s.generation, None if s.beat is None else s.beat.hex(), s.since]
+                for run, s in self._seen.items() if s.generation}
+
+    def remember(self, doc: Mapping[str, Any]) -> None:
+        for run, entry in doc.items():
+            try:
+                gen, beat, since = entry
+                self._seen.setdefault(run, _Seen(int(gen), None if beat is None else bytes.fromhex(beat),
+                                                 float(since)))
+            except (TypeError, ValueError):
+                continue  # a damaged memory is only a watch started again
 
     def _create(self, paths: LeasePaths, generation: int, nonce: str | None = None) -> Lease | None:
         record = LeaseRecord(self.host, self.worker, generation, nonce or secrets.token_hex(8), self.started,
@@ -591,9 +606,9 @@ class StoreLeases:
 
     def retire(self, lease: Lease) -> None:
         """The run is done (its ``DONE`` is written): remove the files of older generations
-        and of settled claims. No release marker: every taker looks for ``DONE`` before the
-        lease. The newest record stays, so that a run made to run again goes on counting
-        attempts from it."""
+        and of settled claims, then mark it released (takers look for ``DONE`` first; ``gc``
+        and ``reset`` then know its launcher is done writing there). The newest record
+        stays, so that a run made to run again goes on counting attempts from it."""
         with store_errors("list", lease.paths.folder):
             try:
                 names = self.fs.ls(confine(self.fs, lease.paths.folder), detail=False)
@@ -607,6 +622,7 @@ class StoreLeases:
         if old:
             with store_errors("delete", lease.paths.folder):
                 remove(self.fs, old)
+        self.release(lease)  # the launcher writes nothing more there: gc need not wait it out
 
     # -- reading ------------------------------------------------------------------------------
 

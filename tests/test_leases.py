@@ -22,15 +22,14 @@ import fsspec
 import pytest
 
 from sweeprun.errors import LeaseLost, SpecError, StoreError
+from sweeprun.holders import LeaseView, lease_view
 from sweeprun.leases import (
     SETTLE_DEFAULT_S,
     Lease,
     LeasePaths,
     LeaseRecord,
-    LeaseView,
     StoreLeases,
     backoff_s,
-    lease_view,
     settle_default,
 )
 from sweeprun.procs import ProcessRef
@@ -440,7 +439,7 @@ def test_retiring_a_done_run_keeps_only_its_newest_generation(place: Place) -> N
     second.renew(new)
     second.retire(new)
     left = sorted(posixpath.basename(p) for p in place.fs.ls(LeasePaths(run).folder, detail=False))
-    assert left == ["00000002.beat", "00000002.json"]
+    assert left == ["00000002.beat", "00000002.json", "00000002.released"]  # gc need not wait it out
     state = worker(place, "c").current(run)  # the attempt count goes on from there
     assert state is not None and state.generation == 2
 
@@ -558,3 +557,29 @@ def test_a_lease_folder_without_a_record_is_taken_fresh(place: Place) -> None:
     atomic_write(place.fs, LeasePaths(run).claim(1, "00aa"), b"")  # left by a claim-then-confirm machine
     lease = worker(place, "a").take(run)
     assert lease is not None and lease.generation == 1
+
+
+def test_one_holder_rule_a_watch_never_reads_a_clock_from_the_store(place: Place) -> None:
+    """``status``, ``reset`` and ``gc`` judge a lease by the protocol's own rule: held until
+    its beat stood still for lease_s on the observer's clock, whatever the store's times."""
+    run = place.run("r")
+    holder = StoreLeases(place.fs, lease_s=10, host="a", worker="a:1")
+    lease = holder.take(run)
+    assert lease is not None
+    now = [0.0]
+    observer = StoreLeases(place.fs, lease_s=10, host="b", worker="b:1", clock=lambda: now[0])
+    first = observer.holder(run)
+    assert first.holder == "a:1" and not first.moved and first.left_s == 10
+    now[0] = 9.0
+    assert observer.holder(run).holder == "a:1"  # not yet a lease: held
+    holder.renew(lease)
+    moved = observer.holder(run)
+    assert moved.holder == "a:1" and moved.moved  # a beat that moves is a live holder
+    now[0] = 19.5
+    assert observer.holder(run).holder is None  # stood still for lease_s since it moved
+    memory = observer.remembered()
+    later = StoreLeases(place.fs, lease_s=10, host="b", worker="b:1", clock=lambda: now[0])
+    later.remember(memory)  # another command of this machine goes on from that watch
+    assert later.holder(run).holder is None
+    holder.release(lease)
+    assert StoreLeases(place.fs, lease_s=10, host="c", worker="c:1").holder(run).holder is None

@@ -68,7 +68,7 @@ def test_a_done_run_keeps_only_its_newest_lease_generation(sandbox: Sandbox) -> 
     assert second.returncode == 0, out
     (run_dir,) = (sandbox.store / "t" / "runs").iterdir()
     left = sorted(p.name for p in (run_dir / "lease").iterdir())
-    assert left == ["00000002.beat", "00000002.json"]
+    assert left == ["00000002.beat", "00000002.json", "00000002.released"]  # released: gc need not wait
     (row,) = status_on(sandbox, "vm-c", sweep).values()
     assert row["state"] == "done" and row["attempts"] == 2
 
