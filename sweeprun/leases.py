@@ -338,23 +338,35 @@ class StoreLeases:
 
     # -- taking -------------------------------------------------------------------------------
 
-    def take(self, run_dir: str) -> Lease | None:
+    def take(self, run_dir: str, floor: Callable[[], int] | None = None) -> Lease | None:
         """The run's lease if this worker got it now; ``None`` when another holds it or won.
 
         A run never leased costs one exclusive create and no LIST. Otherwise one LIST finds
         the current generation and one read its beat; the next generation is created only
         when the current one was released or its beat stood still for ``lease_s`` by this
         object's clock, since its first call that saw it.
+
+        ``floor()``: the highest attempt the run's files name (a sweep that ran before with
+        no store leases, on a shared database). A run never leased then starts at the next
+        generation, so that the generation is the attempt number. It is asked before a LIST
+        that finds the lease folder empty: every taker that sees it empty counted attempts
+        from the same files (a leased holder writes its attempt only after its record), so
+        racing takers create one name.
         """
         paths = LeasePaths(run_dir)
         self._set_aside_non_folder(paths)
         if self.settle_s:
-            return self._take_settled(paths)
-        if run_dir not in self._seen:
+            return self._take_settled(paths, floor)
+        if floor is None and run_dir not in self._seen:
             won = self._create(paths, 1)
             if won:
                 return won
         listing = self._list(paths)
+        if listing.top is None and floor is not None:
+            highest = floor()
+            listing = self._list(paths)
+            if listing.top is None:
+                return self._create(paths, highest + 1)
         top = listing.top
         if top is None:  # a folder with no record (a claimer's leftovers, lag): try again
             return self._create(paths, 1)
@@ -475,12 +487,13 @@ class StoreLeases:
         self._seen.pop(paths.run_dir, None)
         return Lease(paths.run_dir, record)
 
-    def _take_settled(self, paths: LeasePaths) -> Lease | None:
+    def _take_settled(self, paths: LeasePaths, floor: Callable[[], int] | None = None) -> Lease | None:
+        highest = floor() if floor is not None else 0  # before the LIST: see take()
         listing = self._list(paths)
         top = listing.top
         watched: object = _UNWATCHED  # the beat judged stale (maybe None: never written)
         if top is None:
-            target = 1
+            target = highest + 1
         elif top in listing.released or self._holder_gone(paths, top):
             target = top + 1
         elif self._stale(paths, top):

@@ -22,9 +22,9 @@ from typing import Any
 from . import faults
 from .errors import StoreError, SweeprunError
 from .fleet import Coordination, CoordinationRecord
+from .holders import HolderWatch, LeaseView, lease_view, watch_holders
 from .identity import RunSpec
 from .integrations.sealed import SEAL, step_of
-from .holders import HolderWatch, LeaseView, lease_view, watch_holders
 from .leases import settle_default
 from .ledger import (
     Ledger,
@@ -37,8 +37,8 @@ from .ledger import (
     judge,
     open_ledger,
     shown_state,
+    state_home,
 )
-from .ledger import state_home
 from .redact import redact
 from .spec import SweepSpec, parse_spec
 from .store import (
