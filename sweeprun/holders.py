@@ -95,6 +95,7 @@ class HolderWatch:
         return self.leases.holder(run_dir, generation, released)
 
     def _load(self) -> None:
+        self._loaded: dict[str, list[object]] = {}
         if self.path is None:
             return
         try:
@@ -104,19 +105,23 @@ class HolderWatch:
                 self.leases.remember({run: e for run, e in doc["seen"].items()
                                       if isinstance(e, list) and len(e) == 3
                                       and isinstance(e[2], (int, float)) and 0 <= now - e[2] < WATCH_MEMORY_S})
+                self._loaded = self.leases.remembered()
         except (OSError, ValueError, AttributeError):
             pass  # no memory yet, or a damaged one: the watch starts now
 
     def save(self) -> None:
-        """Keep what was seen for the next command (atomically; a failure only forgets)."""
-        if self.path is None:
+        """Keep what was seen for the next command (atomically; a failure only forgets).
+        Nothing is written when nothing new was seen (a sweep whose leases are all released)."""
+        seen = self.leases.remembered()
+        if self.path is None or seen == self._loaded:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".watch-", dir=self.path.parent)
             with os.fdopen(fd, "w") as f:
-                json.dump({"boot": _boot_id(), "seen": self.leases.remembered()}, f)
+                json.dump({"boot": _boot_id(), "seen": seen}, f)
             os.replace(tmp, self.path)
+            self._loaded = seen
         except OSError:
             pass
 

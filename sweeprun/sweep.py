@@ -412,7 +412,8 @@ class Sweep:
                 step=None, metric=None, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
                 worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
                 metrics_path=self._metrics_path(run_id, files)))
-        self.watch.save()
+        if only is None:  # `show` (``only``) writes nothing; `status` keeps its watch of the beats
+            self.watch.save()
         return rows if summary else self.with_progress(rows)
 
     def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:

@@ -133,3 +133,50 @@ def test_a_bad_settle_delay_is_one_line_naming_it(sandbox: Sandbox, value: str) 
     result = sandbox.run("launch", str(sweep))
     assert result.returncode == 2 and "lease_settle_s" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not sandbox.store.exists()
+
+
+def test_a_sweep_moved_from_postgresql_to_store_leases_numbers_its_attempts_by_the_lease_generation(
+        sandbox: Sandbox, postgres_url: str) -> None:
+    """Attempts 1 and 2 ran on a shared PostgreSQL ledger (no store leases); relaunched with
+    each machine's own SQLite ledger, the next attempt is 3, its lease generation is 3, and
+    a machine that never saw the sweep shows 3 in ``status`` and ``show``: one number."""
+    flag = sandbox.root / "fail"
+    flag.touch()
+    script = sandbox.root / "flaky.py"
+    script.write_text(f"import os, sys\nsys.exit(7 if os.path.exists({str(flag)!r}) else 0)\n")
+    sweep = sandbox.write_sweep({"a": [1]}, {}, command=f"{sys.executable} {script}", max_attempts=2)
+    on_postgres = machine(sandbox, "vm-a", "launch", str(sweep), "--ledger", postgres_url)
+    assert on_postgres.wait(timeout=300) == 1  # failed twice
+    flag.unlink()
+    moved = machine(sandbox, "vm-b", "launch", str(sweep), "--move-ledger")
+    out, _ = moved.communicate(timeout=300)
+    assert moved.returncode == 0, out
+    (run_dir,) = (sandbox.store / "t" / "runs").iterdir()
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == [f"attempt-{n}.log" for n in (1, 2, 3)]
+    assert sorted(p.name for p in (run_dir / "lease").glob("*.json")) == ["00000003.json"]
+    (row,) = status_on(sandbox, "vm-c", sweep).values()
+    assert row["state"] == "done" and row["attempts"] == 3
+    out, _ = machine(sandbox, "vm-c", "show", str(sweep), run_dir.name, "--json").communicate(timeout=120)
+    shown = json.loads(out)
+    assert shown["log"] == "logs/attempt-3.log" and shown["attempts"][-1]["attempt"] == 3
+
+
+def test_store_leases_run_where_the_ledger_declares_them() -> None:
+    """Whether a worker takes store leases is the ledger's own declaration
+    (``Ledger.store_leases``), not a check of its class; a ledger from before the
+    declaration is read by whether another machine shares it."""
+    from sweeprun.tenure import store_leases_on
+
+    class Declares:
+        def __init__(self, store_leases: bool | None, shared: tuple[str, str, str] | None) -> None:
+            if store_leases is not None:
+                self.store_leases = store_leases
+            self._shared = shared
+
+        def shared(self) -> tuple[str, str, str] | None:
+            return self._shared
+
+    assert store_leases_on(Declares(True, ("postgresql", "id", "db")))  # type: ignore[arg-type]
+    assert not store_leases_on(Declares(False, None))  # type: ignore[arg-type]
+    assert store_leases_on(Declares(None, None))  # type: ignore[arg-type]
+    assert not store_leases_on(Declares(None, ("postgresql", "id", "db")))  # type: ignore[arg-type]
