@@ -28,7 +28,8 @@ from pathlib import Path
 
 import fsspec
 
-from .leases import Holding, StoreLeases, _Listing
+from .lease_records import Holding, _Listing
+from .leases import StoreLeases
 from .procs import boot_clock
 
 #: How long a one-shot command's observation of a beat is kept: older ones are dropped.

@@ -583,3 +583,23 @@ def test_one_holder_rule_a_watch_never_reads_a_clock_from_the_store(place: Place
     assert later.holder(run).holder is None
     holder.release(lease)
     assert StoreLeases(place.fs, lease_s=10, host="c", worker="c:1").holder(run).holder is None
+
+
+def test_a_run_never_leased_starts_after_the_highest_attempt_its_files_name(place: Place) -> None:
+    """A sweep that ran on a shared database (attempts 1 to 3, no leases) and moves to store
+    leases: the first generation is 4, so the generation is the attempt number; racing
+    takers that counted the same files create one name, and a leased run ignores the floor."""
+    run = place.run("r")
+    asked: list[str] = []
+
+    def floor(who: str) -> Any:
+        return lambda: asked.append(who) or 3
+
+    first, second = worker(place, "a"), worker(place, "b")
+    won = first.take(run, floor=floor("a"))
+    assert won is not None and won.generation == 4 and asked == ["a"]
+    assert second.take(run, floor=floor("b")) is None  # held: generation 4 is a's
+    assert asked == ["a"]  # the floor is asked only of a folder with no generation
+    first.release(won)
+    again = second.take(run, floor=floor("b"))
+    assert again is not None and again.generation == 5 and asked == ["a"]
