@@ -74,6 +74,15 @@ def highest_attempt(paths: RunPaths) -> int:
     return highest
 
 
+def create_json(paths: RunPaths, path: str, obj: object) -> bool:
+    """Write ``obj`` as JSON at ``path`` unless the file exists; ``False`` if it did.
+
+    Create-only in the store itself (:func:`~sweeprun.store.create_only`), so two
+    workers that read the same highest attempt number can never both take the next one.
+    """
+    return create_only(paths.fs, path, (json.dumps(obj, sort_keys=True) + "\n").encode())
+
+
 class Tenure:
     """The ledger claim, the store lease and the attempt record of one attempt, together.
 
@@ -127,8 +136,7 @@ class Tenure:
                     return None
                 self.claim = renumbered
             record = {"attempt": target, "worker": self.claim.worker.label, "started_at": time.time()}
-            if create_only(self.paths.fs, self.paths.attempt_record(target),
-                           (json.dumps(record, sort_keys=True) + "\n").encode()):
+            if create_json(self.paths, self.paths.attempt_record(target), record):
                 return True
         raise SweeprunError(f"run {self.claim.run_id}: could not take a fresh attempt number in "
                             f"{self.paths.attempts}; is another sweeprun of another ledger running it?")

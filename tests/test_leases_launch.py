@@ -180,3 +180,16 @@ def test_store_leases_run_where_the_ledger_declares_them() -> None:
     assert not store_leases_on(Declares(False, None))  # type: ignore[arg-type]
     assert store_leases_on(Declares(None, None))  # type: ignore[arg-type]
     assert not store_leases_on(Declares(None, ("postgresql", "id", "db")))  # type: ignore[arg-type]
+
+
+def test_the_takeover_benchmark_runs_in_a_tiny_configuration(tmp_path: Path) -> None:
+    """benchmarks/takeover.py end to end, once, on a folder: two machines, one lost. Untimed:
+    its exit code says whether the median met its target, which depends on the machine."""
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "takeover.py"), "--takeovers", "1",
+                             "--machines", "2", "--lease-s", "1", "--stores", "folder"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode in (0, 1), result.stderr
+    (row,) = [line.split() for line in result.stdout.splitlines() if line.startswith("folder")]
+    assert row[1] == "1" and float(row[2]) > 0  # one takeover, measured
