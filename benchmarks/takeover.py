@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -112,13 +113,16 @@ def wait(predicate: Any, timeout_s: float, what: str) -> Any:
 
 
 def one_takeover(tmp: Path, store: str, k: int, machines: int, lease_s: float,
-                 ledger: str | None, env: dict[str, str], runs_n: int | None = None) -> float:
-    """One round: the seconds from a holder's loss to another machine's child of its run."""
+                 ledger: str | None, env: dict[str, str], runs_n: int | None = None,
+                 fresh: bool = False) -> float:
+    """One round: the seconds from a holder's loss to another machine's child of its run.
+    ``fresh``: every machine runs a run, and a new machine is started once one is lost
+    (a replacement VM) instead of an idle one watching."""
     child = tmp / "child.py"
     child.write_text(CHILD)
     name = f"takeover{k}"
     sweep = tmp / f"{name}.yaml"
-    runs = list(range(runs_n or max(1, machines - 1)))
+    runs = list(range(runs_n or (machines if fresh else max(1, machines - 1))))
     sweep.write_text(f"name: {name}\nstore: {store}\ncommand: {sys.executable} {child}\n"
                      f"lease_s: {lease_s}\ngrid:\n  i: {runs}\n")
     log = tmp / f"{name}.log"
@@ -130,6 +134,8 @@ def one_takeover(tmp: Path, store: str, k: int, machines: int, lease_s: float,
         (victim,) = [m for m in fleet if m.host == host]
         lost_at = time.monotonic()
         victim.lose()
+        if fresh:
+            fleet.append(Machine(tmp, f"m{k}-new", sweep, log, ledger, env))
         taken = wait(lambda: [s for s in starts(log) if s[0] == run_id and s[2] != host],
                      max(120, 20 * lease_s), "the lost run to start elsewhere")
         return taken[0][3] - lost_at
@@ -151,7 +157,7 @@ def startup_s(n: int = 5) -> float:
 
 
 def measure(kind: str, takeovers: int, machines: int, lease_s: float,
-            runs_n: int | None = None) -> dict[str, Any]:
+            runs_n: int | None = None, fresh: bool = False) -> dict[str, Any]:
     """Run ``takeovers`` rounds on store kind ``kind`` (postgresql, folder, s3)."""
     from servers import PostgresServer, S3Server, _atomic_conditional_puts, free_port
 
@@ -185,10 +191,11 @@ def measure(kind: str, takeovers: int, machines: int, lease_s: float,
     elif kind != "folder":
         raise SystemExit(f"unknown store {kind!r}: give postgresql, folder or s3")
     try:
-        times = [one_takeover(tmp, store, k, machines, lease_s, ledger, env, runs_n) for k in range(takeovers)]
+        times = [one_takeover(tmp, store, k, machines, lease_s, ledger, env, runs_n, fresh) for k in range(takeovers)]
     finally:
         for close in reversed(cleanup):
             close()
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"takeovers": len(times), "median_s": round(statistics.median(times), 2),
             "max_s": round(max(times), 2), "min_s": round(min(times), 2)}
 
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stores", default="postgresql,folder,s3")
     parser.add_argument("--runs", type=int, default=None,
                         help="runs in each round's sweep (default: one fewer than the machines)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="no idle machine: a new one starts once the holder is lost")
     args = parser.parse_args(argv)
     start = startup_s()
     budget = args.lease_s + 2.0 + start
@@ -210,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     ok = True
     for kind in args.stores.split(","):
-        row = measure(kind.strip(), args.takeovers, args.machines, args.lease_s, args.runs)
+        row = measure(kind.strip(), args.takeovers, args.machines, args.lease_s, args.runs, args.fresh)
         within = row["median_s"] <= budget
         ok &= within
         print(f"{kind:12s} {row['takeovers']:9d} {row['median_s']:9.2f} {row['min_s']:7.2f} "
