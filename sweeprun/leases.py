@@ -270,6 +270,17 @@ class StoreLeases:
         record = self._record(paths, generation)
         return replace(look, holder=record.worker if record is not None else "another machine")
 
+    def due_s(self, run_dir: str) -> float | None:
+        """How long until the watched beat of ``run_dir``, if it stands still, has stood still
+        for a lease by this object's clock: when a taker's next look can take the run over
+        (``None``: nothing watched, e.g. just after a race lost)."""
+        seen = self._seen.get(run_dir)
+        if seen is None or not seen.generation:
+            return None
+        record = self._records.get((run_dir, seen.generation))
+        lease_s = record.lease_for(self.lease_s) if record else self.lease_s
+        return max(0.0, lease_s + self.settle_s - (self.clock() - seen.since))
+
     def remembered(self) -> dict[str, list[Any]]:
         """What this object has watched, as JSON: :meth:`remember` gives it to a later process of
         this machine (the clock is the machine's boot clock), so that one-shot commands watch

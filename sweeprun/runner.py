@@ -236,9 +236,15 @@ class Launcher:
         """Sleep until an attempt of this launcher ends or a stop comes (nothing to claim now
         may be claimable then, or the sweep settled), at most ``poll_s``: runs elsewhere
         (other launchers, other machines) end without telling this one."""
+        wait_s = self.options.poll_s
+        now = time.monotonic()
+        with self._leases_lock:  # ... or until a run passed over is due for its next look
+            due = [at - now for at in self._elsewhere.values() if at > now]
+        if due:
+            wait_s = min(wait_s, min(due) + 0.01)
         with self._news:
             if self._news_seen == seen and not self._stop.is_set():
-                self._news.wait(self.options.poll_s)
+                self._news.wait(wait_s)
 
     def _tell_news(self) -> None:
         with self._news:
@@ -256,12 +262,16 @@ class Launcher:
             self._elsewhere.pop(run_id, None)
             self._lease_errors.pop(run_id, None)
 
-    def pass_over(self, run_id: str, store_failed: bool = False) -> None:
+    def pass_over(self, run_id: str, store_failed: bool = False, due_s: float | None = None) -> None:
         """Claim other runs before this one for about a third of a lease (another machine
         holds it: a look that often takes a lost holder's run over soon after its lease),
         jittered so that idle machines do not look in step; longer and longer while the
-        store keeps failing."""
+        store keeps failing. ``due_s``: when the holder's beat, if it stays still, will have
+        stood still for a lease by this launcher's clock: the look that can take the run
+        over comes then, not up to a third of a lease later."""
         wait = self.spec.lease_s * random.uniform(0.25, 0.45)
+        if due_s is not None and not store_failed:
+            wait = min(wait, due_s + 0.02)
         with self._leases_lock:
             if store_failed:
                 failures = self._lease_errors[run_id] = self._lease_errors.get(run_id, 0) + 1

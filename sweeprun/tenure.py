@@ -111,6 +111,11 @@ class Tenure:
         self.lease = self.leases.take(self.paths.dir, floor=lambda: highest_attempt(self.paths))
         return self.lease is not None
 
+    def due_s(self) -> float | None:
+        """After a take that found the run held: when a look may find its lease free (see
+        :meth:`~sweeprun.leases.StoreLeases.due_s`)."""
+        return self.leases.due_s(self.paths.dir) if self.leases is not None else None
+
     def take_number(self) -> bool | None:
         """Decide the attempt number and make it durable (``attempts/<n>.json``, create-only).
 

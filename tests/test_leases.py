@@ -603,3 +603,20 @@ def test_a_run_never_leased_starts_after_the_highest_attempt_its_files_name(plac
     first.release(won)
     again = second.take(run, floor=floor("b"))
     assert again is not None and again.generation == 5 and asked == ["a"]
+
+
+def test_a_taker_knows_when_its_next_look_can_take_a_still_beat_over(place: Place) -> None:
+    """``due_s``: how long until the watched beat, if it stays still, has stood still for a
+    lease on the taker's clock; the launcher's next look at the run comes then."""
+    run = place.run("r")
+    holder, clock = worker(place, "a"), FakeClock()
+    taker = worker(place, "b", clock)
+    assert taker.due_s(run) is None  # nothing watched yet
+    lease = holder.take(run)
+    assert lease is not None and taker.take(run) is None
+    assert taker.due_s(run) == LEASE_S
+    clock.advance(LEASE_S - 5)
+    assert taker.take(run) is None and taker.due_s(run) == 5
+    clock.advance(5)
+    taken = taker.take(run)
+    assert taken is not None and taken.generation == 2
