@@ -256,7 +256,8 @@ def reset(
     from .sweep import Sweep
 
     spec = _spec(sweep_file, store=store, ledger=ledger)
-    report = reset_runs(Sweep(spec, ledger), runs or [], failed=failed, dry_run=dry_run, delete=delete)
+    report = reset_runs(Sweep(spec, ledger), runs or [], failed=failed, dry_run=dry_run, delete=delete,
+                        note=_note)
     if not report.run_ids:
         print(f"[sweeprun] {spec.name}: no failed runs; nothing to reset", flush=True)
         return
@@ -298,7 +299,7 @@ def gc(
     if mode is not None and mode not in ("min", "max"):
         raise SpecError(f"--mode {mode!r}: give min or max")
     spec = _spec(sweep_file, store=store, ledger=ledger)
-    report = collect(Sweep(spec, ledger), dry_run=dry_run, best=best, mode=mode, damaged=damaged)
+    report = collect(Sweep(spec, ledger), dry_run=dry_run, best=best, mode=mode, damaged=damaged, note=_note)
     verb = "would remove" if dry_run else "removed"
     for item in report.runs:
         what = []
@@ -313,6 +314,11 @@ def gc(
                   "look inside, then --damaged removes them)", flush=True)
     print(f"[sweeprun] {spec.name}: {verb} {report.files} file(s), "
           f"{'would free' if dry_run else 'freed'} {format_bytes(report.bytes_freed)}", flush=True)
+
+
+def _note(message: str) -> None:
+    """What a command is waiting for, on stderr (its results go to stdout)."""
+    print(f"[sweeprun] {message}", file=sys.stderr, flush=True)
 
 
 def _finite(value: Any) -> Any:

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from sweeprun import Sweep, load_spec
-from sweeprun.manage import gc
+from sweeprun.errors import SweeprunError
+from sweeprun.manage import gc, reset
 from sweeprun.training import load_checkpoint
 
 from conftest import Sandbox, wait_for
@@ -350,23 +351,78 @@ def test_gc_leaves_runs_that_are_not_done_alone(sandbox: Sandbox) -> None:
     assert sorted(p.name for p in runs_dir(sandbox).glob("*/checkpoints/*")) == before
 
 
-def test_gc_refuses_while_a_done_runs_lease_is_live(sandbox: Sandbox) -> None:
-    """Just after a run is done its launcher may still write in its folder (the lease's last
-    beat): gc waits for the lease to run out rather than race it."""
-    sweep = api_sweep(sandbox, steps=2)
+#: Another machine holding a run's store lease: takes it (as host vm-x) and renews it every
+#: half second until killed. Its own clock is the true one.
+HOLDER_SCRIPT = """
+import sys, time
+import fsspec
+from sweeprun.leases import StoreLeases
+leases = StoreLeases(fsspec.filesystem("file"), lease_s=4, host="vm-x", worker="vm-x:1")
+lease = leases.take(sys.argv[1])
+while lease is None:
+    time.sleep(0.2)
+    lease = leases.take(sys.argv[1])
+print("held", flush=True)
+while True:
+    time.sleep(0.5)
+    leases.renew(lease)
+"""
+
+
+def fast_clock(monkeypatch: pytest.MonkeyPatch, sandbox: Sandbox, ahead_s: float = 45.0) -> None:
+    """This process is a machine whose wall clock runs ``ahead_s`` fast (nothing else is)."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + ahead_s)
+    monkeypatch.setenv("SWEEPRUN_HOME", str(sandbox.root / "hosts" / "fast"))
+
+
+def test_reset_on_a_machine_whose_clock_is_45_s_fast_leaves_a_run_held_elsewhere_alone(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another machine (a real launcher, its own ledger) trains the run; this machine's clock
+    is 45 s fast, so every store timestamp of the live lease looks older than a lease."""
+    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 2000, "sleep": 0.05}, lease_s=4)
+    other = sandbox.sweeprun("worker", str(sweep), env={"SWEEPRUN_HOST": "vm-a"})  # its own ledger
+    try:
+        wait_for(lambda: any(e["event"] == "start" for e in sandbox.events()), timeout=120)
+        (run_dir,) = runs_dir(sandbox).iterdir()
+        fast_clock(monkeypatch, sandbox)
+        here = Sweep(load_spec(sweep), str(sandbox.root / "fast.sqlite"))
+        with pytest.raises(SweeprunError, match=f"run {run_dir.name} is held by vm-a:"):
+            reset(here, [run_dir.name])
+        assert run_dir.exists() and not (sandbox.store / "t" / "trash").exists()
+        assert not (sandbox.store / "t" / "resets").exists()
+    finally:
+        os.killpg(other.pid, signal.SIGTERM)
+        other.communicate(timeout=120)
+
+
+def test_gc_on_a_machine_whose_clock_is_45_s_fast_leaves_a_done_run_held_elsewhere_alone(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Just after a run is done its launcher may still write in its folder: here another
+    process holds the done run's lease and renews it while gc runs on a fast clock."""
+    sweep = api_sweep(sandbox, steps=5, lease_s=4)
     assert sandbox.run("launch", str(sweep)).returncode == 0
-    (run_id,) = sandbox.status(sweep)
-    lease = runs_dir(sandbox) / run_id / "lease"
-    record = next(lease.glob("*.json"))
-    doc = json.loads(record.read_text())
-    doc.update(worker=f"{doc['host']}:{os.getpid()}", started=None)  # held by a live process: this one
-    record.write_text(json.dumps(doc))
-    now = time.time()
-    for path in lease.iterdir():
-        os.utime(path, (now, now))
+    (run_dir,) = runs_dir(sandbox).iterdir()
+    script = sandbox.root / "holder.py"
+    script.write_text(HOLDER_SCRIPT)
+    holder = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=sandbox.env(),
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        fast_clock(monkeypatch, sandbox)
+        with pytest.raises(SweeprunError, match=f"run {run_dir.name} is held by vm-x:1"):
+            gc(Sweep(load_spec(sweep), str(sandbox.root / "fast.sqlite")))
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing removed
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is lost: its beat stands still, and after one lease by this machine's own
+    # clock gc goes ahead (it watches the beat itself; no timestamp compared).
     result = cli(sandbox, "gc", str(sweep))
-    assert result.returncode == 2 and f"run {run_id} is held by" in result.stderr
-    assert len(list((runs_dir(sandbox) / run_id / "checkpoints").glob("ckpt-*.pt"))) == 3  # nothing removed
+    assert result.returncode == 0, result.stderr
+    assert "watching the store leases of 1 run(s)" in result.stderr
+    assert len(list((run_dir / "checkpoints").glob("ckpt-*.pt"))) < len(before) // 2
 
 
 def save_numbers(folder: Path) -> list[int]:
