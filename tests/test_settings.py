@@ -120,7 +120,7 @@ def _cli(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.Com
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("SWEEPRUN_HOME", ""), ("SWEEPRUN_HOME", "  "),   # a mistyped $UNSET: the ledger would move
+    ("SWEEPRUN_HOME", ""), ("SWEEPRUN_HOME", " "),   # a mistyped $UNSET: the ledger would move
     ("SWEEPRUN_STOP_POLL_S", "often"), ("SWEEPRUN_LOG_UPLOAD_S", "-3"),
     ("SWEEPRUN_LEDGER_WAIT_S", "forever"), ("SWEEPRUN_ASYNC_SAVE", "2")])
 def test_the_cli_refuses_a_bad_value_before_any_work_with_exit_2(tmp_path: Path, name: str,
