@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sweeprun.redact import record_bytes, redact, redacted_console
+from sweeprun.errors import LedgerError
+from sweeprun.ledger import open_ledger
+from sweeprun.redact import record_bytes, redact, redact_url, redacted_console
 
 from conftest import Sandbox
 from servers import PostgresServer
@@ -125,6 +127,21 @@ def test_the_text_patterns_stop_where_a_value_ends(text: str) -> None:
 ])
 def test_realistic_secrets_are_still_caught_in_prose_and_json(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+# What a password may hold unencoded, and text may not: quotes, <, >, a space, '/', '@', '#', '?'.
+HOSTILE = 'QuoteXY"LessXY<SpaceXY SpaceZZ>SlashXY/AtXY@HashXY#QmarkXY?EndXY'
+PIECES = ("QuoteXY", "LessXY", "SpaceXY", "SpaceZZ", "SlashXY", "AtXY", "HashXY", "QmarkXY", "EndXY")
+
+
+def test_a_url_known_to_be_one_is_starred_whatever_its_password_holds() -> None:
+    """In text the patterns stop at a quote or a space; where the text is the URL the user gave
+    (the ledger's shown name, a store's URL) its whole userinfo goes, as before."""
+    assert redact_url(f"postgresql://me:{HOSTILE}@db:5432/x") == "postgresql://***@db:5432/x"
+    with pytest.raises(LedgerError) as caught:
+        open_ledger(f"mysql://me:{HOSTILE}@db/x", "s")
+    assert "mysql://***@db/x" in str(caught.value)
+    assert not [piece for piece in PIECES if piece in str(caught.value)]
 
 
 def test_json_output_is_redacted_as_a_tree_and_stays_json(sandbox: Sandbox) -> None:
