@@ -2,8 +2,10 @@
 
 The exits are the console (the CLI swaps ``sys.stdout``/``sys.stderr`` for
 :class:`RedactingStream` while it runs, so rich, typer and every ``print`` pass through it),
-the attempt logs (the launcher's log writer), and the records sweeprun stores
-(:func:`record_bytes`). Code inside need not remember to call :func:`redact`; a new code
+the attempt logs (the launcher's log writer), the records sweeprun stores
+(:func:`record_bytes`), JSON for scripts (:func:`print_json`, value by value) and the
+exceptions it raises (:class:`~sweeprun.errors.SweeprunError` redacts its message, for library
+users). Code inside need not remember to call :func:`redact`; a new code
 path that prints or stores a URL is covered by the exit it leaves through.
 
 Messages mix URLs with ordinary paths, and run folders are named ``lr=0.1,seed=0-...``; a
