@@ -11,32 +11,68 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import re
 import signal
 import subprocess
 import tempfile
 import threading
 import time
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Protocol
 
 from . import settings
-from .errors import LeaseLost, SweeprunError
+from .errors import SweeprunError
 from .faults import crash_point
-from .leases import Lease
-from .ledger import Claim, Outcome, RunState
+from .ledger import Claim, Outcome, Policy, RunState
 from .procs import ProcessRef, boot_clock, spawn
-from .redact import record_bytes, redact
+from .redact import redact
 from .runenv import PREEMPTED_EXIT
-from .store import RunPaths, StoreLinkError, backend_for, confine, create_only, store_errors
+from .store import RunPaths, StoreLinkError, backend_for, confine, store_errors
+from .tenure import Tenure, folder_names
+from .tenure import create_json as _create_only  # noqa: F401  (the name tests import)
 
 if TYPE_CHECKING:
-    from .runner import Launcher
+    from .leases import StoreLeases
+    from .ledger import Ledger
+    from .spec import SweepSpec
+    from .sweep import Sweep
 
 #: Exit statuses that mean "stopped by a preemption-like signal", not "broken".
 _PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-#: Files that name the attempt that wrote them: attempts/<n>.json|.started|.finished,
-#: logs/attempt-<n>.log, checkpoints/ckpt-a<n>-... (see sweeprun.training.checkpoints).
-_ATTEMPT_FILE = re.compile(r"^(?:(?:attempt-)?(\d{1,9})\.(?:json|started|finished|log)|ckpt-a(\d{1,9})-.*)$")
+
+
+class Events(Protocol):
+    """What the launcher reports; :mod:`sweeprun.render` draws it. Called from any thread."""
+
+    def started(self, run_id: str, attempt: int, slot: int) -> None: ...
+    def output(self, run_id: str, line: str) -> None: ...
+    def ended(self, run_id: str, attempt: int, state: RunState | None, exit_code: int | None,
+              elapsed_s: float) -> None: ...
+    def note(self, message: str) -> None: ...
+    def progress(self, run_id: str, step: int | None, metric: tuple[str, float] | None) -> None: ...
+    #: Whether :meth:`progress` shows anything: reading every running run's metrics each
+    #: heartbeat (a LIST and a read on object stores) is worth it only for a live view.
+    wants_progress: bool
+
+
+class Host(Protocol):
+    """What an attempt asks of the launcher that runs it (:class:`~sweeprun.runner.Launcher`):
+    this and nothing else, so the launcher's own state stays its own."""
+
+    sweep: Sweep
+    spec: SweepSpec
+    ledger: Ledger
+    events: Events
+    policy: Policy
+    leases: StoreLeases | None
+    heartbeat_s: float
+
+    @property
+    def stopping(self) -> bool: ...
+    def register(self, attempt: Attempt) -> bool: ...
+    def unregister(self, attempt: Attempt) -> None: ...
+    def count_start(self) -> None: ...
+    def pass_over(self, run_id: str, store_failed: bool = False, due_s: float | None = None) -> None: ...
+    def took_lease(self, run_id: str) -> None: ...
+    def env(self, claim: Claim, paths: RunPaths, slot: int) -> dict[str, str]: ...
 
 
 class Attempt:
@@ -49,34 +85,38 @@ class Attempt:
     stop (SIGTERM, then SIGKILL after the grace period) and the ledger hears of it.
     """
 
-    def __init__(self, launcher: Launcher, claim: Claim, slot: int) -> None:
+    def __init__(self, launcher: Host, claim: Claim, slot: int) -> None:
         self.launcher = launcher
         self.ledger = launcher.ledger
         self.events = launcher.events
-        self.claim = claim
         self.slot = slot
         self.paths = launcher.sweep.paths.run(claim.run_id)
+        #: The claim, the store lease and the attempt record: who holds the run, as which attempt.
+        self.tenure = Tenure(launcher.ledger, launcher.leases, self.paths, claim)
         self.proc: subprocess.Popen[bytes] | None = None
         self.lost = False             # the lease is gone: write nothing more
         self.gave_up = False          # ... or may be: this machine's clock ran past it
         self.terminated = False       # the launcher sent SIGTERM (a preemption, not a failure)
         self.killed = False           # the launcher sent SIGKILL after the grace period
         self.recorded = False         # the ledger has this attempt's end
-        self.store_lease: Lease | None = None  # the run's lease in the store, when leases are on
         self.wrote_done = False
         self.started_at = time.monotonic()
         self._renewed_at = boot_clock()
         self._renew_failing = False
         self._lock = threading.Lock()
 
+    @property
+    def claim(self) -> Claim:
+        return self.tenure.claim
+
     # -- lifecycle --------------------------------------------------------------------------
 
     def run(self) -> None:
         launcher = self.launcher
         self._kill_orphan()  # first: a stop now would leave no record of it for the next claim
-        if not launcher._register(self):
+        if not launcher.register(self):
             self._record(Outcome.INTERRUPTED, None)  # a stop arrived with the claim
-            launcher._unregister(self)
+            launcher.unregister(self)
             return
         log: _AttemptLog | None = None
         try:
@@ -90,7 +130,7 @@ class Attempt:
             self._abort(log)
             raise
         finally:
-            launcher._unregister(self)
+            launcher.unregister(self)
             if not self.lost or self.gave_up or self.proc is None:
                 self.release_store_lease()  # a lease taken for a child that never started goes back
             if log is not None:
@@ -113,14 +153,17 @@ class Attempt:
         claim = self.claim
         if self.paths.is_done():
             return self._found_done()
-        if self.launcher.leases is not None:
-            if not self._take_store_lease():
-                return False
-            if self.paths.is_done():  # finished elsewhere while the lease was being taken
-                self.wrote_done = True  # ... so its lease is retired, not released
-                return self._found_done()
-        if not self._take_attempt_number():
+        if not self._take_store_lease():
             return False
+        if self.tenure.lease is not None and self.paths.is_done():  # finished elsewhere meanwhile
+            self.wrote_done = True  # ... so its lease is retired, not released
+            return self._found_done()
+        numbered = self.tenure.take_number()
+        if numbered is None:
+            self._lose()
+            return False
+        if not numbered:  # a used number given back, and another machine took the next one
+            return self._held_elsewhere()
         self.launcher.sweep.write_params(claim.run_id, claim.params)
         state = self.ledger.start(self.claim, self.launcher.spec.lease_s, self._progress(),
                                   self.launcher.policy)
@@ -151,72 +194,35 @@ class Attempt:
         return False
 
     def _take_store_lease(self) -> bool:
-        """Take the run's lease in the store: what keeps machines apart when their ledgers
-        cannot see each other. Held elsewhere: the claim goes back, no attempt is used."""
+        """Take the run's lease in the store (when store leases run): what keeps machines
+        apart when their ledgers cannot see each other. Held elsewhere: the claim goes
+        back, no attempt is used."""
         try:
-            lease = self.launcher.take_store_lease(self.paths.dir, self.claim.run_id)
+            if self.tenure.take_lease():
+                self.launcher.took_lease(self.claim.run_id)
+                return True
         except StoreLinkError:
             raise  # not a passing failure: the launcher stops with its one line
         except SweeprunError as exc:  # the store failed for now: pass the run over for a while
             self.events.note(f"{self.claim.run_id}: cannot read its lease in the store ({exc})")
             self.launcher.pass_over(self.claim.run_id, store_failed=True)
-            lease = None
-        if lease is None:  # another machine holds the run: undo the claim, use no attempt
-            self.ledger.release(self.claim)
-            self.recorded = True
-            return False
-        self.store_lease = lease
-        if lease.generation > self.claim.attempt:  # the generation is the attempt every machine agrees on
-            renumbered = self.ledger.renumber(self.claim, lease.generation)
-            if renumbered is None:
-                self._lose()
-                return False
-            self.claim = renumbered
-        return True
+            return self._give_claim_back()
+        return self._held_elsewhere()
+
+    def _held_elsewhere(self) -> bool:
+        """Another machine holds the run: pass it over until its next look is due, undo the claim."""
+        self.launcher.pass_over(self.claim.run_id, due_s=self.tenure.due_s())
+        return self._give_claim_back()
+
+    def _give_claim_back(self) -> bool:
+        self.ledger.release(self.claim)
+        self.recorded = True
+        return False
 
     def release_store_lease(self) -> None:
         """Let the next taker in at once (the run ended, was stopped, or was given up); a
         done run's older lease generations are cleared away."""
-        lease, self.store_lease = self.store_lease, None
-        if lease is not None and self.launcher.leases is not None:
-            try:
-                if self.wrote_done:
-                    self.launcher.leases.retire(lease)
-                else:
-                    self.launcher.leases.release(lease)
-            except SweeprunError:
-                pass  # its beat stops; the next taker waits out lease_s instead
-
-    def _take_attempt_number(self) -> bool:
-        """Make the attempt number durable in the store and higher than any it has seen there.
-
-        A ledger rebuilt on a new machine starts counting at 1 again; without this its
-        attempt 1 would overwrite the first attempt's log and lose "newest attempt wins".
-        """
-        for _ in range(5):
-            seen = self._highest_attempt_in_store()
-            if seen >= self.claim.attempt:
-                renumbered = self.ledger.renumber(self.claim, seen + 1)
-                if renumbered is None:
-                    self._lose()
-                    return False
-                self.claim = renumbered
-            record = {"attempt": self.claim.attempt, "worker": self.claim.worker.label,
-                      "started_at": time.time()}
-            if _create_only(self.paths, self.paths.attempt_record(self.claim.attempt), record):
-                return True
-        raise SweeprunError(f"run {self.claim.run_id}: could not take a fresh attempt number in "
-                            f"{self.paths.attempts}; is another sweeprun of another ledger running it?")
-
-    def _highest_attempt_in_store(self) -> int:
-        """The highest attempt any file of the run names: attempt records, logs, checkpoints."""
-        highest = 0
-        for folder in (self.paths.attempts, self.paths.logs, self.paths.checkpoints):
-            for name in self._names(folder):
-                match = _ATTEMPT_FILE.match(name)
-                if match:
-                    highest = max(highest, int(match.group(1) or match.group(2)))
-        return highest
+        self.tenure.release(done=self.wrote_done)
 
     def _progress(self) -> str | None:
         """What the checkpoints folder holds, as a digest: it changes when a save lands
@@ -225,20 +231,12 @@ class Attempt:
         there counts once sweeprun has sealed it (in the store too: that is where they live)."""
         from .training.sealed import TRAINER_DIR, sealed_names
 
-        names = sorted(n for n in self._names(self.paths.checkpoints) if not n.startswith("."))
+        names = sorted(n for n in folder_names(self.paths, self.paths.checkpoints) if not n.startswith("."))
         with store_errors("list", posixpath.join(self.paths.dir, TRAINER_DIR)):
             names += [f"{TRAINER_DIR}/{n}" for n in sealed_names(self.paths.fs, self.paths.dir)]
         if not names:
             return None
         return hashlib.sha256("\0".join(names).encode()).hexdigest()[:16]
-
-    def _names(self, folder: str) -> list[str]:
-        with store_errors("list", folder):
-            try:
-                found = self.paths.fs.ls(folder, detail=False)
-            except FileNotFoundError:
-                return []
-        return [posixpath.basename(p.rstrip("/")) for p in found]
 
     def _execute(self, log: _AttemptLog) -> int | None:
         """Start the child and stream its output; its exit code, or ``None`` if it never started."""
@@ -263,7 +261,7 @@ class Attempt:
             return None
         with self._lock:
             self.proc = proc
-        launcher._count_start()
+        launcher.count_start()
         if launcher.stopping or self.terminated:  # a stop arrived between the claim and the start
             self.terminate()
         self.renew()  # record the child's pid and start time at once
@@ -335,26 +333,12 @@ class Attempt:
                     return False
                 time.sleep(min(1.0, self.launcher.heartbeat_s))
                 continue
-            if ok and not self._store_lease_still_ours():
+            if ok and not self.tenure.lease_still_mine():
                 return False
             if ok:
                 with self._lock:
                     self._renewed_at = boot_clock()
             return ok
-
-    def _store_lease_still_ours(self) -> bool:
-        """The store lease's last word before ``DONE``: another machine may have taken the
-        run over since the last heartbeat. An unreadable store is no news (``DONE`` is
-        create-only: two finishers cannot both write it)."""
-        if self.store_lease is None or self.launcher.leases is None:
-            return True
-        try:
-            self.launcher.leases.renew(self.store_lease)
-        except LeaseLost:
-            return False
-        except SweeprunError:
-            pass
-        return True
 
     def _release(self, rc: int | None) -> RunState | None:
         """After this machine gave a lease up by its own clock, hand the run back if no one
@@ -433,11 +417,7 @@ class Attempt:
         attempted_at = boot_clock()
         try:
             ok = self.ledger.heartbeat(self.claim, lease_s, ProcessRef.of(proc.pid) if proc else None)
-            if ok and self.store_lease is not None and self.launcher.leases is not None:
-                try:
-                    self.launcher.leases.renew(self.store_lease)
-                except LeaseLost:
-                    ok = False  # another machine took the run over
+            ok = ok and self.tenure.renew_lease()  # False: another machine took the run over
         except SweeprunError as exc:
             silent_s = boot_clock() - self._renewed_at
             if silent_s >= deadline_s:
@@ -498,15 +478,6 @@ class Attempt:
         if proc is not None and proc.poll() is None:
             self.killed = True
             _signal_group(proc.pid, signal.SIGKILL)
-
-
-def _create_only(paths: RunPaths, path: str, obj: object) -> bool:
-    """Write ``obj`` as JSON at ``path`` unless the file exists; ``False`` if it did.
-
-    Create-only in the store itself (:func:`~sweeprun.store.create_only`), so two
-    workers that read the same highest attempt number can never both take the next one.
-    """
-    return create_only(paths.fs, path, record_bytes(obj))
 
 
 def _signal_group(pgid: int, sig: int) -> None:

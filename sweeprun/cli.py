@@ -6,10 +6,10 @@ printed as one line with no traceback; 130/143 interrupted by SIGINT/SIGTERM.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,7 +18,7 @@ import typer
 from . import settings
 from .errors import SpecError, SweeprunError
 from .limits import RANGES
-from .redact import redact, redacted_console
+from .redact import print_json, redact, redacted_console
 
 if TYPE_CHECKING:
     from .spec import SweepSpec
@@ -186,10 +186,7 @@ def status(
     sweep = Sweep(spec, ledger, ephemeral_ok=True)
     if as_json:
         rows = sweep.status()  # reading writes nothing anywhere
-        # One run per line: readable, and json's C encoder (an indent turns it off) keeps
-        # 10,000 runs from taking seconds to print.
-        lines = [json.dumps(_finite(r.as_json()), allow_nan=False) for r in rows]
-        sys.stdout.write("[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n")
+        print_json([_finite(r.as_json()) for r in rows], row_per_line=True)
         return
     from rich.console import Console
     from rich.markup import escape
@@ -228,7 +225,7 @@ def show(
     sweep.store.check_present()
     detail = run_detail(sweep, resolve_run(sweep, run))
     if as_json:
-        sys.stdout.write(json.dumps(_finite(detail.as_json()), indent=1, allow_nan=False) + "\n")
+        print_json(_finite(detail.as_json()), indent=1)
         return
     from rich.console import Console
 
@@ -256,7 +253,8 @@ def reset(
     from .sweep import Sweep
 
     spec = _spec(sweep_file, store=store, ledger=ledger)
-    report = reset_runs(Sweep(spec, ledger), runs or [], failed=failed, dry_run=dry_run, delete=delete)
+    report = reset_runs(Sweep(spec, ledger), runs or [], failed=failed, dry_run=dry_run, delete=delete,
+                        note=_note)
     if not report.run_ids:
         print(f"[sweeprun] {spec.name}: no failed runs; nothing to reset", flush=True)
         return
@@ -298,7 +296,7 @@ def gc(
     if mode is not None and mode not in ("min", "max"):
         raise SpecError(f"--mode {mode!r}: give min or max")
     spec = _spec(sweep_file, store=store, ledger=ledger)
-    report = collect(Sweep(spec, ledger), dry_run=dry_run, best=best, mode=mode, damaged=damaged)
+    report = collect(Sweep(spec, ledger), dry_run=dry_run, best=best, mode=mode, damaged=damaged, note=_note)
     verb = "would remove" if dry_run else "removed"
     for item in report.runs:
         what = []
@@ -313,6 +311,11 @@ def gc(
                   "look inside, then --damaged removes them)", flush=True)
     print(f"[sweeprun] {spec.name}: {verb} {report.files} file(s), "
           f"{'would free' if dry_run else 'freed'} {format_bytes(report.bytes_freed)}", flush=True)
+
+
+def _note(message: str) -> None:
+    """What a command is waiting for, on stderr (its results go to stdout)."""
+    print(f"[sweeprun] {message}", file=sys.stderr, flush=True)
 
 
 def _finite(value: Any) -> Any:
@@ -391,10 +394,17 @@ def verify(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every user mistake becomes one line on stderr and exit code 2; Ctrl-C
     at any moment, even while an error is being printed, is exit 130 and no traceback.
-    Everything the command prints passes the redactor (the console is one of its exits)."""
+    Everything the command prints passes the redactor (the console is one of its exits),
+    a bug's traceback too: it is printed here, exit 1, while the redacting streams are still
+    in place (the interpreter would print it after they are gone)."""
     try:
         with redacted_console():
-            return _main(argv)
+            try:
+                return _main(argv)
+            except Exception:
+                if sys.stderr is not None:  # print_exc would fall back to stdout
+                    traceback.print_exc(file=sys.stderr)
+                return 1
     except KeyboardInterrupt:
         return 130
 

@@ -25,27 +25,36 @@ it on for the folders known to behave so; ``lease_settle_s:`` in the sweep file 
 
 The launcher (:mod:`sweeprun.runner`) takes a run's lease after its ledger claim and
 before the child starts, renews it with every heartbeat and releases it when the attempt
-ends; ``status`` reads leases from the listing it makes anyway (:func:`lease_view`).
+ends; ``status``, ``reset`` and ``gc`` judge them by the same rule (:mod:`sweeprun.holders`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import random
-import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import fsspec
 
 from .errors import LeaseLost, SpecError, StoreError
-from .numbers import bounded_int, finite, worker_pid
+from .lease_records import (
+    _NAME,
+    GENERATION_MAX,
+    HOLDER_LEASE_FACTOR,
+    Holding,
+    Lease,
+    LeasePaths,
+    LeaseRecord,
+    LeaseState,
+    _Listing,
+    _Seen,
+)
 from .procs import HOST, ProcessRef, boot_clock
 from .store import (
     SETTLE_DEFAULT_S,  # noqa: F401  (imported from here by callers and tests)
@@ -60,239 +69,15 @@ from .store import (
 )
 from .training.checkpoints import warn_once
 
+__all__ = ["GENERATION_MAX", "HOLDER_LEASE_FACTOR", "SETTLE_DEFAULT_S", "Holding", "Lease", "LeasePaths",
+           "LeaseRecord", "LeaseState", "StoreLeases", "backoff_s", "settle_default"]
+
 #: A take not over a stale holder: no beat to re-read before creating the generation.
 _UNWATCHED = object()
 
 #: Lease files are tens of bytes; anything larger is not one of ours and is read no further.
 _READ_MAX = 4096
 
-#: A generation is the attempt number: 8 to 12 ASCII digits. A longer number (a name made by
-#: hand, near 2**63) is not one of ours: counting on from it would overflow the ledger.
-_NAME = re.compile(r"^(?P<gen>[0-9]{8,12})\.(?:(?P<kind>json|beat|released)|(?P<nonce>[0-9a-f]+)\.claim)$")
-_TOO_LONG = re.compile(r"^[0-9]{13,}\.")
-#: A holder's record may ask takers to wait longer than their own ``lease_s`` (machines
-#: launched with different ``--lease-s``), up to this many times it: a record is a file
-#: anyone can write, and ``lease_s: 1e9`` in one must not block a run for good.
-HOLDER_LEASE_FACTOR = 10.0
-
-
-@dataclass(frozen=True)
-class LeasePaths:
-    """Every path of one run's lease folder; no other code joins these names."""
-
-    run_dir: str
-
-    @property
-    def folder(self) -> str:
-        return posixpath.join(self.run_dir, "lease")
-
-    def record(self, generation: int) -> str:
-        return posixpath.join(self.folder, f"{generation:08d}.json")
-
-    def beat(self, generation: int) -> str:
-        return posixpath.join(self.folder, f"{generation:08d}.beat")
-
-    def released(self, generation: int) -> str:
-        return posixpath.join(self.folder, f"{generation:08d}.released")
-
-    def claim(self, generation: int, nonce: str) -> str:
-        return posixpath.join(self.folder, f"{generation:08d}.{nonce}.claim")
-
-
-#: The highest generation a name can carry (12 digits, see :data:`_NAME`).
-GENERATION_MAX = 10**12 - 1
-
-
-def _text(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError("not a string")
-    return value
-
-
-def _number(value: object, parsed: float | None) -> Any:
-    """``parsed`` (a bounded reading of ``value``), or ValueError naming what was wrong."""
-    if parsed is None:
-        raise ValueError(f"{str(value)[:40]!r} is not a number sweeprun writes there")
-    return parsed
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """The content of ``<generation>.json``: who took this generation."""
-
-    host: str
-    worker: str
-    generation: int
-    nonce: str
-    #: The holder's process start time (clock ticks since boot, as the ledger records it):
-    #: with the pid, it tells a dead holder from a new process that reuses its pid.
-    started: int | None = None
-    #: How long the holder's lease lasts without a beat, as the holder counts it: a taker
-    #: waits at least this long, whatever its own setting.
-    lease_s: float | None = None
-
-    def gone(self) -> bool:
-        """Is the holder a process of this host that is provably gone (see
-        :meth:`ProcessRef.alive`)? A holder elsewhere is never known to be gone."""
-        host, pid = worker_pid(self.worker)
-        if self.host != HOST or host != HOST or pid is None:
-            return False
-        return not ProcessRef(host, pid, self.started).alive()
-
-    def lease_for(self, lease_s: float) -> float:
-        """How long a taker whose own lease is ``lease_s`` waits for this holder: the
-        holder's lease where it is longer, at most :data:`HOLDER_LEASE_FACTOR` times ours."""
-        return max(lease_s, min(self.lease_s or 0.0, HOLDER_LEASE_FACTOR * lease_s))
-
-    def to_bytes(self) -> bytes:
-        return (json.dumps({"host": self.host, "worker": self.worker, "generation": self.generation,
-                            "nonce": self.nonce, "started": self.started, "lease_s": self.lease_s},
-                           sort_keys=True) + "\n").encode()
-
-    @classmethod
-    def from_bytes(cls, blob: bytes, path: str) -> LeaseRecord:
-        try:
-            doc = json.loads(blob)
-            started, lease_s = doc.get("started"), doc.get("lease_s")
-            fields = cls(host=_text(doc["host"]), worker=_text(doc["worker"]),
-                         generation=_number(doc["generation"], bounded_int(doc["generation"], 1, GENERATION_MAX)),
-                         nonce=_text(doc["nonce"]),
-                         started=None if started is None else _number(started, bounded_int(started)),
-                         lease_s=None if lease_s is None else _number(lease_s, finite(lease_s)))
-            if fields.lease_s is not None and fields.lease_s <= 0:
-                raise ValueError("lease_s")
-            return fields
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-            raise StoreError(f"lease file {path} is not a sweeprun lease ({type(exc).__name__}); "
-                             "move the run's lease/ folder away and run the same command again") from exc
-
-
-@dataclass
-class Lease:
-    """A lease this process holds: the run, its generation (the attempt), beats written so far."""
-
-    run_dir: str
-    record: LeaseRecord
-    beats: int = 0
-
-    @property
-    def generation(self) -> int:
-        return self.record.generation
-
-    @property
-    def paths(self) -> LeasePaths:
-        return LeasePaths(self.run_dir)
-
-
-@dataclass(frozen=True)
-class LeaseState:
-    """What any machine can read about a run's lease (for ``status``)."""
-
-    generation: int
-    holder: LeaseRecord | None
-    released: bool
-    #: Two machines look like they want one generation (see :meth:`_Listing.contested`).
-    contested: bool = False
-
-
-@dataclass
-class _Listing:
-    """One LIST of a lease folder, parsed."""
-
-    generations: set[int] = field(default_factory=set)
-    released: set[int] = field(default_factory=set)
-    claims: dict[int, list[str]] = field(default_factory=dict)  # generation -> claim nonces
-    beats: set[int] = field(default_factory=set)
-    #: A record name listed twice: folders that allow duplicate names (Google Drive) keep
-    #: both of two creates that did not see each other.
-    duplicated: bool = False
-
-    @property
-    def top(self) -> int | None:
-        return max(self.generations) if self.generations else None
-
-    def contested(self, settled: Callable[[int, str], bool] = lambda gen, nonce: True) -> bool:
-        """Do two machines look like they hold, or are stuck wanting, one generation? A
-        record name listed twice (Drive keeps both of two creates that did not see each
-        other), or two claims for a generation not yet taken that ``settled(gen, nonce)``
-        says are past their settle rounds: claims of two machines stand side by side during
-        a normal contention, which one rule settles within two rounds; longer means a
-        claimer died mid-settle or the store showed a write late. Claims below a taken
-        generation are a winner's and maybe a loser's leftovers, not a contention."""
-        top = self.top or 0
-        return self.duplicated or any(
-            sum(1 for nonce in nonces if settled(gen, nonce)) > 1
-            for gen, nonces in self.claims.items() if gen > top)
-
-    @classmethod
-    def parse(cls, names: Iterable[str]) -> _Listing:
-        """Lease files by their base names; anything else (temp files of atomic writes,
-        what a user left there) is not ours and is passed over."""
-        out = cls()
-        for name in names:
-            base = posixpath.basename(str(name).rstrip("/"))
-            m = _NAME.match(base)
-            if not m:
-                if _TOO_LONG.match(base):
-                    warn_once(f"lease file {name} has a generation of more than 12 digits, which "
-                              "sweeprun never writes; passing it over")
-                continue
-            gen = int(m.group("gen"))
-            if m.group("nonce"):
-                out.claims.setdefault(gen, []).append(m.group("nonce"))
-            elif m.group("kind") == "json":
-                out.duplicated |= gen in out.generations
-                out.generations.add(gen)
-            elif m.group("kind") == "released":
-                out.released.add(gen)
-            else:
-                out.beats.add(gen)
-        return out
-
-
-@dataclass(frozen=True)
-class LeaseView:
-    """A run's lease as ``status`` sees it in the listing it makes anyway (no extra request
-    but one small read of the holder's record)."""
-
-    generation: int
-    released: bool
-    contested: bool
-    #: The store's timestamp of the holder's last beat (or of its record, before the first
-    #: beat). Only for showing an age: takeovers never compare clocks.
-    beat_mtime: float
-
-
-def lease_view(files: Mapping[str, float], now: float | None = None,
-               settle_s: float = 0.0) -> LeaseView | None:
-    """The lease in a run's listing (``relative path -> mtime``, as
-    :meth:`~sweeprun.store.SweepPaths.listing` gives); ``None`` when the run was never leased.
-
-    Contested as :meth:`_Listing.contested` says, a claim counting as past its settle
-    rounds once the store's timestamp of it is ``2 * settle_s`` older than ``now`` (a
-    display only).
-    """
-    names = {path.split("/", 1)[1]: mtime for path, mtime in files.items() if path.startswith("lease/")}
-    listing = _Listing.parse(names)
-    top = listing.top
-    if top is None:
-        return None
-    beat = names.get(f"{top:08d}.beat", names.get(f"{top:08d}.json", 0.0))
-    now = time.time() if now is None else now
-
-    def settled(gen: int, nonce: str) -> bool:
-        return now - names.get(f"{gen:08d}.{nonce}.claim", now) > 2 * settle_s
-
-    return LeaseView(top, top in listing.released, listing.contested(settled), beat)
-
-
-@dataclass(frozen=True)
-class _Seen:
-    """What a taker last saw of a held lease, and since when by its own clock."""
-
-    generation: int
-    beat: bytes | None
-    since: float
 
 
 def backoff_s(attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0,
@@ -344,23 +129,35 @@ class StoreLeases:
 
     # -- taking -------------------------------------------------------------------------------
 
-    def take(self, run_dir: str) -> Lease | None:
+    def take(self, run_dir: str, floor: Callable[[], int] | None = None) -> Lease | None:
         """The run's lease if this worker got it now; ``None`` when another holds it or won.
 
         A run never leased costs one exclusive create and no LIST. Otherwise one LIST finds
         the current generation and one read its beat; the next generation is created only
         when the current one was released or its beat stood still for ``lease_s`` by this
         object's clock, since its first call that saw it.
+
+        ``floor()``: the highest attempt the run's files name (a sweep that ran before with
+        no store leases, on a shared database). A run never leased then starts at the next
+        generation, so that the generation is the attempt number. It is asked before a LIST
+        that finds the lease folder empty: every taker that sees it empty counted attempts
+        from the same files (a leased holder writes its attempt only after its record), so
+        racing takers create one name.
         """
         paths = LeasePaths(run_dir)
         self._set_aside_non_folder(paths)
         if self.settle_s:
-            return self._take_settled(paths)
-        if run_dir not in self._seen:
+            return self._take_settled(paths, floor)
+        if floor is None and run_dir not in self._seen:
             won = self._create(paths, 1)
             if won:
                 return won
         listing = self._list(paths)
+        if listing.top is None and floor is not None:
+            highest = floor()
+            listing = self._list(paths)
+            if listing.top is None:
+                return self._create(paths, highest + 1)
         top = listing.top
         if top is None:  # a folder with no record (a claimer's leftovers, lag): try again
             return self._create(paths, 1)
@@ -416,6 +213,12 @@ class StoreLeases:
 
     def _stale(self, paths: LeasePaths, generation: int) -> bool:
         """Has ``generation``'s beat stood still for ``lease_s`` on this worker's clock?"""
+        return self._watch(paths, generation).left_s <= 0
+
+    def _watch(self, paths: LeasePaths, generation: int) -> Holding:
+        """Look at ``generation``'s beat once more: how much longer it must stand still, by
+        this object's clock, before the run is free, and whether it moved since the last look
+        (a beat that moves, or a newer generation, is a live holder)."""
         beat = self._read(paths.beat(generation))
         now = self.clock()
         seen = self._seen.get(paths.run_dir)
@@ -424,9 +227,56 @@ class StoreLeases:
             # (settle mode), a beat may be that late too.
             record = self._record(paths, generation)
             lease_s = record.lease_for(self.lease_s) if record else self.lease_s
-            return now - seen.since >= lease_s + self.settle_s
+            return Holding(None, left_s=lease_s + self.settle_s - (now - seen.since))
         self._seen[paths.run_dir] = _Seen(generation, beat, now)
-        return False
+        moved = seen is not None and 0 < seen.generation <= generation
+        return Holding(None, moved=moved, left_s=self.lease_s + self.settle_s)
+
+    def holder(self, run_dir: str, generation: int | None = None, released: bool = False) -> Holding:
+        """Who holds the run, by this protocol's own rule as this object has watched it: the
+        one rule for takers, ``status``, ``reset`` and ``gc``. Free (``holder`` ``None``) when
+        never leased, released, held by a gone process of this host, or when its beat stood
+        still for ``lease_s`` on this object's clock since a look that saw it; never by a
+        store timestamp. ``generation``/``released`` from a listing the caller made (else
+        one LIST here)."""
+        paths = LeasePaths(run_dir)
+        if generation is None:
+            listing = self._list(paths)
+            generation, released = listing.top, listing.top in listing.released
+        if generation is None or released or self._holder_gone(paths, generation):
+            return Holding(None)
+        look = self._watch(paths, generation)
+        if look.left_s <= 0:
+            return look
+        record = self._record(paths, generation)
+        return replace(look, holder=record.worker if record is not None else "another machine")
+
+    def due_s(self, run_dir: str) -> float | None:
+        """How long until the watched beat of ``run_dir``, if it stands still, has stood still
+        for a lease by this object's clock: when a taker's next look can take the run over
+        (``None``: nothing watched, e.g. just after a race lost)."""
+        seen = self._seen.get(run_dir)
+        if seen is None or not seen.generation:
+            return None
+        record = self._records.get((run_dir, seen.generation))
+        lease_s = record.lease_for(self.lease_s) if record else self.lease_s
+        return max(0.0, lease_s + self.settle_s - (self.clock() - seen.since))
+
+    def remembered(self) -> dict[str, list[Any]]:
+        """What this object has watched, as JSON: :meth:`remember` gives it to a later process of
+        this machine (the clock is the machine's boot clock), so that one-shot commands watch
+        a beat across calls as a taker does across looks."""
+        return {run: [s.generation, None if s.beat is None else s.beat.hex(), s.since]
+                for run, s in self._seen.items() if s.generation}
+
+    def remember(self, doc: Mapping[str, Any]) -> None:
+        for run, entry in doc.items():
+            try:
+                gen, beat, since = entry
+                self._seen.setdefault(run, _Seen(int(gen), None if beat is None else bytes.fromhex(beat),
+                                                 float(since)))
+            except (TypeError, ValueError):
+                continue  # a damaged memory is only a watch started again
 
     def _create(self, paths: LeasePaths, generation: int, nonce: str | None = None) -> Lease | None:
         record = LeaseRecord(self.host, self.worker, generation, nonce or secrets.token_hex(8), self.started,
@@ -439,12 +289,13 @@ class StoreLeases:
         self._seen.pop(paths.run_dir, None)
         return Lease(paths.run_dir, record)
 
-    def _take_settled(self, paths: LeasePaths) -> Lease | None:
+    def _take_settled(self, paths: LeasePaths, floor: Callable[[], int] | None = None) -> Lease | None:
+        highest = floor() if floor is not None else 0  # before the LIST: see take()
         listing = self._list(paths)
         top = listing.top
         watched: object = _UNWATCHED  # the beat judged stale (maybe None: never written)
         if top is None:
-            target = 1
+            target = highest + 1
         elif top in listing.released or self._holder_gone(paths, top):
             target = top + 1
         elif self._stale(paths, top):
@@ -570,9 +421,9 @@ class StoreLeases:
 
     def retire(self, lease: Lease) -> None:
         """The run is done (its ``DONE`` is written): remove the files of older generations
-        and of settled claims. No release marker: every taker looks for ``DONE`` before the
-        lease. The newest record stays, so that a run made to run again goes on counting
-        attempts from it."""
+        and of settled claims, then mark it released (takers look for ``DONE`` first; ``gc``
+        and ``reset`` then know its launcher is done writing there). The newest record
+        stays, so that a run made to run again goes on counting attempts from it."""
         with store_errors("list", lease.paths.folder):
             try:
                 names = self.fs.ls(confine(self.fs, lease.paths.folder), detail=False)
@@ -586,6 +437,7 @@ class StoreLeases:
         if old:
             with store_errors("delete", lease.paths.folder):
                 remove(self.fs, old)
+        self.release(lease)  # the launcher writes nothing more there: gc need not wait it out
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -238,8 +238,20 @@ def _checkpoints(directory: CheckpointDir) -> list[CheckpointInfo]:
 # -- refusing while held ------------------------------------------------------------------------
 
 
-def refuse_held(sweep: Sweep, run_ids: Iterable[str], what: str) -> None:
-    held = sweep.holders(run_ids)
+def refuse_held(sweep: Sweep, run_ids: Iterable[str], what: str,
+                note: Callable[[str], None] | None = None) -> None:
+    """Refuse (one line) while one of ``run_ids`` is held, by the ledger or by a store lease.
+
+    A one-shot command cannot watch a beat across looks as a taker does, and moving or
+    deleting a run's files must never rest on comparing the store's timestamps with this
+    machine's clock (one 45 s fast would move a run still trained elsewhere). So a store
+    lease not yet proven stale is watched here, by this machine's own clock, for up to one
+    lease (``lease_s`` plus the settle delay): a beat that moves refuses at once, one that
+    stands still that long frees the run, and one still undecided (a holder whose own
+    lease is longer) refuses, its watch remembered so that the same command run again
+    goes on from there. There is no force flag: a lost machine's lease is proven stale
+    within a lease, and ``sweeprun stop`` releases live ones."""
+    held = sweep.holders(run_ids, watch_s=sweep.spec.lease_s + sweep.settle_s, note=note)
     if not held:
         return
     shown = "; ".join(f"run {run_id} is held by {who}" for run_id, who in sorted(held.items())[:3])
@@ -263,7 +275,8 @@ class ResetReport:
 
 
 def reset(sweep: Sweep, names: Iterable[str] = (), *, failed: bool = False, dry_run: bool = False,
-          delete: bool = False, clock: Callable[[], float] = time.time) -> ResetReport:
+          delete: bool = False, clock: Callable[[], float] = time.time,
+          note: Callable[[str], None] | None = None) -> ResetReport:
     """Make runs run again from scratch: the named ones and, with ``failed``, every failed one.
 
     Their folders go to ``<sweep>/trash/<run id>-<UTC time>/`` (or are deleted), their
@@ -280,7 +293,7 @@ def reset(sweep: Sweep, names: Iterable[str] = (), *, failed: bool = False, dry_
     report = ResetReport(run_ids=run_ids, moved={}, dry_run=dry_run, delete=delete)
     if not run_ids:
         return report
-    refuse_held(sweep, run_ids, "reset")
+    refuse_held(sweep, run_ids, "reset", note)
     present = sweep.paths.run_ids()
     report.had_folder = present & set(run_ids)
     now = clock()
@@ -431,7 +444,8 @@ def keep_set(directory: CheckpointDir, manifests: list[Manifest], best: str | No
 
 
 def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
-       mode: str | None = None, damaged: bool = False) -> GcReport:
+       mode: str | None = None, damaged: bool = False,
+       note: Callable[[str], None] | None = None) -> GcReport:
     """For every done run: remove checkpoints that neither "latest" nor "best" would load
     (and data files whose manifest never came), and stray temp files of atomic writes.
     In a Trainer run's folder, see :func:`trainer_plan`; ``damaged`` also removes the
@@ -439,7 +453,7 @@ def gc(sweep: Sweep, *, dry_run: bool = False, best: str | None = None,
     sweep.store.check_present()
     listing = sweep.paths.listing()
     done = sorted(sweep.paths.done_ids(listing))
-    refuse_held(sweep, done, "collect garbage")
+    refuse_held(sweep, done, "collect garbage", note)
     fs = sweep.store.fs
     report = GcReport(runs=[], dry_run=dry_run)
     for run_id in done:

@@ -2,8 +2,10 @@
 
 The exits are the console (the CLI swaps ``sys.stdout``/``sys.stderr`` for
 :class:`RedactingStream` while it runs, so rich, typer and every ``print`` pass through it),
-the attempt logs (the launcher's log writer), and the records sweeprun stores
-(:func:`record_bytes`). Code inside need not remember to call :func:`redact`; a new code
+the attempt logs (the launcher's log writer), the records sweeprun stores
+(:func:`record_bytes`), JSON for scripts (:func:`print_json`, value by value) and the
+exceptions it raises (:class:`~sweeprun.errors.SweeprunError` redacts its message, for library
+users). Code inside need not remember to call :func:`redact`; a new code
 path that prints or stores a URL is covered by the exit it leaves through.
 
 Messages mix URLs with ordinary paths, and run folders are named ``lr=0.1,seed=0-...``; a
@@ -27,17 +29,31 @@ from urllib.parse import unquote
 # starting position.
 _SCHEME = r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://"
 
-# ``scheme://user:pass@host``. The first form is RFC 3986's authority, up to its last ``@`` so
-# that an unencoded ``@`` in a password is covered too. The second takes a password that
-# (wrongly, but AWS secret keys often do) holds ``/``: ``user:`` followed by anything that is
-# not a port number, up to the last ``@`` of the word. The third, a password that holds what
-# ends a word in prose (quotes, ``<``, ``>``, spaces: ``postgresql://u:p"a<s s>@db``), runs to
-# the last ``@`` of the line before any other URL starts. All are bounded (no credential is
-# longer), which keeps hostile text linear.
+# A ``,`` may be in a userinfo (RFC 3986), but one that starts the next ``name=value`` ends it:
+# ``url=http://mirror:nine,mail=me@example.org`` is two values, not one credential.
+_IN_USERINFO = r"(?:[^\s/?#'\"<>,]|,(?![A-Za-z_][A-Za-z0-9_.-]*=))"
+_IN_PASSWORD = r"(?:[^\s'\"<>,]|,(?![A-Za-z_][A-Za-z0-9_.-]*=))"
+_NOT_PORT = r":(?!\d{0,5}(?:[/?#\s]|$))"
+_USER = rf"[^\s/?#@:'\"<>,]{{0,256}}{_NOT_PORT}"
+_ANY_USER = rf"[^\s/?#@:'\"<>]{{0,256}}{_NOT_PORT}"
+
+# ``scheme://user:pass@host`` in text. The first form is RFC 3986's authority, up to its last
+# ``@`` so that an unencoded ``@`` in a password is covered too. The second takes a password
+# that (wrongly, but AWS secret keys often do) holds ``/``: ``user:`` followed by anything that
+# is not a port number, up to the last ``@`` of the word. Neither crosses what cannot be in a
+# userinfo and ends a value in text: whitespace, quotes, ``<``, ``>`` (a status row, JSON a run
+# prints: ``"http://mirror:nine", "me@example.org"`` is two values). Both are bounded (no
+# credential is longer), which keeps hostile text linear.
 _USERINFO = re.compile(
-    rf"(?P<scheme>{_SCHEME})"
-    r"(?:[^\s/?#'\"<>]{0,512}|[^\s/?#@:'\"<>]{0,256}:(?!\d{0,5}(?:[/?#\s]|$))[^\s'\"<>]{0,512}"
-    r"|[^\s/?#@:'\"<>]{0,256}:(?!\d{0,5}(?:[/?#\s]|$))(?:(?!://)[^\r\n]){0,512})@")
+    rf"(?P<scheme>{_SCHEME})(?:{_IN_USERINFO}{{0,512}}|{_USER}{_IN_PASSWORD}{{0,512}})@")
+
+# A URL the user gave, on its own (``secrets_in``): its password may hold what ends a word in
+# text (quotes, ``<``, ``>``, spaces: ``postgresql://u:p"a<s s>@db``) and runs to the last ``@``
+# before any other URL starts. Only where the text is known to be one URL: in text this would
+# run from one value's URL to the next value's ``@``.
+_LOOSE_USERINFO = re.compile(
+    rf"(?P<scheme>{_SCHEME})(?:[^\s/?#'\"<>]{{0,512}}|{_ANY_USER}[^\s'\"<>]{{0,512}}"
+    rf"|{_ANY_USER}(?:(?!://)[^\r\n]){{0,512}})@")
 
 _SECRET_NAME = (r"[A-Za-z0-9_.-]*(?:token|secret|passw(?:or)?d|pwd|key|sig|signature|credential|"
                 r"auth|session)[A-Za-z0-9_.-]*")
@@ -56,7 +72,7 @@ def secrets_in(text: str) -> set[str]:
     percent-decoded: what a library may echo back in its own words (psycopg quotes a
     password it cannot parse), to be starred wherever it shows up (``redact(msg, also=...)``)."""
     found: set[str] = set()
-    for m in _USERINFO.finditer(text):
+    for m in _LOOSE_USERINFO.finditer(text):
         user, colon, password = m.group(0)[len(m["scheme"]):-1].partition(":")
         if colon:  # a user alone (postgresql://postgres@db) is a name, not a secret
             found.add(password)
@@ -81,6 +97,12 @@ def redact(text: str, also: Iterable[str] = ()) -> str:
     text = _USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
     text = _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
     return _KEYWORD_PASSWORD.sub(lambda m: f"{m['key']}***", text)
+
+
+def redact_url(url: str) -> str:
+    """``url``, a URL the user gave, as it may be shown: its password starred whatever it holds
+    (in text :func:`redact` stops at a quote or a space, which a password may hold)."""
+    return redact(url, also=secrets_in(url))
 
 
 def redact_tree(value: Any) -> Any:
@@ -117,18 +139,48 @@ class RedactingStream:
         for line in lines:
             self.write(line)
 
+    def write_structured(self, text: str) -> int:
+        """``text`` as it is: JSON whose every string :func:`print_json` has redacted already."""
+        return self._inner.write(text)
+
     def __getattr__(self, name: str) -> Any:
         if name == "buffer":  # bytes written there would skip the redaction
             raise AttributeError(name)
         return getattr(self._inner, name)
 
 
+def print_json(value: Any, *, indent: int | None = None, row_per_line: bool = False) -> None:
+    """``value`` as JSON on stdout, redacted as a tree (:func:`redact_tree`), past the console's
+    text patterns: those run over encoded JSON can eat a closing quote (``password=...`` runs to
+    the next space) and turn the output into something no script can parse.
+
+    ``row_per_line``: ``value`` is a list, written one item per line: readable, and json's C
+    encoder (an indent turns it off) keeps 10,000 runs from taking seconds to print. A closed
+    stdout (``None``) gets nothing, as ``print`` does."""
+    tree = redact_tree(value)
+    if row_per_line:
+        rows = [json.dumps(row, allow_nan=False) for row in tree]
+        text = "[\n" + ",\n".join(rows) + "\n]\n" if rows else "[]\n"
+    else:
+        text = json.dumps(tree, indent=indent, allow_nan=False) + "\n"
+    out = sys.stdout
+    if isinstance(out, RedactingStream):
+        out.write_structured(text)
+    elif out is not None:
+        out.write(text)
+
+
 @contextlib.contextmanager
 def redacted_console() -> Iterator[None]:
-    """``sys.stdout`` and ``sys.stderr`` redacted for the duration (the CLI's whole run)."""
+    """``sys.stdout`` and ``sys.stderr`` redacted for the duration (the CLI's whole run).
+
+    A stream Python set to ``None`` (its descriptor was closed: ``sweeprun launch ... >&-``)
+    stays ``None``: ``print`` and rich write nothing there, where a wrapper would raise."""
     saved = sys.stdout, sys.stderr
-    sys.stdout = RedactingStream(saved[0])  # type: ignore[assignment]
-    sys.stderr = RedactingStream(saved[1])  # type: ignore[assignment]
+    if saved[0] is not None:
+        sys.stdout = RedactingStream(saved[0])  # type: ignore[assignment]
+    if saved[1] is not None:
+        sys.stderr = RedactingStream(saved[1])  # type: ignore[assignment]
     try:
         yield
     finally:

@@ -16,19 +16,20 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from . import settings
-from .attempt import Attempt
+from .attempt import Attempt, Events
 from .errors import LedgerError, SweeprunError
 from .fleet import Coordination, CoordinationRecord, Deadline, StopRequests, stop_poll_s
-from .leases import Lease, StoreLeases, backoff_s, settle_default
+from .leases import StoreLeases, backoff_s, settle_default
 from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
 from .ledger.base import settled
 from .procs import ProcessRef
 from .runenv import ATTEMPT, MTBI, PARAMS, PRIOR_MTBI_S, RUN_DIR, RUN_ID, SWEEP
 from .store import RunPaths
 from .sweep import Sweep
+
+__all__ = ["EXIT_UNSETTLED", "Events", "LaunchOptions", "LaunchResult", "Launcher"]
 
 #: Parameters travel in the environment only while they are small: the kernel limits one
 #: variable to 128 KiB ("Argument list too long"). Past this, the child reads params.json.
@@ -41,20 +42,6 @@ EXIT_UNSETTLED = 75
 #: ``0`` turns store leases off (on wherever the sweep is coordinated by them): a benchmark's
 #: knob; machines that share the store then run runs twice.
 STORE_LEASES_ENV = settings.STORE_LEASES.name
-
-
-class Events(Protocol):
-    """What the launcher reports; :mod:`sweeprun.render` draws it. Called from any thread."""
-
-    def started(self, run_id: str, attempt: int, slot: int) -> None: ...
-    def output(self, run_id: str, line: str) -> None: ...
-    def ended(self, run_id: str, attempt: int, state: RunState | None, exit_code: int | None,
-              elapsed_s: float) -> None: ...
-    def note(self, message: str) -> None: ...
-    def progress(self, run_id: str, step: int | None, metric: tuple[str, float] | None) -> None: ...
-    #: Whether :meth:`progress` shows anything: reading every running run's metrics each
-    #: heartbeat (a LIST and a read on object stores) is worth it only for a live view.
-    wants_progress: bool
 
 
 @dataclass
@@ -249,9 +236,15 @@ class Launcher:
         """Sleep until an attempt of this launcher ends or a stop comes (nothing to claim now
         may be claimable then, or the sweep settled), at most ``poll_s``: runs elsewhere
         (other launchers, other machines) end without telling this one."""
+        wait_s = self.options.poll_s
+        now = time.monotonic()
+        with self._leases_lock:  # ... or until a run passed over is due for its next look
+            due = [at - now for at in self._elsewhere.values() if at > now]
+        if due:
+            wait_s = min(wait_s, min(due) + 0.01)
         with self._news:
             if self._news_seen == seen and not self._stop.is_set():
-                self._news.wait(self.options.poll_s)
+                self._news.wait(wait_s)
 
     def _tell_news(self) -> None:
         with self._news:
@@ -263,28 +256,22 @@ class Launcher:
         with self._leases_lock:
             return {run_id for run_id, due in self._elsewhere.items() if due > now}
 
-    def take_store_lease(self, run_dir: str, run_id: str) -> Lease | None:
-        """The run's lease in the store, or ``None`` when another machine holds it: then this
-        launcher passes the run over for a while (a third of a lease, when a lost holder's
-        beat may have stood still long enough to take over)."""
-        assert self.leases is not None
-        # Not under the lock: a take may wait (settle_s, on a late folder), and each run is
-        # taken by one slot at a time (the ledger's claim sees to that).
-        lease = self.leases.take(run_dir)
-        if lease is None:
-            self.pass_over(run_id)
-        else:
-            with self._leases_lock:
-                self._elsewhere.pop(run_id, None)
-                self._lease_errors.pop(run_id, None)
-        return lease
+    def took_lease(self, run_id: str) -> None:
+        """This launcher holds the run's store lease now: no more passing it over."""
+        with self._leases_lock:
+            self._elsewhere.pop(run_id, None)
+            self._lease_errors.pop(run_id, None)
 
-    def pass_over(self, run_id: str, store_failed: bool = False) -> None:
+    def pass_over(self, run_id: str, store_failed: bool = False, due_s: float | None = None) -> None:
         """Claim other runs before this one for about a third of a lease (another machine
         holds it: a look that often takes a lost holder's run over soon after its lease),
         jittered so that idle machines do not look in step; longer and longer while the
-        store keeps failing."""
+        store keeps failing. ``due_s``: when the holder's beat, if it stays still, will have
+        stood still for a lease by this launcher's clock: the look that can take the run
+        over comes then, not up to a third of a lease later."""
         wait = self.spec.lease_s * random.uniform(0.25, 0.45)
+        if due_s is not None and not store_failed:
+            wait = min(wait, due_s + 0.02)
         with self._leases_lock:
             if store_failed:
                 failures = self._lease_errors[run_id] = self._lease_errors.get(run_id, 0) + 1
@@ -293,18 +280,18 @@ class Launcher:
                 self._lease_errors.pop(run_id, None)
             self._elsewhere[run_id] = time.monotonic() + wait
 
-    def _register(self, attempt: Attempt) -> bool:
+    def register(self, attempt: Attempt) -> bool:
         """Put ``attempt`` under the heartbeat from its claim on; ``False`` when stopping."""
         with self._lock:
             self._active[attempt.claim.run_id] = attempt
             return not self.stopping
 
-    def _unregister(self, attempt: Attempt) -> None:
+    def unregister(self, attempt: Attempt) -> None:
         with self._lock:
             if self._active.get(attempt.claim.run_id) is attempt:
                 del self._active[attempt.claim.run_id]
 
-    def _count_start(self) -> None:
+    def count_start(self) -> None:
         with self._lock:
             self._started += 1
 

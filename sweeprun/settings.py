@@ -74,6 +74,14 @@ def parse_text(raw: str) -> str:
     return raw
 
 
+def parse_folder(raw: str) -> str:
+    """As given, but never blank: a blank folder is a mistyped ``X=$UNSET``, and taking it as
+    the default would silently move what lives there (the default ledgers)."""
+    if not raw.strip() or "\0" in raw:
+        raise ValueError("is not a usable folder")
+    return raw
+
+
 def parse_json_object(raw: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
@@ -187,9 +195,10 @@ ASYNC_SAVE = _declare(flag("SWEEPRUN_ASYNC_SAVE", True, "0: cadence saves are wr
 # -- the launcher, the ledger and the store --------------------------------------------------
 LEDGER = _declare(text("SWEEPRUN_LEDGER", "The ledger (a SQLite path or postgresql:// URL) when "
                        "--ledger is not given; before the sweep file's ledger:."))
-HOME = _declare(text("SWEEPRUN_HOME", "Where default ledgers and Trainer staging folders live "
-                     "(default ~/.local/state/sweeprun).",
-                     hint="set it to a folder on local disk or unset it"))
+HOME = _declare(Setting("SWEEPRUN_HOME", "folder", parse_folder, None, "Where default ledgers and "
+                        "Trainer staging folders live (default ~/.local/state/sweeprun); blank is "
+                        "refused, not the default.", valid="a folder on local disk",
+                        blank_is_unset=False, hint="set it to a folder on local disk or unset it"))
 HOST = _declare(text("SWEEPRUN_HOST", "This machine's name in the ledger and leases (default: "
                      "the hostname and its pid namespace); tests play several machines with it."))
 LEDGER_WAIT_S = _declare(seconds("SWEEPRUN_LEDGER_WAIT_S", 300.0, "How long a PostgreSQL ledger "

@@ -15,13 +15,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from . import faults, layout, settings
 from .errors import StoreError, SweeprunError
 from .fleet import Coordination, CoordinationRecord
+from .holders import HolderWatch, LeaseView, lease_view, watch_holders
 from .identity import RunSpec
-from .leases import LeasePaths, LeaseRecord, LeaseView, lease_view, settle_default
+from .leases import settle_default
 from .ledger import (
     Ledger,
     Policy,
@@ -33,6 +35,7 @@ from .ledger import (
     judge,
     open_ledger,
     shown_state,
+    state_home,
 )
 from .redact import redact
 from .spec import SweepSpec, parse_spec
@@ -306,27 +309,38 @@ class Sweep:
         finally:
             ledger.close()
 
-    def holders(self, run_ids: Iterable[str]) -> dict[str, str]:
+    def holders(self, run_ids: Iterable[str], watch_s: float = 0.0,
+                note: Callable[[str], None] | None = None) -> dict[str, str]:
         """Which of ``run_ids`` are held right now, and by whom: under a live lease in the
-        ledger (:func:`~sweeprun.ledger.judge`) or in the store (another machine's ledger
-        cannot be seen). What ``reset`` and ``gc`` refuse to touch. A done run's store lease
-        looks held until its beat is a lease old: its launcher may still be writing there."""
+        ledger (:func:`~sweeprun.ledger.judge`, on the ledger's own clock) or in the store
+        (another machine's ledger cannot be seen), by the lease protocol's rule
+        (:mod:`sweeprun.holders`): a store lease not yet proven stale is watched for up to
+        ``watch_s`` and counts as held if still undecided. What ``reset`` and ``gc`` refuse
+        to touch."""
         run_ids = set(run_ids)
         rows, now = self.ledger_rows()
         out = {run_id: rows[run_id].worker or "a worker" for run_id in run_ids
                if run_id in rows and judge(rows[run_id], now, self.policy) is Verdict.HELD}
-        out.update(self.store_holders(run_ids - out.keys()))
-        return out
+        if out:
+            return out
+        leased = {}
+        for run_id, files in self.paths.listing(only=sorted(run_ids)).items():
+            lease = lease_view(files, settle_s=self.settle_s)
+            if lease is not None and not lease.released:
+                leased[run_id] = (self.paths.run(run_id).dir, lease.generation)
+        return watch_holders(self.watch, leased, watch_s, poll_s=min(0.5, max(0.05, self.spec.lease_s / 8)),
+                             note=note)
 
     def store_holders(self, run_ids: Iterable[str]) -> dict[str, str]:
-        """Which of ``run_ids`` hold a live lease in the store, and who: what any machine can
-        see of another's runs without its ledger."""
+        """Which of ``run_ids`` hold a store lease not proven stale by this machine's watch, and
+        who: what any machine can see of another's runs without its ledger."""
         out = {}
         for run_id, files in self.paths.listing(only=sorted(run_ids)).items():
             lease = lease_view(files, settle_s=self.settle_s)
             holder = self._holder(run_id, lease) if lease is not None else None
             if holder:
                 out[run_id] = holder
+        self.watch.save()
         return out
 
     def progress_of(self, run_id: str) -> tuple[int | None, tuple[str, float] | None]:
@@ -398,6 +412,8 @@ class Sweep:
                 step=None, metric=None, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
                 worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
                 metrics_path=self._metrics_path(run_id, files)))
+        if only is None:  # `show` (``only``) writes nothing; `status` keeps its watch of the beats
+            self.watch.save()
         return rows if summary else self.with_progress(rows)
 
     def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:
@@ -426,23 +442,20 @@ class Sweep:
             return self.spec.lease_settle_s
         return settle_default(self.store.fs, self.store.root)[0]
 
-    def _holder(self, run_id: str, lease: LeaseView) -> str | None:
-        """Who holds the run now, as far as a reader can tell: the lease is not released,
-        its beat changed within a lease by the store's own timestamps (a display only:
-        takeovers never compare clocks), and its holder is not a dead process of this host."""
-        if lease.released:
-            return None
-        path = LeasePaths(self.paths.run(run_id).dir).record(lease.generation)
+    @functools.cached_property
+    def watch(self) -> HolderWatch:
+        """This machine's watch over the sweep's store leases (:mod:`sweeprun.holders`)."""
         try:
-            record: LeaseRecord | None = LeaseRecord.from_bytes(read_regular(self.store.fs, path, 4096), path)
-        except (StoreError, FileNotFoundError):
-            record = None
-        settle_s = self.settle_s
-        # The holder's own lease, where it says (it may be longer than this file's).
-        window = (record.lease_for(self.spec.lease_s) if record else self.spec.lease_s) + settle_s
-        if time.time() - lease.beat_mtime > window or (record is not None and record.gone()):
-            return None
-        return record.worker if record is not None else "another machine"
+            home: Path | None = state_home()
+        except SweeprunError:
+            home = None  # a bad SWEEPRUN_HOME: nothing remembered, every look starts a watch
+        return HolderWatch(self.store.fs, self.store.fs.unstrip_protocol(self.paths.dir),
+                           lease_s=self.spec.lease_s, settle_s=self.settle_s, home=home)
+
+    def _holder(self, run_id: str, lease: LeaseView) -> str | None:
+        """Who holds the run now by the lease protocol's rule, as this machine has watched
+        its beat (never by comparing the store's timestamps with this machine's clock)."""
+        return self.watch.holder(self.paths.run(run_id).dir, lease.generation, lease.released).holder
 
     def _metrics_path(self, run_id: str, files: dict[str, float]) -> str | None:
         """Where the run's metrics are, from the listing: ``metrics.jsonl`` on local disk,

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,27 +34,47 @@ TOTAL_STEPS = 64
 
 
 @dataclass
-class ExampleRun:
-    """One standalone run directory of examples/train_mlp.py, started as often as a test needs."""
+class ScriptRun:
+    """A training script run standalone (``--out``) as a real process, started as often as a
+    test needs: run to its end, or signalled from outside once its progress says so.
+
+    The one copy of start/complete/interrupt for every script the tests drive (the
+    examples, the user-style scripts, the same with a bucket as ``--out``); a subclass
+    names its script and flags and how it reads its progress (:meth:`last_step`).
+    """
 
     out: Path
-    flags: tuple[str, ...] = FLAGS
+    flags: tuple[str, ...] = ()
     script: Path = EXAMPLE
+    #: variables of the test runner's environment a run does not inherit unless ``env`` sets
+    #: them (a name ending in ``*`` is a prefix): the run is standalone, whatever runs pytest
+    unset_env: tuple[str, ...] = ("SWEEPRUN_RUN_DIR",)
+    #: extra flags of :meth:`interrupt_at` / :meth:`interrupt_when` (slower steps for a signal to land)
+    interrupt_flags: tuple[str, ...] = ()
+    #: how often an interrupt polls the run's progress
+    poll_s: float = 0.002
+    #: guards a hung test only; nothing here asserts speed
+    timeout_s: float = 120
 
     @property
     def metrics(self) -> Path:
         return self.out / "metrics.jsonl"
 
     def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        full_env.pop("SWEEPRUN_RUN_DIR", None)  # standalone, whatever the test runner's environment
+        given = env or {}
+        full_env = {k: v for k, v in os.environ.items() if k in given or not any(
+            k.startswith(u[:-1]) if u.endswith("*") else k == u for u in self.unset_env)}
+        full_env.update(PYTHONPATH=str(REPO), **given)
         return subprocess.Popen([sys.executable, str(self.script), *self.flags, "--out", str(self.out), *extra],
                                 env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def complete(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         proc = self.start(*extra, env=env)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=self.timeout_s)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.metrics.read_text().splitlines()]
 
     def last_step(self) -> int:
         """The last whole line's step (a line being written is not counted)."""
@@ -62,22 +83,35 @@ class ExampleRun:
         lines = self.metrics.read_text().split("\n")[:-1]
         return json.loads(lines[-1])["step"] if lines else 0
 
-    def interrupt_at(self, step: int, signum: int, *extra: str) -> tuple[int, int, str]:
-        """Start the run, signal it once it has logged ``step``; returns (exit code, step seen, stderr)."""
-        proc = self.start(*extra)
-        deadline = time.monotonic() + 120  # guards a hung test only; nothing here asserts speed
-        seen = self.last_step()
+    def interrupt_when(self, ready: Callable[[], bool], signum: int, *extra: str) -> tuple[int, str]:
+        """Start the run, signal it once ``ready()``; returns (exit code, stderr)."""
+        proc = self.start(*self.interrupt_flags, *extra)
+        deadline = time.monotonic() + self.timeout_s
         while proc.poll() is None and time.monotonic() < deadline:
-            seen = self.last_step()
-            if seen >= step:
+            if ready():
                 proc.send_signal(signum)
                 break
-            time.sleep(0.002)
-        _, err = proc.communicate(timeout=120)
-        return proc.returncode, seen, err
+            time.sleep(self.poll_s)
+        _, err = proc.communicate(timeout=self.timeout_s)
+        return proc.returncode, err
 
-    def entries(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.metrics.read_text().splitlines()]
+    def interrupt_at(self, step: int, signum: int, *extra: str) -> tuple[int, int, str]:
+        """Start the run, signal it once it has logged ``step``; returns (exit code, step seen, stderr)."""
+        seen = [0]
+
+        def reached() -> bool:
+            seen[0] = self.last_step()
+            return seen[0] >= step
+
+        code, err = self.interrupt_when(reached, signum, *extra)
+        return code, seen[0], err
+
+
+@dataclass
+class ExampleRun(ScriptRun):
+    """One standalone run directory of examples/train_mlp.py (or another example with ``script``)."""
+
+    flags: tuple[str, ...] = FLAGS
 
     def final_state(self) -> dict[str, Any]:
         return load_checkpoint(self.out)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,47 @@ from servers import postgres_server, postgres_url, s3_bucket, s3_env, s3_server 
 # Shared 2-core machines: a property test must fail on a wrong answer, never on a slow one.
 settings.register_profile("sweeprun", deadline=None, derandomize=True)
 settings.load_profile("sweeprun")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hand the test files to pytest-xdist's workers in the order :func:`pytest_collection_modifyitems`
+    gives them (heaviest first) rather than by number of tests: a few-test file that trains
+    Lightning or Trainer runs, started last, would otherwise be the whole suite's tail."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most ``slow`` tests first (then the most tests), each file's tests in
+    their own order: with ``--dist loadscope`` a file runs in one worker, so the longest
+    ones must start first (longest-processing-time-first scheduling)."""
+    slow: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        slow[module] = slow.get(module, 0) + (item.get_closest_marker("slow") is not None)
+        count[module] = count.get(module, 0) + 1
+    items.sort(key=lambda item: (-slow[m := item.nodeid.split("::")[0]], -count[m]))  # stable
+
+
+def _cpu_s() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """With ``SWEEPRUN_TEST_CPU_LOG=FILE``: one JSON line per test with the CPU seconds it cost
+    (this process and the processes it waited for), to find what makes the suite slow on a
+    shared machine, where wall time says little. Records only; nothing depends on it."""
+    log = os.environ.get("SWEEPRUN_TEST_CPU_LOG")
+    before = _cpu_s() if log else 0.0
+    yield
+    if log:
+        line = {"test": item.nodeid, "cpu_s": round(_cpu_s() - before, 2),
+                "slow": item.get_closest_marker("slow") is not None}
+        with open(log, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_SCRIPT = REPO / "tests" / "scripts" / "steps.py"
@@ -90,10 +132,11 @@ def sandbox(tmp_path: Path) -> Sandbox:
     return Sandbox(tmp_path)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition",
+             poll_s: float = 0.05) -> None:
     """Poll until ``predicate()``; the timeout only guards against a hung test, it asserts nothing about speed."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(poll_s)

@@ -59,7 +59,9 @@ def assert_same_ending(run: ExampleRun, reference: ExampleRun) -> None:
     assert run.entries() == reference.entries()
 
 
-@pytest.mark.parametrize("tell", [False, True], ids=["seen-from-the-optimizer", "told"])
+@pytest.mark.parametrize("tell", [  # four starts each: the fast subset runs one
+    pytest.param(False, id="seen-from-the-optimizer"),
+    pytest.param(True, id="told", marks=pytest.mark.slow)])
 def test_saves_fall_between_optimizer_steps_and_the_resume_is_exact(
         tmp_path: Path, reference: ExampleRun, tell: bool) -> None:
     run = accumulating(tmp_path / "run", *(["--tell"] if tell else []))
@@ -77,6 +79,7 @@ def test_sigterm_inside_an_accumulation_finishes_the_optimizer_step_first(tmp_pa
     assert saved % 2 == 0 and saved >= seen, (saved, seen, err)
 
 
+@pytest.mark.slow  # the broken variant, two more starts: in the full suite
 def test_checkpoints_inside_an_accumulation_are_not_exact(tmp_path: Path, reference: ExampleRun) -> None:
     """The broken variant: every batch claimed as an optimizer step. The test above would catch it."""
     run = accumulating(tmp_path / "run", "--every-batch-is-a-step", "--sync-saves", "--step-sleep-s", "0.05")

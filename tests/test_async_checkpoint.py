@@ -33,6 +33,7 @@ from sweeprun.training import load_checkpoint
 from sweeprun.training.writer import Snapshot
 
 from _training_helpers import REPO, SIGKILL, ExampleRun, assert_same_run
+from conftest import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -47,29 +48,29 @@ def background_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "sweeprun-checkpoint"]
 
 
-def wait_for(condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + 60          # guards a hang only
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
 # -- a machine lost in the middle of a background save ------------------------------------------
 
 
-@pytest.mark.parametrize("phase", ["checkpoint.snapshot_taken", "checkpoint.mid_write",
-                                   "checkpoint.before_rename", "checkpoint.before_manifest"])
 def test_sigkill_in_each_phase_of_a_background_save_keeps_the_previous_and_resumes_exactly(
-        tmp_path: Path, reference: ExampleRun, phase: str) -> None:
+        tmp_path: Path, reference: ExampleRun) -> None:
     """The example saves every 7 steps; the process SIGKILLs itself during the second save,
-    on the background thread, while the training thread may already be steps further."""
+    on the background thread, while the training thread may already be steps further.
+    Each phase in turn, in one run directory (one start per phase, not two): every rerun
+    resumes from step 7 and dies in the next phase of its own first save (step 14 again),
+    the debris of the earlier deaths still there; the last rerun ends as the run never
+    interrupted, with no temp file left."""
     run = ExampleRun(tmp_path / "run")
-    crashed = run.complete(env={"SWEEPRUN_CRASH_AT": f"{phase}@2"})
-    assert crashed.returncode == -SIGKILL, crashed.stderr
-    assert load_checkpoint(run.out)["step"] == 7          # the first save, whole and verified
+    phases = ["checkpoint.snapshot_taken", "checkpoint.mid_write", "checkpoint.before_rename",
+              "checkpoint.before_manifest"]
+    resumed = "resumed from ckpt-a1-00000001-step0000000007.pt (step 7"
+    for i, phase in enumerate(phases):
+        crashed = run.complete(env={"SWEEPRUN_CRASH_AT": f"{phase}@{1 if i else 2}"})
+        assert crashed.returncode == -SIGKILL, (phase, crashed.stderr)
+        assert i == 0 or resumed in crashed.stderr, (phase, crashed.stderr)
+        assert load_checkpoint(run.out)["step"] == 7, phase   # the first save, whole and verified
     result = run.complete()
     assert result.returncode == 0, result.stderr
-    assert "resumed from ckpt-a1-00000001-step0000000007.pt (step 7" in result.stderr
+    assert resumed in result.stderr
     assert_same_run(run, reference)
     leftovers = [p.name for p in (run.out / "checkpoints").iterdir() if not p.name.startswith("ckpt-")]
     assert leftovers == []
@@ -91,7 +92,7 @@ def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path: Pa
     t.run.wait()
     break_the_checkpoints_folder(tmp_path)
     t.train(2)                                   # step 4: the save starts in the background, fails there
-    wait_for(lambda: not background_threads(), "the background save to end")
+    wait_for(lambda: not background_threads(), what="the background save to end", poll_s=0.005)
     with pytest.raises(CheckpointError, match="checkpoints folder .* is not a folder"):
         if surfaces_at == "next step":
             t.train(1)
@@ -195,6 +196,7 @@ def live_snapshots() -> int:
     return sum(type(o) is Snapshot for o in gc.get_objects())
 
 
+@pytest.mark.slow  # 50 saves of a real model: a resource bound, in the full suite
 def test_memory_stays_bounded_to_one_snapshot_over_50_saves(tmp_path: Path) -> None:
     t = Trainer.start(str(tmp_path), every_steps=1, keep_last=2)
     assert live_snapshots() == 0

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_checkpoint import FakeClock, Trainer, saved_steps
+from test_checkpoint import Trainer, saved_steps
 
 from sweeprun.errors import SpecError
+from sweeprun.ledger.contract import FakeClock
 from sweeprun.training import init
 from sweeprun.training.cadence import PRIOR_MTBI_S, AutoInterval
 

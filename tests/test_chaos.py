@@ -34,13 +34,21 @@ EXAMPLE_FLAGS = "--weight-decay 0.0001 --epochs {epochs} --save-every-steps 5 --
 KILLS = 10
 
 
+_REFERENCES: dict[tuple[float, int, int], dict] = {}
+
+
 def reference(tmp: Path, lr: float, seed: int, epochs: int = EPOCHS) -> dict:
-    """The same run, never interrupted, standalone."""
-    out = tmp / f"ref-{lr}-{seed}-{epochs}"
-    subprocess.run([sys.executable, str(REPO / "examples" / "train_mlp.py"), "--lr", str(lr),
-                    "--seed", str(seed), *EXAMPLE_FLAGS.format(epochs=epochs).split(), "--out", str(out)],
-                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    return load_checkpoint(out)
+    """The same run, never interrupted, standalone. Trained once per (lr, seed, epochs) in
+    this test process: it is deterministic, and the fleet tests' sweeps share most of their
+    runs (20 comparisons, 8 distinct runs). Callers only read it."""
+    key = (lr, seed, epochs)
+    if key not in _REFERENCES:
+        out = tmp / f"ref-{lr}-{seed}-{epochs}"
+        subprocess.run([sys.executable, str(REPO / "examples" / "train_mlp.py"), "--lr", str(lr),
+                        "--seed", str(seed), *EXAMPLE_FLAGS.format(epochs=epochs).split(), "--out", str(out)],
+                       check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+        _REFERENCES[key] = load_checkpoint(out)
+    return _REFERENCES[key]
 
 
 def max_steps(runs: Path) -> dict[str, int]:

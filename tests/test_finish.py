@@ -25,7 +25,8 @@ SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.parametrize("script", [  # the integrations' starts are seconds each: full suite
+    pytest.param("lightning", marks=pytest.mark.slow), "plain", pytest.param("trainer", marks=pytest.mark.slow)])
 def test_killed_after_the_final_checkpoint_the_next_attempt_finishes_the_run(sandbox: Sandbox, script: str) -> None:
     command = f"python {CRASHES} training.before_finished {SCRIPTS[script]}"
     sweep = sandbox.write_sweep({"lr": [0.01]}, command=command, max_attempts=2)

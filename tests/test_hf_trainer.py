@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ import pytest
 import torch
 
 from sweeprun.runenv import PREEMPTED_EXIT
+
+from _training_helpers import ScriptRun
 
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)
@@ -37,29 +38,19 @@ FLAGS = ("--lr", "3e-3", "--seed", "5", "--max-steps", str(TOTAL_STEPS), "--save
 
 
 @dataclass
-class HFRun:
-    out: Path
+class HFRun(ScriptRun):
+    """examples/hf_trainer.py standalone; an interrupted run steps slowly so the signal lands mid-run."""
 
-    @property
-    def metrics(self) -> Path:
-        return self.out / "metrics.jsonl"
+    flags: tuple[str, ...] = FLAGS
+    script: Path = EXAMPLE
+    unset_env: tuple[str, ...] = ("SWEEPRUN_RUN_DIR", "SWEEPRUN_TIME_LIMIT", "SWEEPRUN_CRASH_AT")
+    interrupt_flags: tuple[str, ...] = ("--step-sleep-s", "0.05")
+    poll_s: float = 0.01
+    timeout_s: float = 300
 
     @property
     def trainer_dir(self) -> Path:
         return self.out / "trainer"
-
-    def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        for name in ("SWEEPRUN_RUN_DIR", "SWEEPRUN_TIME_LIMIT", "SWEEPRUN_CRASH_AT"):
-            if name not in (env or {}):
-                full_env.pop(name, None)
-        return subprocess.Popen([sys.executable, str(EXAMPLE), *FLAGS, "--out", str(self.out), *extra],
-                                env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def complete(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        proc = self.start(*extra, env=env)
-        out, err = proc.communicate(timeout=300)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def entries(self) -> list[dict[str, Any]]:
         if not self.metrics.exists():
@@ -68,18 +59,6 @@ class HFRun:
 
     def last_step(self) -> int:
         return max((e["step"] for e in self.entries()), default=0)
-
-    def interrupt_at(self, step: int, signum: int, *extra: str) -> tuple[int, int, str]:
-        """Signal the process once metrics.jsonl passed ``step``: its exit code, the step seen, stderr."""
-        proc = self.start("--step-sleep-s", "0.05", *extra)
-        deadline = time.monotonic() + 300  # only a guard against a hang
-        while self.last_step() < step and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        seen = self.last_step()
-        if proc.poll() is None:
-            proc.send_signal(signum)
-        _, err = proc.communicate(timeout=300)
-        return proc.returncode, seen, err
 
     def final(self, step: int = TOTAL_STEPS) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Weights and optimizer state of the Trainer's folder at ``step`` (the last is always saved)."""
@@ -126,9 +105,10 @@ def reference_stdout_last_line(reference: HFRun) -> str:
     return (reference.out / "stdout.txt").read_text().splitlines()[-1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> HFRun:
-    """The run never interrupted."""
+    """The run never interrupted. Per session, not per module: test_hf_s3 compares against
+    it too, and a worker that runs both files trains it once."""
     run = HFRun(tmp_path_factory.mktemp("reference"))
     result = run.complete()
     assert result.returncode == 0, result.stderr
@@ -299,6 +279,7 @@ def test_a_process_whose_run_was_taken_over_writes_no_checkpoint(tmp_path: Path)
     assert not list(run.trainer_dir.glob("checkpoint-*"))
 
 
+@pytest.mark.slow  # a Trainer start; the fast subset saves and exits 75 on a time budget
 def test_sigint_saves_and_exits_75_at_the_step_it_stopped(tmp_path: Path) -> None:
     run = HFRun(tmp_path / "run")
     code, _, err = run.interrupt_at(8, signal.SIGINT)

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ import pytest
 import torch
 
 from sweeprun.runenv import PREEMPTED_EXIT
+
+from _training_helpers import ScriptRun
 
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)
@@ -42,34 +43,19 @@ CLOCK = ("_runtime", "_per_second")   # wall-clock figures: legitimately differ
 
 
 @dataclass
-class UserRun:
-    out: Path
+class UserRun(ScriptRun):
+    """tests/scripts/hf_user.py standalone, inheriting no ``SWEEPRUN_*`` variable; an
+    interrupted run steps slowly so the signal lands where the test waits for it."""
+
+    script: Path = SCRIPT
+    unset_env: tuple[str, ...] = ("SWEEPRUN_*",)
+    interrupt_flags: tuple[str, ...] = ("--step-sleep-s", "0.1")
+    poll_s: float = 0.01
+    timeout_s: float = 300
 
     @property
     def trainer_dir(self) -> Path:
         return self.out / "trainer"
-
-    def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        full = {k: v for k, v in os.environ.items() if not k.startswith("SWEEPRUN_")}
-        full.update(PYTHONPATH=str(REPO), **(env or {}))
-        return subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(self.out), *extra],
-                                env=full, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def complete(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        proc = self.start(*extra, env=env)
-        out, err = proc.communicate(timeout=300)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-    def interrupt_when(self, ready: Callable[[], bool], signum: int) -> tuple[int, str]:
-        """Signal the process once ``ready()``: its exit code and stderr."""
-        proc = self.start("--step-sleep-s", "0.1")
-        deadline = time.monotonic() + 300   # only a guard against a hang
-        while not ready() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if proc.poll() is None:
-            proc.send_signal(signum)
-        _, err = proc.communicate(timeout=300)
-        return proc.returncode, err
 
     def entries(self) -> list[dict[str, Any]]:
         path = self.out / "metrics.jsonl"
@@ -157,6 +143,7 @@ def test_a_kill_between_the_trainers_save_and_the_seal_resumes_mid_window_and_mi
     assert differences(run, reference) == []
 
 
+@pytest.mark.slow  # two Trainer starts; the fast subset resumes a cut-short save in the test above
 def test_rotation_waits_for_the_seal_and_spares_the_best(tmp_path: Path, reference: UserRun) -> None:
     """Killed in the save at step 15, before its seal: the Trainer would already have deleted
     checkpoint-10 to keep two folders (the best, 5, is spared), leaving only step 5."""
@@ -171,6 +158,7 @@ def test_rotation_waits_for_the_seal_and_spares_the_best(tmp_path: Path, referen
     assert differences(run, reference) == []
 
 
+@pytest.mark.slow  # the fast subset has the same ending for the example in test_hf_trainer
 def test_killed_right_after_the_last_seal_the_rerun_reloads_the_best_model(
         tmp_path: Path, reference: UserRun) -> None:
     """The last folder is sealed, the process dies before train() returns: the rerun trains

@@ -99,6 +99,7 @@ def cli(sandbox: Sandbox, *args: str) -> subprocess.CompletedProcess[str]:
     return sandbox.run(*args, "--ledger", str(sandbox.ledger))
 
 
+@pytest.mark.slow  # the bucket variants of show and gc: the fast subset has the half-removed folder in a bucket
 def test_show_lists_the_trainer_folders_of_a_run_in_a_bucket(sandbox: Sandbox, s3_bucket: str) -> None:
     sweep, run_id, _ = bucket_trainer_sweep(sandbox, s3_bucket)
     detail = run_detail(Sweep(load_spec(sweep), str(sandbox.ledger)), run_id)
@@ -121,6 +122,7 @@ def test_show_lists_the_trainer_folders_of_a_run_in_a_bucket(sandbox: Sandbox, s
     assert [c["data"] for c in json.loads(result.stdout)["checkpoints"]] == [r[0] for r in rows]
 
 
+@pytest.mark.slow  # see above; test_manage_hf has gc of Trainer folders on local disk
 def test_gc_in_a_bucket_keeps_the_newest_verified_folder_and_the_best(sandbox: Sandbox, s3_bucket: str) -> None:
     sweep, run_id, trainer = bucket_trainer_sweep(sandbox, s3_bucket)
     before = bucket_folders(trainer)

@@ -22,15 +22,14 @@ import fsspec
 import pytest
 
 from sweeprun.errors import LeaseLost, SpecError, StoreError
+from sweeprun.holders import LeaseView, lease_view
 from sweeprun.leases import (
     SETTLE_DEFAULT_S,
     Lease,
     LeasePaths,
     LeaseRecord,
-    LeaseView,
     StoreLeases,
     backoff_s,
-    lease_view,
     settle_default,
 )
 from sweeprun.ledger.contract import FakeClock
@@ -428,7 +427,7 @@ def test_retiring_a_done_run_keeps_only_its_newest_generation(place: Place) -> N
     second.renew(new)
     second.retire(new)
     left = sorted(posixpath.basename(p) for p in place.fs.ls(LeasePaths(run).folder, detail=False))
-    assert left == ["00000002.beat", "00000002.json"]
+    assert left == ["00000002.beat", "00000002.json", "00000002.released"]  # gc need not wait it out
     state = worker(place, "c").current(run)  # the attempt count goes on from there
     assert state is not None and state.generation == 2
 
@@ -546,3 +545,66 @@ def test_a_lease_folder_without_a_record_is_taken_fresh(place: Place) -> None:
     atomic_write(place.fs, LeasePaths(run).claim(1, "00aa"), b"")  # left by a claim-then-confirm machine
     lease = worker(place, "a").take(run)
     assert lease is not None and lease.generation == 1
+
+
+def test_one_holder_rule_a_watch_never_reads_a_clock_from_the_store(place: Place) -> None:
+    """``status``, ``reset`` and ``gc`` judge a lease by the protocol's own rule: held until
+    its beat stood still for lease_s on the observer's clock, whatever the store's times."""
+    run = place.run("r")
+    holder = StoreLeases(place.fs, lease_s=10, host="a", worker="a:1")
+    lease = holder.take(run)
+    assert lease is not None
+    now = [0.0]
+    observer = StoreLeases(place.fs, lease_s=10, host="b", worker="b:1", clock=lambda: now[0])
+    first = observer.holder(run)
+    assert first.holder == "a:1" and not first.moved and first.left_s == 10
+    now[0] = 9.0
+    assert observer.holder(run).holder == "a:1"  # not yet a lease: held
+    holder.renew(lease)
+    moved = observer.holder(run)
+    assert moved.holder == "a:1" and moved.moved  # a beat that moves is a live holder
+    now[0] = 19.5
+    assert observer.holder(run).holder is None  # stood still for lease_s since it moved
+    memory = observer.remembered()
+    later = StoreLeases(place.fs, lease_s=10, host="b", worker="b:1", clock=lambda: now[0])
+    later.remember(memory)  # another command of this machine goes on from that watch
+    assert later.holder(run).holder is None
+    holder.release(lease)
+    assert StoreLeases(place.fs, lease_s=10, host="c", worker="c:1").holder(run).holder is None
+
+
+def test_a_run_never_leased_starts_after_the_highest_attempt_its_files_name(place: Place) -> None:
+    """A sweep that ran on a shared database (attempts 1 to 3, no leases) and moves to store
+    leases: the first generation is 4, so the generation is the attempt number; racing
+    takers that counted the same files create one name, and a leased run ignores the floor."""
+    run = place.run("r")
+    asked: list[str] = []
+
+    def floor(who: str) -> Any:
+        return lambda: asked.append(who) or 3
+
+    first, second = worker(place, "a"), worker(place, "b")
+    won = first.take(run, floor=floor("a"))
+    assert won is not None and won.generation == 4 and asked == ["a"]
+    assert second.take(run, floor=floor("b")) is None  # held: generation 4 is a's
+    assert asked == ["a"]  # the floor is asked only of a folder with no generation
+    first.release(won)
+    again = second.take(run, floor=floor("b"))
+    assert again is not None and again.generation == 5 and asked == ["a"]
+
+
+def test_a_taker_knows_when_its_next_look_can_take_a_still_beat_over(place: Place) -> None:
+    """``due_s``: how long until the watched beat, if it stays still, has stood still for a
+    lease on the taker's clock; the launcher's next look at the run comes then."""
+    run = place.run("r")
+    holder, clock = worker(place, "a"), FakeClock()
+    taker = worker(place, "b", clock)
+    assert taker.due_s(run) is None  # nothing watched yet
+    lease = holder.take(run)
+    assert lease is not None and taker.take(run) is None
+    assert taker.due_s(run) == LEASE_S
+    clock.advance(LEASE_S - 5)
+    assert taker.take(run) is None and taker.due_s(run) == 5
+    clock.advance(5)
+    taken = taker.take(run)
+    assert taken is not None and taken.generation == 2

@@ -9,14 +9,14 @@ chosen step. Compared: the LightningModule's weights, the optimizer and schedule
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("lightning")
 
 from sweeprun.runenv import PREEMPTED_EXIT
 
@@ -30,6 +30,11 @@ from _training_helpers import (
     stop_the_launcher_mid_run_then_relaunch,
 )
 from conftest import Sandbox
+
+# Skipped without Lightning, found without importing it: an import costs seconds of CPU in
+# every pytest-xdist worker that merely collects this file.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
+                                reason="Lightning is not installed")
 
 EXAMPLE = REPO / "examples" / "lightning_mlp.py"
 #: 16 batches per epoch, 4 epochs; saves every 5 steps land mid-epoch; steps slow enough
@@ -81,16 +86,11 @@ def assert_same_ending(run: ExampleRun, reference: ExampleRun) -> None:
 
 
 @pytest.mark.slow  # five Lightning processes (a few seconds each to import)
-def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(
+def test_sigterm_then_sigkills_mid_epoch_then_rerun_matches_the_uninterrupted_run(
         tmp_path: Path, reference: ExampleRun) -> None:
-    run = lightning_run(tmp_path / "run")
-    hit = interrupt_repeatedly(run, SIGKILL, kills=3, seed=5, span=18)
-    assert all(0 < s < TOTAL_STEPS for s in hit)
-    assert_same_ending(run, reference)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_exits_75_and_the_rerun_matches(tmp_path: Path, reference: ExampleRun) -> None:
+    """SIGTERM saves and exits 75 at the step it stopped (mid-epoch); then, in the same run
+    directory, SIGKILL three times at random steps; the rerun ends where the uninterrupted
+    run ends. (One run for both: a SIGTERM save that was wrong would carry into the end.)"""
     run = lightning_run(tmp_path / "run")
     code, seen, err = run.interrupt_at(11, SIGTERM)
     assert code == PREEMPTED_EXIT, err
@@ -98,27 +98,37 @@ def test_sigterm_saves_exits_75_and_the_rerun_matches(tmp_path: Path, reference:
     saved = run.final_state()
     assert saved["step"] == run.entries()[-1]["step"] >= seen  # the stop loses no step
     assert saved["step"] % 16 != 0 or saved["step"] == 0  # a mid-epoch stop, not an epoch end
-    result = run.complete()
-    assert result.returncode == 0, result.stderr
+    hit = interrupt_repeatedly(run, SIGKILL, kills=3, seed=5, span=18)
+    assert all(0 < s < TOTAL_STEPS for s in hit)
     assert_same_ending(run, reference)
 
 
-def test_time_limit_saves_and_exits_75(tmp_path: Path) -> None:
-    run = lightning_run(tmp_path / "run")
-    result = run.complete(env={"SWEEPRUN_TIME_LIMIT": "0.5"})
+@pytest.fixture(scope="module")
+def time_limited(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExampleRun, subprocess.CompletedProcess[str]]:
+    """A run stopped by its time budget (saved mid-run, exit 75), and how it ended: what the
+    next test checks, and a run to resume for the test after it (one Lightning start for both)."""
+    run = lightning_run(tmp_path_factory.mktemp("time-limited") / "run")
+    return run, run.complete(env={"SWEEPRUN_TIME_LIMIT": "0.5"})
+
+
+def test_time_limit_saves_and_exits_75(time_limited: tuple[ExampleRun, subprocess.CompletedProcess[str]]) -> None:
+    run, result = time_limited
     assert result.returncode == PREEMPTED_EXIT, result.stderr
     assert "time limit of 0.5 s reached" in result.stderr
     assert 0 < run.final_state()["step"] < TOTAL_STEPS
 
 
-def test_fit_without_the_checkpoint_path_is_refused(tmp_path: Path) -> None:
-    """A script that forgets ``ckpt_path=`` would silently start over on a resume."""
+def test_fit_without_the_checkpoint_path_is_refused(
+        tmp_path: Path, time_limited: tuple[ExampleRun, subprocess.CompletedProcess[str]]) -> None:
+    """A script that forgets ``ckpt_path=`` would silently start over on a resume (here of a
+    copy of the run the time budget stopped)."""
     script = tmp_path / "forgets.py"
     source = EXAMPLE.read_text().replace("ckpt_path=sweep.ckpt_path", "ckpt_path=None")
     script.write_text(source)
+    stopped, _ = time_limited
+    shutil.copytree(stopped.out, tmp_path / "run")
     run = ExampleRun(tmp_path / "run", flags=FLAGS, script=script)
-    code, _, err = run.interrupt_at(6, SIGTERM)
-    assert code == PREEMPTED_EXIT, err
+    assert run.final_state()["step"] > 0
     result = run.complete()
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("sweeprun: error: ")
@@ -133,14 +143,21 @@ def test_cli_does_not_import_lightning() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["checkpoint.snapshot_taken", "checkpoint.mid_write",
-                                   "checkpoint.before_rename", "checkpoint.before_manifest"])
-def test_killed_during_a_save_then_rerun_matches(tmp_path: Path, reference: ExampleRun,
-                                                 point: str) -> None:
-    """The third save (step 15, mid-epoch) dies half done; the rerun resumes from step 10."""
+def test_killed_during_a_save_then_rerun_matches(tmp_path: Path, reference: ExampleRun) -> None:
+    """The third save (step 15, mid-epoch) dies half done; the rerun resumes from step 10.
+    Each crash point in turn, in one run directory (one Lightning start per point, not two):
+    every rerun resumes from step 10 and dies at the next point in its own first save (step
+    15 again), the debris of the earlier deaths still there; the last rerun ends as the run
+    never interrupted."""
     run = lightning_run(tmp_path / "run")
-    crashed = run.complete(env={"SWEEPRUN_CRASH_AT": f"{point}@3"})
-    assert crashed.returncode == -SIGKILL, crashed.stderr
+    points = ["checkpoint.snapshot_taken", "checkpoint.mid_write", "checkpoint.before_rename",
+              "checkpoint.before_manifest"]
+    for i, point in enumerate(points):
+        crashed = run.complete(env={"SWEEPRUN_CRASH_AT": f"{point}@{1 if i else 3}"})
+        assert crashed.returncode == -SIGKILL, (point, crashed.stderr)
+        assert i == 0 or ("resumed from" in crashed.stderr and "(step 10," in crashed.stderr), \
+            (point, crashed.stderr)
+        assert run.last_step() >= 15, point  # it died in the step-15 save, not before
     result = run.complete()
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stderr and "(step 10," in result.stderr, result.stderr

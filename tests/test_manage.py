@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from sweeprun import Sweep, load_spec
-from sweeprun.manage import gc
+from sweeprun.errors import SweeprunError
+from sweeprun.manage import gc, reset
 from sweeprun.training import load_checkpoint
 
 from conftest import Sandbox, wait_for
@@ -217,6 +218,7 @@ def test_a_reset_reaches_the_ledgers_of_machines_that_share_only_the_store(sandb
     assert m.on("b", "launch").returncode == 0 and m.attempts_run() == 2  # done stays done
 
 
+@pytest.mark.slow  # the bucket variant of the test above, several launches against S3
 def test_a_reset_in_a_bucket_reaches_the_other_machines_ledger(sandbox: Sandbox, s3_bucket: str) -> None:
     m = Machines(sandbox, store=f"{s3_bucket}/sweeps")
     assert m.on("a", "launch").returncode == 1
@@ -229,8 +231,9 @@ def test_a_reset_in_a_bucket_reaches_the_other_machines_ledger(sandbox: Sandbox,
     assert m.row("a")["state"] == "done"
 
 
-@pytest.mark.parametrize("point", ["reset.before_older_markers_go", "reset.before_set_aside",
-                                   "ledger.in_forget"])
+@pytest.mark.parametrize("point", [  # one crash point in the fast subset, all three in the full suite
+    pytest.param("reset.before_older_markers_go", marks=pytest.mark.slow), "reset.before_set_aside",
+    pytest.param("ledger.in_forget", marks=pytest.mark.slow)])
 def test_a_reset_killed_anywhere_is_finished_by_running_it_again(sandbox: Sandbox, point: str) -> None:
     m = Machines(sandbox)
     assert m.on("a", "launch").returncode == 1
@@ -293,6 +296,7 @@ def test_gc_keeps_what_latest_and_best_load_and_frees_the_rest(sandbox: Sandbox)
     assert again.returncode == 0 and "removed 0 file(s), freed 0 B" in again.stdout
 
 
+@pytest.mark.slow  # the gc variants after the first: a launch with a torch start each, in the full suite
 def test_gc_of_manifests_from_before_the_choice_was_recorded_keeps_every_best(sandbox: Sandbox) -> None:
     """A sweep checkpointed by an older sweeprun: its manifests do not say which metric the
     script kept the best by, so every metric's lowest and highest stay loadable."""
@@ -311,6 +315,7 @@ def test_gc_of_manifests_from_before_the_choice_was_recorded_keeps_every_best(sa
     assert save_numbers(ckpts) == [1, 2, 6, 7]
 
 
+@pytest.mark.slow  # see above
 def test_gc_of_a_run_that_kept_no_best_keeps_only_the_latest(sandbox: Sandbox) -> None:
     script = sandbox.root / "nobest.py"
     script.write_text(CKPT_SCRIPT.replace(', best="loss")', ")"))
@@ -321,6 +326,7 @@ def test_gc_of_a_run_that_kept_no_best_keeps_only_the_latest(sandbox: Sandbox) -
     assert save_numbers(runs_dir(sandbox) / run_id / "checkpoints") == [5]
 
 
+@pytest.mark.slow  # see above
 def test_gc_best_narrows_what_is_kept(sandbox: Sandbox) -> None:
     sweep = api_sweep(sandbox, steps=5)
     assert sandbox.run("launch", str(sweep)).returncode == 0
@@ -345,23 +351,78 @@ def test_gc_leaves_runs_that_are_not_done_alone(sandbox: Sandbox) -> None:
     assert sorted(p.name for p in runs_dir(sandbox).glob("*/checkpoints/*")) == before
 
 
-def test_gc_refuses_while_a_done_runs_lease_is_live(sandbox: Sandbox) -> None:
-    """Just after a run is done its launcher may still write in its folder (the lease's last
-    beat): gc waits for the lease to run out rather than race it."""
-    sweep = api_sweep(sandbox, steps=2)
+#: Another machine holding a run's store lease: takes it (as host vm-x) and renews it every
+#: half second until killed. Its own clock is the true one.
+HOLDER_SCRIPT = """
+import sys, time
+import fsspec
+from sweeprun.leases import StoreLeases
+leases = StoreLeases(fsspec.filesystem("file"), lease_s=4, host="vm-x", worker="vm-x:1")
+lease = leases.take(sys.argv[1])
+while lease is None:
+    time.sleep(0.2)
+    lease = leases.take(sys.argv[1])
+print("held", flush=True)
+while True:
+    time.sleep(0.5)
+    leases.renew(lease)
+"""
+
+
+def fast_clock(monkeypatch: pytest.MonkeyPatch, sandbox: Sandbox, ahead_s: float = 45.0) -> None:
+    """This process is a machine whose wall clock runs ``ahead_s`` fast (nothing else is)."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + ahead_s)
+    monkeypatch.setenv("SWEEPRUN_HOME", str(sandbox.root / "hosts" / "fast"))
+
+
+def test_reset_on_a_machine_whose_clock_is_45_s_fast_leaves_a_run_held_elsewhere_alone(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another machine (a real launcher, its own ledger) trains the run; this machine's clock
+    is 45 s fast, so every store timestamp of the live lease looks older than a lease."""
+    sweep = sandbox.write_sweep({"a": [1]}, {"steps": 2000, "sleep": 0.05}, lease_s=4)
+    other = sandbox.sweeprun("worker", str(sweep), env={"SWEEPRUN_HOST": "vm-a"})  # its own ledger
+    try:
+        wait_for(lambda: any(e["event"] == "start" for e in sandbox.events()), timeout=120)
+        (run_dir,) = runs_dir(sandbox).iterdir()
+        fast_clock(monkeypatch, sandbox)
+        here = Sweep(load_spec(sweep), str(sandbox.root / "fast.sqlite"))
+        with pytest.raises(SweeprunError, match=f"run {run_dir.name} is held by vm-a:"):
+            reset(here, [run_dir.name])
+        assert run_dir.exists() and not (sandbox.store / "t" / "trash").exists()
+        assert not (sandbox.store / "t" / "resets").exists()
+    finally:
+        os.killpg(other.pid, signal.SIGTERM)
+        other.communicate(timeout=120)
+
+
+def test_gc_on_a_machine_whose_clock_is_45_s_fast_leaves_a_done_run_held_elsewhere_alone(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Just after a run is done its launcher may still write in its folder: here another
+    process holds the done run's lease and renews it while gc runs on a fast clock."""
+    sweep = api_sweep(sandbox, steps=5, lease_s=4)
     assert sandbox.run("launch", str(sweep)).returncode == 0
-    (run_id,) = sandbox.status(sweep)
-    lease = runs_dir(sandbox) / run_id / "lease"
-    record = next(lease.glob("*.json"))
-    doc = json.loads(record.read_text())
-    doc.update(worker=f"{doc['host']}:{os.getpid()}", started=None)  # held by a live process: this one
-    record.write_text(json.dumps(doc))
-    now = time.time()
-    for path in lease.iterdir():
-        os.utime(path, (now, now))
+    (run_dir,) = runs_dir(sandbox).iterdir()
+    script = sandbox.root / "holder.py"
+    script.write_text(HOLDER_SCRIPT)
+    holder = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=sandbox.env(),
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        fast_clock(monkeypatch, sandbox)
+        with pytest.raises(SweeprunError, match=f"run {run_dir.name} is held by vm-x:1"):
+            gc(Sweep(load_spec(sweep), str(sandbox.root / "fast.sqlite")))
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing removed
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is lost: its beat stands still, and after one lease by this machine's own
+    # clock gc goes ahead (it watches the beat itself; no timestamp compared).
     result = cli(sandbox, "gc", str(sweep))
-    assert result.returncode == 2 and f"run {run_id} is held by" in result.stderr
-    assert len(list((runs_dir(sandbox) / run_id / "checkpoints").glob("ckpt-*.pt"))) == 3  # nothing removed
+    assert result.returncode == 0, result.stderr
+    assert "watching the store leases of 1 run(s)" in result.stderr
+    assert len(list((run_dir / "checkpoints").glob("ckpt-*.pt"))) < len(before) // 2
 
 
 def save_numbers(folder: Path) -> list[int]:

@@ -63,6 +63,7 @@ def test_sigterm_checkpoint_is_at_the_step_it_stopped(tmp_path: Path) -> None:
     assert run.final_state()["step"] == run.entries()[-1]["step"]
 
 
+@pytest.mark.slow  # four starts; the fast subset crashes in every phase of a save in test_async_checkpoint
 def test_crashes_inside_checkpoint_writes_are_recovered(tmp_path: Path, reference: ExampleRun) -> None:
     """The machine dies at each fault point of a save (sweeprun.faults), then the run is re-run."""
     run = ExampleRun(tmp_path / "run")
@@ -76,7 +77,9 @@ def test_crashes_inside_checkpoint_writes_are_recovered(tmp_path: Path, referenc
     assert leftovers == [], "temp files of crashed writes are removed at the next save"
 
 
-@pytest.mark.parametrize("piece", ["optimizer", "scheduler", "rng", "data"])
+@pytest.mark.parametrize("piece", [  # one piece in the fast subset, every piece in the full suite
+    pytest.param("optimizer", marks=pytest.mark.slow), pytest.param("scheduler", marks=pytest.mark.slow),
+    "rng", pytest.param("data", marks=pytest.mark.slow)])
 def test_each_piece_of_state_is_needed(tmp_path: Path, reference: ExampleRun, piece: str) -> None:
     """Leave one piece out of the checkpoints and the resumed run no longer matches: each matters."""
     run = ExampleRun(tmp_path / "run")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,41 @@ from conftest import REPO
 NAME = re.compile(r"\bSWEEPRUN_[A-Z][A-Z0-9_]*")
 
 
+def _sources() -> dict[str, str]:
+    return {str(path.relative_to(REPO)): path.read_text() for path in (REPO / "sweeprun").rglob("*.py")}
+
+
+def _unread(attributes: Mapping[str, str], sources: Mapping[str, str]) -> set[str]:
+    """The variables (``attributes``: name -> its attribute in the settings module) that no
+    module but settings.py reads, by name or as ``settings.ATTRIBUTE``. settings.py itself names
+    every variable it declares: counting it would make every declaration count as read."""
+    elsewhere = "\n".join(text for path, text in sources.items() if Path(path).name != "settings.py")
+    return {name for name, attribute in attributes.items()
+            if not re.search(rf"\b{name}\b|\bsettings\.{attribute}\b", elsewhere)}
+
+
 def test_every_sweeprun_variable_in_the_package_is_declared_and_documented() -> None:
-    used = {m.group(0) for path in (REPO / "sweeprun").rglob("*.py")
-            for m in NAME.finditer(path.read_text())}
+    sources = _sources()
+    used = {m.group(0) for text in sources.values() for m in NAME.finditer(text)}
     declared = settings.declared()
     assert used - set(declared) == set(), "declare these in sweeprun/settings.py"
     table = settings.table()
     for name, setting in declared.items():
         assert setting.doc and f"`{name}`" in table
-    assert set(declared) <= used | {"SWEEPRUN_FREEZE_AT"}, "a declared variable nothing reads"
+    attributes = {value.name: key for key, value in vars(settings).items()
+                  if isinstance(value, settings.Setting)}
+    assert set(attributes) == set(declared)
+    assert _unread(attributes, sources) == set(), "a declared variable nothing reads"
+
+
+def test_a_declared_variable_nothing_reads_is_found() -> None:
+    """The check once counted the names in settings.py too, so it could never fail."""
+    sources = {"sweeprun/settings.py": 'HOME = _declare(text("SWEEPRUN_HOME", ...))\n'
+                                       'NOBODY = _declare(flag("SWEEPRUN_NOBODY", ...))\n',
+               "sweeprun/ledger/__init__.py": "raw = settings.HOME.get()\n",
+               "sweeprun/faults.py": "# SWEEPRUN_CRASH_AT=name@N\n"}
+    attributes = {"SWEEPRUN_HOME": "HOME", "SWEEPRUN_NOBODY": "NOBODY", "SWEEPRUN_CRASH_AT": "CRASH_AT"}
+    assert _unread(attributes, sources) == {"SWEEPRUN_NOBODY"}
 
 
 def test_no_module_but_settings_reads_a_sweeprun_variable_itself() -> None:
@@ -43,6 +70,10 @@ def test_no_module_but_settings_reads_a_sweeprun_variable_itself() -> None:
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
+    ("SWEEPRUN_HOME", "", "SWEEPRUN_HOME='' is not a usable folder; set it to a folder on local "
+                          "disk or unset it"),
+    ("SWEEPRUN_HOME", " ", "SWEEPRUN_HOME=' ' is not a usable folder"),
+    ("SWEEPRUN_HOME", "a\0b", r"SWEEPRUN_HOME='a\\x00b' is not a usable folder"),
     ("SWEEPRUN_TIME_LIMIT", "-1", "SWEEPRUN_TIME_LIMIT='-1' is not a positive number of seconds"),
     ("SWEEPRUN_TIME_LIMIT", "inf", "SWEEPRUN_TIME_LIMIT='inf' is not a positive number of seconds"),
     ("SWEEPRUN_BUSY_TIMEOUT_S", "nan", "SWEEPRUN_BUSY_TIMEOUT_S='nan' is not a number of seconds "
@@ -89,6 +120,7 @@ def _cli(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.Com
 
 
 @pytest.mark.parametrize(("name", "value"), [
+    ("SWEEPRUN_HOME", ""), ("SWEEPRUN_HOME", " "),   # a mistyped $UNSET: the ledger would move
     ("SWEEPRUN_STOP_POLL_S", "often"), ("SWEEPRUN_LOG_UPLOAD_S", "-3"),
     ("SWEEPRUN_LEDGER_WAIT_S", "forever"), ("SWEEPRUN_ASYNC_SAVE", "2")])
 def test_the_cli_refuses_a_bad_value_before_any_work_with_exit_2(tmp_path: Path, name: str,

@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 import torch
-from test_checkpoint import FakeClock, Trainer, metrics_of, saved_steps
+from test_checkpoint import Trainer, metrics_of, saved_steps
 from torch import nn
 
 from sweeprun.errors import CheckpointError, LeaseLost, SpecError
+from sweeprun.ledger.contract import FakeClock
 from sweeprun.runenv import PREEMPTED_EXIT
 from sweeprun.training import init, load_checkpoint
 from sweeprun.training.metrics import read_metrics
@@ -410,6 +411,7 @@ def test_leaving_the_context_normally_finishes_and_an_error_does_not(tmp_path: P
     assert not (tmp_path / "bad" / "attempts" / "1.finished").exists()
 
 
+@pytest.mark.slow  # two torch starts; the fast subset has the exit codes of fenced and garbage-fed scripts
 def test_a_script_that_swallows_sigterm_and_exits_0_leaves_no_finished_marker(tmp_path: Path) -> None:
     result = script(tmp_path, "swallow-sigterm", 6, launcher_env(tmp_path, 1))
     assert result.returncode == 0, result.stderr
@@ -507,6 +509,7 @@ def test_a_symlinked_data_file_is_neither_read_nor_deleted(tmp_path: Path,
     assert victim.exists() and data.is_symlink()
 
 
+@pytest.mark.slow  # a launch with a torch start; symlinked checkpoint folders are refused in process above
 def test_under_launch_a_symlinked_checkpoints_folder_fails_the_run_in_one_line(sandbox: Any) -> None:
     command = f"python {REPO}/examples/train_mlp.py --lr {{lr}} --seed 0 --epochs 1 --save-every-steps 4"
     sweep = sandbox.write_sweep({"lr": [0.01]}, command=command, max_attempts=1)
@@ -544,11 +547,27 @@ def test_step_cadence_stays_on_multiples_after_a_sigterm_save(tmp_path: Path) ->
 # -- item 11: the environment --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "value"), [
+GARBAGE = [
     ("SWEEPRUN_ATTEMPT", "abc"), ("SWEEPRUN_ATTEMPT", "0"), ("SWEEPRUN_ATTEMPT", "-1"),
     ("SWEEPRUN_ATTEMPT", ""), ("SWEEPRUN_PARAMS", "[1, 2]"), ("SWEEPRUN_PARAMS", "{not json"),
     ("SWEEPRUN_PARAMS", '"lr"'), ("SWEEPRUN_TIME_LIMIT", "-1"), ("SWEEPRUN_TIME_LIMIT", "nan"),
-    ("SWEEPRUN_TIME_LIMIT", "abc"), ("SWEEPRUN_TIME_LIMIT", "inf")])
+    ("SWEEPRUN_TIME_LIMIT", "abc"), ("SWEEPRUN_TIME_LIMIT", "inf")]
+
+
+@pytest.mark.parametrize(("name", "value"), GARBAGE)
+def test_environment_garbage_is_a_one_line_error_naming_the_variable_and_nothing_written(
+        tmp_path: Path, name: str, value: str) -> None:
+    """Every bad value, in process: the error a script's process turns into its one line
+    (as the next test shows, with a real process for each variable)."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(SpecError) as error:
+        init(params={}, every_steps=2, env={**launcher_env(run_dir, 1), name: value}, clock=FakeClock())
+    assert str(error.value).startswith(name)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("name", "value"), [  # a real process per variable; one in the fast subset
+    GARBAGE[0], pytest.param(*GARBAGE[4], marks=pytest.mark.slow), pytest.param(*GARBAGE[7], marks=pytest.mark.slow)])
 def test_environment_garbage_is_one_line_exit_2_and_nothing_written(
         tmp_path: Path, name: str, value: str) -> None:
     run_dir = tmp_path / "run"

@@ -111,6 +111,7 @@ def test_a_script_that_never_restores_is_not_exact(tmp_path: Path, tiny: str) ->
     assert "does the script call run.restore()" in result.stdout
 
 
+@pytest.mark.slow  # two verifies, six starts that import torch to save
 def test_a_logged_average_that_spans_the_resume_is_told_apart_from_the_training(
         tmp_path: Path, tiny: str) -> None:
     """The state resumes exactly; only a mean kept outside the checkpoint is logged differently.

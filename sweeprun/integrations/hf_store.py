@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from ..errors import CheckpointError
 from ..faults import crash_point
 from ..layout import checkpoint_folder, set_aside_name
-from ..redact import redact
+from ..redact import redact_url
 from ..store import RunPaths, remove, store_errors
 from ..training.checkpoints import warn
 from ..training.sealed import (
@@ -80,7 +80,7 @@ class StoreFolders:
         self.remote = paths.trainer
         self.output_dir = output_dir
         self.attempt = attempt  # the attempt that sets folders aside, in their new names
-        self.url = redact(paths.fs.unstrip_protocol(self.remote))
+        self.url = redact_url(paths.fs.unstrip_protocol(self.remote))
 
     def _folders(self) -> dict[int, set[str]]:
         """``step -> relative paths of its files`` for every ``checkpoint-<step>`` in the store,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import settings
 from ..errors import LedgerError
-from ..redact import redact, secrets_in
+from ..redact import redact, redact_url, secrets_in
 from .base import (
     Claim,
     Ledger,
@@ -132,7 +132,7 @@ def open_ledger(location: str | Path, sweep: str, *, readonly: bool = False,
         return SqliteLedger(text, sweep, readonly=readonly, clock=clock)
     backend = BACKENDS.get(scheme)
     if backend is None:
-        raise LedgerError(f"ledger {redact(text)}: unknown backend {scheme!r}; "
+        raise LedgerError(f"ledger {redact_url(text)}: unknown backend {scheme!r}; "
                           f"use a file path or one of: {', '.join(s + '://' for s in BACKENDS)}")
     secrets = secrets_in(text)
     try:

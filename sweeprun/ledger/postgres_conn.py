@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import settings
 from ..errors import LedgerError
-from ..redact import redact
+from ..redact import redact, redact_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -167,7 +167,7 @@ class PostgresDatabase:
     def __init__(self, url: str, *, readonly: bool = False, wait_s: float | None = None) -> None:
         self._pg = _psycopg()
         self.url = url
-        self.shown = redact(url)
+        self.shown = redact_url(url)  # a password may hold what ends a word in text
         self.readonly = readonly
         self.wait_s = wait_s if wait_s is not None else wait_from_env()
         self.call_timeout_s = CALL_TIMEOUT_S

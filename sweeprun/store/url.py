@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import fsspec
 
 from ..errors import StoreError
-from ..redact import redact
+from ..redact import redact_url
 from .backends import backend_for
 from .base import StoreBackend
 from .errors import _error, _first_line, store_errors
@@ -61,7 +61,7 @@ class Store:
         if host and not type(self.fs)._strip_protocol(f"{protocol}://sweeprun-probe/p").lstrip(
                 "/").startswith("sweeprun-probe"):
             path = f"{host}/{path}" if path else host
-        return redact(f"{protocol}://{path}".split("?", 1)[0].split("#", 1)[0])
+        return redact_url(f"{protocol}://{path}".split("?", 1)[0].split("#", 1)[0])
 
     @property
     def backend(self) -> StoreBackend:

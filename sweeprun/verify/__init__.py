@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError, SweeprunError
+from ..redact import redact
 from ..runenv import PREEMPTED_EXIT
 from .attempts import Attempt, Kill, ScriptRun, plan_kills
 from .compare import (
@@ -69,6 +70,10 @@ class Report:
     exit_code: int                 # 0 exact, 1 not
     lines: list[str]
     kept: Path | None = None       # the run directories, kept for a look
+
+    def __post_init__(self) -> None:
+        # The lines quote what the script logged; a library caller prints them past no exit.
+        self.lines = [redact(line) for line in self.lines]
 
 
 def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float = 0.0,
