@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import posixpath
 import signal
 import subprocess
 import tempfile
@@ -21,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 from . import settings
 from .errors import SweeprunError
 from .faults import crash_point
+from .layout import TRAINER
 from .ledger import Claim, Outcome, Policy, RunState
 from .procs import ProcessRef, boot_clock, spawn
 from .redact import redact
@@ -229,11 +229,11 @@ class Attempt:
         (a new name, whatever the names look like), not when nothing was saved. A Hugging
         Face Trainer run saves into ``trainer/checkpoint-<step>/`` instead, and a folder
         there counts once sweeprun has sealed it (in the store too: that is where they live)."""
-        from .training.sealed import TRAINER_DIR, sealed_names
+        from .training.sealed import sealed_names
 
         names = sorted(n for n in folder_names(self.paths, self.paths.checkpoints) if not n.startswith("."))
-        with store_errors("list", posixpath.join(self.paths.dir, TRAINER_DIR)):
-            names += [f"{TRAINER_DIR}/{n}" for n in sealed_names(self.paths.fs, self.paths.dir)]
+        with store_errors("list", self.paths.trainer):
+            names += [f"{TRAINER}/{n}" for n in sealed_names(self.paths.fs, self.paths.dir)]
         if not names:
             return None
         return hashlib.sha256("\0".join(names).encode()).hexdigest()[:16]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import fsspec
 
+from . import layout
 from .lease_records import Holding, _Listing
 from .leases import StoreLeases
 from .procs import boot_clock
@@ -58,16 +59,17 @@ def lease_view(files: Mapping[str, float], now: float | None = None,
     its settle rounds once the store's timestamp of it is ``2 * settle_s`` older than
     ``now`` (a display only: the flag moves nothing).
     """
-    names = {path.split("/", 1)[1]: mtime for path, mtime in files.items() if path.startswith("lease/")}
+    folder = layout.LEASE + "/"
+    names = {path[len(folder):]: mtime for path, mtime in files.items() if path.startswith(folder)}
     listing = _Listing.parse(names)
     top = listing.top
     if top is None:
         return None
-    beat = names.get(f"{top:08d}.beat", names.get(f"{top:08d}.json", 0.0))
+    beat = names.get(layout.lease_name(top, "beat"), names.get(layout.lease_name(top, "json"), 0.0))
     now = time.time() if now is None else now
 
     def settled(gen: int, nonce: str) -> bool:
-        return now - names.get(f"{gen:08d}.{nonce}.claim", now) > 2 * settle_s
+        return now - names.get(layout.lease_name(gen, "claim", nonce), now) > 2 * settle_s
 
     return LeaseView(top, top in listing.released, listing.contested(settled), beat)
 

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import layout
 from .errors import StoreError
+from .layout import GENERATION_MAX as GENERATION_MAX
+from .layout import LeaseName
 from .numbers import bounded_int, finite, worker_pid
 from .procs import HOST, ProcessRef
 from .training.checkpoints import warn_once
 
-#: A generation is the attempt number: 8 to 12 ASCII digits. A longer number (a name made by
-#: hand, near 2**63) is not one of ours: counting on from it would overflow the ledger.
-_NAME = re.compile(r"^(?P<gen>[0-9]{8,12})\.(?:(?P<kind>json|beat|released)|(?P<nonce>[0-9a-f]+)\.claim)$")
-_TOO_LONG = re.compile(r"^[0-9]{13,}\.")
+# A generation is the attempt number, 8 to 12 ASCII digits in a name (:class:`.layout.LeaseName`).
 #: A holder's record may ask takers to wait longer than their own ``lease_s`` (machines
 #: launched with different ``--lease-s``), up to this many times it: a record is a file
 #: anyone can write, and ``lease_s: 1e9`` in one must not block a run for good.
@@ -37,23 +36,19 @@ class LeasePaths:
 
     @property
     def folder(self) -> str:
-        return posixpath.join(self.run_dir, "lease")
+        return posixpath.join(self.run_dir, layout.LEASE)
 
     def record(self, generation: int) -> str:
-        return posixpath.join(self.folder, f"{generation:08d}.json")
+        return posixpath.join(self.folder, layout.lease_name(generation, "json"))
 
     def beat(self, generation: int) -> str:
-        return posixpath.join(self.folder, f"{generation:08d}.beat")
+        return posixpath.join(self.folder, layout.lease_name(generation, "beat"))
 
     def released(self, generation: int) -> str:
-        return posixpath.join(self.folder, f"{generation:08d}.released")
+        return posixpath.join(self.folder, layout.lease_name(generation, "released"))
 
     def claim(self, generation: int, nonce: str) -> str:
-        return posixpath.join(self.folder, f"{generation:08d}.{nonce}.claim")
-
-
-#: The highest generation a name can carry (12 digits, see :data:`_NAME`).
-GENERATION_MAX = 10**12 - 1
+        return posixpath.join(self.folder, layout.lease_name(generation, "claim", nonce))
 
 
 def _text(value: object) -> str:
@@ -184,19 +179,19 @@ class _Listing:
         out = cls()
         for name in names:
             base = posixpath.basename(str(name).rstrip("/"))
-            m = _NAME.match(base)
-            if not m:
-                if _TOO_LONG.match(base):
+            parsed = LeaseName.parse(base)
+            if parsed is None:
+                if layout.lease_generation_too_long(base):
                     warn_once(f"lease file {name} has a generation of more than 12 digits, which "
                               "sweeprun never writes; passing it over")
                 continue
-            gen = int(m.group("gen"))
-            if m.group("nonce"):
-                out.claims.setdefault(gen, []).append(m.group("nonce"))
-            elif m.group("kind") == "json":
+            gen = parsed.generation
+            if parsed.kind == "claim":
+                out.claims.setdefault(gen, []).append(parsed.nonce or "")
+            elif parsed.kind == "json":
                 out.duplicated |= gen in out.generations
                 out.generations.add(gen)
-            elif m.group("kind") == "released":
+            elif parsed.kind == "released":
                 out.released.add(gen)
             else:
                 out.beats.add(gen)

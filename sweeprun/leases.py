@@ -43,8 +43,8 @@ from typing import Any
 import fsspec
 
 from .errors import LeaseLost, SpecError, StoreError
+from .layout import LeaseName
 from .lease_records import (
-    _NAME,
     GENERATION_MAX,
     HOLDER_LEASE_FACTOR,
     Holding,
@@ -279,6 +279,10 @@ class StoreLeases:
                 continue  # a damaged memory is only a watch started again
 
     def _create(self, paths: LeasePaths, generation: int, nonce: str | None = None) -> Lease | None:
+        if generation > GENERATION_MAX:  # no lease name carries it: a file named by hand
+            raise StoreError(f"{paths.folder}: the next lease generation, {generation}, has more than "
+                             "12 digits; a file in the run's lease/, attempts/, logs/ or checkpoints/ "
+                             "names an attempt sweeprun never reaches: move it away and run again")
         record = LeaseRecord(self.host, self.worker, generation, nonce or secrets.token_hex(8), self.started,
                              self.lease_s)
         if not create_only(self.fs, paths.record(generation), record.to_bytes()):
@@ -431,8 +435,9 @@ class StoreLeases:
                 return
         old = []
         for name in names:
-            m = _NAME.match(posixpath.basename(str(name).rstrip("/")))
-            if m and (int(m["gen"]) < lease.generation or (m["nonce"] and int(m["gen"]) <= lease.generation)):
+            file = LeaseName.parse(posixpath.basename(str(name).rstrip("/")))
+            if file and (file.generation < lease.generation
+                         or (file.kind == "claim" and file.generation <= lease.generation)):
                 old.append(str(name))
         if old:
             with store_errors("delete", lease.paths.folder):

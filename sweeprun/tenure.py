@@ -22,10 +22,10 @@ raised above what the store has seen, as before.
 from __future__ import annotations
 
 import posixpath
-import re
 import time
 from typing import TYPE_CHECKING
 
+from . import layout
 from .errors import LeaseLost, SweeprunError
 from .leases import Lease, StoreLeases
 from .redact import record_bytes
@@ -33,10 +33,6 @@ from .store import RunPaths, create_only, store_errors
 
 if TYPE_CHECKING:
     from .ledger import Claim, Ledger
-
-#: Files that name the attempt that wrote them: attempts/<n>.json|.started|.finished,
-#: logs/attempt-<n>.log, checkpoints/ckpt-a<n>-... (see sweeprun.training.checkpoints).
-_ATTEMPT_FILE = re.compile(r"^(?:(?:attempt-)?(\d{1,9})\.(?:json|started|finished|log)|ckpt-a(\d{1,9})-.*)$")
 
 #: Generations given back in a row while looking for an attempt number nobody used: more
 #: means something keeps writing attempt files without a lease (another tool's sweep).
@@ -54,14 +50,12 @@ def folder_names(paths: RunPaths, folder: str) -> list[str]:
 
 
 def highest_attempt(paths: RunPaths) -> int:
-    """The highest attempt any file of the run names: attempt records, logs, checkpoints."""
-    highest = 0
-    for folder in (paths.attempts, paths.logs, paths.checkpoints):
-        for name in folder_names(paths, folder):
-            match = _ATTEMPT_FILE.match(name)
-            if match:
-                highest = max(highest, int(match.group(1) or match.group(2)))
-    return highest
+    """The highest attempt any file of the run names (:func:`.layout.highest_attempt`): attempt
+    records, logs, checkpoints, one listing each (a metrics part is never written by an
+    attempt without its record)."""
+    folders = (layout.ATTEMPTS, layout.LOGS, layout.CHECKPOINTS)
+    return layout.highest_attempt(f"{folder}/{name}" for folder in folders
+                                  for name in folder_names(paths, posixpath.join(paths.dir, folder)))
 
 
 def create_json(paths: RunPaths, path: str, obj: object) -> bool:
