@@ -3,6 +3,10 @@ exactly as written (and nothing that only looks like it)."""
 
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import pytest
 
 from sweeprun import layout
@@ -184,3 +188,35 @@ def test_highest_attempt_reads_every_file_that_names_an_attempt() -> None:
 ])
 def test_highest_attempt_passes_over_what_names_no_attempt(name: str) -> None:
     assert layout.highest_attempt(["attempts/1.json", name]) == 1
+
+
+# -- no other module spells a name ----------------------------------------------------------------
+
+#: What a run file's name looks like, in a string literal of the package (docstrings aside).
+_SPELLED = re.compile(r"ckpt-a|attempt-|\bcheckpoint-|\.(?:claim|beat|released|started|finished)\b(?!\()")
+#: Literals that match and name nothing of a store: test data of the shipped store contract,
+#: a thread's name.
+_NOT_NAMES = {("sweeprun/store/contract.py", "a/logs/attempt-1.log"),
+              ("sweeprun/training/digest.py", "sweeprun-checkpoint-hash")}
+
+
+def test_only_the_layout_spells_the_names_a_sweep_writes() -> None:
+    """One regex family parses attempt, checkpoint and lease names: no module but the layout
+    holds a pattern or a format of one (each used to have its own, and they disagreed on
+    ``attempt-07.log``, Unicode digits and 10-digit attempts)."""
+    package = Path(layout.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package.parent).as_posix()
+        if rel == "sweeprun/layout.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(node.body[0].value) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.body and isinstance(node.body[0], ast.Expr)
+                and isinstance(node.body[0].value, ast.Constant)}
+        found += [f"{rel}:{node.lineno}: {node.value[:60]!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in docs and _SPELLED.search(node.value)
+                  and (rel, node.value) not in _NOT_NAMES]
+    assert found == []
