@@ -21,7 +21,6 @@ from .numbers import bounded_int, finite, worker_pid
 from .procs import HOST, ProcessRef
 from .training.checkpoints import warn_once
 
-# A generation is the attempt number, 8 to 12 ASCII digits in a name (:class:`.layout.LeaseName`).
 #: A holder's record may ask takers to wait longer than their own ``lease_s`` (machines
 #: launched with different ``--lease-s``), up to this many times it: a record is a file
 #: anyone can write, and ``lease_s: 1e9`` in one must not block a run for good.

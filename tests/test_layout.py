@@ -220,3 +220,21 @@ def test_only_the_layout_spells_the_names_a_sweep_writes() -> None:
                   and id(node) not in docs and _SPELLED.search(node.value)
                   and (rel, node.value) not in _NOT_NAMES]
     assert found == []
+
+
+def test_an_attempt_past_what_a_lease_name_carries_is_a_clear_error(tmp_path: Path) -> None:
+    """``attempts/<14 digits>.json`` made by hand: the next generation would need a 13-digit
+    lease name, which no reader parses, so the take says which folder to clean instead."""
+    from sweeprun import open_store
+    from sweeprun.errors import StoreError
+    from sweeprun.leases import StoreLeases
+    from sweeprun.tenure import highest_attempt
+
+    run = open_store(str(tmp_path)).sweep("s").run("r-1")
+    Path(run.attempts).mkdir(parents=True)
+    Path(run.attempt_record(10**13)).write_text("{}")
+    assert highest_attempt(run) == 10**13
+    leases = StoreLeases(run.fs, lease_s=60.0, host="h", worker="h:1")
+    with pytest.raises(StoreError, match="more than 12 digits.*move it away"):
+        leases.take(run.dir, floor=lambda: highest_attempt(run))
+    assert not Path(run.lease).exists() or not any(Path(run.lease).iterdir())
