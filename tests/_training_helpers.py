@@ -7,14 +7,17 @@ passed a chosen step.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,31 @@ EXAMPLE = REPO / "examples" / "train_mlp.py"
 FLAGS = ("--lr", "0.01", "--weight-decay", "0.0001", "--seed", "3", "--epochs", "4",
          "--save-every-steps", "7", "--step-sleep-s", "0.01")
 TOTAL_STEPS = 64
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)   # per open file: threads of one process wait too
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def made_once(shared_dir: Path, key: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``shared_dir/key``, made by ``make(folder)`` by the first caller of this
+    session (any xdist worker, any thread) while the others wait, then only read. For results
+    that are the same wherever they are made, such as an uninterrupted reference run: many
+    test files compare against the same ones. A ``make`` that fails publishes nothing, so the
+    next caller tries again and fails the same way, in its own test."""
+    folder, made = shared_dir / key, shared_dir / f"{key}.made"
+    with _locked(shared_dir / f"{key}.lock"):
+        if not made.exists():   # made where it is read: a run may record its own folder
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            made.touch()
+    return folder
 
 
 @dataclass
@@ -115,6 +143,17 @@ class ExampleRun(ScriptRun):
 
     def final_state(self) -> dict[str, Any]:
         return load_checkpoint(self.out)
+
+
+def example_reference(shared_dir: Path) -> ExampleRun:
+    """examples/train_mlp.py with :data:`FLAGS`, never interrupted: made once per session
+    (:func:`made_once`) for every file that compares against it. Read only."""
+    def train(out: Path) -> None:
+        result = ExampleRun(out).complete()
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"done: step {TOTAL_STEPS}, final loss"), result.stdout
+
+    return ExampleRun(made_once(shared_dir, "example-reference", train))
 
 
 def assert_same_tree(a: Any, b: Any, where: str = "state") -> None:

@@ -126,6 +126,18 @@ class Sandbox:
         return {row["run_id"]: row for row in json.loads(result.stdout)}
 
 
+@pytest.fixture(scope="session")
+def shared_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every xdist worker of this session sees (the session's base temporary folder;
+    a worker's own is one level below it): deterministic results, such as an uninterrupted
+    reference run, are made there once per session instead of once per worker or file.
+    Use it through :func:`_training_helpers.made_once`, which locks and publishes atomically."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if hasattr(request.config, "workerinput") else base) / "shared"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Sandbox:
     (tmp_path / "locks").mkdir()

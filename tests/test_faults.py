@@ -20,7 +20,7 @@ import pytest
 from sweeprun.faults import POINTS
 from sweeprun.training import load_checkpoint
 
-from _training_helpers import TOTAL_STEPS, ExampleRun, assert_same_run
+from _training_helpers import TOTAL_STEPS, ExampleRun, assert_same_run, example_reference
 from conftest import Sandbox, wait_for
 
 
@@ -119,10 +119,9 @@ def _fill(path: Path) -> Path:
 
 @pytest.mark.slow  # whole training runs; the full suite (CI) runs it
 @pytest.mark.parametrize("fault", ["full", "read-only"])
-def test_store_fault_during_a_save_keeps_the_previous_checkpoint(small_fs: Path, tmp_path: Path,
+def test_store_fault_during_a_save_keeps_the_previous_checkpoint(small_fs: Path, shared_dir: Path,
                                                                   fault: str) -> None:
-    reference = ExampleRun(tmp_path / "reference")
-    assert reference.complete().returncode == 0
+    reference = example_reference(shared_dir)
     run = ExampleRun(small_fs / "run")
     proc = run.start("--step-sleep-s", "0.05")
     wait_for(lambda: any((small_fs / "run" / "checkpoints").glob("*.json")), what="a first checkpoint")

@@ -26,7 +26,7 @@ import torch
 
 from sweeprun.runenv import PREEMPTED_EXIT
 
-from _training_helpers import ScriptRun
+from _training_helpers import ScriptRun, made_once
 
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)
@@ -106,15 +106,16 @@ def reference_stdout_last_line(reference: HFRun) -> str:
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> HFRun:
-    """The run never interrupted. Per session, not per module: test_hf_s3 compares against
-    it too, and a worker that runs both files trains it once."""
-    run = HFRun(tmp_path_factory.mktemp("reference"))
-    result = run.complete()
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1].startswith(f"done: step {TOTAL_STEPS}")
-    (run.out / "stdout.txt").write_text(result.stdout)
-    return run
+def reference(shared_dir: Path) -> HFRun:
+    """The run never interrupted. Once per session (:func:`made_once`), not per module:
+    test_hf_s3 compares against it too, often from another xdist worker."""
+    def train(out: Path) -> None:
+        result = HFRun(out).complete()
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1].startswith(f"done: step {TOTAL_STEPS}")
+        (out / "stdout.txt").write_text(result.stdout)
+
+    return HFRun(made_once(shared_dir, "hf-trainer-reference", train))
 
 
 @pytest.mark.slow  # four processes that each load transformers

@@ -223,11 +223,13 @@ def test_sigterm_saves_at_the_step_end_and_the_rerun_ends_the_same(
 @pytest.mark.slow
 def test_under_launch_a_run_killed_after_each_new_seal_is_not_failed_and_ends_the_same(
         sandbox: Any, reference: UserRun) -> None:
-    """The machine dies (the launcher and its child, SIGKILL) right after every new sealed
-    folder, the last one included. Each attempt is lost with its worker, but each made
-    progress, so ``max_lost`` (2) is never reached: the run ends done, as never interrupted."""
+    """The machine dies (the launcher and its child, SIGKILL) right after a new sealed folder:
+    the first (step 5), one mid-epoch (15) and the last (24). Each attempt is lost with its
+    worker, but each made progress, so ``max_lost`` (1) is never reached: the run ends done,
+    as never interrupted. (Two Trainer starts fewer than a kill at each of the five seals
+    with ``max_lost`` 2: still more kills than ``max_lost``, the same three cases.)"""
     command = f"{sys.executable} {SCRIPT} --seed {{seed}} --step-sleep-s 0.2"
-    sweep = sandbox.write_sweep({"seed": [3]}, name="hf", command=command, max_lost=2)
+    sweep = sandbox.write_sweep({"seed": [3]}, name="hf", command=command, max_lost=1)
     runs = sandbox.store / "hf" / "runs"
 
     def sealed() -> set[int]:
@@ -235,20 +237,20 @@ def test_under_launch_a_run_killed_after_each_new_seal_is_not_failed_and_ends_th
         return set(UserRun(found[0]).sealed()) if found else set()
 
     kills = 0
-    while True:
-        seen = sealed()
+    for target in (5, 15, LAST, None):   # None: the launch after the last kill finishes
         proc = sandbox.sweeprun("launch", str(sweep))
         deadline = time.monotonic() + 300   # only a guard against a hang
-        while proc.poll() is None and not sealed() - seen and time.monotonic() < deadline:
+        while proc.poll() is None and target is not None and target not in sealed() \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
-        if proc.poll() is None:
+        if proc.poll() is None and target is not None:
             os.killpg(proc.pid, signal.SIGKILL)   # the child dies with its launcher
             kills += 1
         out, err = proc.communicate(timeout=300)
         if proc.returncode != -signal.SIGKILL:
             break
     assert proc.returncode == 0, out + err
-    assert kills >= 4   # more than max_lost; the last one most often after the final seal
+    assert kills >= 2   # more than max_lost; the last one most often after the final seal
     (row,) = sandbox.status(sweep).values()
     assert (row["state"], row["step"]) == ("done", LAST)
     (run_dir,) = runs.iterdir()

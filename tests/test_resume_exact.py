@@ -24,18 +24,15 @@ from _training_helpers import (
     ExampleRun,
     assert_same_run,
     assert_same_tree,
+    example_reference,
     interrupt_repeatedly,
 )
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> ExampleRun:
-    """The run never interrupted."""
-    run = ExampleRun(tmp_path_factory.mktemp("reference"))
-    result = run.complete()
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"done: step {TOTAL_STEPS}, final loss")
-    return run
+def reference(shared_dir: Path) -> ExampleRun:
+    """The run never interrupted (trained once per session, test_faults compares against it too)."""
+    return example_reference(shared_dir)
 
 
 @pytest.mark.slow  # whole training runs; the full suite (CI) runs it

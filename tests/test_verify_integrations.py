@@ -65,21 +65,22 @@ def test_the_lightning_example_resumes_exactly(tmp_path: Path) -> None:
 
 # -- forgetful variants are named -----------------------------------------------------------------
 
-@pytest.mark.slow  # five starts of the Trainer
+@pytest.mark.slow  # three starts of the Trainer
 def test_the_trainers_own_late_rng_restore_is_named(tmp_path: Path) -> None:
     """Resumed as plain ``trainer.train(resume_from_checkpoint=...)`` would: the augmentation of
-    the first resumed batch draws from fresh RNGs, so the loss of that step already differs."""
+    the first resumed batch draws from fresh RNGs, so the loss of that step already differs.
+    One interruption (``--kills 1``: a SIGTERM after step 25) is enough to lose it."""
     pytest.importorskip("transformers")
     script = ("tests/scripts/verify_hf_late_rng.py", *HF[1:])
-    result = sweeprun_verify("--", sys.executable, *script, tmp=tmp_path)
+    result = sweeprun_verify("--kills", "1", "--", sys.executable, *script, tmp=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert verdict(result.stdout).startswith("NOT EXACT")
     found = pieces(result.stdout)
     assert found["likely"].startswith("the RNG state was not restored: the loss differs from the first "
-                                      "step after resuming from step 14 while the learning rate matches; "
+                                      "step after resuming from step 26 while the learning rate matches; "
                                       "the Trainer puts the RNGs back only after the first resumed batch")
     assert "instead of run.train(trainer)" in found["likely"]
-    assert found["metrics"].startswith("first differ at step 15")
+    assert found["metrics"].startswith("first differ at step 27")
     # sweeprun-rng.pt holds the CPU RNGs at the save and the Trainer's loss sums: they follow
     assert found["RNG"].split(" differ")[0] == (
         "rng_state.pth.python, rng_state.pth.numpy, sweeprun-rng.pt.cpu_at_save.python, "
@@ -88,17 +89,20 @@ def test_the_trainers_own_late_rng_restore_is_named(tmp_path: Path) -> None:
     assert found["equal"] == "LR scheduler, trainer state, other files", "the schedule itself was restored"
 
 
-@pytest.mark.slow  # five starts of the Lightning example, for each piece
+@pytest.mark.slow  # three starts of the Lightning example, for each piece
 @pytest.mark.parametrize(("omit", "named"), [
     ("rng", "the RNG state was not restored: the loss differs from the first step after resuming from "
-            "step 15 while the learning rate matches; Lightning saves no RNG state and the callback was "
+            "step 29 while the learning rate matches; Lightning saves no RNG state and the callback was "
             "made with SweeprunCallback(rng=False)"),
-    ("data", "the data position was not restored: the first step after resuming from step 15 already "
+    ("data", "the data position was not restored: the first step after resuming from step 29 already "
              "differs, with the same learning rate; the training DataLoader has no sampler with a state"),
 ])
 def test_a_lightning_run_that_forgets_a_piece_is_named(tmp_path: Path, omit: str, named: str) -> None:
+    """One interruption (``--kills 1``: a SIGTERM after step 28) already loses the piece, and the
+    verdict names it; the example's own test above runs the SIGTERM-then-SIGKILL sequence."""
     pytest.importorskip("lightning")
-    result = sweeprun_verify("--", sys.executable, *LIGHTNING, "--unsafe-omit", omit, tmp=tmp_path)
+    result = sweeprun_verify("--kills", "1", "--", sys.executable, *LIGHTNING, "--unsafe-omit", omit,
+                             tmp=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     found = pieces(result.stdout)
     assert found["likely"].startswith(named), found["likely"]

@@ -8,9 +8,9 @@ give it (a path or an fsspec URL, opened by :func:`sweeprun.store.open_store`)::
         def url(self, tmp_path):
             return str(tmp_path / "store")
 
-What only local disk can get wrong (links, named pipes, other processes) is tested where
-the store has OS paths (:meth:`~sweeprun.store.base.StoreBackend.native_path`) and
-skipped elsewhere. Needs pytest (the ``test`` extra).
+What only local disk can get wrong (links, named pipes, other processes) is in
+:class:`NativeStoreContract`, for stores with OS paths
+(:meth:`~sweeprun.store.base.StoreBackend.native_path`). Needs pytest (the ``test`` extra).
 """
 
 from __future__ import annotations
@@ -54,10 +54,9 @@ class StoreContract:
 
     @staticmethod
     def native(backend: StoreBackend, root: str) -> str:
-        """The store's folder on this machine's disk, or the test is skipped (an object store)."""
+        """The store's folder on this machine's disk (only :class:`NativeStoreContract` asks)."""
         path = backend.native_path(root)
-        if path is None:
-            pytest.skip("only a store on this machine's disk has links, pipes and OS paths")
+        assert path is not None, "a NativeStoreContract store must have OS paths"
         os.makedirs(path, exist_ok=True)
         return path
 
@@ -134,20 +133,6 @@ class StoreContract:
             t.join()
         assert len(won) == 1
         assert backend.read_regular(path, 100) == f"claimer {won[0]}".encode()
-
-    def test_create_only_has_exactly_one_winner_across_processes(
-            self, backend: StoreBackend, root: str) -> None:
-        folder = self.native(backend, root)
-        path = os.path.join(folder, "claim.json")
-        script = ("import sys\nfrom sweeprun.store import open_store\n"
-                  "s = open_store(sys.argv[1])\n"
-                  "print(s.backend.create_only(sys.argv[2], sys.argv[3].encode()))\n")
-        procs = [subprocess.Popen([sys.executable, "-c", script, folder, path, f"process {i}"],
-                                  stdout=subprocess.PIPE, text=True) for i in range(6)]
-        answers = [p.communicate(timeout=120)[0].strip() for p in procs]
-        assert sorted(answers) == ["False"] * 5 + ["True"]
-        winner = answers.index("True")
-        assert backend.read_regular(path, 100) == f"process {winner}".encode()
 
     # -- streaming writes -----------------------------------------------------------------
 
@@ -256,7 +241,24 @@ class StoreContract:
         assert not backend.exists(posixpath.join(root, "out[1]/x"))
         assert backend.read_regular(posixpath.join(root, "out1/x"), 100) == b"another run's"
 
-    # -- local disk: links, pipes ---------------------------------------------------------
+
+class NativeStoreContract(StoreContract):
+    """What a store on this machine's disk promises besides: it has OS paths, so other
+    processes, links and named pipes can reach it, and none of them may fool it."""
+
+    def test_create_only_has_exactly_one_winner_across_processes(
+            self, backend: StoreBackend, root: str) -> None:
+        folder = self.native(backend, root)
+        path = os.path.join(folder, "claim.json")
+        script = ("import sys\nfrom sweeprun.store import open_store\n"
+                  "s = open_store(sys.argv[1])\n"
+                  "print(s.backend.create_only(sys.argv[2], sys.argv[3].encode()))\n")
+        procs = [subprocess.Popen([sys.executable, "-c", script, folder, path, f"process {i}"],
+                                  stdout=subprocess.PIPE, text=True) for i in range(6)]
+        answers = [p.communicate(timeout=120)[0].strip() for p in procs]
+        assert sorted(answers) == ["False"] * 5 + ["True"]
+        winner = answers.index("True")
+        assert backend.read_regular(path, 100) == f"process {winner}".encode()
 
     def test_links_are_not_files_and_are_not_followed(self, backend: StoreBackend, root: str,
                                                       tmp_path_factory: pytest.TempPathFactory) -> None:

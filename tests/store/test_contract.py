@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from sweeprun.store import LocalBackend, MemoryBackend, open_store
-from sweeprun.store.contract import StoreContract
+from sweeprun.store.contract import NativeStoreContract, StoreContract
 
 
-class TestLocal(StoreContract):
+class TestLocal(NativeStoreContract):
     @pytest.fixture
     def url(self, tmp_path: Path) -> str:
         return str(tmp_path / "store")
