@@ -20,12 +20,12 @@ from typing import IO, TYPE_CHECKING, Protocol
 from . import settings
 from .errors import SweeprunError
 from .faults import crash_point
-from .layout import TRAINER
 from .ledger import Claim, Outcome, Policy, RunState
 from .procs import ProcessRef, boot_clock, spawn
 from .redact import redact
 from .runenv import PREEMPTED_EXIT
 from .store import RunPaths, StoreLinkError, backend_for, confine, store_errors
+from .store.layout import TRAINER
 from .tenure import Tenure, folder_names
 from .tenure import create_json as _create_only  # noqa: F401  (the name tests import)
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import fsspec
 
-from . import layout
 from .lease_records import Holding, _Listing
 from .leases import StoreLeases
 from .procs import boot_clock
+from .store import layout
 
 #: How long a one-shot command's observation of a beat is kept: older ones are dropped.
 WATCH_MEMORY_S = 7 * 86400.0

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import layout
 from .errors import StoreError
-from .layout import GENERATION_MAX as GENERATION_MAX
-from .layout import LeaseName
 from .numbers import bounded_int, finite, worker_pid
 from .procs import HOST, ProcessRef
+from .store import layout
+from .store.layout import GENERATION_MAX as GENERATION_MAX
+from .store.layout import LeaseName
 from .training.checkpoints import warn_once
 
 #: A holder's record may ask takers to wait longer than their own ``lease_s`` (machines

@@ -43,7 +43,6 @@ from typing import Any
 import fsspec
 
 from .errors import LeaseLost, SpecError, StoreError
-from .layout import LeaseName
 from .lease_records import (
     GENERATION_MAX,
     HOLDER_LEASE_FACTOR,
@@ -67,6 +66,7 @@ from .store import (
     settle_default,  # noqa: F401  (imported from here by the launcher, sweep and tests)
     store_errors,
 )
+from .store.layout import LeaseName
 from .training.checkpoints import warn_once
 
 __all__ = ["GENERATION_MAX", "HOLDER_LEASE_FACTOR", "SETTLE_DEFAULT_S", "Holding", "Lease", "LeasePaths",

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import layout
 from .errors import SpecError, StoreError, SweeprunError
 from .faults import crash_point
 from .ledger import RunState
@@ -33,6 +32,7 @@ from .store import (
     backend_for,
     confine,
     fsync_dir,
+    layout,
     listed_path,
     literal,
     read_json,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import faults, layout, settings
+from . import faults, settings
 from .errors import StoreError, SweeprunError
 from .fleet import Coordination, CoordinationRecord
 from .holders import HolderWatch, LeaseView, lease_view, watch_holders
@@ -44,6 +44,7 @@ from .store import (
     atomic_write,
     backend_for,
     create_only,
+    layout,
     newest_metrics_part,
     open_store,
     read_regular,

@@ -25,11 +25,10 @@ import posixpath
 import time
 from typing import TYPE_CHECKING
 
-from . import layout
 from .errors import LeaseLost, SweeprunError
 from .leases import Lease, StoreLeases
 from .redact import record_bytes
-from .store import RunPaths, create_only, store_errors
+from .store import RunPaths, create_only, layout, store_errors
 
 if TYPE_CHECKING:
     from .ledger import Claim, Ledger

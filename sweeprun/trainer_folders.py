@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from .errors import StoreError
-from .layout import TEMP_PREFIX, TRAINER, parse_set_aside
 from .store import confine, fsync_dir, listed_path, native_path, read_regular, remove, store_errors
+from .store.layout import TEMP_PREFIX, TRAINER, parse_set_aside
 from .training import sealed
 from .training.checkpoints import CheckpointInfo
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sweeprun import layout
-from sweeprun.layout import CheckpointName, LeaseName
+from sweeprun.store import layout
+from sweeprun.store.layout import CheckpointName, LeaseName
 
 #: Look-alikes every number in a name refuses: a sign, spaces, Unicode digits (``int()``
 #: takes ``'١٢'``), a trailing newline (``$`` would take it), 19 digits (past SQLite's int).
@@ -204,11 +204,11 @@ def test_only_the_layout_spells_the_names_a_sweep_writes() -> None:
     """One regex family parses attempt, checkpoint and lease names: no module but the layout
     holds a pattern or a format of one (each used to have its own, and they disagreed on
     ``attempt-07.log``, Unicode digits and 10-digit attempts)."""
-    package = Path(layout.__file__).parent
+    package = Path(layout.__file__).parents[1]
     found = []
     for path in sorted(package.rglob("*.py")):
         rel = path.relative_to(package.parent).as_posix()
-        if rel == "sweeprun/layout.py":
+        if rel == "sweeprun/store/layout.py":
             continue
         tree = ast.parse(path.read_text())
         docs = {id(node.body[0].value) for node in ast.walk(tree)

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 from ..errors import CheckpointError
 from ..faults import crash_point
-from ..layout import checkpoint_folder, set_aside_name
 from ..redact import redact_url
 from ..store import RunPaths, remove, store_errors
+from ..store.layout import checkpoint_folder, set_aside_name
 from ..training.checkpoints import warn
 from ..training.sealed import (
     REJECTED,

@@ -61,10 +61,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from ..errors import CheckpointError, SpecError
 from ..faults import crash_point
-from ..layout import CHECKPOINT_FOLDER_PREFIX as PREFIX
-from ..layout import checkpoint_folder, set_aside_name
 from ..runenv import PREEMPTED_EXIT
 from ..store import fsync_dir, native_path
+from ..store.layout import CHECKPOINT_FOLDER_PREFIX as PREFIX
+from ..store.layout import checkpoint_folder, set_aside_name
 from ..training.checkpoints import warn
 from ..training.run import Run
 from ..training.sealed import (

@@ -25,8 +25,8 @@ from typing import IO, Any, ClassVar
 
 import fsspec
 
-from ..layout import TEMP_PREFIX as TEMP_PREFIX
 from .errors import _error
+from .layout import TEMP_PREFIX as TEMP_PREFIX
 
 #: How much of a JSON state file (params, DONE, attempt records) is ever read: far above any
 #: real one, far below what a stray multi-gigabyte file would cost in memory.

@@ -12,8 +12,8 @@ from typing import Any
 
 import fsspec
 
-from .. import layout
 from ..errors import StoreError
+from . import layout
 from .backends import backend_for, create_only, read_json
 from .base import json_bytes as _json_bytes
 from .errors import _link_error, store_errors

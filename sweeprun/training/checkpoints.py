@@ -39,8 +39,8 @@ from typing import Any, Literal
 import fsspec
 
 from ..errors import CheckpointError, StoreError
-from ..layout import TEMP_PREFIX, CheckpointName
 from ..store import backend_for, store_errors
+from ..store.layout import TEMP_PREFIX, CheckpointName
 
 FORMAT = 2
 _warned: set[str] = set()

@@ -30,9 +30,9 @@ import fsspec
 
 from ..errors import StoreError
 from ..faults import crash_point
-from ..layout import METRICS
 from ..numbers import finite
 from ..store import RunPaths, atomic_write, backend_for, confine, read_regular, store_errors
+from ..store.layout import METRICS
 from .checkpoints import warn_once
 
 #: The most of one run's metrics file a reader loads whole (``plot``, ``show``); a longer

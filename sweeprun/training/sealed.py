@@ -21,12 +21,13 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-# The names (the seal, the set-aside folder, checkpoint-<step>, the Trainer's folder) are the layout's.
-from ..layout import REJECTED as REJECTED
-from ..layout import SEAL as SEAL
-from ..layout import TEMP_PREFIX, parse_checkpoint_folder
-from ..layout import TRAINER as TRAINER_DIR
 from ..store import atomic_write, fsync_dir
+
+# The names (the seal, the set-aside folder, checkpoint-<step>, the Trainer's folder) are the layout's.
+from ..store.layout import REJECTED as REJECTED
+from ..store.layout import SEAL as SEAL
+from ..store.layout import TEMP_PREFIX, parse_checkpoint_folder
+from ..store.layout import TRAINER as TRAINER_DIR
 
 SEAL_FORMAT = 1
 _CHUNK = 1 << 20

@@ -40,8 +40,8 @@ from typing import IO, Any
 
 from ..errors import LeaseLost
 from ..faults import crash_point
-from ..layout import ATTEMPTS, attempt_of, highest_attempt
 from ..store import UPLOAD_PART_BYTES, create_only, store_errors
+from ..store.layout import ATTEMPTS, attempt_of, highest_attempt
 from .checkpoints import CheckpointDir, Manifest, Name, Owner, Retention, _finite
 from .digest import StreamDigest, tensor_memory
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import layout
 from ..errors import SpecError
 from ..procs import spawn
 from ..runenv import ATTEMPT, MTBI, PARAMS, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
+from ..store import layout
 
 #: How often metrics.jsonl is looked at: a step of a small model takes a few ms.
 POLL_S = 0.005

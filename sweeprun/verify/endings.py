@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import layout
 from ..errors import CheckpointError
 from ..integrations.hf_rng import RNG_FILE
+from ..store import layout
 from ..training.sealed import SEAL
 from .compare import TIMING, kind_of
 

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from .numbers import MAX_DIGITS
+from ..numbers import MAX_DIGITS
 
 # -- the grammar ---------------------------------------------------------------------------
 
