@@ -19,7 +19,7 @@ here too: an interpreter started the way the launcher starts it, to its first li
                                   [--stores postgresql,folder,s3]
 
 A benchmark, not a test: the numbers depend on the machine (run it on an idle one).
-``tests/test_leases_launch.py`` runs it once in a tiny configuration, untimed.
+``tests/fleet/test_leases_launch.py`` runs it once in a tiny configuration, untimed.
 """
 
 from __future__ import annotations

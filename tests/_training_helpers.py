@@ -234,3 +234,11 @@ def stop_the_launcher_mid_run_then_relaunch(sandbox: Any, sweep: Path, past_step
     assert (row["state"], row["attempts"]) == ("done", 2)
     assert (run.out / "DONE").exists()
     return run
+
+
+def sweeprun_verify(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m sweeprun verify ARGS`` from the repository root, its temporary folders under ``tmp``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
+    env.pop("SWEEPRUN_RUN_DIR", None)
+    return subprocess.run([sys.executable, "-m", "sweeprun", "verify", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)

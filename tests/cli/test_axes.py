@@ -272,7 +272,7 @@ def test_status_shows_the_paired_keys(sandbox: Sandbox) -> None:
 def test_the_example_sweep_file() -> None:
     from sweeprun import load_spec
 
-    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "pairs.yaml")
+    spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "pairs.yaml")
     runs = spec.runs()
     assert (spec.size(), len(runs)) == (8, 6)
     assert {(r.params["optimizer"], r.params["lr"]) for r in runs} == {("sgd", 0.1), ("adamw", 0.003)}

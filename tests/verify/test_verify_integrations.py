@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_verify import sweeprun_verify
 
 from sweeprun.verify.compare import MetricsDiff, compare_pieces
 from sweeprun.verify.diagnose import diagnose
 from sweeprun.verify.endings import ending_of
+
+from _training_helpers import sweeprun_verify
 
 #: 40 steps of 16 sequences, sealed every 10: kills at seed 0 land after steps 13 and 33.
 HF = ("examples/hf_trainer.py", "--max-steps", "40", "--save-steps", "10", "--step-sleep-s", "0.02")

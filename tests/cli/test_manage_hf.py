@@ -27,7 +27,7 @@ from sweeprun.training import sealed
 
 from conftest import Sandbox
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: A done Trainer run as a kill-and-resume history leaves it: checkpoint-5 never sealed
 #: (killed mid-save in attempt 1), 10, 20 and 30 sealed (10 is the Trainer's best), 40

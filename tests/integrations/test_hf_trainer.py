@@ -31,7 +31,7 @@ from _training_helpers import ScriptRun, made_once
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "hf_trainer.py"
 TOTAL_STEPS = 40  # 16 steps per epoch: saves (every 5) land mid-epoch and across epochs
 FLAGS = ("--lr", "3e-3", "--seed", "5", "--max-steps", str(TOTAL_STEPS), "--save-steps", "5")

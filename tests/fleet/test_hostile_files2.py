@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_verify import sweeprun_verify
 
 from sweeprun import Sweep, load_spec, open_store
 from sweeprun.errors import SpecError, StoreError
@@ -22,9 +21,10 @@ from sweeprun.trainer_folders import GC_MARK
 from sweeprun.training import sealed
 from sweeprun.training.checkpoints import Name
 
+from _training_helpers import sweeprun_verify
 from conftest import Sandbox
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # -- Trainer folders in a bucket ----------------------------------------------------------------
 

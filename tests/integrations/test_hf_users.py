@@ -35,7 +35,7 @@ from _training_helpers import ScriptRun
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "scripts" / "hf_user.py"
 LAST = 24            # 4 epochs of 6 steps; saved and evaluated at 5, 10, 15, 20 and the end
 BEST = 5             # the best eval_loss of this seed: the folder rotation must keep

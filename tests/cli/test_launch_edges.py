@@ -364,7 +364,7 @@ def test_a_wrapper_scripts_training_process_is_stopped_and_reaped_with_it(sandbo
     """`sh -c "python train.py; ..."` (like `bash train.sh`, `torchrun`): SIGTERM reaches the
     training process, and what a killed launcher's wrapper left running is killed before the
     run starts again, so two processes never train one run."""
-    steps = f"python {Path(__file__).parent / 'scripts' / 'steps.py'} --x 1"
+    steps = f"python {Path(__file__).parents[1] / 'scripts' / 'steps.py'} --x 1"
     sweep = sandbox.write_sweep({"a": [1]}, {"steps": 300, "sleep": 0.02},
                                 command=f"sh -c '{steps.replace('python', sys.executable, 1)}; exit $?'")
     first = sandbox.sweeprun("launch", str(sweep))

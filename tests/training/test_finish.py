@@ -15,7 +15,7 @@ import pytest
 
 from conftest import Sandbox
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CRASHES = REPO / "tests" / "scripts" / "first_attempt_crashes.py"
 
 SCRIPTS = {

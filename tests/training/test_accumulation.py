@@ -18,7 +18,7 @@ from sweeprun.training import load_checkpoint
 
 from _training_helpers import SIGKILL, SIGTERM, ExampleRun, assert_same_tree
 
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "accumulate.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "accumulate.py"
 TOTAL = 45  # 3 epochs of 15 batches
 
 

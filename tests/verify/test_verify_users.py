@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_verify import sweeprun_verify
 from test_verify_integrations import verdict
+
+from _training_helpers import sweeprun_verify
 
 LIGHTNING = ("tests/scripts/lightning_user.py", "--epochs", "2", "--sleep-s", "0.02")
 TRAINER = ("tests/scripts/hf_user.py", "--epochs", "2", "--step-sleep-s", "0.05")

@@ -20,7 +20,9 @@ import torch
 from sweeprun.errors import SpecError
 from sweeprun.verify import MetricsDiff, compare_states, diagnose, diff_metrics, plan_kills
 
-REPO = Path(__file__).resolve().parents[1]
+from _training_helpers import sweeprun_verify
+
+REPO = Path(__file__).resolve().parents[2]
 #: The example, short: 2 epochs of 16 steps, saves every 7 steps so a SIGKILL replays some.
 EXAMPLE = (sys.executable, "examples/train_mlp.py", "--epochs", "2", "--seed", "3", "--save-every-steps", "7")
 
@@ -45,13 +47,6 @@ while run.step < 30:
 run.finish()
 """
 
-
-def sweeprun_verify(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m sweeprun verify ARGS`` from the repository root, its temporary folders under ``tmp``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
-    env.pop("SWEEPRUN_RUN_DIR", None)
-    return subprocess.run([sys.executable, "-m", "sweeprun", "verify", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture
