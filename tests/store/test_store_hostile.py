@@ -246,7 +246,12 @@ def test_first_contact_with_s3_is_bounded_and_later_io_keeps_its_retries(
     store = open_store("s3://bucket/x")
     probe = store.first_contact().config_kwargs
     assert probe["retries"]["max_attempts"] <= 3 and probe["connect_timeout"] <= 5
-    assert store.fs.config_kwargs["retries"] == S3_RETRIES
+    # fsspec hands back the filesystem an earlier test of this process made, and botocore
+    # rewrites its retries in place once a client exists (max_attempts n -> total n + 1).
+    retries = dict(store.fs.config_kwargs["retries"])
+    if "total_max_attempts" in retries:
+        retries["max_attempts"] = retries.pop("total_max_attempts") - 1
+    assert retries == S3_RETRIES
     assert S3_FIRST_CONTACT["retries"]["max_attempts"] < S3_RETRIES["max_attempts"]
 
 
