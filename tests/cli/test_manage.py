@@ -191,6 +191,7 @@ class Machines:
         return len(list(runs_dir(self.sandbox).glob("*/logs/attempt-*.log")))
 
 
+@pytest.mark.slow  # a variant: the fast subset keeps the file's other tests
 def test_a_reset_reaches_the_ledgers_of_machines_that_share_only_the_store(sandbox: Sandbox) -> None:
     m = Machines(sandbox)
     assert m.on("a", "launch").returncode == 1

@@ -101,6 +101,7 @@ def test_show_resolves_runs_of_the_store_not_in_the_file(sandbox: Sandbox) -> No
     assert run_detail(s, run_id).params == {"a": 1, "sleep": 0, "steps": 1}
 
 
+@pytest.mark.slow  # a variant: the fast subset keeps the file's other tests
 def test_show_on_s3(s3_bucket: str, tmp_path: Path) -> None:
     script = tmp_path / "ckpts.py"
     script.write_text(CKPT_SCRIPT)

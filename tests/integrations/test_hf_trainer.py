@@ -232,6 +232,7 @@ def test_under_launch_a_time_budget_splits_the_run_into_attempts_that_end_bit_fo
     assert row["metric"] == {"loss": losses(reference)[TOTAL_STEPS]}   # status shows the Trainer's logs
 
 
+@pytest.mark.slow  # a variant: the fast subset keeps the file's other tests
 def test_rerun_after_the_last_step_was_sealed_trains_nothing(tmp_path: Path, reference: HFRun) -> None:
     """A kill after the final seal (during the script's own post-training code) must not
     make the Trainer train a step past max_steps when the same command runs again."""

@@ -87,6 +87,7 @@ def assert_same_ending(run: ExampleRun, reference: ExampleRun) -> None:
     assert [e["step"] for e in run.entries()] == list(range(1, TOTAL_STEPS + 1))
 
 
+@pytest.mark.slow  # a variant: the fast subset keeps the file's other tests
 def test_the_uninterrupted_run_logs_step_validation_and_epoch_values(reference: ExampleRun) -> None:
     entries = {e["step"]: e for e in reference.entries()}
     assert "val_loss" in entries[6] and "train_loss_epoch" not in entries[6]
@@ -118,6 +119,7 @@ def test_resume_from_a_validation_or_an_epoch_end_matches(tmp_path: Path, refere
     assert_same_ending(run, reference)
 
 
+@pytest.mark.slow  # a variant: the fast subset keeps the file's other tests
 def test_a_model_checkpoint_file_of_a_lost_attempt_is_removed(tmp_path: Path,
                                                                 reference: ExampleRun) -> None:
     """Killed after the validation at step 18 wrote a top-2 file (and deleted an older one)
