@@ -498,15 +498,6 @@ def _drain(proc: subprocess.Popen[bytes], log: _AttemptLog | None) -> None:
         pass
 
 
-#: Seconds between uploads of a running attempt's log to an object store.
-LOG_UPLOAD_ENV = settings.LOG_UPLOAD_S.name
-
-
-def _log_upload_s() -> float:
-    """``SWEEPRUN_LOG_UPLOAD_S``, or 30 s (a bad value was refused when the command started)."""
-    return settings.LOG_UPLOAD_S.value()
-
-
 class _AttemptLog:
     """The attempt's log: written in place on local disk; on object stores, spooled to a
     local file and uploaded every ``SWEEPRUN_LOG_UPLOAD_S`` (30 s) while the run goes on,
@@ -536,7 +527,7 @@ class _AttemptLog:
         except (OSError, SweeprunError):
             self.file = None
         if self.file is not None and self.spool is not None:
-            self._uploader = threading.Thread(target=self._upload_every, args=(_log_upload_s(),),
+            self._uploader = threading.Thread(target=self._upload_every, args=(settings.LOG_UPLOAD_S.value(),),
                                               name=f"log-upload-{attempt}", daemon=True)
             self._uploader.start()
 

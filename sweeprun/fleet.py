@@ -38,8 +38,6 @@ from .training.checkpoints import warn_once
 if TYPE_CHECKING:
     from .ledger import Ledger
 
-#: How often a worker looks for a stop request (one small read of the store each time).
-STOP_POLL_ENV = settings.STOP_POLL_S.name
 
 #: ``[0-9]``, never ``\d``: ``float()`` reads ``'١٢'`` as 12, and a time limit is ASCII.
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([dhms])", re.IGNORECASE)

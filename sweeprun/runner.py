@@ -39,10 +39,6 @@ PARAMS_ENV_MAX_BYTES = 32 * 1024
 #: nothing failed, run the same command again (EX_TEMPFAIL, as a preempted run's exit).
 EXIT_UNSETTLED = 75
 
-#: ``0`` turns store leases off (on wherever the sweep is coordinated by them): a benchmark's
-#: knob; machines that share the store then run runs twice.
-STORE_LEASES_ENV = settings.STORE_LEASES.name
-
 
 @dataclass
 class LaunchOptions:

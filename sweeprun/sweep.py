@@ -53,9 +53,6 @@ from .store import (
 )
 from .training.metrics import tail_entries
 
-#: The ledger URL or path when ``--ledger`` is not given; it wins over ``ledger:`` in the file.
-LEDGER_ENV = settings.LEDGER.name
-
 
 @dataclass(frozen=True)
 class StatusRow:

@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: How long a launcher keeps retrying a ledger call while the database is unreachable,
-#: after the ledger was opened once (a restarted server, a notebook's dropped network).
-WAIT_ENV = settings.LEDGER_WAIT_S.name
 
 #: Version 1: the first PostgreSQL schema.
 SCHEMA_VERSION = 1
@@ -82,10 +79,6 @@ CREATE TABLE IF NOT EXISTS sweeprun_attempts (
 _RESET_COLUMN = "ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS reset text"
 HAS_RESET = ("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('sweeprun_runs') "
               "AND attname = 'reset' AND NOT attisdropped")
-
-
-def wait_from_env() -> float:
-    return settings.LEDGER_WAIT_S.value()
 
 
 def _psycopg() -> Any:
@@ -169,7 +162,7 @@ class PostgresDatabase:
         self.url = url
         self.shown = redact_url(url)  # a password may hold what ends a word in text
         self.readonly = readonly
-        self.wait_s = wait_s if wait_s is not None else wait_from_env()
+        self.wait_s = wait_s if wait_s is not None else settings.LEDGER_WAIT_S.value()
         self.call_timeout_s = CALL_TIMEOUT_S
         self._local = threading.local()
         self._given_up = threading.Event()

@@ -45,9 +45,7 @@ sqlite_utils = _import_sqlite_utils()
 #: Filesystems where SQLite's locks do not hold (NFS, SMB, FUSE mounts such as
 #: Colab's Google Drive, gcsfuse, s3fs, rclone): two workers could both claim a run.
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "ceph", "glusterfs", "lustre", "afs")
-ALLOW_NETWORK_ENV = settings.ALLOW_NETWORK_LEDGER.name
 
-BUSY_TIMEOUT_ENV = settings.BUSY_TIMEOUT_S.name  # how long to wait for another process's lock
 
 #: Version 1 had no application id, no grid membership and no lost-attempt count.
 SCHEMA_VERSION = 2
@@ -66,10 +64,6 @@ def _is_network_fs(fstype: str | None) -> bool:
     return fstype is not None and (fstype in NETWORK_FS or fstype.startswith("fuse."))
 
 
-def busy_timeout_from_env() -> float:
-    return settings.BUSY_TIMEOUT_S.value()
-
-
 class SqliteFile:
     """One ledger file, opened safely: never on a network mount, never another application's
     database, never one from a newer sweeprun; WAL, and BEGIN IMMEDIATE for writes."""
@@ -80,7 +74,7 @@ class SqliteFile:
             raise LedgerError(f"ledger {str(path)!r} is an in-memory database, which dies with this "
                               "process and cannot coordinate workers; give a file path on local disk")
         self.path = Path(path).expanduser()
-        self.busy_timeout_s = busy_timeout_s if busy_timeout_s is not None else busy_timeout_from_env()
+        self.busy_timeout_s = busy_timeout_s if busy_timeout_s is not None else settings.BUSY_TIMEOUT_S.value()
         self.readonly = readonly
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []

@@ -28,8 +28,6 @@ from .writer import join_in_flight
 #: wastes least for this run's measured save cost and its sweep's interruption rate. A
 #: fixed 5 minutes lost up to 4.6x more at one interruption an hour (benchmarks/lost_work.py).
 DEFAULT_EVERY_S: Literal["auto"] = "auto"
-#: ``0`` makes saves synchronous when ``init(async_save=...)`` is not given.
-ASYNC_ENV = settings.ASYNC_SAVE.name
 
 
 def _exit_2_on_sweeprun_errors() -> None:
