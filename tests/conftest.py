@@ -32,17 +32,25 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.loadscopereorder = False
 
 
+#: CPU seconds each test file costs, fast and slow tests apart, as last measured on a 2-core
+#: machine (``python tools/test_weights.py CPU_LOG`` writes it from a run with
+#: ``SWEEPRUN_TEST_CPU_LOG``). Only the order of the files depends on it, never a result.
+WEIGHTS = Path(__file__).with_name("cpu_weights.json")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with the most ``slow`` tests first (then the most tests), each file's tests in
-    their own order: with ``--dist loadscope`` a file runs in one worker, so the longest
-    ones must start first (longest-processing-time-first scheduling)."""
-    slow: dict[str, int] = {}
-    count: dict[str, int] = {}
+    """The files that cost the most CPU first, each file's tests in their own order: with
+    ``--dist loadscope`` a file runs in one worker, so the longest ones must start first
+    (longest-processing-time-first scheduling). A file not measured yet counts as heavy (it
+    is new, and may train), a test of a measured file as its kind's mean there."""
+    known = json.loads(WEIGHTS.read_text()) if WEIGHTS.exists() else {}
+    cost: dict[str, float] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
-        slow[module] = slow.get(module, 0) + (item.get_closest_marker("slow") is not None)
-        count[module] = count.get(module, 0) + 1
-    items.sort(key=lambda item: (-slow[m := item.nodeid.split("::")[0]], -count[m]))  # stable
+        kind = "slow" if item.get_closest_marker("slow") is not None else "fast"
+        seconds, tests = known.get(module, {}).get(kind, (60.0, 1))
+        cost[module] = cost.get(module, 0.0) + seconds / max(tests, 1)
+    items.sort(key=lambda item: -cost[item.nodeid.split("::")[0]])  # stable: a file keeps its order
 
 
 def _cpu_s() -> float:
@@ -54,15 +62,18 @@ def _cpu_s() -> float:
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """With ``SWEEPRUN_TEST_CPU_LOG=FILE``: one JSON line per test with the CPU seconds it cost
     (this process and the processes it waited for), to find what makes the suite slow on a
-    shared machine, where wall time says little. Records only; nothing depends on it."""
+    shared machine, where wall time says little; and its wall seconds beside, to find the
+    tests that mostly wait. Records only; nothing depends on it."""
     log = os.environ.get("SWEEPRUN_TEST_CPU_LOG")
-    before = _cpu_s() if log else 0.0
+    before, started = (_cpu_s(), time.monotonic()) if log else (0.0, 0.0)
     yield
     if log:
         line = {"test": item.nodeid, "cpu_s": round(_cpu_s() - before, 2),
+                "wall_s": round(time.monotonic() - started, 2),
                 "slow": item.get_closest_marker("slow") is not None}
         with open(log, "a") as f:
             f.write(json.dumps(line) + "\n")
+
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_SCRIPT = REPO / "tests" / "scripts" / "steps.py"

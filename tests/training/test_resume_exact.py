@@ -36,11 +36,12 @@ def reference(shared_dir: Path) -> ExampleRun:
 
 
 @pytest.mark.slow  # whole training runs; the full suite (CI) runs it
-@pytest.mark.parametrize("seed", [11, 23])
 def test_sigkill_several_times_then_rerun_matches_the_uninterrupted_run(
-        tmp_path: Path, reference: ExampleRun, seed: int) -> None:
+        tmp_path: Path, reference: ExampleRun) -> None:
+    """One seed's kill points: more random kills of this example are in test_chaos (nine
+    runs under two launchers) and in verify's seeded kills."""
     run = ExampleRun(tmp_path / "run")
-    hit = interrupt_repeatedly(run, SIGKILL, kills=3, seed=seed)
+    hit = interrupt_repeatedly(run, SIGKILL, kills=3, seed=11)
     assert all(0 < s < TOTAL_STEPS for s in hit)
     assert_same_run(run, reference)
 

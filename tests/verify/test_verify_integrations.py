@@ -99,8 +99,9 @@ def test_the_trainers_own_late_rng_restore_is_named(tmp_path: Path) -> None:
              "differs, with the same learning rate; the training DataLoader has no sampler with a state"),
 ])
 def test_a_lightning_run_that_forgets_a_piece_is_named(tmp_path: Path, omit: str, named: str) -> None:
-    """One interruption (``--kills 1``: a SIGTERM after step 28) already loses the piece, and the
-    verdict names it; the example's own test above runs the SIGTERM-then-SIGKILL sequence."""
+    """What the callback adds, shown by leaving it out (what a plain Lightning resume does):
+    one interruption (``--kills 1``: a SIGTERM after step 28) already loses the piece, the
+    weights end elsewhere, and the verdict names it."""
     pytest.importorskip("lightning")
     result = sweeprun_verify("--kills", "1", "--", sys.executable, *LIGHTNING, "--unsafe-omit", omit,
                              tmp=tmp_path)
@@ -110,6 +111,11 @@ def test_a_lightning_run_that_forgets_a_piece_is_named(tmp_path: Path, omit: str
     assert found["model"].startswith("net.0.weight, net.0.bias"), "named as the module names them"
     assert found["optimizer"].startswith("exp_avg, exp_avg_sq differ")
     assert "LR scheduler" in found["equal"] and "training progress" in found["equal"]
+    if omit == "data":   # and the resumed attempt said so itself, as a plain Lightning resume would not
+        kept = re.search(r"both runs are kept in (\S+):", result.stdout)
+        assert kept, result.stdout
+        resumed = (Path(kept[1]) / "interrupted" / "logs" / "attempt-2.log").read_text()
+        assert "cannot say where it is in the epoch" in resumed, resumed
 
 
 # -- what legitimately differs, in process ---------------------------------------------------------
