@@ -1,0 +1,79 @@
+"""Multi-process runs, the launcher's side: how N ranks are started, found, stopped and cleaned up.
+
+A run with ``nproc: N > 1`` is started as N ranks through ``torch.distributed.run``
+(torchrun), but never by importing torch here: the launcher starts
+:mod:`sweeprun.torchrun_agent` (torchrun, plus one exit code for the whole run) as the
+attempt's child, in the child's usual place (its own session, dying with the launcher).
+torchrun starts every rank in a session of its own, so a signal to the agent's group does
+not reach them, and a SIGKILLed agent leaves them running. Three things keep one run one
+owner:
+
+* every rank starts through :mod:`sweeprun.rank_guard`, which arms SIGKILL on its parent's
+  death and then ``exec``\\ s the user's command: a killed agent (or a killed launcher, whose
+  death kills the agent) takes every rank with it, at once, with nothing to poll;
+* the attempt finds its ranks as the agent's children (:func:`~sweeprun.procs.children`)
+  to signal them itself: SIGTERM reaches every rank, not torchrun, which would answer it
+  by stopping them on its own clock and exiting without their exit codes;
+* what escaped anyway (a rank that cleared its death signal, a rank's own daemon) carries
+  the run's environment, which no other process has: the attempt's end, and the next
+  attempt's start on this machine, kill every process whose environment names this run
+  (:func:`stray_processes`).
+
+The guard costs one exec per rank (about 20 ms); the agent costs what torchrun costs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .errors import SpecError
+from .procs import ProcessRef, processes_with_env
+from .runenv import ATTEMPT, RUN_DIR, RUN_ID
+
+if TYPE_CHECKING:
+    from .spec import SweepSpec
+
+#: Processes of the run, for the script and for the training side (the contract with it).
+NPROC_ENV = "SWEEPRUN_NPROC"
+#: The sweep file's ``on_world_size_change:`` (``reshard`` or ``refuse``), for the training side.
+WORLD_SIZE_POLICY_ENV = "SWEEPRUN_ON_WORLD_SIZE_CHANGE"
+
+
+def agent_argv(argv: list[str], nproc: int, grace_s: float) -> list[str]:
+    """The attempt's child for ``nproc`` ranks of ``argv`` (the run's command as built for one
+    process, a leading ``python`` already the launcher's interpreter).
+
+    ``--no-python``: torchrun runs the rank guard, which runs ``argv`` as it is, so a command
+    that is not ``python ...`` (``bash train.sh``, a binary) works the same way. ``--standalone``
+    gives each run a rendezvous on a free port of its own. torchrun's own shutdown waits the
+    sweep's ``grace_s`` before it SIGKILLs its ranks, as the launcher does.
+    """
+    return [sys.executable, "-m", "sweeprun.torchrun_agent", "--standalone", "--nnodes", "1",
+            "--nproc-per-node", str(nproc), "--max-restarts", "0",
+            "--shutdown-timeout", str(math.ceil(grace_s)), "--no-python",
+            sys.executable, "-m", "sweeprun.rank_guard", *argv]
+
+
+def stray_processes(run_dir: str, run_id: str, attempt: int | None = None) -> list[ProcessRef]:
+    """Processes on this machine started for this run (of ``attempt``, or of any attempt):
+    the environment the launcher gave them names the run's folder and id."""
+    wanted = {RUN_DIR: run_dir, RUN_ID: run_id}
+    if attempt is not None:
+        wanted[ATTEMPT] = str(attempt)
+    return processes_with_env(wanted)
+
+
+def check_launchable(spec: SweepSpec, gpus: Sequence[str] | None) -> None:
+    """Refuse, before anything starts, what no run could do: take more GPUs than ``--gpus``
+    gives, or start ranks without torch in the launcher's interpreter (found, not imported)."""
+    most = spec.max_nproc()
+    if gpus is not None and most > len(gpus):
+        raise SpecError(f"{spec.source}: a run takes nproc = {most} GPUs, but --gpus gives {len(gpus)} "
+                        f"({','.join(gpus)}); give at least {most}, or lower nproc")
+    if most > 1 and importlib.util.find_spec("torch") is None:
+        raise SpecError(f"{spec.source}: nproc {most} starts ranks through torch.distributed.run, but "
+                        f"torch is not installed for {sys.executable}; install it there")
