@@ -6,12 +6,14 @@ arguments. Two things are added to plain ``torchrun``:
 
 * ``SWEEPRUN_AGENT_PID`` in the ranks' environment, so :mod:`sweeprun.rank_guard` can tell
   that the agent died before the rank's death signal was armed;
-* one exit code for the whole run, from every rank's own. torchrun exits 1 whatever its
-  ranks did, so a run whose ranks all saved and exited 75 would read as a failure. Here:
-  every rank 0 gives 0; a rank that exited 75, or was killed or stopped by a signal
-  (SIGKILL, SIGTERM, SIGINT, SIGHUP: a rank lost with its machine or its memory, and the
-  ranks torchrun then stopped), gives 75, an interruption; any other code (an exception,
-  a segfault) is the run's failure and its code is passed on (a signal ``n`` as
+* one exit code for the whole run, from the exit codes of the ranks torchrun saw fail (the
+  first to end; it stops the others itself). torchrun exits 1 whatever its ranks did, so a
+  run whose ranks all saved and exited 75 would read as a failure. Here: every rank 0
+  gives 0; a rank that exited 75, or was ended by SIGKILL, SIGTERM, SIGINT or SIGHUP (one
+  rank lost to the OOM killer or a kill, and the ranks torchrun then stopped), gives 75,
+  an interruption, whatever the others did meanwhile: a peer's collective fails as soon
+  as one rank is gone, and that failure is not the script's. Otherwise the first other
+  code (an exception, a segfault) is the run's failure, passed on (a signal ``n`` as
   ``128 + n``). torchrun stopped by a signal of its own has stopped its ranks with it: the
   agent then dies of that signal, as a single process would.
 """
@@ -34,10 +36,9 @@ def exit_code(codes: list[int]) -> int:
     failed = [c for c in codes if c != 0]
     if not failed:
         return 0
-    broken = [c for c in failed if c != PREEMPTED_EXIT and -c not in _STOPPING_SIGNALS]
-    if not broken:
+    if any(c == PREEMPTED_EXIT or -c in _STOPPING_SIGNALS for c in failed):
         return PREEMPTED_EXIT
-    code = broken[0]
+    code = failed[0]
     return code if code > 0 else 128 - code
 
 

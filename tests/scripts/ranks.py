@@ -7,7 +7,8 @@ JSON file in the run directory (atomically, as ``steps.py`` does), so a relaunch
 SIGTERM on any rank: it exits 75 after the step in progress (no collective save: this is the
 launcher's test, the training side has its own).
 
-Parameters: ``steps``, ``sleep`` (seconds per step), ``escape`` (a rank number that clears its
+Parameters: ``steps``, ``sleep`` (seconds per step), ``meet`` (rank 0 waits before its first
+step until that many runs have reached theirs: proof that they run at once), ``escape`` (a rank number that clears its
 death signal, as a rank that escaped its launcher would) and ``hang_rank`` (a rank that
 sleeps instead of stepping, so it can be killed alone mid-run).
 """
@@ -50,6 +51,12 @@ env_names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 side("start", env={k: os.environ.get(k) for k in env_names}, sid=os.getsid(0))
 if distributed:
     dist.init_process_group("gloo")
+if params.get("meet") and rank == 0:
+    meeting = os.path.join(os.environ["LOCK_DIR"], "meet")
+    os.makedirs(meeting, exist_ok=True)
+    open(os.path.join(meeting, os.environ["SWEEPRUN_RUN_ID"]), "w").close()
+    while len(os.listdir(meeting)) < params["meet"]:
+        time.sleep(0.05)
 ckpt = os.path.join(run_dir, "ckpt.json")
 step = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
 steps, sleep_s = int(params.get("steps", 3)), float(params.get("sleep", 0.05))
