@@ -99,7 +99,7 @@ class Attempt:
         self.gpus: tuple[str, ...] | None = None  # the --gpus indices this attempt holds
         self._ranks: dict[int, ProcessRef] = {}   # the ranks seen so far, by pid
         #: The claim, the store lease and the attempt record: who holds the run, as which attempt.
-        self.tenure = Tenure(launcher.ledger, launcher.leases, self.paths, claim)
+        self.tenure = Tenure(launcher.ledger, launcher.leases, self.paths, claim, self.nproc)
         self.proc: subprocess.Popen[bytes] | None = None
         self.lost = False             # the lease is gone: write nothing more
         self.gave_up = False          # ... or may be: this machine's clock ran past it

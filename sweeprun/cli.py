@@ -228,7 +228,7 @@ def show(
     sweep.store.check_present()
     detail = run_detail(sweep, resolve_run(sweep, run))
     if as_json:
-        print_json(_finite(detail.as_json()), indent=1)
+        print_json(_finite({**detail.as_json(), "nproc": detail.row.nproc}), indent=1)
         return
     from rich.console import Console
 

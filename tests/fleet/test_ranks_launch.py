@@ -78,7 +78,28 @@ def test_ranks_see_torchrun_and_sweeprun_variables_and_two_runs_never_share_a_po
     for e in starts:
         assert e["env"]["SWEEPRUN_ON_WORLD_SIZE_CHANGE"] == "refuse"
         assert e["env"]["SWEEPRUN_SWEEP"] == "t" and e["env"]["SWEEPRUN_RUN_DIR"].endswith(e["run"])
-    assert {r["state"] for r in sandbox.status(sweep).values()} == {"done"}
+    status = sandbox.status(sweep)
+    assert {r["state"] for r in status.values()} == {"done"}
+    # status and show: each run once, with its world size
+    assert sorted(r["nproc"] for r in status.values()) == [1, 2, 2]
+    table = sandbox.run("status", str(sweep)).stdout
+    assert "procs" in table and sum(run.rsplit("-", 1)[1] in table for run in status) == 3
+    two = next(run for run, r in status.items() if r["nproc"] == 2)
+    shown = sandbox.run("show", str(sweep), two, "--ledger", str(sandbox.ledger))
+    assert f"run {two} · done · 2 processes (torchrun)" in shown.stdout, shown.stdout + shown.stderr
+    record = json.loads((sandbox.store / "t" / "runs" / two / "attempts" / "1.json").read_text())
+    assert record["nproc"] == 2
+
+
+@pytest.mark.parametrize("codes, code", [
+    ([0, 0], 0), ([75, 75], 75), ([75], 75), ([-signal.SIGKILL], 75), ([1, -signal.SIGKILL], 75),
+    ([-signal.SIGTERM, 0], 75), ([1], 1), ([3, 1], 3), ([-signal.SIGSEGV], 128 + signal.SIGSEGV),
+])
+def test_the_agent_exit_code_from_its_ranks(codes: list[int], code: int) -> None:
+    """torchrun exits 1 whatever its ranks did; the agent reads their codes (see its docstring)."""
+    from sweeprun.torchrun_agent import exit_code
+
+    assert exit_code(codes) == code
 
 
 def test_one_rank_killed_ends_the_attempt_interrupted_and_the_run_resumes(sandbox: Sandbox) -> None:
