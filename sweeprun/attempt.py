@@ -21,8 +21,8 @@ from . import settings
 from .errors import SweeprunError
 from .faults import crash_point
 from .ledger import Claim, Outcome, Policy, RunState
-from .procs import ProcessRef, boot_clock, children, end_process, spawn
-from .ranks import agent_argv, stray_processes
+from .procs import ProcessRef, boot_clock, spawn
+from .ranks import Processes, agent_argv
 from .redact import redact
 from .runenv import PREEMPTED_EXIT
 from .store import RunPaths, StoreLinkError, backend_for, confine, store_errors
@@ -97,7 +97,7 @@ class Attempt:
         #: Processes (ranks) of this attempt: more than one starts them through torchrun.
         self.nproc = launcher.spec.nproc_of(launcher.sweep.runs_by_id[claim.run_id])
         self.gpus: tuple[str, ...] | None = None  # the --gpus indices this attempt holds
-        self._ranks: dict[int, ProcessRef] = {}   # the ranks seen so far, by pid
+        self.processes = Processes(self.nproc, self.paths.url, claim.run_id)
         #: The claim, the store lease and the attempt record: who holds the run, as which attempt.
         self.tenure = Tenure(launcher.ledger, launcher.leases, self.paths, claim, self.nproc)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -140,7 +140,7 @@ class Attempt:
             raise
         finally:
             launcher.unregister(self)
-            if self.gpus is not None:
+            if self.gpus:
                 launcher.give_gpus(self)
             if not self.lost or self.gave_up or self.proc is None:
                 self.release_store_lease()  # a lease taken for a child that never started goes back
@@ -160,16 +160,12 @@ class Attempt:
                              "run's old child; left alone")
 
     def _take_gpus(self) -> bool:
-        """With ``--gpus``: wait, holding the claim under the heartbeat, until the launcher lends
-        this run its ``nproc`` GPUs. A stop meanwhile gives the claim back unused."""
-        if getattr(self.launcher, "gpu_pool", None) is None:
-            return True
+        """Wait, holding the claim under the heartbeat, for this run's ``nproc`` GPUs (``--gpus``;
+        none without it). A stop meanwhile gives the claim back unused."""
         self.gpus = self.launcher.take_gpus(self)
-        if self.gpus is not None:
-            return True
-        if not self.lost:
+        if self.gpus is None and not self.lost:
             self._give_claim_back()
-        return False
+        return self.gpus is not None
 
     def _prepare(self) -> bool:
         """Everything between the claim and the child; ``False`` when nothing is to be started."""
@@ -265,10 +261,11 @@ class Attempt:
         """Start the child and stream its output; its exit code, or ``None`` if it never started."""
         launcher, claim = self.launcher, self.claim
         argv = launcher.spec.argv(launcher.sweep.runs_by_id[claim.run_id], self.paths.url, claim.attempt)
-        if self.nproc > 1:
-            argv = agent_argv(argv, self.nproc, launcher.spec.grace_s)
-        if launcher.spec.max_nproc() > 1:
-            self._kill_strays(None)  # ranks an earlier attempt on this machine left running
+        argv = agent_argv(argv, self.nproc, launcher.spec.grace_s) if self.nproc > 1 else argv
+        killed = self.processes.kill_strays(None) if launcher.spec.max_nproc() > 1 else []
+        if killed:  # ranks an earlier attempt on this machine left running
+            self.events.note(f"{claim.run_id}: killed pid(s) {', '.join(map(str, killed))} and their "
+                             "groups, left running by an earlier attempt")
         env = launcher.env(claim, self.paths, self.gpus)
         self.started_at = time.monotonic()
         if self.lost:  # the lease ran out while the start was being prepared
@@ -299,7 +296,7 @@ class Attempt:
             log.write(raw)
             self.events.output(claim.run_id, raw.decode(errors="replace").rstrip("\n"))
         rc = proc.wait()
-        self._end_groups()  # what it left behind ends with the attempt
+        self.processes.end(proc.pid, claim.attempt)  # what it left behind ends with the attempt
         return rc
 
     def _conclude(self, rc: int) -> None:
@@ -405,7 +402,7 @@ class Attempt:
                 proc.wait()
             drain.join(5)
         if proc is not None:
-            self._end_groups()
+            self.processes.end(proc.pid, self.claim.attempt)
         if not self.lost and not self.recorded:
             try:
                 self._record(Outcome.INTERRUPTED, proc.returncode if proc else None)
@@ -495,69 +492,17 @@ class Attempt:
         self.kill()
 
     def terminate(self) -> None:
-        """Ask the run to save and exit: SIGTERM to its process group, or to every rank's.
-
-        A multi-process run's ranks are signalled themselves, not torchrun: torchrun would stop
-        them on its own clock and exit without their exit codes. Before torchrun started
-        them, torchrun is asked, and stops what it starts.
-        """
+        """Ask the run to save and exit: SIGTERM to its group, or to each rank (see :class:`Processes`)."""
         self.terminated = True
         proc = self.proc
         if proc is not None and proc.poll() is None:
-            ranks = self._find_ranks() if self.nproc > 1 else []
-            for rank in ranks:
-                end_process(rank, signal.SIGTERM)
-            if not ranks:
-                _signal_group(proc.pid, signal.SIGTERM)
+            self.processes.signal(proc, signal.SIGTERM)
 
     def kill(self) -> None:
         proc = self.proc
         if proc is not None and proc.poll() is None:
             self.killed = True
-            ranks = self._find_ranks() if self.nproc > 1 else []
-            _signal_group(proc.pid, signal.SIGKILL)
-            for rank in ranks:
-                end_process(rank)
-
-    # -- the ranks of a multi-process run ---------------------------------------------------
-
-    def _find_ranks(self) -> list[ProcessRef]:
-        """The agent's children now, added to those seen before (each proved by its start time)."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            for pid in children(proc.pid):
-                if pid not in self._ranks:
-                    self._ranks[pid] = ProcessRef.of(pid)
-        return list(self._ranks.values())
-
-    def _end_groups(self) -> None:
-        """SIGKILL what is left of the attempt: the child's group and, for ranks, their groups
-        and any process still carrying this attempt's environment."""
-        proc = self.proc
-        if proc is None:
-            return
-        _signal_group(proc.pid, signal.SIGKILL)
-        if self.nproc > 1:
-            for rank in self._ranks.values():
-                end_process(rank)
-            self._kill_strays(self.claim.attempt)
-
-    def _kill_strays(self, attempt: int | None) -> None:
-        """Kill every process of this machine whose environment names this run (and ``attempt``):
-        ranks that outlived their attempt. Only the holder of the run calls it."""
-        strays = stray_processes(self.paths.url, self.claim.run_id, attempt)
-        killed = [ref.pid for ref in strays if end_process(ref)]
-        if killed and attempt is None:
-            self.events.note(f"{self.claim.run_id}: killed pid(s) {', '.join(map(str, killed))} and their "
-                             "groups, left running by an earlier attempt")
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    """Signal a child's process group (it leads one: spawned in its own session)."""
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+            self.processes.signal(proc, signal.SIGKILL)
 
 
 def _drain(proc: subprocess.Popen[bytes], log: _AttemptLog | None) -> None:

@@ -87,10 +87,9 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
     from rich.console import Console
 
     from .fleet import parse_duration
+    from .ranks import check_launchable
     from .runner import Launcher, LaunchOptions
     from .sweep import Sweep
-
-    from .ranks import check_launchable
 
     gpu_list = _parse_gpus(gpus)
     limit_s = parse_duration(time_limit) if time_limit is not None else None

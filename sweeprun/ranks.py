@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import SpecError
-from .procs import ProcessRef, processes_with_env
+from .procs import ProcessRef, children, end_process, processes_with_env
 from .runenv import ATTEMPT, RUN_DIR, RUN_ID
 
 if TYPE_CHECKING:
@@ -77,3 +80,56 @@ def check_launchable(spec: SweepSpec, gpus: Sequence[str] | None) -> None:
     if most > 1 and importlib.util.find_spec("torch") is None:
         raise SpecError(f"{spec.source}: nproc {most} starts ranks through torch.distributed.run, but "
                         f"torch is not installed for {sys.executable}; install it there")
+
+
+class Processes:
+    """What one attempt started: its child's process group and, with ``nproc > 1``, each rank's.
+
+    The child (the agent, for ranks) leads a group of its own; each rank leads another.
+    """
+
+    def __init__(self, nproc: int, run_dir: str, run_id: str) -> None:
+        self.nproc = nproc
+        self.run_dir = run_dir
+        self.run_id = run_id
+        self._ranks: dict[int, ProcessRef] = {}  # the ranks seen so far, by pid
+
+    def signal(self, proc: subprocess.Popen[Any], sig: int) -> None:
+        """SIGTERM: to every rank, not torchrun, which would stop them on its own clock and
+        exit without their exit codes; before torchrun has started them, to torchrun, which
+        then stops what it starts. SIGKILL: to torchrun's group and every rank's."""
+        ranks = self._find(proc) if self.nproc > 1 else []
+        if sig == signal.SIGKILL or not ranks:
+            _signal_group(proc.pid, sig)
+        for rank in ranks:
+            end_process(rank, sig)
+
+    def end(self, pid: int, attempt: int) -> None:
+        """SIGKILL what is left once the child exited: its group and, for ranks, their groups
+        and any process still carrying this attempt's environment."""
+        _signal_group(pid, signal.SIGKILL)
+        if self.nproc > 1:
+            for rank in self._ranks.values():
+                end_process(rank)
+            self.kill_strays(attempt)
+
+    def kill_strays(self, attempt: int | None) -> list[int]:
+        """Kill every process of this machine whose environment names this run (and
+        ``attempt``): ranks that outlived their attempt. Only the run's holder calls it."""
+        return [ref.pid for ref in stray_processes(self.run_dir, self.run_id, attempt) if end_process(ref)]
+
+    def _find(self, proc: subprocess.Popen[Any]) -> list[ProcessRef]:
+        """The agent's children now, added to those seen before (each with its start time)."""
+        if proc.poll() is None:
+            for pid in children(proc.pid):
+                if pid not in self._ranks:
+                    self._ranks[pid] = ProcessRef.of(pid)
+        return list(self._ranks.values())
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """Signal a child's process group (it leads one: spawned in its own session)."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -266,8 +266,10 @@ class Launcher:
 
     def take_gpus(self, attempt: Attempt) -> tuple[str, ...] | None:
         """Wait until ``attempt``'s run can have its ``nproc`` GPUs (see :mod:`sweeprun.gpus`);
-        ``None`` when the launcher stops or the run's lease is lost meanwhile."""
-        assert self.gpu_pool is not None
+        ``()`` without ``--gpus``; ``None`` when the launcher stops or the run's lease is lost
+        meanwhile."""
+        if self.gpu_pool is None:
+            return ()
         key = attempt.claim.run_id
         with self._gpus:
             while True:
@@ -416,7 +418,7 @@ class Launcher:
         params = json.dumps(claim.params)
         if len(params.encode()) <= PARAMS_ENV_MAX_BYTES:
             env[PARAMS] = params
-        if gpus is not None:
+        if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         if not settings.MTBI_S.present():  # a user's own figure wins
             mtbi = self._mtbi_s()

@@ -8,9 +8,9 @@ SIGTERM on any rank: it exits 75 after the step in progress (no collective save:
 launcher's test, the training side has its own).
 
 Parameters: ``steps``, ``sleep`` (seconds per step), ``meet`` (rank 0 waits before its first
-step until that many runs have reached theirs: proof that they run at once), ``escape`` (a rank number that clears its
-death signal, as a rank that escaped its launcher would) and ``hang_rank`` (a rank that
-sleeps instead of stepping, so it can be killed alone mid-run).
+step until that many runs have reached theirs: proof that they run at once) and ``escape``
+(in attempt 1, the rank of that number clears its death signal, as a rank that escaped its
+launcher would, and sleeps: its peers wait for it).
 """
 
 import ctypes
@@ -43,12 +43,15 @@ def on_term(signum: int, frame: object) -> None:
 
 
 signal.signal(signal.SIGTERM, on_term)
-if params.get("escape") == rank:
+escaping = params.get("escape") == rank and os.environ["SWEEPRUN_ATTEMPT"] == "1"
+if escaping:
     ctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG 0: survive the agent's death
 env_names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "CUDA_VISIBLE_DEVICES", "SWEEPRUN_NPROC", "SWEEPRUN_ON_WORLD_SIZE_CHANGE", "SWEEPRUN_SWEEP",
              "SWEEPRUN_RUN_DIR", "SWEEPRUN_MTBI_S")
 side("start", env={k: os.environ.get(k) for k in env_names}, sid=os.getsid(0))
+if escaping:
+    time.sleep(3600)
 if distributed:
     dist.init_process_group("gloo")
 if params.get("meet") and rank == 0:
@@ -61,8 +64,6 @@ ckpt = os.path.join(run_dir, "ckpt.json")
 step = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
 steps, sleep_s = int(params.get("steps", 3)), float(params.get("sleep", 0.05))
 while step < steps:
-    if params.get("hang_rank") == rank:
-        time.sleep(3600)
     time.sleep(sleep_s)
     total = torch.tensor([float(rank + 1)])
     if distributed:
