@@ -26,7 +26,7 @@ from .leases import StoreLeases, backoff_s, settle_default
 from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
 from .ledger.base import settled
 from .procs import ProcessRef
-from .ranks import NPROC_ENV, WORLD_SIZE_POLICY_ENV
+from .ranks import NPROC_ENV, WORLD_SIZE_POLICY_ENV, check_launchable
 from .runenv import ATTEMPT, MTBI, PARAMS, PRIOR_MTBI_S, RUN_DIR, RUN_ID, SWEEP
 from .store import RunPaths
 from .sweep import Sweep
@@ -114,6 +114,7 @@ class Launcher:
         self._errors: list[BaseException] = []
         self._started = 0
         # --gpus: each run takes its nproc indices together; a slot per index (no run takes less)
+        check_launchable(self.spec, options.gpus)
         self.gpu_pool = GpuPool(options.gpus) if options.gpus else None
         self._gpus = threading.Condition()
         self._by_nproc: dict[int, list[str]] = {}  # nproc -> the runs that take that many
@@ -270,7 +271,7 @@ class Launcher:
         meanwhile."""
         if self.gpu_pool is None:
             return ()
-        key = attempt.claim.run_id
+        key, told = attempt.claim.run_id, False
         with self._gpus:
             while True:
                 if self.stopping or attempt.lost:
@@ -279,6 +280,10 @@ class Launcher:
                 got = self.gpu_pool.take(key, attempt.nproc)
                 if got is not None:
                     return got
+                if not told:
+                    told = True
+                    self.events.note(f"{key}: waiting for {attempt.nproc} GPUs ({len(self.gpu_pool.free)} "
+                                     "free); smaller runs take a GPU meanwhile only if enough stay free for it")
                 self._gpus.wait(self.heartbeat_s)
 
     def give_gpus(self, attempt: Attempt) -> None:

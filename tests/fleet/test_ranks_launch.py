@@ -102,6 +102,15 @@ def test_the_agent_exit_code_from_its_ranks(codes: list[int], code: int) -> None
     assert exit_code(codes) == code
 
 
+def test_a_command_that_is_not_python_runs_on_every_rank(sandbox: Sandbox) -> None:
+    """``--no-python``: any program is started as it is on each rank, with the rank variables."""
+    sweep = sandbox.write_sweep({"world": [2]}, command="sh -c 'echo rank=$RANK/$WORLD_SIZE >> \"$SIDE_LOG\"'",
+                                nproc="{world}")
+    result = sandbox.run("launch", str(sweep), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(sandbox.side_log.read_text().split()) == ["rank=0/2", "rank=1/2"]
+
+
 def test_one_rank_killed_ends_the_attempt_interrupted_and_the_run_resumes(sandbox: Sandbox) -> None:
     """SIGKILL of rank 1 alone: torchrun stops rank 0, the attempt is interrupted (not done, not
     a failure), and the same launcher runs it again from rank 0's checkpoint to the end."""
@@ -153,6 +162,9 @@ def test_sigterm_reaches_every_rank_and_all_exiting_75_is_an_interruption(sandbo
     assert launcher.returncode == 128 + signal.SIGTERM, out + err
     stopped = events(sandbox, "preempted")
     assert sorted(e["rank"] for e in stopped) == [0, 1] and len({e["step"] for e in stopped}) == 1
+    for rank in (0, 1):  # each was signalled itself, before the ranks agreed to stop
+        told = [e["event"] for e in sandbox.events() if e["rank"] == rank and e["event"] in ("sigterm", "preempted")]
+        assert told == ["sigterm", "preempted"]
     (row,) = sandbox.status(sweep).values()
     assert row["state"] == "interrupted" and row["failures"] == 0
     assert f"{row_id(sandbox)} interrupted (exit 75" in out

@@ -39,6 +39,8 @@ def side(event: str, **extra: object) -> None:
 
 def on_term(signum: int, frame: object) -> None:
     global stop
+    if not stop:
+        side("sigterm")
     stop = True
 
 
