@@ -7,10 +7,10 @@ starts each rank through this module, which asks the kernel for SIGKILL when its
 (the torchrun agent) dies, then becomes the user's command with ``exec``: the rank keeps
 this process's pid, its session and its signals, and nothing stands between it and them.
 
-Standard library only, and nothing of sweeprun imported: it costs a few milliseconds per
-rank, and runs under whatever the user's command needs.
+Standard library only, and nothing of sweeprun imported: run by its path in isolated mode
+without ``site``, it costs a few milliseconds per rank.
 
-    python -m sweeprun.rank_guard PROGRAM [ARGS...]
+    python -I -S .../sweeprun/rank_guard.py PROGRAM [ARGS...]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _PR_SET_PDEATHSIG = 1
 
 def main(argv: list[str]) -> None:
     if not argv:
-        sys.stderr.write("usage: python -m sweeprun.rank_guard PROGRAM [ARGS...]\n")
+        sys.stderr.write("usage: python -I -S rank_guard.py PROGRAM [ARGS...]\n")
         sys.exit(2)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
