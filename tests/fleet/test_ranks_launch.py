@@ -169,3 +169,18 @@ def test_sigterm_reaches_every_rank_and_all_exiting_75_is_an_interruption(sandbo
     assert row["state"] == "interrupted" and row["failures"] == 0
     assert f"{row_id(sandbox)} interrupted (exit 75" in out
     assert of_run(sandbox) == []
+
+
+@pytest.mark.slow
+def test_ranks_that_ignore_sigterm_are_killed_when_the_grace_ends(sandbox: Sandbox) -> None:
+    """SIGTERM, then ``grace_s`` later SIGKILL to torchrun's group and every rank's: nothing of
+    the run is left, and the attempt is an interruption, not a failure."""
+    sweep = ranks_sweep(sandbox, params={"steps": 1000, "sleep": 0.1, "deaf": True}, grace_s=1)
+    launcher = sandbox.sweeprun("launch", str(sweep))
+    wait_for(lambda: len(events(sandbox, "step")) >= 2, timeout=120, what="a step")
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, out + err
+    assert of_run(sandbox) == [] and not events(sandbox, "preempted")
+    (row,) = sandbox.status(sweep).values()
+    assert row["state"] == "interrupted" and row["failures"] == 0

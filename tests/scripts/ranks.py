@@ -10,7 +10,8 @@ launcher's test, the training side has its own).
 Parameters: ``steps``, ``sleep`` (seconds per step), ``meet`` (rank 0 waits before its first
 step until that many runs have reached theirs: proof that they run at once) and ``escape``
 (in attempt 1, the rank of that number clears its death signal, as a rank that escaped its
-launcher would, and sleeps: its peers wait for it).
+launcher would, and sleeps: its peers wait for it), ``deaf`` (every rank ignores SIGTERM, as a
+script stuck in a long step would: only the grace period's SIGKILL ends it).
 """
 
 import ctypes
@@ -44,7 +45,7 @@ def on_term(signum: int, frame: object) -> None:
     stop = True
 
 
-signal.signal(signal.SIGTERM, on_term)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if params.get("deaf") else on_term)
 escaping = params.get("escape") == rank and os.environ["SWEEPRUN_ATTEMPT"] == "1"
 if escaping:
     ctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG 0: survive the agent's death
