@@ -22,6 +22,7 @@ from .errors import SweeprunError
 from .faults import crash_point
 from .ledger import Claim, Outcome, Policy, RunState
 from .procs import ProcessRef, boot_clock, spawn
+from .ranks import Processes, agent_argv
 from .redact import redact
 from .runenv import PREEMPTED_EXIT
 from .store import RunPaths, StoreLinkError, backend_for, confine, store_errors
@@ -72,7 +73,9 @@ class Host(Protocol):
     def count_start(self) -> None: ...
     def pass_over(self, run_id: str, store_failed: bool = False, due_s: float | None = None) -> None: ...
     def took_lease(self, run_id: str) -> None: ...
-    def env(self, claim: Claim, paths: RunPaths, slot: int) -> dict[str, str]: ...
+    def env(self, claim: Claim, paths: RunPaths, gpus: tuple[str, ...] | None) -> dict[str, str]: ...
+    def take_gpus(self, attempt: Attempt) -> tuple[str, ...] | None: ...
+    def give_gpus(self, attempt: Attempt) -> None: ...
 
 
 class Attempt:
@@ -91,8 +94,12 @@ class Attempt:
         self.events = launcher.events
         self.slot = slot
         self.paths = launcher.sweep.paths.run(claim.run_id)
+        #: Processes (ranks) of this attempt: more than one starts them through torchrun.
+        self.nproc = launcher.spec.nproc_of(launcher.sweep.runs_by_id[claim.run_id])
+        self.gpus: tuple[str, ...] | None = None  # the --gpus indices this attempt holds
+        self.processes = Processes(self.nproc, self.paths.url, claim.run_id)
         #: The claim, the store lease and the attempt record: who holds the run, as which attempt.
-        self.tenure = Tenure(launcher.ledger, launcher.leases, self.paths, claim)
+        self.tenure = Tenure(launcher.ledger, launcher.leases, self.paths, claim, self.nproc)
         self.proc: subprocess.Popen[bytes] | None = None
         self.lost = False             # the lease is gone: write nothing more
         self.gave_up = False          # ... or may be: this machine's clock ran past it
@@ -120,6 +127,8 @@ class Attempt:
             return
         log: _AttemptLog | None = None
         try:
+            if not self._take_gpus():
+                return
             if not self._prepare():
                 return
             log = _AttemptLog(self.paths, self.claim.attempt)
@@ -131,6 +140,8 @@ class Attempt:
             raise
         finally:
             launcher.unregister(self)
+            if self.gpus:
+                launcher.give_gpus(self)
             if not self.lost or self.gave_up or self.proc is None:
                 self.release_store_lease()  # a lease taken for a child that never started goes back
             if log is not None:
@@ -147,6 +158,14 @@ class Attempt:
         else:
             self.events.note(f"{self.claim.run_id}: pid {orphan.pid} cannot be proven to be the "
                              "run's old child; left alone")
+
+    def _take_gpus(self) -> bool:
+        """Wait, holding the claim under the heartbeat, for this run's ``nproc`` GPUs (``--gpus``;
+        none without it). A stop meanwhile gives the claim back unused."""
+        self.gpus = self.launcher.take_gpus(self)
+        if self.gpus is None and not self.lost:
+            self._give_claim_back()
+        return self.gpus is not None
 
     def _prepare(self) -> bool:
         """Everything between the claim and the child; ``False`` when nothing is to be started."""
@@ -242,7 +261,12 @@ class Attempt:
         """Start the child and stream its output; its exit code, or ``None`` if it never started."""
         launcher, claim = self.launcher, self.claim
         argv = launcher.spec.argv(launcher.sweep.runs_by_id[claim.run_id], self.paths.url, claim.attempt)
-        env = launcher.env(claim, self.paths, self.slot)
+        argv = agent_argv(argv, self.nproc, launcher.spec.grace_s) if self.nproc > 1 else argv
+        killed = self.processes.kill_strays(None) if launcher.spec.max_nproc() > 1 else []
+        if killed:  # ranks an earlier attempt on this machine left running
+            self.events.note(f"{claim.run_id}: killed pid(s) {', '.join(map(str, killed))} and their "
+                             "groups, left running by an earlier attempt")
+        env = launcher.env(claim, self.paths, self.gpus)
         self.started_at = time.monotonic()
         if self.lost:  # the lease ran out while the start was being prepared
             self._ended(self._release(None), None)
@@ -272,7 +296,7 @@ class Attempt:
             log.write(raw)
             self.events.output(claim.run_id, raw.decode(errors="replace").rstrip("\n"))
         rc = proc.wait()
-        _signal_group(proc.pid, signal.SIGKILL)  # what it left behind ends with the attempt
+        self.processes.end(proc.pid, claim.attempt)  # what it left behind ends with the attempt
         return rc
 
     def _conclude(self, rc: int) -> None:
@@ -378,7 +402,7 @@ class Attempt:
                 proc.wait()
             drain.join(5)
         if proc is not None:
-            _signal_group(proc.pid, signal.SIGKILL)
+            self.processes.end(proc.pid, self.claim.attempt)
         if not self.lost and not self.recorded:
             try:
                 self._record(Outcome.INTERRUPTED, proc.returncode if proc else None)
@@ -468,24 +492,17 @@ class Attempt:
         self.kill()
 
     def terminate(self) -> None:
+        """Ask the run to save and exit: SIGTERM to its group, or to each rank (see :class:`Processes`)."""
         self.terminated = True
         proc = self.proc
         if proc is not None and proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
+            self.processes.signal(proc, signal.SIGTERM)
 
     def kill(self) -> None:
         proc = self.proc
         if proc is not None and proc.poll() is None:
             self.killed = True
-            _signal_group(proc.pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    """Signal a child's process group (it leads one: spawned in its own session)."""
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+            self.processes.signal(proc, signal.SIGKILL)
 
 
 def _drain(proc: subprocess.Popen[bytes], log: _AttemptLog | None) -> None:

@@ -87,11 +87,13 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
     from rich.console import Console
 
     from .fleet import parse_duration
+    from .ranks import check_launchable
     from .runner import Launcher, LaunchOptions
     from .sweep import Sweep
 
     gpu_list = _parse_gpus(gpus)
     limit_s = parse_duration(time_limit) if time_limit is not None else None
+    check_launchable(spec, gpu_list)
     sweep = Sweep(spec, ledger)
     led = sweep.prepare(move_ledger=move_ledger)
     console = Console(stderr=False)
@@ -118,7 +120,7 @@ def launch(
     sweep_file: SweepFile,
     workers: WorkersOpt = 1,
     gpus: Annotated[str | None, typer.Option(
-        "--gpus", help="Comma-separated GPU indices: one slot per GPU, each with its own CUDA_VISIBLE_DEVICES.")] = None,
+        "--gpus", help="Comma-separated GPU indices: each run takes nproc of them, listed in its CUDA_VISIBLE_DEVICES.")] = None,
     store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
     lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None, time_limit: TimeLimitOpt = None,
     move_ledger: MoveLedgerOpt = False,
@@ -136,7 +138,7 @@ def launch(
 def worker(
     sweep_file: SweepFile,
     workers: WorkersOpt = 1,
-    gpus: Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices, one slot each.")] = None,
+    gpus: Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices; each run takes nproc of them.")] = None,
     store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
     lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None, time_limit: TimeLimitOpt = None,
     move_ledger: MoveLedgerOpt = False,
@@ -225,7 +227,7 @@ def show(
     sweep.store.check_present()
     detail = run_detail(sweep, resolve_run(sweep, run))
     if as_json:
-        print_json(_finite(detail.as_json()), indent=1)
+        print_json(_finite({**detail.as_json(), "nproc": detail.row.nproc}), indent=1)
         return
     from rich.console import Console
 

@@ -315,3 +315,69 @@ def spawn(argv: Any, **popen_kwargs: Any) -> subprocess.Popen[Any]:
             user_preexec()
 
     return _spawner.spawn(argv, {**popen_kwargs, "preexec_fn": preexec})
+
+
+# -- the ranks of a multi-process run ---------------------------------------------------------
+
+def children(pid: int) -> list[int]:
+    """The live children of ``pid`` on this machine, from /proc (``[]`` where there is none)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tasks = []
+    for task in tasks:  # the kernel's own list, where it keeps one (CONFIG_PROC_CHILDREN)
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            found = []
+            break
+    else:
+        if tasks:
+            return sorted(set(found))
+    for entry in _pids():  # otherwise every process's parent
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:
+                    found.append(entry)
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(set(found))
+
+
+def processes_with_env(wanted: dict[str, str]) -> list[ProcessRef]:
+    """Every other process of this machine (this user's: others' environments cannot be read)
+    whose environment holds each of ``wanted``'s variables with exactly that value."""
+    needles = [f"{k}={v}".encode() for k, v in wanted.items()]
+    me = os.getpid()
+    found = []
+    for pid in _pids():
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if all(n in env for n in needles):
+            ref = ProcessRef.of(pid)
+            if ref.start is not None:
+                found.append(ref)
+    return found
+
+
+def end_process(ref: ProcessRef, sig: int = signal.SIGKILL) -> bool:
+    """Signal ``ref``'s process group if it leads one (a rank does), else the process alone."""
+    try:
+        leads = os.getpgid(ref.pid) == ref.pid
+    except OSError:
+        return False
+    return ref.kill_group(sig) if leads else ref.kill(sig)
+
+
+def _pids() -> list[int]:
+    try:
+        return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []

@@ -126,7 +126,10 @@ def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[Sta
     # The run column shows the id's hash (the readable part repeats the params column);
     # `status --json` has the full folder names.
     table.add_column("run", no_wrap=True)
-    for name in ("params", "state", "attempts", "progress", "ckpt age", "worker"):
+    # The world size, only in a sweep that has runs of several processes: one row per run,
+    # however many ranks it has.
+    procs = any(r.nproc > 1 for r in [*rows, *(everything or ())])
+    for name in ("params", *(("procs",) if procs else ()), "state", "attempts", "progress", "ckpt age", "worker"):
         table.add_column(name, overflow="fold")
     # The shown metric's last points, one character each; the column appears only when a
     # run has two points or more, and never wraps (a folded sparkline reads as two).
@@ -140,7 +143,7 @@ def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[Sta
         # ended in a preemption or a lost machine cost nothing (`status --json` has them).
         attempts = f"{r.failures}/{r.max_attempts} failed"
         table.add_row(escape(r.run_id.rsplit("-", 1)[-1]), escape(" ".join(f"{k}={_value(v)}" for k, v in r.params.items())),
-                      f"[{STATE_STYLE[r.state]}]{r.state.value}[/]", attempts, escape(progress),
+                      *((str(r.nproc),) if procs else ()), f"[{STATE_STYLE[r.state]}]{r.state.value}[/]", attempts, escape(progress),
                       format_age(r.checkpoint_age_s),
                       escape(r.worker or "-") + (" [red]lease contested[/]" if r.contested else ""), *extra)
     table.caption = totals_line(everything if everything is not None else rows)
@@ -181,6 +184,8 @@ def run_view(detail: RunDetail) -> Group:
                          (row.state.value, STATE_STYLE[row.state]))
     if row.worker:
         head.append(f" on {row.worker}")
+    if row.nproc > 1:
+        head.append(f" · {row.nproc} processes (torchrun)")
     parts.append(head)
     parts.append(Text("params: " + (" ".join(f"{k}={_value(v)}" for k, v in detail.params.items()) or "-")))
 

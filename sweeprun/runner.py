@@ -21,10 +21,12 @@ from . import settings
 from .attempt import Attempt, Events
 from .errors import LedgerError, SweeprunError
 from .fleet import Coordination, CoordinationRecord, Deadline, StopRequests, stop_poll_s
+from .gpus import GpuPool
 from .leases import StoreLeases, backoff_s, settle_default
 from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
 from .ledger.base import settled
 from .procs import ProcessRef
+from .ranks import NPROC_ENV, WORLD_SIZE_POLICY_ENV, check_launchable
 from .runenv import ATTEMPT, MTBI, PARAMS, PRIOR_MTBI_S, RUN_DIR, RUN_ID, SWEEP
 from .store import RunPaths
 from .sweep import Sweep
@@ -43,7 +45,7 @@ EXIT_UNSETTLED = 75
 @dataclass
 class LaunchOptions:
     workers: int = 1
-    gpus: Sequence[str] | None = None   # one slot per GPU, each with its own CUDA_VISIBLE_DEVICES
+    gpus: Sequence[str] | None = None   # GPU indices lent to runs, nproc each (CUDA_VISIBLE_DEVICES)
     heartbeat_s: float | None = None    # default: a quarter of the lease
     poll_s: float = 1.0                 # how often an idle slot looks for work
     time_limit_s: float | None = None   # this worker must be gone after this many seconds
@@ -111,6 +113,14 @@ class Launcher:
         self._kill_deadline: float | None = None
         self._errors: list[BaseException] = []
         self._started = 0
+        # --gpus: each run takes its nproc indices together; a slot per index (no run takes less)
+        check_launchable(self.spec, options.gpus)
+        self.gpu_pool = GpuPool(options.gpus) if options.gpus else None
+        self._gpus = threading.Condition()
+        self._by_nproc: dict[int, list[str]] = {}  # nproc -> the runs that take that many
+        if self.gpu_pool is not None:
+            for run in sweep.runs:
+                self._by_nproc.setdefault(self.spec.nproc_of(run), []).append(run.run_id)
 
     # -- public -----------------------------------------------------------------------
 
@@ -212,7 +222,7 @@ class Launcher:
                     return
                 news = self._news_seen
                 claim = self.ledger.claim(self.me, self.policy, self.spec.lease_s, self.grid,
-                                          skip=self._held_elsewhere())
+                                          skip=self._held_elsewhere() | self._no_gpus_for())
                 if claim is None:
                     if self.ledger.settled(self.policy, self.grid):
                         return
@@ -246,6 +256,42 @@ class Launcher:
         with self._news:
             self._news_seen += 1
             self._news.notify_all()
+
+    def _no_gpus_for(self) -> set[str]:
+        """The runs this launcher's free GPUs cannot take now (``--gpus``): left unclaimed."""
+        if self.gpu_pool is None:
+            return set()
+        with self._gpus:
+            refused = [n for n in self._by_nproc if not self.gpu_pool.admits(n)]
+        return {run_id for n in refused for run_id in self._by_nproc[n]}
+
+    def take_gpus(self, attempt: Attempt) -> tuple[str, ...] | None:
+        """Wait until ``attempt``'s run can have its ``nproc`` GPUs (see :mod:`sweeprun.gpus`);
+        ``()`` without ``--gpus``; ``None`` when the launcher stops or the run's lease is lost
+        meanwhile."""
+        if self.gpu_pool is None:
+            return ()
+        key, told = attempt.claim.run_id, False
+        with self._gpus:
+            while True:
+                if self.stopping or attempt.lost:
+                    self.gpu_pool.withdraw(key)
+                    return None
+                got = self.gpu_pool.take(key, attempt.nproc)
+                if got is not None:
+                    return got
+                if not told:
+                    told = True
+                    self.events.note(f"{key}: waiting for {attempt.nproc} GPUs ({len(self.gpu_pool.free)} "
+                                     "free); smaller runs take a GPU meanwhile only if enough stay free for it")
+                self._gpus.wait(self.heartbeat_s)
+
+    def give_gpus(self, attempt: Attempt) -> None:
+        assert self.gpu_pool is not None
+        with self._gpus:
+            self.gpu_pool.give_back(attempt.claim.run_id)
+            self._gpus.notify_all()
+        self._tell_news()
 
     def _held_elsewhere(self) -> set[str]:
         now = time.monotonic()
@@ -367,16 +413,18 @@ class Launcher:
 
     # -- the child's environment --------------------------------------------------------
 
-    def env(self, claim: Claim, paths: RunPaths, slot: int) -> dict[str, str]:
+    def env(self, claim: Claim, paths: RunPaths, gpus: tuple[str, ...] | None) -> dict[str, str]:
         env = dict(os.environ)
         env.pop(PARAMS, None)
         env.update({RUN_DIR: paths.url, RUN_ID: claim.run_id, ATTEMPT: str(claim.attempt),
-                    SWEEP: self.spec.name, "PYTHONUNBUFFERED": "1"})
+                    SWEEP: self.spec.name, "PYTHONUNBUFFERED": "1",
+                    NPROC_ENV: str(self.spec.nproc_of(self.sweep.runs_by_id[claim.run_id])),
+                    WORLD_SIZE_POLICY_ENV: self.spec.on_world_size_change})
         params = json.dumps(claim.params)
         if len(params.encode()) <= PARAMS_ENV_MAX_BYTES:
             env[PARAMS] = params
-        if self.options.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.options.gpus[slot])
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         if not settings.MTBI_S.present():  # a user's own figure wins
             mtbi = self._mtbi_s()
             if mtbi is not None:

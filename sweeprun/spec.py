@@ -64,9 +64,12 @@ __all__ = [
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 DEFAULTS: dict[str, Any] = {"max_attempts": 3, "max_lost": 5, "grace_s": 30.0, "lease_s": 60.0,
-                            "max_runs": 1_000_000}
+                            "max_runs": 1_000_000, "nproc": 1, "on_world_size_change": "reshard"}
 KEYS = ("name", "command", "store", "grid", "zip", "exclude", "params", "flags", "max_attempts", "max_lost",
-        "ledger", "grace_s", "lease_s", "max_runs", "lease_settle_s")
+        "ledger", "grace_s", "lease_s", "max_runs", "lease_settle_s", "nproc", "on_world_size_change")
+#: What a run does when it resumes at another world size than its checkpoint's: reshard the
+#: model and optimizer (RNG and data position then cannot be exact), or refuse to resume.
+WORLD_SIZE_POLICIES = ("reshard", "refuse")
 REQUIRED = ("name", "command", "grid")  # `zip:` may stand in for `grid:`
 
 MAX_NAME_CHARS = 128            # the name is a folder and part of the ledger's file name
@@ -100,6 +103,10 @@ class SweepSpec:
     exclude: list[dict[str, Any]] = field(default_factory=list)
     #: ``zip:`` came before ``grid:`` in the file, so its groups vary slowest.
     paired_first: bool = False
+    #: Processes per run: an int, or the name of the parameter that gives each run's (written
+    #: ``"{world}"`` in the file). Not part of a run's identity: changing it renames nothing.
+    nproc: int | str = 1
+    on_world_size_change: str = "reshard"
 
     def axes(self) -> list[dict[str, list[Any]]]:
         """The sweep's axes in the file's order (the first varies slowest): one per grid key,
@@ -132,6 +139,18 @@ class SweepSpec:
             raise SpecError(f"{self.source}: exclude skips every one of the sweep's {self.size():,} runs; "
                             "remove an entry")
         return out
+
+    def nproc_of(self, run: RunSpec) -> int:
+        """How many processes (ranks) ``run`` is started as."""
+        return self.nproc if isinstance(self.nproc, int) else int(run.params[self.nproc])
+
+    def max_nproc(self) -> int:
+        """The most processes any run of the sweep takes, without expanding the grid."""
+        if isinstance(self.nproc, int):
+            return self.nproc
+        values = self.grid.get(self.nproc) or next(
+            (group[self.nproc] for group in self.paired if self.nproc in group), [self.params.get(self.nproc, 1)])
+        return max(values)
 
     def argv(self, run: RunSpec, run_dir: str = "", attempt: int = 1) -> list[str]:
         """The run's command as an argument list, started without a shell (see :func:`build_argv`)."""
@@ -278,6 +297,10 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
         lease_settle_s=None if data.get("lease_settle_s") is None else _check_number(
             data["lease_settle_s"], f"{at('lease_settle_s')}: lease_settle_s", *RANGES["lease_settle_s"]),
         paired=list(paired.values()), exclude=exclude,
+        nproc=_check_nproc(data.get("nproc", DEFAULTS["nproc"]), at, clean_grid, columns, clean_params),
+        on_world_size_change=_check_choice(data.get("on_world_size_change", DEFAULTS["on_world_size_change"]),
+                                           f"{at('on_world_size_change')}: on_world_size_change",
+                                           WORLD_SIZE_POLICIES),
         paired_first="zip" in data and "grid" in data and list(data).index("zip") < list(data).index("grid"),
     )
     # The command's checks see each value a key takes once: a zip column may repeat a
@@ -287,6 +310,41 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
                   params=spec.params, flags=spec.flags, where=at("command"), at=at)
     check_rows(paired, spec.command, at)
     return spec
+
+
+def _check_nproc(value: Any, at: Any, grid: dict[str, list[Any]], columns: dict[str, list[Any]],
+                 params: dict[str, Any]) -> int | str:
+    """``nproc:``: an int, or ``"{name}"`` naming a parameter whose every value is such an int
+    (one grid then mixes 1- and N-process runs); the values are checked where they are written."""
+    lo, hi = RANGES["nproc"]
+    where = f"{at('nproc')}: nproc"
+    if not isinstance(value, str):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise SpecError(f"{where} must be an integer from {lo:,} to {hi:,} (processes per run), or "
+                            f"\"{{param}}\" naming a parameter that gives it, got {show(value)}")
+        return value
+    found = re.fullmatch(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", value.strip())
+    name = found.group(1) if found else None
+    known = [*grid, *columns, *params]
+    if name is None or name not in known:
+        hint = suggest(name, known) if name else ""
+        raise SpecError(f"{where} {show(value)} must be an integer, or \"{{param}}\" naming one of the sweep's "
+                        f"parameters{hint}{'' if known else ' (it has none)'}")
+    values, place, line = ((grid[name], f"grid.{name}", at(f"grid.{name}")) if name in grid else
+                           (columns[name], f"zip {name}", at("zip")) if name in columns else
+                           ([params[name]], f"params.{name}", at(f"params.{name}")))
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise SpecError(f"{line}: {place}: nproc is {value!r}, so every value of {name} must be a number "
+                            f"of processes, an integer from {lo:,} to {hi:,}; got {show(v)}")
+    return name
+
+
+def _check_choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SpecError(f"{what} must be one of {', '.join(choices)}, got {show(value)}"
+                        f"{suggest(value, choices) if isinstance(value, str) else ''}")
+    return value
 
 
 def _check_param_name(key: Any, where: str) -> None:

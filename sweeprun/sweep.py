@@ -75,6 +75,8 @@ class StatusRow:
     trend: tuple[float, ...] = ()
     #: Where the run's newest metrics are (not shown): read by :meth:`Sweep.with_progress`.
     metrics_path: str | None = field(default=None, repr=False, compare=False)
+    #: Its world size: the processes (ranks) it starts as, from the sweep file's ``nproc:``.
+    nproc: int = 1
 
     def as_json(self) -> dict[str, Any]:
         metric = None
@@ -84,7 +86,7 @@ class StatusRow:
                 "attempts": self.attempts, "failures": self.failures,
                 "max_attempts": self.max_attempts, "step": self.step, "metric": metric,
                 "checkpoint_age_s": self.checkpoint_age_s, "worker": self.worker,
-                "contested": self.contested,
+                "contested": self.contested, "nproc": self.nproc,
                 "trend": [v if math.isfinite(v) else None for v in self.trend]}
 
 
@@ -409,10 +411,20 @@ class Sweep:
                 max_attempts=self.spec.max_attempts,
                 step=None, metric=None, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
                 worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
-                metrics_path=self._metrics_path(run_id, files)))
+                metrics_path=self._metrics_path(run_id, files), nproc=self._nproc(run_id, params)))
         if only is None:  # `show` (``only``) writes nothing; `status` keeps its watch of the beats
             self.watch.save()
         return rows if summary else self.with_progress(rows)
+
+    def _nproc(self, run_id: str, params: dict[str, Any]) -> int:
+        """A run's world size by the sweep file (a run of another grid: by its own params)."""
+        run = self.runs_by_id.get(run_id)
+        if run is not None:
+            return self.spec.nproc_of(run)
+        if isinstance(self.spec.nproc, int):
+            return self.spec.nproc
+        value = params.get(self.spec.nproc)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
     def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:
         """``rows`` with each run's step, last metric and that metric's recent values

@@ -73,8 +73,10 @@ class Tenure:
     heartbeat renews it; :class:`~sweeprun.attempt.Attempt` keeps them apart.
     """
 
-    def __init__(self, ledger: Ledger, leases: StoreLeases | None, paths: RunPaths, claim: Claim) -> None:
+    def __init__(self, ledger: Ledger, leases: StoreLeases | None, paths: RunPaths, claim: Claim,
+                 nproc: int = 1) -> None:
         self.ledger = ledger
+        self.nproc = nproc  # the attempt's world size, in its record: what resumed at another one
         self.leases = leases
         self.paths = paths
         self.claim = claim
@@ -123,7 +125,8 @@ class Tenure:
                 if renumbered is None:
                     return None
                 self.claim = renumbered
-            record = {"attempt": target, "worker": self.claim.worker.label, "started_at": time.time()}
+            record = {"attempt": target, "worker": self.claim.worker.label, "started_at": time.time(),
+                      "nproc": self.nproc}
             if create_json(self.paths, self.paths.attempt_record(target), record):
                 return True
         raise SweeprunError(f"run {self.claim.run_id}: could not take a fresh attempt number in "
