@@ -99,6 +99,7 @@ def test_nproc_above_the_gpus_given_is_refused_before_anything_starts(sandbox: S
     assert not sandbox.store.exists()
 
 
+@pytest.mark.slow  # five multi-rank starts; the allocator's own tests above are the fast ones
 def test_gpus_are_packed_from_the_runs_own_environment(sandbox: Sandbox) -> None:
     """Issue 20's test 3: ``--gpus 0,1,2``, a grid of 1- and 2-process runs. Every rank writes
     the CUDA_VISIBLE_DEVICES it saw and when it started and ended: no index is in use by two

@@ -111,6 +111,7 @@ def test_a_command_that_is_not_python_runs_on_every_rank(sandbox: Sandbox) -> No
     assert sorted(sandbox.side_log.read_text().split()) == ["rank=0/2", "rank=1/2"]
 
 
+@pytest.mark.slow  # the fast subset has the SIGTERM test: ranks' exits read as one
 def test_one_rank_killed_ends_the_attempt_interrupted_and_the_run_resumes(sandbox: Sandbox) -> None:
     """SIGKILL of rank 1 alone: torchrun stops rank 0, the attempt is interrupted (not done, not
     a failure), and the same launcher runs it again from rank 0's checkpoint to the end."""
