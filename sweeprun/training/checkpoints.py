@@ -34,6 +34,7 @@ import re
 import stat
 import sys
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal
 
 import fsspec
@@ -123,6 +124,14 @@ class Manifest:
     #: ``sweeprun gc`` keeps what ``best`` loads and no more; ``None`` in manifests written
     #: before it was recorded (they load as before).
     retention: dict[str, Any] | None = None
+    #: A multi-rank run's checkpoint (:mod:`.sharded`): how many ranks wrote it, and each file
+    #: of its folder (``data``, ``<stem>.dcp``) with its size and sha256; ``None`` for one file.
+    world_size: int | None = None
+    files: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size is not None
 
     @property
     def name(self) -> Name:
@@ -164,16 +173,34 @@ class Manifest:
              and all(isinstance(k, str) and _finite(v) for k, v in obj.get("metrics", {}).items())),
             ("created", _finite(obj.get("created", 0.0))),
             ("retention", obj.get("retention") is None or Retention.from_record(obj["retention"]) is not None),
-            ("format", obj.get("format") == FORMAT)) if not ok]
+            ("format", obj.get("format") == FORMAT),
+            ("world_size", obj.get("world_size") is None or _int(obj.get("world_size"), 1)),
+            ("files", _shard_files(obj.get("files"), obj.get("world_size")))) if not ok]
         if problems:
             shown = ", ".join(f"{key}={obj.get(key)!r}"[:60] for key in problems)
             raise ValueError(f"bad field(s): {shown}")
         if (obj["attempt"], obj["seq"], obj["step"]) != (name.attempt, name.seq, name.step):
             raise ValueError("its attempt/seq/step do not match its file name")
-        if obj["data"] != name.data:
-            raise ValueError(f"it names the data file {obj['data']!r}, not {name.data!r} next to it; "
+        own = name.shards if obj.get("world_size") is not None else name.data
+        if obj["data"] != own:
+            raise ValueError(f"it names the data file {obj['data']!r}, not {own!r} next to it; "
                              "it is never read or deleted")
         return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
+
+
+def _shard_files(files: Any, world_size: Any) -> bool:
+    """A sharded manifest's file list: only names sweeprun and DCP write in the folder (never a
+    path elsewhere), each with a size and a sha256; absent for a one-file checkpoint."""
+    if world_size is None:
+        return files is None
+    from ..store.layout import DCP_METADATA, parse_rank_state, shard_file_rank
+
+    return isinstance(files, dict) and DCP_METADATA in files and all(
+        isinstance(n, str) and (n == DCP_METADATA or shard_file_rank(n) is not None
+                                or parse_rank_state(n) is not None)
+        and isinstance(r, dict) and _int(r.get("size"), 0) and isinstance(r.get("sha256"), str)
+        and re.fullmatch(r"[0-9a-f]{64}", r["sha256"]) is not None
+        for n, r in files.items())
 
 
 @dataclass(frozen=True)
@@ -264,7 +291,7 @@ class CheckpointDir:
         out = set()
         for name, regular in self.listing().items():
             parsed = Name.parse(name)
-            if parsed is not None and regular:
+            if parsed is not None and (regular or name == parsed.shards):
                 out.add(parsed)
             elif not name.startswith(TEMP_PREFIX) or not regular:
                 warn_once(f"{self.join(name)} is not a checkpoint file sweeprun writes; ignoring it")
@@ -286,7 +313,28 @@ class CheckpointDir:
         see :meth:`~sweeprun.store.base.StoreBackend.delete_file`."""
         if posixpath.basename(name) != name or name in ("", ".", ".."):
             return
+        parsed = Name.parse(name)
+        if parsed is not None and name == parsed.shards:
+            self._delete_shards(name)
+            return
         self.store.delete_file(self.join(name), set_aside=set_aside)
+
+    def _delete_shards(self, name: str) -> None:
+        """Remove a sharded checkpoint's folder (after its manifest): a real folder only,
+        never through a link."""
+        path = self.join(name)
+        native = self.store.native_path(path)
+        with store_errors("delete", path):
+            if native is not None:
+                try:
+                    if not stat.S_ISDIR(os.lstat(native).st_mode):
+                        return
+                except FileNotFoundError:
+                    return
+            try:
+                self.store.delete([path], recursive=True)
+            except FileNotFoundError:
+                return
 
     def manifests(self, listing: dict[str, bool] | None = None) -> list[Manifest]:
         """Every manifest that parses and checks out, oldest first. Anything else is reported
@@ -342,10 +390,12 @@ class CheckpointDir:
                                   f"checkpoint of format {FORMAT}; delete it and run again")
         return state
 
-    def load_latest(self, owner: Owner | None = None) -> Loaded | None:
+    def load_latest(self, owner: Owner | None = None,
+                    load: Callable[[Manifest], dict[str, Any]] | None = None) -> Loaded | None:
         """The newest checkpoint that verifies, falling back past missing, unreadable,
         truncated or corrupt ones (with a warning naming both). ``None`` when there is
-        none at all. With ``owner``, a checkpoint written by another run or sweep is refused."""
+        none at all. With ``owner``, a checkpoint written by another run or sweep is refused.
+        ``load`` reads one (ValueError: it does not verify); a multi-rank run reads sharded ones."""
         manifests = self.manifests()
         failed: list[str] = []
         for manifest in reversed(manifests):
@@ -355,7 +405,7 @@ class CheckpointDir:
                     f"{owner}; it was copied from another run directory: remove it (or the "
                     "checkpoints folder) and run again")
             try:
-                state = self.load(manifest)
+                state = (load or self.load)(manifest)
             except ValueError as exc:
                 failed.append(f"{manifest.data} ({exc})")
                 continue

@@ -264,9 +264,12 @@ class CheckpointWriter:
             if m.name not in keep and m.attempt <= self.attempt and m.owner == self.owner:
                 doomed += [m.name.manifest, m.data]
         for entry, regular in listing.items():
+            parsed = Name.parse(entry)
+            if (parsed is not None and entry == parsed.shards and not regular
+                    and parsed.attempt <= self.attempt and parsed.manifest not in listing):
+                doomed.append(entry)                    # a sharded save cut short (no commit)
             if not regular:
                 continue
-            parsed = Name.parse(entry)
             if (parsed is not None and entry == parsed.data and parsed.attempt <= self.attempt
                     and parsed.manifest not in listing):
                 doomed.append(entry)                    # data whose manifest was never written
