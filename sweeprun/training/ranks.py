@@ -49,18 +49,19 @@ class Ranks:
     rank: int
     world_size: int
     group: Any = None            # the process group of sweeprun's own collectives
+    save_group: Any = None       # ... of the background saves': never the training thread's
 
     @property
     def leader(self) -> bool:
         """Rank 0 writes what the run has one of: metrics, manifests, markers."""
         return self.rank == 0
 
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order, on every rank."""
+    def gather(self, obj: Any, group: Any = None) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank (on :attr:`group` unless given)."""
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        dist.all_gather_object(out, obj, group=self.group if group is None else group)
         return out
 
     def barrier(self) -> None:
@@ -82,12 +83,7 @@ class Ranks:
         values = [float(metrics[name]) for name in names]
         mine = torch.tensor([float(stop), float(due), float(len(names)), *values], dtype=torch.float64)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-        try:
-            dist.all_gather(gathered, mine, group=self.group)
-        except RuntimeError as exc:
-            if any(t.numel() != mine.numel() for t in gathered):
-                raise CheckpointError(_mismatch(names)) from None
-            raise
+        dist.all_gather(gathered, mine, group=self.group)
         table = torch.stack(gathered)
         if bool((table[:, 2] != len(names)).any()):
             raise CheckpointError(_mismatch(names))
@@ -154,4 +150,8 @@ def detect(env: Mapping[str, str] | None = None) -> Ranks | None:
     group = None
     if dist.get_backend() != "gloo":
         group = dist.new_group(backend="gloo")   # collective: every rank calls init() once
-    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), group=group)
+    # a background save talks on its own group: two threads never share one (their messages
+    # would interleave, or each wait on the other: KempnerForge #104)
+    save_group = dist.new_group(backend="gloo")
+    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), group=group,
+                 save_group=save_group)

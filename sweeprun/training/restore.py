@@ -16,9 +16,10 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..store import RunPaths, atomic_write
-from .checkpoints import CheckpointDir, Manifest
+from .checkpoints import CheckpointDir, Loaded, Manifest
 from .ranks import Ranks
-from .sharded import APPROXIMATE, load_own, verify
+from .sharded import APPROXIMATE, is_sharded_object, load_own, load_tensors, verify
+from .state import Stateful, from_safe
 
 
 def load_one(directory: CheckpointDir, manifest: Manifest, ranks: Ranks | None) -> dict[str, Any]:
@@ -32,6 +33,37 @@ def load_one(directory: CheckpointDir, manifest: Manifest, ranks: Ranks | None) 
             f"{ranks.world_size} ranks; resuming a one-process checkpoint on several ranks is not "
             "supported yet: resume it with one process, or delete the checkpoints folder to start over")
     return directory.load(manifest)
+
+
+def same_on_every_rank(loaded: Loaded | None, ranks: Ranks | None) -> None:
+    """Every rank resumes from the same checkpoint, or none does (a rank on an older step
+    than the others would train on silently)."""
+    if ranks is None:
+        return
+    chosen = ranks.gather(loaded.manifest.stem if loaded else None)
+    if len(set(chosen)) > 1:
+        raise CheckpointError(f"the ranks found different newest checkpoints ({', '.join(map(str, chosen))}); "
+                              "the checkpoints folder changed during the restore: run again")
+
+
+def load_objects(directory: CheckpointDir, loaded: Loaded, objects: dict[str, Stateful],
+                 ranks: Ranks | None) -> None:
+    """Load every tracked object: from this rank's state, and the models and optimizers of a
+    sharded checkpoint through DCP."""
+    state, manifest = loaded.state, loaded.manifest
+    tensors = {n: o for n, o in objects.items() if manifest.sharded and is_sharded_object(o)}
+    missing = sorted(set(objects) - set(state["objects"]) - set(tensors))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {directory.join(manifest.data)} has no state for "
+            f"{', '.join(missing)} (it has {', '.join(sorted(state['objects'])) or 'none'}); "
+            "the script registers more than it did when the checkpoint was written: "
+            "track the same objects, or delete the checkpoints folder to start over")
+    for name, obj in objects.items():
+        if name not in tensors:
+            obj.load_state_dict(from_safe(state["objects"][name]))
+    if tensors:
+        load_tensors(directory, manifest, tensors, ranks)
 
 
 def reshard_note(manifest: Manifest, ranks: Ranks | None, policy: str, paths: RunPaths | None,

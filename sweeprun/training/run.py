@@ -151,36 +151,18 @@ class Run:
     def restore(self) -> bool:
         """Load the newest checkpoint that verifies into every tracked object; ``False`` when
         the run starts fresh. Also cuts metrics.jsonl back to its length at that checkpoint."""
-        from .restore import load_one, reshard_note
+        from .restore import load_objects, load_one, reshard_note, same_on_every_rank
 
         loaded = self._dir.load_latest(Owner(self.run_id, self.sweep),
                                        load=lambda m: load_one(self._dir, m, self._ranks))
-        if self._ranks is not None:   # every rank resumes from the same checkpoint, or none does
-            chosen = self._ranks.gather(loaded.manifest.stem if loaded else None)
-            if len(set(chosen)) > 1:
-                raise CheckpointError(f"the ranks found different newest checkpoints ({', '.join(map(str, chosen))}); "
-                                      "the checkpoints folder changed during the restore: run again")
+        same_on_every_rank(loaded, self._ranks)
         if loaded is None:
             self._open_metrics()
             return False
         state = loaded.state
         note = reshard_note(loaded.manifest, self._ranks, self._on_world_size_change,
                             self.paths if self._under_launcher else None, self.attempt)
-        tensors = {n: o for n, o in self._objects.items() if loaded.manifest.sharded and n not in state["objects"]}
-        missing = sorted(set(self._objects) - set(state["objects"]) - set(tensors))
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {self._dir.join(loaded.manifest.data)} has no state for "
-                f"{', '.join(missing)} (it has {', '.join(sorted(state['objects'])) or 'none'}); "
-                "the script registers more than it did when the checkpoint was written: "
-                "track the same objects, or delete the checkpoints folder to start over")
-        for name, obj in self._objects.items():
-            if name not in tensors:
-                obj.load_state_dict(from_safe(state["objects"][name]))
-        if tensors:
-            from .sharded import load_tensors
-
-            load_tensors(self._dir, loaded.manifest, tensors, self._ranks)
+        load_objects(self._dir, loaded, self._objects, self._ranks)
         if self.capture_rng and state.get("rng") is not None:
             restore_rng(state["rng"])
         self.epoch = int(state["epoch"])
@@ -416,8 +398,8 @@ class Run:
         :meth:`close`. A save waits for the one in flight first: at most one snapshot
         exists at a time.
         """
-        if wait or not self.async_save or self._ranks is not None:
-            return self._save_durably()  # several ranks: a collective save, written before it returns
+        if wait or not self.async_save:
+            return self._save_durably()
         self._open_metrics()
         start = self._clock()
         self._collect(block=True)
@@ -456,16 +438,25 @@ class Run:
 
         return {n: o for n, o in self._objects.items() if not is_sharded_object(o)}
 
-    def _write_sharded(self) -> Manifest:
-        """Every rank's part of one checkpoint, committed by rank 0 once all are durable."""
-        from .sharded import ShardedWriter, dcp_state
+    def _write_sharded(self, background: bool = False) -> Manifest | None:
+        """Every rank's part of one checkpoint, committed by rank 0 once all are durable; in
+        the background, from host copies, each rank's thread on the save group."""
+        from .sharded import ShardedWriter, dcp_state, staged
 
         tensors = dcp_state({n: o for n, o in self._objects.items() if n not in self._own_objects()})
-        own = self.snapshot(copy=False)
-        writer = ShardedWriter(self._writer, self._ranks)  # type: ignore[arg-type]
-        return writer.write(self.step, own.state, tensors, own.metrics, flush=self._metrics.flush)
+        own = self.snapshot(copy=background)
+        writer = ShardedWriter(self._writer, self._ranks, background)  # type: ignore[arg-type]
+        if not background:
+            return writer.write(self.step, own.state, tensors, own.metrics, flush=self._metrics.flush)
+        tensors, flush = staged(tensors), self._metrics.flusher()
+        self._background.start(lambda: writer.write(own.step, own.state, tensors, own.metrics, flush=flush),
+                               self._clock)
+        return None
 
     def _write_in_background(self) -> None:
+        if self._ranks is not None:
+            self._write_sharded(background=True)
+            return
         snapshot = self.snapshot()
         flush_metrics, writer = self._metrics.flusher(), self._writer
 

@@ -78,6 +78,20 @@ def dcp_state(objects: Mapping[str, Any]) -> dict[str, Any]:
     return state
 
 
+def staged(tensors: dict[str, Any]) -> dict[str, Any]:
+    """A host copy of :func:`dcp_state` that training may not change: what a background save
+    writes while the next steps run (DTensors stay DTensors, with CPU shards)."""
+    from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+    import torch
+
+    pin = torch.cuda.is_available() and torch.cuda.is_initialized()
+    copy = _copy_state_dict(tensors, _create_cpu_state_dict(tensors, pin_memory=pin), non_blocking=pin)
+    if pin:
+        torch.cuda.synchronize()
+    return copy
+
+
 def load_dcp_state(objects: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -127,10 +141,12 @@ def files_digest(files: Mapping[str, Any]) -> str:
 class ShardedWriter:
     """The save of one rank of a multi-rank run; every rank calls :meth:`write` together."""
 
-    def __init__(self, writer: CheckpointWriter, ranks: Ranks) -> None:
+    def __init__(self, writer: CheckpointWriter, ranks: Ranks, background: bool = False) -> None:
         self.writer = writer
         self.dir = writer.dir
         self.ranks = ranks
+        self.group = ranks.save_group if background else ranks.group
+        """A background save's collectives use a group of their own (:class:`~.ranks.Ranks`)."""
 
     def write(self, step: int, own: dict[str, Any], tensors: dict[str, Any],
               metrics: dict[str, float], flush: Callable[[], None]) -> Manifest:
@@ -146,7 +162,7 @@ class ShardedWriter:
         flush()
         folder = self.dir.join(name.shards)
         dcp.save(tensors, storage_writer=_storage(self.dir, folder, write=True),
-                 process_group=self.ranks.group)
+                 process_group=self.group)
         crash_point("checkpoint.before_rank_state")
         error, files = None, {}
         try:
@@ -160,7 +176,7 @@ class ShardedWriter:
         except (OSError, CheckpointError) as exc:
             error = f"rank {self.ranks.rank}: {exc}"
         crash_point("checkpoint.rank_written")
-        reports = self.ranks.gather((error, files))
+        reports = self.ranks.gather((error, files), self.group)
         errors = [e for e, _ in reports if e]
         if errors:
             raise CheckpointError(f"checkpoint {folder} was not written by every rank: {'; '.join(errors)}; "
@@ -172,7 +188,7 @@ class ShardedWriter:
                 outcome = self._commit(name, merged, metrics)
             except (LeaseLost, CheckpointError, OSError) as exc:
                 outcome = exc
-        outcome = self.ranks.gather(outcome)[0]
+        outcome = self.ranks.gather(outcome, self.group)[0]
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
@@ -186,7 +202,7 @@ class ShardedWriter:
             seq = max((n.seq for n in map(Name.parse, listing) if n is not None), default=0) + 1
         except LeaseLost as exc:
             problem = str(exc)
-        reports = self.ranks.gather((problem, seq))
+        reports = self.ranks.gather((problem, seq), self.group)
         problems = [p for p, _ in reports if p]
         if problems:
             raise LeaseLost(problems[0])
@@ -273,6 +289,18 @@ def load_tensors(directory: CheckpointDir, manifest: Manifest, objects: Mapping[
     dcp.load(state, storage_reader=_storage(directory, directory.join(manifest.data), write=False),
              process_group=ranks.group if ranks else None, no_dist=ranks is None)
     load_dcp_state(objects, state)
+
+
+def read_tensors(directory: CheckpointDir, manifest: Manifest) -> dict[str, Any]:
+    """The models' and optimizers' full state from a sharded checkpoint, in this one process
+    (no process group): for reading a run from outside it (:func:`~.load.load_checkpoint`)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=_storage(directory, directory.join(manifest.data), write=False),
+                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return state
 
 
 def _saved_keys(directory: CheckpointDir, manifest: Manifest) -> set[str]:

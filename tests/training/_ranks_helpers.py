@@ -36,23 +36,28 @@ class RankRun:
     """One run folder of a multi-rank script, started as often as a test needs."""
 
     script: Path
-    out: Path
+    out: Path                          # a local folder (or, with ``logs``, a bucket URL as a str)
     world: int = 2
     flags: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 120             # guards a hung test only
+    logs: Path | None = None           # where the ranks' stderr and the final state go (default: beside out)
+
+    @property
+    def _beside(self) -> Path:
+        return self.logs if self.logs is not None else Path(self.out).parent / Path(self.out).name
 
     @property
     def final(self) -> Path:
         """Where the script's rank 0 writes the full state it gathered at its end."""
-        return self.out.parent / f"{self.out.name}.final.pt"
+        return Path(f"{self._beside}.final.pt")
 
     @property
     def metrics(self) -> Path:
         return self.out / "metrics.jsonl"
 
     def err(self, rank: int) -> str:
-        path = self.out.parent / f"{self.out.name}.rank{rank}.err"
+        path = Path(f"{self._beside}.rank{rank}.err")
         return path.read_text() if path.exists() else ""
 
     def _env(self, extra: dict[str, str] | None) -> dict[str, str]:
@@ -70,12 +75,12 @@ class RankRun:
         world = self.world if world is None else world
         port = str(free_port())
         procs = []
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._beside.parent.mkdir(parents=True, exist_ok=True)
         for rank in range(world):
             env = self._env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                              "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                              "MASTER_PORT": port, **(rank_env or {}).get(rank, {})})
-            with open(self.out.parent / f"{self.out.name}.rank{rank}.err", "w") as err:
+            with open(f"{self._beside}.rank{rank}.err", "w") as err:
                 procs.append(subprocess.Popen([sys.executable, *self._args(extra)], env=env, text=True,
                                               stdout=subprocess.DEVNULL, stderr=err))
         return procs

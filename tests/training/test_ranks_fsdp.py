@@ -7,10 +7,15 @@ user starts it.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
-from _ranks_helpers import FSDP, SIGTERM, RankRun, assert_same_result, reference
+import pytest
+
+from _ranks_helpers import FSDP, SIGTERM, RankRun, assert_same_result, assert_same_tree, reference
+from sweeprun import open_store
+from sweeprun.training import load_checkpoint
 
 
 def test_sigterm_to_rank_0_saves_every_shard_and_a_torchrun_resume_is_exact(shared_dir: Path,
@@ -29,3 +34,21 @@ def test_sigterm_to_rank_0_saves_every_shard_and_a_torchrun_resume_is_exact(shar
     assert result.returncode == 0, result.stderr
     assert f"resumed from {saved[0][1]}" in result.stderr
     assert_same_result(run, want)
+    # read from outside the run, the sharded checkpoint gathers into one process
+    assert_same_tree(load_checkpoint(run.out)["objects"]["model"], run.final_state()["model"])
+
+
+@pytest.mark.slow  # a moto S3 server and a whole 2-rank run
+def test_on_an_object_store_every_rank_writes_its_shards_through_the_store(
+        shared_dir: Path, s3_bucket: str, tmp_path: Path) -> None:
+    want = reference(shared_dir, FSDP)
+    run = RankRun(FSDP, f"{s3_bucket}/fsdp", logs=tmp_path / "run")  # type: ignore[arg-type]
+    assert run.complete() == [0, 0], run.err(0) + run.err(1)
+    store = open_store(f"{s3_bucket}/fsdp")
+    manifests = [n for n in store.fs.ls(f"{store.root}/checkpoints", detail=False) if n.endswith(".json")]
+    newest = json.loads(store.fs.cat_file(sorted(manifests)[-1]))
+    shards = {n.rsplit("/", 1)[1] for n in store.fs.ls(f"{store.root}/checkpoints/{newest['data']}", detail=False)}
+    assert shards == set(newest["files"]) and newest["world_size"] == 2
+    got = run.final_state()
+    assert_same_tree(got["model"], want.final_state()["model"], "model")
+    assert_same_tree(load_checkpoint(run.out)["objects"]["model"], got["model"])
