@@ -205,7 +205,7 @@ def _choice(*choices: str) -> Callable[[str], str]:
 ON_WORLD_SIZE_CHANGE = _declare(Setting(
     "SWEEPRUN_ON_WORLD_SIZE_CHANGE", "choice", _choice("reshard", "refuse"), "reshard",
     "A multi-rank run resumed at another world size: reshard (model and optimizer exact, RNG "
-    "and data position approximate, recorded in attempts/<n>.started) or refuse (exit 2).",
+    "and data position approximate, recorded in the attempt's started record) or refuse (exit 2).",
     valid="reshard, refuse", by="launcher",
     hint="it is set by sweeprun launch from the sweep file's on_world_size_change: give reshard or refuse"))
 

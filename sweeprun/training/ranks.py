@@ -70,9 +70,12 @@ class Ranks:
         dist.barrier(group=self.group)
 
     def agree(self, stop: bool, due: bool, metrics: dict[str, Any],
-              reduce: str | Mapping[str, str] | None) -> tuple[bool, bool, dict[str, Any]]:
-        """One all-gather per step: stop and save when any rank wants to, and the metrics
-        named in ``reduce`` reduced across ranks (the others as rank 0 has them).
+              reduce: str | Mapping[str, str] | None, failed: bool = False,
+              ) -> tuple[bool, bool, dict[str, Any], bool]:
+        """One all-gather per step: stop, save, and raise a failed background save's error,
+        when any rank wants to (a rank's thread may learn its save's outcome a step before
+        another's: all raise it at the same step); and the metrics named in ``reduce``
+        reduced across ranks (the others as rank 0 has them).
 
         Every rank must name the same metrics to reduce: they travel as one vector."""
         import torch
@@ -81,20 +84,22 @@ class Ranks:
         ops = _reductions(metrics, reduce)
         names = sorted(ops)
         values = [float(metrics[name]) for name in names]
-        mine = torch.tensor([float(stop), float(due), float(len(names)), *values], dtype=torch.float64)
+        mine = torch.tensor([float(stop), float(due), float(failed), float(len(names)), *values],
+                            dtype=torch.float64)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine, group=self.group)
         table = torch.stack(gathered)
-        if bool((table[:, 2] != len(names)).any()):
+        if bool((table[:, 3] != len(names)).any()):
             raise CheckpointError(_mismatch(names))
         reduced = dict(metrics)
-        for column, name in enumerate(names, start=3):
+        for column, name in enumerate(names, start=4):
             values_ = table[:, column]
             op = ops[name]
             value = (values_.mean() if op == "mean" else values_.sum() if op == "sum"
                      else values_.min() if op == "min" else values_.max())
             reduced[name] = value.item()
-        return bool(table[:, 0].max() > 0), bool(table[:, 1].max() > 0), reduced
+        flags = [bool(table[:, column].max() > 0) for column in range(3)]
+        return flags[0], flags[1], reduced, flags[2]
 
 
 def _mismatch(names: list[str]) -> str:

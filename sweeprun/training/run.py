@@ -259,7 +259,7 @@ class Run:
         per metric) logs the reduction across ranks instead, and then every rank must call
         ``log`` with the same names (it is a collective). With one process it changes nothing."""
         if reduce is not None and self._ranks is not None:
-            metrics = self._ranks.agree(False, False, metrics, reduce)[2]
+            metrics = self._ranks.agree(False, False, metrics, reduce)[2]  # a collective
         self._open_metrics()
         values = {k: plain(v) for k, v in metrics.items()}
         self._last_metrics.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
@@ -284,7 +284,8 @@ class Run:
         wants happens on all of them at this same step, and ``reduce`` (see :meth:`log`)
         reduces the named metrics across ranks before rank 0 logs them."""
         now = self._clock()
-        self._collect(block=False)             # a failed background save surfaces here
+        if self._ranks is None:
+            self._collect(block=False)         # a failed background save surfaces here
         self.step += 1
         self._step_s, self._step_started = now - self._step_started, now
         boundary = self._boundary(optimizer_stepped)
@@ -295,7 +296,10 @@ class Run:
                 self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
         stop, due = self._stop_reason is not None, self._due(now)
         if self._ranks is not None:            # what one rank wants, all do, at this step
-            stop, due, metrics = self._ranks.agree(stop, due, metrics, reduce)
+            stop, due, metrics, failed = self._ranks.agree(stop, due, metrics, reduce,
+                                                           self._background.failed)
+            if failed:
+                self._collect(block=True)      # its error, on every rank at this same step
             if stop and self._stop_reason is None:
                 self._stop_reason = "another rank was asked to stop"
         if metrics:

@@ -325,6 +325,11 @@ class BackgroundSave:
     def busy(self) -> bool:
         return self._thread is not None
 
+    @property
+    def failed(self) -> bool:
+        """The save in flight has ended with an error not yet raised."""
+        return self._thread is not None and not self._thread.is_alive() and self._error is not None
+
     def start(self, job: Callable[[], Manifest], clock: Callable[[], float] = time.monotonic) -> None:
         """Run ``job`` on a new thread, after the previous one has finished."""
         self.wait()
