@@ -134,7 +134,10 @@ def _number(value: Any) -> bool:
 
 def detect(env: Mapping[str, str] | None = None) -> Ranks | None:
     """This process's ranks, from the initialised default process group or, before the
-    script made one, ``RANK``/``WORLD_SIZE`` (torchrun's); ``None`` for a single process.
+    script made one, ``RANK``/``WORLD_SIZE`` (torchrun's); ``None`` for a process without
+    a process group. A script that made one is a multi-rank script even when it runs as one
+    rank: its checkpoints are DCP's too (an FSDP2 model's DTensors need it), so they reshard
+    when the run resumes at another world size, in either direction.
 
     A process that is one of several must have initialised its process group before
     :func:`~.start.init`: checkpoints are written together, so sweeprun needs it."""
@@ -149,8 +152,6 @@ def detect(env: Mapping[str, str] | None = None) -> Ranks | None:
             raise CheckpointError(
                 f"WORLD_SIZE={world}, RANK={env.get('RANK', '?')} but the process group is not "
                 "initialised; call torch.distributed.init_process_group() before sweeprun.init()")
-        return None
-    if dist.get_world_size() == 1:
         return None
     group = None
     if dist.get_backend() != "gloo":

@@ -113,3 +113,20 @@ def test_killed_at_two_ranks_resumed_at_one_reshards_and_says_it_was_approximate
     assert run.final_state()["step"] == final
     assert [e["step"] for e in run.entries()] == list(range(1, final + 1))
     assert (run_dir / "attempts" / "3.finished").exists()
+
+
+@pytest.mark.slow  # the reverse of the case above: one process, then two
+def test_killed_at_one_rank_resumed_at_two_reshards_too(tmp_path: Path) -> None:
+    run = RankRun(DDP, tmp_path / "run", world=1)
+    procs = run.start("--step-sleep-s", "0.05")
+    run.signal_at(procs, 3, rank=0, signum=SIGTERM)
+    assert run.wait(procs) == [75], run.err(0)
+    name, step = _saved(run.err(0))
+    assert run.manifests()[-1]["world_size"] == 1
+
+    assert run.complete(world=2) == [0, 0], run.err(0) + run.err(1)
+    assert f"resumed from {name} (step {step}" in run.err(0)
+    assert "resharded from 1 rank(s) to 2" in run.err(1)
+    final = run.final_state()["step"]
+    assert step < final < TOTAL_STEPS * 2
+    assert [e["step"] for e in run.entries()] == list(range(1, final + 1))
