@@ -29,9 +29,9 @@ def load_one(directory: CheckpointDir, manifest: Manifest, ranks: Ranks | None) 
         return load_own(directory, manifest, ranks.rank if ranks else 0, ranks.world_size if ranks else 1)
     if ranks is not None:
         raise CheckpointError(
-            f"checkpoint {directory.join(manifest.data)} was written by one process and this run has "
-            f"{ranks.world_size} ranks; resuming a one-process checkpoint on several ranks is not "
-            "supported yet: resume it with one process, or delete the checkpoints folder to start over")
+            f"checkpoint {directory.join(manifest.data)} was written by a process without a process "
+            f"group and this run has {ranks.world_size} rank(s); such a checkpoint cannot be "
+            "resharded: resume it the way it was written, or delete the checkpoints folder to start over")
     return directory.load(manifest)
 
 
