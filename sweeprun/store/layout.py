@@ -179,6 +179,10 @@ _LOG = re.compile(rf"attempt-(?P<n>{_POSITIVE})\.log")
 _ATTEMPT_RECORD = re.compile(rf"(?P<n>{_POSITIVE})\.(?P<kind>json|started|finished)")
 
 RecordKind = Literal["json", "started", "finished"]
+#: ``<n>.started`` holds ``{"attempt", "step"}``; a multi-rank run's adds ``"world_size"``, and a
+#: resume at another world size ``"resumed": {"checkpoint", "step", "world_size" (the saving
+#: run's), "approximate": ["rng", "data position"]}`` (:mod:`sweeprun.training.restore`).
+STARTED_RESUMED = "resumed"
 
 
 def metrics_part_name(attempt: int) -> str:

@@ -33,8 +33,8 @@ import posixpath
 import re
 import stat
 import sys
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import fsspec

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..store import RunPaths, atomic_write
+from ..store.layout import STARTED_RESUMED
 from .checkpoints import CheckpointDir, Loaded, Manifest
 from .ranks import Ranks
 from .sharded import APPROXIMATE, is_sharded_object, load_own, load_tensors, verify
@@ -82,7 +83,7 @@ def reshard_note(manifest: Manifest, ranks: Ranks | None, policy: str, paths: Ru
             f"forbids resharding: run it with {saved} rank(s), or allow reshard")
     if paths is not None and (ranks is None or ranks.leader):
         record = {"attempt": attempt, "step": 0, "world_size": now,
-                  "resumed": {"checkpoint": manifest.data, "step": manifest.step,
+                  STARTED_RESUMED: {"checkpoint": manifest.data, "step": manifest.step,
                               "world_size": saved, "approximate": APPROXIMATE}}
         atomic_write(paths.fs, paths.api_started(attempt), (json.dumps(record) + "\n").encode())
     note = (f"; resharded from {saved} rank(s) to {now}: model and optimizer exact, "

@@ -66,9 +66,11 @@ def _model_of(name: str, optimizer: Any, models: Mapping[str, Any]) -> Any:
 
 def dcp_state(objects: Mapping[str, Any]) -> dict[str, Any]:
     """The models' and optimizers' state as DCP saves and loads it (DTensors stay sharded)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     import torch
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     models = {n: o for n, o in objects.items() if isinstance(o, torch.nn.Module)}
     state: dict[str, Any] = {n: get_model_state_dict(m) for n, m in models.items()}
@@ -81,9 +83,8 @@ def dcp_state(objects: Mapping[str, Any]) -> dict[str, Any]:
 def staged(tensors: dict[str, Any]) -> dict[str, Any]:
     """A host copy of :func:`dcp_state` that training may not change: what a background save
     writes while the next steps run (DTensors stay DTensors, with CPU shards)."""
-    from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-
     import torch
+    from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 
     pin = torch.cuda.is_available() and torch.cuda.is_initialized()
     copy = _copy_state_dict(tensors, _create_cpu_state_dict(tensors, pin_memory=pin), non_blocking=pin)
@@ -93,9 +94,11 @@ def staged(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_dcp_state(objects: Mapping[str, Any], state: Mapping[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
     import torch
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     models = {n: o for n, o in objects.items() if isinstance(o, torch.nn.Module)}
     for name, model in models.items():

@@ -15,8 +15,16 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from _ranks_helpers import (
+    DDP,
+    SIGKILL,
+    SIGTERM,
+    TOTAL_STEPS,
+    RankRun,
+    assert_same_result,
+    reference,
+)
 
-from _ranks_helpers import DDP, SIGKILL, SIGTERM, TOTAL_STEPS, RankRun, assert_same_result, reference
 from sweeprun.training.checkpoints import CheckpointDir
 from sweeprun.training.restore import load_one
 

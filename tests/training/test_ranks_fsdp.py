@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from _ranks_helpers import FSDP, SIGTERM, RankRun, assert_same_result, assert_same_tree, reference
+
 from sweeprun import open_store
 from sweeprun.training import load_checkpoint
 
