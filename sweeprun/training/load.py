@@ -8,7 +8,7 @@ from typing import Any, Literal
 from ..errors import CheckpointError
 from ..store import RunPaths, open_store
 from .checkpoints import CheckpointDir, Manifest, Retention, recorded_retention
-from .sharded import load_own, read_tensors, verify
+from .sharded import load_own, read_tensors
 from .state import from_safe
 
 
@@ -17,7 +17,7 @@ def _load_any(directory: CheckpointDir, manifest: Manifest) -> dict[str, Any]:
     optimizers unsharded, the rest as rank 0 had it."""
     if not manifest.sharded:
         return directory.load(manifest)
-    verify(directory, manifest)
+    directory.verify(manifest)
     state = load_own(directory, manifest, 0, manifest.world_size or 1)
     state["objects"] = {**state["objects"], **read_tensors(directory, manifest)}
     return state

@@ -19,14 +19,14 @@ from ..store import RunPaths, atomic_write
 from ..store.layout import STARTED_RESUMED
 from .checkpoints import CheckpointDir, Loaded, Manifest
 from .ranks import Ranks
-from .sharded import APPROXIMATE, is_sharded_object, load_own, load_tensors, verify
+from .sharded import APPROXIMATE, is_sharded_object, load_own, load_tensors
 from .state import Stateful, from_safe
 
 
 def load_one(directory: CheckpointDir, manifest: Manifest, ranks: Ranks | None) -> dict[str, Any]:
     """This process's state from one checkpoint (ValueError: it does not verify, try an older one)."""
     if manifest.sharded:
-        verify(directory, manifest)
+        directory.verify(manifest)
         return load_own(directory, manifest, ranks.rank if ranks else 0, ranks.world_size if ranks else 1)
     if ranks is not None:
         raise CheckpointError(

@@ -35,7 +35,7 @@ from typing import Any
 
 from ..errors import CheckpointError, LeaseLost
 from ..faults import crash_point
-from ..store import UPLOAD_PART_BYTES, atomic_write, create_only, fsync_dir, store_errors
+from ..store import atomic_write, create_only, fsync_dir
 from ..store.layout import DCP_METADATA, parse_rank_state, rank_state_name, shard_file_rank
 from .checkpoints import CheckpointDir, Manifest, Name, _finite
 from .ranks import Ranks
@@ -125,16 +125,6 @@ def _storage(directory: CheckpointDir, folder: str, write: bool) -> Any:
     return storage
 
 
-def file_digest(directory: CheckpointDir, path: str) -> tuple[int, str]:
-    """Size and sha256 of a file of the store, read in parts."""
-    digest, size = hashlib.sha256(), 0
-    with store_errors("read", path), directory.fs.open(path, "rb", block_size=UPLOAD_PART_BYTES) as f:
-        while chunk := f.read(UPLOAD_PART_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
 def files_digest(files: Mapping[str, Any]) -> str:
     """What a sharded manifest's ``sha256`` is: the hash of its file list, so it still says
     "these bytes" in one field to whoever reads only that."""
@@ -222,7 +212,7 @@ class ShardedWriter:
             raise CheckpointError(f"DCP wrote no {DCP_METADATA} in {folder}")
         out = {}
         for n in sorted(mine):
-            size, sha = file_digest(self.dir, posixpath.join(folder, n))
+            size, sha = self.dir.digest(posixpath.join(folder, n))
             out[n] = {"size": size, "sha256": sha}
         return out
 
@@ -243,22 +233,6 @@ class ShardedWriter:
         self.writer.prune(Folder({**folder.listing, name.shards: False, name.manifest: True},
                                  [*folder.manifests, manifest]))
         return manifest
-
-
-def verify(directory: CheckpointDir, manifest: Manifest) -> None:
-    """ValueError unless every file the manifest lists is there with its size and sha256."""
-    folder = directory.join(manifest.data)
-    for name, record in sorted((manifest.files or {}).items()):
-        try:
-            size, sha = file_digest(directory, posixpath.join(folder, name))
-        except FileNotFoundError:
-            raise ValueError(f"{name} is missing") from None
-        except OSError as exc:
-            raise ValueError(f"{name} is unreadable: {exc}") from None
-        if size != record["size"]:
-            raise ValueError(f"{name} is truncated: {size} bytes, manifest says {record['size']}")
-        if sha != record["sha256"]:
-            raise ValueError(f"{name} is corrupt: sha256 {sha[:12]}..., manifest says {record['sha256'][:12]}...")
 
 
 def load_own(directory: CheckpointDir, manifest: Manifest, rank: int, world_size: int) -> dict[str, Any]:

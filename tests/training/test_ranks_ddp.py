@@ -55,12 +55,14 @@ def test_sigterm_to_one_rank_saves_once_at_the_same_step_on_both_and_resumes_exa
     assert_same_result(run, want)
 
 
+@pytest.mark.parametrize("async_save", ["1", pytest.param("0", marks=pytest.mark.slow)])
 def test_a_kill_after_one_rank_wrote_its_part_resumes_from_the_previous_checkpoint(
-        shared_dir: Path, tmp_path: Path) -> None:
+        shared_dir: Path, tmp_path: Path, async_save: str) -> None:
     """Rank 1 dies in the second save after DCP wrote the shards and before its own state was
-    written: that save has no manifest, is never read, and the next commit removes it."""
+    written: that save has no manifest, is never read, and the next commit removes it.
+    Cadence saves are background ones unless SWEEPRUN_ASYNC_SAVE=0: both paths."""
     want = reference(shared_dir, DDP)
-    run = RankRun(DDP, tmp_path / "run")
+    run = RankRun(DDP, tmp_path / "run", env={"SWEEPRUN_ASYNC_SAVE": async_save})
     procs = run.start(rank_env={1: {"SWEEPRUN_CRASH_AT": "checkpoint.before_rank_state@2"}})
     assert procs[1].wait(timeout=run.timeout_s) == -SIGKILL
     procs[0].send_signal(SIGKILL)                 # the launcher ends the rest of the attempt
