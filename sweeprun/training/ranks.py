@@ -107,6 +107,12 @@ def _mismatch(names: list[str]) -> str:
             "every rank must call end_step/log with the same names and the same reduce=")
 
 
+def check_reduce(metrics: dict[str, Any], reduce: str | Mapping[str, str]) -> None:
+    """Refuse a ``reduce`` that names a metric not logged, a non-number or an unknown
+    reduction (ValueError) with one process too: the script must not fail only at N ranks."""
+    _reductions(metrics, reduce)
+
+
 def _reductions(metrics: dict[str, Any], reduce: str | Mapping[str, str] | None) -> dict[str, str]:
     """``{metric: op}`` for the metrics to reduce; a bad ``reduce`` is a ValueError naming it."""
     if reduce is None:

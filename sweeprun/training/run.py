@@ -36,7 +36,7 @@ from ..store import RunPaths, atomic_write
 from .cadence import AutoInterval
 from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention
 from .metrics import MetricsLog, NoMetrics, plain
-from .ranks import Ranks
+from .ranks import Ranks, check_reduce
 from .state import (
     HostBuffers,
     Stateful,
@@ -260,6 +260,8 @@ class Run:
         ``log`` with the same names (it is a collective). With one process it changes nothing."""
         if reduce is not None and self._ranks is not None:
             metrics = self._ranks.agree(False, False, metrics, reduce)[2]  # a collective
+        elif reduce is not None:
+            check_reduce(metrics, reduce)      # one process: nothing to reduce, but the same rules
         self._open_metrics()
         values = {k: plain(v) for k, v in metrics.items()}
         self._last_metrics.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
@@ -302,6 +304,8 @@ class Run:
                 self._collect(block=True)      # its error, on every rank at this same step
             if stop and self._stop_reason is None:
                 self._stop_reason = "another rank was asked to stop"
+        elif reduce is not None:
+            check_reduce(metrics, reduce)
         if metrics:
             self.log(**metrics)
         if not boundary:
