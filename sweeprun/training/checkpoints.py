@@ -147,7 +147,10 @@ class Manifest:
         return Owner(self.run_id, self.sweep)
 
     def to_bytes(self) -> bytes:
-        return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
+        record = asdict(self)
+        if not self.sharded:                 # a one-file manifest reads as it always has
+            del record["world_size"], record["files"]
+        return (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes, filename: str) -> Manifest:

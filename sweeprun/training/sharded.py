@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import CheckpointError, LeaseLost
+from ..errors import CheckpointError, SweeprunError
 from ..faults import crash_point
 from ..store import atomic_write, create_only, fsync_dir
 from ..store.layout import DCP_METADATA, parse_rank_state, rank_state_name, shard_file_rank
@@ -166,7 +166,7 @@ class ShardedWriter:
             if native is not None:
                 fsync_dir(native)              # DCP's own files' names are durable too
             files = self._mine(folder)
-        except (OSError, CheckpointError) as exc:
+        except (OSError, SweeprunError) as exc:   # reported, never raised alone: the others wait
             error = f"rank {self.ranks.rank}: {exc}"
         crash_point("checkpoint.rank_written")
         reports = self.ranks.gather((error, files), self.group)
@@ -179,8 +179,10 @@ class ShardedWriter:
             try:
                 merged = {k: v for _, report in reports for k, v in report.items()}
                 outcome = self._commit(name, merged, metrics)
-            except (LeaseLost, CheckpointError, OSError) as exc:
+            except SweeprunError as exc:
                 outcome = exc
+            except OSError as exc:
+                outcome = CheckpointError(f"the commit of {folder} failed: {exc}")
         outcome = self.ranks.gather(outcome, self.group)[0]
         if isinstance(outcome, BaseException):
             raise outcome
@@ -189,16 +191,17 @@ class ShardedWriter:
     def _agree_on_name(self, step: int) -> Name:
         """Every rank fences; rank 0's listing gives the sequence number. One rank fenced
         out means all are: they stop together."""
-        problem, seq = None, 0
+        problem: SweeprunError | None = None
+        seq = 0
         try:
             listing = self.writer.fence().listing
             seq = max((n.seq for n in map(Name.parse, listing) if n is not None), default=0) + 1
-        except LeaseLost as exc:
-            problem = str(exc)
+        except SweeprunError as exc:             # a lost lease, an unreadable folder: all stop
+            problem = exc
         reports = self.ranks.gather((problem, seq), self.group)
-        problems = [p for p, _ in reports if p]
+        problems = [p for p, _ in reports if p is not None]
         if problems:
-            raise LeaseLost(problems[0])
+            raise problems[0]
         return Name(self.writer.attempt, reports[0][1], step)
 
     def _mine(self, folder: str) -> dict[str, dict[str, Any]]:
@@ -243,6 +246,8 @@ def load_own(directory: CheckpointDir, manifest: Manifest, rank: int, world_size
     import torch
 
     source = rank if manifest.world_size == world_size else 0
+    if rank_state_name(source) not in (manifest.files or {}):
+        raise ValueError(f"its manifest lists no {rank_state_name(source)}")
     rel = f"{manifest.data}/{rank_state_name(source)}"
     try:
         state = torch.load(io.BytesIO(directory.read(rel)), map_location="cpu", weights_only=True)

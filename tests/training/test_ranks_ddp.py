@@ -140,3 +140,16 @@ def test_killed_at_one_rank_resumed_at_two_reshards_too(tmp_path: Path) -> None:
     final = run.final_state()["step"]
     assert step < final < TOTAL_STEPS * 2
     assert [e["step"] for e in run.entries()] == list(range(1, final + 1))
+
+
+def test_a_taken_over_attempt_is_fenced_on_every_rank_and_writes_nothing(tmp_path: Path) -> None:
+    """Attempt 2 has started elsewhere: at the first save both ranks of attempt 1 stop with 75."""
+    run_dir = tmp_path / "runs" / "lr=0.01"
+    (run_dir / "attempts").mkdir(parents=True)
+    (run_dir / "attempts" / "2.json").write_text("{}")
+    run = RankRun(DDP, run_dir, env={"SWEEPRUN_RUN_DIR": str(run_dir), "SWEEPRUN_RUN_ID": "lr=0.01",
+                                     "SWEEPRUN_SWEEP": "s", "SWEEPRUN_ATTEMPT": "1"})
+    assert run.complete() == [75, 75], run.err(0) + run.err(1)
+    for rank in (0, 1):
+        assert "attempt 2 has started" in run.err(rank)
+    assert not list(run_dir.glob("checkpoints/*"))
