@@ -192,6 +192,23 @@ ASYNC_SAVE = _declare(flag("SWEEPRUN_ASYNC_SAVE", True, "0: cadence saves are wr
                            "end_step returns, when init(async_save=...) is not given.",
                            hint="unset it or give one"))
 
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"is not one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+ON_WORLD_SIZE_CHANGE = _declare(Setting(
+    "SWEEPRUN_ON_WORLD_SIZE_CHANGE", "choice", _choice("reshard", "refuse"), "reshard",
+    "A multi-rank run resumed at another world size: reshard (model and optimizer exact, RNG "
+    "and data position approximate, recorded in the attempt's started record) or refuse (exit 2).",
+    valid="reshard, refuse", by="launcher",
+    hint="it is set by sweeprun launch from the sweep file's on_world_size_change: give reshard or refuse"))
+
 # -- the launcher, the ledger and the store --------------------------------------------------
 LEDGER = _declare(text("SWEEPRUN_LEDGER", "The ledger (a SQLite path or postgresql:// URL) when "
                        "--ledger is not given; before the sweep file's ledger:."))

@@ -13,6 +13,7 @@ and a run's folder::
     params.json  DONE  metrics.jsonl  metrics/attempt-<n>.jsonl  logs/attempt-<n>.log
     attempts/<n>.json|.started|.finished
     checkpoints/ckpt-a<n>-<seq>-step<step>.pt|.json
+    checkpoints/ckpt-a<n>-<seq>-step<step>.dcp/.metadata|__<rank>_<i>.distcp|rank-<rank>.pt
     lease/<generation>.json|.beat|.released   lease/<generation>.<nonce>.claim
     trainer/checkpoint-<step>/sweeprun-seal.json
     trainer/.sweeprun-rejected/checkpoint-<step>-a<n>[.<k>]
@@ -178,6 +179,10 @@ _LOG = re.compile(rf"attempt-(?P<n>{_POSITIVE})\.log")
 _ATTEMPT_RECORD = re.compile(rf"(?P<n>{_POSITIVE})\.(?P<kind>json|started|finished)")
 
 RecordKind = Literal["json", "started", "finished"]
+#: ``<n>.started`` holds ``{"attempt", "step"}``; a multi-rank run's adds ``"world_size"``, and a
+#: resume at another world size ``"resumed": {"checkpoint", "step", "world_size" (the saving
+#: run's), "approximate": ["rng", "data position"]}`` (:mod:`sweeprun.training.restore`).
+STARTED_RESUMED = "resumed"
 
 
 def metrics_part_name(attempt: int) -> str:
@@ -216,7 +221,7 @@ def parse_attempt_record(name: str) -> tuple[int, RecordKind] | None:
 # -- checkpoints -----------------------------------------------------------------------------
 
 _STEM = rf"ckpt-a(?P<attempt>{_POSITIVE})-(?P<seq>{_PADDED})-step(?P<step>{_PADDED})"
-_CHECKPOINT = re.compile(rf"{_STEM}\.(?P<ext>pt|json)")
+_CHECKPOINT = re.compile(rf"{_STEM}\.(?P<ext>pt|json|dcp)")
 #: The stem inside a temp file's name (the writer's ``.tmp-<stem>-<random>.pt`` and
 #: ``.tmp-<stem>-pruned.pt``; the store's ``.tmp-<random>-<stem>.json``): the stem ends there.
 _STEM_IN_TEMP = re.compile(rf"{_STEM}(?=-|\.(?:pt|json)\Z)")
@@ -249,6 +254,11 @@ class CheckpointName:
         return self.stem + ".json"
 
     @property
+    def shards(self) -> str:
+        """The folder of a sharded checkpoint (a multi-rank run's): its manifest is :attr:`manifest`."""
+        return self.stem + ".dcp"
+
+    @property
     def temp_prefix(self) -> str:
         """What a streamed write of the data file names its temp file with."""
         return f"{TEMP_PREFIX}{self.stem}-"
@@ -260,7 +270,7 @@ class CheckpointName:
 
     @classmethod
     def parse(cls, name: str) -> CheckpointName | None:
-        """A data file's or a manifest's name; ``None`` for any other name."""
+        """A data file's, a manifest's or a shards folder's name; ``None`` for any other name."""
         m = _match(_CHECKPOINT, name)
         return cls(int(m["attempt"]), int(m["seq"]), int(m["step"])) if m else None
 
@@ -271,6 +281,38 @@ class CheckpointName:
             return None
         m = _STEM_IN_TEMP.search(name)
         return cls(int(m["attempt"]), int(m["seq"]), int(m["step"])) if m else None
+
+
+# -- inside a sharded checkpoint's folder (``<stem>.dcp/``) ------------------------------------
+#
+# A multi-rank run's checkpoint: torch.distributed.checkpoint (DCP) writes ``.metadata`` and
+# each rank's tensor shards (``__<rank>_<i>.distcp``); sweeprun writes each rank's own state
+# (RNG, sampler, extras: ``rank-<rank>.pt``). Its manifest (``<stem>.json`` beside the folder)
+# lists every file with its size and hash and is written last, by rank 0, once all ranks
+# reported: a folder without one is a save cut short and is never read.
+
+#: DCP's metadata file, written by its coordinator (rank 0) once every rank's write returned.
+DCP_METADATA = ".metadata"
+_RANK = rf"(?:0|{_POSITIVE})"
+_SHARD_FILE = re.compile(rf"__(?P<rank>{_RANK})_(?P<i>{_RANK})\.distcp")
+_RANK_STATE = re.compile(rf"rank-(?P<rank>{_RANK})\.pt")
+
+
+def rank_state_name(rank: int) -> str:
+    """``rank-<rank>.pt``: one rank's own state in a sharded checkpoint's folder."""
+    return f"rank-{_number(rank, 0)}.pt"
+
+
+def parse_rank_state(name: str) -> int | None:
+    """The rank of a ``rank-<rank>.pt`` name; ``None`` for any other name."""
+    m = _match(_RANK_STATE, name)
+    return int(m["rank"]) if m else None
+
+
+def shard_file_rank(name: str) -> int | None:
+    """The rank that wrote a DCP shard file (``__<rank>_<i>.distcp``); ``None`` for any other name."""
+    m = _match(_SHARD_FILE, name)
+    return int(m["rank"]) if m else None
 
 
 # -- store leases ----------------------------------------------------------------------------

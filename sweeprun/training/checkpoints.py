@@ -33,12 +33,14 @@ import posixpath
 import re
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import fsspec
 
 from ..errors import CheckpointError, StoreError
+from ..store import UPLOAD_PART_BYTES as _PART_BYTES
 from ..store import backend_for, store_errors
 from ..store.layout import TEMP_PREFIX, CheckpointName
 
@@ -123,6 +125,14 @@ class Manifest:
     #: ``sweeprun gc`` keeps what ``best`` loads and no more; ``None`` in manifests written
     #: before it was recorded (they load as before).
     retention: dict[str, Any] | None = None
+    #: A multi-rank run's checkpoint (:mod:`.sharded`): how many ranks wrote it, and each file
+    #: of its folder (``data``, ``<stem>.dcp``) with its size and sha256; ``None`` for one file.
+    world_size: int | None = None
+    files: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size is not None
 
     @property
     def name(self) -> Name:
@@ -137,7 +147,10 @@ class Manifest:
         return Owner(self.run_id, self.sweep)
 
     def to_bytes(self) -> bytes:
-        return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
+        record = asdict(self)
+        if not self.sharded:                 # a one-file manifest reads as it always has
+            del record["world_size"], record["files"]
+        return (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes, filename: str) -> Manifest:
@@ -164,16 +177,34 @@ class Manifest:
              and all(isinstance(k, str) and _finite(v) for k, v in obj.get("metrics", {}).items())),
             ("created", _finite(obj.get("created", 0.0))),
             ("retention", obj.get("retention") is None or Retention.from_record(obj["retention"]) is not None),
-            ("format", obj.get("format") == FORMAT)) if not ok]
+            ("format", obj.get("format") == FORMAT),
+            ("world_size", obj.get("world_size") is None or _int(obj.get("world_size"), 1)),
+            ("files", _shard_files(obj.get("files"), obj.get("world_size")))) if not ok]
         if problems:
             shown = ", ".join(f"{key}={obj.get(key)!r}"[:60] for key in problems)
             raise ValueError(f"bad field(s): {shown}")
         if (obj["attempt"], obj["seq"], obj["step"]) != (name.attempt, name.seq, name.step):
             raise ValueError("its attempt/seq/step do not match its file name")
-        if obj["data"] != name.data:
-            raise ValueError(f"it names the data file {obj['data']!r}, not {name.data!r} next to it; "
+        own = name.shards if obj.get("world_size") is not None else name.data
+        if obj["data"] != own:
+            raise ValueError(f"it names the data file {obj['data']!r}, not {own!r} next to it; "
                              "it is never read or deleted")
         return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
+
+
+def _shard_files(files: Any, world_size: Any) -> bool:
+    """A sharded manifest's file list: only names sweeprun and DCP write in the folder (never a
+    path elsewhere), each with a size and a sha256; absent for a one-file checkpoint."""
+    if world_size is None:
+        return files is None
+    from ..store.layout import DCP_METADATA, parse_rank_state, shard_file_rank
+
+    return isinstance(files, dict) and DCP_METADATA in files and all(
+        isinstance(n, str) and (n == DCP_METADATA or shard_file_rank(n) is not None
+                                or parse_rank_state(n) is not None)
+        and isinstance(r, dict) and _int(r.get("size"), 0) and isinstance(r.get("sha256"), str)
+        and re.fullmatch(r"[0-9a-f]{64}", r["sha256"]) is not None
+        for n, r in files.items())
 
 
 @dataclass(frozen=True)
@@ -264,7 +295,7 @@ class CheckpointDir:
         out = set()
         for name, regular in self.listing().items():
             parsed = Name.parse(name)
-            if parsed is not None and regular:
+            if parsed is not None and (regular or name == parsed.shards):
                 out.add(parsed)
             elif not name.startswith(TEMP_PREFIX) or not regular:
                 warn_once(f"{self.join(name)} is not a checkpoint file sweeprun writes; ignoring it")
@@ -286,7 +317,28 @@ class CheckpointDir:
         see :meth:`~sweeprun.store.base.StoreBackend.delete_file`."""
         if posixpath.basename(name) != name or name in ("", ".", ".."):
             return
+        parsed = Name.parse(name)
+        if parsed is not None and name == parsed.shards:
+            self._delete_shards(name)
+            return
         self.store.delete_file(self.join(name), set_aside=set_aside)
+
+    def _delete_shards(self, name: str) -> None:
+        """Remove a sharded checkpoint's folder (after its manifest): a real folder only,
+        never through a link."""
+        path = self.join(name)
+        native = self.store.native_path(path)
+        with store_errors("delete", path):
+            if native is not None:
+                try:
+                    if not stat.S_ISDIR(os.lstat(native).st_mode):
+                        return
+                except FileNotFoundError:
+                    return
+            try:
+                self.store.delete([path], recursive=True)
+            except FileNotFoundError:
+                return
 
     def manifests(self, listing: dict[str, bool] | None = None) -> list[Manifest]:
         """Every manifest that parses and checks out, oldest first. Anything else is reported
@@ -307,8 +359,38 @@ class CheckpointDir:
                 warn_once(f"manifest {self.join(name)} is unusable ({exc}); ignoring it")
         return sorted(out, key=lambda m: m.name)
 
+    def digest(self, path: str) -> tuple[int, str]:
+        """Size and sha256 of a file of the store, read in parts (a shard may be large)."""
+        digest, size = hashlib.sha256(), 0
+        with store_errors("read", path), self.fs.open(path, "rb", block_size=_PART_BYTES) as f:
+            while chunk := f.read(_PART_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+        return size, digest.hexdigest()
+
+    def _verify_shards(self, manifest: Manifest) -> None:
+        """ValueError unless every file a sharded manifest lists is there with its size and sha256."""
+        folder = self.join(manifest.data)
+        for name, record in sorted((manifest.files or {}).items()):
+            try:
+                size, sha = self.digest(posixpath.join(folder, name))
+            except FileNotFoundError:
+                raise ValueError(f"{name} is missing") from None
+            except (StoreError, OSError) as exc:
+                raise ValueError(f"{name} is unreadable: {exc}") from None
+            if size != record["size"]:
+                raise ValueError(f"{name} is truncated: {size} bytes, manifest says {record['size']}")
+            if sha != record["sha256"]:
+                raise ValueError(f"{name} is corrupt: sha256 {sha[:12]}..., manifest says "
+                                 f"{record['sha256'][:12]}...")
+
     def verify(self, manifest: Manifest) -> bytes:
-        """The data file's bytes, or ValueError saying why they are not the ones the manifest describes."""
+        """The data file's bytes, or ValueError saying why they are not the ones the manifest
+        describes. A sharded checkpoint's files are each checked and nothing is returned
+        (b""): its state is read through DCP (:mod:`.sharded`)."""
+        if manifest.sharded:
+            self._verify_shards(manifest)
+            return b""
         try:
             with store_errors("read", self.join(manifest.data)):
                 data = self.read(manifest.data)
@@ -342,10 +424,12 @@ class CheckpointDir:
                                   f"checkpoint of format {FORMAT}; delete it and run again")
         return state
 
-    def load_latest(self, owner: Owner | None = None) -> Loaded | None:
+    def load_latest(self, owner: Owner | None = None,
+                    load: Callable[[Manifest], dict[str, Any]] | None = None) -> Loaded | None:
         """The newest checkpoint that verifies, falling back past missing, unreadable,
         truncated or corrupt ones (with a warning naming both). ``None`` when there is
-        none at all. With ``owner``, a checkpoint written by another run or sweep is refused."""
+        none at all. With ``owner``, a checkpoint written by another run or sweep is refused.
+        ``load`` reads one (ValueError: it does not verify); a multi-rank run reads sharded ones."""
         manifests = self.manifests()
         failed: list[str] = []
         for manifest in reversed(manifests):
@@ -355,7 +439,7 @@ class CheckpointDir:
                     f"{owner}; it was copied from another run directory: remove it (or the "
                     "checkpoints folder) and run again")
             try:
-                state = self.load(manifest)
+                state = (load or self.load)(manifest)
             except ValueError as exc:
                 failed.append(f"{manifest.data} ({exc})")
                 continue

@@ -164,6 +164,35 @@ class MetricsLog:
             self._file = None
 
 
+class NoMetrics:
+    """What a rank other than 0 of a multi-rank run has in place of :class:`MetricsLog`: the
+    run has one metrics file, one line per step, and rank 0 writes it (the values the script
+    asks to reduce reach it through :meth:`~.ranks.Ranks.agree`)."""
+
+    size = 0
+
+    def __init__(self) -> None:
+        self.opened = False
+
+    def open(self, resume_step: int, resume_bytes: int | None, resume_attempt: int | None = None) -> None:
+        self.opened = True
+
+    def append(self, entry: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def flusher(self) -> Callable[[], None]:
+        return lambda: None
+
+    def abandon(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _step_of(line: str) -> int | float | None:
     try:
         entry = json.loads(line)

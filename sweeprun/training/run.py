@@ -35,7 +35,8 @@ from ..runenv import PREEMPTED_EXIT
 from ..store import RunPaths, atomic_write
 from .cadence import AutoInterval
 from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention
-from .metrics import MetricsLog, plain
+from .metrics import MetricsLog, NoMetrics, plain
+from .ranks import Ranks, check_reduce
 from .state import (
     HostBuffers,
     Stateful,
@@ -57,7 +58,8 @@ class Run:
                  retention: Retention, time_limit_s: float | None, stop_signals: Iterable[int],
                  rng: bool, clock: Callable[[], float], under_launcher: bool = False,
                  async_save: bool = True, auto: AutoInterval | None = None,
-                 fence_attempts: bool = False) -> None:
+                 fence_attempts: bool = False, ranks: Ranks | None = None,
+                 on_world_size_change: str = "reshard") -> None:
         self.params = params
         self.paths = paths
         self.run_id = owner.run_id
@@ -87,7 +89,11 @@ class Run:
         self._buffers = HostBuffers()
         self._under_launcher = under_launcher
         self._resume_bytes: int | None = 0         # metrics.jsonl bytes to keep: none when fresh
-        self._metrics = MetricsLog(paths, attempt)
+        self._metrics: MetricsLog | NoMetrics = (
+            NoMetrics() if ranks is not None and not ranks.leader else MetricsLog(paths, attempt))
+        self._ranks = ranks
+        """With several ranks (torchrun): what they decide together (:mod:`.ranks`, :mod:`.sharded`)."""
+        self._on_world_size_change = on_world_size_change
         self._last_metrics: dict[str, float] = {}
         self._started = self._step_started = self._saved_at = clock()
         self._saved_step: int | None = None
@@ -145,20 +151,18 @@ class Run:
     def restore(self) -> bool:
         """Load the newest checkpoint that verifies into every tracked object; ``False`` when
         the run starts fresh. Also cuts metrics.jsonl back to its length at that checkpoint."""
-        loaded = self._dir.load_latest(Owner(self.run_id, self.sweep))
+        from .restore import load_objects, load_one, reshard_note, same_on_every_rank
+
+        loaded = self._dir.load_latest(Owner(self.run_id, self.sweep),
+                                       load=lambda m: load_one(self._dir, m, self._ranks))
+        same_on_every_rank(loaded, self._ranks)
         if loaded is None:
             self._open_metrics()
             return False
         state = loaded.state
-        missing = sorted(set(self._objects) - set(state["objects"]))
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {self._dir.join(loaded.manifest.data)} has no state for "
-                f"{', '.join(missing)} (it has {', '.join(sorted(state['objects'])) or 'none'}); "
-                "the script registers more than it did when the checkpoint was written: "
-                "track the same objects, or delete the checkpoints folder to start over")
-        for name, obj in self._objects.items():
-            obj.load_state_dict(from_safe(state["objects"][name]))
+        note = reshard_note(loaded.manifest, self._ranks, self._on_world_size_change,
+                            self.paths if self._under_launcher else None, self.attempt)
+        load_objects(self._dir, loaded, self._objects, self._ranks)
         if self.capture_rng and state.get("rng") is not None:
             restore_rng(state["rng"])
         self.epoch = int(state["epoch"])
@@ -166,7 +170,7 @@ class Run:
         self._resume(int(state["step"]), state.get("metrics_bytes"), loaded.manifest.attempt)
         self._saved_step, self._saved_at = self.step, self._clock()
         self._step_started = self._saved_at
-        print(f"sweeprun: resumed from {loaded.manifest.data} (step {self.step}, epoch {self.epoch})",
+        print(f"sweeprun: resumed from {loaded.manifest.data} (step {self.step}, epoch {self.epoch}){note}",
               file=sys.stderr, flush=True)
         return True
 
@@ -240,21 +244,31 @@ class Run:
         its final checkpoint is durable: under the launcher, exit 0 without it (a script
         that caught SIGTERM and returned) does not make the run done. Standalone it does
         nothing. :meth:`finish` calls it for sweeprun's own checkpoints."""
-        if self._under_launcher:
+        if self._under_launcher and (self._ranks is None or self._ranks.leader):
             crash_point("training.before_finished")
             write_marker(self.paths, self.paths.api_finished(self.attempt), self.attempt,
                           self.step if step is None else step)
 
     # -- the training loop --------------------------------------------------------------
 
-    def log(self, **metrics: Any) -> None:
-        """Append ``{"step": run.step, **metrics}`` to metrics.jsonl (e.g. an evaluation)."""
+    def log(self, *, reduce: str | dict[str, str] | None = None, **metrics: Any) -> None:
+        """Append ``{"step": run.step, **metrics}`` to metrics.jsonl (e.g. an evaluation).
+
+        In a multi-rank run rank 0 writes the file: without ``reduce`` its values are the
+        ones logged; ``reduce="mean"`` (``"sum"``, ``"min"``, ``"max"``, or a dict naming one
+        per metric) logs the reduction across ranks instead, and then every rank must call
+        ``log`` with the same names (it is a collective). With one process it changes nothing."""
+        if reduce is not None and self._ranks is not None:
+            metrics = self._ranks.agree(False, False, metrics, reduce)[2]  # a collective
+        elif reduce is not None:
+            check_reduce(metrics, reduce)      # one process: nothing to reduce, but the same rules
         self._open_metrics()
         values = {k: plain(v) for k, v in metrics.items()}
         self._last_metrics.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
         self._metrics.append({"step": self.step, **values})
 
-    def end_step(self, *, optimizer_stepped: bool | None = None, **metrics: Any) -> None:
+    def end_step(self, *, optimizer_stepped: bool | None = None,
+                 reduce: str | dict[str, str] | None = None, **metrics: Any) -> None:
         """Call after each optimizer step (or each batch): counts it, logs its metrics, saves
         when due, and on a stop request (signal or time budget) saves and exits with
         PREEMPTED_EXIT (75).
@@ -266,31 +280,44 @@ class Run:
         waits for the next call that ends an optimizer step. Say which it is with
         ``optimizer_stepped``; left ``None``, it is whether any tracked optimizer stepped
         since the previous call (every call counts as a step when no tracked optimizer
-        can report its steps)."""
+        can report its steps).
+
+        In a multi-rank run every rank calls it at every step: a stop or a save that any rank
+        wants happens on all of them at this same step, and ``reduce`` (see :meth:`log`)
+        reduces the named metrics across ranks before rank 0 logs them."""
         now = self._clock()
-        self._collect(block=False)             # a failed background save surfaces here
+        if self._ranks is None:
+            self._collect(block=False)         # a failed background save surfaces here
         self.step += 1
+        self._step_s, self._step_started = now - self._step_started, now
+        boundary = self._boundary(optimizer_stepped)
+        if self._stop_reason is None and self.time_limit_s is not None:
+            # inside an accumulation, the rest of it must fit too before the save
+            steps = self._window if boundary else max(1, self._window - self._since_boundary)
+            if now - self._started + steps * self._step_s + self._save_s >= self.time_limit_s:
+                self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
+        stop, due = self._stop_reason is not None, self._due(now)
+        if self._ranks is not None:            # what one rank wants, all do, at this step
+            stop, due, metrics, failed = self._ranks.agree(stop, due, metrics, reduce,
+                                                           self._background.failed)
+            if failed:
+                self._collect(block=True)      # its error, on every rank at this same step
+            if stop and self._stop_reason is None:
+                self._stop_reason = "another rank was asked to stop"
+        elif reduce is not None:
+            check_reduce(metrics, reduce)
         if metrics:
             self.log(**metrics)
-        self._step_s, self._step_started = now - self._step_started, now
-        if not self._boundary(optimizer_stepped):
-            self._due_pending = self._due_pending or self._due(now)
-            if self._stop_reason is None and self.time_limit_s is not None:
-                # the rest of the accumulation must fit too before the save
-                left = max(1, self._window - self._since_boundary) * self._step_s
-                if now - self._started + left + self._save_s >= self.time_limit_s:
-                    self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
+        if not boundary:
+            self._due_pending = self._due_pending or due
             return
-        if self._stop_reason is None and self.time_limit_s is not None:
-            if now - self._started + self._step_s * self._window + self._save_s >= self.time_limit_s:
-                self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
-        if self._stop_reason is not None:
+        if stop:
             manifest = self._save_durably()
             self.close()
             print(f"sweeprun: {self._stop_reason}; saved {manifest.data} at step {self.step}; "
                   f"exiting with {PREEMPTED_EXIT} (resumable)", file=sys.stderr, flush=True)
             raise SystemExit(PREEMPTED_EXIT)
-        if self._due(now) or self._due_pending:
+        if due or self._due_pending:
             self._due_pending = False
             start = self._clock()
             self.save(wait=not self.async_save)
@@ -356,7 +383,7 @@ class Run:
                      "metrics_bytes": self._metrics.size,
                      "extras": to_safe(self.extras, "run.extras", into),
                      "objects": {name: to_safe(obj.state_dict(), f"the state of {name!r}", into)
-                                 for name, obj in self._objects.items()},
+                                 for name, obj in self._own_objects().items()},
                      "rng": capture_rng() if self.capture_rng else None}
         except TypeError as exc:
             raise CheckpointError(f"cannot save step {self.step}: {exc}") from None
@@ -401,6 +428,8 @@ class Run:
     def _write_now(self) -> Manifest:
         """The whole save on this thread, from the live tensors: nothing is copied."""
         try:
+            if self._ranks is not None:
+                return self._write_sharded()
             folder = self._writer.fence()
             self._metrics.flush()
             return self._writer.write(self.snapshot(copy=False), folder)
@@ -408,7 +437,34 @@ class Run:
             self._metrics.abandon()            # the run's metrics are the new owner's now
             raise
 
+    def _own_objects(self) -> dict[str, Stateful]:
+        """What this process saves itself: everything but, with several ranks, the models
+        and optimizers (DCP saves those, sharded: :mod:`.sharded`)."""
+        if self._ranks is None:
+            return self._objects
+        from .sharded import is_sharded_object
+
+        return {n: o for n, o in self._objects.items() if not is_sharded_object(o)}
+
+    def _write_sharded(self, background: bool = False) -> Manifest | None:
+        """Every rank's part of one checkpoint, committed by rank 0 once all are durable; in
+        the background, from host copies, each rank's thread on the save group."""
+        from .sharded import ShardedWriter, dcp_state, staged
+
+        tensors = dcp_state({n: o for n, o in self._objects.items() if n not in self._own_objects()})
+        own = self.snapshot(copy=background)
+        writer = ShardedWriter(self._writer, self._ranks, background)  # type: ignore[arg-type]
+        if not background:
+            return writer.write(self.step, own.state, tensors, own.metrics, flush=self._metrics.flush)
+        tensors, flush = staged(tensors), self._metrics.flusher()
+        self._background.start(lambda: writer.write(own.step, own.state, tensors, own.metrics, flush=flush),
+                               self._clock)
+        return None
+
     def _write_in_background(self) -> None:
+        if self._ranks is not None:
+            self._write_sharded(background=True)
+            return
         snapshot = self.snapshot()
         flush_metrics, writer = self._metrics.flusher(), self._writer
 
@@ -455,7 +511,13 @@ class Run:
         After a stop request (SIGTERM, the time budget) the run did not end, it was
         stopped: a loop that breaks on :attr:`should_stop` and falls through to here saves
         and exits with 75 (resumable) instead of claiming the end of training. A loop
-        that was already done resumes, finds nothing left, and finishes then."""
+        that was already done resumes, finds nothing left, and finishes then.
+
+        In a multi-rank run every rank calls it: rank 0 marks the run finished only once every
+        rank's part of the final checkpoint is durable, and a stop seen by any rank stops all."""
+        if self._ranks is not None:
+            reasons = self._ranks.gather(self._stop_reason)
+            self._stop_reason = self._stop_reason or next((r for r in reasons if r), None)
         manifest = self._save_durably()
         self.close()
         if self._stop_reason is not None:
@@ -512,7 +574,9 @@ class Run:
 
 
 
-def write_marker(paths: RunPaths, path: str, attempt: int, step: int) -> None:
-    """``attempts/<n>.started`` / ``.finished``: what the launcher reads of this attempt."""
-    atomic_write(paths.fs, path, (json.dumps({"attempt": attempt, "step": step}) + "\n").encode())
+def write_marker(paths: RunPaths, path: str, attempt: int, step: int, **extra: Any) -> None:
+    """``attempts/<n>.started`` / ``.finished``: what the launcher reads of this attempt
+    (a multi-rank run's ``.started`` also has its ``world_size``)."""
+    record = {"attempt": attempt, "step": step, **extra}
+    atomic_write(paths.fs, path, (json.dumps(record) + "\n").encode())
 

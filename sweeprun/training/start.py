@@ -21,6 +21,7 @@ from ..runenv import PREEMPTED_EXIT, RUN_DIR, RUN_ID
 from ..store import JSON_MAX_BYTES, RunPaths, open_store, read_regular, store_errors
 from .cadence import PRIOR_MTBI_S, AutoInterval
 from .checkpoints import CheckpointDir, Owner, Retention
+from .ranks import detect
 from .run import Run, write_marker
 from .writer import join_in_flight
 
@@ -86,6 +87,8 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     env = os.environ if env is None else env
     _exit_2_on_sweeprun_errors()
     run_dir = settings.RUN_DIR.get(env)
+    policy = settings.ON_WORLD_SIZE_CHANGE.value(env)
+    ranks = detect(env)                # several ranks: every one of them calls init()
     env_limit = settings.TIME_LIMIT.get(env)
     if every_steps is not None and (isinstance(every_steps, bool) or every_steps < 1):
         raise ValueError(f"every_steps must be a positive number of steps, got {every_steps!r}")
@@ -129,15 +132,18 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     names = directory.names()                        # also refuses a symlinked folder
     if attempt is None:  # standalone: newer than anything here, so "newest attempt wins" holds
         attempt = 1 + max((n.attempt for n in names), default=0)
-    if run_dir:
-        write_marker(paths, paths.api_started(attempt), attempt, 0)
+        if ranks is not None:          # one attempt for all ranks: rank 0's count
+            attempt = ranks.gather(attempt)[0]
+    if run_dir and (ranks is None or ranks.leader):
+        write_marker(paths, paths.api_started(attempt), attempt, 0,
+                     **({"world_size": ranks.world_size} if ranks else {}))
     limits = [t for t in (time_limit_s, env_limit) if t is not None]
     return Run(params=dict(params), paths=paths, owner=owner,
                attempt=attempt, every_s=every_s, every_steps=every_steps,
                retention=Retention(keep_last=keep_last, best=best, mode=mode),
                time_limit_s=min(limits) if limits else None, stop_signals=stop_signals, rng=rng,
                clock=clock, under_launcher=bool(run_dir), async_save=async_save, auto=auto,
-               fence_attempts=fence_attempts)
+               fence_attempts=fence_attempts, ranks=ranks, on_world_size_change=policy)
 
 
 def _launcher_params(env: Mapping[str, str], paths: RunPaths,

@@ -264,9 +264,12 @@ class CheckpointWriter:
             if m.name not in keep and m.attempt <= self.attempt and m.owner == self.owner:
                 doomed += [m.name.manifest, m.data]
         for entry, regular in listing.items():
+            parsed = Name.parse(entry)
+            if (parsed is not None and entry == parsed.shards and not regular
+                    and parsed.attempt <= self.attempt and parsed.manifest not in listing):
+                doomed.append(entry)                    # a sharded save cut short (no commit)
             if not regular:
                 continue
-            parsed = Name.parse(entry)
             if (parsed is not None and entry == parsed.data and parsed.attempt <= self.attempt
                     and parsed.manifest not in listing):
                 doomed.append(entry)                    # data whose manifest was never written
@@ -321,6 +324,11 @@ class BackgroundSave:
     @property
     def busy(self) -> bool:
         return self._thread is not None
+
+    @property
+    def failed(self) -> bool:
+        """The save in flight has ended with an error not yet raised."""
+        return self._thread is not None and not self._thread.is_alive() and self._error is not None
 
     def start(self, job: Callable[[], Manifest], clock: Callable[[], float] = time.monotonic) -> None:
         """Run ``job`` on a new thread, after the previous one has finished."""
