@@ -38,6 +38,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from . import settings
 from .errors import SpecError
 from .procs import ProcessRef, children, end_process, processes_with_env
 from .runenv import ATTEMPT, RUN_DIR, RUN_ID
@@ -46,11 +47,11 @@ if TYPE_CHECKING:
     from .spec import SweepSpec
 
 #: Processes of the run, for the script and for the training side (the contract with it).
-NPROC_ENV = "SWEEPRUN_NPROC"
+NPROC_ENV = settings.NPROC.name
 #: The rank guard's file, run by its path: ``-I`` keeps sweeprun's folder off ``sys.path``.
 RANK_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_guard.py")
 #: The sweep file's ``on_world_size_change:`` (``reshard`` or ``refuse``), for the training side.
-WORLD_SIZE_POLICY_ENV = "SWEEPRUN_ON_WORLD_SIZE_CHANGE"
+WORLD_SIZE_POLICY_ENV = settings.ON_WORLD_SIZE_CHANGE.name
 
 
 def agent_argv(argv: list[str], nproc: int, grace_s: float) -> list[str]:

@@ -191,6 +191,12 @@ MTBI_S = _declare(seconds("SWEEPRUN_MTBI_S", None, "The sweep's mean time betwee
 ASYNC_SAVE = _declare(flag("SWEEPRUN_ASYNC_SAVE", True, "0: cadence saves are written before "
                            "end_step returns, when init(async_save=...) is not given.",
                            hint="unset it or give one"))
+NPROC = _declare(Setting("SWEEPRUN_NPROC", "integer", _integer(1, 1024), None,
+                         "The run's number of processes (the sweep file's nproc:), for the "
+                         "script; ranks also get torchrun's RANK, WORLD_SIZE, LOCAL_RANK.",
+                         valid="1 to 1024", **_LAUNCH))
+AGENT_PID = _declare(text("SWEEPRUN_AGENT_PID", "The pid of the torchrun agent that started this "
+                          "rank; its rank guard dies at once when started by another.", **_LAUNCH))
 
 
 def _choice(*choices: str) -> Callable[[str], str]:

@@ -24,6 +24,8 @@ import os
 import signal
 import sys
 
+from sweeprun.rank_guard import AGENT_PID  # standard library only, like this module
+
 #: The exit code of a run that saved and stopped when asked: :data:`sweeprun.runenv.PREEMPTED_EXIT`
 #: (not imported: this module must not pull sweeprun's launcher side into every agent).
 PREEMPTED_EXIT = 75
@@ -43,7 +45,7 @@ def exit_code(codes: list[int]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    os.environ["SWEEPRUN_AGENT_PID"] = str(os.getpid())
+    os.environ[AGENT_PID] = str(os.getpid())
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
