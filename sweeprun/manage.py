@@ -28,6 +28,7 @@ from .errors import SpecError, StoreError, SweeprunError
 from .faults import crash_point
 from .ledger import RunState
 from .ledger.base import AttemptRow
+from .resumes import Resume, Started, read_started, started_numbers
 from .store import (
     backend_for,
     confine,
@@ -107,11 +108,29 @@ class RunDetail:
     log_tail: list[str]
     done: dict[str, Any] | None
     now: float = field(default_factory=time.time)
+    #: attempt -> its start record (``attempts/<n>.started``, the training API's): its world
+    #: size and a resume at another world size.
+    started: dict[int, Started] = field(default_factory=dict)
+
+    @property
+    def approximate_resume(self) -> Resume | None:
+        """The latest attempt's resume at another world size, as ``status`` marks it."""
+        latest = max([a.attempt for a in self.attempts] + list(self.started), default=None)
+        record = self.started.get(latest) if latest is not None else None
+        return record.resume if record else None
+
+    def _attempt_json(self, attempt: AttemptRow) -> dict[str, Any]:
+        started = self.started.get(attempt.attempt) or Started(attempt.attempt)
+        return {**attempt.__dict__, "world_size": started.world_size,
+                "resumed": started.resume.as_json() if started.resume else None,
+                "start_record_problem": started.problem}
 
     def as_json(self) -> dict[str, Any]:
+        resume = self.approximate_resume
         return {"run_id": self.row.run_id, "params": self.params, "state": self.row.state.value,
                 "worker": self.row.worker, "attempts_from": self.attempts_from,
-                "attempts": [a.__dict__ for a in self.attempts],
+                "attempts": [self._attempt_json(a) for a in self.attempts],
+                "approximate_resume": resume.as_json() if resume else None,
                 "checkpoints": [{**c.__dict__, "age_s": self.now - c.created} for c in self.checkpoints],
                 "metrics": self.metrics, "log": self.log, "log_tail": self.log_tail,
                 "done": self.done}
@@ -147,9 +166,10 @@ def run_detail(sweep: Sweep, run_id: str) -> RunDetail:
     trainer = run_trainer(sweep, run_id, mtimes=files)
     if trainer is not None:
         checkpoints += trainer.checkpoints()
+    started = {n: read_started(fs, paths.api_started(n), n) for n in started_numbers(files)}
     return RunDetail(row=row, params=params, attempts=attempts, attempts_from=source,
                      checkpoints=checkpoints,
-                     metrics=metrics, log=log, log_tail=tail, done=done)
+                     metrics=metrics, log=log, log_tail=tail, done=done, started=started)
 
 
 def _params(sweep: Sweep, run_id: str, path: str, files: dict[str, float]) -> dict[str, Any]:
@@ -182,6 +202,7 @@ def _attempts(sweep: Sweep, run_id: str, files: dict[str, float]) -> tuple[list[
             ledger.close()
     numbers = {n for rel in files if (n := _record_number(rel)) is not None}
     numbers |= {n for rel in files if (n := _log_number(rel)) is not None}
+    numbers |= set(started_numbers(files))
     out = []
     for n in sorted(numbers):
         record: dict[str, Any] = {}

@@ -142,6 +142,10 @@ def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[Sta
         # As max_attempts counts them: real failures of the allowed number. Starts that
         # ended in a preemption or a lost machine cost nothing (`status --json` has them).
         attempts = f"{r.failures}/{r.max_attempts} failed"
+        resumed = r.approximate_resume
+        if resumed is not None:  # the caption explains the mark; `show` tells the whole resume
+            mark = f"~resumed {resumed.saved_world_size}→{resumed.world_size or '?'} procs"
+            progress = mark if progress == "-" else f"{progress} {mark}"
         table.add_row(escape(r.run_id.rsplit("-", 1)[-1]), escape(" ".join(f"{k}={_value(v)}" for k, v in r.params.items())),
                       *((str(r.nproc),) if procs else ()), f"[{STATE_STYLE[r.state]}]{r.state.value}[/]", attempts, escape(progress),
                       format_age(r.checkpoint_age_s),
@@ -153,6 +157,10 @@ def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[Sta
         what = ", ".join(f"{hidden[s]} {s.value}" for s in RunState if hidden[s])
         table.caption += (f"\n{sum(hidden.values())} runs not listed ({what}); "
                           "`status --all` lists every run")
+    if any(r.approximate_resume for r in rows):
+        table.caption += ("\n~resumed a→b procs: the latest attempt resumed a checkpoint saved at another "
+                          "world size; model and optimizer exact, RNG and data position approximate "
+                          "(`sweeprun show RUN`)")
     if any(r.contested for r in rows):
         table.caption += ("\nlease contested: two machines claimed one run at once and the store showed "
                           "it late; it may have run twice. Raise `lease_settle_s:` in the sweep file, "
@@ -191,7 +199,9 @@ def run_view(detail: RunDetail) -> Group:
 
     attempts = Table(title=f"attempts (from the {detail.attempts_from})", title_justify="left",
                      box=box.SIMPLE_HEAD)
-    for name in ("#", "worker", "started", "ended", "exit", "how it ended"):
+    # The world size each attempt ran at, where the training API recorded it.
+    procs = any(s.world_size for s in detail.started.values())
+    for name in ("#", "worker", *(("procs",) if procs else ()), "started", "ended", "exit", "how it ended"):
         attempts.add_column(name, overflow="fold", no_wrap=name in ("started", "ended"))
     last = detail.attempts[-1].attempt if detail.attempts else None
     for a in detail.attempts:
@@ -201,9 +211,17 @@ def run_view(detail: RunDetail) -> Group:
             how = "running"
         else:
             how = "-" if detail.attempts_from == "store" else "unknown"
-        attempts.add_row(str(a.attempt), escape(a.worker or "-"), format_time(a.started_at),
+        size = detail.started[a.attempt].world_size if a.attempt in detail.started else None
+        attempts.add_row(str(a.attempt), escape(a.worker or "-"), *((str(size or "-"),) if procs else ()),
+                         format_time(a.started_at),
                          format_time(a.ended_at), "-" if a.exit_code is None else str(a.exit_code), how)
     parts.append(attempts if detail.attempts else Text("attempts: none yet", style="dim"))
+    for n, started in sorted(detail.started.items()):
+        if started.resume is not None:
+            parts.append(Text(f"attempt {n}: {started.resume.text()}", style="yellow"))
+        elif started.problem is not None:
+            parts.append(Text(f"attempt {n}: its start record did not read ({started.problem}); "
+                              "its world size is not known", style="dim"))
 
     if detail.checkpoints:
         ckpts = Table(title="checkpoints", title_justify="left", box=box.SIMPLE_HEAD)

@@ -38,6 +38,7 @@ from .ledger import (
     state_home,
 )
 from .redact import redact
+from .resumes import Resume, has_sharded_checkpoint, read_started
 from .spec import SweepSpec, parse_spec
 from .store import (
     SweepPaths,
@@ -77,6 +78,11 @@ class StatusRow:
     metrics_path: str | None = field(default=None, repr=False, compare=False)
     #: Its world size: the processes (ranks) it starts as, from the sweep file's ``nproc:``.
     nproc: int = 1
+    #: Its latest attempt resumed at another world size: RNG and data position are approximate.
+    approximate_resume: Resume | None = None
+    #: ``(path, attempt)`` of the latest attempt's start record, where :meth:`Sweep.status`
+    #: chose to read it (not shown): read by :meth:`Sweep.with_progress`.
+    started_record: tuple[str, int] | None = field(default=None, repr=False, compare=False)
 
     def as_json(self) -> dict[str, Any]:
         metric = None
@@ -87,6 +93,7 @@ class StatusRow:
                 "max_attempts": self.max_attempts, "step": self.step, "metric": metric,
                 "checkpoint_age_s": self.checkpoint_age_s, "worker": self.worker,
                 "contested": self.contested, "nproc": self.nproc,
+                "approximate_resume": self.approximate_resume.as_json() if self.approximate_resume else None,
                 "trend": [v if math.isfinite(v) else None for v in self.trend]}
 
 
@@ -411,7 +418,8 @@ class Sweep:
                 max_attempts=self.spec.max_attempts,
                 step=None, metric=None, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
                 worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
-                metrics_path=self._metrics_path(run_id, files), nproc=self._nproc(run_id, params)))
+                metrics_path=self._metrics_path(run_id, files), nproc=(nproc := self._nproc(run_id, params)),
+                started_record=self._started_record(run_id, files, nproc, state)))
         if only is None:  # `show` (``only``) writes nothing; `status` keeps its watch of the beats
             self.watch.save()
         return rows if summary else self.with_progress(rows)
@@ -426,11 +434,28 @@ class Sweep:
         value = params.get(self.spec.nproc)
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
+    def _started_record(self, run_id: str, files: dict[str, float], nproc: int,
+                        state: RunState) -> tuple[str, int] | None:
+        """The latest attempt's start record, if the listing has one and the run may have
+        resumed at another world size: it runs as several processes, it is not done, or it
+        holds a multi-rank checkpoint. A done single-process run (most of a big sweep) costs
+        no read; ``show`` reads every attempt's record whatever the run."""
+        latest = layout.highest_attempt(files)
+        rel = f"{layout.ATTEMPTS}/{layout.attempt_record_name(latest, 'started')}" if latest else None
+        if rel is None or rel not in files:
+            return None
+        if nproc > 1 or state is not RunState.DONE or has_sharded_checkpoint(files):
+            return self.paths.run(run_id).api_started(latest), latest
+        return None
+
     def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:
         """``rows`` with each run's step, last metric and that metric's recent values
-        (the sparkline), all from one read of the tail of its metrics."""
+        (the sparkline), all from one read of the tail of its metrics; and whether its
+        latest attempt resumed approximately, where :meth:`status` chose to read that."""
         out = []
         for row in rows:
+            if row.started_record is not None:
+                row = replace(row, approximate_resume=read_started(self.store.fs, *row.started_record).resume)
             step, metric, trend = None, None, ()
             # A small tail first: parsing is what costs (64 KiB is ~1,500 lines); a longer
             # one only when it holds too few points of the metric (another logged between).
