@@ -97,7 +97,7 @@ class Attempt:
         #: Processes (ranks) of this attempt: more than one starts them through torchrun.
         self.nproc = launcher.spec.nproc_of(launcher.sweep.runs_by_id[claim.run_id])
         self.gpus: tuple[str, ...] | None = None  # the --gpus indices this attempt holds
-        self.processes = Processes(self.nproc, self.paths.url, claim.run_id)
+        self.processes = Processes(self.nproc, self.paths.url, claim.run_id, ranked=launcher.spec.ranked)
         #: The claim, the store lease and the attempt record: who holds the run, as which attempt.
         self.tenure = Tenure(launcher.ledger, launcher.leases, self.paths, claim, self.nproc)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -261,8 +261,8 @@ class Attempt:
         """Start the child and stream its output; its exit code, or ``None`` if it never started."""
         launcher, claim = self.launcher, self.claim
         argv = launcher.spec.argv(launcher.sweep.runs_by_id[claim.run_id], self.paths.url, claim.attempt)
-        argv = agent_argv(argv, self.nproc, launcher.spec.grace_s) if self.nproc > 1 else argv
-        killed = self.processes.kill_strays(None) if launcher.spec.max_nproc() > 1 else []
+        argv = agent_argv(argv, self.nproc, launcher.spec.grace_s) if launcher.spec.ranked else argv
+        killed = self.processes.kill_strays(None) if launcher.spec.ranked else []
         if killed:  # ranks an earlier attempt on this machine left running
             self.events.note(f"{claim.run_id}: killed pid(s) {', '.join(map(str, killed))} and their "
                              "groups, left running by an earlier attempt")

@@ -372,6 +372,12 @@ def verify(
         "attempt of the interrupted one 3x the uninterrupted run's time, at least 60 s. An "
         "interrupted attempt past it is NOT EXACT (exit 1); the uninterrupted run past it, "
         "exit 2."), show_default=False)] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, max=1024, metavar="N", help=(
+        "Run the script as N ranks through torchrun, as nproc: N in a sweep file."),
+        show_default=False)] = None,
+    resume_nproc: Annotated[int | None, typer.Option("--resume-nproc", min=1, max=1024, metavar="N", help=(
+        "Resume the interrupted run at another world size: the verdict names what cannot be "
+        "exact then (RNG states, data position)."), show_default=False)] = None,
 ) -> None:
     """Check that a training script resumes exactly: run it uninterrupted, then again under kills.
 
@@ -387,7 +393,7 @@ def verify(
         print(f"[verify] {line}", flush=True)
 
     report = run_verify(command, seed=seed, kills=kills, atol=atol, ignore=ignore, keep=keep,
-                        timeout_s=timeout_s, say=say)
+                        timeout_s=timeout_s, nproc=nproc, resume_nproc=resume_nproc, say=say)
     for line in report.lines:
         print(line, flush=True)
     raise typer.Exit(report.exit_code)

@@ -85,7 +85,7 @@ def check_launchable(spec: SweepSpec, gpus: Sequence[str] | None) -> None:
     if gpus is not None and most > len(gpus):
         raise SpecError(f"{spec.source}: a run takes nproc = {most} GPUs, but --gpus gives {len(gpus)} "
                         f"({','.join(gpus)}); give at least {most}, or lower nproc")
-    if most > 1 and importlib.util.find_spec("torch") is None:
+    if spec.ranked and importlib.util.find_spec("torch") is None:
         raise SpecError(f"{spec.source}: nproc {most} starts ranks through torch.distributed.run, but "
                         f"torch is not installed for {sys.executable}; install it there")
 
@@ -96,8 +96,10 @@ class Processes:
     The child (the agent, for ranks) leads a group of its own; each rank leads another.
     """
 
-    def __init__(self, nproc: int, run_dir: str, run_id: str) -> None:
+    def __init__(self, nproc: int, run_dir: str, run_id: str, ranked: bool | None = None) -> None:
         self.nproc = nproc
+        #: started through torchrun (``nproc:`` in the sweep file): a run of one rank too
+        self.ranked = nproc > 1 if ranked is None else ranked
         self.run_dir = run_dir
         self.run_id = run_id
         self._ranks: dict[int, ProcessRef] = {}  # the ranks seen so far, by pid
@@ -106,7 +108,7 @@ class Processes:
         """SIGTERM: to every rank, not torchrun, which would stop them on its own clock and
         exit without their exit codes; before torchrun has started them, to torchrun, which
         then stops what it starts. SIGKILL: to torchrun's group and every rank's."""
-        ranks = self._find(proc) if self.nproc > 1 else []
+        ranks = self._find(proc) if self.ranked else []
         if sig == signal.SIGKILL or not ranks:
             _signal_group(proc.pid, sig)
         for rank in ranks:
@@ -116,7 +118,7 @@ class Processes:
         """SIGKILL what is left once the child exited: its group and, for ranks, their groups
         and any process still carrying this attempt's environment."""
         _signal_group(pid, signal.SIGKILL)
-        if self.nproc > 1:
+        if self.ranked:
             for rank in self._ranks.values():
                 end_process(rank)
             self.kill_strays(attempt)

@@ -106,6 +106,9 @@ class SweepSpec:
     #: Processes per run: an int, or the name of the parameter that gives each run's (written
     #: ``"{world}"`` in the file). Not part of a run's identity: changing it renames nothing.
     nproc: int | str = 1
+    #: ``nproc:`` is in the file: every run starts through torchrun, a run of one rank too (a
+    #: script written for torchrun initialises its process group from the rank variables).
+    ranked: bool = False
     on_world_size_change: str = "reshard"
 
     def axes(self) -> list[dict[str, list[Any]]]:
@@ -298,6 +301,7 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
             data["lease_settle_s"], f"{at('lease_settle_s')}: lease_settle_s", *RANGES["lease_settle_s"]),
         paired=list(paired.values()), exclude=exclude,
         nproc=_check_nproc(data.get("nproc", DEFAULTS["nproc"]), at, clean_grid, columns, clean_params),
+        ranked="nproc" in data,
         on_world_size_change=_check_choice(data.get("on_world_size_change", DEFAULTS["on_world_size_change"]),
                                            f"{at('on_world_size_change')}: on_world_size_change",
                                            WORLD_SIZE_POLICIES),

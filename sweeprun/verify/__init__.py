@@ -78,6 +78,7 @@ class Report:
 
 def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float = 0.0,
            ignore: Sequence[str] = (), keep: bool = False, timeout_s: float | None = None,
+           nproc: int | None = None, resume_nproc: int | None = None,
            say: Callable[[str], None] = lambda line: None) -> Report:
     """Run ``command`` uninterrupted, then interrupted ``kills`` times and resumed, and compare
     the endings. Bad input and an uninterrupted run that fails raise (exit 2).
@@ -87,18 +88,26 @@ def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float
     attempt of the interrupted run gets :data:`TIMEOUT_FACTOR` times the uninterrupted run's
     time, at least :data:`MIN_TIMEOUT_S`. An attempt past its bound is killed with its process
     group; in the interrupted run that is the verdict (it hangs where the uninterrupted run
-    finished), in the uninterrupted run an error."""
+    finished), in the uninterrupted run an error.
+
+    ``nproc``: the script runs as that many ranks through torchrun (one too), as ``nproc:``
+    in a sweep file starts it; ``resume_nproc``: the interrupted run's later attempts at
+    another world size, whose resume cannot be exact in its RNG states and data position (the
+    verdict says so, apart from anything else it finds)."""
     if not command:
         raise SpecError("no command to verify: give it after --, e.g. "
                         "sweeprun verify -- python train.py --epochs 2")
     if kills < 1 or not math.isfinite(atol) or atol < 0:
         raise SpecError("--kills must be at least 1 and --atol a number >= 0")
+    for name, value in (("--nproc", nproc), ("--resume-nproc", resume_nproc)):
+        if value is not None and not 1 <= value <= 1024:
+            raise SpecError(f"{name} {value}: give a number of processes from 1 to 1024")
     if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):
         raise SpecError(f"--timeout-s {timeout_s!r}: give a number of seconds above 0")
     root = Path(tempfile.mkdtemp(prefix="sweeprun-verify-"))
     kept = keep
     try:
-        reference = ScriptRun(command, root / "uninterrupted")
+        reference = ScriptRun(command, root / "uninterrupted", nproc)
         say(f"uninterrupted run in {reference.dir} ...")
         first = reference.complete(timeout_s)
         if first.timed_out is not None:
@@ -117,7 +126,7 @@ def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float
         plan = plan_kills([int(e["step"]) for e in entries], kills, seed)
         say(f"uninterrupted: exit 0, {len(entries)} metric lines, last step {entries[-1]['step']}; "
             f"interrupting at (seed {seed}): " + ", ".join(f"{k.name} after step {k.step}" for k in plan))
-        resumed = ScriptRun(command, root / "interrupted")
+        resumed = ScriptRun(command, root / "interrupted", nproc, resume_nproc)
         bound = (timeout_s, "--timeout-s") if timeout_s is not None else (
             max(MIN_TIMEOUT_S, TIMEOUT_FACTOR * first.wall_s),
             f"{TIMEOUT_FACTOR:g}x the uninterrupted run's {first.wall_s:.1f} s, at least "
@@ -249,7 +258,15 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
     lines.append(f"NOT EXACT: interrupted {len(interruptions)} time(s) ({how}) and resumed from "
                  f"step(s) {', '.join(map(str, resumes))}, it did not end as the uninterrupted run")
     resumed_steps = [int(e["step"]) for e in _entries(resumed.metrics) if isinstance(e.get("step"), int)]
-    for cause in diagnose(metrics, resumes, resumed_steps, want):
+    if resumed.resume_nproc != resumed.nproc:  # what differs then is no fault of the script's
+        causes = [f"it resumed at another world size ({resumed.nproc} -> {resumed.resume_nproc} processes): "
+                  "the model and optimizer were resharded, but the RNG states and the data position "
+                  "cannot be exact (each rank drew and read its own, and an epoch has another number "
+                  "of steps); the run records the resume as approximate. Verify at one world size "
+                  "for an exact verdict"]
+    else:
+        causes = diagnose(metrics, resumes, resumed_steps, want)
+    for cause in causes:
         lines.append(f"  likely: {cause}")
     if not metrics.same:
         lines.append(f"  metrics: first differ at step {metrics.step} (uninterrupted vs resumed: "

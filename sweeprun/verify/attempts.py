@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import settings
 from ..errors import SpecError
 from ..procs import spawn
+from ..ranks import Processes, agent_argv
 from ..runenv import ATTEMPT, MTBI, PARAMS, RUN_DIR, RUN_ID, SWEEP, TIME_LIMIT
 from ..store import layout
 
@@ -93,7 +95,14 @@ class ScriptRun:
     ``SWEEPRUN_RUN_DIR`` and ``SWEEPRUN_ATTEMPT`` set, in a session of its own, so a signal
     reaches a wrapper's children too (``bash train.sh``, ``uv run``)."""
 
-    def __init__(self, command: Sequence[str], root: Path) -> None:
+    def __init__(self, command: Sequence[str], root: Path, nproc: int | None = None,
+                 resume_nproc: int | None = None) -> None:
+        """With ``nproc``, that many ranks through torchrun, as ``nproc:`` in a sweep file starts
+        them (one rank too); every attempt after the first with ``resume_nproc`` of them."""
+        self.ranked = nproc is not None or resume_nproc is not None
+        self.nproc = nproc or 1
+        self.resume_nproc = resume_nproc or self.nproc
+        self._processes = Processes(self.nproc, "", "", ranked=self.ranked)  # the current attempt's
         self.dir = root / "run"
         self.logs = root / layout.LOGS
         self.metrics = self.dir / layout.METRICS
@@ -105,7 +114,11 @@ class ScriptRun:
 
     def _env(self, attempt: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in (RUN_ID, PARAMS, SWEEP, TIME_LIMIT, MTBI)}
-        return {**env, RUN_DIR: str(self.dir), ATTEMPT: str(attempt)}
+        ranks = {settings.NPROC.name: str(self.nproc_of(attempt))} if self.ranked else {}
+        return {**env, RUN_DIR: str(self.dir), ATTEMPT: str(attempt), **ranks}
+
+    def nproc_of(self, attempt: int) -> int:
+        return self.nproc if attempt == 1 else self.resume_nproc
 
     def complete(self, timeout_s: float | None = None) -> Attempt:
         return self.interrupt_at(None, timeout_s)
@@ -118,9 +131,12 @@ class ScriptRun:
         number = len(self.attempts) + 1
         attempt = Attempt(number, 0, self.logs / layout.log_name(number))
         target = None if kill is None else max(kill.step, self.last_step() + 1)
+        nproc = self.nproc_of(number)
+        argv = agent_argv(self.argv, nproc, GRACE_S) if self.ranked else self.argv
+        self._processes = Processes(nproc, str(self.dir), "", ranked=self.ranked)
         with open(attempt.log, "wb") as out:
             try:
-                proc = spawn(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              env=self._env(number), start_new_session=True)
             except OSError as exc:
                 raise SpecError(f"cannot start {self.argv[0]!r}: {exc.strerror or exc}; give the "
@@ -131,7 +147,7 @@ class ScriptRun:
         finally:
             attempt.wall_s = time.monotonic() - started
             if proc.returncode is None:  # verify itself is going down: take the script with it
-                _signal_group(proc, signal.SIGKILL)
+                self._signal(proc, signal.SIGKILL)
                 proc.wait()
         found = _RESUMED.findall(attempt.log.read_bytes())
         attempt.resumed_from = int(found[-1]) if found else None
@@ -151,15 +167,15 @@ class ScriptRun:
             if kill is not None and target is not None and attempt.sent is None:
                 seen = self.last_step()
                 if seen >= target:
-                    _signal_group(proc, kill.signum)
+                    self._signal(proc, kill.signum)
                     attempt.sent, attempt.after_step = kill.name, seen
                     deadline = time.monotonic() + GRACE_S
             if time.monotonic() > deadline:
-                _signal_group(proc, signal.SIGKILL)
+                self._signal(proc, signal.SIGKILL)
                 attempt.note += f"; it did not exit within {GRACE_S:g} s of {attempt.sent} and was killed"
                 deadline = math.inf
             if time.monotonic() > bound:
-                _signal_group(proc, signal.SIGKILL)
+                self._signal(proc, signal.SIGKILL)
                 attempt.timed_out, bound = timeout_s, math.inf
             time.sleep(POLL_S if attempt.sent is None and target is not None else 0.05)
         deadline = time.monotonic() + GRACE_S
@@ -170,6 +186,14 @@ class ScriptRun:
                 deadline = math.inf
             time.sleep(0.02)
         attempt.exit_code = proc.wait()
+
+    def _signal(self, proc: subprocess.Popen[Any], signum: int) -> None:
+        """The script's whole session; with ranks, as the launcher signals them (SIGTERM to each
+        rank, which saves together with its peers; SIGKILL to torchrun and every rank)."""
+        if self._processes.ranked and proc.returncode is None:
+            self._processes.signal(proc, signum)
+        else:
+            _signal_group(proc, signum)
 
     def last_step(self) -> int:
         """The step of the last whole line of metrics.jsonl (0 before any), reading only its end."""

@@ -52,16 +52,19 @@ def of_run(sandbox: Sandbox) -> list[int]:
 
 
 def test_ranks_see_torchrun_and_sweeprun_variables_and_two_runs_never_share_a_port(sandbox: Sandbox) -> None:
-    """A zip mixes one 1-process run (today's path: no torchrun, its own session, no RANK) and
-    two 2-rank runs that must be running at the same time (``meet``): every rank has its
-    rank variables, every SWEEPRUN_* variable and SWEEPRUN_NPROC; each run its own port."""
+    """A zip mixes one 1-process run and two 2-rank runs that must be running at the same
+    time (``meet``): every rank has its rank variables (the 1-process run too: a sweep file
+    with ``nproc:`` starts every run through torchrun, and a script written for torchrun
+    makes its process group from them), every SWEEPRUN_* variable and SWEEPRUN_NPROC; each
+    run its own port."""
     sweep = ranks_sweep(sandbox, grid={}, zip={"world": [1, 2, 2], "seed": [0, 1, 2]},
                         params={"steps": 2, "meet": 3}, on_world_size_change="refuse")
     result = sandbox.run("launch", str(sweep), "--workers", "3", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     starts = events(sandbox, "start")
     single = [e for e in starts if e["env"]["SWEEPRUN_NPROC"] == "1"]
-    assert len(single) == 1 and single[0]["env"]["RANK"] is None and single[0]["sid"] == single[0]["pid"]
+    assert len(single) == 1 and single[0]["sid"] == single[0]["pid"]
+    assert (single[0]["env"]["RANK"], single[0]["env"]["WORLD_SIZE"]) == ("0", "1")
     ranked = [e for e in starts if e["env"]["SWEEPRUN_NPROC"] == "2"]
     by_run: dict[str, list[dict[str, Any]]] = {}
     for e in ranked:

@@ -11,6 +11,7 @@ initialise their process group themselves and know nothing of the launcher.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -90,3 +91,34 @@ def test_a_multi_rank_sweep_lost_every_way_ends_as_the_uninterrupted_run(
     row = sandbox.status(sweep)[run_dir.name]
     assert row["state"] == "done" and row["nproc"] == 2
 
+
+
+@pytest.mark.slow  # two attempts of a DDP run, the second of one rank
+def test_a_run_moved_from_two_ranks_to_one_goes_on_and_show_says_the_resume_was_approximate(
+        sandbox: Sandbox) -> None:
+    sweep = sandbox.write_sweep({"seed": [0]}, {}, name="ranks", nproc=2, lease_s=30, grace_s=20,
+                                command=f"python {DDP} --seed {{seed}} --step-sleep-s 0.15")
+    launcher = sandbox.sweeprun("launch", str(sweep))
+    wait_for(lambda: any(sandbox.store.glob("ranks/runs/*/metrics.jsonl")), timeout=180, what="the first step")
+    (run_dir,) = sandbox.store.glob("ranks/runs/*")
+    run = RankRun(DDP, run_dir)
+    wait_for(lambda: progress(run) >= 3, timeout=180, what="step 3")
+    os.killpg(launcher.pid, signal.SIGTERM)     # every rank saves at one step, exits 75
+    launcher.communicate(timeout=120)
+    saved = progress(run)
+
+    sweep.write_text(sweep.read_text().replace("nproc: 2", "nproc: 1"))   # the same run, one GPU now
+    done = sandbox.run("launch", str(sweep), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resharded from 2 rank(s) to 1" in (run_dir / "logs" / "attempt-2.log").read_text()
+    # one rank takes all 48 samples of an epoch, 4 a step: the rest of epoch 0, then epoch 1
+    assert [e["step"] for e in run.entries()] == list(range(1, 24 - saved + 1))
+
+    row = sandbox.status(sweep)[run_dir.name]
+    assert row["state"] == "done" and row["nproc"] == 1
+    assert row["approximate_resume"]["saved_world_size"] == 2
+    assert row["approximate_resume"]["world_size"] == 1
+    shown = json.loads(sandbox.run("show", str(sweep), run_dir.name, "--json", "--ledger",
+                                   str(sandbox.ledger)).stdout)
+    assert shown["approximate_resume"] == {**row["approximate_resume"], "step": saved}
+    assert shown["approximate_resume"]["approximate"] == ["rng", "data position"]

@@ -138,6 +138,8 @@ def test_a_script_random_even_uninterrupted_is_told_so(tmp_path: Path, tiny: str
     (("--", "no-such-program-xyz"), "cannot start 'no-such-program-xyz'"),
     (("--kills", "0", "--", "true"), "--kills"),
     (("--atol", "-1", "--", "true"), "--atol"),
+    (("--nproc", "0", "--", "true"), "--nproc"),
+    (("--resume-nproc", "2000", "--", "true"), "--resume-nproc"),
     (("--", sys.executable, "-c", "print('boom'); raise SystemExit(3)"),
      "the uninterrupted run exited with 3, so there is nothing to compare; its last line: 'boom'"),
     (("--", sys.executable, "-c", "pass"), "logged no steps to"),
