@@ -297,6 +297,12 @@ def main() -> None:
             f"{k[12:]} {statistics.median(x['sweeprun sync'].get(k, 0.0) for x in r['rounds']):.3f}"
             for k in labels))
 
+    lead = next(r for r in results if r["rank"] == 0)
+    proper = [x["sweeprun sync"].get("part:commit:rank 0 commit (fence, manifest, retention)", 0.0)
+              - x["sweeprun sync"].get("part:commit:retention (in the commit)", 0.0) for x in lead["rounds"]]
+    print(f"  the commit proper (rank 0: fence again + manifest create-only, retention left out): "
+          f"{statistics.median(proper):.3f}, {statistics.median(proper) / statistics.median(slowest('dcp save')) * 100:.0f} % "
+          "of dcp save")
     ours, theirs = slowest("sweeprun async"), slowest("dcp async_save")
     floor = slowest("copy")
     sync_ours, sync_dcp = slowest("sweeprun sync"), slowest("dcp save")
