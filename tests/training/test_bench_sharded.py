@@ -7,11 +7,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from _training_helpers import REPO
 
 
-def test_sharded_save_benchmark_quick_runs_and_prints_its_ratios(tmp_path):
+@pytest.mark.slow  # two torch ranks; the benchmark's smoke test, not an everyday one
+def test_sharded_save_benchmark_quick_runs_and_prints_its_ratios(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sharded_save.py"), "--quick",
                           "--dir", str(tmp_path)],
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
