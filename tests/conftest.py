@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,12 @@ import yaml
 from hypothesis import settings
 
 from servers import postgres_server, postgres_url, s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
+
+# A suite started in the background (`nohup ... &`, a CI step's job control) inherits SIGINT
+# ignored, and so would every process the tests start, so Ctrl-C tests could never reach
+# them: a handled signal is reset to its default in a child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Shared 2-core machines: a property test must fail on a wrong answer, never on a slow one.
 settings.register_profile("sweeprun", deadline=None, derandomize=True)
