@@ -55,7 +55,8 @@ def test_sigterm_to_one_rank_saves_once_at_the_same_step_on_both_and_resumes_exa
     assert_same_result(run, want)
 
 
-@pytest.mark.parametrize("async_save", ["1", pytest.param("0", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the fast subset's multi-rank test is the SIGTERM one above
+@pytest.mark.parametrize("async_save", ["1", "0"])
 def test_a_kill_after_one_rank_wrote_its_part_resumes_from_the_previous_checkpoint(
         shared_dir: Path, tmp_path: Path, async_save: str) -> None:
     """Rank 1 dies in the second save after DCP wrote the shards and before its own state was
@@ -94,6 +95,7 @@ def test_a_sharded_checkpoint_whose_files_do_not_match_is_passed_over(shared_dir
     assert "__1_0.distcp is corrupt" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three attempts; tests/fleet/test_ranks_sweep.py does it under the launcher too
 def test_killed_at_two_ranks_resumed_at_one_reshards_and_says_it_was_approximate(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "lr=0.01"
     launcher = {"SWEEPRUN_RUN_DIR": str(run_dir), "SWEEPRUN_RUN_ID": "lr=0.01", "SWEEPRUN_SWEEP": "s"}

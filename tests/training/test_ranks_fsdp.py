@@ -18,6 +18,7 @@ from sweeprun import open_store
 from sweeprun.training import load_checkpoint
 
 
+@pytest.mark.slow  # the fast subset's multi-rank test is DDP's; FSDP2 runs in the full suite
 def test_sigterm_to_rank_0_saves_every_shard_and_a_torchrun_resume_is_exact(shared_dir: Path,
                                                                               tmp_path: Path) -> None:
     want = reference(shared_dir, FSDP)
