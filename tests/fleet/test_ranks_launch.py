@@ -51,6 +51,7 @@ def of_run(sandbox: Sandbox) -> list[int]:
     return [ref.pid for ref in processes_with_env({"SIDE_LOG": str(sandbox.side_log)})]
 
 
+@pytest.mark.slow  # five ranks' starts; the fast subset keeps the SIGTERM and lost-launcher rank tests
 def test_ranks_see_torchrun_and_sweeprun_variables_and_two_runs_never_share_a_port(sandbox: Sandbox) -> None:
     """A zip mixes one 1-process run and two 2-rank runs that must be running at the same
     time (``meet``): every rank has its rank variables (the 1-process run too: a sweep file

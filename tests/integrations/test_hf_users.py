@@ -130,6 +130,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> UserRun:
     return run
 
 
+@pytest.mark.slow  # a reference and three Trainer starts; test_hf_trainer's fast tests cover the seal
 def test_a_kill_between_the_trainers_save_and_the_seal_resumes_mid_window_and_mid_epoch(
         tmp_path: Path, reference: UserRun) -> None:
     """The save at step 10 is cut short: the run resumes from step 5, in the middle of an

@@ -59,8 +59,8 @@ def assert_same_ending(run: ExampleRun, reference: ExampleRun) -> None:
     assert run.entries() == reference.entries()
 
 
-@pytest.mark.parametrize("tell", [  # four starts each: the fast subset runs one
-    pytest.param(False, id="seen-from-the-optimizer"),
+@pytest.mark.parametrize("tell", [  # four starts each, and a reference: the full suite runs them
+    pytest.param(False, id="seen-from-the-optimizer", marks=pytest.mark.slow),
     pytest.param(True, id="told", marks=pytest.mark.slow)])
 def test_saves_fall_between_optimizer_steps_and_the_resume_is_exact(
         tmp_path: Path, reference: ExampleRun, tell: bool) -> None:

@@ -46,6 +46,7 @@ def test_sigkill_several_times_then_rerun_matches_the_uninterrupted_run(
     assert_same_run(run, reference)
 
 
+@pytest.mark.slow  # three starts; the fast subset keeps the SIGTERM save's own step test below
 def test_sigterm_saves_exits_75_and_the_rerun_matches(tmp_path: Path, reference: ExampleRun) -> None:
     run = ExampleRun(tmp_path / "run")
     interrupt_repeatedly(run, SIGTERM, kills=2, seed=7)
