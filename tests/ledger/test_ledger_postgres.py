@@ -200,6 +200,7 @@ def test_a_wrong_url_is_a_one_line_error_without_the_password(
         assert "ledger postgres" in message and "://***@127.0.0.1:" in message, (what, message)
 
 
+@pytest.mark.slow  # a dozen CLI starts; the test above checks the same messages in process
 def test_the_cli_refuses_a_wrong_ledger_url_with_exit_2(
         sandbox: Sandbox, postgres_server: PostgresServer, password_user: tuple[str, str, str]) -> None:
     sweep = sandbox.write_sweep({"a": [1, 2]}, {"steps": 1})
