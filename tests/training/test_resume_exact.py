@@ -76,9 +76,8 @@ def test_crashes_inside_checkpoint_writes_are_recovered(tmp_path: Path, referenc
     assert leftovers == [], "temp files of crashed writes are removed at the next save"
 
 
-@pytest.mark.parametrize("piece", [  # one piece in the fast subset, every piece in the full suite
-    pytest.param("optimizer", marks=pytest.mark.slow), pytest.param("scheduler", marks=pytest.mark.slow),
-    "rng", pytest.param("data", marks=pytest.mark.slow)])
+@pytest.mark.slow  # every piece in the full suite; verify's fast tests judge the example's resume
+@pytest.mark.parametrize("piece", ["optimizer", "scheduler", "rng", "data"])
 def test_each_piece_of_state_is_needed(tmp_path: Path, reference: ExampleRun, piece: str) -> None:
     """Leave one piece out of the checkpoints and the resumed run no longer matches: each matters."""
     run = ExampleRun(tmp_path / "run")
