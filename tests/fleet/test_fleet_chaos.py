@@ -25,6 +25,7 @@ from typing import IO
 
 import pytest
 
+from sweeprun.procs import children
 from sweeprun.training import load_checkpoint
 
 from _training_helpers import REPO, assert_same_tree
@@ -44,21 +45,6 @@ class Host:
     name: str
     proc: subprocess.Popen[str]
     out: IO[str]
-
-
-def children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (a launcher's runs: each leads its own session)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def signal_host(host: Host, sig: int) -> None:

@@ -32,10 +32,6 @@ def rank_pids(run_dir: Path, rank: int) -> list[int]:
     return [ref.pid for ref in processes_with_env({"SWEEPRUN_RUN_DIR": str(run_dir), "RANK": str(rank)})]
 
 
-def progress(run: RankRun) -> int:
-    return run.last_step() if run.metrics.exists() else 0
-
-
 @pytest.mark.slow  # four attempts of two torch ranks and a torchrun each
 @pytest.mark.parametrize("script", [DDP, FSDP], ids=["ddp", "fsdp2"])
 def test_a_multi_rank_sweep_lost_every_way_ends_as_the_uninterrupted_run(
@@ -52,22 +48,22 @@ def test_a_multi_rank_sweep_lost_every_way_ends_as_the_uninterrupted_run(
 
     # 1. one rank SIGKILLed alone (the OOM killer): the attempt is interrupted, the launcher
     #    starts it again at once, from the last checkpoint both ranks committed
-    wait_for(lambda: progress(run) >= 3, timeout=180, what="step 3")
+    wait_for(lambda: run.last_step() >= 3, timeout=180, what="step 3")
     (victim,) = rank_pids(run_dir, 1)
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: len(list((run_dir / "logs").glob("attempt-*.log"))) >= 2, timeout=180,
              what="the second attempt")
     # 2. the launcher's whole group SIGKILLed (a lost machine): no rank may survive it
-    seen = progress(run)
-    wait_for(lambda: progress(run) >= seen + 2, timeout=180, what="the second attempt's steps")
+    seen = run.last_step()
+    wait_for(lambda: run.last_step() >= seen + 2, timeout=180, what="the second attempt's steps")
     os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait(timeout=60)
     wait_for(lambda: not rank_pids(run_dir, 0) and not rank_pids(run_dir, 1), timeout=60,
              what="the ranks to die with their launcher")
     # 3. a relaunch SIGTERMed mid-run (a preemption notice): every rank saves and exits 75
     launcher = sandbox.sweeprun("launch", str(sweep))
-    seen = progress(run)
-    wait_for(lambda: progress(run) >= seen + 2 or launcher.poll() is not None, timeout=180,
+    seen = run.last_step()
+    wait_for(lambda: run.last_step() >= seen + 2 or launcher.poll() is not None, timeout=180,
              what="the third attempt's steps")
     if launcher.poll() is None:
         os.killpg(launcher.pid, signal.SIGTERM)
@@ -102,10 +98,10 @@ def test_a_run_moved_from_two_ranks_to_one_goes_on_and_show_says_the_resume_was_
     wait_for(lambda: any(sandbox.store.glob("ranks/runs/*/metrics.jsonl")), timeout=180, what="the first step")
     (run_dir,) = sandbox.store.glob("ranks/runs/*")
     run = RankRun(DDP, run_dir)
-    wait_for(lambda: progress(run) >= 3, timeout=180, what="step 3")
+    wait_for(lambda: run.last_step() >= 3, timeout=180, what="step 3")
     os.killpg(launcher.pid, signal.SIGTERM)     # every rank saves at one step, exits 75
     launcher.communicate(timeout=120)
-    saved = progress(run)
+    saved = run.last_step()
 
     sweep.write_text(sweep.read_text().replace("nproc: 2", "nproc: 1"))   # the same run, one GPU now
     done = sandbox.run("launch", str(sweep), timeout=300)
