@@ -60,22 +60,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: -cost[item.nodeid.split("::")[0]])  # stable: a file keeps its order
 
 
-def _cpu_s() -> float:
+def _cpu_s() -> tuple[float, float]:
+    """CPU seconds of this process, and of the processes it waited for."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """With ``SWEEPRUN_TEST_CPU_LOG=FILE``: one JSON line per test with the CPU seconds it cost
-    (this process and the processes it waited for), to find what makes the suite slow on a
-    shared machine, where wall time says little; and its wall seconds beside, to find the
-    tests that mostly wait. Records only; nothing depends on it."""
+    (this process and the processes it waited for; ``own_cpu_s`` the test process's part, as
+    polling), to find what makes the suite slow on a shared machine, where wall time says
+    little; and its wall seconds beside, to find the tests that mostly wait. Records only; nothing depends on it."""
     log = os.environ.get("SWEEPRUN_TEST_CPU_LOG")
-    before, started = (_cpu_s(), time.monotonic()) if log else (0.0, 0.0)
+    before, started = (_cpu_s(), time.monotonic()) if log else ((0.0, 0.0), 0.0)
     yield
     if log:
-        line = {"test": item.nodeid, "cpu_s": round(_cpu_s() - before, 2),
+        own, children = (now - then for now, then in zip(_cpu_s(), before, strict=True))
+        line = {"test": item.nodeid, "cpu_s": round(own + children, 2), "own_cpu_s": round(own, 2),
                 "wall_s": round(time.monotonic() - started, 2),
                 "slow": item.get_closest_marker("slow") is not None}
         with open(log, "a") as f:

@@ -1,9 +1,10 @@
 """A run killed after its final checkpoint, before it could say it finished, ends done at the
-next launch, and ends as the uninterrupted run: with the plain API and both integrations.
+next launch, and ends as the uninterrupted run: with the plain API and the Trainer (Lightning:
+tests/integrations/test_lightning_users.py, standalone).
 
 The relaunch finds a checkpoint at the last step; there is nothing left to train, and the
-script must still reach its end (``run.finish()``, the Lightning fit's end, the Trainer's
-end of training), or the launcher could never mark the run done.
+script must still reach its end (``run.finish()``, the Trainer's end of training), or the
+launcher could never mark the run done.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ CRASHES = REPO / "tests" / "scripts" / "first_attempt_crashes.py"
 
 SCRIPTS = {
     "plain": f"{REPO}/examples/train_mlp.py --lr 0.01 --seed 0 --epochs 1",
-    "lightning": f"{REPO}/examples/lightning_mlp.py --lr 0.01 --seed 0 --epochs 1",
     "trainer": f"{REPO}/examples/hf_trainer.py --lr 0.003 --seed 0 --max-steps 6 --save-steps 3",
 }
 
 
-@pytest.mark.parametrize("script", [  # the integrations' starts are seconds each: full suite
-    pytest.param("lightning", marks=pytest.mark.slow), "plain", pytest.param("trainer", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("script", [  # the Trainer's starts are seconds each: full suite. Lightning's
+    "plain", pytest.param("trainer", marks=pytest.mark.slow)])   # case: test_lightning_users
 def test_killed_after_the_final_checkpoint_the_next_attempt_finishes_the_run(sandbox: Sandbox, script: str) -> None:
     command = f"python {CRASHES} training.before_finished {SCRIPTS[script]}"
     sweep = sandbox.write_sweep({"lr": [0.01]}, command=command, max_attempts=2)

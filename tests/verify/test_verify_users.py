@@ -42,12 +42,18 @@ def test_a_shuffled_lightning_loader_is_named_as_the_data_position(tmp_path: Pat
     assert verdict(result.stdout).startswith("NOT EXACT")
     assert "the data position was not restored" in likely(result.stdout)
     assert "sampler=sweeprun.ResumableSampler" in likely(result.stdout)
+    # and the resumed attempt said so itself, as a plain Lightning resume would not
+    kept = re.search(r"both runs are kept in (\S+):", result.stdout)
+    assert kept, result.stdout
+    resumed = (Path(kept[1]) / "interrupted" / "logs" / "attempt-2.log").read_text()
+    assert "cannot say where it is in the epoch" in resumed, resumed
 
 
 @pytest.mark.slow  # five starts of a Trainer script
 def test_the_users_trainer_script_is_exact(tmp_path: Path) -> None:
     result = sweeprun_verify("--", sys.executable, *TRAINER, tmp=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"attempt 2: resumed from step \d+; SIGKILL", result.stdout), "the Trainer's resume is seen"
     assert re.match(r"EXACT: interrupted 2 time\(s\) .* equal bit for bit \(Trainer folder checkpoint-\d+: "
                     r"model, optimizer, LR scheduler, RNG, trainer state, log history",
                     verdict(result.stdout))
