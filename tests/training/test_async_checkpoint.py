@@ -51,7 +51,7 @@ def background_threads() -> list[threading.Thread]:
 # -- a machine lost in the middle of a background save ------------------------------------------
 
 
-@pytest.mark.slow  # a variant: the fast subset keeps the file's other tests
+@pytest.mark.slow  # five starts of the example: the full suite
 def test_sigkill_in_each_phase_of_a_background_save_keeps_the_previous_and_resumes_exactly(
         tmp_path: Path, reference: ExampleRun) -> None:
     """The example saves every 7 steps; the process SIGKILLs itself during the second save,
