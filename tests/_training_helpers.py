@@ -112,9 +112,11 @@ class ScriptRun:
         return json.loads(lines[-1])["step"] if lines else 0
 
     def _metrics_stamp(self) -> tuple[int, int] | None:
+        if not isinstance(self.out, Path):   # a bucket's URL: no stamp, read it every time
+            return None
         try:
             status = os.stat(self.metrics)
-        except (OSError, ValueError):
+        except OSError:
             return None
         return status.st_mtime_ns, status.st_size
 
