@@ -51,7 +51,7 @@ sys.path[:0] = [str(REPO)]
 
 METHODS = ("copy", "sweeprun async", "dcp async_save", "sweeprun sync", "dcp save")
 #: DCP's own writer inside sweeprun's save: what a plain dcp.save does too.
-DCP_WRITE = "DCP's writer: shards (hashed as written, fsynced)"
+DCP_WRITE = "DCP's writer: shards, fsynced (sweeprun's hashed as written)"
 DCP_FINISH = "DCP's writer: .metadata (rank 0)"
 RETENTION = "retention (on its own thread, after the commit)"
 
@@ -146,8 +146,6 @@ def rank_main(size_mb: float, folder: str, saves: int) -> None:
 
     for owner, name, label in [
             (sharded.ShardedWriter, "_name", "rank 0: fence + name (in DCP's planning)"),
-            (FileSystemWriter, "write_data", DCP_WRITE),
-            (FileSystemWriter, "finish", DCP_FINISH),
             (StreamDigest, "hexdigest", "waits for the hasher (at file close)"),
             (dcp_io, "atomic_write", "own state written"),
             (dcp_io, "fsync_dir", "fsync of the folder (rank 0)"),
@@ -155,6 +153,9 @@ def rank_main(size_mb: float, folder: str, saves: int) -> None:
             (sharded.ShardedWriter, "_commit", "rank 0 commit (fence again, manifest)")]:
         timers.wrap(owner, name, "commit:" + label, only_in_write=True)
     timers.wrap(CheckpointWriter, "prune", RETENTION)
+    timers.wrap(FileSystemWriter, "write_data", DCP_WRITE)     # in sweeprun's saves and DCP's own
+    timers.wrap(FileSystemWriter, "finish", DCP_FINISH)
+
     runs = {}
     for mode in ("async", "sync"):
         runs[mode] = sweeprun.init(params={"mode": mode}, local_dir=os.path.join(folder, f"run-{mode}"),
@@ -183,6 +184,7 @@ def rank_main(size_mb: float, folder: str, saves: int) -> None:
             out["stall"] = time.perf_counter() - t0
             runs["async"].wait()
             out["durable"] = time.perf_counter() - t0
+            runs["async"]._writer.settle()    # its retention, timed apart: not during the next method
         elif method == "dcp async_save":
             path = fresh_dcp_path()
             t0 = time.perf_counter()
@@ -194,6 +196,7 @@ def rank_main(size_mb: float, folder: str, saves: int) -> None:
         elif method == "sweeprun sync":
             runs["sync"].save()
             out["stall"] = time.perf_counter() - t0
+            runs["sync"]._writer.settle()
         elif method == "dcp save":
             path = fresh_dcp_path()
             t0 = time.perf_counter()
@@ -290,11 +293,14 @@ def main() -> None:
 
     split = parts("sweeprun async")
     print("sweeprun async stall, medians of the slowest rank: " +
-          ", ".join(f"{k} {v:.3f}" for k, v in split.items() if k not in ("write", "dcp.save") and not k.startswith("commit:")))
+          ", ".join(f"{k} {v:.3f}" for k, v in split.items()
+                    if k not in ("write", "dcp.save", DCP_WRITE, DCP_FINISH, RETENTION) and not k.startswith("commit:")))
     sync = parts("sweeprun sync")
+    print("dcp save, medians of the slowest rank: " + ", ".join(f"{k} {v:.3f}" for k, v in parts("dcp save").items()))
     print("sweeprun sync, before its write, medians of the slowest rank: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in sync.items() if k not in ("write", "dcp.save") and not k.startswith("commit:")))
-    dcp_own = [f"part:commit:{DCP_WRITE}", f"part:commit:{DCP_FINISH}"]
+        f"{k} {v:.3f}" for k, v in sync.items()
+        if k not in ("write", "dcp.save", DCP_WRITE, DCP_FINISH, RETENTION) and not k.startswith("commit:")))
+    dcp_own = [f"part:{DCP_WRITE}", f"part:{DCP_FINISH}"]
     commit = [max(r["rounds"][i]["sweeprun sync"].get("part:write", 0.0)
                   - sum(r["rounds"][i]["sweeprun sync"].get(k, 0.0) for k in dcp_own) for r in results)
               for i in range(saves)]
@@ -302,7 +308,7 @@ def main() -> None:
           f"(one dcp.save with sweeprun's storage writer), the rest beyond DCP's own writer (fence, "
           f"name, own state, hash waits, manifest, DCP's planning and messages) {statistics.median(commit):.3f}:")
     for r in results:                     # per rank: the gathers are where a rank waits for the others
-        labels = [k for k in r["rounds"][0]["sweeprun sync"] if k.startswith("part:commit:")]
+        labels = [k for k in r["rounds"][0]["sweeprun sync"] if k.startswith("part:commit:") or k in dcp_own]
         print(f"  rank {r['rank']}: " + ", ".join(
             f"{k.split(':', 2)[-1]} {statistics.median(x['sweeprun sync'].get(k, 0.0) for x in r['rounds']):.3f}"
             for k in labels))
