@@ -331,7 +331,7 @@ def main() -> None:
     print(f"ratios at {nbytes / 1e6:.0f} MB x {args.ranks} ranks: stall sweeprun/dcp async_save "
           f"{stall_ratio:.2f}x (paired {paired_stall:.2f}x; target <= 1.1x), stall sweeprun/copy "
           f"{statistics.median(ours) / statistics.median(floor):.2f}x, commit overhead (sync - dcp save)/dcp "
-          f"save {overhead * 100:+.0f} % (target <= 10 %), commit share of the sync save "
+          f"save {overhead * 100:+.0f} % (target <= 10 %), share of the sync save outside DCP's writer "
           f"{inside * 100:.0f} %")
 
 
