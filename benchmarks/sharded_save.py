@@ -142,14 +142,18 @@ def rank_main(size_mb: float, folder: str, saves: int) -> None:
 
     from sweeprun.training import dcp_io
     from sweeprun.training.digest import StreamDigest
+    from sweeprun.training.metrics import MetricsLog
     from sweeprun.training.writer import CheckpointWriter
 
     for owner, name, label in [
-            (sharded.ShardedWriter, "_name", "rank 0: fence + name (in DCP's planning)"),
+            (sharded.ShardedWriter, "_name", "fence + name (rank 0, in DCP's planning)"),
             (StreamDigest, "hexdigest", "waits for the hasher (at file close)"),
             (dcp_io, "atomic_write", "own state written"),
             (dcp_io, "fsync_dir", "fsync of the folder (rank 0)"),
             (dcp_io, "local_memory", "where the tensors are (for the hasher)"),
+            (MetricsLog, "flush", "metrics made durable (rank 0)"),
+            (dcp_io.Commit, "write_data", "sweeprun's write_data (all of a rank's part)"),
+            (dcp_io.Commit, "finish", "sweeprun's finish (rank 0: .metadata + commit)"),
             (sharded.ShardedWriter, "_commit", "rank 0 commit (fence again, manifest)")]:
         timers.wrap(owner, name, "commit:" + label, only_in_write=True)
     timers.wrap(CheckpointWriter, "prune", RETENTION)
@@ -310,7 +314,7 @@ def main() -> None:
     for r in results:                     # per rank: the gathers are where a rank waits for the others
         labels = [k for k in r["rounds"][0]["sweeprun sync"] if k.startswith("part:commit:") or k in dcp_own]
         print(f"  rank {r['rank']}: " + ", ".join(
-            f"{k.split(':', 2)[-1]} {statistics.median(x['sweeprun sync'].get(k, 0.0) for x in r['rounds']):.3f}"
+            f"{k.removeprefix('part:').removeprefix('commit:')} {statistics.median(x['sweeprun sync'].get(k, 0.0) for x in r['rounds']):.3f}"
             for k in labels))
 
     lead = next(r for r in results if r["rank"] == 0)
