@@ -80,9 +80,9 @@ class _HashedStream:
         self.raw = raw
         self.digest = digest
 
-    def write(self, chunk: Any) -> int:
-        self.digest.update(chunk)
-        return int(self.raw.write(chunk))
+    def write(self, chunk: Any) -> Any:
+        self.digest.update(chunk)                 # queued first, so the hash overlaps the write
+        return self.raw.write(chunk)
 
     def __getattr__(self, name: str) -> Any:     # tell, fileno (DCP's fsync), flush, close
         return getattr(self.raw, name)
