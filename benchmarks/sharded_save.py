@@ -14,15 +14,16 @@ turns (their order alternates from round to round, so neither always goes first)
   ``get_state_dict(model, optimizer)`` on a gloo group of its own (as sweeprun's thread
   has), to a folder on the same disk: the stall is the time until it returns (its
   staging; ``get_state_dict`` included, as sweeprun's stall includes its own);
-- ``sweeprun sync``: ``run.save()`` (DCP's write and fsync of every shard, each rank's own
-  state, hashes, the gathered reports, the manifest created by rank 0, retention);
+- ``sweeprun sync``: ``run.save()`` (one ``dcp.save`` with sweeprun's storage writer: the
+  fence and name, every shard written, hashed and fsynced, each rank's own state, the
+  manifest created by rank 0; retention after it, on a thread of its own);
 - ``dcp save``: ``torch.distributed.checkpoint.save`` of the same state (fsynced shards and
   ``.metadata``). (sync - dcp save) / dcp save is the commit's overhead, per round.
 
 Every figure is the slowest rank's of its round (a collective save waits for it); the table
 gives the median and p90 over rounds. The sweeprun saves are also timed from the inside
 (wrapping its functions, nothing changed): the stall split into its parts, and the commit
-(what ``ShardedWriter.write`` spends beyond DCP's own ``save``).
+(what ``ShardedWriter.write`` spends beyond DCP's own writer, split by part and rank).
 
     python benchmarks/sharded_save.py [--size-mb 50] [--saves 8] [--ranks 2] [--quick]
 
@@ -49,6 +50,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
 METHODS = ("copy", "sweeprun async", "dcp async_save", "sweeprun sync", "dcp save")
+#: DCP's own writer inside sweeprun's save: what a plain dcp.save does too.
+DCP_WRITE = "DCP's writer: shards, fsynced (sweeprun's hashed as written)"
+DCP_FINISH = "DCP's writer: .metadata (rank 0)"
+RETENTION = "retention (on its own thread, after the commit)"
 
 
 def build(size_mb: float) -> tuple[Any, Any, int]:
@@ -133,20 +138,27 @@ def rank_main(size_mb: float, folder: str, saves: int) -> None:
 
     sharded.ShardedWriter.write = write   # type: ignore[method-assign]
     timers.wrap(dcp, "save", "dcp.save", only_in_write=True)
-    from sweeprun.training.checkpoints import CheckpointDir
-    from sweeprun.training.ranks import Ranks
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from sweeprun.training import dcp_io
+    from sweeprun.training.digest import StreamDigest
+    from sweeprun.training.metrics import MetricsLog
     from sweeprun.training.writer import CheckpointWriter
 
     for owner, name, label in [
-            (sharded.ShardedWriter, "_agree_on_name", "fence + agree on the name"),
-            (sharded, "atomic_write", "own state written"),
-            (sharded, "fsync_dir", "fsync of the folder"),
-            (sharded.ShardedWriter, "_mine", "list + hash own files"),
-            (CheckpointDir, "digest", "sha256 reads (in the hash)"),
-            (Ranks, "gather", "gathers (3, incl. the name's)"),
-            (sharded.ShardedWriter, "_commit", "rank 0 commit (fence, manifest, retention)"),
-            (CheckpointWriter, "prune", "retention (in the commit)")]:
+            (sharded.ShardedWriter, "_name", "fence + name (rank 0, in DCP's planning)"),
+            (StreamDigest, "hexdigest", "waits for the hasher (at file close)"),
+            (dcp_io, "atomic_write", "own state written"),
+            (dcp_io, "fsync_dir", "fsync of the folder (rank 0)"),
+            (dcp_io, "local_memory", "where the tensors are (for the hasher)"),
+            (MetricsLog, "flush", "metrics made durable (rank 0)"),
+            (dcp_io.Commit, "write_data", "sweeprun's write_data (all of a rank's part)"),
+            (dcp_io.Commit, "finish", "sweeprun's finish (rank 0: .metadata + commit)"),
+            (sharded.ShardedWriter, "_commit", "rank 0 commit (fence again, manifest)")]:
         timers.wrap(owner, name, "commit:" + label, only_in_write=True)
+    timers.wrap(CheckpointWriter, "prune", RETENTION)
+    timers.wrap(FileSystemWriter, "write_data", DCP_WRITE)     # in sweeprun's saves and DCP's own
+    timers.wrap(FileSystemWriter, "finish", DCP_FINISH)
 
     runs = {}
     for mode in ("async", "sync"):
@@ -176,6 +188,7 @@ def rank_main(size_mb: float, folder: str, saves: int) -> None:
             out["stall"] = time.perf_counter() - t0
             runs["async"].wait()
             out["durable"] = time.perf_counter() - t0
+            runs["async"]._writer.settle()    # its retention, timed apart: not during the next method
         elif method == "dcp async_save":
             path = fresh_dcp_path()
             t0 = time.perf_counter()
@@ -187,6 +200,7 @@ def rank_main(size_mb: float, folder: str, saves: int) -> None:
         elif method == "sweeprun sync":
             runs["sync"].save()
             out["stall"] = time.perf_counter() - t0
+            runs["sync"]._writer.settle()
         elif method == "dcp save":
             path = fresh_dcp_path()
             t0 = time.perf_counter()
@@ -283,24 +297,32 @@ def main() -> None:
 
     split = parts("sweeprun async")
     print("sweeprun async stall, medians of the slowest rank: " +
-          ", ".join(f"{k} {v:.3f}" for k, v in split.items() if k not in ("write", "dcp.save") and not k.startswith("commit:")))
+          ", ".join(f"{k} {v:.3f}" for k, v in split.items()
+                    if k not in ("write", "dcp.save", DCP_WRITE, DCP_FINISH, RETENTION) and not k.startswith("commit:")))
     sync = parts("sweeprun sync")
+    print("dcp save, medians of the slowest rank: " + ", ".join(f"{k} {v:.3f}" for k, v in parts("dcp save").items()))
+    print("sweeprun sync, before its write, medians of the slowest rank: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in sync.items()
+        if k not in ("write", "dcp.save", DCP_WRITE, DCP_FINISH, RETENTION) and not k.startswith("commit:")))
+    dcp_own = [f"part:{DCP_WRITE}", f"part:{DCP_FINISH}"]
     commit = [max(r["rounds"][i]["sweeprun sync"].get("part:write", 0.0)
-                  - r["rounds"][i]["sweeprun sync"].get("part:dcp.save", 0.0) for r in results)
+                  - sum(r["rounds"][i]["sweeprun sync"].get(k, 0.0) for k in dcp_own) for r in results)
               for i in range(saves)]
-    print(f"sweeprun sync, medians of the slowest rank: ShardedWriter.write {sync.get('write', 0):.3f}, "
-          f"its dcp.save {sync.get('dcp.save', 0):.3f}, the rest (fence, name, own state, hashes, "
-          f"reports, manifest, retention) {statistics.median(commit):.3f}:")
+    print(f"sweeprun sync, medians of the slowest rank: ShardedWriter.write {sync.get('write', 0):.3f} "
+          f"(one dcp.save with sweeprun's storage writer), the rest beyond DCP's own writer (fence, "
+          f"name, own state, hash waits, manifest, DCP's planning and messages) {statistics.median(commit):.3f}:")
     for r in results:                     # per rank: the gathers are where a rank waits for the others
-        labels = [k for k in r["rounds"][0]["sweeprun sync"] if k.startswith("part:commit:")]
+        labels = [k for k in r["rounds"][0]["sweeprun sync"] if k.startswith("part:commit:") or k in dcp_own]
         print(f"  rank {r['rank']}: " + ", ".join(
-            f"{k[12:]} {statistics.median(x['sweeprun sync'].get(k, 0.0) for x in r['rounds']):.3f}"
+            f"{k.removeprefix('part:').removeprefix('commit:')} {statistics.median(x['sweeprun sync'].get(k, 0.0) for x in r['rounds']):.3f}"
             for k in labels))
 
     lead = next(r for r in results if r["rank"] == 0)
-    proper = [x["sweeprun sync"].get("part:commit:rank 0 commit (fence, manifest, retention)", 0.0)
-              - x["sweeprun sync"].get("part:commit:retention (in the commit)", 0.0) for x in lead["rounds"]]
-    print(f"  the commit proper (rank 0: fence again + manifest create-only, retention left out): "
+    proper = [x["sweeprun sync"].get("part:commit:rank 0 commit (fence again, manifest)", 0.0)
+              for x in lead["rounds"]]
+    retention = [sum(x[m].get(f"part:{RETENTION}", 0.0) for m in METHODS) for x in lead["rounds"]]
+    print(f"  {RETENTION}, rank 0: {statistics.median(retention):.3f}")
+    print(f"  the commit proper (rank 0: fence again + manifest create-only): "
           f"{statistics.median(proper):.3f}, {statistics.median(proper) / statistics.median(slowest('dcp save')) * 100:.0f} % "
           "of dcp save")
     ours, theirs = slowest("sweeprun async"), slowest("dcp async_save")
@@ -313,7 +335,7 @@ def main() -> None:
     print(f"ratios at {nbytes / 1e6:.0f} MB x {args.ranks} ranks: stall sweeprun/dcp async_save "
           f"{stall_ratio:.2f}x (paired {paired_stall:.2f}x; target <= 1.1x), stall sweeprun/copy "
           f"{statistics.median(ours) / statistics.median(floor):.2f}x, commit overhead (sync - dcp save)/dcp "
-          f"save {overhead * 100:+.0f} % (target <= 10 %), commit share of the sync save "
+          f"save {overhead * 100:+.0f} % (target <= 10 %), share of the sync save outside DCP's writer "
           f"{inside * 100:.0f} %")
 
 

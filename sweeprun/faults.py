@@ -29,8 +29,9 @@ POINTS = (
     "checkpoint.mid_write",        # a checkpoint's temp file partly written (after the first chunk)
     "checkpoint.before_rename",    # temp file complete and fsynced, not yet renamed
     "checkpoint.before_manifest",  # data file in place, manifest not written
-    "checkpoint.before_rank_state",  # a multi-rank save: DCP wrote every rank's shards, this rank's state not yet
+    "checkpoint.before_rank_state",  # a multi-rank save: this rank's shards written, its own state not yet
     "checkpoint.rank_written",     # a multi-rank save: this rank's part durable, not yet reported to rank 0
+    "checkpoint.before_retention",  # a multi-rank save committed, the checkpoints it replaces not yet removed
     "metrics.after_append",        # a metrics.jsonl line appended (e.g. a validation loss)
     "training.before_finished",    # the final checkpoint durable, attempts/<n>.finished not written
     "runner.before_done",          # child exited 0, DONE not yet written

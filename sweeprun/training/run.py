@@ -499,6 +499,7 @@ class Run:
 
     def checkpoints(self) -> list[Manifest]:
         """The manifests in the run's checkpoints folder, oldest first."""
+        self._writer.settle()
         return self._dir.manifests()
 
     def finish(self) -> Manifest:
@@ -537,6 +538,7 @@ class Run:
 
     def _close(self) -> BaseException | None:
         error = self._background.drain()
+        self._writer.settle()               # a commit's retention, on its own thread
         if isinstance(error, LeaseLost):
             self._metrics.abandon()
         self._metrics.close()

@@ -13,14 +13,16 @@ and FSDP2's DTensors, and reshard on a load at another world size. Everything el
 has (its RNG states, its sampler's position, ``run.extras``, schedulers) is that rank's
 own and goes to ``rank-<rank>.pt``, written through the store like any checkpoint file.
 
-The commit (:meth:`ShardedWriter.write`): every rank fences, the ranks agree on the name,
-DCP writes and fsyncs every rank's shards and rank 0's ``.metadata``, each rank writes its
-own state, hashes what it wrote and reports; only when every rank reported does rank 0
-fence again and create the manifest (world size, each file's size and sha256), create-only,
-then apply retention. A folder without a manifest, or whose files do not match it, is never
-restored (:func:`verify`): a resume falls back to the previous checkpoint, and retention
-removes it. Every rank learns the outcome, so all of them return the manifest or raise the
-same error: never one rank resuming from an older step than the others.
+The commit (:meth:`ShardedWriter.write`, inside one ``dcp.save``: :mod:`.dcp_io`): rank 0
+fences and names the checkpoint while DCP plans; every rank writes its shards (hashed as
+they are written, fsynced) and its own state and sends the files' sizes and sha256 with
+its write results; only when every rank's part is durable does rank 0 write DCP's
+``.metadata``, fence again and create the manifest (world size, each file's size and
+sha256), create-only, last. Retention runs after that, on a thread of its own. A folder
+without a manifest, or whose files do not match it, is never restored (:func:`verify`): a
+resume falls back to the previous checkpoint, and retention removes it. Every rank learns
+the outcome, so all of them return the manifest or raise the same error: never one rank
+resuming from an older step than the others.
 """
 
 from __future__ import annotations
@@ -28,15 +30,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import posixpath
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import CheckpointError, SweeprunError
+from ..errors import CheckpointError
 from ..faults import crash_point
-from ..store import atomic_write, create_only, fsync_dir
-from ..store.layout import DCP_METADATA, parse_rank_state, rank_state_name, shard_file_rank
+from ..store import create_only
+from ..store.layout import rank_state_name
 from .checkpoints import CheckpointDir, Manifest, Name, _finite
 from .ranks import Ranks
 from .writer import CheckpointWriter, Folder
@@ -108,23 +109,6 @@ def load_dcp_state(objects: Mapping[str, Any], state: Mapping[str, Any]) -> None
             set_optimizer_state_dict(_model_of(name, obj, models), obj, state[name])
 
 
-def _storage(directory: CheckpointDir, folder: str, write: bool) -> Any:
-    """DCP's writer (reader) for ``folder``: its filesystem one on local disk, its fsspec one,
-    over the store's own filesystem object (credentials, endpoint), on object stores."""
-    native = directory.store.native_path(folder)
-    if native is not None:
-        from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-
-        return FileSystemWriter(native, sync_files=True) if write else FileSystemReader(native)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-
-    url = directory.fs.unstrip_protocol(folder)
-    storage = FsspecWriter(url, sync_files=False) if write else FsspecReader(url)
-    storage.fs.fs = directory.fs            # the store's filesystem, not a second one from the URL
-    storage.path = folder
-    return storage
-
-
 def files_digest(files: Mapping[str, Any]) -> str:
     """What a sharded manifest's ``sha256`` is: the hash of its file list, so it still says
     "these bytes" in one field to whoever reads only that."""
@@ -144,84 +128,38 @@ class ShardedWriter:
     def write(self, step: int, own: dict[str, Any], tensors: dict[str, Any],
               metrics: dict[str, float], flush: Callable[[], None]) -> Manifest:
         """Write this rank's part of the checkpoint of ``step`` and, on rank 0, commit it once
-        every rank's part is durable. ``own`` is this rank's state (``rank-<rank>.pt``),
-        ``tensors`` the models' and optimizers' (:func:`dcp_state`); ``flush`` makes the
-        metrics durable once the fence passed (rank 0 has them). Every rank returns the same
-        manifest or raises the same error."""
-        import torch
+        every rank's part is durable: all inside one ``dcp.save`` (:class:`~.dcp_io.Commit`).
+        ``own`` is this rank's state (``rank-<rank>.pt``), ``tensors`` the models' and
+        optimizers' (:func:`dcp_state`); ``flush`` makes the metrics durable once the fence
+        passed (rank 0 has them). Every rank returns the same manifest or raises the same error."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
-        name = self._agree_on_name(step)
-        flush()
-        folder = self.dir.join(name.shards)
-        dcp.save(tensors, storage_writer=_storage(self.dir, folder, write=True),
-                 process_group=self.group)
-        crash_point("checkpoint.before_rank_state")
-        error, files = None, {}
+        from .dcp_io import MANIFEST, Commit, failure, local_memory
+
+        commit = Commit(self.dir, self.ranks.rank, step, own, local_memory(tensors), metrics, flush,
+                        name=self._name, commit=self._commit)
         try:
-            raw = io.BytesIO()
-            torch.save(own, raw)
-            atomic_write(self.dir.fs, posixpath.join(folder, rank_state_name(self.ranks.rank)), raw.getvalue())
-            native = self.dir.store.native_path(folder)
-            if native is not None:
-                fsync_dir(native)              # DCP's own files' names are durable too
-            files = self._mine(folder)
-        except (OSError, SweeprunError) as exc:   # reported, never raised alone: the others wait
-            error = f"rank {self.ranks.rank}: {exc}"
-        crash_point("checkpoint.rank_written")
-        reports = self.ranks.gather((error, files), self.group)
-        errors = [e for e, _ in reports if e]
-        if errors:
-            raise CheckpointError(f"checkpoint {folder} was not written by every rank: {'; '.join(errors)}; "
-                                  "it is not used (the previous checkpoint still is)")
-        outcome: Any = None
-        if self.ranks.leader:
-            try:
-                merged = {k: v for _, report in reports for k, v in report.items()}
-                outcome = self._commit(name, merged, metrics)
-            except SweeprunError as exc:
-                outcome = exc
-            except OSError as exc:
-                outcome = CheckpointError(f"the commit of {folder} failed: {exc}")
-        outcome = self.ranks.gather(outcome, self.group)[0]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
+            metadata = dcp.save(tensors, storage_writer=commit, process_group=self.group)
+        except CheckpointException as exc:
+            raise failure(exc, step) from None
+        manifest = getattr(metadata, MANIFEST, None)
+        if not isinstance(manifest, Manifest):
+            raise CheckpointError(f"the checkpoint of step {step} was saved by DCP without sweeprun's "
+                                  "commit; it is not used (the previous checkpoint still is)")
+        return manifest
 
-    def _agree_on_name(self, step: int) -> Name:
-        """Every rank fences; rank 0's listing gives the sequence number. One rank fenced
-        out means all are: they stop together."""
-        problem: SweeprunError | None = None
-        seq = 0
-        try:
-            listing = self.writer.fence().listing
-            seq = max((n.seq for n in map(Name.parse, listing) if n is not None), default=0) + 1
-        except SweeprunError as exc:             # a lost lease, an unreadable folder: all stop
-            problem = exc
-        reports = self.ranks.gather((problem, seq), self.group)
-        problems = [p for p, _ in reports if p is not None]
-        if problems:
-            raise problems[0]
-        return Name(self.writer.attempt, reports[0][1], step)
-
-    def _mine(self, folder: str) -> dict[str, dict[str, Any]]:
-        """Size and sha256 of the files this rank wrote: its shards, its state, and rank 0's
-        DCP metadata (written before any rank's save returned)."""
-        found = self.dir.store.entries(folder)
-        mine = {n for n, regular in found.items() if regular and (
-            shard_file_rank(n) == self.ranks.rank or parse_rank_state(n) == self.ranks.rank
-            or (n == DCP_METADATA and self.ranks.leader))}
-        if self.ranks.leader and DCP_METADATA not in mine:
-            raise CheckpointError(f"DCP wrote no {DCP_METADATA} in {folder}")
-        out = {}
-        for n in sorted(mine):
-            size, sha = self.dir.digest(posixpath.join(folder, n))
-            out[n] = {"size": size, "sha256": sha}
-        return out
+    def _name(self, step: int) -> Name:
+        """Rank 0, while DCP plans the save: the fence, then the next sequence number. A
+        fenced-out rank 0 means every rank stops (the error reaches them through DCP)."""
+        listing = self.writer.fence().listing
+        seq = max((n.seq for n in map(Name.parse, listing) if n is not None), default=0) + 1
+        return Name(self.writer.attempt, seq, step)
 
     def _commit(self, name: Name, files: dict[str, dict[str, Any]], metrics: dict[str, float]) -> Manifest:
-        """Rank 0, once every rank reported: the fence again, then the manifest, create-only,
-        then retention (which may now drop what this checkpoint replaces)."""
+        """Rank 0, once every rank reported: the fence again, then the manifest, create-only;
+        retention (which may now drop what this checkpoint replaces) runs after, off the
+        save's path (:meth:`~.writer.CheckpointWriter.prune_later`)."""
         crash_point("checkpoint.before_manifest")
         folder = self.writer.fence()         # a rank frozen mid-save: it finds out before the commit
         manifest = Manifest(attempt=name.attempt, seq=name.seq, step=name.step,
@@ -233,8 +171,8 @@ class ShardedWriter:
         path = self.dir.join(name.manifest)
         if not create_only(self.dir.fs, path, manifest.to_bytes()):
             raise self.writer._clash(path)
-        self.writer.prune(Folder({**folder.listing, name.shards: False, name.manifest: True},
-                                 [*folder.manifests, manifest]))
+        self.writer.prune_later(Folder({**folder.listing, name.shards: False, name.manifest: True},
+                                       [*folder.manifests, manifest]))
         return manifest
 
 
@@ -262,13 +200,15 @@ def load_tensors(directory: CheckpointDir, manifest: Manifest, objects: Mapping[
     """Load the models and optimizers through DCP, resharding to this run's world size."""
     import torch.distributed.checkpoint as dcp
 
+    from .dcp_io import storage
+
     state = dcp_state(objects)
     missing = sorted(set(state) - set(_saved_keys(directory, manifest)))
     if missing:
         raise CheckpointError(f"checkpoint {directory.join(manifest.data)} has no state for "
                               f"{', '.join(missing)}; track the same objects as when it was written, "
                               "or delete the checkpoints folder to start over")
-    dcp.load(state, storage_reader=_storage(directory, directory.join(manifest.data), write=False),
+    dcp.load(state, storage_reader=storage(directory, directory.join(manifest.data), write=False),
              process_group=ranks.group if ranks else None, no_dist=ranks is None)
     load_dcp_state(objects, state)
 
@@ -279,14 +219,18 @@ def read_tensors(directory: CheckpointDir, manifest: Manifest) -> dict[str, Any]
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    from .dcp_io import storage
+
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=_storage(directory, directory.join(manifest.data), write=False),
+    _load_state_dict(state, storage_reader=storage(directory, directory.join(manifest.data), write=False),
                      planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     return state
 
 
 def _saved_keys(directory: CheckpointDir, manifest: Manifest) -> set[str]:
     """The top-level names (tracked objects) a DCP checkpoint holds, from its metadata."""
-    reader = _storage(directory, directory.join(manifest.data), write=False)
+    from .dcp_io import storage
+
+    reader = storage(directory, directory.join(manifest.data), write=False)
     metadata = reader.read_metadata()
     return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}

@@ -38,11 +38,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ..errors import LeaseLost
+from ..errors import LeaseLost, SweeprunError
 from ..faults import crash_point
 from ..store import UPLOAD_PART_BYTES, create_only, store_errors
 from ..store.layout import ATTEMPTS, attempt_of, highest_attempt
-from .checkpoints import CheckpointDir, Manifest, Name, Owner, Retention, _finite
+from .checkpoints import CheckpointDir, Manifest, Name, Owner, Retention, _finite, warn
 from .digest import StreamDigest, tensor_memory
 
 
@@ -138,6 +138,34 @@ class CheckpointWriter:
         self.attempts = attempts
         """The run's ``attempts/`` folder when the attempt number is the launcher's; ``None``
         standalone (no launcher numbers its attempts there)."""
+        self._retention: threading.Thread | None = None
+
+    def prune_later(self, folder: Folder) -> None:
+        """:meth:`prune` on a thread of its own, after a commit: the save does not wait for
+        old checkpoints to be deleted. Only after the commit, so the checkpoint that counts
+        is never the one removed; a process killed before it ran leaves the old files, and
+        the next save's prune removes them (it goes by the listing, not by this call). A
+        failure is a warning: the checkpoint is committed, the next prune tries again."""
+        self.settle()
+
+        def run() -> None:
+            try:
+                crash_point("checkpoint.before_retention")
+                self.prune(folder)
+            except (OSError, SweeprunError) as exc:
+                warn(f"removing old checkpoints of {self.owner} failed ({' '.join(str(exc).split())}); "
+                     "the next save tries again")
+
+        self._retention = threading.Thread(target=run, name="sweeprun-retention", daemon=False)
+        self._retention.start()
+
+    def settle(self) -> None:
+        """Wait for the retention of the last commit: before the folder is listed again (a
+        manifest deleted between a listing and its read would be reported as unusable) and
+        before the process says it is done."""
+        thread, self._retention = self._retention, None
+        if thread is not None:
+            thread.join()
 
     def fence(self) -> Folder:
         """The folder as it is, after checking that no newer attempt has started or saved.
@@ -146,6 +174,7 @@ class CheckpointWriter:
         there (create-only) before it starts the process, so a late save is refused even
         before the new attempt's first checkpoint. In the checkpoints folder only a
         manifest that checks out counts: a junk file cannot stop a run forever."""
+        self.settle()
         self._check_attempts()
         listing = self.dir.listing()
         manifests = self.dir.manifests(listing)

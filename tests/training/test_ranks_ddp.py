@@ -8,6 +8,7 @@ equal bit for bit those of a run never interrupted, with the same metrics line p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -81,9 +82,15 @@ def test_a_kill_after_one_rank_wrote_its_part_resumes_from_the_previous_checkpoi
 
 def test_a_sharded_checkpoint_whose_files_do_not_match_is_passed_over(shared_dir: Path, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The sizes and hashes are taken as DCP writes the files (never read back): they are
+    those of the bytes on disk, and one flipped bit is still caught on restore."""
     want = reference(shared_dir, DDP)
     folder = tmp_path / "checkpoints"
     shutil.copytree(want.out / "checkpoints", folder)
+    for manifest in want.manifests():
+        for name, record in manifest["files"].items():
+            raw = (folder / manifest["data"] / name).read_bytes()
+            assert record == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}, name
     newest = sorted(folder.glob("*.json"))[-1]
     shard = folder / json.loads(newest.read_text())["data"] / "__1_0.distcp"
     raw = bytearray(shard.read_bytes())
@@ -93,6 +100,25 @@ def test_a_sharded_checkpoint_whose_files_do_not_match_is_passed_over(shared_dir
     loaded = directory.load_latest(load=lambda m: load_one(directory, m, None))
     assert loaded is not None and loaded.manifest.stem < newest.stem
     assert "__1_0.distcp is corrupt" in capsys.readouterr().err
+
+
+def test_a_kill_between_a_commit_and_its_retention_keeps_the_commit_and_the_next_save_cleans_up(
+        tmp_path: Path) -> None:
+    """Retention runs after the commit, off the save's path: a process killed before it ran
+    leaves the checkpoint it replaced, which the next save's retention removes. One rank
+    with a process group (a sharded save, the same commit) keeps the test to two starts."""
+    run = RankRun(DDP, tmp_path / "run", world=1, flags=("--epochs", "1", "--save-every-steps", "2"))
+    procs = run.start(rank_env={0: {"SWEEPRUN_CRASH_AT": "checkpoint.before_retention@4"}})
+    assert run.wait(procs) == [-SIGKILL], run.err(0)
+    folder = run.out / "checkpoints"
+    names = sorted(p.name for p in folder.iterdir())
+    assert [n for n in names if n.endswith(".json")] == [
+        f"ckpt-a1-0000000{i}-step00000000{2 * i:02d}.json" for i in range(1, 5)]   # keep_last=3, one too many
+    assert run.complete(world=1) == [0], run.err(0)
+    assert "resumed from ckpt-a1-00000004-step0000000008.dcp (step 8" in run.err(0)
+    left = sorted(p.name for p in folder.iterdir())
+    kept = [n.removesuffix(".json") for n in left if n.endswith(".json")]
+    assert len(kept) == 3 and left == sorted([*(f"{k}.json" for k in kept), *(f"{k}.dcp" for k in kept)])
 
 
 @pytest.mark.slow  # three attempts; tests/fleet/test_ranks_sweep.py does it under the launcher too
