@@ -1,0 +1,61 @@
+"""The Lightning callback under ``strategy="ddp"`` and the Hugging Face Trainer on two ranks.
+
+Each script is written as users write one for ``torchrun --nproc-per-node 2``
+(tests/scripts/lightning_ddp.py, tests/scripts/hf_ddp.py); the ranks are started here as
+torchrun starts them (:mod:`_ranks_helpers`). Interrupted and run again, each ends where a
+run of two ranks never interrupted ends: the same weights and optimizer state
+(``torch.equal``) and the same metrics, one line per step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from _training_helpers import REPO
+
+sys.path.insert(0, str(REPO / "tests" / "training"))
+from _ranks_helpers import SIGKILL, SIGTERM, RankRun, assert_same_result, reference  # noqa: E402
+
+SCRIPTS = REPO / "tests" / "scripts"
+LIGHTNING_DDP = SCRIPTS / "lightning_ddp.py"
+HF_DDP = SCRIPTS / "hf_ddp.py"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")
+def test_lightning_ddp_stopped_on_every_rank_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM to both ranks (what the launcher sends): both save the same step and exit 75;
+    the next start resumes each rank from its own part (RNG states, sampler position)."""
+    want = reference(shared_dir, LIGHTNING_DDP)
+    run = RankRun(LIGHTNING_DDP, tmp_path / "run")
+    procs = run.start("--step-sleep-s", "0.05")
+    run.signal_at(procs, 5, rank=0, signum=SIGTERM)
+    procs[1].send_signal(SIGTERM)
+    assert run.wait(procs) == [75, 75], run.err(0) + run.err(1)
+    step = run.last_step()
+    assert 5 <= step < 12 and f"at step {step}; exiting with 75" in run.err(1)
+
+    assert run.complete() == [0, 0], run.err(0) + run.err(1)
+    assert f"(step {step}" in run.err(0)
+    assert_same_result(run, want)
+
+
+@pytest.mark.slow  # the fast subset stops the ranks with SIGTERM
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")
+def test_lightning_ddp_with_one_rank_killed_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 SIGKILLed mid-run, then the rest of the attempt (as the launcher ends it): the
+    next start resumes from the last checkpoint every rank committed."""
+    want = reference(shared_dir, LIGHTNING_DDP)
+    run = RankRun(LIGHTNING_DDP, tmp_path / "run")
+    procs = run.start("--step-sleep-s", "0.05")
+    run.signal_at(procs, 6, rank=1, signum=SIGKILL)
+    procs[0].send_signal(SIGKILL)
+    assert run.wait(procs) == [-SIGKILL, -SIGKILL]
+    assert [m["step"] for m in run.manifests()] == [4]
+
+    assert run.complete() == [0, 0], run.err(0) + run.err(1)
+    assert "(step 4" in run.err(0)
+    assert_same_result(run, want)
