@@ -39,7 +39,6 @@ those points, so the callback wraps three loop methods of its own Trainer for th
 
 from __future__ import annotations
 
-import os
 import posixpath
 import signal
 import sys
@@ -53,6 +52,7 @@ from ..redact import redact
 from ..runenv import PREEMPTED_EXIT
 from ..store import native_path
 from ..training.checkpoints import warn_once
+from ..training.ranks import join_from_env
 from ..training.run import Run
 from ..training.start import init
 from ..training.state import capture_rng, restore_rng
@@ -108,7 +108,7 @@ class SweeprunCallback(Callback):
                  time_limit_s: float | None = None, stop_signals: Iterable[int] = (),
                  async_save: bool | None = None, **init_options: Any) -> None:
         super().__init__()
-        _join_ranks()
+        join_from_env()  # Lightning's DDP strategy makes the group only inside fit()
         self.run: Run = init(params, local_dir, every_s=every_s, every_steps=every_steps,
                              keep_last=keep_last, best=best, mode=mode,
                              time_limit_s=time_limit_s, stop_signals=stop_signals,
@@ -452,23 +452,6 @@ class _FromSweeprun(CheckpointIO):
 
     def teardown(self) -> None:
         self.inner.teardown()
-
-
-def _join_ranks() -> None:
-    """Under torchrun (``WORLD_SIZE`` > 1) initialise the default process group now, as the
-    DDP strategy would at the start of ``fit`` (with its default backends: gloo for CPU
-    tensors, NCCL for CUDA ones), so that the callback, made before the model, is one rank
-    of the run from the start: ``init`` and the sampler need the ranks, and
-    ``ckpt_path`` is chosen by all of them together. Lightning finds the group initialised
-    and uses it."""
-    world = os.environ.get("WORLD_SIZE", "")
-    if not (world.isdigit() and int(world) > 1):
-        return
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _epoch_ends(trainer: Trainer | None) -> bool:

@@ -369,6 +369,17 @@ def lease_generation_too_long(name: str) -> bool:
 
 #: The seal of a Trainer checkpoint folder (:mod:`sweeprun.training.sealed`), written last.
 SEAL = "sweeprun-seal.json"
+#: In a Trainer checkpoint folder: sweeprun's own file (RNG replay, loss bookkeeping).
+HF_RNG_FILE = "sweeprun-rng.pt"
+
+
+def hf_rng_file(rank: int | None = None) -> str:
+    """:data:`HF_RNG_FILE` of a single process, ``sweeprun-rng-<rank>.pt`` of one rank of
+    several (each rank's RNGs and running loss are its own, as the Trainer's
+    ``rng_state_<rank>.pth``)."""
+    return HF_RNG_FILE if rank is None else f"sweeprun-rng-{_number(rank, 0)}.pt"
+
+
 #: In ``trainer/``: where cut-short or damaged folders are set aside (never deleted).
 REJECTED = ".sweeprun-rejected"
 #: A Trainer checkpoint folder's name is this and its step, as the Trainer writes it.

@@ -59,3 +59,30 @@ def test_lightning_ddp_with_one_rank_killed_resumes_exactly(shared_dir: Path, tm
     assert run.complete() == [0, 0], run.err(0) + run.err(1)
     assert "(step 4" in run.err(0)
     assert_same_result(run, want)
+
+
+@pytest.mark.slow  # a Trainer on two ranks, started three times; the fast subset keeps Lightning's
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_trainer_on_two_ranks_stopped_then_one_rank_killed_resumes_exactly(shared_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """SIGTERM to one rank: both save and seal the same step and exit 75. Then one rank
+    SIGKILLed (and the other, as the launcher does): the next start resumes every rank from
+    the newest sealed folder, each from its own RNG file, and ends as the run never stopped."""
+    want = reference(shared_dir, HF_DDP)
+    run = RankRun(HF_DDP, tmp_path / "run")
+    procs = run.start("--step-sleep-s", "0.1")
+    run.signal_at(procs, 3, rank=1, signum=SIGTERM)
+    assert run.wait(procs) == [75, 75], run.err(0) + run.err(1)
+    step = run.last_step()
+    sealed = run.out / "trainer" / f"checkpoint-{step}"
+    assert {"sweeprun-seal.json", "sweeprun-rng-0.pt", "sweeprun-rng-1.pt",
+            "rng_state_1.pth"} <= {p.name for p in sealed.iterdir()}
+
+    procs = run.start("--step-sleep-s", "0.1")
+    run.signal_at(procs, step + 3, rank=0, signum=SIGKILL)
+    procs[1].send_signal(SIGKILL)
+    assert run.wait(procs) == [-SIGKILL, -SIGKILL]
+
+    assert run.complete() == [0, 0], run.err(0) + run.err(1)
+    assert "sweeprun: resuming from" in run.err(0)
+    assert_same_result(run, want)
