@@ -152,8 +152,9 @@ class RngReplay:
         self._trained += 1
 
     def save(self, folder: str, extra: dict[str, Any] | None = None, rank: int | None = None) -> None:
-        """Write ``sweeprun-rng.pt`` (one rank of several: ``sweeprun-rng-<rank>.pt``) into ``folder``: the CPU RNGs right before the first
-        untrained batch was fetched (the data loader fetches one ahead), and the CPU RNGs now,
+        """Write ``sweeprun-rng.pt`` (one rank of several: ``sweeprun-rng-<rank>.pt``) into
+        ``folder``: the CPU RNGs right before the first untrained batch was fetched (the data
+        loader fetches one ahead), and the CPU RNGs now,
         which the next fetch and step continue from; ``extra`` is stored along (:func:`load`)."""
         import fsspec
         import torch

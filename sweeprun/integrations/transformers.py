@@ -59,6 +59,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     raise SpecError("sweeprun.integrations.transformers needs transformers: "
                     "pip install 'sweeprun[hf]'") from None
 
+from .. import settings
 from ..errors import CheckpointError, SpecError, SweeprunError
 from ..faults import crash_point
 from ..runenv import PREEMPTED_EXIT
@@ -120,15 +121,18 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
         except BaseException:
             run.close()
             raise
-    return SweeprunCallback(run, every_s=every_s, clock=clock, staging_dir=staging)
+    return SweeprunCallback(run, every_s=every_s, clock=clock, staging_dir=staging,
+                            on_world_size_change=settings.ON_WORLD_SIZE_CHANGE.value(
+                                os.environ if env is None else env))
 
 
 class SweeprunCallback(TrainerCallback):
     """A Trainer callback that makes its training a sweeprun run. Create with :func:`init`."""
 
     def __init__(self, run: Run, *, every_s: float | Literal["auto"] | None, clock: Callable[[], float],
-                 staging_dir: str | None = None) -> None:
+                 staging_dir: str | None = None, on_world_size_change: str = "reshard") -> None:
         self.run = run
+        self._on_world_size_change = on_world_size_change
         self._root = run.paths.dir if staging_dir is None else staging_dir
         self._store = (None if staging_dir is None else
                        StoreFolders(run.paths, self.output_dir, run.attempt))
@@ -226,9 +230,10 @@ class SweeprunCallback(TrainerCallback):
         self._saved = hf_rng.load(self._resumed.path, self._rank) if self._resumed is not None else None
         run = self.run
         if self._resumed is not None:
+            note = self._world_size_note(self._resumed)
             run.resume_at(self._resumed.step, metrics_bytes=self._resumed.seal.get("metrics_bytes"),
                           attempt=self._resumed.seal.get("attempt"))
-            print(f"sweeprun: resuming from {self._resumed.path} (step {self._resumed.step})",
+            print(f"sweeprun: resuming from {self._resumed.path} (step {self._resumed.step}){note}",
                   file=sys.stderr, flush=True)
         else:
             run.resume_at(0, metrics_bytes=0)      # a fresh start: no metrics of an earlier try
@@ -252,6 +257,22 @@ class SweeprunCallback(TrainerCallback):
         if self._store is not None and (run.ranks is None or run.ranks.leader):
             self._store.release()
         return result
+
+    def _world_size_note(self, resumed: Sealed) -> str:
+        """A folder sealed by another number of ranks: the Trainer loads its whole model and
+        optimizer, but each rank's RNG states and the data order per rank cannot be the
+        same, so the resume is approximate (recorded as sweeprun's own checkpoints record
+        it), or refused under ``on_world_size_change: refuse``."""
+        from types import SimpleNamespace
+
+        from ..training.restore import reshard_note
+
+        saved = resumed.seal.get("world_size", 1)
+        written = SimpleNamespace(world_size=saved if isinstance(saved, int) else 1,
+                                  data=os.path.basename(resumed.path), step=resumed.step)
+        run = self.run
+        return reshard_note(written, run.ranks, self._on_world_size_change,  # type: ignore[arg-type]
+                            run.paths if run.under_launcher else None, run.attempt)
 
     def _load_final(self, trainer: Trainer, final: Sealed) -> Any:
         """The run had trained to its last step and sealed it, then died before it could exit.

@@ -380,6 +380,14 @@ def hf_rng_file(rank: int | None = None) -> str:
     return HF_RNG_FILE if rank is None else f"sweeprun-rng-{_number(rank, 0)}.pt"
 
 
+_HF_RNG_FILE = re.compile(rf"sweeprun-rng(?:-{_NATURAL})?\.pt")
+
+
+def is_hf_rng_file(name: str) -> bool:
+    """Whether ``name`` is :func:`hf_rng_file` of one process or of any rank."""
+    return _match(_HF_RNG_FILE, name) is not None
+
+
 #: In ``trainer/``: where cut-short or damaged folders are set aside (never deleted).
 REJECTED = ".sweeprun-rejected"
 #: A Trainer checkpoint folder's name is this and its step, as the Trainer writes it.

@@ -25,6 +25,7 @@ LIGHTNING_DDP = SCRIPTS / "lightning_ddp.py"
 HF_DDP = SCRIPTS / "hf_ddp.py"
 
 
+@pytest.mark.slow  # heavier than the Trainer's (Lightning's imports); the fast subset keeps that one
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")
 def test_lightning_ddp_stopped_on_every_rank_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
     """SIGTERM to both ranks (what the launcher sends): both save the same step and exit 75;
@@ -43,7 +44,7 @@ def test_lightning_ddp_stopped_on_every_rank_resumes_exactly(shared_dir: Path, t
     assert_same_result(run, want)
 
 
-@pytest.mark.slow  # the fast subset stops the ranks with SIGTERM
+@pytest.mark.slow  # a variant of the SIGTERM case
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")
 def test_lightning_ddp_with_one_rank_killed_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
     """Rank 1 SIGKILLed mid-run, then the rest of the attempt (as the launcher ends it): the
@@ -61,28 +62,39 @@ def test_lightning_ddp_with_one_rank_killed_resumes_exactly(shared_dir: Path, tm
     assert_same_result(run, want)
 
 
-@pytest.mark.slow  # a Trainer on two ranks, started three times; the fast subset keeps Lightning's
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
-def test_trainer_on_two_ranks_stopped_then_one_rank_killed_resumes_exactly(shared_dir: Path,
-                                                                            tmp_path: Path) -> None:
-    """SIGTERM to one rank: both save and seal the same step and exit 75. Then one rank
-    SIGKILLed (and the other, as the launcher does): the next start resumes every rank from
-    the newest sealed folder, each from its own RNG file, and ends as the run never stopped."""
+def test_trainer_on_two_ranks_stopped_on_one_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM to one rank: both save the same step, rank 0 seals the folder once both
+    ranks' files are in it, both exit 75; the next start resumes each rank from its own RNG
+    file and running loss and ends as the run never stopped."""
     want = reference(shared_dir, HF_DDP)
     run = RankRun(HF_DDP, tmp_path / "run")
     procs = run.start("--step-sleep-s", "0.1")
     run.signal_at(procs, 3, rank=1, signum=SIGTERM)
     assert run.wait(procs) == [75, 75], run.err(0) + run.err(1)
     step = run.last_step()
+    assert "another rank was asked to stop" in run.err(0)
     sealed = run.out / "trainer" / f"checkpoint-{step}"
     assert {"sweeprun-seal.json", "sweeprun-rng-0.pt", "sweeprun-rng-1.pt",
             "rng_state_1.pth"} <= {p.name for p in sealed.iterdir()}
 
+    assert run.complete() == [0, 0], run.err(0) + run.err(1)
+    assert f"checkpoint-{step} (step {step})" in run.err(1)
+    assert_same_result(run, want)
+
+
+@pytest.mark.slow  # the fast subset stops the Trainer's ranks with SIGTERM
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_trainer_with_one_rank_killed_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
+    """Rank 0 SIGKILLed between two saves (then rank 1, as the launcher ends the attempt):
+    the next start resumes every rank from the newest sealed folder rank 0 chose."""
+    want = reference(shared_dir, HF_DDP)
+    run = RankRun(HF_DDP, tmp_path / "run")
     procs = run.start("--step-sleep-s", "0.1")
-    run.signal_at(procs, step + 3, rank=0, signum=SIGKILL)
+    run.signal_at(procs, 6, rank=0, signum=SIGKILL)
     procs[1].send_signal(SIGKILL)
     assert run.wait(procs) == [-SIGKILL, -SIGKILL]
 
     assert run.complete() == [0, 0], run.err(0) + run.err(1)
-    assert "sweeprun: resuming from" in run.err(0)
+    assert "resuming from" in run.err(0) and "(step 4)" in run.err(0)
     assert_same_result(run, want)
