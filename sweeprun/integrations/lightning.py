@@ -166,6 +166,10 @@ class SweeprunCallback(Callback):
         if stage != "fit":
             return
         self._trainer = trainer
+        if trainer.world_size > 1 and type(trainer.strategy).__name__ != "DDPStrategy":
+            warn_once(f"Lightning's {type(trainer.strategy).__name__} on {trainer.world_size} ranks: "
+                      "sweeprun's exact resume is shown for strategy='ddp' only (each rank saves "
+                      "Lightning's whole checkpoint with its own RNG states and data position)")
         if not self._restored:
             self._restore()
             if self._path is not None:
@@ -468,6 +472,8 @@ def _stateful_samplers(trainer: Trainer) -> list[Any]:
     loader that cannot (Lightning restarts it from its first batch on resume)."""
     from torch.utils.data import DataLoader
 
+    from ..training.sampler import ResumableSampler
+
     combined = trainer.fit_loop._combined_loader
     # "is not None": its truth is its length, which raises before its first iteration (a fit
     # that restored a run at its end never iterates it)
@@ -476,6 +482,14 @@ def _stateful_samplers(trainer: Trainer) -> list[Any]:
     for loader in loaders:
         if not isinstance(loader, DataLoader) or hasattr(loader, "state_dict"):
             continue  # Lightning saves a stateful loader's position itself
+        wrapped = getattr(getattr(loader.sampler, "dataset", None), "_sampler", None)
+        if isinstance(wrapped, ResumableSampler):
+            # Lightning's DistributedSamplerWrapper: it lists the whole sampler at each epoch
+            # (its position is lost) and shards it again (each rank would see 1/R of its part)
+            raise CheckpointError(
+                "the training DataLoader's ResumableSampler was wrapped in Lightning's "
+                "DistributedSamplerWrapper: it shards by rank itself and keeps its own position; "
+                "pass L.Trainer(use_distributed_sampler=False)")
         candidates = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
         stateful = [s for s in dict.fromkeys(candidates) if s is not None
                     and hasattr(s, "state_dict") and hasattr(s, "load_state_dict")]

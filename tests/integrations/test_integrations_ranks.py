@@ -98,3 +98,25 @@ def test_trainer_with_one_rank_killed_resumes_exactly(shared_dir: Path, tmp_path
     assert run.complete() == [0, 0], run.err(0) + run.err(1)
     assert "resuming from" in run.err(0) and "(step 4)" in run.err(0)
     assert_same_result(run, want)
+
+
+@pytest.mark.slow  # imports Lightning in the test process
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")
+def test_lightning_refuses_a_resumable_sampler_it_wrapped_for_ddp() -> None:
+    """With use_distributed_sampler left on, Lightning wraps the sampler in its
+    DistributedSamplerWrapper, which lists it whole at each epoch and shards it a second
+    time: the callback stops the fit before the first batch and says what to pass."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from torch.utils.data import DataLoader
+
+    from sweeprun.errors import CheckpointError
+    from sweeprun.integrations.lightning import _stateful_samplers
+    from sweeprun.training import ResumableSampler
+
+    sampler = ResumableSampler(48, seed=0, num_replicas=2, rank=0)
+    loader = DataLoader(range(48), sampler=DistributedSamplerWrapper(sampler, num_replicas=2, rank=0))
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(_combined_loader=SimpleNamespace(flattened=[loader])))
+    with pytest.raises(CheckpointError, match=r"pass L\.Trainer\(use_distributed_sampler=False\)$"):
+        _stateful_samplers(trainer)
