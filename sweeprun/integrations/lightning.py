@@ -256,6 +256,8 @@ class SweeprunCallback(Callback):
                       "sweeprun knows: a SIGTERM may end the fit without a save at its step")
 
     def _remove_stray_files(self, trainer: Trainer) -> None:
+        if not trainer.is_global_zero:
+            return  # rank 0 writes (and removes) ModelCheckpoint's files; every rank knows the same ones
         restored = None
         if self._path is not None:  # the callbacks' states as the resumed checkpoint holds them
             callbacks = ((self._loaded or {}).get("trainer") or {}).get("callbacks")

@@ -359,9 +359,10 @@ class SweeprunCallback(TrainerCallback):
         stop = self._stop_reason is not None
         due = (every_s := self._every_s()) is not None and now - self._saved_at >= every_s
         if run.ranks is not None:
-            # what one rank wants (a SIGTERM, its clock), every rank does at this same step:
-            # the Trainer's saves and its end are collective
-            stop, due, _, _ = run.ranks.agree(stop, due, {}, None)
+            # what one rank wants, every rank does at this same step: the Trainer's saves and
+            # its end are collective. A stop from any rank (its SIGTERM, its time budget); the
+            # time cadence from rank 0, which seals, so it alone knows the last save and its cost
+            stop, due, _, _ = run.ranks.agree(stop, due and run.ranks.leader, {}, None)
             if stop and self._stop_reason is None:
                 self._stop_reason = "another rank was asked to stop"
         if stop:

@@ -86,17 +86,19 @@ def test_trainer_on_two_ranks_stopped_on_one_resumes_exactly(shared_dir: Path, t
 @pytest.mark.slow  # the fast subset stops the Trainer's ranks with SIGTERM
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
 def test_trainer_with_one_rank_killed_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
-    """Rank 0 SIGKILLed between two saves (then rank 1, as the launcher ends the attempt):
-    the next start resumes every rank from the newest sealed folder rank 0 chose."""
+    """Rank 0 SIGKILLed (then rank 1, as the launcher ends the attempt), with saves also on
+    sweeprun's time cadence, rank 0's clock deciding for both: the next start resumes every
+    rank from the newest sealed folder rank 0 chose."""
     want = reference(shared_dir, HF_DDP)
     run = RankRun(HF_DDP, tmp_path / "run")
-    procs = run.start("--step-sleep-s", "0.1")
+    procs = run.start("--step-sleep-s", "0.1", "--every-s", "0.25")
     run.signal_at(procs, 6, rank=0, signum=SIGKILL)
     procs[1].send_signal(SIGKILL)
     assert run.wait(procs) == [-SIGKILL, -SIGKILL]
+    sealed = max(int(p.parent.name.split("-")[1]) for p in (run.out / "trainer").glob("*/sweeprun-seal.json"))
 
     assert run.complete() == [0, 0], run.err(0) + run.err(1)
-    assert "resuming from" in run.err(0) and "(step 4)" in run.err(0)
+    assert f"checkpoint-{sealed} (step {sealed})" in run.err(1)
     assert_same_result(run, want)
 
 

@@ -61,12 +61,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=12)
     parser.add_argument("--save-steps", type=int, default=4)
+    parser.add_argument("--every-s", type=float, default=None, help="sweeprun's time cadence")
     parser.add_argument("--step-sleep-s", type=float, default=0.0)
     parser.add_argument("--final", default=None, help="rank 0 writes the final state here")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    run = sweeprun_hf.init(params=vars(args), local_dir=args.out, every_s=None)
+    run = sweeprun_hf.init(params=vars(args), local_dir=args.out, every_s=args.every_s)
     rank = int(os.environ.get("RANK", 0))
     config = GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=16, n_layer=1, n_head=2,
                         resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
