@@ -10,12 +10,15 @@ run of two ranks never interrupted ends: the same weights and optimizer state
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 
 from _training_helpers import REPO
+from conftest import Sandbox, wait_for
 
 sys.path.insert(0, str(REPO / "tests" / "training"))
 from _ranks_helpers import SIGKILL, SIGTERM, RankRun, assert_same_result, reference  # noqa: E402
@@ -23,6 +26,7 @@ from _ranks_helpers import SIGKILL, SIGTERM, RankRun, assert_same_result, refere
 SCRIPTS = REPO / "tests" / "scripts"
 LIGHTNING_DDP = SCRIPTS / "lightning_ddp.py"
 HF_DDP = SCRIPTS / "hf_ddp.py"
+NEEDS = {LIGHTNING_DDP: "lightning", HF_DDP: "transformers"}
 
 
 @pytest.mark.slow  # heavier than the Trainer's (Lightning's imports); the fast subset keeps that one
@@ -122,3 +126,33 @@ def test_lightning_refuses_a_resumable_sampler_it_wrapped_for_ddp() -> None:
     trainer = SimpleNamespace(fit_loop=SimpleNamespace(_combined_loader=SimpleNamespace(flattened=[loader])))
     with pytest.raises(CheckpointError, match=r"pass L\.Trainer\(use_distributed_sampler=False\)$"):
         _stateful_samplers(trainer)
+
+
+@pytest.mark.slow  # a launcher, torchrun and two framework ranks, twice
+@pytest.mark.parametrize("script", [LIGHTNING_DDP, HF_DDP], ids=["lightning", "trainer"])
+def test_a_sweep_with_nproc_2_stopped_and_relaunched_ends_as_the_uninterrupted_run(
+        sandbox: Sandbox, shared_dir: Path, script: Path) -> None:
+    """The user's path: ``nproc: 2`` in the sweep file, the launcher SIGTERMed mid-run (it
+    signals every rank: all save the same step, exit 75, and the run is interrupted, not
+    failed), then the same command again until done."""
+    if importlib.util.find_spec(NEEDS[script]) is None:
+        pytest.skip(f"{NEEDS[script]} is not installed")
+    want = reference(shared_dir, script)
+    final = sandbox.root / "run.final.pt"   # where RankRun(logs=root / "run") reads it
+    sweep = sandbox.write_sweep({"seed": [0]}, {}, name="ranks", nproc=2, lease_s=30, grace_s=20,
+                                command=f"python {script} --seed {{seed}} --step-sleep-s 0.1 --final {final}")
+    launcher = sandbox.sweeprun("launch", str(sweep))
+    wait_for(lambda: any(sandbox.store.glob("ranks/runs/*/metrics.jsonl")), timeout=180, what="the first step")
+    (run_dir,) = sandbox.store.glob("ranks/runs/*")
+    run = RankRun(script, run_dir, env={"SWEEPRUN_RUN_DIR": str(run_dir)}, logs=sandbox.root / "run")
+    wait_for(lambda: run.last_step() >= 4 or launcher.poll() is not None, timeout=180, what="step 4")
+    os.killpg(launcher.pid, signal.SIGTERM)
+    launcher.communicate(timeout=120)
+    first = (run_dir / "logs" / "attempt-1.log").read_text()
+    assert first.count("exiting with 75") == 2, first     # both ranks saved and stopped
+
+    done = sandbox.run("launch", str(sweep), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_result(run, want)
+    row = sandbox.status(sweep)[run_dir.name]
+    assert row["state"] == "done" and row["nproc"] == 2
