@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from _training_helpers import REPO
+from _training_helpers import REPO, assert_same_tree
 from conftest import Sandbox, wait_for
 
 sys.path.insert(0, str(REPO / "tests" / "training"))
@@ -104,6 +104,37 @@ def test_trainer_with_one_rank_killed_resumes_exactly(shared_dir: Path, tmp_path
     assert run.complete() == [0, 0], run.err(0) + run.err(1)
     assert f"checkpoint-{sealed} (step {sealed})" in run.err(1)
     assert_same_result(run, want)
+
+
+@pytest.mark.slow  # a moto S3 server and two 2-rank Trainer runs
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("s3fs") is None,
+                    reason="transformers or s3fs is not installed")
+def test_trainer_on_two_ranks_with_a_bucket_as_the_store_resumes_on_an_empty_disk(
+        shared_dir: Path, s3_bucket: str, tmp_path: Path) -> None:
+    """Rank 0 uploads what both ranks wrote into the machine's staging folder, the seal last;
+    killed before its second seal, the run resumes on a machine with nothing on its disk from
+    the first folder, downloaded by rank 0 for both, and ends as the run never interrupted."""
+    from sweeprun import open_store
+    from sweeprun.store import RunPaths
+    from sweeprun.training.metrics import read_run_metrics
+
+    want = reference(shared_dir, HF_DDP)
+    url = f"{s3_bucket}/hf"
+    run = RankRun(HF_DDP, url, logs=tmp_path / "run",  # type: ignore[arg-type]  (a URL for a path)
+                  env={"SWEEPRUN_HOME": str(tmp_path / "machine-1")})
+    procs = run.start(rank_env={0: {"SWEEPRUN_CRASH_AT": "checkpoint.before_manifest@2"}})
+    assert procs[0].wait(timeout=run.timeout_s) == -SIGKILL     # before the seal of step 8
+    procs[1].kill()                                              # as the launcher ends the attempt
+    procs[1].wait(timeout=run.timeout_s)
+
+    run.env = {"SWEEPRUN_HOME": str(tmp_path / "machine-2")}
+    assert run.complete() == [0, 0], run.err(0) + run.err(1)
+    assert "checkpoint-4 (step 4)" in run.err(1)
+    got, ref = run.final_state(), want.final_state()
+    assert_same_tree(got["model"], ref["model"], "model")
+    assert_same_tree(got["optimizer"], ref["optimizer"], "optimizer")
+    store = open_store(url)
+    assert read_run_metrics(RunPaths(store.fs, store.root)) == want.entries()
 
 
 @pytest.mark.slow  # imports Lightning in the test process
