@@ -33,6 +33,12 @@ end (``on_train_epoch_end`` hooks, ReduceLROnPlateau, epoch metrics), which Ligh
 would skip when resuming a checkpoint of the epoch's last batch. There are no hooks at
 those points, so the callback wraps three loop methods of its own Trainer for the fit.
 
+Under ``strategy="ddp"`` on several ranks (torchrun, ``nproc:``) the callback initialises
+the process group when it is made (Lightning would only inside ``fit``), so every rank is
+one rank of the run from the start; each rank's part of the sharded checkpoint holds
+Lightning's checkpoint with that rank's RNG states and sampler position, and the saves and
+stops are agreed at each step (:mod:`sweeprun.training.ranks`).
+
 ``lightning`` is imported here only (``pip install 'sweeprun[lightning]'``); the older
 ``pytorch_lightning`` package name is used when ``lightning`` is not installed.
 """

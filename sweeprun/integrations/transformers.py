@@ -37,6 +37,11 @@ The Trainer checkpoints well but resumes badly, and this module closes its gaps:
   loaded instead, with the best model reloaded (``load_best_model_at_end``) and the same
   ``train_loss`` as the uninterrupted run.
 
+On several ranks (torchrun, ``nproc:``) :func:`init` initialises the process group first;
+rank 0 chooses, sets aside, seals, uploads and rotates the folders, each rank writes its own
+``sweeprun-rng-<rank>.pt``, and stops and time-cadence saves are agreed at each step, so every
+rank saves the same step and exits 75 together.
+
 With ``dataloader_num_workers > 0`` the dataset runs in worker processes that the data
 loader seeds itself; only the main process's RNGs are restored (a warning says so).
 

@@ -152,8 +152,15 @@ def join_from_env(env: Mapping[str, str] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
-    if dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_available() or dist.is_initialized():
+        return
+    if not torch.cuda.is_available():
+        dist.init_process_group("gloo")
+        return
+    local = _env_int(env, "LOCAL_RANK")
+    if local is not None and local < torch.cuda.device_count():
+        torch.cuda.set_device(local)   # NCCL binds to the current device: one GPU per rank
+    dist.init_process_group("cpu:gloo,cuda:nccl")
 
 
 def detect(env: Mapping[str, str] | None = None) -> Ranks | None:
