@@ -10,6 +10,7 @@ run of two ranks never interrupted ends: the same weights and optimizer state
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import sys
@@ -135,6 +136,26 @@ def test_trainer_on_two_ranks_with_a_bucket_as_the_store_resumes_on_an_empty_dis
     assert_same_tree(got["optimizer"], ref["optimizer"], "optimizer")
     store = open_store(url)
     assert read_run_metrics(RunPaths(store.fs, store.root)) == want.entries()
+
+
+@pytest.mark.slow  # a 2-rank Trainer run, then the same run on one process
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_trainer_stopped_at_two_ranks_goes_on_at_one_and_says_it_is_approximate(tmp_path: Path) -> None:
+    """The folder holds the whole model and optimizer (DDP), so one process goes on from it;
+    each rank's RNG states and share of the data cannot carry over: the resume says so."""
+    run = RankRun(HF_DDP, tmp_path / "run")
+    procs = run.start("--step-sleep-s", "0.1")
+    run.signal_at(procs, 3, rank=0, signum=SIGTERM)
+    assert run.wait(procs) == [75, 75], run.err(0) + run.err(1)
+    step = run.last_step()
+    seal = run.out / "trainer" / f"checkpoint-{step}" / "sweeprun-seal.json"
+    assert json.loads(seal.read_text())["world_size"] == 2
+
+    assert run.complete(world=1) == [0], run.err(0)
+    assert (f"checkpoint-{step} (step {step}); resharded from 2 rank(s) to 1: model and optimizer "
+            "exact, rng and data position approximate") in run.err(0)
+    assert run.final_state()["step"] == 12
+    assert [e["step"] for e in run.entries()] == list(range(1, 13))
 
 
 @pytest.mark.slow  # imports Lightning in the test process
