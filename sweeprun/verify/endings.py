@@ -201,7 +201,7 @@ def _hf_ending(output_dir: Path, run_dir: Path) -> Ending | None:
         from ..training.state import from_safe
 
         rng[name] = from_safe(_torch_load(folder / name))
-        sweeprun_rng = sweeprun_rng or rng[name]
+        sweeprun_rng = rng[name] if sweeprun_rng is None else sweeprun_rng
     if rng:
         pieces["RNG"] = rng
     trainer_state = None
