@@ -34,9 +34,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..store import atomic_write
+from ..store.layout import HF_RNG_FILE, hf_rng_file
 from ..training.checkpoints import warn
 
-RNG_FILE = "sweeprun-rng.pt"
+RNG_FILE = HF_RNG_FILE
 
 CpuRng = tuple[Any, Any, Any]  # (python, numpy or None, torch)
 
@@ -119,7 +120,8 @@ class RngReplay:
 
         return hooked
 
-    def start(self, resumed: str | None, saved: dict[str, Any] | None = None) -> None:
+    def start(self, resumed: str | None, saved: dict[str, Any] | None = None,
+              rank: int | None = None) -> None:
         """Training begins, resumed from the folder ``resumed`` (``None``: a fresh start).
         Arms the restore of the CPU RNGs at the first fetch: after the data loader's new
         iterator has drawn its seed, as in the uninterrupted run, and before the dataset
@@ -131,7 +133,7 @@ class RngReplay:
         if resumed is None:
             return
         if saved is None:
-            warn(f"{os.path.join(resumed, RNG_FILE)} is missing: the CPU RNGs are restored by the "
+            warn(f"{os.path.join(resumed, hf_rng_file(rank))} is missing: the CPU RNGs are restored by the "
                  "Trainer, after the first batches were fetched")
             return
         if saved.get("before_fetch") is None:
@@ -149,9 +151,10 @@ class RngReplay:
         """One micro-batch was trained (a step, or a gradient-accumulation substep)."""
         self._trained += 1
 
-    def save(self, folder: str, extra: dict[str, Any] | None = None) -> None:
-        """Write ``sweeprun-rng.pt`` into ``folder``: the CPU RNGs right before the first
-        untrained batch was fetched (the data loader fetches one ahead), and the CPU RNGs now,
+    def save(self, folder: str, extra: dict[str, Any] | None = None, rank: int | None = None) -> None:
+        """Write ``sweeprun-rng.pt`` (one rank of several: ``sweeprun-rng-<rank>.pt``) into
+        ``folder``: the CPU RNGs right before the first untrained batch was fetched (the data
+        loader fetches one ahead), and the CPU RNGs now,
         which the next fetch and step continue from; ``extra`` is stored along (:func:`load`)."""
         import fsspec
         import torch
@@ -177,12 +180,13 @@ class RngReplay:
             record["extra"] = extra
         buffer = io.BytesIO()
         torch.save(to_safe(record), buffer)
-        atomic_write(fsspec.filesystem("file"), os.path.join(folder, RNG_FILE), buffer.getvalue())
+        atomic_write(fsspec.filesystem("file"), os.path.join(folder, hf_rng_file(rank)), buffer.getvalue())
 
 
-def load(folder: str) -> dict[str, Any] | None:
-    """``folder``'s ``sweeprun-rng.pt`` as :meth:`RngReplay.save` wrote it; ``None`` if it has none."""
-    path = os.path.join(folder, RNG_FILE)
+def load(folder: str, rank: int | None = None) -> dict[str, Any] | None:
+    """``folder``'s ``sweeprun-rng.pt`` (rank ``rank``'s) as :meth:`RngReplay.save` wrote it;
+    ``None`` if it has none."""
+    path = os.path.join(folder, hf_rng_file(rank))
     if not os.path.exists(path):
         return None
     import torch

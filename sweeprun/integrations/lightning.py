@@ -33,6 +33,12 @@ end (``on_train_epoch_end`` hooks, ReduceLROnPlateau, epoch metrics), which Ligh
 would skip when resuming a checkpoint of the epoch's last batch. There are no hooks at
 those points, so the callback wraps three loop methods of its own Trainer for the fit.
 
+Under ``strategy="ddp"`` on several ranks (torchrun, ``nproc:``) the callback initialises
+the process group when it is made (Lightning would only inside ``fit``), so every rank is
+one rank of the run from the start; each rank's part of the sharded checkpoint holds
+Lightning's checkpoint with that rank's RNG states and sampler position, and the saves and
+stops are agreed at each step (:mod:`sweeprun.training.ranks`).
+
 ``lightning`` is imported here only (``pip install 'sweeprun[lightning]'``); the older
 ``pytorch_lightning`` package name is used when ``lightning`` is not installed.
 """
@@ -52,6 +58,7 @@ from ..redact import redact
 from ..runenv import PREEMPTED_EXIT
 from ..store import native_path
 from ..training.checkpoints import warn_once
+from ..training.ranks import join_from_env
 from ..training.run import Run
 from ..training.start import init
 from ..training.state import capture_rng, restore_rng
@@ -107,6 +114,7 @@ class SweeprunCallback(Callback):
                  time_limit_s: float | None = None, stop_signals: Iterable[int] = (),
                  async_save: bool | None = None, **init_options: Any) -> None:
         super().__init__()
+        join_from_env()  # Lightning's DDP strategy makes the group only inside fit()
         self.run: Run = init(params, local_dir, every_s=every_s, every_steps=every_steps,
                              keep_last=keep_last, best=best, mode=mode,
                              time_limit_s=time_limit_s, stop_signals=stop_signals,
@@ -164,6 +172,10 @@ class SweeprunCallback(Callback):
         if stage != "fit":
             return
         self._trainer = trainer
+        if trainer.world_size > 1 and type(trainer.strategy).__name__ != "DDPStrategy":
+            warn_once(f"Lightning's {type(trainer.strategy).__name__} on {trainer.world_size} ranks: "
+                      "sweeprun's exact resume is shown for strategy='ddp' only (each rank saves "
+                      "Lightning's whole checkpoint with its own RNG states and data position)")
         if not self._restored:
             self._restore()
             if self._path is not None:
@@ -250,6 +262,8 @@ class SweeprunCallback(Callback):
                       "sweeprun knows: a SIGTERM may end the fit without a save at its step")
 
     def _remove_stray_files(self, trainer: Trainer) -> None:
+        if not trainer.is_global_zero:
+            return  # rank 0 writes (and removes) ModelCheckpoint's files; every rank knows the same ones
         restored = None
         if self._path is not None:  # the callbacks' states as the resumed checkpoint holds them
             callbacks = ((self._loaded or {}).get("trainer") or {}).get("callbacks")
@@ -466,6 +480,8 @@ def _stateful_samplers(trainer: Trainer) -> list[Any]:
     loader that cannot (Lightning restarts it from its first batch on resume)."""
     from torch.utils.data import DataLoader
 
+    from ..training.sampler import ResumableSampler
+
     combined = trainer.fit_loop._combined_loader
     # "is not None": its truth is its length, which raises before its first iteration (a fit
     # that restored a run at its end never iterates it)
@@ -474,6 +490,14 @@ def _stateful_samplers(trainer: Trainer) -> list[Any]:
     for loader in loaders:
         if not isinstance(loader, DataLoader) or hasattr(loader, "state_dict"):
             continue  # Lightning saves a stateful loader's position itself
+        wrapped = getattr(getattr(loader.sampler, "dataset", None), "_sampler", None)
+        if isinstance(wrapped, ResumableSampler):
+            # Lightning's DistributedSamplerWrapper: it lists the whole sampler at each epoch
+            # (its position is lost) and shards it again (each rank would see 1/R of its part)
+            raise CheckpointError(
+                "the training DataLoader's ResumableSampler was wrapped in Lightning's "
+                "DistributedSamplerWrapper: it shards by rank itself and keeps its own position; "
+                "pass L.Trainer(use_distributed_sampler=False)")
         candidates = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
         stateful = [s for s in dict.fromkeys(candidates) if s is not None
                     and hasattr(s, "state_dict") and hasattr(s, "load_state_dict")]

@@ -37,6 +37,11 @@ The Trainer checkpoints well but resumes badly, and this module closes its gaps:
   loaded instead, with the best model reloaded (``load_best_model_at_end``) and the same
   ``train_loss`` as the uninterrupted run.
 
+On several ranks (torchrun, ``nproc:``) :func:`init` initialises the process group first;
+rank 0 chooses, sets aside, seals, uploads and rotates the folders, each rank writes its own
+``sweeprun-rng-<rank>.pt``, and stops and time-cadence saves are agreed at each step, so every
+rank saves the same step and exits 75 together.
+
 With ``dataloader_num_workers > 0`` the dataset runs in worker processes that the data
 loader seeds itself; only the main process's RNGs are restored (a warning says so).
 
@@ -59,13 +64,15 @@ except ImportError:  # pragma: no cover - depends on the environment
     raise SpecError("sweeprun.integrations.transformers needs transformers: "
                     "pip install 'sweeprun[hf]'") from None
 
-from ..errors import CheckpointError, SpecError
+from .. import settings
+from ..errors import CheckpointError, SpecError, SweeprunError
 from ..faults import crash_point
 from ..runenv import PREEMPTED_EXIT
 from ..store import fsync_dir, native_path
 from ..store.layout import CHECKPOINT_FOLDER_PREFIX as PREFIX
 from ..store.layout import checkpoint_folder, set_aside_name
 from ..training.checkpoints import warn
+from ..training.ranks import join_from_env
 from ..training.run import Run
 from ..training.sealed import (
     REJECTED,
@@ -108,6 +115,7 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     and each sealed folder is uploaded to the store, the seal last; a resume downloads the
     newest folder that verifies (:mod:`.hf_store`).
     """
+    join_from_env()   # under torchrun: the Trainer's accelerate state makes the group only later
     run = init_run(params, local_dir, every_s=every_s, time_limit_s=time_limit_s,
                    stop_signals=stop_signals, clock=clock, env=env)
     staging = None
@@ -118,15 +126,18 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
         except BaseException:
             run.close()
             raise
-    return SweeprunCallback(run, every_s=every_s, clock=clock, staging_dir=staging)
+    return SweeprunCallback(run, every_s=every_s, clock=clock, staging_dir=staging,
+                            on_world_size_change=settings.ON_WORLD_SIZE_CHANGE.value(
+                                os.environ if env is None else env))
 
 
 class SweeprunCallback(TrainerCallback):
     """A Trainer callback that makes its training a sweeprun run. Create with :func:`init`."""
 
     def __init__(self, run: Run, *, every_s: float | Literal["auto"] | None, clock: Callable[[], float],
-                 staging_dir: str | None = None) -> None:
+                 staging_dir: str | None = None, on_world_size_change: str = "reshard") -> None:
         self.run = run
+        self._on_world_size_change = on_world_size_change
         self._root = run.paths.dir if staging_dir is None else staging_dir
         self._store = (None if staging_dir is None else
                        StoreFolders(run.paths, self.output_dir, run.attempt))
@@ -141,6 +152,9 @@ class SweeprunCallback(TrainerCallback):
         self._loop = LoopCarry()
         self._saved: dict[str, Any] | None = None    # sweeprun's file of the resumed folder
         self._stop_reason: str | None = None
+        ranks = run.ranks
+        #: whose ``sweeprun-rng-<rank>.pt`` this process writes and reads (``None``: one process)
+        self._rank = ranks.rank if ranks is not None and ranks.world_size > 1 else None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -158,7 +172,13 @@ class SweeprunCallback(TrainerCallback):
         """The newest checkpoint folder that verifies. Newer folders that do not (cut short,
         damaged) are moved to ``.sweeprun-rejected/`` with a warning, so the Trainer never
         writes into them nor rotates the good one away in their favour. On an object store,
-        the store's folders are the ones that count (:meth:`.StoreFolders.pull`)."""
+        the store's folders are the ones that count (:meth:`.StoreFolders.pull`).
+
+        With several ranks, rank 0 chooses (and moves folders aside) while the others wait,
+        and every rank resumes from its choice, or raises its error."""
+        return _on_leader(self.run, self._latest_sealed)
+
+    def _latest_sealed(self) -> Sealed | None:
         if self._store is not None:
             pulled = self._store.pull()
             if pulled.rejected:
@@ -212,12 +232,13 @@ class SweeprunCallback(TrainerCallback):
         self._loop.hook(trainer)
         _rotate_after_the_seal(trainer)
         self._resumed = self.latest_sealed()
-        self._saved = hf_rng.load(self._resumed.path) if self._resumed is not None else None
+        self._saved = hf_rng.load(self._resumed.path, self._rank) if self._resumed is not None else None
         run = self.run
         if self._resumed is not None:
+            note = self._world_size_note(self._resumed)
             run.resume_at(self._resumed.step, metrics_bytes=self._resumed.seal.get("metrics_bytes"),
                           attempt=self._resumed.seal.get("attempt"))
-            print(f"sweeprun: resuming from {self._resumed.path} (step {self._resumed.step})",
+            print(f"sweeprun: resuming from {self._resumed.path} (step {self._resumed.step}){note}",
                   file=sys.stderr, flush=True)
         else:
             run.resume_at(0, metrics_bytes=0)      # a fresh start: no metrics of an earlier try
@@ -238,9 +259,25 @@ class SweeprunCallback(TrainerCallback):
                   file=sys.stderr, flush=True)
             raise SystemExit(PREEMPTED_EXIT)
         run.mark_finished(trainer.state.global_step)
-        if self._store is not None:
+        if self._store is not None and (run.ranks is None or run.ranks.leader):
             self._store.release()
         return result
+
+    def _world_size_note(self, resumed: Sealed) -> str:
+        """A folder sealed by another number of ranks: the Trainer loads its whole model and
+        optimizer, but each rank's RNG states and the data order per rank cannot be the
+        same, so the resume is approximate (recorded as sweeprun's own checkpoints record
+        it), or refused under ``on_world_size_change: refuse``."""
+        from types import SimpleNamespace
+
+        from ..training.restore import reshard_note
+
+        saved = resumed.seal.get("world_size", 1)
+        written = SimpleNamespace(world_size=saved if isinstance(saved, int) else 1,
+                                  data=os.path.basename(resumed.path), step=resumed.step)
+        run = self.run
+        return reshard_note(written, run.ranks, self._on_world_size_change,  # type: ignore[arg-type]
+                            run.paths if run.under_launcher else None, run.attempt)
 
     def _load_final(self, trainer: Trainer, final: Sealed) -> Any:
         """The run had trained to its last step and sealed it, then died before it could exit.
@@ -302,7 +339,7 @@ class SweeprunCallback(TrainerCallback):
         if self._trainer is None:
             warn("trainer.train() was called directly: call run.train(trainer) instead, which "
                  "resumes from the newest sealed checkpoint and replays the RNGs exactly")
-        self._rng.start(self._resumed.path if self._resumed else None, self._saved)
+        self._rng.start(self._resumed.path if self._resumed else None, self._saved, self._rank)
         self._loop.restore((self._saved or {}).get("extra"))
         if self._resumed is not None:
             self._find_best(state, self._resumed.path)
@@ -324,12 +361,21 @@ class SweeprunCallback(TrainerCallback):
         if (self._stop_reason is None and limit is not None
                 and now - self._started + self._step_s + self._save_s >= limit):
             self._stop_reason = f"time limit of {limit:g} s reached"
-        if self._stop_reason is not None:
+        stop = self._stop_reason is not None
+        due = (every_s := self._every_s()) is not None and now - self._saved_at >= every_s
+        if run.ranks is not None:
+            # what one rank wants, every rank does at this same step: the Trainer's saves and
+            # its end are collective. A stop from any rank (its SIGTERM, its time budget); the
+            # time cadence from rank 0, which seals, so it alone knows the last save and its cost
+            stop, due, _, _ = run.ranks.agree(stop, due and run.ranks.leader, {}, None)
+            if stop and self._stop_reason is None:
+                self._stop_reason = "another rank was asked to stop"
+        if stop:
             control.should_save = True
             control.should_training_stop = True
         elif state.global_step >= state.max_steps > 0:
             control.should_save = True   # the end is always sealed: a rerun finds nothing to do
-        elif (every_s := self._every_s()) is not None and now - self._saved_at >= every_s:
+        elif due:
             control.should_save = True
         self._step_ended = now
         if control.should_save:
@@ -338,13 +384,31 @@ class SweeprunCallback(TrainerCallback):
             run.fence()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
-            return  # one process seals the (shared) folder
         start = self._clock()
         folder = os.path.join(args.output_dir, checkpoint_folder(state.global_step))
-        if not os.path.isdir(folder):
-            return  # another process (rank) wrote it, or the Trainer saved nowhere
-        self._rng.save(folder, self._loop.snapshot())
+        ranks = self.run.ranks
+        if ranks is None or self._rank is None:
+            if os.path.isdir(folder):   # else the Trainer saved nowhere
+                self._rng.save(folder, self._loop.snapshot())
+                self._seal(args, state, folder, start)
+            return
+        # every rank writes its own file into the folder (the Trainer wrote its
+        # rng_state_<rank>.pth there), then rank 0 seals it once all have: the seal lists them
+        error = None
+        try:
+            if os.path.isdir(folder):
+                self._rng.save(folder, self._loop.snapshot(), self._rank)
+        except (OSError, SweeprunError) as exc:
+            error = f"rank {self._rank}: {exc}"
+        errors = [e for e in ranks.gather(error) if e]
+        if errors:
+            raise CheckpointError(f"{folder} was not completed by every rank: {'; '.join(errors)}; it "
+                                  "is not sealed (the previous sealed folder still resumes)")
+        _on_leader(self.run, lambda: self._seal(args, state, folder, start) if os.path.isdir(folder) else None)
+
+    def _seal(self, args: Any, state: Any, folder: str, start: float) -> None:
+        """Seal the Trainer's finished folder (one process: rank 0), upload it to an object
+        store, then rotate the older ones."""
         run = self.run
         metrics_bytes = run.flush_metrics()
         crash_point("checkpoint.before_manifest")   # the Trainer's files complete, no seal yet
@@ -352,7 +416,8 @@ class SweeprunCallback(TrainerCallback):
         seal(folder, state.global_step, {
             "attempt": run.attempt, "run_id": run.run_id, "sweep": run.sweep,
             "metrics_bytes": metrics_bytes, "created": time.time(),
-            "final": state.global_step >= state.max_steps > 0})
+            "final": state.global_step >= state.max_steps > 0,
+            "world_size": run.ranks.world_size if run.ranks is not None else 1})
         if self._store is not None:
             self._store.push(folder, run.fence)
             self._store.retain(args.save_total_limit, state.best_model_checkpoint)
@@ -384,6 +449,25 @@ class SweeprunCallback(TrainerCallback):
             self.run.step = state.global_step
             self.run.log(**values)
 
+
+
+def _on_leader(run: Run, work: Callable[[], Any]) -> Any:
+    """``work()`` on rank 0 alone (in a process without ranks, here), its result or its error
+    given to every rank: folders are chosen, set aside and sealed once, and no rank goes on
+    while another raised (it would wait in the next collective until the group's timeout)."""
+    ranks = run.ranks
+    if ranks is None:
+        return work()
+    outcome: Any = None
+    if ranks.leader:
+        try:
+            outcome = work()
+        except Exception as exc:   # raised below, on every rank
+            outcome = exc
+    outcome = ranks.gather(outcome)[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def _rotate_after_the_seal(trainer: Trainer) -> None:

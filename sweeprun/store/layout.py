@@ -369,6 +369,25 @@ def lease_generation_too_long(name: str) -> bool:
 
 #: The seal of a Trainer checkpoint folder (:mod:`sweeprun.training.sealed`), written last.
 SEAL = "sweeprun-seal.json"
+#: In a Trainer checkpoint folder: sweeprun's own file (RNG replay, loss bookkeeping).
+HF_RNG_FILE = "sweeprun-rng.pt"
+
+
+def hf_rng_file(rank: int | None = None) -> str:
+    """:data:`HF_RNG_FILE` of a single process, ``sweeprun-rng-<rank>.pt`` of one rank of
+    several (each rank's RNGs and running loss are its own, as the Trainer's
+    ``rng_state_<rank>.pth``)."""
+    return HF_RNG_FILE if rank is None else f"sweeprun-rng-{_number(rank, 0)}.pt"
+
+
+_HF_RNG_FILE = re.compile(rf"sweeprun-rng(?:-{_NATURAL})?\.pt")
+
+
+def is_hf_rng_file(name: str) -> bool:
+    """Whether ``name`` is :func:`hf_rng_file` of one process or of any rank."""
+    return _match(_HF_RNG_FILE, name) is not None
+
+
 #: In ``trainer/``: where cut-short or damaged folders are set aside (never deleted).
 REJECTED = ".sweeprun-rejected"
 #: A Trainer checkpoint folder's name is this and its step, as the Trainer writes it.

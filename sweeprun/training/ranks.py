@@ -138,6 +138,31 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def join_from_env(env: Mapping[str, str] | None = None) -> None:
+    """Initialise the default process group of a process that torchrun (or ``sweeprun launch``
+    with ``nproc:``) started as one rank of several, if the script has not: for frameworks
+    that make it themselves only once training starts (Lightning's DDP strategy, the
+    Trainer's accelerate state), while sweeprun needs every rank from :func:`~.start.init`
+    on. The backends are those they would pick: gloo for CPU tensors, NCCL for CUDA ones.
+    They find the group initialised and use it."""
+    env = os.environ if env is None else env
+    world = _env_int(env, "WORLD_SIZE")
+    if not (world and world > 1):
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        return
+    if not torch.cuda.is_available():
+        dist.init_process_group("gloo")
+        return
+    local = _env_int(env, "LOCAL_RANK")
+    if local is not None and local < torch.cuda.device_count():
+        torch.cuda.set_device(local)   # NCCL binds to the current device: one GPU per rank
+    dist.init_process_group("cpu:gloo,cuda:nccl")
+
+
 def detect(env: Mapping[str, str] | None = None) -> Ranks | None:
     """This process's ranks, from the initialised default process group or, before the
     script made one, ``RANK``/``WORLD_SIZE`` (torchrun's); ``None`` for a process without

@@ -235,6 +235,12 @@ class Run:
         return self._stop_reason
 
     @property
+    def ranks(self) -> Ranks | None:
+        """This process's place among the run's ranks (``None`` without a process group): an
+        integration whose framework drives the loop takes its decisions together on it."""
+        return self._ranks
+
+    @property
     def under_launcher(self) -> bool:
         """Started by ``sweeprun launch`` (SWEEPRUN_RUN_DIR was set), not standalone."""
         return self._under_launcher

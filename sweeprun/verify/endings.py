@@ -197,11 +197,11 @@ def _hf_ending(output_dir: Path, run_dir: Path) -> Ending | None:
     rng = {name: _torch_load(folder / name, numpy=True) for name in names
            if name.startswith("rng_state") and name.endswith(".pth")}
     sweeprun_rng = None
-    if _SWEEPRUN_RNG in names:
+    for name in filter(layout.is_hf_rng_file, names):   # one, or one per rank
         from ..training.state import from_safe
 
-        sweeprun_rng = from_safe(_torch_load(folder / _SWEEPRUN_RNG))
-        rng[_SWEEPRUN_RNG] = sweeprun_rng
+        rng[name] = from_safe(_torch_load(folder / name))
+        sweeprun_rng = rng[name] if sweeprun_rng is None else sweeprun_rng
     if rng:
         pieces["RNG"] = rng
     trainer_state = None
@@ -214,8 +214,8 @@ def _hf_ending(output_dir: Path, run_dir: Path) -> Ending | None:
         pieces["trainer state"] = progress
         if history:
             pieces["log history"] = history
-    loaded = {n for n in names if n in (_OPTIMIZER, _SCHEDULER, _SCALER, _STATE, _SWEEPRUN_RNG)
-              or _is_weights(n) or n.startswith("rng_state")}
+    loaded = {n for n in names if n in (_OPTIMIZER, _SCHEDULER, _SCALER, _STATE)
+              or _is_weights(n) or n.startswith("rng_state") or layout.is_hf_rng_file(n)}
     others = {n: scan.chosen.seal["files"][n].get("sha256") for n in names
               if n not in loaded and n not in _SKIPPED}
     if others:
