@@ -372,7 +372,7 @@ class Attempt:
         if not self.gave_up:
             return None
         try:
-            state = self.ledger.finish(self.claim, Outcome.INTERRUPTED, self.launcher.policy, rc)
+            state = self.tenure.finish(Outcome.INTERRUPTED, self.launcher.policy, rc, self.proc is not None)
         except SweeprunError:
             return None
         self.recorded = state is not None
@@ -413,7 +413,7 @@ class Attempt:
 
     def _record(self, outcome: Outcome, rc: int | None, quiet: bool = False) -> None:
         self.recorded = True
-        state = self.ledger.finish(self.claim, outcome, self.launcher.policy, rc)
+        state = self.tenure.finish(outcome, self.launcher.policy, rc, self.proc is not None)
         if state is None:
             self.lost = True
         if not quiet:

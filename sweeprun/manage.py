@@ -28,7 +28,7 @@ from .errors import SpecError, StoreError, SweeprunError
 from .faults import crash_point
 from .ledger import RunState
 from .ledger.base import AttemptRow
-from .resumes import Resume, Started, read_started, started_numbers
+from .resumes import Resume, Started, newest, read_started, started_numbers
 from .store import (
     backend_for,
     confine,
@@ -114,10 +114,11 @@ class RunDetail:
 
     @property
     def approximate_resume(self) -> Resume | None:
-        """The latest attempt's resume at another world size, as ``status`` marks it."""
+        """The run's resume at another world size, as ``status`` marks it: the latest attempt's,
+        or the one the ledger kept through later exact resumes (the newer wins)."""
         latest = max([a.attempt for a in self.attempts] + list(self.started), default=None)
         record = self.started.get(latest) if latest is not None else None
-        return record.resume if record else None
+        return newest(self.row.approximate_resume, record.resume if record else None)
 
     def _attempt_json(self, attempt: AttemptRow) -> dict[str, Any]:
         started = self.started.get(attempt.attempt) or Started(attempt.attempt)

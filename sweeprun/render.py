@@ -158,9 +158,9 @@ def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[Sta
         table.caption += (f"\n{sum(hidden.values())} runs not listed ({what}); "
                           "`status --all` lists every run")
     if any(r.approximate_resume for r in rows):
-        table.caption += ("\n~resumed a→b procs: the latest attempt resumed a checkpoint saved at another "
-                          "world size; model and optimizer exact, RNG and data position approximate "
-                          "(`sweeprun show RUN`)")
+        table.caption += ("\n~resumed a→b procs: the run resumed a checkpoint saved at another world "
+                          "size and goes on from it; model and optimizer exact, RNG and data position "
+                          "approximate (`sweeprun show RUN`)")
     if any(r.contested for r in rows):
         table.caption += ("\nlease contested: two machines claimed one run at once and the store showed "
                           "it late; it may have run twice. Raise `lease_settle_s:` in the sweep file, "

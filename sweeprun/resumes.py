@@ -3,13 +3,15 @@ size it ran at and, after a resume at another world size, that the resume was ap
 
 The record is written by rank 0 under the launcher (:mod:`sweeprun.training.start`, rewritten
 by :mod:`sweeprun.training.restore` on a resume at another world size) and read here for
-``status`` and ``show``, which never import torch. It lies in a store anyone may write to:
+``status`` and ``show``, which never import torch, and by the launcher when the attempt ends:
+the ledger keeps the run's resume with its row (:meth:`~sweeprun.ledger.base.Ledger.finish`). It lies in a store anyone may write to:
 a field of another type is passed over on its own, and a record that does not read at all
 is reported as damaged (``show`` says so in one line), never raised.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,20 @@ class Resume:
                 "saved_world_size": self.saved_world_size, "world_size": self.world_size,
                 "approximate": list(self.approximate)}
 
+    @classmethod
+    def from_json(cls, text: str | bytes | None) -> Resume | None:
+        """What :meth:`as_json` wrote, as a ledger keeps it (a text column); anything else (no
+        value, a damaged one, one edited by hand) is ``None``, never an error: the mark is only
+        shown, and the store's start records still tell each attempt's resume."""
+        try:
+            found = json.loads(text) if text else None
+        except (TypeError, ValueError, RecursionError):
+            return None
+        if not isinstance(found, dict) or (attempt := bounded_int(found.get("attempt"), 1)) is None:
+            return None
+        world_size = bounded_int(found.get("world_size"), 1, WORLD_SIZE_MAX)
+        return _resume(attempt, found, "saved_world_size", world_size)
+
     def text(self) -> str:
         """``resumed from step 8 saved at 2 processes, now 1: approximate (rng, data position)``."""
         step = f" from step {self.step}" if self.step is not None else ""
@@ -61,21 +77,32 @@ class Started:
     problem: str | None = None
 
 
+def newest(*found: Resume | None) -> Resume | None:
+    """The resume of the highest attempt among ``found`` (``None`` when none): the ledger's
+    record of an ended attempt, or the store's of a later one still running or run elsewhere."""
+    return max((r for r in found if r is not None), key=lambda r: r.attempt, default=None)
+
+
+def _resume(attempt: int, fields: dict[str, Any], saved_key: str, world_size: int | None) -> Resume | None:
+    """A :class:`Resume` from ``fields``, where ``saved_key`` names the saving world size; a
+    field of the wrong type counts as absent, and without a saving world size there is none."""
+    saved = bounded_int(fields.get(saved_key), 1, WORLD_SIZE_MAX)
+    if saved is None:
+        return None
+    listed = fields.get("approximate")
+    approximate = tuple(a for a in listed if isinstance(a, str) and a) if isinstance(listed, list) else ()
+    checkpoint = fields.get("checkpoint")
+    return Resume(attempt, checkpoint if isinstance(checkpoint, str) and checkpoint else None,
+                  bounded_int(fields.get("step")), saved, world_size, approximate)
+
+
 def parse_started(attempt: int, record: Any) -> Started:
     """A decoded ``attempts/<n>.started``; fields of the wrong type count as absent."""
     if not isinstance(record, dict):
         return Started(attempt, problem="not a JSON object")
     world_size = bounded_int(record.get("world_size"), 1, WORLD_SIZE_MAX)
     resumed = record.get(layout.STARTED_RESUMED)
-    resume = None
-    if isinstance(resumed, dict):
-        saved = bounded_int(resumed.get("world_size"), 1, WORLD_SIZE_MAX)
-        listed = resumed.get("approximate")
-        approximate = tuple(a for a in listed if isinstance(a, str) and a) if isinstance(listed, list) else ()
-        checkpoint = resumed.get("checkpoint")
-        if saved is not None:
-            resume = Resume(attempt, checkpoint if isinstance(checkpoint, str) and checkpoint else None,
-                            bounded_int(resumed.get("step")), saved, world_size, approximate)
+    resume = _resume(attempt, resumed, "world_size", world_size) if isinstance(resumed, dict) else None
     return Started(attempt, world_size, resume)
 
 

@@ -38,7 +38,7 @@ from .ledger import (
     state_home,
 )
 from .redact import redact
-from .resumes import Resume, has_sharded_checkpoint, read_started
+from .resumes import Resume, has_sharded_checkpoint, newest, read_started
 from .spec import SweepSpec, parse_spec
 from .store import (
     SweepPaths,
@@ -78,7 +78,8 @@ class StatusRow:
     metrics_path: str | None = field(default=None, repr=False, compare=False)
     #: Its world size: the processes (ranks) it starts as, from the sweep file's ``nproc:``.
     nproc: int = 1
-    #: Its latest attempt resumed at another world size: RNG and data position are approximate.
+    #: It resumed at another world size (RNG and data position are approximate): the ledger's
+    #: record of the run, or its latest attempt's start record when that one is newer.
     approximate_resume: Resume | None = None
     #: ``(path, attempt)`` of the latest attempt's start record, where :meth:`Sweep.status`
     #: chose to read it (not shown): read by :meth:`Sweep.with_progress`.
@@ -412,14 +413,20 @@ class Sweep:
                 if holder:  # held by another machine, whose ledger this one cannot see
                     state, worker = RunState.RUNNING, holder
             ckpt = [m for p, m in files.items() if p.startswith(layout.CHECKPOINTS + "/") or layout.is_trainer_seal(p)]
+            nproc = self._nproc(run_id, params)
+            # a run with no files left (not done) has begun anew: no resume to tell of
+            resumed = row.resumed if row is not None and (files or run_id in done) else None
+            started = self._started_record(run_id, files, nproc, state)
+            if started is not None and resumed is not None and started[1] <= resumed.attempt:
+                started = None  # the ledger recorded that attempt's end: nothing newer to read
             rows.append(StatusRow(
                 run_id=run_id, params=params, state=state,
                 attempts=attempts, failures=row.failures if row else 0,
                 max_attempts=self.spec.max_attempts,
                 step=None, metric=None, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
                 worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
-                metrics_path=self._metrics_path(run_id, files), nproc=(nproc := self._nproc(run_id, params)),
-                started_record=self._started_record(run_id, files, nproc, state)))
+                metrics_path=self._metrics_path(run_id, files), nproc=nproc,
+                approximate_resume=resumed, started_record=started))
         if only is None:  # `show` (``only``) writes nothing; `status` keeps its watch of the beats
             self.watch.save()
         return rows if summary else self.with_progress(rows)
@@ -451,11 +458,13 @@ class Sweep:
     def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:
         """``rows`` with each run's step, last metric and that metric's recent values
         (the sparkline), all from one read of the tail of its metrics; and whether its
-        latest attempt resumed approximately, where :meth:`status` chose to read that."""
+        latest attempt resumed approximately, where :meth:`status` chose to read that (the newer
+        of it and the ledger's record wins: an attempt still running, or run on another machine)."""
         out = []
         for row in rows:
             if row.started_record is not None:
-                row = replace(row, approximate_resume=read_started(self.store.fs, *row.started_record).resume)
+                found = read_started(self.store.fs, *row.started_record).resume
+                row = replace(row, approximate_resume=newest(row.approximate_resume, found))
             step, metric, trend = None, None, ()
             # A small tail first: parsing is what costs (64 KiB is ~1,500 lines); a longer
             # one only when it holds too few points of the metric (another logged between).

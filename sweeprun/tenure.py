@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING
 from .errors import LeaseLost, SweeprunError
 from .leases import Lease, StoreLeases
 from .redact import record_bytes
+from .resumes import read_started
 from .store import RunPaths, create_only, layout, store_errors
 
 if TYPE_CHECKING:
-    from .ledger import Claim, Ledger
+    from .ledger import Claim, Ledger, Outcome, Policy, RunState
 
 #: Generations given back in a row while looking for an attempt number nobody used: more
 #: means something keeps writing attempt files without a lease (another tool's sweep).
@@ -153,6 +154,16 @@ class Tenure:
             return self.renew_lease()
         except SweeprunError:
             return True
+
+    def finish(self, outcome: Outcome, policy: Policy, exit_code: int | None,
+               child_started: bool) -> RunState | None:
+        """Record the attempt's end in the ledger (:meth:`~sweeprun.ledger.base.Ledger.finish`),
+        with the resume at another world size its child recorded in ``attempts/<n>.started``:
+        the ledger keeps it with the run, for ``status``. No child, no record to read."""
+        resumed = None
+        if child_started:  # a missing or damaged record is no resume (read_started never raises)
+            resumed = read_started(self.paths.fs, self.paths.api_started(self.attempt), self.attempt).resume
+        return self.ledger.finish(self.claim, outcome, policy, exit_code, resumed=resumed)
 
     def release(self, done: bool) -> None:
         """Let the next taker in at once (the run ended, was stopped, or was given up); a done

@@ -36,6 +36,7 @@ from ..errors import LedgerError
 from ..identity import RunSpec
 from ..numbers import worker_pid
 from ..procs import ProcessRef
+from ..resumes import Resume
 
 #: Consecutive attempts lost with their worker (no exit code: the machine died) without a
 #: new checkpoint before the run is marked failed. Preemptions that save do not count.
@@ -138,6 +139,10 @@ class RunRow:
     progress: str | None = None
     child_pid: int | None = None     # the holder's child, to kill it if the holder died
     child_start: int | None = None
+    #: The run's latest resume at another world size (RNG and data position approximate), as
+    #: an ended attempt reported it; kept by later exact resumes (see
+    #: :func:`~sweeprun.ledger.transitions.resume_after`). ``None``: none known, or unreadable.
+    resumed: Resume | None = None
 
     @property
     def holder(self) -> ProcessRef | None:
@@ -164,7 +169,7 @@ class AttemptRow:
 #: The columns of a backend's ``runs`` table that :func:`decode_row` reads, in its order.
 RUN_COLUMNS = ("run_id", "idx", "params", "state", "attempts", "failures", "lost", "progress",
                "worker", "worker_start", "child_pid", "child_start", "lease_until", "heartbeat_at",
-               "last_exit", "updated_at")
+               "last_exit", "updated_at", "resumed")
 #: The columns a transition may change (never the run's identity, index or params): what a
 #: backend writes back for a :class:`Change`.
 MUTABLE_COLUMNS = RUN_COLUMNS[3:]
@@ -177,7 +182,7 @@ def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> RunRow:
     ``remedy`` (how to rebuild it from the store).
     """
     (run_id, idx, params, state, attempts, failures, lost, progress, worker, worker_start,
-     child_pid, child_start, lease_until, heartbeat_at, last_exit, updated_at) = r
+     child_pid, child_start, lease_until, heartbeat_at, last_exit, updated_at, resumed) = r
     try:
         run_state = RunState(state)
     except ValueError:
@@ -193,14 +198,16 @@ def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> RunRow:
                   attempts=attempts or 0, failures=failures or 0, worker=worker,
                   heartbeat_at=heartbeat_at, lease_until=lease_until, last_exit=last_exit,
                   updated_at=updated_at or 0.0, lost=lost or 0, worker_start=worker_start,
-                  progress=progress, child_pid=child_pid, child_start=child_start)
+                  progress=progress, child_pid=child_pid, child_start=child_start,
+                  resumed=Resume.from_json(resumed))  # only shown: a damaged one reads as none
 
 
 def mutable_values(row: RunRow) -> list[Any]:
     """``row``'s :data:`MUTABLE_COLUMNS`, as a backend stores them."""
     return [row.state.value, row.attempts, row.failures, row.lost, row.progress, row.worker,
             row.worker_start, row.child_pid, row.child_start, row.lease_until, row.heartbeat_at,
-            row.last_exit, row.updated_at]
+            row.last_exit, row.updated_at,
+            json.dumps(row.resumed.as_json()) if row.resumed is not None else None]
 
 
 def orphan_of(row: RunRow) -> ProcessRef | None:
@@ -384,13 +391,18 @@ class Ledger(ABC):
 
     @abstractmethod
     def finish(self, claim: Claim, outcome: Outcome, policy: Policy,
-               exit_code: int | None = None) -> RunState | None:
+               exit_code: int | None = None, resumed: Resume | None = None) -> RunState | None:
         """Record how the attempt ended and return the run's new state.
 
         Returns ``None`` (and changes nothing) when ``claim`` is no longer the current
         attempt, except that a ``DONE`` outcome is always accepted for a run that sync
         already marked done from its ``DONE`` file. A failure counts toward
         ``max_attempts``; an interruption does not.
+
+        ``resumed``: the attempt resumed from a checkpoint saved at another world size
+        (what its start record says, ``attempts/<n>.started``). The row keeps the run's latest
+        such resume (:attr:`RunRow.resumed`) through later exact resumes, and forgets it when
+        an attempt starts with no checkpoint (:func:`~sweeprun.ledger.transitions.resume_after`).
         """
 
     @abstractmethod

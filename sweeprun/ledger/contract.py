@@ -29,6 +29,7 @@ import pytest
 
 from ..identity import RunSpec
 from ..procs import HOST, ProcessRef
+from ..resumes import Resume
 from . import open_ledger
 from .base import (
     Claim,
@@ -424,6 +425,53 @@ class LedgerContract:
         assert ledger.finish(moved, Outcome.INTERRUPTED, POLICY) is RunState.INTERRUPTED
         again = ledger.claim(ME, POLICY, 60, GRID)
         assert again and again.attempt == 8
+
+    # -- a resume at another world size --------------------------------------------------------
+
+    def test_an_approximate_resume_stays_with_the_run_until_it_begins_anew(
+            self, ledger: Ledger, location: str, clock: FakeClock) -> None:
+        """What ``status`` marks as ``~resumed 2->1 procs``: the attempt that resumed a checkpoint
+        saved by 2 processes with 1 reports it as it ends; the row keeps it for every reader
+        (a read-only handle opened afterwards, as ``status`` opens one), through a later exact
+        resume; a stale claim cannot set it, and a start with no checkpoint forgets it."""
+        def resume(attempt: int) -> Resume:
+            return Resume(attempt, "step-00000008", 8, saved_world_size=2, world_size=1,
+                          approximate=("rng", "data position"))
+
+        def reread(run_id: str) -> Resume | None:
+            reader = open_ledger(location, "sweep", readonly=True)
+            try:
+                return next(r.resumed for r in reader.rows(GRID) if r.run_id == run_id)
+            finally:
+                reader.close()
+
+        first = ledger.claim(ME, POLICY, 60, GRID)
+        assert first and ledger.start(first, 60, None, POLICY) is RunState.RUNNING
+        assert ledger.finish(first, Outcome.INTERRUPTED, POLICY, 75) is RunState.INTERRUPTED
+        assert all(r.resumed is None for r in ledger.rows())  # none reported: none known
+        second = ledger.claim(ME, POLICY, 60, GRID)
+        assert second and second.run_id == first.run_id
+        assert ledger.start(second, 60, "ckpt-1", POLICY) is RunState.RUNNING
+        assert ledger.finish(second, Outcome.INTERRUPTED, POLICY, 75, resumed=resume(2)) is RunState.INTERRUPTED
+        assert reread(first.run_id) == resume(2)
+        assert ledger.finish(second, Outcome.FAILED, POLICY, 1, resumed=resume(9)) is None  # fenced
+        third = ledger.claim(ME, POLICY, 60, GRID)  # resumes exactly, at 1, from a later save
+        assert third and third.run_id == first.run_id
+        assert ledger.start(third, 60, "ckpt-2", POLICY) is RunState.RUNNING
+        assert ledger.finish(third, Outcome.DONE, POLICY, 0) is RunState.DONE
+        assert reread(first.run_id) == resume(2)
+        # its folder deleted (a re-run asked for): the run begins anew and tells of no resume
+        ledger.sync(RUNS, done=set(), started=set())
+        assert reread(first.run_id) is None
+        other = ledger.claim(ME, POLICY, 60, GRID)
+        assert other and other.run_id == first.run_id
+        assert ledger.start(other, 60, "ckpt-1", POLICY) is RunState.RUNNING
+        assert ledger.finish(other, Outcome.INTERRUPTED, POLICY, 75, resumed=resume(4)) is RunState.INTERRUPTED
+        again = ledger.claim(ME, POLICY, 60, GRID)
+        assert again and ledger.start(again, 60, None, POLICY) is RunState.RUNNING  # no checkpoint left
+        assert ledger.finish(again, Outcome.INTERRUPTED, POLICY, 75) is RunState.INTERRUPTED
+        assert reread(first.run_id) is None
+        assert [r.resumed for r in ledger.rows() if r.run_id != first.run_id] == [None] * (len(RUNS) - 1)
 
     # -- many processes at once ------------------------------------------------------------------
 

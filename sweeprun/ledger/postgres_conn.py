@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS sweeprun_runs (
     claim_token text,
     PRIMARY KEY (sweep, run_id));
 ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS reset text;
+ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS resumed text;
 CREATE INDEX IF NOT EXISTS sweeprun_runs_claim ON sweeprun_runs (sweep, (state <> 'interrupted'), idx)
     WHERE state <> 'done';
 CREATE TABLE IF NOT EXISTS sweeprun_members (
@@ -73,10 +74,14 @@ CREATE TABLE IF NOT EXISTS sweeprun_attempts (
     outcome text, exit_code integer, result text,
     PRIMARY KEY (sweep, run_id, attempt));
 """
-#: ``reset``, the last reset a run honoured (:meth:`PostgresLedger.forget`), came after schema 1
-#: without a new version: a nullable column an older sweeprun never reads. Added once, to
-#: databases created before it, under the schema lock.
-_RESET_COLUMN = "ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS reset text"
+#: Columns that came after schema 1 without a new version: nullable, and an older sweeprun
+#: never reads them. ``reset``: the last reset a run honoured (:meth:`PostgresLedger.forget`);
+#: ``resumed``: the run's resume at another world size (JSON, :attr:`RunRow.resumed`). Added
+#: once, to databases created before them, under the schema lock.
+_ADDED_COLUMNS = {name: f"ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS {name} text"
+                  for name in ("reset", "resumed")}
+_PRESENT_COLUMNS = ("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass('sweeprun_runs') "
+                    "AND attname = ANY(%s) AND NOT attisdropped")
 HAS_RESET = ("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('sweeprun_runs') "
               "AND attname = 'reset' AND NOT attisdropped")
 
@@ -176,6 +181,9 @@ class PostgresDatabase:
                               "give --ledger postgresql://user@host:port/database") from None
         self._connect_args = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
         self._tables = True
+        #: Whether ``sweeprun_runs`` has ``resumed``: a read-only handle on an older ledger
+        #: reads its rows without it (a writer adds it on opening).
+        self.has_resumed = True
         self._open()
 
     # -- opening --------------------------------------------------------------------------
@@ -188,7 +196,7 @@ class PostgresDatabase:
         except self._pg.Error as exc:
             raise LedgerError(f"cannot open the ledger {self.shown}: {_one_line(exc)}; check the "
                               "host, port, database and password (PGPASSWORD or ~/.pgpass)") from None
-        adding = False  # the reset column, to a ledger an older sweeprun created
+        adding: list[str] = []  # columns added to a ledger an older sweeprun created
         try:
             with self._watchdog.watch(conn.pgconn.socket, self.call_timeout_s):
                 version = self._version(conn)
@@ -202,19 +210,26 @@ class PostgresDatabase:
                         conn.execute("INSERT INTO sweeprun_meta (key, value) VALUES "
                                      "('schema_version', %s) ON CONFLICT (key) DO UPDATE SET value "
                                      "= EXCLUDED.value", [str(SCHEMA_VERSION)])
-                elif not self.readonly and conn.execute(HAS_RESET).fetchone() is None:
-                    adding = True
-                    with conn.transaction():
-                        conn.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
-                        conn.execute(_RESET_COLUMN)
+                else:
+                    present = {r[0] for r in conn.execute(_PRESENT_COLUMNS, [list(_ADDED_COLUMNS)])}
+                    self.has_resumed = "resumed" in present
+                    if not self.readonly:
+                        adding = [_ADDED_COLUMNS[c] for c in _ADDED_COLUMNS if c not in present]
+                    if adding:
+                        with conn.transaction():
+                            conn.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
+                            for statement in adding:
+                                conn.execute(statement)
+                        self.has_resumed = True
         except self._pg.Error as exc:
             self.close()
             hint = ""
             if isinstance(exc, self._pg.errors.InsufficientPrivilege):
                 # Only the owner of a table may add a column to it: a role granted the rows of
                 # a ledger another role created meets this on the first launch of a newer sweeprun.
-                hint = (f"; this sweeprun needs one more column: have the owner of sweeprun_runs run "
-                        f"`{_RESET_COLUMN}` once" if adding else
+                more = "one more column" if len(adding) == 1 else f"{len(adding)} more columns"
+                hint = (f"; this sweeprun needs {more}: have the owner of sweeprun_runs run "
+                        f"`{'; '.join(adding)}` once" if adding else
                         "; let the user create tables in the database (GRANT CREATE ON SCHEMA "
                         "public) or give --ledger a database it owns")
             raise LedgerError(f"cannot open the ledger {self.shown}: {_one_line(exc)}{hint}") from None

@@ -282,6 +282,8 @@ class SqliteFile:
             db.execute("ALTER TABLE runs ADD COLUMN progress TEXT")
         if "reset" not in columns:  # the last reset honoured (forget); older sweeprun leaves it alone
             db.execute("ALTER TABLE runs ADD COLUMN reset TEXT")
+        if "resumed" not in columns:  # a resume at another world size (JSON); the same holds
+            db.execute("ALTER TABLE runs ADD COLUMN resumed TEXT")
         db["members"].create({"sweep": str, "grid": str, "run_id": str, "idx": int},
                              pk=("sweep", "grid", "run_id"), if_not_exists=True)
         db.execute("CREATE INDEX IF NOT EXISTS members_order ON members (sweep, grid, idx)")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..procs import ProcessRef
+from ..resumes import Resume, newest
 from .base import Claim, Outcome, Policy, RunRow, RunState, orphan_of
 
 
@@ -114,15 +115,33 @@ def renewed(row: RunRow | None, claim: Claim, now: float, lease_s: float,
     return Change(new)
 
 
+def resume_after(row: RunRow, resumed: Resume | None) -> Resume | None:
+    """The resume at another world size a run's row keeps after an attempt that reported
+    ``resumed`` (``None``: it resumed exactly, started afresh, or its record did not read).
+
+    The history is kept: a run resumed approximately once goes on from that approximation,
+    and a later exact resume (from a checkpoint saved since, at the same world size) does
+    not make its result the one an uninterrupted run would give, so ``status`` keeps the
+    mark. It is forgotten only when the attempt started with no checkpoint at all (the
+    row's ``progress``, recorded at the start, is ``None``): the run began anew.
+    """
+    if resumed is not None:
+        return resumed
+    return None if row.progress is None else row.resumed
+
+
 def finished(row: RunRow | None, claim: Claim, outcome: Outcome, policy: Policy,
-             exit_code: int | None, now: float) -> tuple[Change, RunState] | None:
-    """Record how ``claim``'s attempt ended. ``DONE`` is accepted for a run a sync already
-    marked done from its ``DONE`` file; a failure counts toward ``policy.max_attempts``."""
+             exit_code: int | None, now: float,
+             resumed: Resume | None = None) -> tuple[Change, RunState] | None:
+    """Record how ``claim``'s attempt ended, and the run's resume at another world size
+    (:func:`resume_after`). ``DONE`` is accepted for a run a sync already marked done from
+    its ``DONE`` file; a failure counts toward ``policy.max_attempts``."""
     if row is None:
         return None
     if outcome is Outcome.DONE and row.state is RunState.DONE:
-        return Change(row, closed=AttemptEnd(claim.attempt, outcome.value, exit_code,
-                                             RunState.DONE)), RunState.DONE
+        # the claim may be stale here: what it reports is added, never what it lacks taken away
+        return Change(replace(row, resumed=newest(row.resumed, resumed)), closed=AttemptEnd(
+            claim.attempt, outcome.value, exit_code, RunState.DONE)), RunState.DONE
     if not _current(row, claim):
         return None
     failures = row.failures + (outcome is Outcome.FAILED)
@@ -131,7 +150,7 @@ def finished(row: RunRow | None, claim: Claim, outcome: Outcome, policy: Policy,
              }[outcome]
     new = replace(row, state=state, failures=failures, lost=0, last_exit=exit_code, worker=None,
                   worker_start=None, child_pid=None, child_start=None, lease_until=None,
-                  updated_at=now)
+                  updated_at=now, resumed=resume_after(row, resumed))
     return Change(new, closed=AttemptEnd(claim.attempt, outcome.value, exit_code, state)), state
 
 
@@ -170,8 +189,10 @@ def synced_columns(target: RunState) -> dict[str, Any]:
     """What a row moved to ``target`` by :func:`synced` changes (besides ``updated_at``), written
     without reading the row (sync touches a whole grid at once). DONE in the store is the truth,
     even under a live lease: the holder's finish is accepted for a done run. A run whose
-    ``DONE`` was deleted (a re-run asked for) starts over with no failures counted."""
+    ``DONE`` was deleted (a re-run asked for) starts over with no failures counted; one with
+    no files left in the store (pending) has no resume at another world size to tell of."""
     if target is RunState.DONE:
         return {"state": target.value, "worker": None, "worker_start": None, "child_pid": None,
                 "child_start": None, "lease_until": None}
-    return {"state": target.value, "failures": 0, "lost": 0}
+    cleared = {"resumed": None} if target is RunState.PENDING else {}
+    return {"state": target.value, "failures": 0, "lost": 0, **cleared}

@@ -9,6 +9,8 @@ finished tiny sweep (no torch): what a user sees is the same.
 from __future__ import annotations
 
 import json
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,28 @@ def test_show_and_status_say_a_resume_at_another_world_size_was_approximate(
     table = console.export_text()
     assert "~resumed 2→1 procs" in table and table.count("~resumed") == 2  # the row, and the caption's key
     assert "RNG and data position approximate" in table
+
+
+def test_status_shows_the_resume_the_ledger_kept_and_a_newer_one_in_the_store(
+        sandbox: Sandbox, finished: tuple[Path, Sweep, dict[str, str]]) -> None:
+    """The launcher hands an ended attempt's resume to the ledger (``Ledger.finish``), which
+    keeps it with the run through later exact resumes: `status` and `show` take it from
+    there; a newer attempt's record in the store (one still running, or run on a machine
+    whose ledger this one cannot see) wins over it."""
+    sweep, loaded, ids = finished
+    run = loaded.paths.run(ids["failed"])
+    kept = Resume(1, SAVED.shards, 8, saved_world_size=2, world_size=1, approximate=tuple(APPROXIMATE))
+    with closing(sqlite3.connect(sandbox.ledger)) as db, db:  # as attempt 1's end recorded it
+        db.execute("UPDATE runs SET resumed = ? WHERE run_id = ?", [json.dumps(kept.as_json()), run.run_id])
+    write_started(run, 2, {"attempt": 2, "step": 0, "world_size": 1})  # attempt 2 resumed exactly
+    assert statuses(loaded)[ids["failed"]]["approximate_resume"] == kept.as_json()
+    assert run_detail(loaded, ids["failed"]).as_json()["approximate_resume"] == kept.as_json()
+    assert statuses(loaded)[ids["done"]]["approximate_resume"] is None
+
+    write_started(run, 2, resumed(2, now=1, saved=4))
+    newer = statuses(loaded)[ids["failed"]]["approximate_resume"]
+    assert (newer["attempt"], newer["saved_world_size"]) == (2, 4)
+    assert run_detail(loaded, ids["failed"]).as_json()["approximate_resume"] == newer
 
 
 def test_a_done_single_process_run_costs_status_no_read_until_it_has_a_sharded_checkpoint(

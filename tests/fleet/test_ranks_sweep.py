@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,10 @@ def test_a_run_moved_from_two_ranks_to_one_goes_on_and_show_says_the_resume_was_
     assert row["state"] == "done" and row["nproc"] == 1
     assert row["approximate_resume"]["saved_world_size"] == 2
     assert row["approximate_resume"]["world_size"] == 1
+    # the ledger keeps it with the run, as attempt 2 reported it when it ended
+    with closing(sqlite3.connect(sandbox.ledger)) as db:
+        (kept,) = db.execute("SELECT resumed FROM runs WHERE run_id = ?", [run_dir.name]).fetchone()
+    assert json.loads(kept) == row["approximate_resume"] and row["approximate_resume"]["attempt"] == 2
     shown = json.loads(sandbox.run("show", str(sweep), run_dir.name, "--json", "--ledger",
                                    str(sandbox.ledger)).stdout)
     assert shown["approximate_resume"] == {**row["approximate_resume"], "step": saved}

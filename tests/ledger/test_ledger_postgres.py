@@ -21,6 +21,7 @@ from sweeprun.errors import LedgerError
 from sweeprun.ledger import Outcome, Policy, RunState, open_ledger
 from sweeprun.ledger.contract import GRID, ME, OTHER_HOST, POLICY, RUNS, FakeClock, LedgerContract
 from sweeprun.ledger.postgres import PostgresLedger
+from sweeprun.resumes import Resume
 from sweeprun.settings import SettingError
 from sweeprun.spec import load_spec
 from sweeprun.sweep import Sweep
@@ -422,6 +423,30 @@ def test_a_database_from_before_resets_were_honoured_gains_the_column(postgres_u
     led = open_ledger(postgres_url, "sweep")  # a newer sweeprun's first open adds it
     assert led.forget({RUNS[0].run_id: "t"}) == {RUNS[0].run_id}
     assert led.honoured() == {RUNS[0].run_id: "t"}
+    led.close()
+
+
+def test_a_database_from_before_resumes_were_recorded_gains_the_column(postgres_url: str) -> None:
+    """Read-only (status) its runs tell of no resume; a newer sweeprun's first open adds the
+    column, and a value edited by hand reads as no resume, never as an error."""
+    led = open_ledger(postgres_url, "sweep")
+    led.sync(RUNS, set(), set())
+    led.close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE sweeprun_runs DROP COLUMN resumed")
+    reader = open_ledger(postgres_url, "sweep", readonly=True)
+    assert [r.resumed for r in reader.rows()] == [None] * len(RUNS)
+    reader.close()
+    led = open_ledger(postgres_url, "sweep")
+    claim = led.claim(ME, POLICY, 60, GRID)
+    assert claim and led.start(claim, 60, "ckpt-1", POLICY) is RunState.RUNNING
+    resumed = Resume(claim.attempt, None, 8, saved_world_size=2, world_size=1, approximate=("rng",))
+    assert led.finish(claim, Outcome.INTERRUPTED, POLICY, 75, resumed=resumed) is RunState.INTERRUPTED
+    assert next(r.resumed for r in led.rows() if r.run_id == claim.run_id) == resumed
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE sweeprun_runs SET resumed = '{not json' WHERE run_id = %s", [claim.run_id])
+    row = next(r for r in led.rows() if r.run_id == claim.run_id)
+    assert (row.resumed, row.state) == (None, RunState.INTERRUPTED)
     led.close()
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from sweeprun.errors import LedgerError
-from sweeprun.ledger import open_ledger
-from sweeprun.ledger.contract import RUNS, LedgerContract
+from sweeprun.ledger import Outcome, RunState, open_ledger
+from sweeprun.ledger.contract import ME, POLICY, RUNS, LedgerContract
+from sweeprun.resumes import Resume
 from sweeprun.settings import SettingError
 
 
@@ -100,6 +101,49 @@ def test_a_ledger_from_before_resets_were_honoured_gains_the_column(tmp_path: Pa
     led = open_ledger(path, "sweep")
     assert led.forget({RUNS[0].run_id: "t"}) == {RUNS[0].run_id}
     assert led.honoured() == {RUNS[0].run_id: "t"}
+    led.close()
+
+
+def test_a_ledger_from_before_resumes_were_recorded_gains_the_column(tmp_path: Path) -> None:
+    """Read-only (status) its runs tell of no resume (the store's start records still do);
+    opened to write, the column is added, the rows are kept and a finish records one."""
+    path = tmp_path / "ledger.sqlite"
+    led = open_ledger(path, "sweep")
+    led.sync(RUNS, set(), set())
+    led.close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE runs DROP COLUMN resumed")
+    conn.commit()
+    conn.close()
+    reader = open_ledger(path, "sweep", readonly=True)
+    assert [r.resumed for r in reader.rows()] == [None] * len(RUNS)
+    reader.close()
+    led = open_ledger(path, "sweep")
+    claim = led.claim(ME, POLICY, 60)
+    assert claim and led.start(claim, 60, "ckpt-1", POLICY) is RunState.RUNNING
+    resumed = Resume(claim.attempt, None, 8, saved_world_size=2, world_size=1, approximate=("rng",))
+    assert led.finish(claim, Outcome.INTERRUPTED, POLICY, 75, resumed=resumed) is RunState.INTERRUPTED
+    assert next(r.resumed for r in led.rows() if r.run_id == claim.run_id) == resumed
+    led.close()
+
+
+@pytest.mark.parametrize("value", [
+    "{not json", "[]", "null", "", '{"attempt": 2}', '{"attempt": "2", "saved_world_size": 2}',
+    '{"attempt": 2, "saved_world_size": true}', '{"attempt": 0, "saved_world_size": 2}',
+    "[" * 100_000,
+])
+def test_a_damaged_resume_reads_as_none_and_the_row_as_it_is(tmp_path: Path, value: str) -> None:
+    """The resume is only shown: a value edited by hand (or by another tool) is no resume,
+    never an error that would stop ``status`` or a launch."""
+    path = tmp_path / "ledger.sqlite"
+    led = open_ledger(path, "sweep")
+    led.sync(RUNS, set(), set())
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE runs SET resumed = ? WHERE run_id = ?", [value, RUNS[2].run_id])
+    conn.commit()
+    conn.close()
+    row = next(r for r in led.rows() if r.run_id == RUNS[2].run_id)
+    assert (row.resumed, row.state, row.params) == (None, RunState.PENDING, RUNS[2].params)
     led.close()
 
 

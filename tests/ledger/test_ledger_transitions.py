@@ -6,6 +6,7 @@ PostgreSQL, in :class:`~sweeprun.ledger.contract.LedgerContract`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from sweeprun.ledger import Claim, Outcome, Policy, RunRow, RunState
 from sweeprun.ledger import transitions as tr
 from sweeprun.ledger.contract import ME, OTHER_HOST, dead_process
+from sweeprun.resumes import Resume
 
 NOW = 1000.0
 POLICY = Policy(max_attempts=2, max_lost=2)
@@ -127,3 +129,27 @@ def test_sync_follows_the_store(state: str | None, in_done: bool, started: bool,
     run_id = "a=1-00000000"
     done = {run_id} if in_done else set()
     assert tr.synced(state, run_id, done, {run_id} if started else set(), gone) is target
+
+
+EARLIER = Resume(2, "step-00000008", 8, saved_world_size=2, world_size=1, approximate=("rng",))
+NOW_RESUMED = Resume(5, "step-00000016", 16, saved_world_size=4, world_size=1, approximate=("rng",))
+
+
+@pytest.mark.parametrize("progress, reported, kept", [
+    ("ckpt-2", NOW_RESUMED, NOW_RESUMED),  # this attempt resumed at another world size
+    ("ckpt-2", None, EARLIER),             # an exact resume goes on from the approximate one
+    (None, None, None),                    # started with no checkpoint: the run began anew
+])
+def test_a_finish_keeps_the_runs_resume_until_it_begins_anew(
+        progress: str | None, reported: Resume | None, kept: Resume | None) -> None:
+    current, claim = held(attempt=5, progress=progress, resumed=EARLIER)
+    found = tr.finished(current, claim, Outcome.INTERRUPTED, POLICY, 75, NOW, reported)
+    assert found is not None and found[0].row.resumed == kept
+
+
+def test_a_resume_edited_by_hand_keeps_what_reads() -> None:
+    """Fields of the wrong type count as absent, as in the start record the resume came from."""
+    found = Resume.from_json(json.dumps({"attempt": 3, "saved_world_size": 4, "world_size": "2",
+                                         "step": -1, "checkpoint": 7, "approximate": ["rng", 5, ""]}))
+    assert found == Resume(3, None, None, saved_world_size=4, world_size=None, approximate=("rng",))
+    assert Resume.from_json(json.dumps(EARLIER.as_json())) == EARLIER
