@@ -7,7 +7,8 @@ the token every machine sees, when store leases run) and the durable attempt rec
 ``attempts/<n>.json`` (what the training side's fence, ``status`` and ``show`` read, and
 what names ``logs/attempt-<n>.log`` and the checkpoints). A :class:`Tenure` takes them in
 that order, decides the attempt number once, and keeps it equal to the lease generation
-wherever store leases run; then it renews, checks and releases them together.
+wherever store leases run; then it renews, checks and releases them together, and tells
+the ledger how the attempt ended.
 
 The number is the lease generation when store leases run. A run never leased starts at the
 generation after the highest attempt its files name (a sweep that ran on a shared database
