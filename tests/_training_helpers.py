@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _zygote import preload_for, spawn
 
 from sweeprun.runenv import PREEMPTED_EXIT
 from sweeprun.training import load_checkpoint
@@ -93,8 +94,8 @@ class ScriptRun:
         full_env = {k: v for k, v in os.environ.items() if k in given or not any(
             k.startswith(u[:-1]) if u.endswith("*") else k == u for u in self.unset_env)}
         full_env.update(PYTHONPATH=str(REPO), **given)
-        return subprocess.Popen([sys.executable, str(self.script), *self.flags, "--out", str(self.out), *extra],
-                                env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return spawn([sys.executable, str(self.script), *self.flags, "--out", str(self.out), *extra],
+                     full_env, preload_for(self.script))
 
     def complete(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         proc = self.start(*extra, env=env)

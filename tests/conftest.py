@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _zygote
 import pytest
 import yaml
 from hypothesis import settings
@@ -63,7 +64,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _cpu_s() -> tuple[float, float]:
     """CPU seconds of this process, and of the processes it waited for."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+    forked = _zygote.ended_children_cpu_s()   # scripts started by the fork server
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime + forked
 
 
 @pytest.hookimpl(hookwrapper=True)
