@@ -49,24 +49,6 @@ def test_lightning_ddp_stopped_on_every_rank_resumes_exactly(shared_dir: Path, t
     assert_same_result(run, want)
 
 
-@pytest.mark.slow  # a variant of the SIGTERM case
-@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")
-def test_lightning_ddp_with_one_rank_killed_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
-    """Rank 1 SIGKILLed mid-run, then the rest of the attempt (as the launcher ends it): the
-    next start resumes from the last checkpoint every rank committed."""
-    want = reference(shared_dir, LIGHTNING_DDP)
-    run = RankRun(LIGHTNING_DDP, tmp_path / "run")
-    procs = run.start("--step-sleep-s", "0.05")
-    run.signal_at(procs, 6, rank=1, signum=SIGKILL)
-    procs[0].send_signal(SIGKILL)
-    assert run.wait(procs) == [-SIGKILL, -SIGKILL]
-    assert [m["step"] for m in run.manifests()] == [4]
-
-    assert run.complete() == [0, 0], run.err(0) + run.err(1)
-    assert "(step 4" in run.err(0)
-    assert_same_result(run, want)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
 def test_trainer_on_two_ranks_stopped_on_one_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
     """SIGTERM to one rank: both save the same step, rank 0 seals the folder once both
