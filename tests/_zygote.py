@@ -13,7 +13,8 @@ It is a real process with its own pid: signals, SIGKILL, exit codes and files be
 for a fresh interpreter. What it shares with its siblings is what was imported before the
 fork (nothing of sweeprun: the tests set its path per start) and the hash seed: the
 launcher and ``verify`` still start fresh interpreters, so the suite keeps testing those.
-``SWEEPRUN_TEST_FRESH=1`` starts every script fresh (to rule the server out).
+``SWEEPRUN_TEST_FRESH=1`` starts every script fresh (to rule the server out), as does a
+kernel without pidfds.
 
 Protocol: one Unix-socket connection per start. The test sends a JSON request and the
 child's stdout and stderr (SCM_RIGHTS); the server answers the child's pid, then, when the
@@ -39,7 +40,18 @@ from typing import Any
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-FRESH = os.environ.get("SWEEPRUN_TEST_FRESH") == "1"
+
+
+def _pidfds_work() -> bool:
+    """The server waits for its children through pidfds (Linux 5.3): without them, start fresh."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+FRESH = os.environ.get("SWEEPRUN_TEST_FRESH") == "1" or not _pidfds_work()
 #: The servers' environment: the suite's, before any test changed it (a module can read a
 #: variable at import, and the imports happen once, in the server).
 _BASE_ENV = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -11,8 +11,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _zygote import ForkedProcess, spawn
+from _zygote import FRESH, ForkedProcess, spawn
 
+pytestmark = pytest.mark.skipif(FRESH, reason="every script starts fresh here (SWEEPRUN_TEST_FRESH=1, or no pidfds)")
 PRELOAD = ("torch",)
 SCRIPT = textwrap.dedent("""
     import os, random, sys, time
