@@ -208,12 +208,14 @@ def test_sigkill_at_random_moments_then_rerun_ends_the_same(
 def test_sigterm_saves_at_the_step_end_and_the_rerun_ends_the_same(
         tmp_path: Path, reference: UserRun) -> None:
     """SIGTERM lands anywhere, often between the two batches of a step: the save waits for
-    the step to end (never a half-accumulated gradient), the process exits 75."""
+    the step to end (never a half-accumulated gradient), the process exits 75, and the
+    rerun ends as the uninterrupted run. (The stop can fall on a cadence step, 10: metrics
+    lines reach the file in bursts, so the step seen when signalling can be 9.)"""
     run = UserRun(tmp_path / "run")
     code, err = run.interrupt_when(lambda: run.last_step() >= 7, signal.SIGTERM)
     assert code == PREEMPTED_EXIT, err
-    stopped = int(err.split("saved and sealed checkpoint-")[1].split(";")[0])
-    assert stopped not in (5, 10, 15, 20) and stopped in run.sealed()
+    stopped = int(err.split("SIGTERM received; saved and sealed checkpoint-")[1].split(";")[0])
+    assert stopped >= 7 and stopped in run.sealed()
     finish(run)
     assert differences(run, reference) == []
 
