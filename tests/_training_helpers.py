@@ -113,8 +113,7 @@ class ScriptRun:
         return json.loads(lines[-1])["step"] if lines else 0
 
     def _metrics_stamp(self) -> tuple[int, int] | None:
-        if not isinstance(self.out, Path):   # a bucket's URL: no stamp, read it every time
-            return None
+        """When the metrics file last changed (None: not there yet, or nothing to stat)."""
         try:
             status = os.stat(self.metrics)
         except OSError:

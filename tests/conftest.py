@@ -73,7 +73,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     """With ``SWEEPRUN_TEST_CPU_LOG=FILE``: one JSON line per test with the CPU seconds it cost
     (this process and the processes it waited for; ``own_cpu_s`` the test process's part, as
     polling), to find what makes the suite slow on a shared machine, where wall time says
-    little; and its wall seconds beside, to find the tests that mostly wait. Records only; nothing depends on it."""
+    little; and its wall seconds beside, to find the tests that mostly wait. Records only;
+    nothing depends on it."""
     log = os.environ.get("SWEEPRUN_TEST_CPU_LOG")
     before, started = (_cpu_s(), time.monotonic()) if log else ((0.0, 0.0), 0.0)
     yield

@@ -411,12 +411,17 @@ def test_the_store_never_keeps_the_ledger_password(sandbox: Sandbox, postgres_se
     assert stored and not [p for p in stored if password.encode() in p.read_bytes()]
 
 
-def test_a_database_from_before_resets_were_honoured_gains_the_column(postgres_url: str) -> None:
-    led = open_ledger(postgres_url, "sweep")
+def older_database(url: str, column: str) -> None:
+    """The database with the runs, as a sweeprun from before ``column`` left it."""
+    led = open_ledger(url, "sweep")
     led.sync(RUNS, set(), set())
     led.close()
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute("ALTER TABLE sweeprun_runs DROP COLUMN reset")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE sweeprun_runs DROP COLUMN {column}")
+
+
+def test_a_database_from_before_resets_were_honoured_gains_the_column(postgres_url: str) -> None:
+    older_database(postgres_url, "reset")
     reader = open_ledger(postgres_url, "sweep", readonly=True)
     assert reader.honoured() == {} and len(reader.rows()) == len(RUNS)
     reader.close()
@@ -429,11 +434,7 @@ def test_a_database_from_before_resets_were_honoured_gains_the_column(postgres_u
 def test_a_database_from_before_resumes_were_recorded_gains_the_column(postgres_url: str) -> None:
     """Read-only (status) its runs tell of no resume; a newer sweeprun's first open adds the
     column, and a value edited by hand reads as no resume, never as an error."""
-    led = open_ledger(postgres_url, "sweep")
-    led.sync(RUNS, set(), set())
-    led.close()
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute("ALTER TABLE sweeprun_runs DROP COLUMN resumed")
+    older_database(postgres_url, "resumed")
     reader = open_ledger(postgres_url, "sweep", readonly=True)
     assert [r.resumed for r in reader.rows()] == [None] * len(RUNS)
     reader.close()

@@ -84,17 +84,22 @@ def test_a_schema_1_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     led.close()
 
 
-def test_a_ledger_from_before_resets_were_honoured_gains_the_column(tmp_path: Path) -> None:
-    """Read-only (status) it honours nothing yet; opened to write, the column is added and
-    the rows are kept."""
-    path = tmp_path / "ledger.sqlite"
+def older_ledger(path: Path, column: str) -> Path:
+    """A ledger file with the runs, as a sweeprun from before ``column`` left it."""
     led = open_ledger(path, "sweep")
     led.sync(RUNS, set(), set())
     led.close()
     conn = sqlite3.connect(path)
-    conn.execute("ALTER TABLE runs DROP COLUMN reset")
+    conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
     conn.commit()
     conn.close()
+    return path
+
+
+def test_a_ledger_from_before_resets_were_honoured_gains_the_column(tmp_path: Path) -> None:
+    """Read-only (status) it honours nothing yet; opened to write, the column is added and
+    the rows are kept."""
+    path = older_ledger(tmp_path / "ledger.sqlite", "reset")
     reader = open_ledger(path, "sweep", readonly=True)
     assert reader.honoured() == {} and len(reader.rows()) == len(RUNS)
     reader.close()
@@ -107,14 +112,7 @@ def test_a_ledger_from_before_resets_were_honoured_gains_the_column(tmp_path: Pa
 def test_a_ledger_from_before_resumes_were_recorded_gains_the_column(tmp_path: Path) -> None:
     """Read-only (status) its runs tell of no resume (the store's start records still do);
     opened to write, the column is added, the rows are kept and a finish records one."""
-    path = tmp_path / "ledger.sqlite"
-    led = open_ledger(path, "sweep")
-    led.sync(RUNS, set(), set())
-    led.close()
-    conn = sqlite3.connect(path)
-    conn.execute("ALTER TABLE runs DROP COLUMN resumed")
-    conn.commit()
-    conn.close()
+    path = older_ledger(tmp_path / "ledger.sqlite", "resumed")
     reader = open_ledger(path, "sweep", readonly=True)
     assert [r.resumed for r in reader.rows()] == [None] * len(RUNS)
     reader.close()
