@@ -468,7 +468,16 @@ class LocalBackend(StoreBackend):
                     return
             except FileNotFoundError:
                 return
-        threading.Thread(target=_unlink_quietly, args=(aside,), name="sweeprun-delete", daemon=True).start()
+        unlink = threading.Thread(target=_unlink_quietly, args=(aside,), name="sweeprun-delete", daemon=True)
+        with _UNLINKING_LOCK:
+            _UNLINKING.append(unlink)
+        unlink.start()
+
+    def settle(self) -> None:
+        with _UNLINKING_LOCK:
+            pending, _UNLINKING[:] = list(_UNLINKING), []
+        for unlink in pending:
+            unlink.join()
 
     def native_path(self, path: str) -> str | None:
         return str(self.fs._strip_protocol(path))
@@ -495,6 +504,12 @@ def _link_into_place(tmp: str, path: str) -> bool:
         return False
     os.replace(tmp, path)
     return True
+
+
+#: Unlinks on helper threads not yet waited for (:meth:`LocalBackend.settle`). Daemons: a
+#: process that exits without settling leaves the set-aside file, which the next prune removes.
+_UNLINKING: list[threading.Thread] = []
+_UNLINKING_LOCK = threading.Lock()
 
 
 def _unlink_quietly(path: str) -> None:

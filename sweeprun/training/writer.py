@@ -162,10 +162,12 @@ class CheckpointWriter:
     def settle(self) -> None:
         """Wait for the retention of the last commit: before the folder is listed again (a
         manifest deleted between a listing and its read would be reported as unusable) and
-        before the process says it is done."""
+        before the process says it is done, with the unlinks it left to the store's helper
+        threads (a finished run's folder holds no set-aside file)."""
         thread, self._retention = self._retention, None
         if thread is not None:
             thread.join()
+        self.dir.store.settle()
 
     def fence(self) -> Folder:
         """The folder as it is, after checking that no newer attempt has started or saved.

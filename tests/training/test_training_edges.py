@@ -152,6 +152,26 @@ def test_junk_in_the_checkpoints_folder_is_reported_once_and_left_alone(
     assert load_checkpoint(tmp_path)["step"] == 6
 
 
+def test_a_finished_run_leaves_no_set_aside_file_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old data files are renamed aside and unlinked on a helper thread, so a save does not
+    wait for a big unlink; a run that says it finished has waited for those unlinks too."""
+    import time
+
+    import sweeprun.store.local as local
+
+    def slow_unlink(path: str) -> None:
+        time.sleep(0.3)
+        os.unlink(path)
+
+    monkeypatch.setattr(local, "_unlink_quietly", slow_unlink)
+    t = Trainer.start(str(tmp_path), every_steps=2, keep_last=1)
+    t.train(6)
+    t.run.finish()
+    assert names(tmp_path) == ["ckpt-a1-00000004-step0000000006.json",
+                               "ckpt-a1-00000004-step0000000006.pt"]
+
+
 # -- items 3 and 4: fencing and names ---------------------------------------------------------
 
 
