@@ -469,9 +469,9 @@ class LocalBackend(StoreBackend):
             except FileNotFoundError:
                 return
         unlink = threading.Thread(target=_unlink_quietly, args=(aside,), name="sweeprun-delete", daemon=True)
+        unlink.start()
         with _UNLINKING_LOCK:
             _UNLINKING.append(unlink)
-        unlink.start()
 
     def settle(self) -> None:
         with _UNLINKING_LOCK:

@@ -159,15 +159,17 @@ class CheckpointWriter:
         self._retention = threading.Thread(target=run, name="sweeprun-retention", daemon=False)
         self._retention.start()
 
-    def settle(self) -> None:
+    def settle(self, *, unlinks: bool = False) -> None:
         """Wait for the retention of the last commit: before the folder is listed again (a
         manifest deleted between a listing and its read would be reported as unusable) and
-        before the process says it is done, with the unlinks it left to the store's helper
-        threads (a finished run's folder holds no set-aside file)."""
+        before the process says it is done. ``unlinks`` (at close): the unlinks it left to
+        the store's helper threads too, so a finished run's folder holds no set-aside file;
+        not on the way to a listing, which a training step may wait for."""
         thread, self._retention = self._retention, None
         if thread is not None:
             thread.join()
-        self.dir.store.settle()
+        if unlinks:
+            self.dir.store.settle()
 
     def fence(self) -> Folder:
         """The folder as it is, after checking that no newer attempt has started or saved.
