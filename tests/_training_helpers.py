@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _zygote import preload_for, spawn
 
 from sweeprun.runenv import PREEMPTED_EXIT
 from sweeprun.training import load_checkpoint
+
+from _zygote import preload_for, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "train_mlp.py"

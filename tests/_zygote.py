@@ -12,7 +12,9 @@ stdout and stderr, and ends as an interpreter ends (atexit, non-daemon threads j
 It is a real process with its own pid: signals, SIGKILL, exit codes and files behave as
 for a fresh interpreter. What it shares with its siblings is what was imported before the
 fork (nothing of sweeprun: the tests set its path per start) and the hash seed: the
-launcher and ``verify`` still start fresh interpreters, so the suite keeps testing those.
+launcher, torchrun and ``verify`` still start fresh interpreters, so the suite keeps
+testing those. The ranks a test starts itself, as torchrun would (``RankRun``), are forked
+too: a rank is a script with a few more variables in its environment.
 ``SWEEPRUN_TEST_FRESH=1`` starts every script fresh (to rule the server out), as does a
 kernel without pidfds.
 
@@ -129,7 +131,8 @@ class ForkedProcess:
                 raise subprocess.TimeoutExpired(self.args, timeout)
         self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         for stream in (self.stdout, self.stderr):
-            stream.close()
+            if stream is not None:
+                stream.close()
         return out["out"], out["err"]
 
     def send_signal(self, signum: int) -> None:
@@ -158,26 +161,37 @@ def preload_for(script: Path) -> tuple[str, ...]:
     return tuple(found)
 
 
-def spawn(argv: list[str], env: dict[str, str], preload: tuple[str, ...]) -> Any:
-    """``subprocess.Popen(argv, env=env, text=True, stdout=PIPE, stderr=PIPE)`` for
-    ``argv = [sys.executable, script, ...]``, from the server that imported ``preload``."""
+def spawn(argv: list[str], env: dict[str, str], preload: tuple[str, ...],
+          stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE) -> Any:
+    """``subprocess.Popen(argv, env=env, text=True, stdout=stdout, stderr=stderr)`` for
+    ``argv = [sys.executable, script, ...]``, from the server that imported ``preload``.
+    ``stdout`` and ``stderr``: ``PIPE``, ``DEVNULL`` or an open file, as for Popen."""
     if FRESH or not preload:
-        return subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(argv, env=env, text=True, stdout=stdout, stderr=stderr)
     path = _server(preload)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+    ours: list[int] = []        # the test's ends of the pipes
+    theirs: list[int] = []      # what the child gets as its fds 1 and 2
+    for where in (stdout, stderr):
+        if where == subprocess.PIPE:
+            read, write = os.pipe()
+            ours.append(read)
+            theirs.append(write)
+        else:
+            ours.append(-1)
+            theirs.append(os.open(os.devnull, os.O_WRONLY) if where == subprocess.DEVNULL
+                          else os.dup(where.fileno()))
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
         umask = os.umask(0o022)
         os.umask(umask)
         request = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd(), "umask": umask}).encode() + b"\n"
-        socket.send_fds(conn, [request], [out_w, err_w])
+        socket.send_fds(conn, [request], theirs)
     finally:
-        os.close(out_w)
-        os.close(err_w)
-    return ForkedProcess(argv, conn, open(out_r, encoding="utf-8", errors="replace"),
-                         open(err_r, encoding="utf-8", errors="replace"))
+        for fd in theirs:
+            os.close(fd)
+    streams = [open(fd, encoding="utf-8", errors="replace") if fd >= 0 else None for fd in ours]  # noqa: SIM115
+    return ForkedProcess(argv, conn, *streams)
 
 
 def _server(preload: tuple[str, ...]) -> str:
@@ -283,6 +297,8 @@ def _child(request: dict[str, Any], fds: list[int], base_path: list[str]) -> Non
         sys.modules["numpy"].random.seed()
     if "torch" in sys.modules:
         sys.modules["torch"].seed()
+        if request["env"].get("OMP_NUM_THREADS", "").isdigit():   # read at import by a fresh one
+            sys.modules["torch"].set_num_threads(int(request["env"]["OMP_NUM_THREADS"]))
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import _zygote
 import pytest
 import yaml
 from hypothesis import settings
 
+import _zygote
 from servers import postgres_server, postgres_url, s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
 
 # A suite started in the background (`nohup ... &`, a CI step's job control) inherits SIGINT

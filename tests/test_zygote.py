@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from _zygote import FRESH, ForkedProcess, spawn
 
 pytestmark = pytest.mark.skipif(FRESH, reason="every script starts fresh here (SWEEPRUN_TEST_FRESH=1, or no pidfds)")

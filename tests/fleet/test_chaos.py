@@ -13,7 +13,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import pytest
 from sweeprun.training import load_checkpoint
 
 from _training_helpers import REPO, SIGKILL, SIGTERM, ExampleRun, assert_same_tree, made_once
+from _zygote import preload_for, spawn
 from conftest import Sandbox
 
 LRS = [0.01, 0.003, 0.03]
@@ -43,9 +43,12 @@ def reference(shared_dir: Path, lr: float, seed: int, epochs: int = EPOCHS) -> d
     session (:func:`made_once`), since it is deterministic and the chaos and fleet tests'
     sweeps share their runs. Callers only read it."""
     def train(out: Path) -> None:
-        subprocess.run([sys.executable, str(REPO / "examples" / "train_mlp.py"), "--lr", str(lr),
-                        "--seed", str(seed), *EXAMPLE_FLAGS.format(epochs=epochs).split(), "--out", str(out)],
-                       check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+        script = REPO / "examples" / "train_mlp.py"
+        proc = spawn([sys.executable, str(script), "--lr", str(lr), "--seed", str(seed),
+                      *EXAMPLE_FLAGS.format(epochs=epochs).split(), "--out", str(out)],
+                     {**os.environ, "PYTHONPATH": str(REPO)}, preload_for(script))
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
 
     return load_checkpoint(made_once(shared_dir, f"chaos-reference-{lr}-{seed}-{epochs}", train))
 

@@ -50,10 +50,13 @@ def test_lightning_ddp_stopped_on_every_rank_resumes_exactly(shared_dir: Path, t
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
-def test_trainer_on_two_ranks_stopped_on_one_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
+def test_trainer_on_two_ranks_stopped_on_one_then_killed_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
     """SIGTERM to one rank: both save the same step, rank 0 seals the folder once both
-    ranks' files are in it, both exit 75; the next start resumes each rank from its own RNG
-    file and running loss and ends as the run never stopped."""
+    ranks' files are in it, both exit 75. The next start resumes each rank from its own RNG
+    file and running loss; there rank 0 is SIGKILLed (then rank 1, as the launcher ends the
+    attempt), with saves also on sweeprun's time cadence, rank 0's clock deciding for both.
+    The last start resumes every rank from the newest sealed folder rank 0 chose and ends as
+    the run never stopped."""
     want = reference(shared_dir, HF_DDP)
     run = RankRun(HF_DDP, tmp_path / "run")
     procs = run.start("--step-sleep-s", "0.1")
@@ -65,27 +68,15 @@ def test_trainer_on_two_ranks_stopped_on_one_resumes_exactly(shared_dir: Path, t
     assert {"sweeprun-seal.json", "sweeprun-rng-0.pt", "sweeprun-rng-1.pt",
             "rng_state_1.pth"} <= {p.name for p in sealed.iterdir()}
 
-    assert run.complete() == [0, 0], run.err(0) + run.err(1)
-    assert f"checkpoint-{step} (step {step})" in run.err(1)
-    assert_same_result(run, want)
-
-
-@pytest.mark.slow  # the fast subset stops the Trainer's ranks with SIGTERM
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
-def test_trainer_with_one_rank_killed_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
-    """Rank 0 SIGKILLed (then rank 1, as the launcher ends the attempt), with saves also on
-    sweeprun's time cadence, rank 0's clock deciding for both: the next start resumes every
-    rank from the newest sealed folder rank 0 chose."""
-    want = reference(shared_dir, HF_DDP)
-    run = RankRun(HF_DDP, tmp_path / "run")
     procs = run.start("--step-sleep-s", "0.1", "--every-s", "0.25")
-    run.signal_at(procs, 6, rank=0, signum=SIGKILL)
+    run.signal_at(procs, step + 3, rank=0, signum=SIGKILL)
     procs[1].send_signal(SIGKILL)
     assert run.wait(procs) == [-SIGKILL, -SIGKILL]
-    sealed = max(int(p.parent.name.split("-")[1]) for p in (run.out / "trainer").glob("*/sweeprun-seal.json"))
+    assert f"checkpoint-{step} (step {step})" in run.err(1)
+    newest = max(int(p.parent.name.split("-")[1]) for p in (run.out / "trainer").glob("*/sweeprun-seal.json"))
 
     assert run.complete() == [0, 0], run.err(0) + run.err(1)
-    assert f"checkpoint-{sealed} (step {sealed})" in run.err(1)
+    assert f"checkpoint-{newest} (step {newest})" in run.err(1)
     assert_same_result(run, want)
 
 

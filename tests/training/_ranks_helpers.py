@@ -1,7 +1,8 @@
 """Run a user's multi-rank script as real processes: N ranks started here with the variables
 torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, a free
-``MASTER_PORT``), which costs one interpreter per rank and no torchrun; or through
-``python -m torch.distributed.run`` itself (:meth:`RankRun.torchrun`).
+``MASTER_PORT``), forked from the tests' fork server as a standalone script is
+(:mod:`_zygote`), with no torchrun; or through ``python -m torch.distributed.run`` itself
+(:meth:`RankRun.torchrun`).
 
 Each rank's stderr goes to a file next to the run (``rank<r>.err``): a pipe nobody reads
 would block a chatty rank.
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from _training_helpers import REPO, assert_same_tree, made_once
+from _zygote import preload_for, spawn
 from servers import free_port
 
 SCRIPTS = REPO / "tests" / "scripts"
@@ -81,8 +83,8 @@ class RankRun:
                              "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                              "MASTER_PORT": port, **(rank_env or {}).get(rank, {})})
             with open(f"{self._beside}.rank{rank}.err", "w") as err:
-                procs.append(subprocess.Popen([sys.executable, *self._args(extra)], env=env, text=True,
-                                              stdout=subprocess.DEVNULL, stderr=err))
+                procs.append(spawn([sys.executable, *self._args(extra)], env, preload_for(self.script),
+                                   stdout=subprocess.DEVNULL, stderr=err))
         return procs
 
     def wait(self, procs: list[subprocess.Popen[str]]) -> list[int]:
