@@ -43,6 +43,7 @@ from ..errors import CheckpointError, StoreError
 from ..store import UPLOAD_PART_BYTES as _PART_BYTES
 from ..store import backend_for, store_errors
 from ..store.layout import TEMP_PREFIX, CheckpointName
+from .digest import hash_of, new_hash
 
 FORMAT = 2
 _warned: set[str] = set()
@@ -126,7 +127,7 @@ class Manifest:
     #: before it was recorded (they load as before).
     retention: dict[str, Any] | None = None
     #: A multi-rank run's checkpoint (:mod:`.sharded`): how many ranks wrote it, and each file
-    #: of its folder (``data``, ``<stem>.dcp``) with its size and sha256; ``None`` for one file.
+    #: of its folder (``data``, ``<stem>.dcp``) with its size and hash (:func:`~.digest.hash_of`); ``None`` for one file.
     world_size: int | None = None
     files: dict[str, dict[str, Any]] | None = None
 
@@ -194,7 +195,8 @@ class Manifest:
 
 def _shard_files(files: Any, world_size: Any) -> bool:
     """A sharded manifest's file list: only names sweeprun and DCP write in the folder (never a
-    path elsewhere), each with a size and a sha256; absent for a one-file checkpoint."""
+    path elsewhere), each with a size and one hash (:func:`~.digest.hash_of`); absent for a
+    one-file checkpoint."""
     if world_size is None:
         return files is None
     from ..store.layout import DCP_METADATA, parse_rank_state, shard_file_rank
@@ -202,8 +204,7 @@ def _shard_files(files: Any, world_size: Any) -> bool:
     return isinstance(files, dict) and DCP_METADATA in files and all(
         isinstance(n, str) and (n == DCP_METADATA or shard_file_rank(n) is not None
                                 or parse_rank_state(n) is not None)
-        and isinstance(r, dict) and _int(r.get("size"), 0) and isinstance(r.get("sha256"), str)
-        and re.fullmatch(r"[0-9a-f]{64}", r["sha256"]) is not None
+        and isinstance(r, dict) and _int(r.get("size"), 0) and hash_of(r) is not None
         for n, r in files.items())
 
 
@@ -359,9 +360,9 @@ class CheckpointDir:
                 warn_once(f"manifest {self.join(name)} is unusable ({exc}); ignoring it")
         return sorted(out, key=lambda m: m.name)
 
-    def digest(self, path: str) -> tuple[int, str]:
-        """Size and sha256 of a file of the store, read in parts (a shard may be large)."""
-        digest, size = hashlib.sha256(), 0
+    def digest(self, path: str, algorithm: str = "sha256") -> tuple[int, str]:
+        """Size and hash of a file of the store, read in parts (a shard may be large)."""
+        digest, size = new_hash(algorithm), 0
         with store_errors("read", path), self.fs.open(path, "rb", block_size=_PART_BYTES) as f:
             while chunk := f.read(_PART_BYTES):
                 digest.update(chunk)
@@ -369,20 +370,21 @@ class CheckpointDir:
         return size, digest.hexdigest()
 
     def _verify_shards(self, manifest: Manifest) -> None:
-        """ValueError unless every file a sharded manifest lists is there with its size and sha256."""
+        """ValueError unless every file a sharded manifest lists is there with its size and hash."""
         folder = self.join(manifest.data)
         for name, record in sorted((manifest.files or {}).items()):
+            algorithm, expected = hash_of(record) or ("", "")
             try:
-                size, sha = self.digest(posixpath.join(folder, name))
+                size, found = self.digest(posixpath.join(folder, name), algorithm)
             except FileNotFoundError:
                 raise ValueError(f"{name} is missing") from None
             except (StoreError, OSError) as exc:
                 raise ValueError(f"{name} is unreadable: {exc}") from None
             if size != record["size"]:
                 raise ValueError(f"{name} is truncated: {size} bytes, manifest says {record['size']}")
-            if sha != record["sha256"]:
-                raise ValueError(f"{name} is corrupt: sha256 {sha[:12]}..., manifest says "
-                                 f"{record['sha256'][:12]}...")
+            if found != expected:
+                raise ValueError(f"{name} is corrupt: {algorithm} {found[:12]}..., manifest says "
+                                 f"{expected[:12]}...")
 
     def verify(self, manifest: Manifest) -> bytes:
         """The data file's bytes, or ValueError saying why they are not the ones the manifest

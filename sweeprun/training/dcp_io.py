@@ -22,7 +22,6 @@ Imported only where torch already is (:mod:`.sharded` imports it inside its func
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import os
 import posixpath
@@ -42,7 +41,7 @@ from ..faults import crash_point
 from ..store import atomic_write, fsync_dir
 from ..store.layout import DCP_METADATA, rank_state_name, shard_file_rank
 from .checkpoints import CheckpointDir, Manifest, Name
-from .digest import StreamDigest, tensor_memory
+from .digest import SHARD_HASH, StreamDigest, new_hash, tensor_memory
 
 #: The key of the write result that carries a rank's file records to rank 0 (never saved).
 REPORT = "__sweeprun_rank_files__"
@@ -68,8 +67,10 @@ def storage(directory: CheckpointDir, folder: str, write: bool) -> Any:
 
 
 def record(data: bytes) -> dict[str, Any]:
-    """A manifest's record of one file."""
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    """A manifest's record of one file: its size and :data:`~.digest.SHARD_HASH`."""
+    digest = new_hash(SHARD_HASH)
+    digest.update(data)
+    return {"size": len(data), SHARD_HASH: digest.hexdigest()}
 
 
 class _HashedStream:
@@ -90,7 +91,7 @@ class _HashedStream:
 
 class HashingFileSystem:
     """DCP's filesystem (local or fsspec) with every file it writes hashed as it is written.
-    :attr:`records` gets ``name -> size, sha256`` once a file is closed (uploaded, on object
+    :attr:`records` gets ``name -> size, hash`` once a file is closed (uploaded, on object
     stores); a rename (how DCP puts ``.metadata`` in place) carries the record along.
     Everything else is DCP's own filesystem's."""
 
@@ -105,10 +106,10 @@ class HashingFileSystem:
             with self.inner.create_stream(path, mode) as raw:
                 yield raw
             return
-        with StreamDigest(self.memory) as digest:
+        with StreamDigest(self.memory, SHARD_HASH) as digest:
             with self.inner.create_stream(path, mode) as raw:
                 yield _HashedStream(raw, digest)
-            found = {"size": digest.size, "sha256": digest.hexdigest()}
+            found = {"size": digest.size, SHARD_HASH: digest.hexdigest()}
         self.records[posixpath.basename(os.fspath(path))] = found
 
     def rename(self, path: Any, new_path: Any) -> None:

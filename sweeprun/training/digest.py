@@ -1,9 +1,18 @@
-"""SHA-256 of a checkpoint as ``torch.save`` streams it, computed on a thread of its own.
+"""The hash of a checkpoint file as it is written, computed on a thread of its own.
 
 Hashed on the writing thread, a save costs the write plus the hash (SHA-256 runs at
 0.5 to 1.5 GB/s on CPUs of this decade, about as fast as a disk takes the bytes).
-hashlib releases the GIL on large buffers, so a helper thread can hash one chunk while
-the writer writes the next and then fsyncs: a save costs about the larger of the two.
+hashlib and xxhash release the GIL on large buffers, so a helper thread can hash one chunk
+while the writer writes the next and then fsyncs: a save costs about the larger of the two.
+
+Which hash: a manifest's hash is a checksum, there so that a torn, truncated or bit-rotted
+file is never restored; nobody forges a checkpoint past a manifest the same attacker could
+rewrite. One-file checkpoints keep SHA-256 (their manifests and the Trainer's seals name
+it). The files of a sharded checkpoint are hashed with XXH3-128 (:data:`SHARD_HASH`, the
+``xxhash`` library): every rank hashes its shards on the same cores that write them, and
+SHA-256 cost a sharded save half again the time of ``dcp.save`` on a 2-core machine, where
+XXH3 runs at more than ten times its speed. A record names its hash by its key
+(:func:`hash_of`), so manifests written with either verify.
 
 No copy of the state is made for this. The chunks ``torch.save`` hands its file are
 read-only memoryviews whose memory it does not promise to keep once ``write`` returns:
@@ -27,8 +36,38 @@ import ctypes
 import hashlib
 import queue
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
+
+import xxhash
+
+#: The hashes a file record may name, by the key it is stored under, and their hex length.
+HASHES: dict[str, tuple[Callable[[], Any], int]] = {
+    "sha256": (hashlib.sha256, 64),
+    "xxh3_128": (xxhash.xxh3_128, 32),
+}
+#: What each file of a sharded checkpoint is hashed with (see the module's docstring).
+SHARD_HASH = "xxh3_128"
+
+
+def new_hash(algorithm: str) -> Any:
+    """A fresh hash object (``update``, ``hexdigest``) of one of :data:`HASHES`."""
+    return HASHES[algorithm][0]()
+
+
+def hash_of(record: Any) -> tuple[str, str] | None:
+    """``(algorithm, hexdigest)`` of a file record (``{"size": n, "<algorithm>": hex}``) that
+    names exactly one known hash in the right form; ``None`` for anything else."""
+    if not isinstance(record, dict):
+        return None
+    found = [(name, record[name]) for name in HASHES if name in record]
+    if len(found) != 1:
+        return None
+    name, value = found[0]
+    ok = isinstance(value, str) and len(value) == HASHES[name][1] and all(c in "0123456789abcdef" for c in value)
+    return (name, value) if ok else None
+
 
 #: Pieces smaller than this are copied into a batch (headers, small records).
 BATCH_BYTES = 64 * 2**10
@@ -101,9 +140,9 @@ class StreamDigest:
     (on an error too), so no view is read after the state it points into is released.
     """
 
-    def __init__(self, memory: set[tuple[int, int]]) -> None:
+    def __init__(self, memory: set[tuple[int, int]], algorithm: str = "sha256") -> None:
         self._memory = memory
-        self._sha256 = hashlib.sha256()
+        self._hasher = new_hash(algorithm)
         self._queue: queue.Queue[memoryview | bytes | _Drained | None] = queue.Queue(QUEUE_ITEMS)
         self._batch = bytearray()
         self._error: BaseException | None = None
@@ -136,10 +175,10 @@ class StreamDigest:
             drained = _Drained()                 # hash it now, after everything before it
             self._queue.put(drained)
             drained.event.wait()
-            self._sha256.update(view)
+            self._hasher.update(view)
 
     def hexdigest(self) -> str:
-        """Wait for the helper to hash what is queued; the SHA-256 of everything updated."""
+        """Wait for the helper to hash what is queued; the hash of everything updated."""
         self._stop()
         if self._error is not None:
             raise self._error
@@ -166,7 +205,7 @@ class StreamDigest:
                 item.event.set()
             elif self._error is None:            # after an error, only keep the writer unblocked
                 try:
-                    self._sha256.update(item)
+                    self._hasher.update(item)
                 except BaseException as exc:  # noqa: BLE001 - handed to the writer by hexdigest()
                     self._error = exc
-        self._hexdigest = self._sha256.hexdigest()
+        self._hexdigest = self._hasher.hexdigest()

@@ -256,15 +256,15 @@ def test_four_hosts_sharing_only_the_store_never_run_a_run_twice(
         root = s3_server.bucket() + "/sweeps"
     epochs = 2   # runs test_chaos compares too: one reference each
     sweep = sandbox.write_sweep(
-        {"lr": [0.01, 0.03], "seed": [0, 1, 2]}, {"epochs": epochs}, name="fleet", lease_s=LEASE_S,
+        {"lr": [0.01, 0.03], "seed": [0, 1]}, {"epochs": epochs}, name="fleet", lease_s=LEASE_S,
         grace_s=10, max_lost=MAX_LOST, command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
                             f"--lr {{lr}} --seed {{seed}} {EXAMPLE_FLAGS}")
     sweep.write_text(sweep.read_text().replace(f"store: {sandbox.store}", f"store: {root}"))
     fleet = Fleet(sandbox, sweep, "", s3)
     hosts = [fleet.start() for _ in range(4)]
     done = attack(fleet, hosts, rnd, rounds=1)   # each kind of hit once per store (twice above)
-    events = assert_all_done_exactly(sandbox, shared_dir, fleet, hosts, root, runs=6, epochs=epochs)
+    events = assert_all_done_exactly(sandbox, shared_dir, fleet, hosts, root, runs=4, epochs=epochs)
     again = fleet.run("launch")
     assert again.returncode == 0 and "0 process(es) started" in again.stdout
     starts = sum(1 for e in events if e["event"] == "start")
-    print(f"\nstore-only fleet ({store}):", json.dumps({**done, "process_starts": starts, "ideal_starts": 6}))
+    print(f"\nstore-only fleet ({store}):", json.dumps({**done, "process_starts": starts, "ideal_starts": 4}))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+import xxhash
 from _ranks_helpers import (
     DDP,
     SIGKILL,
@@ -90,7 +91,7 @@ def test_a_sharded_checkpoint_whose_files_do_not_match_is_passed_over(shared_dir
     for manifest in want.manifests():
         for name, record in manifest["files"].items():
             raw = (folder / manifest["data"] / name).read_bytes()
-            assert record == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}, name
+            assert record == {"size": len(raw), "xxh3_128": xxhash.xxh3_128(raw).hexdigest()}, name
     newest = sorted(folder.glob("*.json"))[-1]
     shard = folder / json.loads(newest.read_text())["data"] / "__1_0.distcp"
     raw = bytearray(shard.read_bytes())
@@ -100,6 +101,35 @@ def test_a_sharded_checkpoint_whose_files_do_not_match_is_passed_over(shared_dir
     loaded = directory.load_latest(load=lambda m: load_one(directory, m, None))
     assert loaded is not None and loaded.manifest.stem < newest.stem
     assert "__1_0.distcp is corrupt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("rewrite", "restored"), [
+    ("sha256", True),           # a sharded checkpoint of an older sweeprun: its files' SHA-256
+    ("both", False),            # a record must name one hash
+    ("neither", False),
+])
+def test_a_sharded_manifest_names_the_hash_of_each_file(shared_dir: Path, tmp_path: Path, rewrite: str,
+                                                        restored: bool) -> None:
+    """Shards are hashed with XXH3-128 now; a manifest naming SHA-256 still verifies, and a
+    record naming two hashes or none makes the manifest unusable, never half-checked."""
+    want = reference(shared_dir, DDP)
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(want.out / "checkpoints", folder)
+    newest = sorted(folder.glob("*.json"))[-1]
+    manifest = json.loads(newest.read_text())
+    for name, record in manifest["files"].items():
+        raw = (folder / manifest["data"] / name).read_bytes()
+        sha = hashlib.sha256(raw).hexdigest()
+        record.update({"sha256": sha} if rewrite == "both" else {})
+        if rewrite == "sha256":
+            record["sha256"] = sha
+            del record["xxh3_128"]
+        elif rewrite == "neither":
+            del record["xxh3_128"]
+    newest.write_text(json.dumps(manifest))
+    directory = CheckpointDir(fsspec.filesystem("file"), str(folder))
+    loaded = directory.load_latest(load=lambda m: load_one(directory, m, None))
+    assert loaded is not None and (loaded.manifest.stem == newest.stem) == restored
 
 
 def test_a_kill_between_a_commit_and_its_retention_keeps_the_commit_and_the_next_save_cleans_up(

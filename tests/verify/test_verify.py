@@ -58,18 +58,23 @@ def tiny(tmp_path: Path) -> str:
 
 # -- as a user runs it ---------------------------------------------------------------------
 
-def test_the_example_resumes_exactly(tmp_path: Path) -> None:
-    """SIGTERMed, then SIGKILLed, at steps the seed fixes, and resumed each time."""
-    result = sweeprun_verify("--seed", "5", "--", *EXAMPLE, "--epochs", "1", tmp=tmp_path)
+#: The command docs/verify.md shows (tests/docs parses it; this test runs it).
+DOCUMENTED = ("python", "examples/train_mlp.py", "--epochs", "2", "--save-every-steps", "7")
+
+
+def test_the_documented_command_resumes_exactly(tmp_path: Path) -> None:
+    """SIGTERMed, then SIGKILLed, at steps the seed (0 by default) fixes, and resumed each time."""
+    assert f"sweeprun verify -- {' '.join(DOCUMENTED)}\n" in (REPO / "docs" / "verify.md").read_text()
+    result = sweeprun_verify("--", *DOCUMENTED, tmp=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    planned = re.search(r"interrupting at \(seed 5\): SIGTERM after step (\d+), SIGKILL after step (\d+)$",
+    planned = re.search(r"interrupting at \(seed 0\): SIGTERM after step (\d+), SIGKILL after step (\d+)$",
                         result.stdout, re.MULTILINE)
     assert planned, result.stdout
-    assert [int(s) for s in planned.groups()] == [k.step for k in plan_kills(range(1, 17), 2, 5)]
+    assert [int(s) for s in planned.groups()] == [k.step for k in plan_kills(range(1, 33), 2, 0)]
     assert "[verify] attempt 1: from step 0; SIGTERM after step" in result.stdout
     assert re.search(r"\[verify\] attempt 3: resumed from step \d+; exit 0", result.stdout)
-    assert re.search(r"^EXACT: interrupted 2 time\(s\) .* the same 16 metric lines, the final state "
-                     r"at step 16 equal bit for bit \(model, optimizer, scheduler, data: \d+ tensors\)",
+    assert re.search(r"^EXACT: interrupted 2 time\(s\) .* the same 32 metric lines, the final state "
+                     r"at step 32 equal bit for bit \(model, optimizer, scheduler, data: \d+ tensors\)",
                      result.stdout, re.MULTILINE)
     assert list(tmp_path.glob("sweeprun-verify-*")) == [], "an exact run leaves nothing behind"
 
