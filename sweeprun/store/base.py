@@ -224,7 +224,7 @@ class StoreBackend(ABC):
         alone. With ``set_aside``, where unlinking a big file costs time (local disk), it is
         first renamed there and unlinked on a helper thread (a crash leaves it there)."""
 
-    def settle(self) -> None:
+    def settle(self) -> None:  # noqa: B027  (a no-op where no delete is left to a thread)
         """Wait for the unlinks :meth:`delete_file` left to helper threads: before a process
         says it is done, so that a finished run's folder holds no set-aside file."""
 
