@@ -157,7 +157,7 @@ def assert_all_done_exactly(sandbox: Sandbox, shared_dir: Path, fleet: Fleet, ho
 def test_four_hosts_sharing_only_postgres_and_a_bucket_survive_kills_preemptions_and_pauses(
         sandbox: Sandbox, shared_dir: Path, postgres_url: str, s3_bucket: str, s3_env: dict[str, str]) -> None:
     rnd = random.Random(20261130)
-    lrs, seeds, epochs = [0.01, 0.03], [0, 1, 2], 2   # runs test_chaos compares too: one reference each
+    lrs, seeds, epochs = [0.01, 0.03], [0, 1], 2   # runs test_chaos compares too: one reference each
     sweep = sandbox.write_sweep(
         {"lr": lrs, "seed": seeds}, {"epochs": epochs}, name="fleet", lease_s=LEASE_S, grace_s=10,
         max_lost=MAX_LOST, command=f"python {REPO}/tests/scripts/exclusive.py python {REPO}/examples/train_mlp.py "
@@ -167,12 +167,12 @@ def test_four_hosts_sharing_only_postgres_and_a_bucket_survive_kills_preemptions
     fleet = Fleet(sandbox, sweep, postgres_url, s3_env)
     hosts = [fleet.start() for _ in range(4)]
     done = attack(fleet, hosts, rnd, rounds=2)   # each kind of hit twice
-    events = assert_all_done_exactly(sandbox, shared_dir, fleet, hosts, f"{s3_bucket}/sweeps", runs=6,
+    events = assert_all_done_exactly(sandbox, shared_dir, fleet, hosts, f"{s3_bucket}/sweeps", runs=4,
                                      epochs=epochs)
     again = fleet.run("launch")
     assert again.returncode == 0 and "0 process(es) started" in again.stdout
     starts = sum(1 for e in events if e["event"] == "start")
-    print("\nfleet chaos:", json.dumps({**done, "process_starts": starts, "ideal_starts": 6,
+    print("\nfleet chaos:", json.dumps({**done, "process_starts": starts, "ideal_starts": 4,
                                        "paused_waits": sum(1 for e in events if e.get("waited_for_paused"))}))
 
 
