@@ -470,8 +470,8 @@ class LocalBackend(StoreBackend):
                 return
         unlink = threading.Thread(target=_unlink_quietly, args=(aside,), name="sweeprun-delete", daemon=True)
         unlink.start()
-        with _UNLINKING_LOCK:
-            _UNLINKING.append(unlink)
+        with _UNLINKING_LOCK:       # those already done go: a long run settles only at its end
+            _UNLINKING[:] = [*(t for t in _UNLINKING if t.is_alive()), unlink]
 
     def settle(self) -> None:
         with _UNLINKING_LOCK:
