@@ -49,6 +49,27 @@ def test_lightning_ddp_stopped_on_every_rank_resumes_exactly(shared_dir: Path, t
     assert_same_result(run, want)
 
 
+@pytest.mark.slow  # two Lightning ranks, then one
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")
+def test_lightning_ddp_stopped_at_two_ranks_goes_on_at_one_and_says_it_is_approximate(tmp_path: Path) -> None:
+    """The sharded checkpoint reshards the model and optimizer to one process; the data
+    position carries the samples the epoch has used: 48 samples an epoch, 4 a step, so after
+    step 3 of two ranks (24 samples) one rank has 6 steps left in epoch 0, then 12 in epoch 1."""
+    run = RankRun(LIGHTNING_DDP, tmp_path / "run")
+    procs = run.start("--step-sleep-s", "0.05")
+    run.signal_at(procs, 2, rank=0, signum=SIGTERM)
+    procs[1].send_signal(SIGTERM)
+    assert run.wait(procs) == [75, 75], run.err(0) + run.err(1)
+    step = run.last_step()
+
+    assert run.complete(world=1) == [0], run.err(0)
+    assert (f"(step {step}, epoch 0); resharded from 2 rank(s) to 1: model and optimizer exact, "
+            "rng and data position approximate") in run.err(0)
+    total = step + (48 - 8 * step) // 4 + 12
+    assert [e["step"] for e in run.entries()] == list(range(1, total + 1))
+    assert run.final_state()["step"] == total
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
 def test_trainer_on_two_ranks_stopped_on_one_then_killed_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
     """SIGTERM to one rank: both save the same step, rank 0 seals the folder once both
