@@ -30,6 +30,16 @@ HF_DDP = SCRIPTS / "hf_ddp.py"
 NEEDS = {LIGHTNING_DDP: "lightning", HF_DDP: "transformers"}
 
 
+def stopped_on_every_rank(run: RankRun, step: int) -> int:
+    """Lightning's two ranks SIGTERMed once rank 0 has logged ``step`` (as the launcher stops
+    a run): both save the same step and exit 75. The step they stopped at."""
+    procs = run.start("--step-sleep-s", "0.05")
+    run.signal_at(procs, step, rank=0, signum=SIGTERM)
+    procs[1].send_signal(SIGTERM)
+    assert run.wait(procs) == [75, 75], run.err(0) + run.err(1)
+    return run.last_step()
+
+
 @pytest.mark.slow  # heavier than the Trainer's (Lightning's imports); the fast subset keeps that one
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")
 def test_lightning_ddp_stopped_on_every_rank_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
@@ -37,11 +47,7 @@ def test_lightning_ddp_stopped_on_every_rank_resumes_exactly(shared_dir: Path, t
     the next start resumes each rank from its own part (RNG states, sampler position)."""
     want = reference(shared_dir, LIGHTNING_DDP)
     run = RankRun(LIGHTNING_DDP, tmp_path / "run")
-    procs = run.start("--step-sleep-s", "0.05")
-    run.signal_at(procs, 5, rank=0, signum=SIGTERM)
-    procs[1].send_signal(SIGTERM)
-    assert run.wait(procs) == [75, 75], run.err(0) + run.err(1)
-    step = run.last_step()
+    step = stopped_on_every_rank(run, 5)
     assert 5 <= step < 12 and f"at step {step}; exiting with 75" in run.err(1)
 
     assert run.complete() == [0, 0], run.err(0) + run.err(1)
@@ -56,11 +62,7 @@ def test_lightning_ddp_stopped_at_two_ranks_goes_on_at_one_and_says_it_is_approx
     position carries the samples the epoch has used: 48 samples an epoch, 4 a step, so after
     step 3 of two ranks (24 samples) one rank has 6 steps left in epoch 0, then 12 in epoch 1."""
     run = RankRun(LIGHTNING_DDP, tmp_path / "run")
-    procs = run.start("--step-sleep-s", "0.05")
-    run.signal_at(procs, 2, rank=0, signum=SIGTERM)
-    procs[1].send_signal(SIGTERM)
-    assert run.wait(procs) == [75, 75], run.err(0) + run.err(1)
-    step = run.last_step()
+    step = stopped_on_every_rank(run, 2)
 
     assert run.complete(world=1) == [0], run.err(0)
     assert (f"(step {step}, epoch 0); resharded from 2 rank(s) to 1: model and optimizer exact, "
