@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import queue
+import re
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -65,7 +66,7 @@ def hash_of(record: Any) -> tuple[str, str] | None:
     if len(found) != 1:
         return None
     name, value = found[0]
-    ok = isinstance(value, str) and len(value) == HASHES[name][1] and all(c in "0123456789abcdef" for c in value)
+    ok = isinstance(value, str) and re.fullmatch(f"[0-9a-f]{{{HASHES[name][1]}}}", value) is not None
     return (name, value) if ok else None
 
 

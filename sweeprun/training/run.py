@@ -544,7 +544,7 @@ class Run:
 
     def _close(self) -> BaseException | None:
         error = self._background.drain()
-        self._writer.settle(unlinks=True)   # a commit's retention, on its own thread
+        self._writer.settle(unlinks=True)   # retention and the unlinks left to helper threads
         if isinstance(error, LeaseLost):
             self._metrics.abandon()
         self._metrics.close()
