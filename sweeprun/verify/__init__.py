@@ -123,7 +123,7 @@ def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float
                    f"logged no steps to {reference.metrics}: does it call run.end_step(loss=...)?")
             raise ScriptFailed(f"the uninterrupted run {why}, so there is nothing to compare; its "
                                f"last line: {first.last_line()!r}; its log: {first.log}")
-        plan = plan_kills([int(e["step"]) for e in entries], kills, seed)
+        plan = plan_kills(_steps(reference.metrics), kills, seed)
         say(f"uninterrupted: exit 0, {len(entries)} metric lines, last step {entries[-1]['step']}; "
             f"interrupting at (seed {seed}): " + ", ".join(f"{k.name} after step {k.step}" for k in plan))
         resumed = ScriptRun(command, root / "interrupted", nproc, resume_nproc)
@@ -142,6 +142,11 @@ def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float
         report.lines.append(f"both runs are kept in {root}: uninterrupted/ and interrupted/ "
                             "(run directory and a log per attempt)")
     return report
+
+
+def _steps(path: Path) -> list[int]:
+    """The steps of the lines of a metrics.jsonl, in order."""
+    return [int(e["step"]) for e in _entries(path) if isinstance(e.get("step"), int)]
 
 
 def _entries(path: Path) -> list[dict[str, Any]]:
@@ -207,6 +212,15 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
     if not resumes:
         return Report(1, ["NOT EXACT: no attempt resumed from a checkpoint; each started again from "
                           "step 0: does the script call run.restore() after run.track(...)?"])
+    steps = _steps(reference.metrics)
+    if steps and min(resumes) >= steps[-1]:
+        # Aimed before the last step, a signal can land after it on a fast script (verify reads
+        # metrics.jsonl every POLL_S): the resume then had nothing left to train, so proves nothing.
+        sent = ", ".join(f"{a.sent} after step {a.after_step}" for a in interruptions)
+        return Report(1, [f"NOT VERIFIED: every interruption took effect after the last step ({sent}; "
+                          f"resumed from step {', '.join(map(str, resumes))}, the last): the resumed "
+                          "run had nothing left to train; give the script more steps, or another "
+                          "--seed to interrupt earlier"])
     metrics = diff_metrics(_entries(reference.metrics), _entries(resumed.metrics), atol, set(ignore))
     from ..errors import CheckpointError
 
@@ -257,7 +271,7 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
         return Report(1, lines)
     lines.append(f"NOT EXACT: interrupted {len(interruptions)} time(s) ({how}) and resumed from "
                  f"step(s) {', '.join(map(str, resumes))}, it did not end as the uninterrupted run")
-    resumed_steps = [int(e["step"]) for e in _entries(resumed.metrics) if isinstance(e.get("step"), int)]
+    resumed_steps = _steps(resumed.metrics)
     if resumed.resume_nproc != resumed.nproc:  # what differs then is no fault of the script's
         causes = [f"it resumed at another world size ({resumed.nproc} -> {resumed.resume_nproc} processes): "
                   "the model and optimizer were resharded, but the RNG states and the data position "
@@ -265,7 +279,7 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
                   "of steps); the run records the resume as approximate. Verify at one world size "
                   "for an exact verdict"]
     else:
-        causes = diagnose(metrics, resumes, resumed_steps, want)
+        causes = diagnose(metrics, resumes, resumed_steps, want, differ=list(states))
     for cause in causes:
         lines.append(f"  likely: {cause}")
     if not metrics.same:

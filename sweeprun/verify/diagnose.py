@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from .compare import MetricsDiff
@@ -18,18 +18,19 @@ _LR = re.compile(r"(^|[^a-z])(lr|learning_rate)([^a-z]|$)", re.IGNORECASE)
 
 
 def diagnose(metrics: MetricsDiff, resumes: Sequence[int], resumed_steps: Sequence[int],
-             state: Any) -> list[str]:
+             state: Any, differ: Collection[str] = ()) -> list[str]:
     """The pieces of state that were most likely not restored, from where the metrics diverge
     relative to a resume before it, and from what the final state holds (an
     :class:`~.endings.Ending`, or a sweeprun checkpoint as :func:`load_checkpoint` reads it).
+    ``differ`` names the pieces of the final state that ended different.
 
     Resumes are tried oldest first: a state restored wrongly at one resume is saved again by
     that attempt, so a later resume from it inherits the fault without causing it."""
-    if metrics.same:
-        return []
     ending = state if isinstance(state, Ending) or state is None else native_ending(state)
     kinds = dict(ending.kinds) if ending else {}
     missing = dict(ending.missing) if ending else {}
+    if metrics.same:
+        return _only_at_the_end(max(resumes), differ, kinds) if resumes and differ else []
     step = metrics.step if metrics.step is not None else math.inf
     before = sorted(r for r in set(resumes) if r < step)
     if not before:
@@ -84,6 +85,25 @@ def _at_resume(c: int, step: float, keys: Sequence[str], after: Sequence[int],
                 "from zero" + _hint(kinds, "optimizer", "run.track(optimizer=optimizer)",
                                     "a second optimizer, or one built after run.restore()?"))
     return None
+
+
+def _only_at_the_end(last: int, differ: Collection[str], kinds: Mapping[str, str]) -> list[str]:
+    """The cause when every logged metric matches and the final state does not: the fault acted
+    only on the last update(s). A kill that lands late (a loaded machine signals a few steps
+    after the step it aimed at) leaves the resumed attempt a step or two, too few for a loss
+    to show it, while the weights it updated already differ."""
+    since = f"every logged metric matches, and the final state differs ({', '.join(differ)}) after resuming from step {last}"
+    scheduler = kinds.get("LR scheduler")
+    if scheduler in differ:
+        return [f"the LR scheduler was not restored: {since}, with the learning rate in it"
+                + _hint(kinds, "LR scheduler", "", "is the learning rate also set outside it?")]
+    if kinds.get("optimizer") in differ or ("model" in differ and "optimizer" not in kinds):
+        return [f"the optimizer was not restored: {since}, as when the first updates after it "
+                "start momentum or Adam's averages (exp_avg) again from zero"
+                + _hint(kinds, "optimizer", "run.track(optimizer=optimizer)",
+                        "a second optimizer, or one built after run.restore()?")]
+    return [f"{since}: too few steps after it to tell which piece from the metrics; verify with "
+            "another --seed to interrupt earlier in the run"]
 
 
 def _hint(kinds: Mapping[str, str], kind: str, fix: str, tracked: str) -> str:

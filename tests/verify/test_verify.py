@@ -29,7 +29,7 @@ EXAMPLE = (sys.executable, "examples/train_mlp.py", "--epochs", "2", "--seed", "
 #: A script with no model at all: the smallest user of the training API. Its "loss" draws
 #: from Python's RNG, which sweeprun checkpoints, so it resumes exactly unless told not to.
 TINY = """\
-import random, sys, time
+import os, random, signal, sys, time
 from sweeprun.training import init
 
 random.seed(0)
@@ -39,11 +39,19 @@ if "--unseeded" in sys.argv:
 if "--no-restore" not in sys.argv:
     run.restore()
 seen = []                  # --running-mean: a mean over the process's own steps, not saved
+late, theirs = [], None    # --late-signal: a fast end, where a SIGTERM sent at 28 acts after 30
 while run.step < 30:
+    if "--late-signal" in sys.argv and run.step == 27:
+        theirs = signal.signal(signal.SIGTERM, lambda *_: late.append(1))
     time.sleep(0.01)
     loss = random.random()
     seen.append(loss)
     run.end_step(loss=loss, **({"mean_loss": sum(seen) / len(seen)} if "--running-mean" in sys.argv else {}))
+if theirs:
+    time.sleep(1)
+    signal.signal(signal.SIGTERM, theirs)
+    if late:
+        os.kill(os.getpid(), signal.SIGTERM)
 run.finish()
 """
 
@@ -86,7 +94,8 @@ def test_the_documented_command_resumes_exactly(tmp_path: Path) -> None:
     ("data", "the data position was not restored"),
 ])
 def test_a_forgotten_piece_of_state_is_named(tmp_path: Path, piece: str, named: str) -> None:
-    result = sweeprun_verify("--kills", "1", "--", *EXAMPLE, "--unsafe-omit", piece, tmp=tmp_path)
+    # seed 7: the kill aims at step 11 of 32, with training left after it even when it lands late
+    result = sweeprun_verify("--kills", "1", "--seed", "7", "--", *EXAMPLE, "--unsafe-omit", piece, tmp=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "NOT EXACT" in result.stdout
     (likely,) = [line for line in result.stdout.splitlines() if line.startswith("  likely: ")]
@@ -123,6 +132,17 @@ def test_a_logged_average_that_spans_the_resume_is_told_apart_from_the_training(
 
 
 @pytest.mark.slow  # three starts that import torch to save
+def test_an_interruption_that_lands_after_the_last_step_verifies_nothing(tmp_path: Path, tiny: str) -> None:
+    """Aimed after step 28 of 30 (seed 0), the SIGTERM reaches a fast script after its last step:
+    the resume has nothing left to train, and saying EXACT would prove nothing."""
+    result = sweeprun_verify("--kills", "1", "--", sys.executable, tiny, "--late-signal", tmp=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "[verify] attempt 2: resumed from step 30; exit 0" in result.stdout, result.stdout
+    assert re.search(r"^NOT VERIFIED: every interruption took effect after the last step \(SIGTERM after "
+                     r"step (28|29|30); resumed from step 30, the last\): the resumed run had nothing "
+                     r"left to train", result.stdout, re.MULTILINE), result.stdout
+
+
 def test_a_script_random_even_uninterrupted_is_told_so(tmp_path: Path, tiny: str) -> None:
     result = sweeprun_verify("--kills", "1", "--", sys.executable, tiny, "--unseeded", tmp=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -264,6 +284,20 @@ def test_where_the_metrics_diverge_names_the_piece(step: int, keys: list[str], l
     metrics = MetricsDiff(lines, index=step - 1, step=step, keys=keys)
     (found,) = diagnose(metrics, resumes=[15], resumed_steps=range(1, lines[1] + 1), state=state)
     assert cause in found
+
+
+def test_a_kill_that_lands_late_still_names_the_optimizer() -> None:
+    """Aimed after step 28 of 32, the SIGTERM of a loaded machine landed after step 31: the one
+    step left logs the same loss (taken before its update) and only the final weights differ."""
+    untracked = {**TRACKED, "objects": {k: v for k, v in TRACKED["objects"].items() if k != "optimizer"}}
+    same = MetricsDiff((32, 32))
+    (found,) = diagnose(same, resumes=[31], resumed_steps=range(1, 33), state=untracked, differ=["model"])
+    assert found.startswith("the optimizer was not restored: every logged metric matches, and the final "
+                            "state differs (model) after resuming from step 31")
+    assert found.endswith("no optimizer is tracked: run.track(optimizer=optimizer)")
+    (found,) = diagnose(same, resumes=[31], resumed_steps=range(1, 33), state=TRACKED, differ=["model"])
+    assert "too few steps after it to tell which piece" in found, "the optimizer is tracked and equal"
+    assert diagnose(same, resumes=[31], resumed_steps=range(1, 33), state=TRACKED) == [], "nothing differs"
 
 
 def test_a_fault_is_blamed_on_the_resume_that_caused_it() -> None:
