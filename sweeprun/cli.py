@@ -21,6 +21,7 @@ from .limits import RANGES
 from .redact import print_json, redact, redacted_console
 
 if TYPE_CHECKING:
+    from .slurm.submit import Task
     from .spec import SweepSpec
 
 # Everything else (rich, fsspec, the ledger, the runner) is imported by the command that
@@ -58,6 +59,10 @@ TimeLimitOpt = Annotated[str | None, typer.Option(
 MoveLedgerOpt = Annotated[bool, typer.Option(
     "--move-ledger", help="The sweep is coordinated by another ledger: move it to this one "
                           "(stop its workers first, `sweeprun stop`).")]
+NoticeOpt = Annotated[str | None, typer.Option(
+    "--notice", metavar="PROVIDER[=URL]",
+    help="On a spot VM: watch the provider's termination notice (aws, gcp, azure; =URL for "
+         "another metadata endpoint); on one, the runs save at once and the worker drains.")]
 WorkersOpt = Annotated[int, typer.Option(
     "--workers", "-w", min=RANGES["workers"][0], max=RANGES["workers"][1], help="Runs in parallel on this machine.")]
 
@@ -83,16 +88,21 @@ def _parse_gpus(gpus: str | None) -> list[str] | None:
 
 
 def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
-            time_limit: str | None = None, move_ledger: bool = False) -> int:
+            time_limit: str | None = None, move_ledger: bool = False, task: Task | None = None,
+            notice: str | None = None) -> int:
+    """Run the sweep's worker here; ``task``: as a SLURM array task (one lane, requeued on
+    SLURM's warning, the missing jobs submitted when it ends)."""
     from rich.console import Console
 
     from .fleet import parse_duration
+    from .notices import parse_notice
     from .ranks import check_launchable
     from .runner import Launcher, LaunchOptions
     from .sweep import Sweep
 
     gpu_list = _parse_gpus(gpus)
     limit_s = parse_duration(time_limit) if time_limit is not None else None
+    watch = parse_notice(notice) if notice is not None else None
     check_launchable(spec, gpu_list)
     sweep = Sweep(spec, ledger)
     led = sweep.prepare(move_ledger=move_ledger)
@@ -101,18 +111,22 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
         done = len(sweep.done_at_start)
         from .render import make_events
 
+        options = LaunchOptions(workers=workers, gpus=gpu_list, time_limit_s=limit_s, notice=watch)
+        if task is not None:
+            options = task.begin(sweep, options)
         events = make_events(console, len(sweep.runs), done)
         try:
-            result = Launcher(sweep, led, LaunchOptions(workers=workers, gpus=gpu_list,
-                                                         time_limit_s=limit_s), events).run()
+            launcher = Launcher(sweep, led, options, events)
+            result = launcher.run()
         finally:
             events.close()
+        code = result.exit_code if task is None else task.end(sweep, led, launcher, result)
     finally:
         led.close()
     summary = ", ".join(f"{n} {s}" for s, n in sorted(result.states.items()))
     console.print(f"[sweeprun] {spec.name}: {summary}; {result.started} process(es) started; "
-                  f"exit {result.exit_code}", markup=False, highlight=False)
-    return result.exit_code
+                  f"exit {code}", markup=False, highlight=False)
+    return code
 
 
 @app.command()
@@ -123,7 +137,10 @@ def launch(
         "--gpus", help="Comma-separated GPU indices: each run takes nproc of them, listed in its CUDA_VISIBLE_DEVICES.")] = None,
     store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
     lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None, time_limit: TimeLimitOpt = None,
-    move_ledger: MoveLedgerOpt = False,
+    move_ledger: MoveLedgerOpt = False, notice: NoticeOpt = None,
+    on: Annotated[str | None, typer.Option(
+        "--on", metavar="slurm", help="Submit the sweep to a scheduler instead (slurm: requeueable "
+                                      "array jobs, set in the file's slurm: section) and return.")] = None,
 ) -> None:
     """Run every run that is not done: skip done, resume interrupted, retry failed.
 
@@ -131,7 +148,41 @@ def launch(
     """
     spec = _spec(sweep_file, store=store, ledger=ledger, grace_s=grace_s, lease_s=lease_s,
                  max_attempts=max_attempts)
+    if on is not None:
+        if on != "slurm":
+            raise SpecError(f"--on {on!r}: the scheduler sweeprun submits to is slurm (--on slurm)")
+        from .slurm.submit import launch_on_slurm
+
+        overrides = _task_overrides(spec, grace_s, lease_s, max_attempts)
+        for line in launch_on_slurm(spec, ledger, str(sweep_file), overrides, move_ledger):
+            print(f"[sweeprun] {spec.name}: {line}", flush=True)
+        raise typer.Exit(0)
     raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit, move_ledger))
+
+
+def _task_overrides(spec: SweepSpec, grace_s: float | None, lease_s: float | None,
+                    max_attempts: int | None) -> list[str]:
+    """The flags a SLURM task is started with: the store and ledger as resolved here (a task
+    runs in another folder, on another node), and the settings given on this command line."""
+    given = {"--grace-s": grace_s, "--lease-s": lease_s, "--max-attempts": max_attempts}
+    return [f"--store={spec.store}", *([f"--ledger={spec.ledger}"] if spec.ledger else []),
+            *(f"{k}={v}" for k, v in given.items() if v is not None)]
+
+
+@app.command("slurm-task", hidden=True)
+def slurm_task(
+    sweep_file: SweepFile,
+    lane: Annotated[str, typer.Option("--lane", help="main or fallback.")] = "main",
+    store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
+    lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None,
+) -> None:
+    """One array task of a sweep submitted with `launch --on slurm` (run by its batch script)."""
+    from .slurm.submit import Task
+
+    spec = _spec(sweep_file, store=store, ledger=ledger, grace_s=grace_s, lease_s=lease_s,
+                 max_attempts=max_attempts)
+    task = Task(spec, lane, str(sweep_file), _task_overrides(spec, grace_s, lease_s, max_attempts))
+    raise typer.Exit(_launch(spec, ledger, 1, task.gpus(), None, False, task=task))
 
 
 @app.command()
@@ -141,7 +192,7 @@ def worker(
     gpus: Annotated[str | None, typer.Option("--gpus", help="Comma-separated GPU indices; each run takes nproc of them.")] = None,
     store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
     lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None, time_limit: TimeLimitOpt = None,
-    move_ledger: MoveLedgerOpt = False,
+    move_ledger: MoveLedgerOpt = False, notice: NoticeOpt = None,
 ) -> None:
     """Join a running sweep as one more worker, from a second notebook, a VM or a SLURM task.
 
@@ -150,7 +201,7 @@ def worker(
     """
     spec = _spec(sweep_file, store=store, ledger=ledger, grace_s=grace_s, lease_s=lease_s,
                  max_attempts=max_attempts)
-    raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit, move_ledger))
+    raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit, move_ledger, notice=notice))
 
 
 @app.command()
@@ -169,6 +220,13 @@ def stop(sweep_file: SweepFile, store: StoreOpt = None) -> None:
     StopRequests(sweep.paths).request()
     print(f"[sweeprun] {spec.name}: asked every running worker to checkpoint its runs and exit",
           flush=True)
+    from .slurm import cancel_pending, scheduled
+
+    if scheduled(spec):
+        ident = sweep.ledger_key()
+        cancelled = cancel_pending(spec.name, ident.rsplit("#", 1)[-1]) if ident else []
+        print(f"[sweeprun] {spec.name}: cancelled {len(cancelled)} pending SLURM task(s)"
+              + (f": {' '.join(cancelled)}" if cancelled else ""), flush=True)
 
 
 @app.command()
@@ -198,9 +256,14 @@ def status(
     title = escape(redact(f"sweep {spec.name} · {spec.store}"))  # before rich wraps it
     if every or len(sweep.runs) <= SCREEN_ROWS:
         Console().print(status_table(sweep.status(), title=title))
-        return
-    rows = sweep.status(summary=True)
-    Console().print(status_table(sweep.with_progress(attention(rows)), title=title, everything=rows))
+    else:
+        rows = sweep.status(summary=True)
+        Console().print(status_table(sweep.with_progress(attention(rows)), title=title, everything=rows))
+    from .slurm import jobs_line, scheduled
+
+    if scheduled(spec):
+        ident = sweep.ledger_key()
+        print(jobs_line(spec.name, ident.rsplit("#", 1)[-1] if ident else None), flush=True)
 
 
 # -- show, reset, gc (issue 12): one run up close, and changing a sweep after the fact ----------

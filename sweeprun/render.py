@@ -149,7 +149,8 @@ def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[Sta
         table.add_row(escape(r.run_id.rsplit("-", 1)[-1]), escape(" ".join(f"{k}={_value(v)}" for k, v in r.params.items())),
                       *((str(r.nproc),) if procs else ()), f"[{STATE_STYLE[r.state]}]{r.state.value}[/]", attempts, escape(progress),
                       format_age(r.checkpoint_age_s),
-                      escape(r.worker or "-") + (" [red]lease contested[/]" if r.contested else ""), *extra)
+                      escape(r.worker or "-") + (f" ({escape(r.job)})" if r.job else "")
+                      + (" [red]lease contested[/]" if r.contested else ""), *extra)
     table.caption = totals_line(everything if everything is not None else rows)
     if everything is not None and len(everything) > len(rows):
         listed = {r.run_id for r in rows}

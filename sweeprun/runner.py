@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from . import settings
@@ -23,8 +23,9 @@ from .errors import LedgerError, SweeprunError
 from .fleet import Coordination, CoordinationRecord, Deadline, StopRequests, stop_poll_s
 from .gpus import GpuPool
 from .leases import StoreLeases, backoff_s, settle_default
-from .ledger import Claim, Ledger, Policy, RunState, grid_key, shown_state
+from .ledger import Claim, Ledger, Policy, RunRow, RunState, grid_key, shown_state
 from .ledger.base import settled
+from .notices import Notice
 from .procs import ProcessRef
 from .ranks import NPROC_ENV, WORLD_SIZE_POLICY_ENV, check_launchable
 from .runenv import ATTEMPT, MTBI, PARAMS, PRIOR_MTBI_S, RUN_DIR, RUN_ID, SWEEP
@@ -49,6 +50,12 @@ class LaunchOptions:
     heartbeat_s: float | None = None    # default: a quarter of the lease
     poll_s: float = 1.0                 # how often an idle slot looks for work
     time_limit_s: float | None = None   # this worker must be gone after this many seconds
+    #: The runs this worker may claim, by their ledger row (a SLURM lane); ``None``: every run.
+    #: The worker exits once its runs are settled, whatever the others' state.
+    takes: Callable[[RunRow], bool] | None = None
+    #: A spot VM's termination notice to watch (``--notice``): on one, the runs save and the
+    #: worker drains.
+    notice: Notice | None = None
 
     @property
     def slots(self) -> int:
@@ -83,6 +90,7 @@ class Launcher:
         self._finished = threading.Event()  # every slot has returned
         self._stop_signal: int | None = None
         self._stop_reason: str | None = None  # a stop without a signal: time limit, `sweeprun stop`
+        self.warned = False                   # SIGUSR1 came (see _warned)
         self.deadline = (Deadline.after(options.time_limit_s, self.spec.grace_s)
                          if options.time_limit_s else None)
         self._claims_closed_noted = False
@@ -139,9 +147,13 @@ class Launcher:
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         watch = threading.Thread(target=self._watch_stop_requests, args=(seen_stop,),
                                  name="stop-requests", daemon=True)
+        notice = threading.Thread(target=self._watch_notice, args=(self.options.notice,),
+                                  name="notice", daemon=True) if self.options.notice else None
         try:
             beat.start()
             watch.start()
+            if notice is not None:
+                notice.start()
             for t in threads:
                 t.start()
             # The main thread never blocks on I/O: it enforces what must happen on time
@@ -157,6 +169,8 @@ class Launcher:
             self._finished.set()
             beat.join()
             watch.join(5)
+            if notice is not None:
+                notice.join(5)
             self._restore_signals(previous)
         if self._errors:
             raise self._errors[0]
@@ -210,6 +224,11 @@ class Launcher:
             attempt.terminate()
 
     @property
+    def stop_signal(self) -> int | None:
+        """The signal that stopped this launcher (SIGINT, SIGTERM), if one did."""
+        return self._stop_signal
+
+    @property
     def stopping(self) -> bool:
         return self._stop_signal is not None or self._stop_reason is not None
 
@@ -222,9 +241,9 @@ class Launcher:
                     return
                 news = self._news_seen
                 claim = self.ledger.claim(self.me, self.policy, self.spec.lease_s, self.grid,
-                                          skip=self._held_elsewhere() | self._no_gpus_for())
+                                          skip=self._held_elsewhere() | self._no_gpus_for() | self._not_mine())
                 if claim is None:
-                    if self.ledger.settled(self.policy, self.grid):
+                    if self._settled():
                         return
                     self._wait_for_news(news)
                     continue
@@ -256,6 +275,19 @@ class Launcher:
         with self._news:
             self._news_seen += 1
             self._news.notify_all()
+
+    def _not_mine(self) -> set[str]:
+        """The runs another lane's workers take (:attr:`LaunchOptions.takes`): left unclaimed."""
+        if self.options.takes is None:
+            return set()
+        return {r.run_id for r in self.ledger.rows(self.grid, params=False) if not self.options.takes(r)}
+
+    def _settled(self) -> bool:
+        """Nothing this worker may claim can make progress any more (see :func:`settled`)."""
+        if self.options.takes is None:
+            return self.ledger.settled(self.policy, self.grid)
+        mine = [r for r in self.ledger.rows(self.grid, params=False) if self.options.takes(r)]
+        return settled(mine, self.ledger.now(), self.policy)
 
     def _no_gpus_for(self) -> set[str]:
         """The runs this launcher's free GPUs cannot take now (``--gpus``): left unclaimed."""
@@ -403,6 +435,17 @@ class Launcher:
                 self.request_stop(None, f"the sweep was moved to {record.describe()}")
                 return
 
+    def _watch_notice(self, notice: Notice) -> None:
+        """A spot VM's termination notice (:mod:`sweeprun.notices`): the runs save at once and
+        the worker drains, exit 75; the next worker, anywhere, resumes them."""
+        from .notices import POLL_S
+
+        while not self._finished.wait(POLL_S) and not self._stop.is_set():
+            found = notice.check()
+            if found is not None:
+                self.request_stop(None, f"termination notice ({found})")
+                return
+
     def _enforce_grace(self) -> None:
         if self._kill_deadline is None or time.monotonic() < self._kill_deadline:
             return
@@ -454,7 +497,15 @@ class Launcher:
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda s, _f: self.request_stop(s))
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda _s, _f: self._warned())
         return previous
+
+    def _warned(self) -> None:
+        """SIGUSR1: a scheduler's warning before its time limit (SLURM's ``--signal``). The runs
+        save and exit as for a stop request (exit 75), and a SIGTERM after it (the limit
+        itself) does not cut their grace short."""
+        self.warned = True
+        self.request_stop(None, reason="SIGUSR1 received (a scheduler's warning before its time limit)")
 
     @staticmethod
     def _restore_signals(previous: dict[int, object]) -> None:

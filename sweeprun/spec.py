@@ -43,6 +43,7 @@ from .command import (
 from .errors import SpecError
 from .identity import RunSpec, canonical_value, sweep_runs
 from .limits import RANGES
+from .slurm import SlurmSpec, parse_deadline, parse_slurm
 from .yaml12 import (
     MAX_DEPTH,
     MAX_FILE_BYTES,
@@ -66,7 +67,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 DEFAULTS: dict[str, Any] = {"max_attempts": 3, "max_lost": 5, "grace_s": 30.0, "lease_s": 60.0,
                             "max_runs": 1_000_000, "nproc": 1, "on_world_size_change": "reshard"}
 KEYS = ("name", "command", "store", "grid", "zip", "exclude", "params", "flags", "max_attempts", "max_lost",
-        "ledger", "grace_s", "lease_s", "max_runs", "lease_settle_s", "nproc", "on_world_size_change")
+        "ledger", "grace_s", "lease_s", "max_runs", "lease_settle_s", "nproc", "on_world_size_change",
+        "slurm", "deadline")
 #: What a run does when it resumes at another world size than its checkpoint's: reshard the
 #: model and optimizer (RNG and data position then cannot be exact), or refuse to resume.
 WORLD_SIZE_POLICIES = ("reshard", "refuse")
@@ -110,6 +112,10 @@ class SweepSpec:
     #: script written for torchrun initialises its process group from the rank variables).
     ranked: bool = False
     on_world_size_change: str = "reshard"
+    #: The ``slurm:`` section (``launch --on slurm``); ``None`` when the file has none.
+    slurm: SlurmSpec | None = None
+    #: ``deadline:`` (seconds since the epoch): runs left then go to ``slurm.fallback``.
+    deadline: float | None = None
 
     def axes(self) -> list[dict[str, list[Any]]]:
         """The sweep's axes in the file's order (the first varies slowest): one per grid key,
@@ -307,6 +313,14 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
                                            WORLD_SIZE_POLICIES),
         paired_first="zip" in data and "grid" in data and list(data).index("zip") < list(data).index("grid"),
     )
+    if "slurm" in data:
+        spec = replace(spec, slurm=parse_slurm(data["slurm"], at, spec.max_nproc()))
+    if data.get("deadline") is not None:
+        if spec.slurm is None or spec.slurm.fallback is None:
+            raise SpecError(f"{at('deadline')}: deadline sends the runs left to slurm.fallback, and the "
+                            "file has none: add `fallback: {partition: ..., after_interruptions: 3}` "
+                            "under slurm:")
+        spec = replace(spec, deadline=parse_deadline(data["deadline"], at("deadline")))
     # The command's checks see each value a key takes once: a zip column may repeat a
     # value (two models, one batch size), and its points are checked whole by check_rows.
     check_command(spec.command, sweep_name=spec.name, store=spec.store,

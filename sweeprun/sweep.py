@@ -48,6 +48,7 @@ from .store import (
     layout,
     newest_metrics_part,
     open_store,
+    read_json,
     read_regular,
     store_errors,
     write_json,
@@ -84,6 +85,10 @@ class StatusRow:
     #: ``(path, attempt)`` of the latest attempt's start record, where :meth:`Sweep.status`
     #: chose to read it (not shown): read by :meth:`Sweep.with_progress`.
     started_record: tuple[str, int] | None = field(default=None, repr=False, compare=False)
+    #: The scheduler's job of the attempt running it (``slurm 123_4``), from the attempt's record.
+    job: str | None = None
+    #: Where that record is, for a running run (not shown): read by :meth:`Sweep.with_progress`.
+    job_record: str | None = field(default=None, repr=False, compare=False)
 
     def as_json(self) -> dict[str, Any]:
         metric = None
@@ -95,7 +100,7 @@ class StatusRow:
                 "checkpoint_age_s": self.checkpoint_age_s, "worker": self.worker,
                 "contested": self.contested, "nproc": self.nproc,
                 "approximate_resume": self.approximate_resume.as_json() if self.approximate_resume else None,
-                "trend": [v if math.isfinite(v) else None for v in self.trend]}
+                "job": self.job, "trend": [v if math.isfinite(v) else None for v in self.trend]}
 
 
 class Sweep:
@@ -426,7 +431,8 @@ class Sweep:
                 step=None, metric=None, checkpoint_age_s=time.time() - max(ckpt) if ckpt else None,
                 worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
                 metrics_path=self._metrics_path(run_id, files), nproc=nproc,
-                approximate_resume=resumed, started_record=started))
+                approximate_resume=resumed, started_record=started,
+                job_record=self._job_record(run_id, attempts, files) if state is RunState.RUNNING else None))
         if only is None:  # `show` (``only``) writes nothing; `status` keeps its watch of the beats
             self.watch.save()
         return rows if summary else self.with_progress(rows)
@@ -455,6 +461,11 @@ class Sweep:
             return self.paths.run(run_id).api_started(latest), latest
         return None
 
+    def _job_record(self, run_id: str, attempt: int, files: dict[str, float]) -> str | None:
+        """The record of the attempt running the run (``attempts/<n>.json``), if listed."""
+        rel = f"{layout.ATTEMPTS}/{layout.attempt_record_name(attempt)}" if attempt else None
+        return self.paths.run(run_id).attempt_record(attempt) if rel in files else None
+
     def with_progress(self, rows: list[StatusRow]) -> list[StatusRow]:
         """``rows`` with each run's step, last metric and that metric's recent values
         (the sparkline), all from one read of the tail of its metrics; and whether its
@@ -465,6 +476,8 @@ class Sweep:
             if row.started_record is not None:
                 found = read_started(self.store.fs, *row.started_record).resume
                 row = replace(row, approximate_resume=newest(row.approximate_resume, found))
+            if row.job_record is not None:
+                row = replace(row, job=_job_of(self.store.fs, row.job_record))
             step, metric, trend = None, None, ()
             # A small tail first: parsing is what costs (64 KiB is ~1,500 lines); a longer
             # one only when it holds too few points of the metric (another logged between).
@@ -551,3 +564,14 @@ def _progress(entry: dict[str, Any] | None) -> tuple[int | None, tuple[str, floa
                    if k not in ("step", "epoch", "time", "lr") and isinstance(v, (int, float))
                    and not isinstance(v, bool)), None)
     return (step if isinstance(step, int) else None), metric
+
+
+def _job_of(fs: Any, record: str) -> str | None:
+    """The scheduler's job an attempt record names (see :meth:`Tenure.take_number`); ``None``
+    when it names none or cannot be read (status shows what it can)."""
+    try:
+        found = read_json(fs, record)
+    except (StoreError, ValueError, RecursionError):
+        return None
+    job = found.get("job") if isinstance(found, dict) else None
+    return job if isinstance(job, str) else None

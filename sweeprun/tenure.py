@@ -30,6 +30,7 @@ from .errors import LeaseLost, SweeprunError
 from .leases import Lease, StoreLeases
 from .redact import record_bytes
 from .resumes import read_started
+from .slurm import job_label
 from .store import RunPaths, create_only, layout, store_errors
 
 if TYPE_CHECKING:
@@ -129,6 +130,9 @@ class Tenure:
                 self.claim = renumbered
             record = {"attempt": target, "worker": self.claim.worker.label, "started_at": time.time(),
                       "nproc": self.nproc}
+            job = job_label()
+            if job is not None:  # status names the scheduler's job running the run
+                record["job"] = job
             if create_json(self.paths, self.paths.attempt_record(target), record):
                 return True
         raise SweeprunError(f"run {self.claim.run_id}: could not take a fresh attempt number in "

@@ -49,6 +49,8 @@ def reference() -> str:
     parts = [*variables, "### `sweeprun --help`", "", "```text", text.rstrip(), "```"]
     for name in group.list_commands(root):
         sub = group.get_command(root, name)
+        if sub.hidden:  # run by sweeprun itself (a SLURM task's batch script), not by people
+            continue
         sub_text, _ = _help(sub, name, root)
         parts += ["", f"### `sweeprun {name}`", "", "```text", sub_text.rstrip(), "```"]
     return "\n".join(parts) + "\n"

@@ -85,6 +85,8 @@ DONE_INDEX_COMPLETE = ".complete"
 RESETS = "resets"
 #: Where ``reset`` moves a run's folder (:func:`trash_name`).
 TRASH = "trash"
+#: The output of the sweep's SLURM tasks (:mod:`sweeprun.slurm`), when the store is a path.
+SLURM_LOGS = "slurm"
 #: The prefix of every temp file and folder sweeprun makes: never a run, an entry or a marker.
 TEMP_PREFIX = ".tmp-"
 

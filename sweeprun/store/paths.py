@@ -234,6 +234,11 @@ class SweepPaths:
         return posixpath.join(self.resets, layout.reset_marker(run_id, token))
 
     @property
+    def slurm_logs(self) -> str:
+        """``slurm/``: the output of the sweep's SLURM tasks (:mod:`sweeprun.slurm`)."""
+        return posixpath.join(self.dir, layout.SLURM_LOGS)
+
+    @property
     def trash(self) -> str:
         """``trash/``: where ``reset`` moves run folders (:func:`.layout.trash_name`)."""
         return posixpath.join(self.dir, layout.TRASH)

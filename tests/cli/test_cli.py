@@ -61,7 +61,7 @@ def test_status_json_is_for_scripts(sandbox: Sandbox) -> None:
     (row,) = sandbox.status(sweep).values()
     assert row == {"run_id": row["run_id"], "params": {"a": 1}, "state": "done", "attempts": 1,
                    "failures": 0, "max_attempts": 3, "step": 2, "metric": {"loss": 0.5}, "checkpoint_age_s": None,
-                   "worker": None, "contested": False, "nproc": 1, "approximate_resume": None,
+                   "worker": None, "contested": False, "nproc": 1, "approximate_resume": None, "job": None,
                    "trend": [1.0, 0.5]}
 
 

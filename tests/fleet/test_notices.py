@@ -1,0 +1,120 @@
+"""Spot VMs' termination notices (``--notice``): on one, the worker's runs save at once and it
+drains; the next worker resumes them.
+
+No cloud metadata server can be reached from these machines: each provider's endpoint is
+played by a loopback HTTP server answering as the provider documents it (AWS's IMDSv2 token
+and ``spot/instance-action``, GCP's ``instance/preempted``, Azure's Scheduled Events). The
+real endpoints are untested here (docs/schedulers.md says so)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from sweeprun.errors import SpecError
+from sweeprun.notices import Notice, parse_notice
+
+from conftest import Sandbox, wait_for
+
+
+class Metadata:
+    """A fake metadata server: no notice until :meth:`post`, then the provider's answer."""
+
+    def __init__(self) -> None:
+        self.notice: tuple[int, bytes] | None = None
+        self.tokens = 0
+        self.headers: list[dict[str, str]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:  # AWS IMDSv2: a session token
+                outer.tokens += 1
+                self._answer(200, b"token-123")
+
+            def do_GET(self) -> None:
+                outer.headers.append(dict(self.headers))
+                self._answer(*(outer.notice or (404, b"")))
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def post(self, body: Any, status: int = 200) -> None:
+        self.notice = (status, body if isinstance(body, bytes) else json.dumps(body).encode())
+
+
+@pytest.fixture
+def metadata() -> Iterator[Metadata]:
+    server = Metadata()
+    yield server
+    server.server.shutdown()
+
+
+AWS = "/latest/meta-data/spot/instance-action"
+
+
+@pytest.mark.parametrize(("provider", "path", "quiet", "notice", "said"), [
+    ("aws", AWS, (404, b""), {"action": "terminate", "time": "2026-12-06T23:40:00Z"},
+     "AWS spot instance-action: terminate at 2026-12-06T23:40:00Z"),
+    ("gcp", "/computeMetadata/v1/instance/preempted", (200, b"FALSE"), b"TRUE",
+     "GCP: the instance is being preempted"),
+    ("azure", "/metadata/scheduledevents?api-version=2020-07-01",
+     (200, json.dumps({"Events": [{"EventType": "Freeze"}]}).encode()),
+     {"Events": [{"EventType": "Preempt", "NotBefore": "Sun, 06 Dec 2026 23:40:00 GMT"}]},
+     "Azure scheduled event: Preempt at Sun, 06 Dec 2026 23:40:00 GMT"),
+])
+def test_each_providers_notice_is_read_as_it_documents_it(metadata: Metadata, provider: str, path: str,
+                                                          quiet: tuple[int, bytes], notice: Any, said: str) -> None:
+    watch = parse_notice(f"{provider}={metadata.url(path)}")
+    metadata.notice = quiet
+    assert watch.check() is None, "no notice yet (and an Azure Freeze is no reason to stop)"
+    metadata.post(notice)
+    assert watch.check() == said
+    asked = {k.lower(): v for k, v in metadata.headers[-1].items()}
+    assert {"aws": ("x-aws-ec2-metadata-token", "token-123"), "gcp": ("metadata-flavor", "Google"),
+            "azure": ("metadata", "true")}[provider] in asked.items()
+
+
+def test_a_metadata_server_that_does_not_answer_is_no_notice() -> None:
+    assert Notice("aws", "http://127.0.0.1:9/latest/meta-data/spot/instance-action").check() is None
+
+
+@pytest.mark.parametrize("value", ["oracle", "aws=ftp://x", ""])
+def test_a_bad_notice_option_is_refused(value: str) -> None:
+    with pytest.raises(SpecError, match="--notice"):
+        parse_notice(value)
+
+
+def test_a_notice_has_the_runs_save_and_the_worker_drain_and_the_next_worker_resumes(
+        sandbox: Sandbox, metadata: Metadata) -> None:
+    sweep = sandbox.write_sweep({"a": [1, 2]}, {"steps": 400, "sleep": 0.05})
+    worker = sandbox.sweeprun("worker", str(sweep), "--workers", "2", "--notice", f"aws={metadata.url(AWS)}")
+    wait_for(lambda: len([e for e in sandbox.events() if e["event"] == "start"]) == 2, what="two runs")
+    metadata.post({"action": "terminate", "time": "2026-12-06T23:40:00Z"})
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 75, out + err
+    assert "stopping: termination notice (AWS spot instance-action: terminate at 2026-12-06T23:40:00Z)" in out
+    saved = [e for e in sandbox.events() if e["event"] == "preempted"]
+    assert len(saved) == 2, "each run saved and exited 75"
+    assert metadata.tokens >= 1, "IMDSv2: asked with a session token"
+
+    later = sandbox.run("worker", str(sweep), "--workers", "2", timeout=180)
+    assert later.returncode == 0, later.stdout + later.stderr
+    resumed = [e for e in sandbox.events() if e["event"] == "start"][2:]
+    assert sorted(e["from_step"] for e in resumed) == sorted(e["step"] for e in saved)
