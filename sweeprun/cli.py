@@ -105,6 +105,11 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
     watch = parse_notice(notice) if notice is not None else None
     check_launchable(spec, gpu_list)
     sweep = Sweep(spec, ledger)
+    if task is not None:
+        why = task.check(sweep)
+        if why is not None:
+            print(f"[sweeprun] {spec.name}: {why}", flush=True)
+            return 0
     led = sweep.prepare(move_ledger=move_ledger)
     console = Console(stderr=False)
     try:
@@ -113,7 +118,7 @@ def _launch(spec: SweepSpec, ledger: str | None, workers: int, gpus: str | None,
 
         options = LaunchOptions(workers=workers, gpus=gpu_list, time_limit_s=limit_s, notice=watch)
         if task is not None:
-            options = task.begin(sweep, options)
+            options = task.begin(sweep, led, options)
         events = make_events(console, len(sweep.runs), done)
         try:
             launcher = Launcher(sweep, led, options, events)
@@ -151,38 +156,51 @@ def launch(
     if on is not None:
         if on != "slurm":
             raise SpecError(f"--on {on!r}: the scheduler sweeprun submits to is slurm (--on slurm)")
+        here = {"--workers": workers != 1, "--gpus": gpus, "--time-limit": time_limit, "--notice": notice}
+        if any(here.values()):
+            raise SpecError(f"--on slurm with {', '.join(k for k, v in here.items() if v)}: those are for a "
+                            "worker on this machine; a SLURM task's are set in the file's slurm: section "
+                            "(cpus_per_task, gpus_per_run, time)")
         from .slurm.submit import launch_on_slurm
 
         overrides = _task_overrides(spec, grace_s, lease_s, max_attempts)
         for line in launch_on_slurm(spec, ledger, str(sweep_file), overrides, move_ledger):
             print(f"[sweeprun] {spec.name}: {line}", flush=True)
         raise typer.Exit(0)
-    raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit, move_ledger))
+    raise typer.Exit(_launch(spec, ledger, workers, gpus, time_limit, move_ledger, notice=notice))
 
 
 def _task_overrides(spec: SweepSpec, grace_s: float | None, lease_s: float | None,
                     max_attempts: int | None) -> list[str]:
-    """The flags a SLURM task is started with: the store and ledger as resolved here (a task
-    runs in another folder, on another node), and the settings given on this command line."""
+    """The flags a SLURM task is started with: the store as resolved here (a task runs on
+    another node, maybe in another folder), and the settings given on this command line. A
+    ``--ledger`` given here reaches the tasks in their environment (``SWEEPRUN_LEDGER``), never
+    in their command line, which ``ps`` and ``scontrol`` show; the file's is read by each task."""
     given = {"--grace-s": grace_s, "--lease-s": lease_s, "--max-attempts": max_attempts}
-    return [f"--store={spec.store}", *([f"--ledger={spec.ledger}"] if spec.ledger else []),
-            *(f"{k}={v}" for k, v in given.items() if v is not None)]
+    return [f"--store={spec.store}", *(f"{k}={v}" for k, v in given.items() if v is not None)]
 
 
 @app.command("slurm-task", hidden=True)
 def slurm_task(
     sweep_file: SweepFile,
     lane: Annotated[str, typer.Option("--lane", help="main or fallback.")] = "main",
-    store: StoreOpt = None, ledger: LedgerOpt = None, grace_s: GraceOpt = None,
-    lease_s: LeaseOpt = None, max_attempts: AttemptsOpt = None,
+    sweep_id: Annotated[str, typer.Option("--sweep-id", help="The id the store must hold.")] = "",
+    stop_seen: Annotated[str, typer.Option("--stop-seen", help="The stop request current at submission.")] = "none",
+    store: StoreOpt = None, grace_s: GraceOpt = None, lease_s: LeaseOpt = None,
+    max_attempts: AttemptsOpt = None,
 ) -> None:
     """One array task of a sweep submitted with `launch --on slurm` (run by its batch script)."""
     from .slurm.submit import Task
 
-    spec = _spec(sweep_file, store=store, ledger=ledger, grace_s=grace_s, lease_s=lease_s,
-                 max_attempts=max_attempts)
-    task = Task(spec, lane, str(sweep_file), _task_overrides(spec, grace_s, lease_s, max_attempts))
-    raise typer.Exit(_launch(spec, ledger, 1, task.gpus(), None, False, task=task))
+    spec = _spec(sweep_file, store=store, grace_s=grace_s, lease_s=lease_s, max_attempts=max_attempts)
+    task = Task(spec, lane, str(sweep_file), _task_overrides(spec, grace_s, lease_s, max_attempts),
+                ident=sweep_id, stop_seen=None if stop_seen == "none" else stop_seen)
+    try:
+        code = _launch(spec, None, 1, task.gpus(), None, False, task=task)
+    except SweeprunError as exc:
+        _error(str(exc))
+        code = task.failed(exc)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -220,13 +238,11 @@ def stop(sweep_file: SweepFile, store: StoreOpt = None) -> None:
     StopRequests(sweep.paths).request()
     print(f"[sweeprun] {spec.name}: asked every running worker to checkpoint its runs and exit",
           flush=True)
-    from .slurm import cancel_pending, scheduled
+    from .slurm.submit import cancel
 
-    if scheduled(spec):
-        ident = sweep.ledger_key()
-        cancelled = cancel_pending(spec.name, ident.rsplit("#", 1)[-1]) if ident else []
-        print(f"[sweeprun] {spec.name}: cancelled {len(cancelled)} pending SLURM task(s)"
-              + (f": {' '.join(cancelled)}" if cancelled else ""), flush=True)
+    said = cancel(sweep)
+    if said is not None:
+        print(f"[sweeprun] {spec.name}: {said}", flush=True)
 
 
 @app.command()
@@ -259,11 +275,11 @@ def status(
     else:
         rows = sweep.status(summary=True)
         Console().print(status_table(sweep.with_progress(attention(rows)), title=title, everything=rows))
-    from .slurm import jobs_line, scheduled
+    from .slurm.submit import status_line
 
-    if scheduled(spec):
-        ident = sweep.ledger_key()
-        print(jobs_line(spec.name, ident.rsplit("#", 1)[-1] if ident else None), flush=True)
+    line = status_line(sweep)
+    if line is not None:
+        print(line, flush=True)
 
 
 # -- show, reset, gc (issue 12): one run up close, and changing a sweep after the fact ----------

@@ -20,9 +20,9 @@ reached from these machines (tests/fleet/test_notices.py says so).
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpecError
@@ -38,22 +38,32 @@ PROVIDERS: dict[str, str] = {
 #: How often the worker asks (seconds): the shortest notice is 30 s, and the runs must save in it.
 POLL_S = 0.5
 _TIMEOUT_S = 2.0
+_TOKEN_TTL_S = 21_600
 
 
-@dataclass(frozen=True)
 class Notice:
     """One provider's notice endpoint, asked by :meth:`check`."""
 
-    provider: str
-    url: str
+    def __init__(self, provider: str, url: str) -> None:
+        self.provider, self.url = provider, url
+        #: Whether the last ask got an answer (a 404 is one): a worker says once when not.
+        self.answered = False
+        self._token: tuple[str, float] | None = None   # AWS IMDSv2: (token, monotonic expiry)
+
+    def __repr__(self) -> str:
+        return f"Notice({self.provider!r}, {self.url!r})"
 
     def check(self) -> str | None:
         """The notice, in words, when one is posted; ``None`` when none is, or the server does
-        not answer (a metadata server that fails for a moment must not drain a worker)."""
+        not answer (a metadata server that fails for a moment must not drain a worker, and a
+        watcher that dies of an odd answer would never see the real one)."""
         try:
-            return getattr(self, f"_{self.provider}")()
-        except (OSError, ValueError, urllib.error.URLError):
+            found = getattr(self, f"_{self.provider}")()
+        except Exception:  # noqa: BLE001 - any failure to ask is "no notice now"
+            self.answered = False
             return None
+        self.answered = True
+        return found
 
     def _get(self, headers: dict[str, str]) -> tuple[int, bytes]:
         request = urllib.request.Request(self.url, headers=headers)
@@ -63,17 +73,28 @@ class Notice:
         except urllib.error.HTTPError as exc:
             return exc.code, b""
 
-    def _aws(self) -> str | None:
-        headers = {}
+    def _aws_token(self) -> str | None:
+        """An IMDSv2 session token, kept for most of its life (six hours asked); ``None`` where
+        the token is refused or does not come (IMDSv1, or a container past the hop limit)."""
+        now = time.monotonic()
+        if self._token is not None and now < self._token[1]:
+            return self._token[0]
         token_url = self.url.split("/latest/", 1)[0] + "/latest/api/token"
+        put = urllib.request.Request(token_url, method="PUT",
+                                     headers={"X-aws-ec2-metadata-token-ttl-seconds": str(_TOKEN_TTL_S)})
         try:
-            put = urllib.request.Request(token_url, method="PUT",
-                                         headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
             with _OPENER.open(put, timeout=_TIMEOUT_S) as response:
-                headers["X-aws-ec2-metadata-token"] = response.read(4096).decode()
-        except (OSError, urllib.error.URLError, UnicodeDecodeError):
-            pass  # IMDSv1: no token
-        status, body = self._get(headers)
+                token = response.read(4096).decode()
+        except Exception:  # noqa: BLE001 - IMDSv1: ask without a token
+            return None
+        self._token = (token, now + _TOKEN_TTL_S / 2)
+        return token
+
+    def _aws(self) -> str | None:
+        token = self._aws_token()
+        status, body = self._get({"X-aws-ec2-metadata-token": token} if token else {})
+        if status == 401 and token:
+            self._token = None  # expired early: a new one next time
         if status != 200:
             return None
         found: Any = json.loads(body or b"{}")

@@ -91,6 +91,7 @@ class Launcher:
         self._stop_signal: int | None = None
         self._stop_reason: str | None = None  # a stop without a signal: time limit, `sweeprun stop`
         self.warned = False                   # SIGUSR1 came (see _warned)
+        self._signals: list[int] = []         # received, not yet acted on (see _take_signals)
         self.deadline = (Deadline.after(options.time_limit_s, self.spec.grace_s)
                          if options.time_limit_s else None)
         self._claims_closed_noted = False
@@ -158,9 +159,9 @@ class Launcher:
                 t.start()
             # The main thread never blocks on I/O: it enforces what must happen on time
             # even while the ledger or the store hangs.
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(0.1)
+            while alive := [t for t in threads if t.is_alive()]:
+                alive[0].join(0.1)
+                self._take_signals()
                 self._enforce_leases()
                 self._enforce_deadline()
                 self._enforce_grace()
@@ -172,6 +173,7 @@ class Launcher:
             if notice is not None:
                 notice.join(5)
             self._restore_signals(previous)
+            self._take_signals()  # one that came as the slots ended still sets the exit code
         if self._errors:
             raise self._errors[0]
         try:
@@ -440,8 +442,13 @@ class Launcher:
         the worker drains, exit 75; the next worker, anywhere, resumes them."""
         from .notices import POLL_S
 
+        said = False
         while not self._finished.wait(POLL_S) and not self._stop.is_set():
             found = notice.check()
+            if not notice.answered and not said:
+                said = True  # watched all the same: the server may answer later
+                self.events.note(f"--notice {notice.provider}: {notice.url} does not answer; a termination "
+                                 "notice cannot be seen until it does (is this a VM of that provider?)")
             if found is not None:
                 self.request_stop(None, f"termination notice ({found})")
                 return
@@ -495,10 +502,20 @@ class Launcher:
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda s, _f: self.request_stop(s))
-        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda _s, _f: self._warned())
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            previous[sig] = signal.signal(sig, lambda s, _f: self._signals.append(s))
         return previous
+
+    def _take_signals(self) -> None:
+        """Act on the signals received, on the main thread's loop. A handler only queues its
+        signal: it runs on the main thread between two bytecodes, maybe while that thread
+        holds ``_lock`` (the grace and lease checks take it), which :meth:`request_stop` takes."""
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGUSR1:
+                self._warned()
+            else:
+                self.request_stop(signum)
 
     def _warned(self) -> None:
         """SIGUSR1: a scheduler's warning before its time limit (SLURM's ``--signal``). The runs

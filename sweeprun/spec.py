@@ -314,7 +314,7 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
         paired_first="zip" in data and "grid" in data and list(data).index("zip") < list(data).index("grid"),
     )
     if "slurm" in data:
-        spec = replace(spec, slurm=parse_slurm(data["slurm"], at, spec.max_nproc()))
+        spec = replace(spec, slurm=parse_slurm(data["slurm"], at, spec.max_nproc(), spec.grace_s))
     if data.get("deadline") is not None:
         if spec.slurm is None or spec.slurm.fallback is None:
             raise SpecError(f"{at('deadline')}: deadline sends the runs left to slurm.fallback, and the "

@@ -37,10 +37,9 @@ from .jobs import (
     jobs_line,
     own_job,
     requeue,
-    scheduled,
 )
-from .spec import LANES, Fallback, SlurmSpec, lane_of, parse_deadline, parse_slurm
+from .spec import LANES, Fallback, SlurmSpec, lane_of, parse_deadline, parse_slurm, switch_at
 
 __all__ = ["Fallback", "Job", "LANES", "SlurmError", "SlurmSpec", "active_jobs", "available", "cancel_pending",
            "job_label", "job_name", "jobs_line", "lane_of", "own_job", "parse_deadline", "parse_slurm",
-           "requeue", "scheduled"]
+           "requeue", "switch_at"]

@@ -7,15 +7,14 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import SweeprunError
 from .spec import LANES
 
 __all__ = ["Job", "SlurmError", "active_jobs", "available", "cancel_pending", "job_label", "job_name",
-           "jobs_line", "own_job", "requeue", "scheduled", "slurm_command"]
+           "jobs_line", "own_job", "requeue", "slurm_command"]
 
 #: squeue's states of a job that will still run, or is being requeued (see :mod:`sweeprun.slurm`).
 _ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
@@ -27,18 +26,21 @@ class SlurmError(SweeprunError):
     """SLURM's commands are missing, or one of them refused (its message is in this one)."""
 
 
-def available() -> bool:
-    """Whether this machine can talk to a SLURM controller (``squeue`` on the PATH)."""
-    return shutil.which("squeue") is not None and shutil.which("sbatch") is not None
+def available(command: str = "sbatch") -> bool:
+    """Whether this machine has SLURM's ``command`` on the PATH."""
+    return shutil.which(command) is not None
 
 
-def slurm_command(argv: Sequence[str], stdin: str | None = None) -> str:
+def slurm_command(argv: Sequence[str], stdin: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """Run one of SLURM's commands; its output. A failure is a :class:`SlurmError` with its
+    message; ``env``: variables added to this process's (sbatch passes them to the job)."""
     if shutil.which(argv[0]) is None:
         raise SlurmError(f"{argv[0]} is not on the PATH: --on slurm runs on a SLURM login node "
                          "(or a machine with SLURM's commands and its configuration)")
     try:
         done = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
-                              timeout=_COMMAND_TIMEOUT_S, check=False)
+                              timeout=_COMMAND_TIMEOUT_S, check=False,
+                              env={**os.environ, **env} if env else None)
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{argv[0]} did not answer within {_COMMAND_TIMEOUT_S:g} s: is slurmctld "
                          "reachable?") from None
@@ -78,12 +80,6 @@ def active_jobs(sweep: str, ident: str) -> list[Job]:
         if len(parts) == 4 and parts[1] in names:
             jobs.append(Job(id=parts[0], lane=names[parts[1]], state=parts[2], partition=parts[3]))
     return jobs
-
-
-def scheduled(spec: Any) -> bool:
-    """Whether ``status`` and ``stop`` should ask SLURM about the sweep's jobs: it has a
-    ``slurm:`` section and this machine has SLURM's commands."""
-    return spec.slurm is not None and available()
 
 
 def jobs_line(sweep: str, ident: str | None) -> str:

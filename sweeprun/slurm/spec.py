@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -13,7 +14,7 @@ from typing import Any
 from ..command import suggest
 from ..errors import SpecError
 
-__all__ = ["Fallback", "LANES", "SlurmSpec", "lane_of", "parse_deadline", "parse_slurm"]
+__all__ = ["Fallback", "LANES", "SlurmSpec", "lane_of", "parse_deadline", "parse_slurm", "switch_at"]
 
 #: A task claims runs of one lane: ``main`` (the section's partition and QoS), ``fallback``.
 LANES = ("main", "fallback")
@@ -67,8 +68,9 @@ _KEYS = ("partition", "time", "cpus_per_task", "gpus_per_run", "mem", "account",
 _FALLBACK_KEYS = ("partition", "qos", "after_interruptions")
 
 
-def parse_slurm(value: Any, at: Callable[[str], str], max_nproc: int) -> SlurmSpec:
-    """The ``slurm:`` section, checked; ``at(key)`` places a key (``slurm.time``) in the file."""
+def parse_slurm(value: Any, at: Callable[[str], str], max_nproc: int, grace_s: float) -> SlurmSpec:
+    """The ``slurm:`` section, checked; ``at(key)`` places a key (``slurm.time``) in the file.
+    ``grace_s``: the sweep's, which must fit between SLURM's warning and its time limit."""
     where = at("slurm")
     if value is None:
         return SlurmSpec()
@@ -116,11 +118,42 @@ def parse_slurm(value: Any, at: Callable[[str], str], max_nproc: int) -> SlurmSp
         if name in _OWN_OPTIONS:
             raise SpecError(f"{at('slurm.sbatch')}: slurm.sbatch sets {name}, which sweeprun sets itself "
                             "(its jobs must be requeueable arrays that it signals and names)")
+    warning = number("signal_s", 120, 0, 65_535) or 0
+    if warning and grace_s + _REQUEUE_S > warning:
+        raise SpecError(f"{at('slurm.signal_s' if 'signal_s' in value else 'slurm')}: slurm.signal_s is "
+                        f"{warning} s, but the runs get grace_s ({grace_s:g} s) to save after SLURM's warning, "
+                        f"and the task then requeues itself before the time limit: give signal_s at least "
+                        f"{math.ceil(grace_s) + _REQUEUE_S}, or a smaller grace_s")
+    if limit is not None and warning and time_s(limit) <= warning + _SIGNAL_EARLY_S:
+        raise SpecError(f"{at('slurm.time')}: slurm.time {limit} is no longer than the warning before it "
+                        f"(signal_s {warning} s, which SLURM may send up to {_SIGNAL_EARLY_S} s early): every "
+                        "task would be told to stop as it starts; give a longer time or a smaller signal_s")
     return SlurmSpec(
         partition=text("partition"), time=limit, cpus_per_task=number("cpus_per_task", None, 1, 4096),
         gpus_per_run=gpus, mem=text("mem"), account=text("account"), qos=text("qos"),
-        max_jobs=number("max_jobs", 4, 1, 100_000) or 4, signal_s=number("signal_s", 120, 0, 65_535) or 0,
+        max_jobs=number("max_jobs", 4, 1, 100_000) or 4, signal_s=warning,
         sbatch=tuple(extra), fallback=_parse_fallback(value.get("fallback"), at, text))
+
+
+#: SLURM sends ``--signal`` up to this many seconds before the time asked (sbatch(1): "may be
+#: sent up to 60 seconds earlier than specified", the resolution of its timer).
+_SIGNAL_EARLY_S = 60
+#: What a task needs after its runs' grace to end and requeue itself, before the time limit.
+_REQUEUE_S = 10
+
+
+def time_s(limit: str) -> int:
+    """A SLURM time (``90``, ``4:00:00``, ``1-12``, ...) in seconds."""
+    days, _, rest = limit.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        parts += [0] * (3 - len(parts))
+        return int(days) * 86_400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if len(parts) == 1:   # minutes
+        return parts[0] * 60
+    if len(parts) == 2:   # MM:SS
+        return parts[0] * 60 + parts[1]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
 _OWN_OPTIONS = ("--array", "-a", "--job-name", "-J", "--requeue", "--no-requeue", "--signal",
@@ -153,34 +186,42 @@ def _parse_fallback(value: Any, at: Callable[[str], str], text: Callable[[str], 
 
 
 def parse_deadline(value: Any, where: str) -> float:
-    """``deadline:`` as seconds since the epoch: an ISO 8601 time (``2026-12-24T18:00``, local
-    time unless it names its zone)."""
-    if isinstance(value, _dt.datetime):
-        moment = value
-    elif isinstance(value, str):
-        try:
-            moment = _dt.datetime.fromisoformat(value.strip())
-        except ValueError:
-            moment = None
-        if moment is None:
-            raise SpecError(f"{where}: deadline {value!r} is not a time: give an ISO 8601 time such as "
-                            "2026-12-24T18:00 or 2026-12-24T18:00+01:00")
-    else:
-        raise SpecError(f"{where}: deadline must be a time such as 2026-12-24T18:00, got {value!r}")
+    """``deadline:`` as seconds since the epoch: an ISO 8601 time with its zone
+    (``2026-12-24T18:00+01:00``, ``...Z``). The zone is required: the nodes that read the file
+    need not share the clock's zone of the machine that wrote it."""
+    example = "2026-12-24T18:00+01:00 or 2026-12-24T17:00Z"
+    if not isinstance(value, str):
+        raise SpecError(f"{where}: deadline must be a time such as {example}, got {value!r}")
+    text = value.strip()
+    try:  # Python 3.10 reads no "Z"
+        moment = _dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    except ValueError:
+        raise SpecError(f"{where}: deadline {value!r} is not a time: give an ISO 8601 time such as "
+                        f"{example}") from None
+    if moment.tzinfo is None:
+        raise SpecError(f"{where}: deadline {value!r} names no time zone: add it ({example}); the "
+                        "nodes that read the file may not share this machine's")
     return moment.timestamp()
 
 
 # -- lanes ----------------------------------------------------------------------------------
 
 
-def lane_of(interruptions: int, fallback: Fallback | None, deadline: float | None,
+def lane_of(interruptions: int, fallback: Fallback | None, switch_at: float | None,
             now: float | None = None) -> str:
-    """The lane a run not yet done belongs to, from how often it was interrupted (its attempts
-    so far, the one running now aside) and the sweep's deadline."""
+    """The lane a run not yet done belongs to, from how often it was interrupted and when the
+    runs left move to the fallback (:func:`switch_at`)."""
     if fallback is None:
         return "main"
     if interruptions >= fallback.after_interruptions:
         return "fallback"
-    if deadline is not None and (time.time() if now is None else now) >= deadline:
+    if switch_at is not None and (time.time() if now is None else now) >= switch_at:
         return "fallback"
     return "main"
+
+
+def switch_at(deadline: float | None, grace_s: float) -> float | None:
+    """When the runs left move to the fallback lane: ``grace_s`` before the deadline, the moment
+    the main lane's tasks ask their runs to save (their time limit is the deadline), so that
+    the fallback's tasks find them theirs however soon they start."""
+    return None if deadline is None else deadline - grace_s

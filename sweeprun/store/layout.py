@@ -87,6 +87,10 @@ RESETS = "resets"
 TRASH = "trash"
 #: The output of the sweep's SLURM tasks (:mod:`sweeprun.slurm`), when the store is a path.
 SLURM_LOGS = "slurm"
+#: The jobs submitted for the sweep with ``launch --on slurm`` (:mod:`sweeprun.slurm`).
+SLURM_RECORD = "SLURM"
+#: Held, create-only, by whoever is submitting the sweep's SLURM jobs right now.
+SLURM_SUBMITTING = "SLURM.submitting"
 #: The prefix of every temp file and folder sweeprun makes: never a run, an entry or a marker.
 TEMP_PREFIX = ".tmp-"
 

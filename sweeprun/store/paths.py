@@ -239,6 +239,16 @@ class SweepPaths:
         return posixpath.join(self.dir, layout.SLURM_LOGS)
 
     @property
+    def slurm_record(self) -> str:
+        """``SLURM``: the jobs submitted for the sweep (:mod:`sweeprun.slurm`)."""
+        return posixpath.join(self.dir, layout.SLURM_RECORD)
+
+    @property
+    def slurm_submitting(self) -> str:
+        """``SLURM.submitting``: held by whoever submits the sweep's SLURM jobs right now."""
+        return posixpath.join(self.dir, layout.SLURM_SUBMITTING)
+
+    @property
     def trash(self) -> str:
         """``trash/``: where ``reset`` moves run folders (:func:`.layout.trash_name`)."""
         return posixpath.join(self.dir, layout.TRASH)

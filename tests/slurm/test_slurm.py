@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,11 @@ def cluster(slurm_conf: str) -> Iterator[dict[str, str]]:
     _slurm_cluster.cancel_all()
 
 
-def sweep_file(sandbox: Sandbox, seeds: list[int], steps: int, slurm: dict[str, Any], **extra: Any) -> Path:
+def sweep_file(sandbox: Sandbox, seeds: list[int], steps: int, slurm: dict[str, Any] | None) -> Path:
     # a name of its own per test: squeue finds a sweep's jobs by it, and the cluster outlives tests
     return sandbox.write_sweep({"seed": seeds}, name=f"s{uuid.uuid4().hex[:6]}", grace_s=50,
                                command=f"{sys.executable} {SCRIPT} --steps {steps} --sleep 0.15 --seed {{seed}}",
-                               slurm=slurm, **extra)
+                               **({"slurm": slurm} if slurm else {}))
 
 
 def squeue(name: str) -> list[tuple[str, str, str]]:
@@ -51,6 +52,19 @@ def squeue(name: str) -> list[tuple[str, str, str]]:
     out = _slurm_cluster.run("squeue", "-h", "-r", "-o", "%i|%j|%T|%P").stdout
     return [(i, state, part) for i, job, state, part in (line.split("|") for line in out.splitlines())
             if job.startswith(f"sweeprun-{name}-")]
+
+
+def running(name: str) -> list[str]:
+    """The sweep's running tasks, each by the id that reaches it alone: its own job id, unless
+    that is the array's (then ``ARRAY_TASK``). ``scancel --signal --batch ARRAY_TASK`` of an
+    array with pending tasks signals the task but answers an error after retrying ("Job is in
+    transitional state", SLURM 22.05), hence ``check=False`` where it is used."""
+    out = _slurm_cluster.run("squeue", "-h", "-r", "-t", "RUNNING", "-o", "%i|%A|%j").stdout
+    found = []
+    for task, raw, job in (line.split("|") for line in out.splitlines()):
+        if job.startswith(f"sweeprun-{name}-"):
+            found.append(task if raw == task.split("_")[0] else raw)
+    return sorted(found)
 
 
 def events(sandbox: Sandbox, kind: str) -> list[dict[str, Any]]:
@@ -74,19 +88,24 @@ def submitted(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 def test_a_sweep_on_slurm_ends_exact_through_requeues_warnings_and_preemption(
         sandbox: Sandbox, cluster: dict[str, str]) -> None:
-    sweep = sweep_file(sandbox, [1, 2, 3, 4], steps=24, slurm={"partition": "spot", "max_jobs": 2})
+    """No ``slurm:`` section: SLURM's defaults (the default partition, four tasks at most)."""
+    sweep = sweep_file(sandbox, [1, 2, 3, 4], steps=24, slurm=None)
     name = sweep.stem
     (job,) = submitted(sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster))
 
     again = sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster)
-    assert submitted(again) == [], "two tasks already cover the sweep"
-    assert "tasks SLURM already had: 2 in lane main; nothing submitted" in again.stdout
+    assert submitted(again) == [], "four tasks already cover the sweep"
+    assert "tasks SLURM already had: 4 in lane main; nothing submitted" in again.stdout
+    table = sandbox.run("status", str(sweep), env=cluster).stdout
+    assert "SLURM: " in table and f"{job}_0 (main, spot)" in table, "the sweep's tasks, by state"
 
-    wait_for(lambda: len(events(sandbox, "first_step")) >= 2, timeout=120, what="both tasks training")
-    # SLURM's warning before a time limit reaches task 0 (its batch shell: sweeprun itself)
-    _slurm_cluster.run("scancel", "--signal=USR1", "--batch", f"{job}_0")
-    _slurm_cluster.run("scontrol", "requeue", f"{job}_1")
-    wait_for(lambda: len(events(sandbox, "first_step")) >= 4, timeout=120, what="both tasks back")
+    wait_for(lambda: len(events(sandbox, "first_step")) >= 2, timeout=120, what="two tasks training")
+    first, second = running(name)[:2]
+    # SLURM's warning before a time limit reaches one task (its batch shell: sweeprun itself),
+    # and scontrol requeues the other
+    _slurm_cluster.run("scancel", "--signal=USR1", "--batch", first, check=False)  # see running()
+    _slurm_cluster.run("scontrol", "requeue", second)
+    wait_for(lambda: len(events(sandbox, "first_step")) >= 4, timeout=120, what="runs training again")
     # an ondemand job takes every CPU: the spot tasks are preempted (SIGTERM) and requeued
     _slurm_cluster.run("sbatch", "--partition=ondemand", f"--cpus-per-task={_cpus()}", "--wrap", "sleep 3",
                        "--output=/dev/null")
@@ -126,7 +145,8 @@ def test_a_run_interrupted_too_often_finishes_on_the_fallback_partition(
 
 def test_status_names_each_running_runs_job_and_stop_leaves_no_job(
         sandbox: Sandbox, cluster: dict[str, str]) -> None:
-    """A task takes every CPU, so the second waits: one running, one pending."""
+    """A task takes every CPU, so the second waits: one running, one pending. A stop from a
+    machine without SLURM's commands cannot cancel the pending task: it ends as it starts."""
     sweep = sweep_file(sandbox, [1, 2], steps=400, slurm={"partition": "spot", "cpus_per_task": _cpus()})
     name = sweep.stem
     (job,) = submitted(sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster))
@@ -136,13 +156,41 @@ def test_status_names_each_running_runs_job_and_stop_leaves_no_job(
     table = sandbox.run("status", str(sweep), env=cluster)
     assert f"SLURM: 1 running: {job}_0 (main, spot); 1 pending: {job}_1 (main, spot)" in table.stdout
 
-    stopped = sandbox.run("stop", str(sweep), env=cluster)
-    assert stopped.returncode == 0, stopped.stderr
-    assert f"cancelled 1 pending SLURM task(s): {job}_1" in stopped.stdout
-    wait_for(lambda: not squeue(name), timeout=60, poll_s=0.5, what="no task of the sweep left")
+    blind = sandbox.run("stop", str(sweep), env={**cluster, "PATH": "/nonexistent"})
+    assert blind.returncode == 0, blind.stderr
+    assert "SLURM's commands are not on this machine: the sweep's pending tasks stay queued" in blind.stdout
+    wait_for(lambda: not squeue(name), timeout=120, poll_s=0.5, what="no task of the sweep left")
+    assert len(events(sandbox, "start")) == 1, "the task that started after the stop ran nothing"
     (held,) = [row for row in sandbox.status(sweep).values() if row["attempts"]]
     assert held["state"] == "interrupted" and held["step"] > 0, held
     assert list((sandbox.store / name / "runs" / held["run_id"] / "checkpoints").glob("*.json"))
+
+    (again,) = submitted(sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster))
+    wait_for(lambda: len(events(sandbox, "start")) == 2, timeout=120, what="the sweep going again")
+    assert events(sandbox, "start")[1]["from_step"] > 0, "resumed from the checkpoint the stop left"
+    stopped = sandbox.run("stop", str(sweep), env=cluster)
+    assert f"cancelled 1 pending SLURM task(s): {again}_1" in stopped.stdout, stopped.stdout + stopped.stderr
+    wait_for(lambda: not squeue(name), timeout=120, poll_s=0.5, what="no task of the sweep left")
+
+
+def test_at_the_deadline_the_runs_left_save_and_finish_on_the_fallback(
+        sandbox: Sandbox, cluster: dict[str, str]) -> None:
+    deadline = datetime.now(timezone.utc) + timedelta(seconds=25)
+    sweep = sandbox.write_sweep(
+        {"seed": [1, 2]}, name=f"s{uuid.uuid4().hex[:6]}", grace_s=8,
+        command=f"{sys.executable} {SCRIPT} --steps 300 --sleep 0.15 --seed {{seed}}",
+        slurm={"partition": "spot", "fallback": {"partition": "ondemand", "after_interruptions": 5}},
+        deadline=deadline.isoformat())
+    submitted(sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster))
+    wait_for(lambda: not squeue(sweep.stem) and all(
+        row["state"] == "done" for row in sandbox.status(sweep).values()),
+        timeout=300, poll_s=1, what="the sweep done and its tasks ended")
+    starts = events(sandbox, "start")
+    assert {e["partition"] for e in starts if e["from_step"] == 0} == {"spot"}, starts
+    resumed = [e for e in starts if e["from_step"] > 0]
+    assert {e["partition"] for e in resumed} == {"ondemand"} and len(resumed) == 2, \
+        "both runs saved at the deadline and went on on the fallback partition"
+    assert all(e["at"] >= deadline.timestamp() - 8 for e in resumed), "not before the switch"
 
 
 def _cpus() -> int:
