@@ -48,6 +48,7 @@ def _answers() -> bool:
 
 
 def _config() -> str:
+    # the machine's short name, reached on loopback: a container's hostname need not resolve
     host = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 2
     with open("/proc/meminfo") as f:
@@ -55,7 +56,7 @@ def _config() -> str:
     memory_mb = total_kb // 1024 * 3 // 4
     return f"""\
 ClusterName=sweeprun-tests
-SlurmctldHost={host}
+SlurmctldHost={host}(127.0.0.1)
 AuthType=auth/munge
 AuthInfo=cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge
@@ -78,7 +79,7 @@ MinJobAge=5
 KillWait=60
 SchedulerParameters=sched_interval=2
 MaxArraySize=10000
-NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
 PartitionName=spot Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
 PartitionName=ondemand Nodes={host} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """
