@@ -3,7 +3,8 @@
 It counts ``steps`` steps of ``sleep`` seconds, checkpoints its step to a JSON
 file in its run directory after each one (atomically), and records in a side
 log (``SIDE_LOG``) every start, resume point and finish, so tests can prove what
-ran and when. A per-run ``flock`` detects two processes on one run at once.
+ran and when (and the SLURM partition it ran on, if any). A per-run ``flock`` detects two
+processes on one run at once.
 """
 
 import fcntl
@@ -25,7 +26,8 @@ sleep_s = float(params.get("sleep", 0.05))
 
 
 def side(event: str, **extra: object) -> None:
-    line = json.dumps({"run": run_id, "attempt": attempt, "pid": os.getpid(), "event": event, **extra})
+    line = json.dumps({"run": run_id, "attempt": attempt, "pid": os.getpid(), "event": event,
+                       "partition": os.environ.get("SLURM_JOB_PARTITION"), "at": time.time(), **extra})
     with open(side_log, "a") as f:
         f.write(line + "\n")
         f.flush()

@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 import _slurm_cluster
-from conftest import REPO, Sandbox, wait_for
+from conftest import REPO, STEPS_SCRIPT, Sandbox, wait_for
 
 SCRIPT = REPO / "tests" / "scripts" / "rng_steps.py"
 
@@ -40,11 +41,17 @@ def cluster(slurm_conf: str) -> Iterator[dict[str, str]]:
     _slurm_cluster.cancel_all()
 
 
-def sweep_file(sandbox: Sandbox, seeds: list[int], steps: int, slurm: dict[str, Any] | None) -> Path:
+def sweep_file(sandbox: Sandbox, seeds: list[int], steps: int, slurm: dict[str, Any] | None,
+               exact: bool = False, **extra: Any) -> Path:
+    """A sweep of ``seeds`` runs of ``steps`` steps of 0.15 s: through the training API
+    (rng_steps.py: exact or not) when ``exact``, else the lighter steps.py (no torch to load
+    for its checkpoints: the tests of where and when runs go)."""
+    command = (f"{sys.executable} {SCRIPT} --steps {steps} --sleep 0.15 --seed {{seed}}" if exact
+               else f"{sys.executable} {STEPS_SCRIPT} --x 1")
     # a name of its own per test: squeue finds a sweep's jobs by it, and the cluster outlives tests
-    return sandbox.write_sweep({"seed": seeds}, name=f"s{uuid.uuid4().hex[:6]}", grace_s=50,
-                               command=f"{sys.executable} {SCRIPT} --steps {steps} --sleep 0.15 --seed {{seed}}",
-                               **({"slurm": slurm} if slurm else {}))
+    return sandbox.write_sweep({"seed": seeds}, {} if exact else {"steps": steps, "sleep": 0.15},
+                               name=f"s{uuid.uuid4().hex[:6]}", grace_s=extra.pop("grace_s", 50),
+                               command=command, **({"slurm": slurm} if slurm else {}), **extra)
 
 
 def squeue(name: str) -> list[tuple[str, str, str]]:
@@ -56,15 +63,37 @@ def squeue(name: str) -> list[tuple[str, str, str]]:
 
 def running(name: str) -> list[str]:
     """The sweep's running tasks, each by the id that reaches it alone: its own job id, unless
-    that is the array's (then ``ARRAY_TASK``). ``scancel --signal --batch ARRAY_TASK`` of an
-    array with pending tasks signals the task but answers an error after retrying ("Job is in
-    transitional state", SLURM 22.05), hence ``check=False`` where it is used."""
+    that is the array's (then ``ARRAY_TASK``; the array's id would reach every task)."""
     out = _slurm_cluster.run("squeue", "-h", "-r", "-t", "RUNNING", "-o", "%i|%A|%j").stdout
     found = []
     for task, raw, job in (line.split("|") for line in out.splitlines()):
         if job.startswith(f"sweeprun-{name}-"):
             found.append(task if raw == task.split("_")[0] else raw)
     return sorted(found)
+
+
+def warn(task: str) -> None:
+    """SLURM's warning (USR1) to a task's batch shell. scancel delivers it at once, then, for an
+    array with pending tasks, retries for half a minute ("Job is in transitional state", SLURM
+    22.05), re-sending it: stopped after two seconds."""
+    try:
+        _slurm_cluster.run("scancel", "--signal=USR1", "--batch", task, check=False, timeout=2)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def requeue(task: str) -> None:
+    """``scontrol requeue``, retried while SLURM answers that the job is in transition."""
+    for _ in range(10):
+        if _slurm_cluster.run("scontrol", "requeue", task, check=False).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"scontrol requeue {task} kept failing")
+
+
+def resumed(sandbox: Sandbox) -> list[dict[str, Any]]:
+    """The starts of interrupted runs, each from its checkpoint."""
+    return [e for e in events(sandbox, "start") if e["from_step"] > 0]
 
 
 def events(sandbox: Sandbox, kind: str) -> list[dict[str, Any]]:
@@ -86,10 +115,11 @@ def submitted(result: subprocess.CompletedProcess[str]) -> list[str]:
     return re.findall(r"submitted job (\d+) ", result.stdout)
 
 
+@pytest.mark.slow  # every test here waits on a real SLURM: ~1 to 2 minutes each
 def test_a_sweep_on_slurm_ends_exact_through_requeues_warnings_and_preemption(
         sandbox: Sandbox, cluster: dict[str, str]) -> None:
     """No ``slurm:`` section: SLURM's defaults (the default partition, four tasks at most)."""
-    sweep = sweep_file(sandbox, [1, 2, 3, 4], steps=24, slurm=None)
+    sweep = sweep_file(sandbox, [1, 2, 3, 4], steps=60, slurm=None, exact=True)
     name = sweep.stem
     (job,) = submitted(sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster))
 
@@ -101,21 +131,18 @@ def test_a_sweep_on_slurm_ends_exact_through_requeues_warnings_and_preemption(
 
     wait_for(lambda: len(events(sandbox, "first_step")) >= 2, timeout=120, what="two tasks training")
     first, second = running(name)[:2]
-    # SLURM's warning before a time limit reaches one task (its batch shell: sweeprun itself),
-    # and scontrol requeues the other
-    _slurm_cluster.run("scancel", "--signal=USR1", "--batch", first, check=False)  # see running()
-    _slurm_cluster.run("scontrol", "requeue", second)
-    wait_for(lambda: len(events(sandbox, "first_step")) >= 4, timeout=120, what="runs training again")
+    warn(first)       # SLURM's warning before a time limit: the task requeues itself
+    requeue(second)   # scontrol requeue: SIGTERM to the job, SLURM requeues it
+    wait_for(lambda: len(resumed(sandbox)) >= 2, timeout=120, what="both interrupted runs resumed")
     # an ondemand job takes every CPU: the spot tasks are preempted (SIGTERM) and requeued
     _slurm_cluster.run("sbatch", "--partition=ondemand", f"--cpus-per-task={_cpus()}", "--wrap", "sleep 3",
                        "--output=/dev/null")
+    wait_for(lambda: len(resumed(sandbox)) >= 3, timeout=120, what="a preempted run resumed")
 
     wait_for(lambda: not squeue(name), timeout=300, poll_s=0.5, what="the sweep's tasks to end")
     status = sandbox.status(sweep)
     assert {row["state"] for row in status.values()} == {"done"}, status
     assert events(sandbox, "overlap") == [], "never two processes on one run"
-    resumed = [e for e in events(sandbox, "start") if e["from_step"] > 0]
-    assert resumed, "interrupted runs resumed from their checkpoints"
     assert max(row["attempts"] for row in status.values()) >= 2
 
     reference = sandbox.root / "reference"
@@ -127,13 +154,14 @@ def test_a_sweep_on_slurm_ends_exact_through_requeues_warnings_and_preemption(
     assert submitted(after) == [] and "all 4 runs done; nothing submitted" in after.stdout
 
 
+@pytest.mark.slow
 def test_a_run_interrupted_too_often_finishes_on_the_fallback_partition(
         sandbox: Sandbox, cluster: dict[str, str]) -> None:
     sweep = sweep_file(sandbox, [7], steps=30, slurm={
         "partition": "spot", "fallback": {"partition": "ondemand", "after_interruptions": 1}})
     (job,) = submitted(sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster))
-    wait_for(lambda: events(sandbox, "first_step"), timeout=120, what="the run training")
-    _slurm_cluster.run("scontrol", "requeue", f"{job}_0")
+    wait_for(lambda: events(sandbox, "start"), timeout=120, what="the run training")
+    requeue(f"{job}_0")  # the run saves the step it is in (steps.py), and exits 75
 
     wait_for(lambda: not squeue(sweep.stem), timeout=180, poll_s=0.5, what="the sweep's tasks to end")
     (row,) = sandbox.status(sweep).values()
@@ -143,6 +171,7 @@ def test_a_run_interrupted_too_often_finishes_on_the_fallback_partition(
     assert starts[1]["from_step"] > 0, "it continued from its checkpoint on the fallback partition"
 
 
+@pytest.mark.slow
 def test_status_names_each_running_runs_job_and_stop_leaves_no_job(
         sandbox: Sandbox, cluster: dict[str, str]) -> None:
     """A task takes every CPU, so the second waits: one running, one pending. A stop from a
@@ -150,7 +179,7 @@ def test_status_names_each_running_runs_job_and_stop_leaves_no_job(
     sweep = sweep_file(sandbox, [1, 2], steps=400, slurm={"partition": "spot", "cpus_per_task": _cpus()})
     name = sweep.stem
     (job,) = submitted(sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster))
-    wait_for(lambda: events(sandbox, "first_step"), timeout=120, what="a run training")
+    wait_for(lambda: events(sandbox, "start"), timeout=120, what="a run training")
     running = [row for row in sandbox.status(sweep).values() if row["state"] == "running"]
     assert [row["job"] for row in running] == [f"slurm {job}_0 on spot"], running
     table = sandbox.run("status", str(sweep), env=cluster)
@@ -163,7 +192,7 @@ def test_status_names_each_running_runs_job_and_stop_leaves_no_job(
     assert len(events(sandbox, "start")) == 1, "the task that started after the stop ran nothing"
     (held,) = [row for row in sandbox.status(sweep).values() if row["attempts"]]
     assert held["state"] == "interrupted" and held["step"] > 0, held
-    assert list((sandbox.store / name / "runs" / held["run_id"] / "checkpoints").glob("*.json"))
+    assert (sandbox.store / name / "runs" / held["run_id"] / "ckpt.json").exists(), "its checkpoint kept"
 
     (again,) = submitted(sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster))
     wait_for(lambda: len(events(sandbox, "start")) == 2, timeout=120, what="the sweep going again")
@@ -173,14 +202,12 @@ def test_status_names_each_running_runs_job_and_stop_leaves_no_job(
     wait_for(lambda: not squeue(name), timeout=120, poll_s=0.5, what="no task of the sweep left")
 
 
+@pytest.mark.slow
 def test_at_the_deadline_the_runs_left_save_and_finish_on_the_fallback(
         sandbox: Sandbox, cluster: dict[str, str]) -> None:
     deadline = datetime.now(timezone.utc) + timedelta(seconds=25)
-    sweep = sandbox.write_sweep(
-        {"seed": [1, 2]}, name=f"s{uuid.uuid4().hex[:6]}", grace_s=8,
-        command=f"{sys.executable} {SCRIPT} --steps 300 --sleep 0.15 --seed {{seed}}",
-        slurm={"partition": "spot", "fallback": {"partition": "ondemand", "after_interruptions": 5}},
-        deadline=deadline.isoformat())
+    sweep = sweep_file(sandbox, [1, 2], steps=300, grace_s=8, deadline=deadline.isoformat(), slurm={
+        "partition": "spot", "fallback": {"partition": "ondemand", "after_interruptions": 5}})
     submitted(sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster))
     wait_for(lambda: not squeue(sweep.stem) and all(
         row["state"] == "done" for row in sandbox.status(sweep).values()),
@@ -191,6 +218,22 @@ def test_at_the_deadline_the_runs_left_save_and_finish_on_the_fallback(
     assert {e["partition"] for e in resumed} == {"ondemand"} and len(resumed) == 2, \
         "both runs saved at the deadline and went on on the fallback partition"
     assert all(e["at"] >= deadline.timestamp() - 8 for e in resumed), "not before the switch"
+
+
+@pytest.mark.slow
+def test_a_run_of_two_ranks_starts_them_together_in_one_task(sandbox: Sandbox, cluster: dict[str, str]) -> None:
+    """``nproc: 2``: the run's ranks start through torchrun inside the task SLURM gave the CPUs
+    for both (gloo on CPU here; ``gpus_per_run`` gives each task its GPUs)."""
+    sweep = sandbox.write_sweep({"world": [2]}, {"steps": 5}, name=f"s{uuid.uuid4().hex[:6]}",
+                                command=f"{sys.executable} {REPO / 'tests' / 'scripts' / 'ranks.py'}",
+                                nproc="{world}", slurm={"partition": "spot", "cpus_per_task": 2})
+    (job,) = submitted(sandbox.run("launch", str(sweep), "--on", "slurm", env=cluster))
+    wait_for(lambda: not squeue(sweep.stem), timeout=180, poll_s=0.5, what="the sweep's task to end")
+    (row,) = sandbox.status(sweep).values()
+    assert row["state"] == "done" and row["nproc"] == 2, row
+    starts = [e for e in sandbox.events() if e["event"] == "start"]
+    assert sorted(e["rank"] for e in starts) == [0, 1]
+    assert {e["env"]["WORLD_SIZE"] for e in starts} == {"2"}
 
 
 def _cpus() -> int:
