@@ -1,6 +1,7 @@
 """From a SLURM requeue to the run's next training step, with SLURM's share apart.
 
-A one-run sweep (tests/scripts/rng_steps.py: no torch in the steps, a checkpoint every two)
+A one-run sweep (tests/scripts/steps.py with ``api: true``: the training API, no torch in the
+steps, a checkpoint every two)
 is submitted with ``sweeprun launch --on slurm`` to the tests' one-node cluster
 (tests/_slurm_cluster.py: started if it is not running; root, Debian's slurm-wlm and munge).
 Each round interrupts the training task one way, then times:
@@ -61,9 +62,10 @@ def main() -> None:
     sweep = root / "bench.yaml"
     sweep.write_text(f"""\
 name: bench
-command: {sys.executable} {REPO}/tests/scripts/rng_steps.py --steps 100000 --sleep 0.1 --seed {{seed}}
+command: {sys.executable} {REPO}/tests/scripts/steps.py --x 1
 store: {root}/store
 grid: {{seed: [1]}}
+params: {{steps: 100000, sleep: 0.1, api: true}}
 grace_s: 30
 slurm: {{partition: spot}}
 """)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import posixpath
 import signal
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -57,7 +56,7 @@ from ..errors import CheckpointError, SweeprunError
 from ..redact import redact
 from ..runenv import PREEMPTED_EXIT
 from ..store import native_path
-from ..training.checkpoints import warn_once
+from ..training.checkpoints import say, warn, warn_once
 from ..training.ranks import join_from_env
 from ..training.run import Run
 from ..training.start import init
@@ -269,8 +268,7 @@ class SweeprunCallback(Callback):
             callbacks = ((self._loaded or {}).get("trainer") or {}).get("callbacks")
             restored = callbacks if isinstance(callbacks, dict) else {}
         for path in self._files.remove_strays(trainer, restored):
-            print(f"sweeprun: removed {path}: a ModelCheckpoint file of an attempt that did not "
-                  "reach a checkpoint", file=sys.stderr, flush=True)
+            say(f"removed {path}: a ModelCheckpoint file of an attempt that did not reach a checkpoint")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -374,13 +372,13 @@ class SweeprunCallback(Callback):
         if isinstance(exception, SystemExit) and exception.code in (None, 0) and self.run.should_stop:
             # Lightning's own SIGTERMException (a SIGTERM before the fit's first batch) exits
             # 0, which would read as "finished"; it is resumable from the last checkpoint.
-            print("sweeprun: stopped by a signal before training started; the last checkpoint "
-                  f"resumes; exiting with {PREEMPTED_EXIT} (resumable)", file=sys.stderr, flush=True)
+            say(f"stopped by a signal before training started; the last checkpoint resumes; exiting "
+                f"with {PREEMPTED_EXIT} (resumable)")
             exception.code = PREEMPTED_EXIT
         try:
             self.run.close()  # wait for a save in flight; the last checkpoint is what resumes
         except SweeprunError as error:
-            print(f"sweeprun: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+            say(f"error: {' '.join(str(error).split())}")
         finally:
             # Lightning runs the callbacks' teardown only when fit succeeds: a notebook that
             # catches the error and fits again must not find the loops wrapped twice
@@ -502,10 +500,9 @@ def _stateful_samplers(trainer: Trainer) -> list[Any]:
         stateful = [s for s in dict.fromkeys(candidates) if s is not None
                     and hasattr(s, "state_dict") and hasattr(s, "load_state_dict")]
         if not stateful:
-            print(f"sweeprun: warning: the training DataLoader's sampler "
-                  f"({type(loader.sampler).__name__}) cannot say where it is in the epoch, so a "
-                  "run resumed mid-epoch repeats or skips data; use "
-                  "sampler=sweeprun.ResumableSampler(dataset, seed=...)", file=sys.stderr, flush=True)
+            warn(f"the training DataLoader's sampler ({type(loader.sampler).__name__}) cannot say where "
+                 "it is in the epoch, so a run resumed mid-epoch repeats or skips data; use "
+                 "sampler=sweeprun.ResumableSampler(dataset, seed=...)")
         found.extend(stateful)
     return found
 

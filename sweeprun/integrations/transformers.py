@@ -51,7 +51,6 @@ transformers is imported here only; ``import sweeprun`` and the CLI never load i
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -71,7 +70,7 @@ from ..runenv import PREEMPTED_EXIT
 from ..store import fsync_dir, native_path
 from ..store.layout import CHECKPOINT_FOLDER_PREFIX as PREFIX
 from ..store.layout import checkpoint_folder, set_aside_name
-from ..training.checkpoints import warn
+from ..training.checkpoints import say, warn
 from ..training.ranks import join_from_env
 from ..training.run import Run
 from ..training.sealed import (
@@ -238,8 +237,7 @@ class SweeprunCallback(TrainerCallback):
             note = self._world_size_note(self._resumed)
             run.resume_at(self._resumed.step, metrics_bytes=self._resumed.seal.get("metrics_bytes"),
                           attempt=self._resumed.seal.get("attempt"))
-            print(f"sweeprun: resuming from {self._resumed.path} (step {self._resumed.step}){note}",
-                  file=sys.stderr, flush=True)
+            say(f"resuming from {self._resumed.path} (step {self._resumed.step}){note}")
         else:
             run.resume_at(0, metrics_bytes=0)      # a fresh start: no metrics of an earlier try
         try:
@@ -254,9 +252,8 @@ class SweeprunCallback(TrainerCallback):
             raise
         run.close()
         if self._stop_reason is not None:
-            print(f"sweeprun: {self._stop_reason}; saved and sealed "
-                  f"{checkpoint_folder(trainer.state.global_step)}; exiting with {PREEMPTED_EXIT} (resumable)",
-                  file=sys.stderr, flush=True)
+            say(f"{self._stop_reason}; saved and sealed {checkpoint_folder(trainer.state.global_step)}; "
+                f"exiting with {PREEMPTED_EXIT} (resumable)")
             raise SystemExit(PREEMPTED_EXIT)
         run.mark_finished(trainer.state.global_step)
         if self._store is not None and (run.ranks is None or run.ranks.leader):
@@ -293,8 +290,7 @@ class SweeprunCallback(TrainerCallback):
         trainer.state = TrainerState.load_from_json(os.path.join(final.path, "trainer_state.json"))
         self._find_best(trainer.state, final.path)
         state = trainer.state
-        print(f"sweeprun: {final.path} is the last step ({final.step}); nothing left to train",
-              file=sys.stderr, flush=True)
+        say(f"{final.path} is the last step ({final.step}); nothing left to train")
         loss = LoopCarry.train_loss((self._saved or {}).get("extra"), state.global_step)
         if loss is None:
             warn(f"{final.path} holds no record of the Trainer's loss sums (sealed by an older "
@@ -429,7 +425,7 @@ class SweeprunCallback(TrainerCallback):
             # what training waited for: the Trainer's own writing (after the step ended) and the seal
             line = auto.observe(self._saved_at - max(self._step_ended, self._started))
             if line is not None:
-                print(f"sweeprun: {line}", file=sys.stderr, flush=True)
+                say(line)
 
     def _every_s(self) -> float | None:
         if self.every_s is None:

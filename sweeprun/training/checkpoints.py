@@ -49,8 +49,17 @@ FORMAT = 2
 _warned: set[str] = set()
 
 
+def say(message: str) -> None:
+    """``sweeprun: message`` on stderr, one line in one write. A run's ranks share its log,
+    and ``print`` writes its text and its newline apart, two writes when Python runs
+    unbuffered (``PYTHONUNBUFFERED``, common in containers and CI): another rank's line
+    then lands between them, and two lines read as one."""
+    sys.stderr.write(f"sweeprun: {message}\n")
+    sys.stderr.flush()
+
+
 def warn(message: str) -> None:
-    print(f"sweeprun: warning: {message}", file=sys.stderr, flush=True)
+    say(f"warning: {message}")
 
 
 def warn_once(message: str) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterable
 from types import FrameType, TracebackType
@@ -34,7 +33,7 @@ from ..faults import crash_point
 from ..runenv import PREEMPTED_EXIT
 from ..store import RunPaths, atomic_write
 from .cadence import AutoInterval
-from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention
+from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention, say
 from .metrics import MetricsLog, NoMetrics, plain
 from .ranks import Ranks, check_reduce
 from .state import (
@@ -170,8 +169,7 @@ class Run:
         self._resume(int(state["step"]), state.get("metrics_bytes"), loaded.manifest.attempt)
         self._saved_step, self._saved_at = self.step, self._clock()
         self._step_started = self._saved_at
-        print(f"sweeprun: resumed from {loaded.manifest.data} (step {self.step}, epoch {self.epoch}){note}",
-              file=sys.stderr, flush=True)
+        say(f"resumed from {loaded.manifest.data} (step {self.step}, epoch {self.epoch}){note}")
         return True
 
     def _open_metrics(self, resume_attempt: int | None = None) -> None:
@@ -320,8 +318,8 @@ class Run:
         if stop:
             manifest = self._save_durably()
             self.close()
-            print(f"sweeprun: {self._stop_reason}; saved {manifest.data} at step {self.step}; "
-                  f"exiting with {PREEMPTED_EXIT} (resumable)", file=sys.stderr, flush=True)
+            say(f"{self._stop_reason}; saved {manifest.data} at step {self.step}; "
+                f"exiting with {PREEMPTED_EXIT} (resumable)")
             raise SystemExit(PREEMPTED_EXIT)
         if due or self._due_pending:
             self._due_pending = False
@@ -330,7 +328,7 @@ class Run:
             if self._auto is not None:
                 line = self._auto.observe(self._clock() - start)
                 if line is not None:
-                    print(f"sweeprun: {line}", file=sys.stderr, flush=True)
+                    say(line)
 
     def _boundary(self, optimizer_stepped: bool | None) -> bool:
         """Whether this end_step closes an optimizer step (a point a checkpoint may fall on)."""
@@ -528,8 +526,8 @@ class Run:
         manifest = self._save_durably()
         self.close()
         if self._stop_reason is not None:
-            print(f"sweeprun: {self._stop_reason}; saved {manifest.data} at step {self.step}; "
-                  f"exiting with {PREEMPTED_EXIT} (resumable)", file=sys.stderr, flush=True)
+            say(f"{self._stop_reason}; saved {manifest.data} at step {self.step}; "
+                f"exiting with {PREEMPTED_EXIT} (resumable)")
             raise SystemExit(PREEMPTED_EXIT)
         self.mark_finished()
         return manifest
@@ -563,8 +561,7 @@ class Run:
             return
         error = self._close()  # mid-step state is not worth saving; the last checkpoint is
         if error is not None and error is not exc:
-            print(f"sweeprun: error: the last background checkpoint write failed too: "
-                  f"{' '.join(str(error).split())}", file=sys.stderr, flush=True)
+            say(f"error: the last background checkpoint write failed too: {' '.join(str(error).split())}")
 
     # -- preemption -----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from ..redact import redact
 from ..runenv import PREEMPTED_EXIT, RUN_DIR, RUN_ID
 from ..store import JSON_MAX_BYTES, RunPaths, open_store, read_regular, store_errors
 from .cadence import PRIOR_MTBI_S, AutoInterval
-from .checkpoints import CheckpointDir, Owner, Retention
+from .checkpoints import CheckpointDir, Owner, Retention, say
 from .ranks import detect
 from .run import Run, write_marker
 from .writer import join_in_flight
@@ -49,7 +49,7 @@ def _exit_2_on_sweeprun_errors() -> None:
             previous(kind, value, tb)
             return
         # the training side's console exit: the script's stderr goes to the user's terminal
-        print(f"sweeprun: error: {redact(' '.join(str(value).split()))}", file=sys.stderr, flush=True)
+        say(f"error: {redact(' '.join(str(value).split()))}")
         sys.stdout.flush()
         join_in_flight()  # os._exit skips the interpreter's wait for a save in flight
         os._exit(PREEMPTED_EXIT if issubclass(kind, LeaseLost) else 2)

@@ -14,7 +14,6 @@ package and must stay light.
 from __future__ import annotations
 
 import random
-import sys
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -222,8 +221,9 @@ def restore_rng(saved: Mapping[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available():
         if len(cuda) != torch.cuda.device_count():
-            print(f"sweeprun: warning: checkpoint has RNG states for {len(cuda)} CUDA device(s), "
-                  f"this process sees {torch.cuda.device_count()}; restoring the first "
-                  f"{min(len(cuda), torch.cuda.device_count())}", file=sys.stderr)
+            from .checkpoints import warn
+
+            warn(f"checkpoint has RNG states for {len(cuda)} CUDA device(s), this process sees "
+                 f"{torch.cuda.device_count()}; restoring the first {min(len(cuda), torch.cuda.device_count())}")
         for device, rng in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(rng, device)

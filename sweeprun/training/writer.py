@@ -42,7 +42,7 @@ from ..errors import LeaseLost, SweeprunError
 from ..faults import crash_point
 from ..store import UPLOAD_PART_BYTES, create_only, store_errors
 from ..store.layout import ATTEMPTS, attempt_of, highest_attempt
-from .checkpoints import CheckpointDir, Manifest, Name, Owner, Retention, _finite, warn
+from .checkpoints import CheckpointDir, Manifest, Name, Owner, Retention, _finite, say, warn
 from .digest import StreamDigest, tensor_memory
 
 
@@ -412,8 +412,7 @@ def join_in_flight() -> None:
     for saver in list(_IN_FLIGHT):
         error = saver.drain()
         if error is not None:
-            print(f"sweeprun: error: the last background checkpoint write failed: "
-                  f"{' '.join(str(error).split())}", file=sys.stderr, flush=True)
+            say(f"error: the last background checkpoint write failed: {' '.join(str(error).split())}")
 
 
 atexit.register(join_in_flight)  # runs after the interpreter joined the thread: reports only

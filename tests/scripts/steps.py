@@ -1,7 +1,8 @@
-"""A tiny training stand-in for launcher tests: no torch, starts in milliseconds.
+"""A tiny training stand-in for launcher tests: no torch, starts in milliseconds (but see ``api``).
 
 It counts ``steps`` steps of ``sleep`` seconds, checkpoints its step to a JSON
-file in its run directory after each one (atomically), and records in a side
+file in its run directory after each one (atomically; with ``api: true`` through sweeprun's
+training API instead, drawing a seeded "loss" from Python's RNG), and records in a side
 log (``SIDE_LOG``) every start, resume point and finish, so tests can prove what
 ran and when (and the SLURM partition it ran on, if any). A per-run ``flock`` detects two
 processes on one run at once.
@@ -40,6 +41,29 @@ try:
 except BlockingIOError:
     side("overlap")
     sys.exit(3)
+
+if params.get("api"):
+    # The training API instead (``api: true``): each step's "loss" draws from Python's RNG,
+    # seeded by ``seed``, which sweeprun checkpoints every two steps: a run resumed from any
+    # checkpoint logs exactly what an uninterrupted one does, and one that is not differs.
+    import random
+
+    from sweeprun.training import init
+
+    random.seed(params.get("seed", 0))
+    run = init(every_steps=2)
+    run.restore()
+    side("start", from_step=run.step)
+    first = True
+    while run.step < steps:
+        time.sleep(sleep_s)
+        run.end_step(loss=random.random())
+        if first:  # this process's first step: where a resume's wait ends (benchmarks/slurm_requeue.py)
+            side("first_step", step=run.step)
+            first = False
+    run.finish()
+    side("finish", step=run.step)
+    sys.exit(0)
 
 ckpt = os.path.join(run_dir, "ckpt.json")
 step = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0

@@ -25,8 +25,6 @@ import pytest
 import _slurm_cluster
 from conftest import REPO, STEPS_SCRIPT, Sandbox, wait_for
 
-SCRIPT = REPO / "tests" / "scripts" / "rng_steps.py"
-
 
 @pytest.fixture(scope="module")
 def slurm_conf() -> str:
@@ -43,15 +41,14 @@ def cluster(slurm_conf: str) -> Iterator[dict[str, str]]:
 
 def sweep_file(sandbox: Sandbox, seeds: list[int], steps: int, slurm: dict[str, Any] | None,
                exact: bool = False, **extra: Any) -> Path:
-    """A sweep of ``seeds`` runs of ``steps`` steps of 0.15 s: through the training API
-    (rng_steps.py: exact or not) when ``exact``, else the lighter steps.py (no torch to load
-    for its checkpoints: the tests of where and when runs go)."""
-    command = (f"{sys.executable} {SCRIPT} --steps {steps} --sleep 0.15 --seed {{seed}}" if exact
-               else f"{sys.executable} {STEPS_SCRIPT} --x 1")
+    """A sweep of ``seeds`` runs of ``steps`` steps of 0.15 s (tests/scripts/steps.py): through
+    the training API with a seeded RNG when ``exact`` (exact or not), else with its own JSON
+    checkpoint (no torch to load: the tests of where and when runs go)."""
     # a name of its own per test: squeue finds a sweep's jobs by it, and the cluster outlives tests
-    return sandbox.write_sweep({"seed": seeds}, {} if exact else {"steps": steps, "sleep": 0.15},
+    return sandbox.write_sweep({"seed": seeds}, {"steps": steps, "sleep": 0.15, "api": exact},
                                name=f"s{uuid.uuid4().hex[:6]}", grace_s=extra.pop("grace_s", 50),
-                               command=command, **({"slurm": slurm} if slurm else {}), **extra)
+                               command=f"{sys.executable} {STEPS_SCRIPT} --x 1",
+                               **({"slurm": slurm} if slurm else {}), **extra)
 
 
 def squeue(name: str) -> list[tuple[str, str, str]]:
