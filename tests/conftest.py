@@ -40,16 +40,17 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.loadscopereorder = False
 
 
-#: CPU seconds each test file costs, fast and slow tests apart, as last measured on a 2-core
-#: machine (``python tools/test_weights.py CPU_LOG`` writes it from a run with
-#: ``SWEEPRUN_TEST_CPU_LOG``). Only the order of the files depends on it, never a result.
+#: Seconds each test file holds its worker (wall time, so a file that mostly waits on a
+#: SLURM cluster counts as long as one that trains), fast and slow tests apart, as last
+#: measured in a full run on a 2-core machine (``python tools/test_weights.py CPU_LOG`` writes
+#: it from a run with ``SWEEPRUN_TEST_CPU_LOG``). Only the order of the files depends on it.
 WEIGHTS = Path(__file__).with_name("cpu_weights.json")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The files that cost the most CPU first, each file's tests in their own order: with
+    """The files that hold their worker longest first, each file's tests in their own order: with
     ``--dist loadscope`` a file runs in one worker, so the longest ones must start first
-    (longest-processing-time-first scheduling). A file not measured yet counts as heavy (it
+    (longest-processing-time-first scheduling). A file not measured yet counts as long (it
     is new, and may train), a test of a measured file as its kind's mean there."""
     known = json.loads(WEIGHTS.read_text()) if WEIGHTS.exists() else {}
     cost: dict[str, float] = {}

@@ -1,12 +1,14 @@
-"""Write tests/cpu_weights.json from a run's per-test CPU log, so the suite starts its
-heaviest files first.
+"""Write tests/cpu_weights.json from a run's per-test log, so the suite starts the files
+that hold their worker longest first.
 
     SWEEPRUN_TEST_CPU_LOG=/tmp/cpu.jsonl python -m pytest -n 4 --dist loadscope
     python tools/test_weights.py /tmp/cpu.jsonl
 
-The log has one JSON line per test (``test``, ``cpu_s``, ``slow``); the weights are, per
-file, the CPU seconds and the number of its fast and of its slow tests. Only the order in
-which pytest-xdist hands files to its workers depends on them.
+The log has one JSON line per test (``test``, ``cpu_s``, ``wall_s``, ``slow``); the weights
+are, per file, the seconds its tests held their worker (wall time: a file that mostly waits,
+on a SLURM cluster or a lease, holds its worker as long as one that computes) and the number
+of its fast and of its slow tests. Only the order in which pytest-xdist hands files to its
+workers depends on them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def weights(lines: list[str]) -> dict[str, dict[str, list[float]]]:
         row = json.loads(line)
         kind = "slow" if row["slow"] else "fast"
         seconds_and_tests = files.setdefault(row["test"].split("::")[0], {}).setdefault(kind, [0.0, 0])
-        seconds_and_tests[0] = round(seconds_and_tests[0] + row["cpu_s"], 2)
+        seconds_and_tests[0] = round(seconds_and_tests[0] + row.get("wall_s", row["cpu_s"]), 2)
         seconds_and_tests[1] += 1
     return dict(sorted(files.items()))
 

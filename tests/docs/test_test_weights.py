@@ -13,12 +13,13 @@ from test_weights import weights  # noqa: E402
 
 
 def test_weights_sum_each_files_fast_and_slow_tests_apart() -> None:
-    log = [json.dumps({"test": "tests/a.py::t1", "cpu_s": 1.5, "slow": False}),
-           json.dumps({"test": "tests/a.py::t2[x]", "cpu_s": 2.0, "slow": False}),
-           json.dumps({"test": "tests/a.py::t3", "cpu_s": 30.0, "slow": True}),
+    """By wall time, how long a test holds its worker: a SLURM test waits more than it computes."""
+    log = [json.dumps({"test": "tests/a.py::t1", "cpu_s": 1.5, "wall_s": 3.0, "slow": False}),
+           json.dumps({"test": "tests/a.py::t2[x]", "cpu_s": 2.0, "wall_s": 4.0, "slow": False}),
+           json.dumps({"test": "tests/a.py::t3", "cpu_s": 2.0, "wall_s": 90.0, "slow": True}),
            "",
-           json.dumps({"test": "tests/b.py::C::t", "cpu_s": 0.25, "slow": False})]
-    assert weights(log) == {"tests/a.py": {"fast": [3.5, 2], "slow": [30.0, 1]},
+           json.dumps({"test": "tests/b.py::C::t", "cpu_s": 0.25, "slow": False})]  # an older log: CPU
+    assert weights(log) == {"tests/a.py": {"fast": [7.0, 2], "slow": [90.0, 1]},
                             "tests/b.py": {"fast": [0.25, 1]}}
 
 
