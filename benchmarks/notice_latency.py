@@ -18,30 +18,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTICE: dict[str, tuple[int, bytes] | None] = {"now": None}
+sys.path.insert(0, os.path.join(REPO, "tests"))
 
-
-class Metadata(BaseHTTPRequestHandler):
-    def do_PUT(self) -> None:
-        self._answer(200, b"token")
-
-    def do_GET(self) -> None:
-        self._answer(*(NOTICE["now"] or (404, b"")))
-
-    def _answer(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+from _metadata import Metadata  # noqa: E402
 
 
 def events(side: str, kind: str) -> list[dict[str, Any]]:
@@ -53,9 +36,8 @@ def events(side: str, kind: str) -> list[dict[str, Any]]:
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/latest/meta-data/spot/instance-action"
+    server = Metadata()
+    url = server.url("/latest/meta-data/spot/instance-action")
     latencies = []
     for i in range(rounds):
         root = tempfile.mkdtemp(prefix=f"sweeprun-notice-{i}-")
@@ -67,7 +49,7 @@ def main() -> None:
                     f"store: {root}/store\ngrid: {{a: [1, 2]}}\nparams: {{steps: 2000, sleep: 0.05}}\n")
         env = {**os.environ, "SIDE_LOG": side, "LOCK_DIR": os.path.join(root, "locks"),
                "SWEEPRUN_HOME": os.path.join(root, "state")}
-        NOTICE["now"] = None
+        server.notice = None
         worker = subprocess.Popen([sys.executable, "-m", "sweeprun", "worker", sweep, "--workers", "2",
                                    "--notice", f"aws={url}"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -75,7 +57,7 @@ def main() -> None:
             time.sleep(0.1)
         time.sleep(1.0)
         posted = time.time()
-        NOTICE["now"] = (200, json.dumps({"action": "terminate", "time": "soon"}).encode())
+        server.post({"action": "terminate", "time": "soon"})
         worker.wait(timeout=60)
         saved = max(e["at"] for e in events(side, "preempted"))
         latencies.append(saved - posted)
