@@ -63,6 +63,7 @@ def test_a_bad_notice_option_is_refused(value: str) -> None:
         parse_notice(value)
 
 
+@pytest.mark.slow  # two workers' runs; the fast subset keeps each provider's answer
 def test_a_notice_has_the_runs_save_and_the_worker_drain_and_the_next_worker_resumes(
         sandbox: Sandbox, metadata: Metadata) -> None:
     sweep = sandbox.write_sweep({"a": [1, 2]}, {"steps": 400, "sleep": 0.05})

@@ -92,14 +92,19 @@ def test_a_launch_submits_only_the_tasks_the_runs_left_need(left: dict, active: 
     ("slurm:\n  time: 3", "t.yaml:7: slurm.time 3 is no longer than the warning before it (signal_s 120 s, "
                           "which SLURM may send up to 60 s early)"),
 ])
-def test_a_bad_section_is_one_line_naming_file_line_and_key(sandbox: Sandbox, section: str, message: str) -> None:
+def test_a_bad_section_is_one_line_naming_file_line_and_key(section: str, message: str) -> None:
+    with pytest.raises(SpecError) as refused:
+        parse_spec(BASE + section + "\n", "t.yaml")
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_launch_on_slurm_with_a_bad_section_is_one_line_exit_2_and_writes_nothing(sandbox: Sandbox) -> None:
+    """The command line's side of the table above (the same message, on stderr, exit 2)."""
     sweep = sandbox.root / "t.yaml"
-    sweep.write_text(BASE.replace("/tmp/s", str(sandbox.store)) + section + "\n")
-    with pytest.raises(SpecError):
-        parse_spec(sweep.read_text(), str(sweep))
+    sweep.write_text(BASE.replace("/tmp/s", str(sandbox.store)) + "slurm:\n  partiton: spot\n")
     result = sandbox.run("launch", str(sweep), "--on", "slurm")
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "t.yaml:7: unknown key slurm.partiton" in result.stderr, result.stderr
     assert not sandbox.store.exists(), "nothing written"
 
 
