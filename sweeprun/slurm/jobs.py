@@ -14,7 +14,7 @@ from ..errors import SweeprunError
 from .spec import LANES
 
 __all__ = ["Job", "SlurmError", "active_jobs", "available", "cancel_pending", "job_label", "job_name",
-           "jobs_line", "own_job", "requeue", "slurm_command"]
+           "jobs_line", "own_job", "require", "requeue", "slurm_command"]
 
 #: squeue's states of a job that will still run, or is being requeued (see :mod:`sweeprun.slurm`).
 _ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
@@ -26,17 +26,22 @@ class SlurmError(SweeprunError):
     """SLURM's commands are missing, or one of them refused (its message is in this one)."""
 
 
-def available(command: str = "sbatch") -> bool:
+def available(command: str) -> bool:
     """Whether this machine has SLURM's ``command`` on the PATH."""
     return shutil.which(command) is not None
+
+
+def require(command: str) -> None:
+    """A :class:`SlurmError` that says where to run sweeprun, when ``command`` is not here."""
+    if not available(command):
+        raise SlurmError(f"{command} is not on the PATH: --on slurm runs on a SLURM login node "
+                         "(or a machine with SLURM's commands and its configuration)")
 
 
 def slurm_command(argv: Sequence[str], stdin: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """Run one of SLURM's commands; its output. A failure is a :class:`SlurmError` with its
     message; ``env``: variables added to this process's (sbatch passes them to the job)."""
-    if shutil.which(argv[0]) is None:
-        raise SlurmError(f"{argv[0]} is not on the PATH: --on slurm runs on a SLURM login node "
-                         "(or a machine with SLURM's commands and its configuration)")
+    require(argv[0])
     try:
         done = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
                               timeout=_COMMAND_TIMEOUT_S, check=False,

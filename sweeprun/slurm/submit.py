@@ -30,6 +30,7 @@ from .jobs import (
     jobs_line,
     own_job,
     requeue,
+    require,
     slurm_command,
 )
 from .spec import LANES, SlurmSpec, lane_of, switch_at
@@ -86,11 +87,11 @@ def interruptions(row: RunRow) -> int:
     return max(0, row.attempts - row.failures - (1 if row.state is RunState.RUNNING else 0))
 
 
-def runs_left(spec: SweepSpec, rows: Sequence[RunRow], now: float, sweep: Sweep,
-              at: float | None = None) -> dict[str, int]:
+def runs_left(sweep: Sweep, rows: Sequence[RunRow], now: float, at: float | None = None) -> dict[str, int]:
     """Per lane, the runs that can still make progress (neither done nor failed for good);
     ``at``: the wall-clock time to place them by (the deadline, once it is the reason)."""
     left = dict.fromkeys(LANES, 0)
+    spec = sweep.spec
     slurm = spec.slurm or SlurmSpec()
     for row in rows:
         if judge(row, now, sweep.policy) not in (Verdict.FINISHED, Verdict.EXHAUSTED):
@@ -98,13 +99,19 @@ def runs_left(spec: SweepSpec, rows: Sequence[RunRow], now: float, sweep: Sweep,
     return left
 
 
-def _ident(sweep: Sweep) -> str:
-    """The sweep's id in its store (its jobs' names carry it)."""
+def _store_ident(sweep: Sweep) -> str | None:
+    """The sweep's id in its store (its jobs' names carry it); ``None``: never launched."""
     key = sweep.ledger_key(create=False)
-    if key is None:
+    return None if key is None else key.rsplit("#", 1)[-1]
+
+
+def _ident(sweep: Sweep) -> str:
+    """:func:`_store_ident`, which must be there."""
+    ident = _store_ident(sweep)
+    if ident is None:
         raise SlurmError(f"the sweep {sweep.spec.name} has no id in its store {sweep.spec.store} yet: "
                          "launch it first")
-    return key.rsplit("#", 1)[-1]
+    return ident
 
 
 def _log_pattern(sweep: Sweep) -> str | None:
@@ -232,16 +239,14 @@ def launch_on_slurm(spec: SweepSpec, ledger: str | None, sweep_file: str, overri
     """``launch --on slurm``: submit what the sweep's runs left need; the lines to print.
     ``ledger``: the command line's ``--ledger``, which the tasks get in their environment."""
     check_launchable(spec, None)
-    for command in ("sbatch", "squeue"):
-        if not available(command):
-            raise SlurmError(f"{command} is not on the PATH: --on slurm runs on a SLURM login node "
-                             "(or a machine with SLURM's commands and its configuration)")
+    require("sbatch")
+    require("squeue")
     sweep = Sweep(spec, ledger)
     led = sweep.prepare(move_ledger=move_ledger)
     try:
         if len(sweep.done_at_start) == len(sweep.runs):
             return [f"all {len(sweep.runs)} runs done; nothing submitted"]
-        left = runs_left(spec, led.rows(grid_key(sweep.runs), params=False), led.now(), sweep)
+        left = runs_left(sweep, led.rows(grid_key(sweep.runs), params=False), led.now())
     finally:
         led.close()
     if not any(left.values()):
@@ -263,9 +268,8 @@ def status_line(sweep: Sweep) -> str | None:
     """``status``'s line on the sweep's SLURM tasks; ``None`` for a sweep not on SLURM."""
     if not scheduled(sweep):
         return None
-    if sweep.ledger_key(create=False) is None:
-        return "SLURM: the sweep was never launched"
-    return jobs_line(sweep.spec.name, _ident(sweep))
+    ident = _store_ident(sweep)
+    return "SLURM: the sweep was never launched" if ident is None else jobs_line(sweep.spec.name, ident)
 
 
 def cancel(sweep: Sweep) -> str | None:
@@ -276,9 +280,10 @@ def cancel(sweep: Sweep) -> str | None:
             return ("SLURM's commands are not on this machine: the sweep's pending tasks stay queued, "
                     "and each ends as it starts (run stop on the login node to cancel them)")
         return None
-    if not scheduled(sweep) or sweep.ledger_key(create=False) is None:
+    ident = _store_ident(sweep) if scheduled(sweep) else None
+    if ident is None:
         return None
-    cancelled = cancel_pending(sweep.spec.name, _ident(sweep))
+    cancelled = cancel_pending(sweep.spec.name, ident)
     return f"cancelled {len(cancelled)} pending SLURM task(s)" + (f": {' '.join(cancelled)}" if cancelled else "")
 
 
@@ -312,8 +317,8 @@ class Task:
         """Before anything is written: why this task must not run (it exits 0 then), or
         ``None``. A store without the sweep's id (a node whose store path is its own disk)
         is refused: running there would run the sweep a second time."""
-        found = sweep.ledger_key(create=False)
-        if found is None or found.rsplit("#", 1)[-1] != self.ident:
+        found = _store_ident(sweep)
+        if found != self.ident:
             raise SlurmError(f"this node sees the store {self.spec.store} without the sweep's id "
                              f"{self.ident[:8]}... ({'none' if found is None else 'another'}): every node "
                              "must see the same store (a shared path or a bucket)")
@@ -366,7 +371,7 @@ class Task:
 
     def _top_up(self, sweep: Sweep, ledger: Ledger, lanes: set[str] | None = None,
                 at: float | None = None) -> None:
-        left = runs_left(self.spec, ledger.rows(grid_key(sweep.runs), params=False), ledger.now(), sweep, at)
+        left = runs_left(sweep, ledger.rows(grid_key(sweep.runs), params=False), ledger.now(), at)
         if lanes is not None:
             left = {lane: n if lane in lanes else 0 for lane, n in left.items()}
         if not any(left.values()):
