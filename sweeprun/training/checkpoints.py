@@ -369,13 +369,19 @@ class CheckpointDir:
                 warn_once(f"manifest {self.join(name)} is unusable ({exc}); ignoring it")
         return sorted(out, key=lambda m: m.name)
 
-    def digest(self, path: str, algorithm: str = "sha256") -> tuple[int, str]:
-        """Size and hash of a file of the store, read in parts (a shard may be large)."""
+    def digest(self, path: str, algorithm: str = "sha256") -> tuple[int, str] | None:
+        """Size and hash of a file of the store, read in parts (a shard may be large);
+        ``None`` if it is not there."""
         digest, size = new_hash(algorithm), 0
-        with store_errors("read", path), self.fs.open(path, "rb", block_size=_PART_BYTES) as f:
-            while chunk := f.read(_PART_BYTES):
-                digest.update(chunk)
-                size += len(chunk)
+        with store_errors("read", path):
+            try:
+                f = self.fs.open(path, "rb", block_size=_PART_BYTES)
+            except FileNotFoundError:
+                return None
+            with f:
+                while chunk := f.read(_PART_BYTES):
+                    digest.update(chunk)
+                    size += len(chunk)
         return size, digest.hexdigest()
 
     def _verify_shards(self, manifest: Manifest) -> None:
@@ -384,11 +390,12 @@ class CheckpointDir:
         for name, record in sorted((manifest.files or {}).items()):
             algorithm, expected = hash_of(record) or ("", "")
             try:
-                size, found = self.digest(posixpath.join(folder, name), algorithm)
-            except FileNotFoundError:
-                raise ValueError(f"{name} is missing") from None
+                digest = self.digest(posixpath.join(folder, name), algorithm)
             except (StoreError, OSError) as exc:
                 raise ValueError(f"{name} is unreadable: {exc}") from None
+            if digest is None:
+                raise ValueError(f"{name} is missing")
+            size, found = digest
             if size != record["size"]:
                 raise ValueError(f"{name} is truncated: {size} bytes, manifest says {record['size']}")
             if found != expected:

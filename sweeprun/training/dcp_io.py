@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StoragePrefix
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
@@ -140,10 +139,12 @@ def local_memory(state: Any) -> set[tuple[int, int]]:
 
 
 @dataclass
-class _Target(_StoragePrefix):
-    """What rank 0 sends every rank with its part of the plan: its file prefix and the folder."""
+class _Target:
+    """What rank 0 sends every rank with its part of the plan: what DCP's own writer planned
+    for it (its file prefix: DCP's type, passed back to DCP untouched) and the folder."""
 
-    shards: str = ""
+    inner: Any
+    shards: str
 
 
 class RankFailed(CheckpointError):
@@ -187,11 +188,14 @@ class Commit(StorageWriter):
 
     def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
         name = self.name_of(self.step)
-        return [dataclasses.replace(p, storage_data=_Target(f"__{i}_", name.shards)) for i, p in enumerate(plans)]
+        planned = storage(self.dir, self.dir.join(name.shards), write=True).prepare_global_plan(plans)
+        return [dataclasses.replace(p, storage_data=_Target(q.storage_data, name.shards))
+                for p, q in zip(plans, planned, strict=True)]
 
     def write_data(self, plan: Any, planner: Any) -> Future[list[WriteResult]]:
         self.name = Name.parse(plan.storage_data.shards)
         assert self.name is not None
+        plan = dataclasses.replace(plan, storage_data=plan.storage_data.inner)
         self.flush()                              # the fence passed (rank 0 has the metrics)
         folder = self.dir.join(self.name.shards)
         self.inner = storage(self.dir, folder, write=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import os
 import posixpath
 import sys
@@ -40,7 +39,7 @@ from typing import IO, Any
 
 from ..errors import LeaseLost, SweeprunError
 from ..faults import crash_point
-from ..store import UPLOAD_PART_BYTES, create_only, store_errors
+from ..store import create_only, store_errors
 from ..store.layout import ATTEMPTS, attempt_of, highest_attempt
 from .checkpoints import CheckpointDir, Manifest, Name, Owner, Retention, _finite, say, warn
 from .digest import StreamDigest, tensor_memory
@@ -266,20 +265,9 @@ class CheckpointWriter:
                     sink.sync()
                     size, sha256 = digest.size, digest.hexdigest()
         except FileExistsError:
-            if self._digest(path) != sha256:
+            if self.dir.digest(path) != (size, sha256):
                 raise self._clash(path) from None
         return size, sha256
-
-    def _digest(self, path: str) -> str | None:
-        """sha256 of an object, read in parts; ``None`` if it is gone."""
-        digest = hashlib.sha256()
-        try:
-            with self.dir.fs.open(path, "rb", block_size=UPLOAD_PART_BYTES) as f:
-                while chunk := f.read(UPLOAD_PART_BYTES):
-                    digest.update(chunk)
-        except FileNotFoundError:
-            return None
-        return digest.hexdigest()
 
     def _clash(self, path: str) -> LeaseLost:
         return LeaseLost(f"{path} was written by another process of attempt {self.attempt} of "

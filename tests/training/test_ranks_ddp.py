@@ -81,10 +81,13 @@ def test_a_kill_after_one_rank_wrote_its_part_resumes_from_the_previous_checkpoi
     assert not partial.exists()                   # retention removed the save cut short
 
 
+@pytest.mark.parametrize(("damage", "said"), [("rot", "__1_0.distcp is corrupt"),
+                                              ("lost", "__1_0.distcp is missing")])
 def test_a_sharded_checkpoint_whose_files_do_not_match_is_passed_over(shared_dir: Path, tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+                                                                       capsys: pytest.CaptureFixture[str],
+                                                                       damage: str, said: str) -> None:
     """The sizes and hashes are taken as DCP writes the files (never read back): they are
-    those of the bytes on disk, and one flipped bit is still caught on restore."""
+    those of the bytes on disk, and one flipped bit (or a shard lost) is still caught on restore."""
     want = reference(shared_dir, DDP)
     folder = tmp_path / "checkpoints"
     shutil.copytree(want.out / "checkpoints", folder)
@@ -94,13 +97,16 @@ def test_a_sharded_checkpoint_whose_files_do_not_match_is_passed_over(shared_dir
             assert record == {"size": len(raw), "xxh3_128": xxhash.xxh3_128(raw).hexdigest()}, name
     newest = sorted(folder.glob("*.json"))[-1]
     shard = folder / json.loads(newest.read_text())["data"] / "__1_0.distcp"
-    raw = bytearray(shard.read_bytes())
-    raw[-1] ^= 1                                                 # one bit of rot
-    shard.write_bytes(bytes(raw))
+    if damage == "rot":
+        raw = bytearray(shard.read_bytes())
+        raw[-1] ^= 1                                             # one bit of rot
+        shard.write_bytes(bytes(raw))
+    else:
+        shard.unlink()
     directory = CheckpointDir(fsspec.filesystem("file"), str(folder))
     loaded = directory.load_latest(load=lambda m: load_one(directory, m, None))
     assert loaded is not None and loaded.manifest.stem < newest.stem
-    assert "__1_0.distcp is corrupt" in capsys.readouterr().err
+    assert said in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("rewrite", "restored"), [
