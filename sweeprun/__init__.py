@@ -22,7 +22,7 @@ _LAZY = {
     "Sweep": "sweep",
     # training side: these pull in torch
     "init": "training.start", "Run": "training.run", "load_checkpoint": "training.load",
-    "ResumableSampler": "training.sampler",
+    "ResumableSampler": "training.sampler", "Spikes": "training.spikes",
 }
 
 __all__ = [

@@ -34,6 +34,8 @@ POINTS = (
     "checkpoint.before_retention",  # a multi-rank save committed, the checkpoints it replaces not yet removed
     "metrics.after_append",        # a metrics.jsonl line appended (e.g. a validation loss)
     "training.before_finished",    # the final checkpoint durable, attempts/<n>.finished not written
+    "rollback.before_record",      # a loss-spike rollback: this rank's data position written, no record yet
+    "rollback.after_record",       # its record written, the checkpoints it set aside not yet deleted
     "runner.before_done",          # child exited 0, DONE not yet written
     "runner.after_done",           # DONE written, the ledger not yet told
     "ledger.in_claim",             # inside the claim transaction, before commit

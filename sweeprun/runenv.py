@@ -26,3 +26,11 @@ PRIOR_MTBI_S = 6 * 3600.0
 #: (SIGTERM, SIGINT, time limit) exits with this code (EX_TEMPFAIL). The launcher
 #: records it as ``interrupted``: resumable, and no attempt is used up.
 PREEMPTED_EXIT = 75
+
+#: A run whose loss spiked again after its last allowed rollback (``sweeprun.init(spikes=...)``)
+#: exits with this code, its attempt marked ``attempts/<n>.diverged``: the launcher records
+#: the run ``diverged`` and does not start it again until it is reset.
+DIVERGED_EXIT = 76
+#: A run that ran out of accelerator memory exits with this code, its attempt marked
+#: ``attempts/<n>.oom`` with the step: the launcher records ``oom``, not an ordinary failure.
+OOM_EXIT = 77

@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING
 
 from .errors import LeaseLost, SweeprunError
 from .leases import Lease, StoreLeases
+from .ledger import Outcome
 from .redact import record_bytes
 from .resumes import read_started
+from .rollbacks import RollbackSummary, oom_attempts, read_rollbacks
 from .slurm import job_label
 from .store import RunPaths, create_only, layout, store_errors
 
 if TYPE_CHECKING:
-    from .ledger import Claim, Ledger, Outcome, Policy, RunState
+    from .ledger import Claim, Ledger, Policy, RunState
 
 #: Generations given back in a row while looking for an attempt number nobody used: more
 #: means something keeps writing attempt files without a lease (another tool's sweep).
@@ -163,12 +165,21 @@ class Tenure:
     def finish(self, outcome: Outcome, policy: Policy, exit_code: int | None,
                child_started: bool) -> RunState | None:
         """Record the attempt's end in the ledger (:meth:`~sweeprun.ledger.base.Ledger.finish`),
-        with the resume at another world size its child recorded in ``attempts/<n>.started``:
-        the ledger keeps it with the run, for ``status``. No child, no record to read."""
-        resumed = None
+        with what its child recorded in the run's folder: a resume at another world size
+        (``attempts/<n>.started``), the run's loss-spike rollbacks (``rollbacks/``) and, for an
+        attempt out of memory, how many ran out so far (``attempts/<n>.oom``). The ledger keeps
+        them with the run, for ``status``. No child, no record to read."""
+        resumed, rollbacks, ooms = None, None, 0
         if child_started:  # a missing or damaged record is no resume (read_started never raises)
             resumed = read_started(self.paths.fs, self.paths.api_started(self.attempt), self.attempt).resume
-        return self.ledger.finish(self.claim, outcome, policy, exit_code, resumed=resumed)
+            try:
+                rollbacks = RollbackSummary.of(read_rollbacks(self.paths.fs, self.paths.rollbacks))
+            except SweeprunError:
+                pass  # only shown: the ledger keeps what it had
+        if outcome is Outcome.OOM:
+            ooms = len(oom_attempts(self.paths))
+        return self.ledger.finish(self.claim, outcome, policy, exit_code, resumed=resumed,
+                                  rollbacks=rollbacks, ooms=ooms)
 
     def release(self, done: bool) -> None:
         """Let the next taker in at once (the run ended, was stopped, or was given up); a done

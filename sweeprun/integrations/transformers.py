@@ -363,7 +363,7 @@ class SweeprunCallback(TrainerCallback):
             # what one rank wants, every rank does at this same step: the Trainer's saves and
             # its end are collective. A stop from any rank (its SIGTERM, its time budget); the
             # time cadence from rank 0, which seals, so it alone knows the last save and its cost
-            stop, due, _, _ = run.ranks.agree(stop, due and run.ranks.leader, {}, None)
+            stop, due = run.ranks.agree(stop, due and run.ranks.leader, {}, None)[:2]
             if stop and self._stop_reason is None:
                 self._stop_reason = "another rank was asked to stop"
         if stop:

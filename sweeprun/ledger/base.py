@@ -37,6 +37,7 @@ from ..identity import RunSpec
 from ..numbers import worker_pid
 from ..procs import ProcessRef
 from ..resumes import Resume
+from ..rollbacks import RollbackSummary
 
 #: Consecutive attempts lost with their worker (no exit code: the machine died) without a
 #: new checkpoint before the run is marked failed. Preemptions that save do not count.
@@ -49,6 +50,7 @@ class RunState(str, enum.Enum):
     INTERRUPTED = "interrupted"  # stopped early with a checkpoint; resumes without using an attempt
     FAILED = "failed"            # real failures reached max_attempts (or lost attempts max_lost)
     DONE = "done"
+    DIVERGED = "diverged"        # its loss spiked after its last allowed rollback; run again only after reset
 
 
 class Outcome(str, enum.Enum):
@@ -57,6 +59,9 @@ class Outcome(str, enum.Enum):
     DONE = "done"
     INTERRUPTED = "interrupted"
     FAILED = "failed"
+    ROLLED_BACK = "rolled-back"  # a loss spike: it goes on at once from an earlier checkpoint
+    DIVERGED = "diverged"        # a loss spike past the rollbacks allowed
+    OOM = "oom"                  # out of accelerator memory (its step in attempts/<n>.oom)
 
 
 class Verdict(str, enum.Enum):
@@ -74,6 +79,9 @@ class Policy:
 
     max_attempts: int = 3
     max_lost: int = DEFAULT_MAX_LOST
+    #: Attempts that ran out of memory the run may retry (with SWEEPRUN_OOM_RETRY set, and the
+    #: sweep file's ``on_oom: halve:`` parameters halved); past them an OOM fails it for good.
+    oom_retries: int = 0
 
 
 #: What :meth:`Ledger.uptime` asks of the attempts table (``%s``: now, then the sweep), in
@@ -143,6 +151,8 @@ class RunRow:
     #: an ended attempt reported it; kept by later exact resumes (see
     #: :func:`~sweeprun.ledger.transitions.resume_after`). ``None``: none known, or unreadable.
     resumed: Resume | None = None
+    #: The run's loss-spike rollbacks as its attempts reported them (:mod:`sweeprun.rollbacks`).
+    rollbacks: RollbackSummary | None = None
 
     @property
     def holder(self) -> ProcessRef | None:
@@ -169,7 +179,7 @@ class AttemptRow:
 #: The columns of a backend's ``runs`` table that :func:`decode_row` reads, in its order.
 RUN_COLUMNS = ("run_id", "idx", "params", "state", "attempts", "failures", "lost", "progress",
                "worker", "worker_start", "child_pid", "child_start", "lease_until", "heartbeat_at",
-               "last_exit", "updated_at", "resumed")
+               "last_exit", "updated_at", "resumed", "rollbacks")
 #: The columns a transition may change (never the run's identity, index or params): what a
 #: backend writes back for a :class:`Change`.
 MUTABLE_COLUMNS = RUN_COLUMNS[3:]
@@ -182,7 +192,7 @@ def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> RunRow:
     ``remedy`` (how to rebuild it from the store).
     """
     (run_id, idx, params, state, attempts, failures, lost, progress, worker, worker_start,
-     child_pid, child_start, lease_until, heartbeat_at, last_exit, updated_at, resumed) = r
+     child_pid, child_start, lease_until, heartbeat_at, last_exit, updated_at, resumed, rollbacks) = r
     try:
         run_state = RunState(state)
     except ValueError:
@@ -199,7 +209,8 @@ def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> RunRow:
                   heartbeat_at=heartbeat_at, lease_until=lease_until, last_exit=last_exit,
                   updated_at=updated_at or 0.0, lost=lost or 0, worker_start=worker_start,
                   progress=progress, child_pid=child_pid, child_start=child_start,
-                  resumed=Resume.from_json(resumed))  # only shown: a damaged one reads as none
+                  resumed=Resume.from_json(resumed),  # only shown: a damaged one reads as none
+                  rollbacks=RollbackSummary.from_json(rollbacks))
 
 
 def mutable_values(row: RunRow) -> list[Any]:
@@ -207,7 +218,8 @@ def mutable_values(row: RunRow) -> list[Any]:
     return [row.state.value, row.attempts, row.failures, row.lost, row.progress, row.worker,
             row.worker_start, row.child_pid, row.child_start, row.lease_until, row.heartbeat_at,
             row.last_exit, row.updated_at,
-            json.dumps(row.resumed.as_json()) if row.resumed is not None else None]
+            json.dumps(row.resumed.as_json()) if row.resumed is not None else None,
+            json.dumps(row.rollbacks.as_json()) if row.rollbacks is not None else None]
 
 
 def orphan_of(row: RunRow) -> ProcessRef | None:
@@ -230,6 +242,8 @@ def judge(row: RunRow, now: float, policy: Policy) -> Verdict:
     """
     if row.state is RunState.DONE:
         return Verdict.FINISHED
+    if row.state is RunState.DIVERGED:
+        return Verdict.EXHAUSTED
     if row.state is RunState.RUNNING and (row.lease_until or 0.0) > now:
         holder = row.holder
         if holder is None or holder.alive():
@@ -242,6 +256,8 @@ def judge(row: RunRow, now: float, policy: Policy) -> Verdict:
 def shown_state(row: RunRow, now: float, policy: Policy) -> RunState:
     """The state a user should see: an abandoned run is interrupted, an exhausted one failed."""
     verdict = judge(row, now, policy)
+    if row.state is RunState.DIVERGED:
+        return RunState.DIVERGED
     if verdict is Verdict.EXHAUSTED:
         return RunState.FAILED
     if row.state is RunState.RUNNING and verdict is not Verdict.HELD:
@@ -391,7 +407,8 @@ class Ledger(ABC):
 
     @abstractmethod
     def finish(self, claim: Claim, outcome: Outcome, policy: Policy,
-               exit_code: int | None = None, resumed: Resume | None = None) -> RunState | None:
+               exit_code: int | None = None, resumed: Resume | None = None,
+               rollbacks: RollbackSummary | None = None, ooms: int = 0) -> RunState | None:
         """Record how the attempt ended and return the run's new state.
 
         Returns ``None`` (and changes nothing) when ``claim`` is no longer the current
@@ -403,6 +420,9 @@ class Ledger(ABC):
         (what its start record says, ``attempts/<n>.started``). The row keeps the run's latest
         such resume (:attr:`RunRow.resumed`) through later exact resumes, and forgets it when
         an attempt starts with no checkpoint (:func:`~sweeprun.ledger.transitions.resume_after`).
+        ``rollbacks``: the run's loss-spike rollbacks as of this attempt's end (kept when not
+        given); ``ooms``: its attempts that ran out of memory, this one included (an ``OOM``
+        outcome is retried while they are within ``policy.oom_retries``).
         """
 
     @abstractmethod

@@ -17,6 +17,7 @@ from ..faults import crash_point
 from ..identity import RunSpec
 from ..procs import HOST, ProcessRef
 from ..resumes import Resume
+from ..rollbacks import RollbackSummary
 from . import transitions as tr
 from .base import (
     _ATTEMPT_COLUMNS,
@@ -419,7 +420,8 @@ class PostgresLedger(PostgresDatabase, Ledger):
                          timeout_s=min(HEARTBEAT_TIMEOUT_S, self.call_timeout_s))
 
     def finish(self, claim: Claim, outcome: Outcome, policy: Policy,
-               exit_code: int | None = None, resumed: Resume | None = None) -> RunState | None:
+               exit_code: int | None = None, resumed: Resume | None = None,
+               rollbacks: RollbackSummary | None = None, ooms: int = 0) -> RunState | None:
         self._writable()
 
         def tx(conn: psycopg.Connection[Any], retry: bool) -> RunState | None:
@@ -436,7 +438,7 @@ class PostgresLedger(PostgresDatabase, Ledger):
                         [self.sweep, claim.run_id, claim.attempt]).fetchone()
                     if mark is not None and mark[0] == outcome.value and mark[1] is not None:
                         return RunState(mark[1])
-                found = tr.finished(row, claim, outcome, policy, exit_code, now, resumed)
+                found = tr.finished(row, claim, outcome, policy, exit_code, now, resumed, rollbacks, ooms)
                 if found is None:
                     return None
                 self._persist(conn, found[0], now)
@@ -465,8 +467,9 @@ class PostgresLedger(PostgresDatabase, Ledger):
         if not self._tables:
             return []
         columns = _R_COLUMNS if params else _R_COLUMNS.replace("r.params", "'{}'::text")
-        if not self.has_resumed:  # an older sweeprun's database, read-only (status)
-            columns = columns.replace("r.resumed", "NULL::text")
+        for added in ("resumed", "rollbacks"):
+            if added not in self.has_columns:  # an older sweeprun's database, read-only (status)
+                columns = columns.replace(f"r.{added}", "NULL::text")
         if grid is None:
             query = (f"SELECT {columns} FROM sweeprun_runs r WHERE r.sweep = %s "
                      "ORDER BY r.idx, r.run_id")

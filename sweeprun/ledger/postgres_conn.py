@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS sweeprun_runs (
     PRIMARY KEY (sweep, run_id));
 ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS reset text;
 ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS resumed text;
+ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS rollbacks text;
 CREATE INDEX IF NOT EXISTS sweeprun_runs_claim ON sweeprun_runs (sweep, (state <> 'interrupted'), idx)
     WHERE state <> 'done';
 CREATE TABLE IF NOT EXISTS sweeprun_members (
@@ -76,10 +77,11 @@ CREATE TABLE IF NOT EXISTS sweeprun_attempts (
 """
 #: Columns that came after schema 1 without a new version: nullable, and an older sweeprun
 #: never reads them. ``reset``: the last reset a run honoured (:meth:`PostgresLedger.forget`);
-#: ``resumed``: the run's resume at another world size (JSON, :attr:`RunRow.resumed`). Added
+#: ``resumed``: the run's resume at another world size (JSON, :attr:`RunRow.resumed`);
+#: ``rollbacks``: its loss-spike rollbacks (JSON, :attr:`RunRow.rollbacks`). Added
 #: once, to databases created before them, under the schema lock.
 _ADDED_COLUMNS = {name: f"ALTER TABLE sweeprun_runs ADD COLUMN IF NOT EXISTS {name} text"
-                  for name in ("reset", "resumed")}
+                  for name in ("reset", "resumed", "rollbacks")}
 _PRESENT_COLUMNS = ("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass('sweeprun_runs') "
                     "AND attname = ANY(%s) AND NOT attisdropped")
 HAS_RESET = ("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('sweeprun_runs') "
@@ -181,9 +183,9 @@ class PostgresDatabase:
                               "give --ledger postgresql://user@host:port/database") from None
         self._connect_args = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
         self._tables = True
-        #: Whether ``sweeprun_runs`` has ``resumed``: a read-only handle on an older ledger
-        #: reads its rows without it (a writer adds it on opening).
-        self.has_resumed = True
+        #: The added columns ``sweeprun_runs`` has: a read-only handle on an older ledger reads
+        #: its rows without the others (a writer adds them on opening).
+        self.has_columns: set[str] = set(_ADDED_COLUMNS)
         self._open()
 
     # -- opening --------------------------------------------------------------------------
@@ -212,7 +214,7 @@ class PostgresDatabase:
                                      "= EXCLUDED.value", [str(SCHEMA_VERSION)])
                 else:
                     present = {r[0] for r in conn.execute(_PRESENT_COLUMNS, [list(_ADDED_COLUMNS)])}
-                    self.has_resumed = "resumed" in present
+                    self.has_columns = present
                     if not self.readonly:
                         adding = [_ADDED_COLUMNS[c] for c in _ADDED_COLUMNS if c not in present]
                     if adding:
@@ -220,7 +222,7 @@ class PostgresDatabase:
                             conn.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
                             for statement in adding:
                                 conn.execute(statement)
-                        self.has_resumed = True
+                        self.has_columns = set(_ADDED_COLUMNS)
         except self._pg.Error as exc:
             self.close()
             hint = ""

@@ -16,6 +16,7 @@ from ..faults import crash_point
 from ..identity import RunSpec
 from ..procs import HOST, ProcessRef
 from ..resumes import Resume
+from ..rollbacks import RollbackSummary
 from . import transitions as tr
 from .base import (
     _ATTEMPT_COLUMNS,
@@ -306,11 +307,12 @@ class SqliteLedger(Ledger):
             return change is not None
 
     def finish(self, claim: Claim, outcome: Outcome, policy: Policy,
-               exit_code: int | None = None, resumed: Resume | None = None) -> RunState | None:
+               exit_code: int | None = None, resumed: Resume | None = None,
+               rollbacks: RollbackSummary | None = None, ooms: int = 0) -> RunState | None:
         result: list[RunState] = []
 
         def transition(row: RunRow | None, now: float) -> tr.Change | None:
-            found = tr.finished(row, claim, outcome, policy, exit_code, now, resumed)
+            found = tr.finished(row, claim, outcome, policy, exit_code, now, resumed, rollbacks, ooms)
             if found is None:
                 return None
             result.append(found[1])
@@ -333,8 +335,11 @@ class SqliteLedger(Ledger):
     def rows(self, grid: str | None = None, *, params: bool = True) -> list[RunRow]:
         columns = _PREFIXED if params else _PREFIXED.replace("r.params", "'{}'")
         with self._tx(write=False) as db:
-            if self.readonly and "resumed" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:
-                columns = columns.replace("r.resumed", "NULL")  # an older sweeprun's file, for status
+            if self.readonly:
+                present = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+                for added in ("resumed", "rollbacks"):       # an older sweeprun's file, for status
+                    if added not in present:
+                        columns = columns.replace(f"r.{added}", "NULL")
             if grid is None:
                 found = db.execute(f"SELECT {columns} FROM runs r WHERE r.sweep = ? "
                                    "ORDER BY r.idx, r.run_id", [self.sweep]).fetchall()

@@ -56,7 +56,10 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 #: The runs a claim may take, and the order it takes them in: interrupted runs first (their
 #: checkpoints hold work), then grid order. Both are spelled as the ``runs_claim`` index is.
-OPEN_RUNS = "r.state NOT IN ('done', 'failed')"
+#: Runs that may still be claimed or are held (judge() decides). ``diverged`` is a term of its
+#: own: an index made with the first one still serves the query (SQLite uses a partial index
+#: whose terms all appear in the query).
+OPEN_RUNS = "r.state NOT IN ('done', 'failed') AND r.state <> 'diverged'"
 CLAIM_ORDER = "r.state <> 'interrupted', r.idx"
 
 
@@ -284,6 +287,8 @@ class SqliteFile:
             db.execute("ALTER TABLE runs ADD COLUMN reset TEXT")
         if "resumed" not in columns:  # a resume at another world size (JSON); the same holds
             db.execute("ALTER TABLE runs ADD COLUMN resumed TEXT")
+        if "rollbacks" not in columns:  # loss-spike rollbacks (JSON)
+            db.execute("ALTER TABLE runs ADD COLUMN rollbacks TEXT")
         db["members"].create({"sweep": str, "grid": str, "run_id": str, "idx": int},
                              pk=("sweep", "grid", "run_id"), if_not_exists=True)
         db.execute("CREATE INDEX IF NOT EXISTS members_order ON members (sweep, grid, idx)")

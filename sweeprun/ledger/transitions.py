@@ -16,6 +16,7 @@ from typing import Any
 
 from ..procs import ProcessRef
 from ..resumes import Resume, newest
+from ..rollbacks import RollbackSummary
 from .base import Claim, Outcome, Policy, RunRow, RunState, orphan_of
 
 
@@ -131,26 +132,33 @@ def resume_after(row: RunRow, resumed: Resume | None) -> Resume | None:
 
 
 def finished(row: RunRow | None, claim: Claim, outcome: Outcome, policy: Policy,
-             exit_code: int | None, now: float,
-             resumed: Resume | None = None) -> tuple[Change, RunState] | None:
-    """Record how ``claim``'s attempt ended, and the run's resume at another world size
-    (:func:`resume_after`). ``DONE`` is accepted for a run a sync already marked done from
-    its ``DONE`` file; a failure counts toward ``policy.max_attempts``."""
+             exit_code: int | None, now: float, resumed: Resume | None = None,
+             rollbacks: RollbackSummary | None = None, ooms: int = 0) -> tuple[Change, RunState] | None:
+    """Record how ``claim``'s attempt ended, the run's resume at another world size
+    (:func:`resume_after`) and its rollbacks. ``DONE`` is accepted for a run a sync already
+    marked done from its ``DONE`` file; a failure counts toward ``policy.max_attempts``. A
+    rollback is an interruption (the run goes on at once); a divergence ends the run
+    ``diverged``; an OOM is retried while ``ooms`` is within ``policy.oom_retries``, and past
+    them fails the run for good (the same attempt would run out of memory again)."""
     if row is None:
         return None
     if outcome is Outcome.DONE and row.state is RunState.DONE:
         # the claim may be stale here: what it reports is added, never what it lacks taken away
-        return Change(replace(row, resumed=newest(row.resumed, resumed)), closed=AttemptEnd(
-            claim.attempt, outcome.value, exit_code, RunState.DONE)), RunState.DONE
+        return Change(replace(row, resumed=newest(row.resumed, resumed), rollbacks=rollbacks or row.rollbacks),
+                      closed=AttemptEnd(claim.attempt, outcome.value, exit_code, RunState.DONE)), RunState.DONE
     if not _current(row, claim):
         return None
-    failures = row.failures + (outcome is Outcome.FAILED)
+    failures = row.failures + (outcome is Outcome.FAILED or outcome is Outcome.OOM)
+    if outcome is Outcome.OOM and ooms > policy.oom_retries:
+        failures = max(failures, policy.max_attempts)
     state = {Outcome.DONE: RunState.DONE, Outcome.INTERRUPTED: RunState.INTERRUPTED,
+             Outcome.ROLLED_BACK: RunState.INTERRUPTED, Outcome.DIVERGED: RunState.DIVERGED,
              Outcome.FAILED: RunState.FAILED if failures >= policy.max_attempts else RunState.PENDING,
+             Outcome.OOM: RunState.FAILED if failures >= policy.max_attempts else RunState.PENDING,
              }[outcome]
     new = replace(row, state=state, failures=failures, lost=0, last_exit=exit_code, worker=None,
                   worker_start=None, child_pid=None, child_start=None, lease_until=None,
-                  updated_at=now, resumed=resume_after(row, resumed))
+                  updated_at=now, resumed=resume_after(row, resumed), rollbacks=rollbacks or row.rollbacks)
     return Change(new, closed=AttemptEnd(claim.attempt, outcome.value, exit_code, state)), state
 
 
@@ -160,8 +168,8 @@ def forgotten(row: RunRow, honoured: str | None, token: str, now: float) -> RunR
     and a running one keeps its lease. ``None`` when this token was honoured already."""
     if honoured == token:
         return None
-    state = RunState.PENDING if row.state is RunState.FAILED else row.state
-    return replace(row, failures=0, lost=0, state=state, updated_at=now)
+    state = RunState.PENDING if row.state in (RunState.FAILED, RunState.DIVERGED) else row.state
+    return replace(row, failures=0, lost=0, state=state, updated_at=now, rollbacks=None)
 
 
 def first_state(run_id: str, done: Collection[str], started: Collection[str]) -> RunState:
@@ -194,5 +202,5 @@ def synced_columns(target: RunState) -> dict[str, Any]:
     if target is RunState.DONE:
         return {"state": target.value, "worker": None, "worker_start": None, "child_pid": None,
                 "child_start": None, "lease_until": None}
-    cleared = {"resumed": None} if target is RunState.PENDING else {}
+    cleared = {"resumed": None, "rollbacks": None} if target is RunState.PENDING else {}
     return {"state": target.value, "failures": 0, "lost": 0, **cleared}

@@ -11,7 +11,8 @@ A sweep's folder in the store::
 and a run's folder::
 
     params.json  DONE  metrics.jsonl  metrics/attempt-<n>.jsonl  logs/attempt-<n>.log
-    attempts/<n>.json|.started|.finished
+    attempts/<n>.json|.started|.finished|.diverged|.oom
+    rollbacks/<k>.json  rollbacks/<k>.rank-<rank>.pt
     checkpoints/ckpt-a<n>-<seq>-step<step>.pt|.json
     checkpoints/ckpt-a<n>-<seq>-step<step>.dcp/.metadata|__<rank>_<i>.distcp|rank-<rank>.pt
     lease/<generation>.json|.beat|.released   lease/<generation>.<nonce>.claim
@@ -182,9 +183,11 @@ TRAINER = "trainer"
 
 _METRICS_PART = re.compile(rf"attempt-(?P<n>{_POSITIVE})\.jsonl")
 _LOG = re.compile(rf"attempt-(?P<n>{_POSITIVE})\.log")
-_ATTEMPT_RECORD = re.compile(rf"(?P<n>{_POSITIVE})\.(?P<kind>json|started|finished)")
+_ATTEMPT_RECORD = re.compile(rf"(?P<n>{_POSITIVE})\.(?P<kind>json|started|finished|diverged|oom)")
 
-RecordKind = Literal["json", "started", "finished"]
+#: ``diverged`` and ``oom``: how the training API ended an attempt that the launcher must
+#: not count as an ordinary failure (:mod:`sweeprun.rollbacks`).
+RecordKind = Literal["json", "started", "finished", "diverged", "oom"]
 #: ``<n>.started`` holds ``{"attempt", "step"}``; a multi-rank run's adds ``"world_size"``, and a
 #: resume at another world size ``"resumed": {"checkpoint", "step", "world_size" (the saving
 #: run's), "approximate": ["rng", "data position"]}`` (:mod:`sweeprun.training.restore`).
@@ -213,7 +216,7 @@ def parse_log(name: str) -> int | None:
 
 def attempt_record_name(attempt: int, kind: RecordKind = "json") -> str:
     """``<n>.json`` (the launcher's start), ``<n>.started`` and ``<n>.finished`` (the training API's)."""
-    if kind not in ("json", "started", "finished"):
+    if kind not in ("json", "started", "finished", "diverged", "oom"):
         raise ValueError(f"{kind!r} is not an attempt record")
     return f"{_number(attempt)}.{kind}"
 
@@ -222,6 +225,35 @@ def parse_attempt_record(name: str) -> tuple[int, RecordKind] | None:
     """``(attempt, kind)`` of a name in ``attempts/``; ``None`` for any other name."""
     m = _match(_ATTEMPT_RECORD, name)
     return (int(m["n"]), m["kind"]) if m else None  # type: ignore[return-value]
+
+
+# -- rollbacks (sweeprun.rollbacks) ---------------------------------------------------------
+
+#: ``rollbacks/``: one record per loss-spike rollback of the run, numbered from 1.
+ROLLBACKS = "rollbacks"
+_ROLLBACK = re.compile(rf"(?P<k>{_POSITIVE})\.json")
+_ROLLBACK_DATA = re.compile(rf"(?P<k>{_POSITIVE})\.rank-(?P<rank>0|{_POSITIVE})\.pt")
+
+
+def rollback_name(number: int) -> str:
+    """``<k>.json``: rollback ``k``'s record, written create-only, last (its commit)."""
+    return f"{_number(number)}.json"
+
+
+def parse_rollback(name: str) -> int | None:
+    """The number of a rollback record's name; ``None`` for any other name."""
+    m = _match(_ROLLBACK, name)
+    return int(m["k"]) if m else None
+
+
+def rollback_data_name(number: int, rank: int) -> str:
+    """``<k>.rank-<rank>.pt``: where one rank's data position was when rollback ``k`` began."""
+    return f"{_number(number)}.rank-{_number(rank, 0)}.pt"
+
+
+def parse_rollback_data(name: str) -> tuple[int, int] | None:
+    m = _match(_ROLLBACK_DATA, name)
+    return (int(m["k"]), int(m["rank"])) if m else None
 
 
 # -- checkpoints -----------------------------------------------------------------------------

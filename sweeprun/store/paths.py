@@ -141,6 +141,25 @@ class RunPaths:
         """``attempts/<n>.finished``: written by ``Run.finish()`` after the final checkpoint."""
         return posixpath.join(self.attempts, layout.attempt_record_name(attempt, "finished"))
 
+    def api_diverged(self, attempt: int) -> str:
+        """``attempts/<n>.diverged``: attempt ``n`` met a loss spike past its rollbacks' cap."""
+        return posixpath.join(self.attempts, layout.attempt_record_name(attempt, "diverged"))
+
+    def api_oom(self, attempt: int) -> str:
+        """``attempts/<n>.oom``: attempt ``n`` ran out of accelerator memory (its step inside)."""
+        return posixpath.join(self.attempts, layout.attempt_record_name(attempt, "oom"))
+
+    @property
+    def rollbacks(self) -> str:
+        """``rollbacks/``: the run's loss-spike rollbacks (:mod:`sweeprun.rollbacks`)."""
+        return posixpath.join(self.dir, layout.ROLLBACKS)
+
+    def rollback(self, number: int) -> str:
+        return posixpath.join(self.rollbacks, layout.rollback_name(number))
+
+    def rollback_data(self, number: int, rank: int) -> str:
+        return posixpath.join(self.rollbacks, layout.rollback_data_name(number, rank))
+
     def is_done(self) -> bool:
         """Is the run's ``DONE`` a regular file (:func:`is_done_entry`)? From one listing of the
         run folder by the store, which never follows a link (as ``done_ids`` and

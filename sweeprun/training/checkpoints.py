@@ -33,7 +33,7 @@ import posixpath
 import re
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -253,10 +253,15 @@ class Retention:
         sign = 1.0 if self.mode == "min" else -1.0
         return min(scored, key=lambda m: (sign * m.metrics[self.best or ""], m.name))
 
-    def keep(self, manifests: list[Manifest]) -> set[Name]:
-        names = {m.name for m in sorted(manifests, key=lambda m: m.name)[-self.keep_last:]}
+    def keep(self, manifests: list[Manifest], floor: int | None = None) -> set[Name]:
+        """The last ``keep_last``, the best, and with ``floor`` the newest at or before that
+        step: the known-good checkpoint a loss-spike rollback goes back to
+        (:mod:`.rollback`), kept through the saves made while a spike is suspected."""
+        ordered = sorted(manifests, key=lambda m: m.name)
+        names = {m.name for m in ordered[-self.keep_last:]}
         best = self.best_of(manifests)
-        return names | ({best.name} if best else set())
+        good = [m for m in ordered if floor is not None and m.step <= floor]
+        return names | ({best.name} if best else set()) | ({good[-1].name} if good else set())
 
 
 @dataclass(frozen=True)
@@ -443,12 +448,14 @@ class CheckpointDir:
         return state
 
     def load_latest(self, owner: Owner | None = None,
-                    load: Callable[[Manifest], dict[str, Any]] | None = None) -> Loaded | None:
+                    load: Callable[[Manifest], dict[str, Any]] | None = None,
+                    skip: Collection[str] = ()) -> Loaded | None:
         """The newest checkpoint that verifies, falling back past missing, unreadable,
         truncated or corrupt ones (with a warning naming both). ``None`` when there is
         none at all. With ``owner``, a checkpoint written by another run or sweep is refused.
-        ``load`` reads one (ValueError: it does not verify); a multi-rank run reads sharded ones."""
-        manifests = self.manifests()
+        ``load`` reads one (ValueError: it does not verify); a multi-rank run reads sharded ones.
+        ``skip``: stems never to restore (written after a loss spike began, :mod:`.rollback`)."""
+        manifests = [m for m in self.manifests() if m.stem not in skip]
         failed: list[str] = []
         for manifest in reversed(manifests):
             if owner is not None and owner.run_id is not None and manifest.owner != owner:

@@ -24,7 +24,7 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import CheckpointError
 
@@ -70,12 +70,13 @@ class Ranks:
         dist.barrier(group=self.group)
 
     def agree(self, stop: bool, due: bool, metrics: dict[str, Any],
-              reduce: str | Mapping[str, str] | None, failed: bool = False,
-              ) -> tuple[bool, bool, dict[str, Any], bool]:
+              reduce: str | Mapping[str, str] | None, failed: bool = False, spike: int | None = None,
+              ) -> Agreed:
         """One all-gather per step: stop, save, and raise a failed background save's error,
         when any rank wants to (a rank's thread may learn its save's outcome a step before
-        another's: all raise it at the same step); and the metrics named in ``reduce``
-        reduced across ranks (the others as rank 0 has them).
+        another's: all raise it at the same step); a loss spike that any rank saw (``spike``:
+        its first step), the earliest start; and the metrics named in ``reduce`` reduced
+        across ranks (the others as rank 0 has them).
 
         Every rank must name the same metrics to reduce: they travel as one vector."""
         import torch
@@ -84,22 +85,33 @@ class Ranks:
         ops = _reductions(metrics, reduce)
         names = sorted(ops)
         values = [float(metrics[name]) for name in names]
-        mine = torch.tensor([float(stop), float(due), float(failed), float(len(names)), *values],
-                            dtype=torch.float64)
+        mine = torch.tensor([float(stop), float(due), float(failed), float(len(names)),
+                             -1.0 if spike is None else float(spike), *values], dtype=torch.float64)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine, group=self.group)
         table = torch.stack(gathered)
         if bool((table[:, 3] != len(names)).any()):
             raise CheckpointError(_mismatch(names))
+        starts = [int(v) for v in table[:, 4].tolist() if v >= 0]
         reduced = dict(metrics)
-        for column, name in enumerate(names, start=4):
+        for column, name in enumerate(names, start=5):
             values_ = table[:, column]
             op = ops[name]
             value = (values_.mean() if op == "mean" else values_.sum() if op == "sum"
                      else values_.min() if op == "min" else values_.max())
             reduced[name] = value.item()
         flags = [bool(table[:, column].max() > 0) for column in range(3)]
-        return flags[0], flags[1], reduced, flags[2]
+        return Agreed(flags[0], flags[1], reduced, flags[2], min(starts) if starts else None)
+
+
+class Agreed(NamedTuple):
+    """What the ranks decided together at one step (:meth:`Ranks.agree`)."""
+
+    stop: bool
+    due: bool
+    metrics: dict[str, Any]
+    failed: bool
+    spike: int | None       # the earliest start of a spike any rank saw
 
 
 def _mismatch(names: list[str]) -> str:

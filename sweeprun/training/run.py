@@ -36,6 +36,8 @@ from .cadence import AutoInterval
 from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention, say
 from .metrics import MetricsLog, NoMetrics, plain
 from .ranks import Ranks, check_reduce
+from .rollback import Positions
+from .spikes import Detector, Spike, Spikes
 from .state import (
     HostBuffers,
     Stateful,
@@ -58,7 +60,7 @@ class Run:
                  rng: bool, clock: Callable[[], float], under_launcher: bool = False,
                  async_save: bool = True, auto: AutoInterval | None = None,
                  fence_attempts: bool = False, ranks: Ranks | None = None,
-                 on_world_size_change: str = "reshard") -> None:
+                 on_world_size_change: str = "reshard", spikes: Spikes | None = None) -> None:
         self.params = params
         self.paths = paths
         self.run_id = owner.run_id
@@ -105,6 +107,14 @@ class Run:
         self._unhooked = 0                         # ... and those that cannot
         self._window = 1                           # end_step calls per optimizer step, last seen
         self._since_boundary = 0                   # end_step calls since the last optimizer step
+        self.spikes = spikes
+        """What a loss spike does (:mod:`.spikes`, :mod:`.rollback`); ``None``: nothing."""
+        self._detector = Detector(spikes) if spikes is not None else None
+        self._positions = Positions()
+        if self._detector is not None:
+            detector = self._detector
+            self._writer.floor = lambda: (self.step + 1 if detector.suspected is None
+                                          else detector.suspected) - spikes.margin
         self._previous_handlers: dict[int, Any] = {}
         self._install_handlers({signal.SIGTERM, signal.SIGINT, *stop_signals})
 
@@ -150,23 +160,38 @@ class Run:
     def restore(self) -> bool:
         """Load the newest checkpoint that verifies into every tracked object; ``False`` when
         the run starts fresh. Also cuts metrics.jsonl back to its length at that checkpoint."""
+        from . import rollback
         from .restore import load_objects, load_one, reshard_note, same_on_every_rank
 
+        records, set_aside = rollback.restore_records(self)
         loaded = self._dir.load_latest(Owner(self.run_id, self.sweep),
-                                       load=lambda m: load_one(self._dir, m, self._ranks))
+                                       load=lambda m: load_one(self._dir, m, self._ranks), skip=set_aside)
         same_on_every_rank(loaded, self._ranks)
-        if loaded is None:
+        record = rollback.applies(records, loaded.manifest.attempt if loaded else None)
+        if loaded is None and record is None:
             self._open_metrics()
             return False
-        state = loaded.state
-        note = reshard_note(loaded.manifest, self._ranks, self._on_world_size_change,
-                            self.paths if self._under_launcher else None, self.attempt)
-        load_objects(self._dir, loaded, self._objects, self._ranks)
-        if self.capture_rng and state.get("rng") is not None:
-            restore_rng(state["rng"])
-        self.epoch = int(state["epoch"])
-        self.extras = from_safe(state["extras"])
-        self._resume(int(state["step"]), state.get("metrics_bytes"), loaded.manifest.attempt)
+        note = ""
+        if loaded is not None:
+            state = loaded.state
+            note = reshard_note(loaded.manifest, self._ranks, self._on_world_size_change,
+                                self.paths if self._under_launcher else None, self.attempt)
+            load_objects(self._dir, loaded, self._objects, self._ranks)
+            if self.capture_rng and state.get("rng") is not None:
+                restore_rng(state["rng"])
+            self.epoch = int(state["epoch"])
+            self.extras = from_safe(state["extras"])
+            if self._detector is not None:
+                self._detector.load_state_dict(state.get("guard"))
+        if record is not None:
+            rollback.apply(self, record)
+            self._resume(record.resume_step, record.metrics_bytes, record.attempt)
+            self._saved_step, self._saved_at = None, self._clock()
+            self._step_started = self._saved_at
+            say(f"rolled back: {record.text()}; going on from step {self.step} (epoch {self.epoch})")
+            return True
+        assert loaded is not None
+        self._resume(int(loaded.state["step"]), loaded.state.get("metrics_bytes"), loaded.manifest.attempt)
         self._saved_step, self._saved_at = self.step, self._clock()
         self._step_started = self._saved_at
         say(f"resumed from {loaded.manifest.data} (step {self.step}, epoch {self.epoch}){note}")
@@ -301,17 +326,26 @@ class Run:
             if now - self._started + steps * self._step_s + self._save_s >= self.time_limit_s:
                 self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
         stop, due = self._stop_reason is not None, self._due(now)
+        spike = self._detector.observe(self.step, metrics) if self._detector is not None else None
+        if self._detector is not None and self.spikes and self.spikes.skip:
+            self._positions.observe(self._objects)
         if self._ranks is not None:            # what one rank wants, all do, at this step
-            stop, due, metrics, failed = self._ranks.agree(stop, due, metrics, reduce,
-                                                           self._background.failed)
-            if failed:
+            agreed = self._ranks.agree(stop, due, metrics, reduce, self._background.failed,
+                                       spike.start if spike else None)
+            stop, due, metrics = agreed.stop, agreed.due, agreed.metrics
+            if agreed.failed:
                 self._collect(block=True)      # its error, on every rank at this same step
             if stop and self._stop_reason is None:
                 self._stop_reason = "another rank was asked to stop"
+            spike = self._spike_of_all(spike, agreed.spike)
         elif reduce is not None:
             check_reduce(metrics, reduce)
         if metrics:
             self.log(**metrics)
+        if spike is not None:
+            from .rollback import roll_back
+
+            roll_back(self, spike)
         if not boundary:
             self._due_pending = self._due_pending or due
             return
@@ -329,6 +363,16 @@ class Run:
                 line = self._auto.observe(self._clock() - start)
                 if line is not None:
                     say(line)
+
+    def _spike_of_all(self, mine: Spike | None, start: int | None) -> Spike | None:
+        """The spike every rank rolls back for: the earliest start any rank saw, with the
+        metric and value of the first rank that saw it (a collective when there is one)."""
+        if start is None:
+            return None
+        assert self._ranks is not None
+        seen = [s for s in self._ranks.gather(mine) if s is not None]
+        first = min(seen, key=lambda s: s.start)
+        return Spike(start, self.step, first.metric, first.value, first.reason)
 
     def _boundary(self, optimizer_stepped: bool | None) -> bool:
         """Whether this end_step closes an optimizer step (a point a checkpoint may fall on)."""
@@ -388,7 +432,8 @@ class Run:
                      "extras": to_safe(self.extras, "run.extras", into),
                      "objects": {name: to_safe(obj.state_dict(), f"the state of {name!r}", into)
                                  for name, obj in self._own_objects().items()},
-                     "rng": capture_rng() if self.capture_rng else None}
+                     "rng": capture_rng() if self.capture_rng else None,
+                     "guard": self._detector.state_dict() if self._detector is not None else None}
         except TypeError as exc:
             raise CheckpointError(f"cannot save step {self.step}: {exc}") from None
         if copy:

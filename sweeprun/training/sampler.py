@@ -104,6 +104,14 @@ class ResumableSampler:
             state.update(num_replicas=self.num_replicas, rank=self.rank, drop_last=self.drop_last)
         return state
 
+    def state_dict_after(self, indices: int) -> dict[str, Any]:
+        """:meth:`state_dict` as it will be once ``indices`` more were handed out, up to the end
+        of this epoch: where a loss-spike rollback's ``skip`` batches take the data. Not
+        past it, since the loop's own epoch counter (``set_epoch``) would take it back."""
+        state = self.state_dict()
+        state["offset"] = min(self.offset + max(0, indices), self.num_samples)
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["size"] != self.size or state["seed"] != self.seed or state["shuffle"] != self.shuffle:
             raise ValueError(

@@ -23,6 +23,7 @@ from .cadence import PRIOR_MTBI_S, AutoInterval
 from .checkpoints import CheckpointDir, Owner, Retention, say
 from .ranks import detect
 from .run import Run, write_marker
+from .spikes import Spikes
 from .writer import join_in_flight
 
 #: The cadence when neither ``every_s`` nor ``every_steps`` is given: the interval that
@@ -63,8 +64,8 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
          min_every_s: float = 30.0, max_every_s: float = 3600.0, keep_last: int = 3,
          best: str | None = None, mode: Literal["min", "max"] = "min",
          time_limit_s: float | None = None, stop_signals: Iterable[int] = (), rng: bool = True,
-         async_save: bool | None = None, clock: Callable[[], float] = time.monotonic,
-         env: Mapping[str, str] | None = None) -> Run:
+         async_save: bool | None = None, spikes: bool | Spikes | Mapping[str, Any] | None = None,
+         clock: Callable[[], float] = time.monotonic, env: Mapping[str, str] | None = None) -> Run:
     """Start (or continue) this process's run.
 
     Under ``sweeprun launch`` the parameters and directory come from the environment
@@ -79,13 +80,17 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     SWEEPRUN_ASYNC_SAVE=0). ``time_limit_s`` (or
     SWEEPRUN_TIME_LIMIT, the smaller wins) makes the run save and exit with 75 before
     that many seconds have passed. ``rng=False`` leaves RNG states out: only to show
-    why they matter. ``clock`` and ``env`` are for tests.
+    why they matter. ``spikes=True`` (or a :class:`~.spikes.Spikes`) watches the loss of
+    each ``end_step``: a NaN, an Inf or a spike rolls the run back to a checkpoint from
+    before it and past its batches, at most ``max_rollbacks`` times, then ends it
+    ``diverged`` (:mod:`.rollback`). ``clock`` and ``env`` are for tests.
 
     Nothing is written before the environment and the folder have been checked: bad
     input is one :class:`SweeprunError` line (exit 2 when uncaught).
     """
     env = os.environ if env is None else env
     _exit_2_on_sweeprun_errors()
+    policy_spikes = Spikes.of(spikes)
     run_dir = settings.RUN_DIR.get(env)
     policy = settings.ON_WORLD_SIZE_CHANGE.value(env)
     ranks = detect(env)                # several ranks: every one of them calls init()
@@ -143,7 +148,8 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
                retention=Retention(keep_last=keep_last, best=best, mode=mode),
                time_limit_s=min(limits) if limits else None, stop_signals=stop_signals, rng=rng,
                clock=clock, under_launcher=bool(run_dir), async_save=async_save, auto=auto,
-               fence_attempts=fence_attempts, ranks=ranks, on_world_size_change=policy)
+               fence_attempts=fence_attempts, ranks=ranks, on_world_size_change=policy,
+               spikes=policy_spikes)
 
 
 def _launcher_params(env: Mapping[str, str], paths: RunPaths,

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -138,6 +138,9 @@ class CheckpointWriter:
         """The run's ``attempts/`` folder when the attempt number is the launcher's; ``None``
         standalone (no launcher numbers its attempts there)."""
         self._retention: threading.Thread | None = None
+        self.floor: Callable[[], int | None] = lambda: None
+        """The step at or before which retention keeps the newest checkpoint besides the last
+        ``keep_last`` (a loss-spike rollback's known-good one, :meth:`Retention.keep`)."""
 
     def prune_later(self, folder: Folder) -> None:
         """:meth:`prune` on a thread of its own, after a commit: the save does not wait for
@@ -279,7 +282,7 @@ class CheckpointWriter:
         Manifest first, so no manifest ever names a deleted file. A newer attempt's files
         are never touched: that attempt is alive and this process is the stale one."""
         listing, manifests = folder.listing, folder.manifests
-        keep = self.retention.keep(manifests)
+        keep = self.retention.keep(manifests, self.floor())
         doomed: list[str] = []
         for m in manifests:
             if m.name not in keep and m.attempt <= self.attempt and m.owner == self.owner:
@@ -299,6 +302,15 @@ class CheckpointWriter:
                 doomed.append(entry)
         for entry in doomed:
             self._discard(entry)
+
+    def discard(self, stems: Collection[str]) -> None:
+        """Delete the checkpoints named (manifest first): those a loss-spike rollback set
+        aside, which no restore may use (:mod:`.rollback`). Gone already is fine."""
+        self.settle()
+        for m in self.dir.manifests():
+            if m.stem in stems and m.owner == self.owner:
+                self._discard(m.name.manifest)
+                self._discard(m.data)
 
     def _discard(self, entry: str) -> None:
         """Delete a file, without making the save wait for a big one on local disk.

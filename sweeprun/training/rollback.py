@@ -1,0 +1,231 @@
+"""A loss-spike rollback, from the spike to the step after it (policy: :mod:`.spikes`,
+records: :mod:`sweeprun.rollbacks`).
+
+The rollback is a restart, not a rewind in place: the script's loop holds things no run can
+reach (its epoch variable, its DataLoader iterator), so a run that met a spike records where
+to go back to and exits 75, and the launcher starts it again at once; the new process's
+``run.restore()`` then puts everything where the record says before the loop begins:
+
+1. the spike is confirmed at step ``s`` (on any rank: every rank learns it at that step);
+2. the save in flight is waited for; the target is the newest checkpoint at least
+   ``margin`` steps older than the spike's start, every checkpoint newer than it is
+   *abandoned*;
+3. every rank writes where its data is (``rollbacks/<k>.rank-<r>.pt``: the epoch and the
+   tracked samplers and loaders as of step ``s``, plus ``skip`` batches);
+4. rank 0 writes ``rollbacks/<k>.json``, create-only, after the fence: the commit. Killed
+   before it, the run resumes from its newest checkpoint and meets the same spike at the
+   same step again (the detector's state is in every checkpoint); killed after, every
+   restore follows the record;
+5. the abandoned checkpoints are deleted (again at the next restore, if a kill came first);
+   every rank exits 75.
+
+A restore skips the abandoned checkpoints of every record, so one written after a spike
+began is never restored. The record applies while no checkpoint newer than its target
+exists: model, optimizer, scheduler, RNG and extras from the target, the data position and
+epoch from the record, the step moved to ``s + skip``, metrics cut to their length at ``s``.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import time
+from typing import TYPE_CHECKING, NoReturn
+
+from ..errors import CheckpointError, LeaseLost, SweeprunError
+from ..faults import crash_point
+from ..rollbacks import RollbackRecord, read_rollbacks
+from ..runenv import DIVERGED_EXIT, PREEMPTED_EXIT
+from ..store import atomic_write, create_only, store_errors
+from .checkpoints import say
+from .sampler import ResumableSampler
+from .spikes import Spike
+from .state import Stateful, from_safe, to_safe
+
+if TYPE_CHECKING:
+    from .run import Run
+
+
+def data_objects(objects: dict[str, Stateful]) -> dict[str, Stateful]:
+    """The tracked objects that are a position in the data (samplers, stateful loaders):
+    what a rollback does not take back to its checkpoint."""
+    import torch
+
+    return {n: o for n, o in objects.items() if hasattr(o, "__iter__") and not isinstance(o, torch.nn.Module)}
+
+
+class Positions:
+    """How many indices each tracked :class:`~.sampler.ResumableSampler` hands out per step,
+    as last seen: what ``skip`` more batches are in indices."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}
+        self.per_step: dict[str, int] = {}
+
+    def observe(self, objects: dict[str, Stateful]) -> None:
+        for name, obj in objects.items():
+            if isinstance(obj, ResumableSampler):
+                now, before = (obj.epoch, obj.offset), self._last.get(name)
+                if before is not None and before[0] == now[0] and now[1] > before[1]:
+                    self.per_step[name] = now[1] - before[1]
+                self._last[name] = now
+
+
+def roll_back(run: Run, spike: Spike) -> NoReturn:
+    """Steps 2-5 of the module's docstring on every rank; never returns (exit 75, or
+    :data:`~sweeprun.runenv.DIVERGED_EXIT` once the rollbacks are used up)."""
+    policy, ranks, paths = run.spikes, run.ranks, run.paths
+    assert policy is not None
+    leader = ranks is None or ranks.leader
+    run.wait()
+    run._writer.settle()
+    records = read_rollbacks(paths.fs, paths.rollbacks)
+    number = 1 + max((r.number for r in records), default=0)
+    if ranks is not None:
+        number = ranks.gather(number)[0]
+    used = sum(not r.diverged for r in records)
+    diverged = used >= policy.max_rollbacks
+    record: RollbackRecord | str | None = None
+    if not diverged:
+        _write_positions(run, number, ranks.rank if ranks else 0)
+    crash_point("rollback.before_record")
+    if ranks is not None:
+        ranks.barrier()                       # every rank's position is durable
+    if leader:
+        try:
+            record = _commit(run, spike, number, records, diverged)
+        except SweeprunError as exc:
+            record = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if ranks is not None:
+        record = ranks.gather(record)[0]
+    if isinstance(record, str):
+        run.close()
+        raise (LeaseLost if record.startswith("LeaseLost") else CheckpointError)(
+            record.split(": ", 1)[-1])
+    assert record is not None
+    crash_point("rollback.after_record")
+    if leader and record.abandoned:
+        try:
+            run._writer.discard(set(record.abandoned))
+        except SweeprunError as exc:        # the next restore deletes them again
+            say(f"warning: the checkpoints set aside by the rollback were not all deleted: {exc}")
+    run.close()
+    if diverged:
+        say(f"{record.text()} (after {used} rollback(s), max_rollbacks={policy.max_rollbacks}); "
+            f"exiting with {DIVERGED_EXIT}: relaunching does not start it again until `sweeprun reset`")
+        raise SystemExit(DIVERGED_EXIT)
+    say(f"{record.text()}; rollback {record.number} of at most {policy.max_rollbacks}; exiting with "
+        f"{PREEMPTED_EXIT}: the launcher starts it again from there at once (standalone: run it again)")
+    raise SystemExit(PREEMPTED_EXIT)
+
+
+def _write_positions(run: Run, number: int, rank: int) -> None:
+    """This rank's data position as of now, plus ``skip`` batches: atomic, before the commit."""
+    import torch
+
+    policy = run.spikes
+    assert policy is not None
+    objects = {}
+    for name, obj in data_objects(run._objects).items():
+        per_step = run._positions.per_step.get(name)
+        if isinstance(obj, ResumableSampler) and policy.skip and per_step:
+            objects[name] = obj.state_dict_after(policy.skip * per_step)
+        else:
+            objects[name] = to_safe(obj.state_dict(), f"the state of {name!r}")
+    raw = io.BytesIO()
+    torch.save({"epoch": run.epoch, "objects": objects}, raw)
+    atomic_write(run.paths.fs, run.paths.rollback_data(number, rank), raw.getvalue())
+
+
+def _commit(run: Run, spike: Spike, number: int, records: list[RollbackRecord],
+            diverged: bool) -> RollbackRecord:
+    """Rank 0: the fence, the target, the record (create-only); with ``diverged`` also the
+    attempt's ``.diverged`` mark for the launcher."""
+    policy = run.spikes
+    assert policy is not None
+    run._writer.fence()                       # a process whose run was taken over writes nothing
+    metrics_bytes = run.flush_metrics()
+    set_aside = {a for r in records for a in r.abandoned}
+    manifests = [m for m in run._dir.manifests() if m.stem not in set_aside]
+    good = [m for m in manifests if m.step <= spike.start - policy.margin]
+    target = None if diverged or not good else good[-1]
+    abandoned = () if diverged else tuple(m.stem for m in manifests if target is None or m.name > target.name)
+    restored = target.step if target else 0
+    record = RollbackRecord(
+        number=number, attempt=run.attempt, metric=spike.metric, reason=spike.reason,
+        value=spike.value if spike.reason == "spike" else None, start=spike.start, step=spike.step,
+        checkpoint=target.stem if target else None, restored_step=spike.step if diverged else restored,
+        resume_step=spike.step + (0 if diverged else policy.skip), abandoned=abandoned, diverged=diverged,
+        metrics_bytes=metrics_bytes, world_size=run.ranks.world_size if run.ranks else 1, at=time.time())
+    path = run.paths.rollback(number)
+    with store_errors("write", path):
+        if not create_only(run.paths.fs, path, record.to_bytes()):
+            raise CheckpointError(f"{path} exists already: another process of this run wrote a rollback "
+                                  "record (two processes run one attempt?); stopping without another")
+    if diverged:
+        mark_diverged(run)
+    return record
+
+
+def mark_diverged(run: Run) -> None:
+    """``attempts/<n>.diverged`` under the launcher (rank 0): the attempt ends the run diverged."""
+    if run.under_launcher and (run.ranks is None or run.ranks.leader):
+        from .run import write_marker
+
+        write_marker(run.paths, run.paths.api_diverged(run.attempt), run.attempt, run.step)
+
+
+def restore_records(run: Run) -> tuple[list[RollbackRecord], set[str]]:
+    """The run's rollback records and the checkpoints they set aside; a run whose last
+    record is ``diverged`` stops here (the launcher records it, standalone it is said)."""
+    records = read_rollbacks(run.paths.fs, run.paths.rollbacks)
+    if records and records[-1].diverged:
+        mark_diverged(run)
+        run.close()
+        say(f"this run diverged ({records[-1].text()}); it is not run again: `sweeprun reset` it "
+            f"(or remove {run.paths.rollbacks}) to start over; exiting with {DIVERGED_EXIT}")
+        raise SystemExit(DIVERGED_EXIT)
+    return records, {a for r in records for a in r.abandoned}
+
+
+def applies(records: list[RollbackRecord], resumed_attempt: int | None) -> RollbackRecord | None:
+    """The rollback a restore must apply: the last one, while no checkpoint written after it
+    exists (``resumed_attempt``: the restored checkpoint's attempt, ``None`` for none)."""
+    last = records[-1] if records else None
+    if last is None or (resumed_attempt is not None and resumed_attempt > last.attempt):
+        return None
+    return last
+
+
+def apply(run: Run, record: RollbackRecord) -> None:
+    """Put the data position, the epoch and the step where ``record`` says (the rest was
+    restored from its checkpoint), and delete what it set aside if a kill left any."""
+    import torch
+
+    rank = run.ranks.rank if run.ranks else 0
+    fs = run.paths.fs
+    path = run.paths.rollback_data(record.number, rank)
+    with store_errors("read", path):
+        if not fs.exists(path):
+            path = run.paths.rollback_data(record.number, 0)
+        try:
+            raw = fs.cat_file(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is missing: rollback {record.number}'s data position was "
+                                  f"not written; remove {run.paths.rollback(record.number)} to resume "
+                                  "from the newest checkpoint instead") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not load ({exc}); remove "
+                              f"{run.paths.rollback(record.number)} to resume from the newest checkpoint "
+                              "instead") from None
+    for name, obj in data_objects(run._objects).items():
+        if name in state["objects"]:
+            obj.load_state_dict(from_safe(state["objects"][name]))
+    run.epoch = int(state["epoch"])
+    if run.ranks is None or run.ranks.leader:
+        try:
+            run._writer.discard(set(record.abandoned))
+        except SweeprunError as exc:
+            say(f"warning: checkpoints set aside by rollback {record.number} were not all deleted: {exc}")
