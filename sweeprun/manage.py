@@ -29,7 +29,9 @@ from .faults import crash_point
 from .ledger import RunState
 from .ledger.base import AttemptRow
 from .resumes import Resume, Started, newest, read_started, started_numbers
+from .rollbacks import RollbackRecord, read_rollbacks
 from .store import (
+    RunPaths,
     backend_for,
     confine,
     fsync_dir,
@@ -111,6 +113,10 @@ class RunDetail:
     #: attempt -> its start record (``attempts/<n>.started``, the training API's): its world
     #: size and a resume at another world size.
     started: dict[int, Started] = field(default_factory=dict)
+    #: Its loss-spike rollbacks (``rollbacks/``), oldest first.
+    rollbacks: list[RollbackRecord] = field(default_factory=list)
+    #: Its last attempt that ran out of memory, in words (``attempts/<n>.oom``), or ``None``.
+    oom: str | None = None
 
     @property
     def approximate_resume(self) -> Resume | None:
@@ -134,7 +140,7 @@ class RunDetail:
                 "approximate_resume": resume.as_json() if resume else None,
                 "checkpoints": [{**c.__dict__, "age_s": self.now - c.created} for c in self.checkpoints],
                 "metrics": self.metrics, "log": self.log, "log_tail": self.log_tail,
-                "done": self.done}
+                "done": self.done, "rollbacks": [r.as_json() for r in self.rollbacks], "oom": self.oom}
 
 
 def run_detail(sweep: Sweep, run_id: str) -> RunDetail:
@@ -168,9 +174,26 @@ def run_detail(sweep: Sweep, run_id: str) -> RunDetail:
     if trainer is not None:
         checkpoints += trainer.checkpoints()
     started = {n: read_started(fs, paths.api_started(n), n) for n in started_numbers(files)}
+    rollbacks = read_rollbacks(fs, paths.rollbacks) if any(
+        rel.startswith(layout.ROLLBACKS + "/") for rel in files) else []
     return RunDetail(row=row, params=params, attempts=attempts, attempts_from=source,
-                     checkpoints=checkpoints,
-                     metrics=metrics, log=log, log_tail=tail, done=done, started=started)
+                     checkpoints=checkpoints, metrics=metrics, log=log, log_tail=tail, done=done,
+                     started=started, rollbacks=rollbacks, oom=_oom(fs, paths, files))
+
+
+def _oom(fs: Any, paths: RunPaths, files: dict[str, float]) -> str | None:
+    """``attempt 3 at step 120`` for the newest ``attempts/<n>.oom`` of the run, else ``None``."""
+    found = [p for rel in files if rel.startswith(layout.ATTEMPTS + "/")
+             and (p := layout.parse_attempt_record(rel.split("/", 1)[1])) and p[1] == "oom"]
+    if not found:
+        return None
+    attempt = max(n for n, _ in found)
+    try:
+        record = read_json(fs, paths.api_oom(attempt))
+    except (StoreError, ValueError):
+        record = {}
+    step = record.get("step") if isinstance(record, dict) else None
+    return f"attempt {attempt}" + (f" at step {step}" if isinstance(step, int) else "")
 
 
 def _params(sweep: Sweep, run_id: str, path: str, files: dict[str, float]) -> dict[str, Any]:

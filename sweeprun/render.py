@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .manage import RunDetail
 
 STATE_STYLE = {RunState.PENDING: "dim", RunState.RUNNING: "cyan", RunState.INTERRUPTED: "yellow",
-               RunState.FAILED: "red", RunState.DONE: "green"}
+               RunState.FAILED: "red", RunState.DONE: "green", RunState.DIVERGED: "magenta"}
 
 
 def format_age(seconds: float | None) -> str:
@@ -104,7 +104,7 @@ def totals_line(rows: Sequence[StatusRow]) -> str:
 SCREEN_ROWS = 40
 
 #: What a user should look at first: in this order, before the rest.
-_ATTENTION = (RunState.FAILED, RunState.RUNNING, RunState.INTERRUPTED)
+_ATTENTION = (RunState.FAILED, RunState.DIVERGED, RunState.RUNNING, RunState.INTERRUPTED)
 
 
 def attention(rows: Sequence[StatusRow], limit: int = SCREEN_ROWS) -> list[StatusRow]:
@@ -146,6 +146,9 @@ def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[Sta
         if resumed is not None:  # the caption explains the mark; `show` tells the whole resume
             mark = f"~resumed {resumed.saved_world_size}→{resumed.world_size or '?'} procs"
             progress = mark if progress == "-" else f"{progress} {mark}"
+        if r.rollbacks is not None and r.rollbacks.count:
+            mark = f"↺{r.rollbacks.count}"
+            progress = mark if progress == "-" else f"{progress} {mark}"
         table.add_row(escape(r.run_id.rsplit("-", 1)[-1]), escape(" ".join(f"{k}={_value(v)}" for k, v in r.params.items())),
                       *((str(r.nproc),) if procs else ()), f"[{STATE_STYLE[r.state]}]{r.state.value}[/]", attempts, escape(progress),
                       format_age(r.checkpoint_age_s),
@@ -162,6 +165,12 @@ def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[Sta
         table.caption += ("\n~resumed a→b procs: the run resumed a checkpoint saved at another world "
                           "size and goes on from it; model and optimizer exact, RNG and data position "
                           "approximate (`sweeprun show RUN`)")
+    if any(r.rollbacks and r.rollbacks.count for r in rows):
+        table.caption += ("\n↺n: the run rolled back n times after a loss spike (`sweeprun show RUN`); "
+                          "from its first rollback on it is not bit-exact with a run that never spiked")
+    if any(r.state is RunState.DIVERGED for r in rows):
+        table.caption += ("\ndiverged: its loss spiked again after its last allowed rollback; relaunching "
+                          "skips it; `sweeprun reset RUN` starts it over")
     if any(r.contested for r in rows):
         table.caption += ("\nlease contested: two machines claimed one run at once and the store showed "
                           "it late; it may have run twice. Raise `lease_settle_s:` in the sweep file, "
@@ -172,7 +181,9 @@ def status_table(rows: Sequence[StatusRow], title: str, everything: Sequence[Sta
 
 #: How an attempt ended, in words, by the ledger's outcome.
 _OUTCOME = {"done": "done", "interrupted": "interrupted (resumable)", "failed": "failed",
-            "lost": "lost with its worker", "lost-limit": "failed: lost with its worker too often"}
+            "lost": "lost with its worker", "lost-limit": "failed: lost with its worker too often",
+            "rolled-back": "rolled back (loss spike)", "diverged": "diverged (loss spike past max_rollbacks)",
+            "oom": "out of memory"}
 
 
 def format_time(t: float | None) -> str:
@@ -223,6 +234,15 @@ def run_view(detail: RunDetail) -> Group:
         elif started.problem is not None:
             parts.append(Text(f"attempt {n}: its start record did not read ({started.problem}); "
                               "its world size is not known", style="dim"))
+
+    if detail.rollbacks:
+        parts.append(Text("rollbacks (loss spikes; the run is not bit-exact with one that never spiked "
+                          "from the first on)", style="bold"))
+        for record in detail.rollbacks:
+            parts.append(Text(f"  {record.number}. attempt {record.attempt}: {record.text()}",
+                              style="magenta" if record.diverged else "yellow"))
+    if detail.oom is not None:
+        parts.append(Text(f"out of memory: {detail.oom}", style="red"))
 
     if detail.checkpoints:
         ckpts = Table(title="checkpoints", title_justify="left", box=box.SIMPLE_HEAD)

@@ -192,7 +192,7 @@ class Launcher:
         elif rows is None or not settled(rows, now, self.policy):
             code = EXIT_UNSETTLED  # stopped by a time limit or a stop request; runs remain
         else:
-            code = 1 if states.get(RunState.FAILED.value) else 0
+            code = 1 if states.get(RunState.FAILED.value) or states.get(RunState.DIVERGED.value) else 0
         return LaunchResult(exit_code=code, started=self._started, states=states)
 
     def request_stop(self, signum: int | None = signal.SIGTERM, reason: str | None = None) -> None:

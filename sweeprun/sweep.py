@@ -39,6 +39,7 @@ from .ledger import (
 )
 from .redact import redact
 from .resumes import Resume, has_sharded_checkpoint, newest, read_started
+from .rollbacks import RollbackSummary
 from .spec import SweepSpec, parse_spec
 from .store import (
     SweepPaths,
@@ -89,6 +90,8 @@ class StatusRow:
     job: str | None = None
     #: Where that record is, for a running run (not shown): read by :meth:`Sweep.with_progress`.
     job_record: str | None = field(default=None, repr=False, compare=False)
+    #: Its loss-spike rollbacks, as the ledger recorded them at its attempts' ends.
+    rollbacks: RollbackSummary | None = None
 
     def as_json(self) -> dict[str, Any]:
         metric = None
@@ -100,7 +103,8 @@ class StatusRow:
                 "checkpoint_age_s": self.checkpoint_age_s, "worker": self.worker,
                 "contested": self.contested, "nproc": self.nproc,
                 "approximate_resume": self.approximate_resume.as_json() if self.approximate_resume else None,
-                "job": self.job, "trend": [v if math.isfinite(v) else None for v in self.trend]}
+                "job": self.job, "trend": [v if math.isfinite(v) else None for v in self.trend],
+                "rollbacks": self.rollbacks.as_json() if self.rollbacks else None}
 
 
 class Sweep:
@@ -432,6 +436,7 @@ class Sweep:
                 worker=worker, contested=bool(lease and lease.contested and state is not RunState.DONE),
                 metrics_path=self._metrics_path(run_id, files), nproc=nproc,
                 approximate_resume=resumed, started_record=started,
+                rollbacks=row.rollbacks if row is not None and (files or run_id in done) else None,
                 job_record=self._job_record(run_id, attempts, files) if state is RunState.RUNNING else None))
         if only is None:  # `show` (``only``) writes nothing; `status` keeps its watch of the beats
             self.watch.save()

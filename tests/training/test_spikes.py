@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from _ranks_helpers import RankRun
 from _training_helpers import REPO, ScriptRun, made_once
+from conftest import Sandbox
 
 from sweeprun.rollbacks import RollbackRecord, read_rollbacks
 from sweeprun.runenv import DIVERGED_EXIT, PREEMPTED_EXIT
@@ -178,3 +179,37 @@ def test_a_bad_policy_is_one_clear_error(settings: dict, said: str) -> None:
     with pytest.raises(ValueError, match="spikes: ") as caught:
         Spikes.of(settings)
     assert said in str(caught.value)
+
+
+def test_a_sweep_relaunches_a_rolled_back_run_at_once_and_skips_a_diverged_one(sandbox: Sandbox) -> None:
+    """Under ``sweeprun launch``: the rollback is an interruption the launcher resumes from
+    at once, the divergence a state of its own that a relaunch leaves alone until a reset."""
+    sweep = sandbox.write_sweep(
+        {"always": [0, 6]}, command=f"python {SPIKY} --steps 20 --every 4 --poison 40 --nan "
+                                    "--always-from {always} --max-rollbacks 1")
+    first = sandbox.run("launch", str(sweep))
+    assert first.returncode == 1, first.stdout + first.stderr          # a run diverged
+    status = {row["params"]["always"]: row for row in sandbox.status(sweep).values()}
+    fine, bad = status[0], status[6]
+    assert (fine["state"], fine["attempts"], fine["failures"]) == ("done", 2, 0)
+    assert fine["rollbacks"]["count"] == 1 and fine["rollbacks"]["restored_step"] == 8
+    assert (bad["state"], bad["attempts"], bad["failures"]) == ("diverged", 2, 0)
+    assert bad["rollbacks"] == {**bad["rollbacks"], "count": 1, "diverged": True}
+
+    again = sandbox.run("launch", str(sweep))
+    assert again.returncode == 1
+    assert sandbox.status(sweep)[bad["run_id"]]["attempts"] == 2      # not started again
+    table = sandbox.run("status", str(sweep))
+    assert "diverged" in table.stdout and "↺1" in table.stdout
+
+    ledger = ("--ledger", str(sandbox.ledger))
+    shown = sandbox.run("show", str(sweep), fine["run_id"], *ledger, env={"COLUMNS": "200"})
+    assert "rolled back (loss spike)" in shown.stdout
+    assert "step 11: loss not finite; rolled back to ckpt-a1-" in shown.stdout
+    shown = sandbox.run("show", str(sweep), bad["run_id"], "--json", *ledger)
+    detail = json.loads(shown.stdout)
+    assert [a["outcome"] for a in detail["attempts"]] == ["rolled-back", "diverged"]
+    assert [r["diverged"] for r in detail["rollbacks"]] == [False, True]
+
+    assert sandbox.run("reset", str(sweep), bad["run_id"], *ledger).returncode == 0
+    assert sandbox.status(sweep)[bad["run_id"]]["state"] == "pending"
