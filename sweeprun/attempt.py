@@ -261,13 +261,14 @@ class Attempt:
     def _execute(self, log: _AttemptLog) -> int | None:
         """Start the child and stream its output; its exit code, or ``None`` if it never started."""
         launcher, claim = self.launcher, self.claim
-        argv = launcher.spec.argv(launcher.sweep.runs_by_id[claim.run_id], self.paths.url, claim.attempt)
+        run, retry = launcher.run_to_start(claim, self.paths)
+        argv = launcher.spec.argv(run, self.paths.url, claim.attempt)
         argv = agent_argv(argv, self.nproc, launcher.spec.grace_s) if launcher.spec.ranked else argv
         killed = self.processes.kill_strays(None) if launcher.spec.ranked else []
         if killed:  # ranks an earlier attempt on this machine left running
             self.events.note(f"{claim.run_id}: killed pid(s) {', '.join(map(str, killed))} and their "
                              "groups, left running by an earlier attempt")
-        env = launcher.env(claim, self.paths, self.gpus)
+        env = launcher.env(claim, self.paths, self.gpus, params=run.params, oom_retry=retry)
         self.started_at = time.monotonic()
         if self.lost:  # the lease ran out while the start was being prepared
             self._ended(self._release(None), None)

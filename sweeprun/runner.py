@@ -15,19 +15,22 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from . import settings
 from .attempt import Attempt, Events
 from .errors import LedgerError, SweeprunError
 from .fleet import Coordination, CoordinationRecord, Deadline, StopRequests, stop_poll_s
 from .gpus import GpuPool
+from .identity import RunSpec
 from .leases import StoreLeases, backoff_s, settle_default
 from .ledger import Claim, Ledger, Policy, RunRow, RunState, grid_key, shown_state
 from .ledger.base import settled
 from .notices import Notice
 from .procs import ProcessRef
 from .ranks import NPROC_ENV, WORLD_SIZE_POLICY_ENV, check_launchable
+from .rollbacks import oom_attempts
 from .runenv import ATTEMPT, MTBI, PARAMS, PRIOR_MTBI_S, RUN_DIR, RUN_ID, SWEEP
 from .store import RunPaths
 from .sweep import Sweep
@@ -76,7 +79,8 @@ class Launcher:
         self.ledger = ledger
         self.options = options
         self.events = events
-        self.policy = Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost)
+        self.policy = Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost,
+                             oom_retries=self.spec.on_oom.retries)
         self.grid = grid_key(sweep.runs)
         self.me = ProcessRef.me()
         self.heartbeat_s = options.heartbeat_s or max(0.2, self.spec.lease_s / 4)
@@ -463,16 +467,29 @@ class Launcher:
 
     # -- the child's environment --------------------------------------------------------
 
-    def env(self, claim: Claim, paths: RunPaths, gpus: tuple[str, ...] | None) -> dict[str, str]:
+    def run_to_start(self, claim: Claim, paths: RunPaths) -> tuple[RunSpec, int]:
+        """The run as its next attempt starts, and how many of its attempts ran out of memory:
+        after an OOM, with ``on_oom:`` retries, its ``halve:`` parameters halved that many
+        times (the run's id and folder stay; only what the script is given changes)."""
+        run = self.sweep.runs_by_id[claim.run_id]
+        retry = len(oom_attempts(paths)) if self.spec.on_oom.retries else 0
+        if retry:
+            run = replace(run, params=self.spec.on_oom.hinted(run.params, retry))
+        return run, retry
+
+    def env(self, claim: Claim, paths: RunPaths, gpus: tuple[str, ...] | None,
+            params: dict[str, Any] | None = None, oom_retry: int = 0) -> dict[str, str]:
         env = dict(os.environ)
         env.pop(PARAMS, None)
         env.update({RUN_DIR: paths.url, RUN_ID: claim.run_id, ATTEMPT: str(claim.attempt),
                     SWEEP: self.spec.name, "PYTHONUNBUFFERED": "1",
                     NPROC_ENV: str(self.spec.nproc_of(self.sweep.runs_by_id[claim.run_id])),
                     WORLD_SIZE_POLICY_ENV: self.spec.on_world_size_change})
-        params = json.dumps(claim.params)
-        if len(params.encode()) <= PARAMS_ENV_MAX_BYTES:
-            env[PARAMS] = params
+        text = json.dumps(claim.params if params is None else params)
+        if len(text.encode()) <= PARAMS_ENV_MAX_BYTES:
+            env[PARAMS] = text
+        if oom_retry:
+            env[settings.OOM_RETRY.name] = str(oom_retry)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         if not settings.MTBI_S.present():  # a user's own figure wins

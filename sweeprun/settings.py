@@ -184,6 +184,10 @@ ATTEMPT = _declare(Setting("SWEEPRUN_ATTEMPT", "integer", _integer(1, 10**18 - 1
 TIME_LIMIT = _declare(seconds("SWEEPRUN_TIME_LIMIT", None, "Save and exit 75 (resumable) before this "
                               "many seconds; with init(time_limit_s=...) the smaller wins.",
                               hint="unset it or give one"))
+OOM_RETRY = _declare(Setting("SWEEPRUN_OOM_RETRY", "integer", _integer(0, 10**6), 0,
+                             "How many earlier attempts of this run ran out of memory (the sweep "
+                             "file's on_oom: retries them with its halve: parameters halved each "
+                             "time); run.oom_retry in the script.", valid=">= 0", by="launcher"))
 MTBI_S = _declare(seconds("SWEEPRUN_MTBI_S", None, "The sweep's mean time between interruptions, "
                           "which the launcher measures from its ledger; every_s='auto' spaces "
                           "checkpoints by it (unset: a 6 h prior). A user's own value wins.",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -68,13 +68,29 @@ DEFAULTS: dict[str, Any] = {"max_attempts": 3, "max_lost": 5, "grace_s": 30.0, "
                             "max_runs": 1_000_000, "nproc": 1, "on_world_size_change": "reshard"}
 KEYS = ("name", "command", "store", "grid", "zip", "exclude", "params", "flags", "max_attempts", "max_lost",
         "ledger", "grace_s", "lease_s", "max_runs", "lease_settle_s", "nproc", "on_world_size_change",
-        "slurm", "deadline")
+        "slurm", "deadline", "on_oom")
 #: What a run does when it resumes at another world size than its checkpoint's: reshard the
 #: model and optimizer (RNG and data position then cannot be exact), or refuse to resume.
 WORLD_SIZE_POLICIES = ("reshard", "refuse")
 REQUIRED = ("name", "command", "grid")  # `zip:` may stand in for `grid:`
 
 MAX_NAME_CHARS = 128            # the name is a folder and part of the ledger's file name
+
+
+@dataclass(frozen=True)
+class OnOom:
+    """``on_oom:``: what a run that ran out of accelerator memory does next. By default
+    (``retries: 0``) it fails for good: the same attempt would run out again. With
+    ``retries: N`` it is started again up to N times, with ``SWEEPRUN_OOM_RETRY`` set to the
+    number of attempts that ran out so far and each ``halve:`` parameter halved that many
+    times (an integer, never below 1), under the same run id and folder."""
+
+    retries: int = 0
+    halve: tuple[str, ...] = ()
+
+    def hinted(self, params: dict[str, Any], retry: int) -> dict[str, Any]:
+        """``params`` for the ``retry``-th start after an OOM (0: unchanged)."""
+        return {k: max(1, v >> retry) if retry and k in self.halve else v for k, v in params.items()}
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,7 @@ class SweepSpec:
     slurm: SlurmSpec | None = None
     #: ``deadline:`` (seconds since the epoch): runs left then go to ``slurm.fallback``.
     deadline: float | None = None
+    on_oom: OnOom = field(default_factory=OnOom)
 
     def axes(self) -> list[dict[str, list[Any]]]:
         """The sweep's axes in the file's order (the first varies slowest): one per grid key,
@@ -313,6 +330,9 @@ def parse_spec(text: str, source: str = "<sweep>", base: Path | None = None) -> 
                                            WORLD_SIZE_POLICIES),
         paired_first="zip" in data and "grid" in data and list(data).index("zip") < list(data).index("grid"),
     )
+    if data.get("on_oom") is not None:
+        spec = replace(spec, on_oom=_parse_on_oom(data["on_oom"], at, {**clean_grid, **columns},
+                                                  clean_params))
     if "slurm" in data:
         spec = replace(spec, slurm=parse_slurm(data["slurm"], at, spec.max_nproc(), spec.grace_s))
     if data.get("deadline") is not None:
@@ -356,6 +376,39 @@ def _check_nproc(value: Any, at: Any, grid: dict[str, list[Any]], columns: dict[
             raise SpecError(f"{line}: {place}: nproc is {value!r}, so every value of {name} must be a number "
                             f"of processes, an integer from {lo:,} to {hi:,}; got {show(v)}")
     return name
+
+
+def _parse_on_oom(value: Any, at: Callable[[str], str], varying: dict[str, list[Any]],
+                  params: dict[str, Any]) -> OnOom:
+    """``on_oom: {retries: N, halve: [name, ...]}``; each name a parameter whose every value
+    is a positive integer (a batch size), so halving it means something."""
+    if not isinstance(value, dict):
+        raise SpecError(f"{at('on_oom')}: on_oom must be a mapping such as "
+                        "`{retries: 2, halve: [batch_size]}`, got " + show(value))
+    unknown = sorted(set(map(str, value)) - {"retries", "halve"})
+    if unknown:
+        raise SpecError(f"{at('on_oom')}: on_oom has no key {unknown[0]!r}; it takes retries and halve"
+                        f"{suggest(unknown[0], ('retries', 'halve'))}")
+    retries = _check_int(value.get("retries", 0), f"{at('on_oom.retries')}: on_oom.retries",
+                         *RANGES["on_oom.retries"])
+    halve = value.get("halve", [])
+    halve = [halve] if isinstance(halve, str) else halve
+    if not isinstance(halve, list):
+        raise SpecError(f"{at('on_oom.halve')}: on_oom.halve must list parameter names, got {show(halve)}")
+    for name in halve:
+        values = varying.get(name) if isinstance(name, str) else None
+        values = values if values is not None else [params[name]] if isinstance(name, str) and name in params else None
+        if values is None:
+            raise SpecError(f"{at('on_oom.halve')}: on_oom.halve names {show(name)}, which is not a "
+                            "parameter of the sweep (grid, zip or params)")
+        bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1), None)
+        if bad is not None:
+            raise SpecError(f"{at('on_oom.halve')}: on_oom.halve names {name!r}, which takes {show(bad)}; "
+                            "only a parameter whose values are positive integers can be halved")
+    if halve and not retries:
+        raise SpecError(f"{at('on_oom.halve')}: on_oom.halve needs on_oom.retries of 1 or more: without "
+                        "a retry nothing is halved")
+    return OnOom(retries=retries, halve=tuple(halve))
 
 
 def _check_choice(value: Any, what: str, choices: tuple[str, ...]) -> str:

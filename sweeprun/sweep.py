@@ -294,7 +294,8 @@ class Sweep:
 
     @property
     def policy(self) -> Policy:
-        return Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost)
+        return Policy(max_attempts=self.spec.max_attempts, max_lost=self.spec.max_lost,
+                      oom_retries=self.spec.on_oom.retries)
 
     def ledger_rows(self, resets: Callable[[], Mapping[str, str]] | None = None
                     ) -> tuple[dict[str, RunRow], float]:

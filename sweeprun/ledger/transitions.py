@@ -148,8 +148,8 @@ def finished(row: RunRow | None, claim: Claim, outcome: Outcome, policy: Policy,
                       closed=AttemptEnd(claim.attempt, outcome.value, exit_code, RunState.DONE)), RunState.DONE
     if not _current(row, claim):
         return None
-    failures = row.failures + (outcome is Outcome.FAILED or outcome is Outcome.OOM)
-    if outcome is Outcome.OOM and ooms > policy.oom_retries:
+    failures = row.failures + (outcome is Outcome.FAILED)
+    if outcome is Outcome.OOM and ooms > policy.oom_retries:  # retries are on_oom's, not max_attempts
         failures = max(failures, policy.max_attempts)
     state = {Outcome.DONE: RunState.DONE, Outcome.INTERRUPTED: RunState.INTERRUPTED,
              Outcome.ROLLED_BACK: RunState.INTERRUPTED, Outcome.DIVERGED: RunState.DIVERGED,

@@ -60,7 +60,8 @@ class Run:
                  rng: bool, clock: Callable[[], float], under_launcher: bool = False,
                  async_save: bool = True, auto: AutoInterval | None = None,
                  fence_attempts: bool = False, ranks: Ranks | None = None,
-                 on_world_size_change: str = "reshard", spikes: Spikes | None = None) -> None:
+                 on_world_size_change: str = "reshard", spikes: Spikes | None = None,
+                 oom_retry: int = 0) -> None:
         self.params = params
         self.paths = paths
         self.run_id = owner.run_id
@@ -107,6 +108,9 @@ class Run:
         self._unhooked = 0                         # ... and those that cannot
         self._window = 1                           # end_step calls per optimizer step, last seen
         self._since_boundary = 0                   # end_step calls since the last optimizer step
+        self.oom_retry = oom_retry
+        """How many earlier attempts of this run ran out of memory (SWEEPRUN_OOM_RETRY, set by the
+        launcher with the sweep file's ``on_oom:``): e.g. split each batch into more micro-batches."""
         self.spikes = spikes
         """What a loss spike does (:mod:`.spikes`, :mod:`.rollback`); ``None``: nothing."""
         self._detector = Detector(spikes) if spikes is not None else None

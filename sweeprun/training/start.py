@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from typing import Any, Literal
 from .. import settings
 from ..errors import CheckpointError, LeaseLost, SpecError, SweeprunError
 from ..redact import redact
-from ..runenv import PREEMPTED_EXIT, RUN_DIR, RUN_ID
+from ..runenv import OOM_EXIT, PREEMPTED_EXIT, RUN_DIR, RUN_ID
 from ..store import JSON_MAX_BYTES, RunPaths, open_store, read_regular, store_errors
 from .cadence import PRIOR_MTBI_S, AutoInterval
 from .checkpoints import CheckpointDir, Owner, Retention, say
@@ -46,6 +47,9 @@ def _exit_2_on_sweeprun_errors() -> None:
         return
 
     def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if is_out_of_memory(value):
+            previous(kind, value, tb)          # where it ran out: the traceback is the user's clue
+            _out_of_memory(value)
         if not issubclass(kind, SweeprunError):
             previous(kind, value, tb)
             return
@@ -57,6 +61,40 @@ def _exit_2_on_sweeprun_errors() -> None:
 
     hook._sweeprun = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's ``OutOfMemoryError`` (CUDA, or another accelerator's), or the RuntimeError older
+    code paths raise for it; recognised by name, so nothing here imports torch."""
+    kind = type(error)
+    if kind.__name__ == "OutOfMemoryError" and kind.__module__.split(".")[0] == "torch":
+        return True
+    return isinstance(error, RuntimeError) and (str(error).startswith("CUDA out of memory")
+                                                or "CUDA error: out of memory" in str(error))
+
+
+#: The run this process started last (:func:`init`): what an out-of-memory exit reports.
+_CURRENT: list[weakref.ref[Run]] = []
+
+
+def _out_of_memory(error: BaseException) -> None:
+    """End the attempt as ``oom`` (:data:`~sweeprun.runenv.OOM_EXIT`): under the launcher,
+    ``attempts/<n>.oom`` with the step first, so the launcher records it as such and, with
+    ``on_oom:`` retries, starts it again with ``SWEEPRUN_OOM_RETRY`` set."""
+    run = _CURRENT[0]() if _CURRENT else None
+    first = redact((str(error).strip().splitlines() or [type(error).__name__])[0])[:300]
+    step = run.step if run is not None else None
+    if run is not None and run.under_launcher:
+        try:
+            write_marker(run.paths, run.paths.api_oom(run.attempt), run.attempt, step or 0, error=first)
+        except (SweeprunError, OSError) as exc:
+            say(f"warning: could not record the out-of-memory end in the run folder: {exc}")
+    where = f" at step {step}" if step is not None else ""
+    say(f"out of memory{where}: {first}; exiting with {OOM_EXIT} (its last checkpoint stays; the "
+        "sweep file's `on_oom: {retries: N, halve: [batch_size]}` retries it with a smaller batch)")
+    sys.stdout.flush()
+    join_in_flight()
+    os._exit(OOM_EXIT)
 
 
 def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[str] | None = None,
@@ -143,13 +181,15 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
         write_marker(paths, paths.api_started(attempt), attempt, 0,
                      **({"world_size": ranks.world_size} if ranks else {}))
     limits = [t for t in (time_limit_s, env_limit) if t is not None]
-    return Run(params=dict(params), paths=paths, owner=owner,
+    run = Run(params=dict(params), paths=paths, owner=owner,
                attempt=attempt, every_s=every_s, every_steps=every_steps,
                retention=Retention(keep_last=keep_last, best=best, mode=mode),
                time_limit_s=min(limits) if limits else None, stop_signals=stop_signals, rng=rng,
                clock=clock, under_launcher=bool(run_dir), async_save=async_save, auto=auto,
                fence_attempts=fence_attempts, ranks=ranks, on_world_size_change=policy,
-               spikes=policy_spikes)
+               spikes=policy_spikes, oom_retry=settings.OOM_RETRY.value(env))
+    _CURRENT[:] = [weakref.ref(run)]
+    return run
 
 
 def _launcher_params(env: Mapping[str, str], paths: RunPaths,

@@ -4,7 +4,8 @@ Sample ``--poison`` of the dataset is scaled by ``--scale`` (or set to NaN with
 ``--nan``): the batch that holds it makes the loss spike, the script still calls
 ``backward`` and ``step`` (as scripts do), and the weights are damaged until sweeprun rolls
 the run back. ``--always-from K`` makes every loss from step K on NaN: a run that diverges
-whatever is skipped. Each step logs the loss and the indices of its batch, so the test can
+whatever is skipped. ``--oom-above B`` raises torch's ``OutOfMemoryError`` at step 5 when the
+batch (``--batch``) is larger than B, as a GPU would. Each step logs the loss and the indices of its batch, so the test can
 see which batches trained. Standalone (``--out``) or under ``sweeprun launch`` (the sweep's
 parameters carry the same names). With several ranks (torchrun), the poison is in rank
 ``--poison-rank``'s data only; the model is DDP and each rank keeps its own sampler.
@@ -40,6 +41,9 @@ parser.add_argument("--patience", type=int, default=1)
 parser.add_argument("--margin", type=int, default=1)
 parser.add_argument("--skip", type=int, default=0)
 parser.add_argument("--max-rollbacks", type=int, default=3)
+parser.add_argument("--batch", type=int, default=4)
+parser.add_argument("--oom-above", type=int, default=0,
+                    help="a batch larger than this runs out of memory at step 5 (as a GPU would)")
 args = parser.parse_args()
 
 distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -62,7 +66,7 @@ if distributed:
     model = torch.nn.parallel.DistributedDataParallel(model)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
 sampler = sweeprun.ResumableSampler(data, shuffle=False)
-loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler)
+loader = torch.utils.data.DataLoader(data, batch_size=args.batch, sampler=sampler)
 
 run = sweeprun.init({"lr": 0.05}, local_dir=args.out, every_steps=args.every, keep_last=args.keep_last,
                     spikes=sweeprun.Spikes(factor=args.factor, window=args.window, warmup=args.window, patience=args.patience,
@@ -70,9 +74,12 @@ run = sweeprun.init({"lr": 0.05}, local_dir=args.out, every_steps=args.every, ke
                                            max_rollbacks=args.max_rollbacks))
 run.track(model=model, optimizer=optimizer, sampler=sampler)
 run.restore()
+print(f"batch {args.batch}, oom_retry {run.oom_retry}", flush=True)
 
 while run.step < args.steps:
     for xb, yb, index in loader:
+        if args.oom_above and args.batch > args.oom_above and run.step + 1 == 5:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {args.batch} GiB")
         loss = torch.nn.functional.mse_loss(model(xb), yb)
         if args.always_from and run.step + 1 >= args.always_from:
             loss = loss * float("nan")

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 from _ranks_helpers import RankRun
-from _training_helpers import REPO, ScriptRun, made_once
-from conftest import Sandbox
 
 from sweeprun.rollbacks import RollbackRecord, read_rollbacks
-from sweeprun.runenv import DIVERGED_EXIT, PREEMPTED_EXIT
+from sweeprun.runenv import DIVERGED_EXIT, OOM_EXIT, PREEMPTED_EXIT
 from sweeprun.store import open_store
 from sweeprun.training.spikes import Detector, Spikes
+
+from _training_helpers import REPO, ScriptRun, made_once
+from conftest import Sandbox
 
 SPIKY = REPO / "tests" / "scripts" / "spiky.py"
 #: A NaN sample in the batch of step 16 (batches of 4, in order); saves every 4 steps.
@@ -213,3 +214,51 @@ def test_a_sweep_relaunches_a_rolled_back_run_at_once_and_skips_a_diverged_one(s
 
     assert sandbox.run("reset", str(sweep), bad["run_id"], *ledger).returncode == 0
     assert sandbox.status(sweep)[bad["run_id"]]["state"] == "pending"
+
+
+# -- out of memory -------------------------------------------------------------------------------
+
+
+def test_out_of_memory_ends_the_attempt_as_oom_and_on_oom_retries_it_with_the_batch_halved(
+        sandbox: Sandbox) -> None:
+    sweep = sandbox.write_sweep({"batch": [16]}, command=f"python {SPIKY} --steps 8 --every 2 "
+                                "--batch {batch} --oom-above 4",
+                                on_oom={"retries": 2, "halve": ["batch"]})
+    result = sandbox.run("launch", str(sweep))
+    assert result.returncode == 0, result.stdout + result.stderr
+    [row] = sandbox.status(sweep).values()
+    assert (row["state"], row["attempts"], row["failures"]) == ("done", 3, 0)   # on_oom's retries, not failures
+    detail = json.loads(sandbox.run("show", str(sweep), row["run_id"], "--json", "--ledger",
+                                    str(sandbox.ledger)).stdout)
+    assert [(a["outcome"], a["exit_code"]) for a in detail["attempts"]] == [
+        ("oom", OOM_EXIT), ("oom", OOM_EXIT), ("done", 0)]
+    assert detail["oom"] == "attempt 2 at step 4"
+    logs = sandbox.store / "t" / "runs" / row["run_id"] / "logs"
+    assert "batch 16, oom_retry 0" in (logs / "attempt-1.log").read_text()
+    assert "out of memory at step 4: CUDA out of memory. Tried to allocate 16 GiB" in (
+        logs / "attempt-1.log").read_text()
+    assert "batch 4, oom_retry 2" in (logs / "attempt-3.log").read_text()   # same run, halved twice
+
+
+def test_out_of_memory_without_on_oom_fails_the_run_at_once(sandbox: Sandbox) -> None:
+    sweep = sandbox.write_sweep({"batch": [16]}, command=f"python {SPIKY} --steps 8 --batch {{batch}} "
+                                "--oom-above 4")
+    assert sandbox.run("launch", str(sweep)).returncode == 1
+    [row] = sandbox.status(sweep).values()
+    assert (row["state"], row["attempts"]) == ("failed", 1)              # not 3 identical tries
+    assert sandbox.run("launch", str(sweep)).returncode == 1
+    assert sandbox.status(sweep)[row["run_id"]]["attempts"] == 1
+
+
+@pytest.mark.parametrize(("on_oom", "said"), [
+    ({"retries": -1}, "on_oom.retries must be an integer from 0 to 100"),
+    ({"retries": 1, "halve": ["lr"]}, "only a parameter whose values are positive integers can be halved"),
+    ({"retries": 1, "halve": ["nope"]}, "'nope', which is not a parameter of the sweep"),
+    ({"halve": ["batch"]}, "on_oom.halve needs on_oom.retries of 1 or more"),
+    ({"retrys": 1}, "on_oom has no key 'retrys'"),
+])
+def test_a_bad_on_oom_is_one_clear_line(sandbox: Sandbox, on_oom: dict, said: str) -> None:
+    sweep = sandbox.write_sweep({"batch": [16, 8]}, {"lr": 0.1}, on_oom=on_oom)
+    result = sandbox.run("status", str(sweep))
+    assert result.returncode == 2 and said in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
