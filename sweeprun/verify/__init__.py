@@ -110,6 +110,12 @@ def verify(command: Sequence[str], *, seed: int = 0, kills: int = 2, atol: float
         reference = ScriptRun(command, root / "uninterrupted", nproc)
         say(f"uninterrupted run in {reference.dir} ...")
         first = reference.complete(timeout_s)
+        for _ in range(MAX_RERUNS):   # a loss-spike rollback exits 75 to be started again, as the launcher does
+            if first.exit_code != PREEMPTED_EXIT or not _new_rollback(reference, first):
+                break
+            say(f"uninterrupted: rolled back after a loss spike ({_spikes_text(_rollbacks(reference.dir)[-1:])}); "
+                "started again, as the launcher does")
+            first = reference.complete(timeout_s)
         if first.timed_out is not None:
             kept = True
             raise ScriptFailed(f"the uninterrupted run did not exit within {first.timed_out:g} s "
@@ -175,6 +181,8 @@ def _interrupt(run: ScriptRun, plan: Sequence[Kill], say: Callable[[str], None],
         expected = {"SIGKILL": {-signal.SIGKILL}, "SIGTERM": {PREEMPTED_EXIT, -signal.SIGTERM}}
         if attempt.exit_code == 0:
             return None  # finished before (or as) the signal landed: nothing left to interrupt
+        if attempt.exit_code == PREEMPTED_EXIT and _new_rollback(run, attempt):
+            continue     # it rolled back after a loss spike before the signal: started again next
         if attempt.exit_code not in expected.get(attempt.sent or "", {PREEMPTED_EXIT}):
             return _failed(attempt)
     for _ in range(MAX_RERUNS):
@@ -199,6 +207,32 @@ def _hung(attempt: Attempt, bound: tuple[float, str]) -> str:
 def _failed(attempt: Attempt) -> str:
     return (f"{attempt.describe()}: the resumed run failed where the uninterrupted one finished; "
             f"its last line: {attempt.last_line()!r}; its log: {attempt.log}")
+
+
+def _rollbacks(folder: Path) -> list[tuple[int, int, int, bool]]:
+    """A run's loss-spike rollbacks as verify compares them: (spike start, step confirmed,
+    step restored, diverged) each."""
+    import fsspec
+
+    from ..rollbacks import read_rollbacks
+
+    records = read_rollbacks(fsspec.filesystem("file"), str(folder / "rollbacks"))
+    return [(r.start, r.step, r.restored_step, r.diverged) for r in records]
+
+
+def _new_rollback(run: ScriptRun, attempt: Attempt) -> bool:
+    """Did ``attempt`` end by rolling back after a loss spike (a record of its own)?"""
+    import fsspec
+
+    from ..rollbacks import attempt_rollback, read_rollbacks
+
+    records = read_rollbacks(fsspec.filesystem("file"), str(run.dir / "rollbacks"))
+    return attempt_rollback(records, attempt.number) is not None
+
+
+def _spikes_text(found: list[tuple[int, int, int, bool]]) -> str:
+    return ", ".join(f"at step {step} to step {restored}" if not diverged else f"diverged at step {step}"
+                     for _, step, restored, diverged in found)
 
 
 def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol: float,
@@ -242,6 +276,7 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
     rng = next((states.pop(p) for p in _RNG_PIECES if p in states), None)
     how = ", ".join(f"{a.sent} after step {a.after_step}" for a in interruptions)
     lines = []
+    spikes = _rollbacks(reference.dir), _rollbacks(resumed.dir)
     if metrics.same and not states:
         tolerance = "bit for bit" if atol == 0 else f"within --atol {atol:g}"
         pieces = [p for p in want.shown() if not (rng and p in _RNG_PIECES)] if want else []
@@ -253,6 +288,9 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
         lines.append(f"EXACT: interrupted {len(interruptions)} time(s) ({how}) and resumed from "
                      f"step(s) {', '.join(map(str, resumes))}, it ended as the uninterrupted run: "
                      f"the same {metrics.lines[0]} metric lines, {what}")
+        if spikes[0]:
+            lines.append(f"  both runs rolled back after the same loss spike(s) ({_spikes_text(spikes[0])}): "
+                         "compared as they rolled back")
         if rng:
             lines.append(f"  warning: the global RNGs {summarize(rng)} at the end, though nothing "
                          "drawn from them changed the result: unseeded (random.seed, "
@@ -278,6 +316,12 @@ def _verdict(reference: ScriptRun, resumed: ScriptRun, failure: str | None, atol
                   "cannot be exact (each rank drew and read its own, and an epoch has another number "
                   "of steps); the run records the resume as approximate. Verify at one world size "
                   "for an exact verdict"]
+    elif spikes[0] != spikes[1]:   # a rollback is no fault of the resume: say that, not a piece
+        causes = [f"the runs rolled back differently after loss spikes (uninterrupted: "
+                  f"{_spikes_text(spikes[0]) or 'none'}; interrupted: {_spikes_text(spikes[1]) or 'none'}): "
+                  "from its first rollback on a run is not bit-exact with one that did not roll back "
+                  "there, so the difference after it is not a resume fault; a spike that comes and "
+                  "goes with a resume is itself worth a look (an unseeded draw, or data order)"]
     else:
         causes = diagnose(metrics, resumes, resumed_steps, want, differ=list(states))
     for cause in causes:

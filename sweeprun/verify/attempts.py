@@ -28,8 +28,10 @@ POLL_S = 0.005
 #: Seconds a script gets to save and exit after SIGTERM before it is killed (as the launcher's grace).
 GRACE_S = 60.0
 #: What a resume prints: the training API says "resumed from", the Trainer integration
-#: "resuming from" (before the Trainer has loaded anything); a path may hold spaces.
-_RESUMED = re.compile(rb"sweeprun: resum(?:ed|ing) from [^\n]*? \(step (\d+)")
+#: "resuming from" (before the Trainer has loaded anything), a start after a loss-spike
+#: rollback "rolled back: ...; going on from step N"; a path may hold spaces.
+_RESUMED = re.compile(rb"sweeprun: (?:resum(?:ed|ing) from [^\n]*? \(step (\d+)"
+                      rb"|rolled back: [^\n]*?; going on from step (\d+))")
 _SIGNALS = (signal.SIGTERM, signal.SIGKILL)
 
 
@@ -150,7 +152,7 @@ class ScriptRun:
                 self._signal(proc, signal.SIGKILL)
                 proc.wait()
         found = _RESUMED.findall(attempt.log.read_bytes())
-        attempt.resumed_from = int(found[-1]) if found else None
+        attempt.resumed_from = int(b"".join(found[-1])) if found else None
         attempt.during_save = attempt.sent == "SIGKILL" and self._save_was_cut()
         self.attempts.append(attempt)
         return attempt

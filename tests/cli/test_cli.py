@@ -62,7 +62,7 @@ def test_status_json_is_for_scripts(sandbox: Sandbox) -> None:
     assert row == {"run_id": row["run_id"], "params": {"a": 1}, "state": "done", "attempts": 1,
                    "failures": 0, "max_attempts": 3, "step": 2, "metric": {"loss": 0.5}, "checkpoint_age_s": None,
                    "worker": None, "contested": False, "nproc": 1, "approximate_resume": None, "job": None,
-                   "trend": [1.0, 0.5]}
+                   "trend": [1.0, 0.5], "rollbacks": None}
 
 
 def test_launch_output_is_plain_lines_when_not_a_terminal(sandbox: Sandbox) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from sweeprun.runenv import DIVERGED_EXIT, OOM_EXIT, PREEMPTED_EXIT
 from sweeprun.store import open_store
 from sweeprun.training.spikes import Detector, Spikes
 
-from _training_helpers import REPO, ScriptRun, made_once
+from _training_helpers import REPO, ScriptRun, made_once, sweeprun_verify
 from conftest import Sandbox
 
 SPIKY = REPO / "tests" / "scripts" / "spiky.py"
@@ -262,3 +264,16 @@ def test_a_bad_on_oom_is_one_clear_line(sandbox: Sandbox, on_oom: dict, said: st
     result = sandbox.run("status", str(sweep))
     assert result.returncode == 2 and said in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- verify ----------------------------------------------------------------------------------------
+
+
+def test_verify_compares_a_rolled_back_run_as_it_rolled_back(tmp_path: Path) -> None:
+    """Both runs meet the NaN batch at step 16 and roll back the same way (verify starts a
+    rolled-back run again, as the launcher does): EXACT, and it says they rolled back."""
+    result = sweeprun_verify("--", sys.executable, str(SPIKY), *NAN_AT_16, tmp=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "uninterrupted: rolled back after a loss spike (at step 16 to step 12)" in result.stdout
+    assert re.search(r"^EXACT: interrupted 2 time\(s\)", result.stdout, re.MULTILINE), result.stdout
+    assert "both runs rolled back after the same loss spike(s) (at step 16 to step 12)" in result.stdout
