@@ -54,20 +54,19 @@ class RollbackRecord:
     resume_step: int
     abandoned: tuple[str, ...]   # checkpoints written since: never restored
     diverged: bool = False       # the cap was reached: nothing restored, the run ends
+    #: Batches passed over: from the checkpoint to the spike's confirmation plus ``skip``.
+    #: Where the script's steps follow its data, ``resume_step - restored_step``; where a
+    #: framework counts its own steps (Lightning), the step stays the checkpoint's.
+    skipped: int = 0
     metrics_bytes: int | None = None
     world_size: int = 1
     at: float | None = None
-
-    @property
-    def skipped(self) -> int:
-        """Batches passed over (their steps counted, not trained on)."""
-        return max(0, self.resume_step - self.restored_step)
 
     def as_json(self) -> dict[str, Any]:
         return {"number": self.number, "attempt": self.attempt, "metric": self.metric,
                 "reason": self.reason, "value": self.value, "start": self.start, "step": self.step,
                 "checkpoint": self.checkpoint, "restored_step": self.restored_step,
-                "resume_step": self.resume_step, "abandoned": list(self.abandoned),
+                "resume_step": self.resume_step, "skipped": self.skipped, "abandoned": list(self.abandoned),
                 "diverged": self.diverged, "metrics_bytes": self.metrics_bytes,
                 "world_size": self.world_size, "at": self.at}
 
@@ -95,6 +94,8 @@ class RollbackRecord:
                    value=value if value is None or math.isfinite(value) else None,
                    start=ints["start"] or 0, step=ints["step"] or 0, checkpoint=checkpoint,
                    restored_step=ints["restored_step"] or 0, resume_step=ints["resume_step"] or 0,
+                   skipped=bounded_int(found.get("skipped"))
+                   or max(0, (ints["resume_step"] or 0) - (ints["restored_step"] or 0)),
                    abandoned=tuple(a for a in abandoned if isinstance(a, str)),
                    diverged=found.get("diverged") is True,
                    metrics_bytes=bounded_int(found.get("metrics_bytes")),

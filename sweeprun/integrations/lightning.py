@@ -118,6 +118,7 @@ class SweeprunCallback(Callback):
                              keep_last=keep_last, best=best, mode=mode,
                              time_limit_s=time_limit_s, stop_signals=stop_signals,
                              async_save=async_save, **init_options)
+        self.run.steps_follow_data = False    # Lightning counts its own steps (a rollback keeps them)
         self.run.track(lightning=_TrainerState(self))
         self._files = _lightning_state.ModelCheckpointFiles(native_path(self.run.paths.fs, self.run.paths.dir))
         self._trainer: Trainer | None = None
@@ -432,6 +433,17 @@ class _TrainerState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.callback._loaded = state
+
+    def data_position(self) -> dict[str, Any]:
+        """Where the training DataLoader's samplers are: what a loss-spike rollback keeps
+        while everything else goes back to the restored checkpoint."""
+        return {"samplers": [s.state_dict() for s in self.callback._samplers]}
+
+    def load_data_position(self, position: dict[str, Any]) -> None:
+        """After the restored checkpoint's state was loaded: its samplers go where the rollback
+        left the data (``on_train_start`` loads them into the new fit's samplers)."""
+        if self.callback._loaded is not None:
+            self.callback._loaded = {**self.callback._loaded, "samplers": position["samplers"]}
 
 
 class _FromSweeprun(CheckpointIO):

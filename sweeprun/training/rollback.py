@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import pickle
 import time
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import CheckpointError, LeaseLost, SweeprunError
 from ..faults import crash_point
@@ -47,11 +47,18 @@ if TYPE_CHECKING:
 
 
 def data_objects(objects: dict[str, Stateful]) -> dict[str, Stateful]:
-    """The tracked objects that are a position in the data (samplers, stateful loaders):
-    what a rollback does not take back to its checkpoint."""
+    """The tracked objects that are a position in the data (samplers, stateful loaders), or
+    that carry one (``data_position()``/``load_data_position(state)``: an integration's
+    state, whose samplers live inside the framework): what a rollback does not take back
+    to its checkpoint."""
     import torch
 
-    return {n: o for n, o in objects.items() if hasattr(o, "__iter__") and not isinstance(o, torch.nn.Module)}
+    return {n: o for n, o in objects.items() if _carrier(o)
+            or (hasattr(o, "__iter__") and not isinstance(o, torch.nn.Module))}
+
+
+def _carrier(obj: Any) -> bool:
+    return callable(getattr(obj, "data_position", None)) and callable(getattr(obj, "load_data_position", None))
 
 
 class Positions:
@@ -131,7 +138,8 @@ def _write_positions(run: Run, number: int, rank: int) -> None:
         if isinstance(obj, ResumableSampler) and policy.skip and per_step:
             objects[name] = obj.state_dict_after(policy.skip * per_step)
         else:
-            objects[name] = to_safe(obj.state_dict(), f"the state of {name!r}")
+            position = obj.data_position() if _carrier(obj) else obj.state_dict()  # type: ignore[attr-defined]
+            objects[name] = to_safe(position, f"the data position of {name!r}")
     raw = io.BytesIO()
     torch.save({"epoch": run.epoch, "objects": objects}, raw)
     atomic_write(run.paths.fs, run.paths.rollback_data(number, rank), raw.getvalue())
@@ -151,11 +159,13 @@ def _commit(run: Run, spike: Spike, number: int, records: list[RollbackRecord],
     target = None if diverged or not good else good[-1]
     abandoned = () if diverged else tuple(m.stem for m in manifests if target is None or m.name > target.name)
     restored = target.step if target else 0
+    passed = spike.step + policy.skip           # the data goes on after this step's batch
     record = RollbackRecord(
         number=number, attempt=run.attempt, metric=spike.metric, reason=spike.reason,
         value=spike.value if spike.reason == "spike" else None, start=spike.start, step=spike.step,
         checkpoint=target.stem if target else None, restored_step=spike.step if diverged else restored,
-        resume_step=spike.step + (0 if diverged else policy.skip), abandoned=abandoned, diverged=diverged,
+        resume_step=spike.step if diverged else passed if run.steps_follow_data else restored,
+        skipped=0 if diverged else passed - restored, abandoned=abandoned, diverged=diverged,
         metrics_bytes=metrics_bytes, world_size=run.ranks.world_size if run.ranks else 1, at=time.time())
     path = run.paths.rollback(number)
     with store_errors("write", path):
@@ -222,8 +232,13 @@ def apply(run: Run, record: RollbackRecord) -> None:
                               "instead") from None
     for name, obj in data_objects(run._objects).items():
         if name in state["objects"]:
-            obj.load_state_dict(from_safe(state["objects"][name]))
-    run.epoch = int(state["epoch"])
+            position = from_safe(state["objects"][name])
+            if _carrier(obj):
+                obj.load_data_position(position)  # type: ignore[attr-defined]
+            else:
+                obj.load_state_dict(position)
+    if run.steps_follow_data:
+        run.epoch = int(state["epoch"])
     if run.ranks is None or run.ranks.leader:
         try:
             run._writer.discard(set(record.abandoned))

@@ -108,6 +108,11 @@ class Run:
         self._unhooked = 0                         # ... and those that cannot
         self._window = 1                           # end_step calls per optimizer step, last seen
         self._since_boundary = 0                   # end_step calls since the last optimizer step
+        self.steps_follow_data = True
+        """A loss-spike rollback moves :attr:`step` with the data past the skipped batches (a
+        loop that takes its batch from the step skips them too). An integration whose
+        framework counts its own optimizer steps (Lightning) sets it ``False``: the step is
+        then the restored checkpoint's, and only the data position moves."""
         self.oom_retry = oom_retry
         """How many earlier attempts of this run ran out of memory (SWEEPRUN_OOM_RETRY, set by the
         launcher with the sweep file's ``on_oom:``): e.g. split each batch into more micro-batches."""
@@ -189,7 +194,11 @@ class Run:
                 self._detector.load_state_dict(state.get("guard"))
         if record is not None:
             rollback.apply(self, record)
-            self._resume(record.resume_step, record.metrics_bytes, record.attempt)
+            if self.steps_follow_data or loaded is None:
+                self._resume(record.resume_step, record.metrics_bytes, record.attempt)
+            else:                                   # the metrics as the restored step left them
+                self._resume(int(loaded.state["step"]), loaded.state.get("metrics_bytes"),
+                             loaded.manifest.attempt)
             self._saved_step, self._saved_at = None, self._clock()
             self._step_started = self._saved_at
             say(f"rolled back: {record.text()}; going on from step {self.step} (epoch {self.epoch})")
