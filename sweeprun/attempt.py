@@ -24,7 +24,6 @@ from .ledger import Claim, Outcome, Policy, RunState
 from .procs import ProcessRef, boot_clock, spawn
 from .ranks import Processes, agent_argv
 from .redact import redact
-from .rollbacks import attempt_rollback, read_rollbacks
 from .runenv import PREEMPTED_EXIT
 from .store import RunPaths, StoreLinkError, backend_for, confine, store_errors
 from .store.layout import TRAINER
@@ -261,14 +260,13 @@ class Attempt:
     def _execute(self, log: _AttemptLog) -> int | None:
         """Start the child and stream its output; its exit code, or ``None`` if it never started."""
         launcher, claim = self.launcher, self.claim
-        run, retry = launcher.run_to_start(claim, self.paths)
-        argv = launcher.spec.argv(run, self.paths.url, claim.attempt)
+        argv, params, retry = launcher.command_of(claim, self.paths)
         argv = agent_argv(argv, self.nproc, launcher.spec.grace_s) if launcher.spec.ranked else argv
         killed = self.processes.kill_strays(None) if launcher.spec.ranked else []
         if killed:  # ranks an earlier attempt on this machine left running
             self.events.note(f"{claim.run_id}: killed pid(s) {', '.join(map(str, killed))} and their "
                              "groups, left running by an earlier attempt")
-        env = launcher.env(claim, self.paths, self.gpus, params=run.params, oom_retry=retry)
+        env = launcher.env(claim, self.paths, self.gpus, params=params, oom_retry=retry)
         self.started_at = time.monotonic()
         if self.lost:  # the lease ran out while the start was being prepared
             self._ended(self._release(None), None)
@@ -334,28 +332,10 @@ class Attempt:
             self.wrote_done = True
             crash_point("runner.after_done")
             self._record(Outcome.DONE, rc)
-        elif (reported := self._reported_end(rc)) is not None:
-            self._record(reported, rc)
-        elif (rc == PREEMPTED_EXIT or -rc in _PREEMPTION_SIGNALS or self.killed or self.terminated
-              or self.launcher.stopping):
-            self._record(Outcome.INTERRUPTED, rc)
-        else:
-            self._record(Outcome.FAILED, rc)
-
-    def _reported_end(self, rc: int) -> Outcome | None:
-        """How the training API said this attempt ended, where that is more than its exit
-        code: a loss spike past the rollbacks allowed (``attempts/<n>.diverged``), out of
-        memory (``.oom``), or a rollback (exit 75 with a record of this attempt in
-        ``rollbacks/``, :mod:`sweeprun.rollbacks`). ``None``: the exit code says it all."""
-        fs, attempt = self.paths.fs, self.claim.attempt
-        with store_errors("read", self.paths.attempts):
-            if fs.exists(self.paths.api_diverged(attempt)):
-                return Outcome.DIVERGED
-            if fs.exists(self.paths.api_oom(attempt)):
-                return Outcome.OOM
-        if rc == PREEMPTED_EXIT and attempt_rollback(read_rollbacks(fs, self.paths.rollbacks), attempt):
-            return Outcome.ROLLED_BACK
-        return None
+        else:   # what the script reported first (diverged, out of memory, rolled back)
+            preempted = (rc == PREEMPTED_EXIT or -rc in _PREEMPTION_SIGNALS or self.killed or self.terminated
+                         or self.launcher.stopping)
+            self._record(self.tenure.reported_end(rc) or (Outcome.INTERRUPTED if preempted else Outcome.FAILED), rc)
 
     def _still_ours(self) -> bool:
         """Renew the lease once more before ``DONE``: only the current holder may write it.

@@ -23,7 +23,6 @@ from .attempt import Attempt, Events
 from .errors import LedgerError, SweeprunError
 from .fleet import Coordination, CoordinationRecord, Deadline, StopRequests, stop_poll_s
 from .gpus import GpuPool
-from .identity import RunSpec
 from .leases import StoreLeases, backoff_s, settle_default
 from .ledger import Claim, Ledger, Policy, RunRow, RunState, grid_key, shown_state
 from .ledger.base import settled
@@ -467,15 +466,16 @@ class Launcher:
 
     # -- the child's environment --------------------------------------------------------
 
-    def run_to_start(self, claim: Claim, paths: RunPaths) -> tuple[RunSpec, int]:
-        """The run as its next attempt starts, and how many of its attempts ran out of memory:
-        after an OOM, with ``on_oom:`` retries, its ``halve:`` parameters halved that many
-        times (the run's id and folder stay; only what the script is given changes)."""
+    def command_of(self, claim: Claim, paths: RunPaths) -> tuple[list[str], dict[str, Any], int]:
+        """The command and parameters the run's next attempt starts with, and how many of its
+        attempts ran out of memory: after an OOM, with ``on_oom:`` retries, its ``halve:``
+        parameters halved that many times (its id and folder stay; only what the script is
+        given changes)."""
         run = self.sweep.runs_by_id[claim.run_id]
         retry = len(oom_attempts(paths)) if self.spec.on_oom.retries else 0
         if retry:
             run = replace(run, params=self.spec.on_oom.hinted(run.params, retry))
-        return run, retry
+        return self.spec.argv(run, paths.url, claim.attempt), run.params, retry
 
     def env(self, claim: Claim, paths: RunPaths, gpus: tuple[str, ...] | None,
             params: dict[str, Any] | None = None, oom_retry: int = 0) -> dict[str, str]:

@@ -31,7 +31,8 @@ from .leases import Lease, StoreLeases
 from .ledger import Outcome
 from .redact import record_bytes
 from .resumes import read_started
-from .rollbacks import RollbackSummary, oom_attempts, read_rollbacks
+from .rollbacks import RollbackSummary, attempt_rollback, oom_attempts, read_rollbacks
+from .runenv import PREEMPTED_EXIT
 from .slurm import job_label
 from .store import RunPaths, create_only, layout, store_errors
 
@@ -180,6 +181,21 @@ class Tenure:
             ooms = len(oom_attempts(self.paths))
         return self.ledger.finish(self.claim, outcome, policy, exit_code, resumed=resumed,
                                   rollbacks=rollbacks, ooms=ooms)
+
+    def reported_end(self, rc: int) -> Outcome | None:
+        """How the training API said this attempt ended, where that is more than its exit
+        code: a loss spike past the rollbacks allowed (``attempts/<n>.diverged``), out of
+        memory (``.oom``), or a rollback (exit 75 with a record of this attempt in
+        ``rollbacks/``, :mod:`sweeprun.rollbacks`). ``None``: the exit code says it all."""
+        fs, attempt = self.paths.fs, self.attempt
+        with store_errors("read", self.paths.attempts):
+            if fs.exists(self.paths.api_diverged(attempt)):
+                return Outcome.DIVERGED
+            if fs.exists(self.paths.api_oom(attempt)):
+                return Outcome.OOM
+        if rc == PREEMPTED_EXIT and attempt_rollback(read_rollbacks(fs, self.paths.rollbacks), attempt):
+            return Outcome.ROLLED_BACK
+        return None
 
     def release(self, done: bool) -> None:
         """Let the next taker in at once (the run ended, was stopped, or was given up); a done

@@ -232,7 +232,6 @@ def parse_attempt_record(name: str) -> tuple[int, RecordKind] | None:
 #: ``rollbacks/``: one record per loss-spike rollback of the run, numbered from 1.
 ROLLBACKS = "rollbacks"
 _ROLLBACK = re.compile(rf"(?P<k>{_POSITIVE})\.json")
-_ROLLBACK_DATA = re.compile(rf"(?P<k>{_POSITIVE})\.rank-(?P<rank>0|{_POSITIVE})\.pt")
 
 
 def rollback_name(number: int) -> str:
@@ -249,11 +248,6 @@ def parse_rollback(name: str) -> int | None:
 def rollback_data_name(number: int, rank: int) -> str:
     """``<k>.rank-<rank>.pt``: where one rank's data position was when rollback ``k`` began."""
     return f"{_number(number)}.rank-{_number(rank, 0)}.pt"
-
-
-def parse_rollback_data(name: str) -> tuple[int, int] | None:
-    m = _match(_ROLLBACK_DATA, name)
-    return (int(m["k"]), int(m["rank"])) if m else None
 
 
 # -- checkpoints -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ the done index, and the one definition of a finished run."""
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import time
@@ -14,7 +15,7 @@ import fsspec
 
 from ..errors import StoreError
 from . import layout
-from .backends import backend_for, create_only, read_json
+from .backends import atomic_write, backend_for, create_only, read_json
 from .base import json_bytes as _json_bytes
 from .errors import _link_error, store_errors
 from .local import (
@@ -140,6 +141,13 @@ class RunPaths:
     def api_finished(self, attempt: int) -> str:
         """``attempts/<n>.finished``: written by ``Run.finish()`` after the final checkpoint."""
         return posixpath.join(self.attempts, layout.attempt_record_name(attempt, "finished"))
+
+    def write_marker(self, path: str, attempt: int, step: int, **extra: Any) -> None:
+        """``attempts/<n>.started``, ``.finished``, ``.diverged``, ``.oom``: what the training API
+        tells the launcher of attempt ``n`` (a multi-rank run's ``.started`` also has its
+        ``world_size``), written atomically."""
+        record = {"attempt": attempt, "step": step, **extra}
+        atomic_write(self.fs, path, (json.dumps(record) + "\n").encode())
 
     def api_diverged(self, attempt: int) -> str:
         """``attempts/<n>.diverged``: attempt ``n`` met a loss spike past its rollbacks' cap."""

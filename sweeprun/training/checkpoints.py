@@ -253,15 +253,10 @@ class Retention:
         sign = 1.0 if self.mode == "min" else -1.0
         return min(scored, key=lambda m: (sign * m.metrics[self.best or ""], m.name))
 
-    def keep(self, manifests: list[Manifest], floor: int | None = None) -> set[Name]:
-        """The last ``keep_last``, the best, and with ``floor`` the newest at or before that
-        step: the known-good checkpoint a loss-spike rollback goes back to
-        (:mod:`.rollback`), kept through the saves made while a spike is suspected."""
-        ordered = sorted(manifests, key=lambda m: m.name)
-        names = {m.name for m in ordered[-self.keep_last:]}
+    def keep(self, manifests: list[Manifest]) -> set[Name]:
+        names = {m.name for m in sorted(manifests, key=lambda m: m.name)[-self.keep_last:]}
         best = self.best_of(manifests)
-        good = [m for m in ordered if floor is not None and m.step <= floor]
-        return names | ({best.name} if best else set()) | ({good[-1].name} if good else set())
+        return names | ({best.name} if best else set())
 
 
 @dataclass(frozen=True)

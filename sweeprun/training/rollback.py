@@ -30,20 +30,48 @@ from __future__ import annotations
 import io
 import pickle
 import time
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from ..errors import CheckpointError, LeaseLost, SweeprunError
 from ..faults import crash_point
 from ..rollbacks import RollbackRecord, read_rollbacks
 from ..runenv import DIVERGED_EXIT, PREEMPTED_EXIT
-from ..store import atomic_write, create_only, store_errors
-from .checkpoints import say
+from ..store import RunPaths, atomic_write, create_only, store_errors
+from .checkpoints import CheckpointDir, Loaded, say
+from .ranks import Ranks
 from .sampler import ResumableSampler
-from .spikes import Spike
+from .spikes import Guard, Spike, target
 from .state import Stateful, from_safe, to_safe
+from .writer import CheckpointWriter
 
-if TYPE_CHECKING:
-    from .run import Run
+
+class Run(Protocol):
+    """What a rollback uses of the run (:class:`~.run.Run`, which imports this module)."""
+
+    paths: RunPaths
+    attempt: int
+    step: int
+    epoch: int
+    every_steps: int | None
+    steps_follow_data: bool
+    _objects: dict[str, Stateful]
+    _writer: CheckpointWriter
+    _dir: CheckpointDir
+    _guard: Guard
+
+    @property
+    def ranks(self) -> Ranks | None: ...
+
+    @property
+    def under_launcher(self) -> bool: ...
+
+    def wait(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+    def flush_metrics(self) -> int: ...
+
+    def _resume(self, step: int, metrics_bytes: Any, attempt: int | None) -> None: ...
 
 
 def data_objects(objects: dict[str, Stateful]) -> dict[str, Stateful]:
@@ -60,28 +88,10 @@ def data_objects(objects: dict[str, Stateful]) -> dict[str, Stateful]:
 def _carrier(obj: Any) -> bool:
     return callable(getattr(obj, "data_position", None)) and callable(getattr(obj, "load_data_position", None))
 
-
-class Positions:
-    """How many indices each tracked :class:`~.sampler.ResumableSampler` hands out per step,
-    as last seen: what ``skip`` more batches are in indices."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, tuple[int, int]] = {}
-        self.per_step: dict[str, int] = {}
-
-    def observe(self, objects: dict[str, Stateful]) -> None:
-        for name, obj in objects.items():
-            if isinstance(obj, ResumableSampler):
-                now, before = (obj.epoch, obj.offset), self._last.get(name)
-                if before is not None and before[0] == now[0] and now[1] > before[1]:
-                    self.per_step[name] = now[1] - before[1]
-                self._last[name] = now
-
-
 def roll_back(run: Run, spike: Spike) -> NoReturn:
     """Steps 2-5 of the module's docstring on every rank; never returns (exit 75, or
     :data:`~sweeprun.runenv.DIVERGED_EXIT` once the rollbacks are used up)."""
-    policy, ranks, paths = run.spikes, run.ranks, run.paths
+    policy, ranks, paths = run._guard.policy, run.ranks, run.paths
     assert policy is not None
     leader = ranks is None or ranks.leader
     run.wait()
@@ -130,11 +140,11 @@ def _write_positions(run: Run, number: int, rank: int) -> None:
     """This rank's data position as of now, plus ``skip`` batches: atomic, before the commit."""
     import torch
 
-    policy = run.spikes
+    policy = run._guard.policy
     assert policy is not None
     objects = {}
     for name, obj in data_objects(run._objects).items():
-        per_step = run._positions.per_step.get(name)
+        per_step = run._guard.positions.per_step.get(name)
         if isinstance(obj, ResumableSampler) and policy.skip and per_step:
             objects[name] = obj.state_dict_after(policy.skip * per_step)
         else:
@@ -149,21 +159,20 @@ def _commit(run: Run, spike: Spike, number: int, records: list[RollbackRecord],
             diverged: bool) -> RollbackRecord:
     """Rank 0: the fence, the target, the record (create-only); with ``diverged`` also the
     attempt's ``.diverged`` mark for the launcher."""
-    policy = run.spikes
+    policy = run._guard.policy
     assert policy is not None
     run._writer.fence()                       # a process whose run was taken over writes nothing
     metrics_bytes = run.flush_metrics()
     set_aside = {a for r in records for a in r.abandoned}
     manifests = [m for m in run._dir.manifests() if m.stem not in set_aside]
-    good = [m for m in manifests if m.step <= spike.start - policy.margin]
-    target = None if diverged or not good else good[-1]
-    abandoned = () if diverged else tuple(m.stem for m in manifests if target is None or m.name > target.name)
-    restored = target.step if target else 0
+    chosen = None if diverged else target(manifests, spike.start - policy.margin, run.every_steps)
+    abandoned = () if diverged else tuple(m.stem for m in manifests if chosen is None or m.name > chosen.name)
+    restored = chosen.step if chosen else 0
     passed = spike.step + policy.skip           # the data goes on after this step's batch
     record = RollbackRecord(
         number=number, attempt=run.attempt, metric=spike.metric, reason=spike.reason,
         value=spike.value if spike.reason == "spike" else None, start=spike.start, step=spike.step,
-        checkpoint=target.stem if target else None, restored_step=spike.step if diverged else restored,
+        checkpoint=chosen.stem if chosen else None, restored_step=spike.step if diverged else restored,
         resume_step=spike.step if diverged else passed if run.steps_follow_data else restored,
         skipped=0 if diverged else passed - restored, abandoned=abandoned, diverged=diverged,
         metrics_bytes=metrics_bytes, world_size=run.ranks.world_size if run.ranks else 1, at=time.time())
@@ -180,9 +189,7 @@ def _commit(run: Run, spike: Spike, number: int, records: list[RollbackRecord],
 def mark_diverged(run: Run) -> None:
     """``attempts/<n>.diverged`` under the launcher (rank 0): the attempt ends the run diverged."""
     if run.under_launcher and (run.ranks is None or run.ranks.leader):
-        from .run import write_marker
-
-        write_marker(run.paths, run.paths.api_diverged(run.attempt), run.attempt, run.step)
+        run.paths.write_marker(run.paths.api_diverged(run.attempt), run.attempt, run.step)
 
 
 def restore_records(run: Run) -> tuple[list[RollbackRecord], set[str]]:
@@ -207,9 +214,10 @@ def applies(records: list[RollbackRecord], resumed_attempt: int | None) -> Rollb
     return last
 
 
-def apply(run: Run, record: RollbackRecord) -> None:
+def apply(run: Run, record: RollbackRecord, loaded: Loaded | None) -> None:
     """Put the data position, the epoch and the step where ``record`` says (the rest was
-    restored from its checkpoint), and delete what it set aside if a kill left any."""
+    restored from its checkpoint, ``loaded``), and delete what it set aside if a kill left
+    any. Where the framework counts its own steps, they and the metrics stay the checkpoint's."""
     import torch
 
     rank = run.ranks.rank if run.ranks else 0
@@ -237,8 +245,12 @@ def apply(run: Run, record: RollbackRecord) -> None:
                 obj.load_data_position(position)  # type: ignore[attr-defined]
             else:
                 obj.load_state_dict(position)
-    if run.steps_follow_data:
+    if run.steps_follow_data or loaded is None:
         run.epoch = int(state["epoch"])
+        run._resume(record.resume_step, record.metrics_bytes, record.attempt)
+    else:
+        run._resume(int(loaded.state["step"]), loaded.state.get("metrics_bytes"), loaded.manifest.attempt)
+    say(f"rolled back: {record.text()}; going on from step {run.step} (epoch {run.epoch})")
     if run.ranks is None or run.ranks.leader:
         try:
             run._writer.discard(set(record.abandoned))

@@ -21,7 +21,6 @@ load it when a save or restore needs it).
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 from collections.abc import Callable, Iterable
@@ -31,13 +30,12 @@ from typing import Any, Literal
 from ..errors import CheckpointError, LeaseLost
 from ..faults import crash_point
 from ..runenv import PREEMPTED_EXIT
-from ..store import RunPaths, atomic_write
+from ..store import RunPaths
 from .cadence import AutoInterval
 from .checkpoints import FORMAT, CheckpointDir, Manifest, Owner, Retention, say
 from .metrics import MetricsLog, NoMetrics, plain
 from .ranks import Ranks, check_reduce
-from .rollback import Positions
-from .spikes import Detector, Spike, Spikes
+from .spikes import Guard, Spikes, combined
 from .state import (
     HostBuffers,
     Stateful,
@@ -108,22 +106,12 @@ class Run:
         self._unhooked = 0                         # ... and those that cannot
         self._window = 1                           # end_step calls per optimizer step, last seen
         self._since_boundary = 0                   # end_step calls since the last optimizer step
+        #: A rollback moves :attr:`step` with the data (a loop taking its batch from the step skips
+        #: the batches too); ``False`` where the framework counts its own steps (Lightning).
         self.steps_follow_data = True
-        """A loss-spike rollback moves :attr:`step` with the data past the skipped batches (a
-        loop that takes its batch from the step skips them too). An integration whose
-        framework counts its own optimizer steps (Lightning) sets it ``False``: the step is
-        then the restored checkpoint's, and only the data position moves."""
+        #: Earlier attempts of this run that ran out of memory (SWEEPRUN_OOM_RETRY, ``on_oom:``).
         self.oom_retry = oom_retry
-        """How many earlier attempts of this run ran out of memory (SWEEPRUN_OOM_RETRY, set by the
-        launcher with the sweep file's ``on_oom:``): e.g. split each batch into more micro-batches."""
-        self.spikes = spikes
-        """What a loss spike does (:mod:`.spikes`, :mod:`.rollback`); ``None``: nothing."""
-        self._detector = Detector(spikes) if spikes is not None else None
-        self._positions = Positions()
-        if self._detector is not None:
-            detector = self._detector
-            self._writer.floor = lambda: (self.step + 1 if detector.suspected is None
-                                          else detector.suspected) - spikes.margin
+        self._guard = Guard(spikes, lambda: self.step, every_steps, self._writer)  # loss spikes
         self._previous_handlers: dict[int, Any] = {}
         self._install_handlers({signal.SIGTERM, signal.SIGINT, *stop_signals})
 
@@ -180,7 +168,6 @@ class Run:
         if loaded is None and record is None:
             self._open_metrics()
             return False
-        note = ""
         if loaded is not None:
             state = loaded.state
             note = reshard_note(loaded.manifest, self._ranks, self._on_world_size_change,
@@ -190,24 +177,14 @@ class Run:
                 restore_rng(state["rng"])
             self.epoch = int(state["epoch"])
             self.extras = from_safe(state["extras"])
-            if self._detector is not None:
-                self._detector.load_state_dict(state.get("guard"))
-        if record is not None:
-            rollback.apply(self, record)
-            if self.steps_follow_data or loaded is None:
-                self._resume(record.resume_step, record.metrics_bytes, record.attempt)
-            else:                                   # the metrics as the restored step left them
-                self._resume(int(loaded.state["step"]), loaded.state.get("metrics_bytes"),
-                             loaded.manifest.attempt)
-            self._saved_step, self._saved_at = None, self._clock()
-            self._step_started = self._saved_at
-            say(f"rolled back: {record.text()}; going on from step {self.step} (epoch {self.epoch})")
-            return True
-        assert loaded is not None
-        self._resume(int(loaded.state["step"]), loaded.state.get("metrics_bytes"), loaded.manifest.attempt)
-        self._saved_step, self._saved_at = self.step, self._clock()
+            self._guard.load_state_dict(state.get("guard"))
+        if record is not None:                      # data position, step and metrics as it left them
+            rollback.apply(self, record, loaded)
+        elif loaded is not None:
+            self._resume(int(loaded.state["step"]), loaded.state.get("metrics_bytes"), loaded.manifest.attempt)
+            say(f"resumed from {loaded.manifest.data} (step {self.step}, epoch {self.epoch}){note}")
+        self._saved_step, self._saved_at = (None if record else self.step), self._clock()
         self._step_started = self._saved_at
-        say(f"resumed from {loaded.manifest.data} (step {self.step}, epoch {self.epoch}){note}")
         return True
 
     def _open_metrics(self, resume_attempt: int | None = None) -> None:
@@ -288,7 +265,7 @@ class Run:
         nothing. :meth:`finish` calls it for sweeprun's own checkpoints."""
         if self._under_launcher and (self._ranks is None or self._ranks.leader):
             crash_point("training.before_finished")
-            write_marker(self.paths, self.paths.api_finished(self.attempt), self.attempt,
+            self.paths.write_marker(self.paths.api_finished(self.attempt), self.attempt,
                           self.step if step is None else step)
 
     # -- the training loop --------------------------------------------------------------
@@ -339,9 +316,7 @@ class Run:
             if now - self._started + steps * self._step_s + self._save_s >= self.time_limit_s:
                 self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
         stop, due = self._stop_reason is not None, self._due(now)
-        spike = self._detector.observe(self.step, metrics) if self._detector is not None else None
-        if self._detector is not None and self.spikes and self.spikes.skip:
-            self._positions.observe(self._objects)
+        spike = self._guard.observe(self.step, metrics, self._objects)
         if self._ranks is not None:            # what one rank wants, all do, at this step
             agreed = self._ranks.agree(stop, due, metrics, reduce, self._background.failed,
                                        spike.start if spike else None)
@@ -350,14 +325,13 @@ class Run:
                 self._collect(block=True)      # its error, on every rank at this same step
             if stop and self._stop_reason is None:
                 self._stop_reason = "another rank was asked to stop"
-            spike = self._spike_of_all(spike, agreed.spike)
+            spike = combined(spike, agreed.spike, self.step, self._ranks)
         elif reduce is not None:
             check_reduce(metrics, reduce)
         if metrics:
             self.log(**metrics)
         if spike is not None:
             from .rollback import roll_back
-
             roll_back(self, spike)
         if not boundary:
             self._due_pending = self._due_pending or due
@@ -376,16 +350,6 @@ class Run:
                 line = self._auto.observe(self._clock() - start)
                 if line is not None:
                     say(line)
-
-    def _spike_of_all(self, mine: Spike | None, start: int | None) -> Spike | None:
-        """The spike every rank rolls back for: the earliest start any rank saw, with the
-        metric and value of the first rank that saw it (a collective when there is one)."""
-        if start is None:
-            return None
-        assert self._ranks is not None
-        seen = [s for s in self._ranks.gather(mine) if s is not None]
-        first = min(seen, key=lambda s: s.start)
-        return Spike(start, self.step, first.metric, first.value, first.reason)
 
     def _boundary(self, optimizer_stepped: bool | None) -> bool:
         """Whether this end_step closes an optimizer step (a point a checkpoint may fall on)."""
@@ -446,7 +410,7 @@ class Run:
                      "objects": {name: to_safe(obj.state_dict(), f"the state of {name!r}", into)
                                  for name, obj in self._own_objects().items()},
                      "rng": capture_rng() if self.capture_rng else None,
-                     "guard": self._detector.state_dict() if self._detector is not None else None}
+                     "guard": self._guard.state_dict()}
         except TypeError as exc:
             raise CheckpointError(f"cannot save step {self.step}: {exc}") from None
         if copy:
@@ -634,12 +598,3 @@ class Run:
         if self._stop_reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the step
         self._stop_reason = f"{signal.Signals(signum).name} received"
-
-
-
-def write_marker(paths: RunPaths, path: str, attempt: int, step: int, **extra: Any) -> None:
-    """``attempts/<n>.started`` / ``.finished``: what the launcher reads of this attempt
-    (a multi-rank run's ``.started`` also has its ``world_size``)."""
-    record = {"attempt": attempt, "step": step, **extra}
-    atomic_write(paths.fs, path, (json.dumps(record) + "\n").encode())
-

@@ -12,9 +12,16 @@ interrupted. Pure Python: no torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .sampler import ResumableSampler
+
+if TYPE_CHECKING:
+    from .checkpoints import Manifest
+    from .ranks import Ranks
+    from .writer import CheckpointWriter
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,77 @@ class Detector:
         start = state.get("run_start")
         self.run_start = int(start) if start is not None else None
         self.run_length = int(state.get("run_length") or 0)
+
+
+class Guard:
+    """A run's spike watch: the :class:`Detector` (checkpointed), the samplers' pace (for
+    ``skip``), and what retention keeps meanwhile. Inert when the run has no policy."""
+
+    def __init__(self, policy: Spikes | None, step: Callable[[], int], every_steps: int | None,
+                 writer: CheckpointWriter) -> None:
+        self.policy = policy
+        self.detector = Detector(policy) if policy is not None else None
+        self.positions = Positions()
+        self._step, self._every_steps = step, every_steps
+        writer.protect = self.protect
+
+    def observe(self, step: int, metrics: Mapping[str, Any], objects: Mapping[str, Any]) -> Spike | None:
+        if self.detector is None or self.policy is None:
+            return None
+        if self.policy.skip:
+            self.positions.observe(objects)
+        return self.detector.observe(step, metrics)
+
+    def protect(self, manifests: Sequence[Manifest]) -> Manifest | None:
+        """What a spike starting now would go back to (one suspected: before its start), which
+        retention keeps besides the last ``keep_last`` through the saves made meanwhile."""
+        if self.detector is None or self.policy is None:
+            return None
+        start = self._step() + 1 if self.detector.suspected is None else self.detector.suspected
+        return target(manifests, start - self.policy.margin, self._every_steps)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.detector.state_dict() if self.detector is not None else None
+
+    def load_state_dict(self, state: Any) -> None:
+        if self.detector is not None:
+            self.detector.load_state_dict(state)
+
+
+def combined(mine: Spike | None, start: int | None, step: int, ranks: Ranks) -> Spike | None:
+    """The spike every rank rolls back for, given the earliest start any rank saw (``start``,
+    from :meth:`~.ranks.Ranks.agree`): with the metric and value of the rank that saw it
+    first (a collective when there is one)."""
+    if start is None:
+        return None
+    first = min((s for s in ranks.gather(mine) if s is not None), key=lambda s: s.start)
+    return Spike(start, step, first.metric, first.value, first.reason)
+
+
+def target(manifests: Sequence[Manifest], limit: int, every_steps: int | None) -> Manifest | None:
+    """The checkpoint a rollback restores: the newest at or before step ``limit``. With a step
+    cadence, only one on it: a save a SIGTERM made off it (step 15 of every 4) must not make
+    a run that was interrupted roll back elsewhere than one that was not."""
+    eligible = [m for m in sorted(manifests, key=lambda m: m.name) if m.step <= limit
+                and (every_steps is None or m.step % every_steps == 0)]
+    return eligible[-1] if eligible else None
+
+
+class Positions:
+    """How many indices each tracked :class:`~.sampler.ResumableSampler` hands out per step,
+    as last seen: what ``skip`` more batches are in indices."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}
+        self.per_step: dict[str, int] = {}
+
+    def observe(self, objects: Mapping[str, Any]) -> None:
+        for name, obj in objects.items():
+            if isinstance(obj, ResumableSampler):
+                now, before = (obj.epoch, obj.offset), self._last.get(name)
+                if before is not None and before[0] == now[0] and now[1] > before[1]:
+                    self.per_step[name] = now[1] - before[1]
+                self._last[name] = now
 
 
 def _item(value: Any) -> float | None:

@@ -23,7 +23,7 @@ from ..store import JSON_MAX_BYTES, RunPaths, open_store, read_regular, store_er
 from .cadence import PRIOR_MTBI_S, AutoInterval
 from .checkpoints import CheckpointDir, Owner, Retention, say
 from .ranks import detect
-from .run import Run, write_marker
+from .run import Run
 from .spikes import Spikes
 from .writer import join_in_flight
 
@@ -86,7 +86,7 @@ def _out_of_memory(error: BaseException) -> None:
     step = run.step if run is not None else None
     if run is not None and run.under_launcher:
         try:
-            write_marker(run.paths, run.paths.api_oom(run.attempt), run.attempt, step or 0, error=first)
+            run.paths.write_marker(run.paths.api_oom(run.attempt), run.attempt, step or 0, error=first)
         except (SweeprunError, OSError) as exc:
             say(f"warning: could not record the out-of-memory end in the run folder: {exc}")
     where = f" at step {step}" if step is not None else ""
@@ -178,7 +178,7 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
         if ranks is not None:          # one attempt for all ranks: rank 0's count
             attempt = ranks.gather(attempt)[0]
     if run_dir and (ranks is None or ranks.leader):
-        write_marker(paths, paths.api_started(attempt), attempt, 0,
+        paths.write_marker(paths.api_started(attempt), attempt, 0,
                      **({"world_size": ranks.world_size} if ranks else {}))
     limits = [t for t in (time_limit_s, env_limit) if t is not None]
     run = Run(params=dict(params), paths=paths, owner=owner,

@@ -138,9 +138,9 @@ class CheckpointWriter:
         """The run's ``attempts/`` folder when the attempt number is the launcher's; ``None``
         standalone (no launcher numbers its attempts there)."""
         self._retention: threading.Thread | None = None
-        self.floor: Callable[[], int | None] = lambda: None
-        """The step at or before which retention keeps the newest checkpoint besides the last
-        ``keep_last`` (a loss-spike rollback's known-good one, :meth:`Retention.keep`)."""
+        self.protect: Callable[[list[Manifest]], Manifest | None] = lambda manifests: None
+        """The checkpoint retention keeps besides the last ``keep_last`` and the best: the one a
+        loss-spike rollback would go back to now (:func:`~.spikes.target`)."""
 
     def prune_later(self, folder: Folder) -> None:
         """:meth:`prune` on a thread of its own, after a commit: the save does not wait for
@@ -282,7 +282,8 @@ class CheckpointWriter:
         Manifest first, so no manifest ever names a deleted file. A newer attempt's files
         are never touched: that attempt is alive and this process is the stale one."""
         listing, manifests = folder.listing, folder.manifests
-        keep = self.retention.keep(manifests, self.floor())
+        protected = self.protect(manifests)
+        keep = self.retention.keep(manifests) | ({protected.name} if protected else set())
         doomed: list[str] = []
         for m in manifests:
             if m.name not in keep and m.attempt <= self.attempt and m.owner == self.owner:
