@@ -36,6 +36,9 @@ class LoopCarry:
         self._tr_loss: Any = None       # the Trainer's running-loss tensor, as last passed to its log
         self._pending: Any = None       # the saved running sum, for the first resumed micro-batch
         self.carried = False            # the sum of logged losses was carried over from a folder
+        #: Each micro-batch's loss since the last optimizer step, kept only when a loss-spike
+        #: policy watches it (:meth:`step_loss`).
+        self.losses: list[Any] | None = None
         self._warned: set[str] = set()
 
     def _warn(self, name: str, what: str) -> None:
@@ -63,6 +66,8 @@ class LoopCarry:
         if not getattr(step, "_sweeprun", False):
             def training_step(*args: Any, **kwargs: Any) -> Any:
                 loss = step(*args, **kwargs)
+                if self.losses is not None:     # as trained, before any carried sum is added
+                    self.losses.append(loss.detach())
                 if self._pending is not None:
                     pending, self._pending = self._pending, None
                     loss = loss + pending.to(loss.device)
@@ -81,6 +86,15 @@ class LoopCarry:
 
             whole_run_log._sweeprun = True  # type: ignore[attr-defined]
             trainer.log = whole_run_log
+
+    def step_loss(self) -> float | None:
+        """The loss of the optimizer step just ended (its micro-batches' sum, as the Trainer
+        sums them), then forgotten; ``None`` when no batch was seen."""
+        if not self.losses:
+            return None
+        total = float(sum(loss.float().sum() for loss in self.losses))
+        self.losses.clear()
+        return total
 
     def snapshot(self) -> dict[str, Any]:
         """The bookkeeping now (at a save, between optimizer steps), for the folder's file."""

@@ -72,18 +72,21 @@ from ..store.layout import CHECKPOINT_FOLDER_PREFIX as PREFIX
 from ..store.layout import checkpoint_folder, set_aside_name
 from ..training.checkpoints import say, warn
 from ..training.ranks import join_from_env
+from ..training.rollback import Candidate, applies, restore_records, roll_back
 from ..training.run import Run
 from ..training.sealed import (
     REJECTED,
     SEAL,
     TRAINER_DIR,
     Sealed,
+    checkpoint_folders,
     newest_sealed,
     recorded_best,
     rotate,
     seal,
     verify,
 )
+from ..training.spikes import Spikes, combined
 from ..training.start import init as init_run
 from . import hf_rng
 from .hf_loop import LoopCarry
@@ -97,6 +100,7 @@ __all__ = ["init", "SweeprunCallback", "Sealed", "seal", "verify", "PREFIX", "SE
 def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[str] | None = None,
          *, every_s: float | Literal["auto"] | None = "auto", time_limit_s: float | None = None,
          stop_signals: Iterable[int] = (), staging_dir: str | os.PathLike[str] | None = None,
+         spikes: bool | Spikes | Mapping[str, Any] | None = None,
          clock: Callable[[], float] = time.monotonic,
          env: Mapping[str, str] | None = None) -> SweeprunCallback:
     """Start (or continue) this process's run and return the callback to give the Trainer.
@@ -113,12 +117,21 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     a local staging folder (one per run, under ``staging_dir`` or else ``$SWEEPRUN_HOME``)
     and each sealed folder is uploaded to the store, the seal last; a resume downloads the
     newest folder that verifies (:mod:`.hf_store`).
+
+    ``spikes`` (as :func:`sweeprun.init`'s) watches each optimizer step's loss: a NaN, an Inf
+    or a spike rolls the run back to the newest sealed folder from before it (on
+    ``save_steps``), sets the newer ones aside, and resumes past the bad batches with the
+    Trainer's own step count (for now with a run directory on local disk).
     """
     join_from_env()   # under torchrun: the Trainer's accelerate state makes the group only later
     run = init_run(params, local_dir, every_s=every_s, time_limit_s=time_limit_s,
-                   stop_signals=stop_signals, clock=clock, env=env)
+                   stop_signals=stop_signals, spikes=spikes, clock=clock, env=env)
     staging = None
     if native_path(run.paths.fs, run.paths.dir) is None:  # the Trainer writes OS files: stage them
+        if run.guard.policy is not None:
+            run.close()
+            raise SpecError(f"spikes= with the Trainer needs a run directory on local disk for now; "
+                            f"{run.dir} is on an object store")
         try:
             staging = staging_root(run.paths, run.run_id,
                                    os.fspath(staging_dir) if staging_dir is not None else None)
@@ -149,6 +162,9 @@ class SweeprunCallback(TrainerCallback):
         self._resumed: Sealed | None = None
         self._rng = RngReplay()
         self._loop = LoopCarry()
+        run.steps_follow_data = False        # a rollback keeps the Trainer's own step count
+        if run.guard.policy is not None:
+            self._loop.losses = []
         self._saved: dict[str, Any] | None = None    # sweeprun's file of the resumed folder
         self._stop_reason: str | None = None
         ranks = run.ranks
@@ -230,6 +246,9 @@ class SweeprunCallback(TrainerCallback):
         self._rng.hook(trainer)
         self._loop.hook(trainer)
         _rotate_after_the_seal(trainer)
+        records, set_aside = restore_records(self.run)     # a diverged run stops here (exit 76)
+        if set_aside:
+            _on_leader(self.run, lambda: _SealedFolders(self).discard(set_aside))  # what a kill left
         self._resumed = self.latest_sealed()
         self._saved = hf_rng.load(self._resumed.path, self._rank) if self._resumed is not None else None
         run = self.run
@@ -240,6 +259,11 @@ class SweeprunCallback(TrainerCallback):
             say(f"resuming from {self._resumed.path} (step {self._resumed.step}){note}")
         else:
             run.resume_at(0, metrics_bytes=0)      # a fresh start: no metrics of an earlier try
+        rolled = applies(records, self._resumed.seal.get("attempt") if self._resumed else None)
+        if rolled is not None:                     # a rollback's first start: past the bad batches
+            _skip_more(trainer, rolled.skipped)
+            say(f"rolled back: {rolled.text()}; going on from step {run.step}, "
+                f"{rolled.skipped} step(s) of batches passed over")
         try:
             if self._resumed is not None and self._resumed.seal.get("final"):
                 result = self._load_final(trainer, self._resumed)
@@ -359,13 +383,20 @@ class SweeprunCallback(TrainerCallback):
             self._stop_reason = f"time limit of {limit:g} s reached"
         stop = self._stop_reason is not None
         due = (every_s := self._every_s()) is not None and now - self._saved_at >= every_s
+        loss = self._loop.step_loss()
+        spike = run.guard.observe(state.global_step, {} if loss is None else {"loss": loss}, {})
         if run.ranks is not None:
             # what one rank wants, every rank does at this same step: the Trainer's saves and
             # its end are collective. A stop from any rank (its SIGTERM, its time budget); the
             # time cadence from rank 0, which seals, so it alone knows the last save and its cost
-            stop, due = run.ranks.agree(stop, due and run.ranks.leader, {}, None)[:2]
+            agreed = run.ranks.agree(stop, due and run.ranks.leader, {}, None, spike=spike and spike.start)
+            stop, due = agreed.stop, agreed.due
+            spike = combined(spike, agreed.spike, state.global_step, run.ranks)
             if stop and self._stop_reason is None:
                 self._stop_reason = "another rank was asked to stop"
+        if spike is not None:            # back to a sealed folder from before it; exits 75 (or 76)
+            roll_back(run, spike, _SealedFolders(self),
+                      args.save_steps if str(args.save_strategy).endswith("steps") else None)
         if stop:
             control.should_save = True
             control.should_training_stop = True
@@ -445,6 +476,53 @@ class SweeprunCallback(TrainerCallback):
             self.run.step = state.global_step
             self.run.log(**values)
 
+
+
+class _SealedFolders:
+    """The Trainer's sealed folders as a loss-spike rollback sees them
+    (:class:`~sweeprun.training.rollback.Checkpoints`). The Trainer names a folder by its step
+    and writes the same name again after a rollback, so a folder is named with the attempt
+    that sealed it (``checkpoint-20@a3``); those set aside go to ``.sweeprun-rejected/``."""
+
+    def __init__(self, callback: SweeprunCallback) -> None:
+        self.callback = callback
+
+    def _sealed(self) -> list[tuple[Candidate, str]]:
+        found = []
+        for step, path in reversed(checkpoint_folders(self.callback.output_dir)):   # oldest first
+            try:
+                attempt = verify(path).get("attempt")
+            except ValueError:
+                continue
+            found.append((Candidate(f"{os.path.basename(path)}@a{attempt}", step), path))
+        return found
+
+    def candidates(self, set_aside: set[str]) -> list[Candidate]:
+        return [c for c, _ in self._sealed() if c.name not in set_aside]
+
+    def discard(self, names: set[str]) -> None:
+        for candidate, path in self._sealed():
+            if candidate.name in names:
+                self.callback._set_aside(path)
+
+
+def _skip_more(trainer: Trainer, steps: int) -> None:
+    """Make the Trainer's resume pass over ``steps`` more optimizer steps of batches than its
+    checkpoint's step says (a rollback's: the bad ones), into later epochs if need be."""
+    own = getattr(trainer, "_init_training_state", None)
+    if own is None or steps <= 0:
+        if own is None:
+            warn("this transformers version has no Trainer._init_training_state: after the rollback "
+                 "the batches from the checkpoint on are trained again")
+        return
+
+    def init_training_state(max_steps: int, per_epoch: int, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        epochs, batches = own(max_steps, per_epoch, *args, **kwargs)
+        per_epoch_batches = max(1, per_epoch * trainer.args.gradient_accumulation_steps)
+        total = batches + steps * trainer.args.gradient_accumulation_steps
+        return epochs + total // per_epoch_batches, total % per_epoch_batches
+
+    trainer._init_training_state = init_training_state  # type: ignore[method-assign]
 
 
 def _on_leader(run: Run, work: Callable[[], Any]) -> Any:

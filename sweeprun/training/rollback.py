@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import pickle
 import time
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from ..errors import CheckpointError, LeaseLost, SweeprunError
@@ -45,6 +46,39 @@ from .state import Stateful, from_safe, to_safe
 from .writer import CheckpointWriter
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A checkpoint a rollback may go back to: what its record calls it, and its step."""
+
+    name: str
+    step: int
+
+
+class Checkpoints(Protocol):
+    """Where a run's checkpoints are, for a rollback: sweeprun's own (:class:`OwnCheckpoints`),
+    or a framework's folders (the Hugging Face Trainer's)."""
+
+    def candidates(self, set_aside: set[str]) -> list[Candidate]:
+        """Every checkpoint that verifies, oldest first, less those ``set_aside`` (by name)."""
+
+    def discard(self, names: set[str]) -> None:
+        """Take the checkpoints named out of every later restore's sight (delete, or move)."""
+
+
+class OwnCheckpoints:
+    """The run's ``checkpoints/`` folder (:mod:`.checkpoints`)."""
+
+    def __init__(self, directory: CheckpointDir, writer: CheckpointWriter) -> None:
+        self.dir, self.writer = directory, writer
+
+    def candidates(self, set_aside: set[str]) -> list[Candidate]:
+        return [Candidate(m.stem, m.step) for m in sorted(self.dir.manifests(), key=lambda m: m.name)
+                if m.stem not in set_aside]
+
+    def discard(self, names: set[str]) -> None:
+        self.writer.discard(names)
+
+
 class Run(Protocol):
     """What a rollback uses of the run (:class:`~.run.Run`, which imports this module)."""
 
@@ -57,7 +91,7 @@ class Run(Protocol):
     _objects: dict[str, Stateful]
     _writer: CheckpointWriter
     _dir: CheckpointDir
-    _guard: Guard
+    guard: Guard
 
     @property
     def ranks(self) -> Ranks | None: ...
@@ -88,10 +122,15 @@ def data_objects(objects: dict[str, Stateful]) -> dict[str, Stateful]:
 def _carrier(obj: Any) -> bool:
     return callable(getattr(obj, "data_position", None)) and callable(getattr(obj, "load_data_position", None))
 
-def roll_back(run: Run, spike: Spike) -> NoReturn:
+def roll_back(run: Run, spike: Spike, checkpoints: Checkpoints | None = None,
+              every_steps: int | None = None) -> NoReturn:
     """Steps 2-5 of the module's docstring on every rank; never returns (exit 75, or
-    :data:`~sweeprun.runenv.DIVERGED_EXIT` once the rollbacks are used up)."""
-    policy, ranks, paths = run._guard.policy, run.ranks, run.paths
+    :data:`~sweeprun.runenv.DIVERGED_EXIT` once the rollbacks are used up). ``checkpoints``:
+    where the targets are (default: sweeprun's own), ``every_steps`` their step cadence
+    (default: the run's)."""
+    source = checkpoints or OwnCheckpoints(run._dir, run._writer)
+    grid = every_steps if checkpoints is not None else run.every_steps
+    policy, ranks, paths = run.guard.policy, run.ranks, run.paths
     assert policy is not None
     leader = ranks is None or ranks.leader
     run.wait()
@@ -110,7 +149,7 @@ def roll_back(run: Run, spike: Spike) -> NoReturn:
         ranks.barrier()                       # every rank's position is durable
     if leader:
         try:
-            record = _commit(run, spike, number, records, diverged)
+            record = _commit(run, spike, number, records, diverged, source, grid)
         except SweeprunError as exc:
             record = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     if ranks is not None:
@@ -123,7 +162,7 @@ def roll_back(run: Run, spike: Spike) -> NoReturn:
     crash_point("rollback.after_record")
     if leader and record.abandoned:
         try:
-            run._writer.discard(set(record.abandoned))
+            source.discard(set(record.abandoned))
         except SweeprunError as exc:        # the next restore deletes them again
             say(f"warning: the checkpoints set aside by the rollback were not all deleted: {exc}")
     run.close()
@@ -140,11 +179,11 @@ def _write_positions(run: Run, number: int, rank: int) -> None:
     """This rank's data position as of now, plus ``skip`` batches: atomic, before the commit."""
     import torch
 
-    policy = run._guard.policy
+    policy = run.guard.policy
     assert policy is not None
     objects = {}
     for name, obj in data_objects(run._objects).items():
-        per_step = run._guard.positions.per_step.get(name)
+        per_step = run.guard.positions.per_step.get(name)
         if isinstance(obj, ResumableSampler) and policy.skip and per_step:
             objects[name] = obj.state_dict_after(policy.skip * per_step)
         else:
@@ -155,24 +194,24 @@ def _write_positions(run: Run, number: int, rank: int) -> None:
     atomic_write(run.paths.fs, run.paths.rollback_data(number, rank), raw.getvalue())
 
 
-def _commit(run: Run, spike: Spike, number: int, records: list[RollbackRecord],
-            diverged: bool) -> RollbackRecord:
+def _commit(run: Run, spike: Spike, number: int, records: list[RollbackRecord], diverged: bool,
+            source: Checkpoints, every_steps: int | None) -> RollbackRecord:
     """Rank 0: the fence, the target, the record (create-only); with ``diverged`` also the
     attempt's ``.diverged`` mark for the launcher."""
-    policy = run._guard.policy
+    policy = run.guard.policy
     assert policy is not None
     run._writer.fence()                       # a process whose run was taken over writes nothing
     metrics_bytes = run.flush_metrics()
     set_aside = {a for r in records for a in r.abandoned}
-    manifests = [m for m in run._dir.manifests() if m.stem not in set_aside]
-    chosen = None if diverged else target(manifests, spike.start - policy.margin, run.every_steps)
-    abandoned = () if diverged else tuple(m.stem for m in manifests if chosen is None or m.name > chosen.name)
+    candidates = source.candidates(set_aside)
+    chosen = None if diverged else target(candidates, spike.start - policy.margin, every_steps)
+    abandoned = () if diverged else tuple(c.name for c in candidates[candidates.index(chosen) + 1 if chosen else 0:])
     restored = chosen.step if chosen else 0
     passed = spike.step + policy.skip           # the data goes on after this step's batch
     record = RollbackRecord(
         number=number, attempt=run.attempt, metric=spike.metric, reason=spike.reason,
         value=spike.value if spike.reason == "spike" else None, start=spike.start, step=spike.step,
-        checkpoint=chosen.stem if chosen else None, restored_step=spike.step if diverged else restored,
+        checkpoint=chosen.name if chosen else None, restored_step=spike.step if diverged else restored,
         resume_step=spike.step if diverged else passed if run.steps_follow_data else restored,
         skipped=0 if diverged else passed - restored, abandoned=abandoned, diverged=diverged,
         metrics_bytes=metrics_bytes, world_size=run.ranks.world_size if run.ranks else 1, at=time.time())

@@ -111,7 +111,7 @@ class Run:
         self.steps_follow_data = True
         #: Earlier attempts of this run that ran out of memory (SWEEPRUN_OOM_RETRY, ``on_oom:``).
         self.oom_retry = oom_retry
-        self._guard = Guard(spikes, lambda: self.step, every_steps, self._writer)  # loss spikes
+        self.guard = Guard(spikes, lambda: self.step, every_steps, self._writer)  # loss spikes
         self._previous_handlers: dict[int, Any] = {}
         self._install_handlers({signal.SIGTERM, signal.SIGINT, *stop_signals})
 
@@ -177,7 +177,7 @@ class Run:
                 restore_rng(state["rng"])
             self.epoch = int(state["epoch"])
             self.extras = from_safe(state["extras"])
-            self._guard.load_state_dict(state.get("guard"))
+            self.guard.load_state_dict(state.get("guard"))
         if record is not None:                      # data position, step and metrics as it left them
             rollback.apply(self, record, loaded)
         elif loaded is not None:
@@ -316,7 +316,7 @@ class Run:
             if now - self._started + steps * self._step_s + self._save_s >= self.time_limit_s:
                 self._stop_reason = f"time limit of {self.time_limit_s:g} s reached"
         stop, due = self._stop_reason is not None, self._due(now)
-        spike = self._guard.observe(self.step, metrics, self._objects)
+        spike = self.guard.observe(self.step, metrics, self._objects)
         if self._ranks is not None:            # what one rank wants, all do, at this step
             agreed = self._ranks.agree(stop, due, metrics, reduce, self._background.failed,
                                        spike.start if spike else None)
@@ -410,7 +410,7 @@ class Run:
                      "objects": {name: to_safe(obj.state_dict(), f"the state of {name!r}", into)
                                  for name, obj in self._own_objects().items()},
                      "rng": capture_rng() if self.capture_rng else None,
-                     "guard": self._guard.state_dict()}
+                     "guard": self.guard.state_dict()}
         except TypeError as exc:
             raise CheckpointError(f"cannot save step {self.step}: {exc}") from None
         if copy:

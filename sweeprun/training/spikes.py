@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .sampler import ResumableSampler
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .checkpoints import Manifest
@@ -185,7 +187,7 @@ class Guard:
         if self.detector is None or self.policy is None:
             return None
         start = self._step() + 1 if self.detector.suspected is None else self.detector.suspected
-        return target(manifests, start - self.policy.margin, self._every_steps)
+        return target(sorted(manifests, key=lambda m: m.name), start - self.policy.margin, self._every_steps)
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.detector.state_dict() if self.detector is not None else None
@@ -205,12 +207,13 @@ def combined(mine: Spike | None, start: int | None, step: int, ranks: Ranks) -> 
     return Spike(start, step, first.metric, first.value, first.reason)
 
 
-def target(manifests: Sequence[Manifest], limit: int, every_steps: int | None) -> Manifest | None:
-    """The checkpoint a rollback restores: the newest at or before step ``limit``. With a step
-    cadence, only one on it: a save a SIGTERM made off it (step 15 of every 4) must not make
-    a run that was interrupted roll back elsewhere than one that was not."""
-    eligible = [m for m in sorted(manifests, key=lambda m: m.name) if m.step <= limit
-                and (every_steps is None or m.step % every_steps == 0)]
+def target(ordered: Sequence[T], limit: int, every_steps: int | None) -> T | None:
+    """The checkpoint a rollback restores, of ``ordered`` (oldest first; each has a ``step``):
+    the newest at or before step ``limit``. With a step cadence, only one on it: a save a
+    SIGTERM made off it (step 15 of every 4) must not make a run that was interrupted roll
+    back elsewhere than one that was not."""
+    eligible = [c for c in ordered if c.step <= limit  # type: ignore[attr-defined]
+                and (every_steps is None or c.step % every_steps == 0)]  # type: ignore[attr-defined]
     return eligible[-1] if eligible else None
 
 

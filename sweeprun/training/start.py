@@ -18,6 +18,7 @@ from typing import Any, Literal
 from .. import settings
 from ..errors import CheckpointError, LeaseLost, SpecError, SweeprunError
 from ..redact import redact
+from ..rollbacks import read_rollbacks
 from ..runenv import OOM_EXIT, PREEMPTED_EXIT, RUN_DIR, RUN_ID
 from ..store import JSON_MAX_BYTES, RunPaths, open_store, read_regular, store_errors
 from .cadence import PRIOR_MTBI_S, AutoInterval
@@ -174,7 +175,9 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     directory = CheckpointDir(paths.fs, paths.checkpoints)
     names = directory.names()                        # also refuses a symlinked folder
     if attempt is None:  # standalone: newer than anything here, so "newest attempt wins" holds
-        attempt = 1 + max((n.attempt for n in names), default=0)
+        # (a rollback's record too: what the Trainer seals after it must be newer than it)
+        attempt = 1 + max([n.attempt for n in names] + [r.attempt for r in read_rollbacks(paths.fs, paths.rollbacks)],
+                          default=0)
         if ranks is not None:          # one attempt for all ranks: rank 0's count
             attempt = ranks.gather(attempt)[0]
     if run_dir and (ranks is None or ranks.leader):
