@@ -59,6 +59,8 @@ from ..store import native_path
 from ..training.checkpoints import say, warn, warn_once
 from ..training.ranks import join_from_env
 from ..training.run import Run
+from ..training.sampler import ResumableSampler
+from ..training.spikes import Positions
 from ..training.start import init
 from ..training.state import capture_rng, restore_rng
 
@@ -140,6 +142,7 @@ class SweeprunCallback(Callback):
         self._step_epoch = 0
         self._carry: dict[str, Any] = {}
         self._boundary = "batch"          # where the step being saved ended
+        self._pace = Positions()          # the samplers' indices per step (a rollback's skip=)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -322,6 +325,8 @@ class SweeprunCallback(Callback):
         self._batches, self._carry, self._stepped = [], {}, False
         self._boundary = boundary
         self.run.epoch = self._step_epoch
+        if self.run.guard.policy is not None and self.run.guard.policy.skip:
+            self._pace.observe({str(i): s for i, s in enumerate(self._samplers)})  # for skip=
         try:
             self.run.end_step(**metrics)  # saves when due; on a stop: save and exit 75
         except SystemExit:
@@ -437,7 +442,11 @@ class _TrainerState:
     def data_position(self) -> dict[str, Any]:
         """Where the training DataLoader's samplers are: what a loss-spike rollback keeps
         while everything else goes back to the restored checkpoint."""
-        return {"samplers": [s.state_dict() for s in self.callback._samplers]}
+        policy, pace = self.callback.run.guard.policy, self.callback._pace.per_step
+        skip = policy.skip if policy is not None else 0
+        return {"samplers": [s.state_dict_after(skip * pace[str(i)]) if skip and str(i) in pace
+                             and isinstance(s, ResumableSampler) else s.state_dict()
+                             for i, s in enumerate(self.callback._samplers)]}
 
     def load_data_position(self, position: dict[str, Any]) -> None:
         """After the restored checkpoint's state was loaded: its samplers go where the rollback

@@ -37,10 +37,11 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--poison", type=int, default=60)
+    parser.add_argument("--skip", type=int, default=0)
     args = parser.parse_args()
 
     callback = SweeprunCallback(local_dir=args.out, every_steps=4,
-                                spikes=sweeprun.Spikes(factor=10, window=5))
+                                spikes=sweeprun.Spikes(factor=10, window=5, skip=args.skip))
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     n = 4 * (args.steps + 8)
