@@ -163,7 +163,7 @@ def roll_back(run: Run, spike: Spike, checkpoints: Checkpoints | None = None,
     if leader and record.abandoned:
         try:
             source.discard(set(record.abandoned))
-        except SweeprunError as exc:        # the next restore deletes them again
+        except (SweeprunError, OSError) as exc:  # the next restore sets them aside again
             say(f"warning: the checkpoints set aside by the rollback were not all deleted: {exc}")
     run.close()
     if diverged:
