@@ -137,10 +137,10 @@ def roll_back(run: Run, spike: Spike, checkpoints: Checkpoints | None = None,
     run._writer.settle()
     records = read_rollbacks(paths.fs, paths.rollbacks)
     number = 1 + max((r.number for r in records), default=0)
-    if ranks is not None:
-        number = ranks.gather(number)[0]
     used = sum(not r.diverged for r in records)
     diverged = used >= policy.max_rollbacks
+    if ranks is not None:                     # rank 0's reading, on every rank
+        number, used, diverged = ranks.gather((number, used, diverged))[0]
     record: RollbackRecord | str | None = None
     if not diverged:
         _write_positions(run, number, ranks.rank if ranks else 0)
