@@ -58,6 +58,9 @@ class RollbackRecord:
     #: Where the script's steps follow its data, ``resume_step - restored_step``; where a
     #: framework counts its own steps (Lightning), the step stays the checkpoint's.
     skipped: int = 0
+    #: Where a framework that counts its own steps (the Trainer) had its data ahead of its
+    #: step when the spike came (earlier rollbacks' batches passed over), in steps.
+    data_offset: int = 0
     metrics_bytes: int | None = None
     world_size: int = 1
     at: float | None = None
@@ -66,7 +69,8 @@ class RollbackRecord:
         return {"number": self.number, "attempt": self.attempt, "metric": self.metric,
                 "reason": self.reason, "value": self.value, "start": self.start, "step": self.step,
                 "checkpoint": self.checkpoint, "restored_step": self.restored_step,
-                "resume_step": self.resume_step, "skipped": self.skipped, "abandoned": list(self.abandoned),
+                "resume_step": self.resume_step, "skipped": self.skipped, "data_offset": self.data_offset,
+                "abandoned": list(self.abandoned),
                 "diverged": self.diverged, "metrics_bytes": self.metrics_bytes,
                 "world_size": self.world_size, "at": self.at}
 
@@ -96,6 +100,7 @@ class RollbackRecord:
                    restored_step=ints["restored_step"] or 0, resume_step=ints["resume_step"] or 0,
                    skipped=bounded_int(found.get("skipped"))
                    or max(0, (ints["resume_step"] or 0) - (ints["restored_step"] or 0)),
+                   data_offset=bounded_int(found.get("data_offset")) or 0,
                    abandoned=tuple(a for a in abandoned if isinstance(a, str)),
                    diverged=found.get("diverged") is True,
                    metrics_bytes=bounded_int(found.get("metrics_bytes")),

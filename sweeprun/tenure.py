@@ -178,7 +178,10 @@ class Tenure:
             except SweeprunError:
                 pass  # only shown: the ledger keeps what it had
         if outcome is Outcome.OOM:
-            ooms = len(oom_attempts(self.paths))
+            try:
+                ooms = len(oom_attempts(self.paths))
+            except SweeprunError:
+                ooms = 1 + policy.oom_retries      # unknown: no retry rather than one too many
         return self.ledger.finish(self.claim, outcome, policy, exit_code, resumed=resumed,
                                   rollbacks=rollbacks, ooms=ooms)
 
@@ -188,13 +191,16 @@ class Tenure:
         memory (``.oom``), or a rollback (exit 75 with a record of this attempt in
         ``rollbacks/``, :mod:`sweeprun.rollbacks`). ``None``: the exit code says it all."""
         fs, attempt = self.paths.fs, self.attempt
-        with store_errors("read", self.paths.attempts):
-            if fs.exists(self.paths.api_diverged(attempt)):
-                return Outcome.DIVERGED
-            if fs.exists(self.paths.api_oom(attempt)):
-                return Outcome.OOM
-        if rc == PREEMPTED_EXIT and attempt_rollback(read_rollbacks(fs, self.paths.rollbacks), attempt):
-            return Outcome.ROLLED_BACK
+        try:
+            with store_errors("read", self.paths.attempts):
+                if fs.exists(self.paths.api_diverged(attempt)):
+                    return Outcome.DIVERGED
+                if fs.exists(self.paths.api_oom(attempt)):
+                    return Outcome.OOM
+            if rc == PREEMPTED_EXIT and attempt_rollback(read_rollbacks(fs, self.paths.rollbacks), attempt):
+                return Outcome.ROLLED_BACK
+        except SweeprunError:
+            pass   # the store is out of reach: the exit code decides (the next attempt reports again)
         return None
 
     def release(self, done: bool) -> None:

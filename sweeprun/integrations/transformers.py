@@ -162,6 +162,7 @@ class SweeprunCallback(TrainerCallback):
         self._resumed: Sealed | None = None
         self._rng = RngReplay()
         self._loop = LoopCarry()
+        self._data_offset = 0                # steps of batches passed over by rollbacks
         run.steps_follow_data = False        # a rollback keeps the Trainer's own step count
         if run.guard.policy is not None:
             self._loop.losses = []
@@ -260,10 +261,15 @@ class SweeprunCallback(TrainerCallback):
         else:
             run.resume_at(0, metrics_bytes=0)      # a fresh start: no metrics of an earlier try
         rolled = applies(records, self._resumed.seal.get("attempt") if self._resumed else None)
+        offset = self._resumed.seal.get("data_offset") if self._resumed else 0
+        self._data_offset = offset if isinstance(offset, int) and offset > 0 else 0
         if rolled is not None:                     # a rollback's first start: past the bad batches
-            _skip_more(trainer, rolled.skipped)
+            self._data_offset = rolled.data_offset + rolled.skipped
             say(f"rolled back: {rolled.text()}; going on from step {run.step}, "
                 f"{rolled.skipped} step(s) of batches passed over")
+        if self._resumed is not None:
+            run.guard.load_state_dict(self._resumed.seal.get("guard"))
+        _skip_more(trainer, self._data_offset)     # each rollback's batches stay passed over
         try:
             if self._resumed is not None and self._resumed.seal.get("final"):
                 result = self._load_final(trainer, self._resumed)
@@ -395,8 +401,8 @@ class SweeprunCallback(TrainerCallback):
             if stop and self._stop_reason is None:
                 self._stop_reason = "another rank was asked to stop"
         if spike is not None:            # back to a sealed folder from before it; exits 75 (or 76)
-            roll_back(run, spike, _SealedFolders(self),
-                      args.save_steps if str(args.save_strategy).endswith("steps") else None)
+            steps = getattr(args.save_strategy, "value", args.save_strategy) == "steps"
+            roll_back(run, spike, _SealedFolders(self), args.save_steps if steps else None)
         if stop:
             control.should_save = True
             control.should_training_stop = True
@@ -444,7 +450,9 @@ class SweeprunCallback(TrainerCallback):
             "attempt": run.attempt, "run_id": run.run_id, "sweep": run.sweep,
             "metrics_bytes": metrics_bytes, "created": time.time(),
             "final": state.global_step >= state.max_steps > 0,
-            "world_size": run.ranks.world_size if run.ranks is not None else 1})
+            "world_size": run.ranks.world_size if run.ranks is not None else 1,
+            # loss spikes: the steps of batches passed over so far, and rank 0's detector
+            "data_offset": self._data_offset, "guard": run.guard.state_dict()})
         if self._store is not None:
             self._store.push(folder, run.fence)
             self._store.retain(args.save_total_limit, state.best_model_checkpoint)
@@ -503,7 +511,15 @@ class _SealedFolders:
     def discard(self, names: set[str]) -> None:
         for candidate, path in self._sealed():
             if candidate.name in names:
-                self.callback._set_aside(path)
+                try:
+                    self.callback._set_aside(path)
+                except OSError as exc:
+                    raise CheckpointError(f"cannot set {path} aside ({exc}); a rollback took it out "
+                                          "of use: move it away by hand and run again") from None
+
+    @property
+    def data_offset(self) -> int:
+        return self.callback._data_offset
 
 
 def _skip_more(trainer: Trainer, steps: int) -> None:

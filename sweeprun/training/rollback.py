@@ -64,6 +64,10 @@ class Checkpoints(Protocol):
     def discard(self, names: set[str]) -> None:
         """Take the checkpoints named out of every later restore's sight (delete, or move)."""
 
+    @property
+    def data_offset(self) -> int:
+        """Steps the data is ahead of the step count now (a framework that counts its own)."""
+
 
 class OwnCheckpoints:
     """The run's ``checkpoints/`` folder (:mod:`.checkpoints`)."""
@@ -77,6 +81,10 @@ class OwnCheckpoints:
 
     def discard(self, names: set[str]) -> None:
         self.writer.discard(names)
+
+    @property
+    def data_offset(self) -> int:
+        return 0                                  # the run's step moves with its data
 
 
 class Run(Protocol):
@@ -150,7 +158,7 @@ def roll_back(run: Run, spike: Spike, checkpoints: Checkpoints | None = None,
     if leader:
         try:
             record = _commit(run, spike, number, records, diverged, source, grid)
-        except SweeprunError as exc:
+        except Exception as exc:  # noqa: BLE001 - every rank raises it, none waits in a collective
             record = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     if ranks is not None:
         record = ranks.gather(record)[0]
@@ -160,6 +168,8 @@ def roll_back(run: Run, spike: Spike, checkpoints: Checkpoints | None = None,
             record.split(": ", 1)[-1])
     assert record is not None
     crash_point("rollback.after_record")
+    nowhere = record.diverged and not diverged    # nothing from before the spike to go back to
+    diverged = record.diverged
     if leader and record.abandoned:
         try:
             source.discard(set(record.abandoned))
@@ -167,8 +177,10 @@ def roll_back(run: Run, spike: Spike, checkpoints: Checkpoints | None = None,
             say(f"warning: the checkpoints set aside by the rollback were not all deleted: {exc}")
     run.close()
     if diverged:
-        say(f"{record.text()} (after {used} rollback(s), max_rollbacks={policy.max_rollbacks}); "
-            f"exiting with {DIVERGED_EXIT}: relaunching does not start it again until `sweeprun reset`")
+        why = ("no checkpoint from before it to go back to (its framework cannot pass over batches "
+               "from the start)" if nowhere else f"after {used} rollback(s), max_rollbacks={policy.max_rollbacks}")
+        say(f"{record.text()} ({why}); exiting with {DIVERGED_EXIT}: relaunching does not start it "
+            "again until `sweeprun reset`")
         raise SystemExit(DIVERGED_EXIT)
     say(f"{record.text()}; rollback {record.number} of at most {policy.max_rollbacks}; exiting with "
         f"{PREEMPTED_EXIT}: the launcher starts it again from there at once (standalone: run it again)")
@@ -205,6 +217,9 @@ def _commit(run: Run, spike: Spike, number: int, records: list[RollbackRecord], 
     set_aside = {a for r in records for a in r.abandoned}
     candidates = source.candidates(set_aside)
     chosen = None if diverged else target(candidates, spike.start - policy.margin, every_steps)
+    # a framework that counts its own steps resumes from a checkpoint or not at all: from the
+    # start it would train the bad batches again
+    diverged = diverged or (chosen is None and not run.steps_follow_data)
     abandoned = () if diverged else tuple(c.name for c in candidates[candidates.index(chosen) + 1 if chosen else 0:])
     restored = chosen.step if chosen else 0
     passed = spike.step + policy.skip           # the data goes on after this step's batch
@@ -213,7 +228,8 @@ def _commit(run: Run, spike: Spike, number: int, records: list[RollbackRecord], 
         value=spike.value if spike.reason == "spike" else None, start=spike.start, step=spike.step,
         checkpoint=chosen.name if chosen else None, restored_step=spike.step if diverged else restored,
         resume_step=spike.step if diverged else passed if run.steps_follow_data else restored,
-        skipped=0 if diverged else passed - restored, abandoned=abandoned, diverged=diverged,
+        skipped=0 if diverged else passed - restored, data_offset=source.data_offset,
+        abandoned=abandoned, diverged=diverged,
         metrics_bytes=metrics_bytes, world_size=run.ranks.world_size if run.ranks else 1, at=time.time())
     path = run.paths.rollback(number)
     with store_errors("write", path):

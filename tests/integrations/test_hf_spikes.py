@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,20 @@ def test_the_trainer_rolls_back_to_a_sealed_folder_past_the_bad_batch(tmp_path: 
     assert [e["step"] for e in entries] == list(range(1, 25))
     assert all(math.isfinite(e["loss"]) for e in entries)
     assert all(math.isfinite(w) for w in run.final()["weight"])
+
+
+@pytest.mark.slow   # five starts of the Trainer
+def test_a_run_killed_after_its_rollback_resumes_past_the_same_batches(tmp_path: Path) -> None:
+    """The folders sealed after a rollback keep how far the data is ahead of the Trainer's step:
+    killed at step 14 and resumed from ``checkpoint-12`` (sealed after the rollback), the run
+    passes over the same batches again and ends as the run never killed, bit for bit."""
+    want = SpikyRun(tmp_path / "want", script=REPO / "tests" / "scripts" / "hf_spiky.py")
+    assert want.until_done() == [PREEMPTED_EXIT, 0]
+    run = SpikyRun(tmp_path / "run", script=REPO / "tests" / "scripts" / "hf_spiky.py")
+    assert run.complete().returncode == PREEMPTED_EXIT
+    code, seen, err = run.interrupt_at(14, signal.SIGKILL)
+    assert code == -signal.SIGKILL and seen >= 14, err
+    assert run.until_done() == [0]
+    assert run.final() == want.final()
+    assert [e["loss"] for e in run.entries()] == [e["loss"] for e in want.entries()]
+    assert len(run.rollbacks()) == 1
