@@ -71,11 +71,12 @@ class Ranks:
 
     def agree(self, stop: bool, due: bool, metrics: dict[str, Any],
               reduce: str | Mapping[str, str] | None, failed: bool = False, spike: int | None = None,
-              ) -> Agreed:
+              suspected: int | None = None) -> Agreed:
         """One all-gather per step: stop, save, and raise a failed background save's error,
         when any rank wants to (a rank's thread may learn its save's outcome a step before
         another's: all raise it at the same step); a loss spike that any rank saw (``spike``:
-        its first step), the earliest start; and the metrics named in ``reduce`` reduced
+        its first step), the earliest start, and the earliest a rank ``suspected``; and the
+        metrics named in ``reduce`` reduced
         across ranks (the others as rank 0 has them).
 
         Every rank must name the same metrics to reduce: they travel as one vector."""
@@ -86,22 +87,25 @@ class Ranks:
         names = sorted(ops)
         values = [float(metrics[name]) for name in names]
         mine = torch.tensor([float(stop), float(due), float(failed), float(len(names)),
-                             -1.0 if spike is None else float(spike), *values], dtype=torch.float64)
+                             -1.0 if spike is None else float(spike),
+                             -1.0 if suspected is None else float(suspected), *values], dtype=torch.float64)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine, group=self.group)
         table = torch.stack(gathered)
         if bool((table[:, 3] != len(names)).any()):
             raise CheckpointError(_mismatch(names))
         starts = [int(v) for v in table[:, 4].tolist() if v >= 0]
+        doubts = [int(v) for v in table[:, 5].tolist() if v >= 0]
         reduced = dict(metrics)
-        for column, name in enumerate(names, start=5):
+        for column, name in enumerate(names, start=6):
             values_ = table[:, column]
             op = ops[name]
             value = (values_.mean() if op == "mean" else values_.sum() if op == "sum"
                      else values_.min() if op == "min" else values_.max())
             reduced[name] = value.item()
         flags = [bool(table[:, column].max() > 0) for column in range(3)]
-        return Agreed(flags[0], flags[1], reduced, flags[2], min(starts) if starts else None)
+        return Agreed(flags[0], flags[1], reduced, flags[2], min(starts) if starts else None,
+                      min(doubts) if doubts else None)
 
 
 class Agreed(NamedTuple):
@@ -112,6 +116,7 @@ class Agreed(NamedTuple):
     metrics: dict[str, Any]
     failed: bool
     spike: int | None       # the earliest start of a spike any rank saw
+    suspected: int | None   # the earliest start of high values any rank suspects
 
 
 def _mismatch(names: list[str]) -> str:

@@ -319,8 +319,8 @@ class Run:
         spike = self.guard.observe(self.step, metrics, self._objects)
         if self._ranks is not None:            # what one rank wants, all do, at this step
             agreed = self._ranks.agree(stop, due, metrics, reduce, self._background.failed,
-                                       spike.start if spike else None)
-            stop, due, metrics = agreed.stop, agreed.due, agreed.metrics
+                                       spike and spike.start, self.guard.suspected)
+            stop, due, metrics, self.guard.suspected_elsewhere = (*agreed[:3], agreed.suspected)
             if agreed.failed:
                 self._collect(block=True)      # its error, on every rank at this same step
             if stop and self._stop_reason is None:

@@ -172,6 +172,9 @@ class Guard:
         self.detector = Detector(policy) if policy is not None else None
         self.positions = Positions()
         self._step, self._every_steps = step, every_steps
+        #: The earliest start of a run of high values another rank suspects (rank 0 prunes
+        #: for every rank: :meth:`~.ranks.Ranks.agree` brings it each step).
+        self.suspected_elsewhere: int | None = None
         writer.protect = self.protect
 
     def observe(self, step: int, metrics: Mapping[str, Any], objects: Mapping[str, Any]) -> Spike | None:
@@ -181,13 +184,21 @@ class Guard:
             self.positions.observe(objects)
         return self.detector.observe(step, metrics)
 
-    def protect(self, manifests: Sequence[Manifest]) -> Manifest | None:
-        """What a spike starting now would go back to (one suspected: before its start), which
-        retention keeps besides the last ``keep_last`` through the saves made meanwhile."""
+    def protect(self, manifests: Sequence[Manifest]) -> list[Manifest]:
+        """What retention keeps besides the last ``keep_last``: what a spike starting now (one
+        suspected on any rank: before its start) would go back to, and every checkpoint since,
+        which a spike starting later may need (with ``margin`` wider than the save interval)."""
         if self.detector is None or self.policy is None:
-            return None
-        start = self._step() + 1 if self.detector.suspected is None else self.detector.suspected
-        return target(sorted(manifests, key=lambda m: m.name), start - self.policy.margin, self._every_steps)
+            return []
+        suspected = [s for s in (self.detector.suspected, self.suspected_elsewhere) if s is not None]
+        limit = (min(suspected) if suspected else self._step() + 1) - self.policy.margin
+        ordered = sorted(manifests, key=lambda m: m.name)
+        good = target(ordered, limit, self._every_steps)
+        return [m for m in ordered if m.step > limit or m is good]
+
+    @property
+    def suspected(self) -> int | None:
+        return self.detector.suspected if self.detector is not None else None
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.detector.state_dict() if self.detector is not None else None

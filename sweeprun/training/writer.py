@@ -138,9 +138,9 @@ class CheckpointWriter:
         """The run's ``attempts/`` folder when the attempt number is the launcher's; ``None``
         standalone (no launcher numbers its attempts there)."""
         self._retention: threading.Thread | None = None
-        self.protect: Callable[[list[Manifest]], Manifest | None] = lambda manifests: None
-        """The checkpoint retention keeps besides the last ``keep_last`` and the best: the one a
-        loss-spike rollback would go back to now (:func:`~.spikes.target`)."""
+        self.protect: Callable[[list[Manifest]], list[Manifest]] = lambda manifests: []
+        """The checkpoints retention keeps besides the last ``keep_last`` and the best: those a
+        loss-spike rollback may go back to (:meth:`~.spikes.Guard.protect`)."""
 
     def prune_later(self, folder: Folder) -> None:
         """:meth:`prune` on a thread of its own, after a commit: the save does not wait for
@@ -282,8 +282,7 @@ class CheckpointWriter:
         Manifest first, so no manifest ever names a deleted file. A newer attempt's files
         are never touched: that attempt is alive and this process is the stale one."""
         listing, manifests = folder.listing, folder.manifests
-        protected = self.protect(manifests)
-        keep = self.retention.keep(manifests) | ({protected.name} if protected else set())
+        keep = self.retention.keep(manifests) | {m.name for m in self.protect(manifests)}
         doomed: list[str] = []
         for m in manifests:
             if m.name not in keep and m.attempt <= self.attempt and m.owner == self.owner:

@@ -115,3 +115,13 @@ def test_a_bad_policy_is_one_clear_error(settings: dict, said: str) -> None:
     with pytest.raises(ValueError, match="spikes: ") as caught:
         Spikes.of(settings)
     assert said in str(caught.value)
+
+
+def test_a_margin_wider_than_the_save_interval_keeps_what_it_needs(tmp_path: Path) -> None:
+    """``margin=6`` with a save every 2 steps and ``keep_last=1``: retention keeps every save
+    of the last 6 steps besides the newest, so the NaN at step 16 finds step 10 still there."""
+    run = SpikyRun(tmp_path / "run", ("--poison", "60", "--nan", "--every", "2", "--keep-last", "1",
+                                      "--margin", "6"))
+    assert run.until_done() == [PREEMPTED_EXIT, 0]
+    [record] = run.rollbacks()
+    assert (record.start, record.restored_step, record.skipped) == (16, 10, 6)
