@@ -86,7 +86,7 @@ from ..training.sealed import (
     seal,
     verify,
 )
-from ..training.spikes import Spikes, combined
+from ..training.spikes import Spikes, combined, target
 from ..training.start import init as init_run
 from . import hf_rng
 from .hf_loop import LoopCarry
@@ -456,7 +456,7 @@ class SweeprunCallback(TrainerCallback):
         if self._store is not None:
             self._store.push(folder, run.fence)
             self._store.retain(args.save_total_limit, state.best_model_checkpoint)
-        rotate(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
+        rotate(args.output_dir, args.save_total_limit, state.best_model_checkpoint, self._may_need(args, state))
         self._saved_at = self._clock()
         self._save_s = self._saved_at - start
         auto = run.auto_interval
@@ -465,6 +465,19 @@ class SweeprunCallback(TrainerCallback):
             line = auto.observe(self._saved_at - max(self._step_ended, self._started))
             if line is not None:
                 say(line)
+
+    def _may_need(self, args: Any, state: Any) -> list[str]:
+        """The folders a loss-spike rollback may go back to (as :meth:`~sweeprun.training.spikes.
+        Guard.protect` chooses for sweeprun's checkpoints), kept by the rotation too."""
+        policy, guard = self.run.guard.policy, self.run.guard
+        if policy is None:
+            return []
+        suspected = [s for s in (guard.suspected, guard.suspected_elsewhere) if s is not None]
+        limit = (min(suspected) if suspected else state.global_step + 1) - policy.margin
+        steps = getattr(args.save_strategy, "value", args.save_strategy) == "steps"
+        sealed = _SealedFolders(self)._sealed()
+        good = target([c for c, _ in sealed], limit, args.save_steps if steps else None)
+        return [os.path.basename(path) for c, path in sealed if c.step > limit or c is good]
 
     def _every_s(self) -> float | None:
         if self.every_s is None:

@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,7 +220,7 @@ def newest_sealed(output_dir: str) -> Scan:
     return scan
 
 
-def rotate(output_dir: str, keep: int | None, best: str | None) -> list[str]:
+def rotate(output_dir: str, keep: int | None, best: str | None, also: Collection[str] = ()) -> list[str]:
     """The Trainer's ``save_total_limit`` rule, applied once the newest folder is sealed.
 
     The Trainer rotates inside its save, before sweeprun seals the new folder: a kill in
@@ -227,14 +228,15 @@ def rotate(output_dir: str, keep: int | None, best: str | None) -> list[str]:
     resumes from an older folder still. Here the same rule runs after the seal: keep at most
     ``keep`` folders, never the newest nor ``best`` (by name: the run directory may have moved),
     the oldest removed first, each one's seal first so a folder half removed is never taken
-    for a checkpoint. The paths removed.
+    for a checkpoint. ``also``: more folder names never removed (what a loss-spike rollback may
+    go back to). The paths removed.
     """
     if keep is None or keep <= 0:
         return []
     folders = sorted(checkpoint_folders(output_dir))           # oldest first
     if len(folders) <= keep:
         return []
-    protected = {folders[-1][1]}
+    protected = {folders[-1][1], *(os.path.join(output_dir, name) for name in also)}
     if best:
         protected.add(os.path.join(output_dir, os.path.basename(best.rstrip("/" + os.sep))))
     remaining, removed = len(folders), []

@@ -46,3 +46,14 @@ def test_a_run_killed_after_its_rollback_resumes_past_the_same_batches(tmp_path:
     assert run.final() == want.final()
     assert [e["loss"] for e in run.entries()] == [e["loss"] for e in want.entries()]
     assert len(run.rollbacks()) == 1
+
+
+@pytest.mark.slow   # two starts of the Trainer
+def test_the_trainers_rotation_keeps_the_folder_a_rollback_needs(tmp_path: Path) -> None:
+    """``save_total_limit=1`` and ``margin=5`` (wider than ``save_steps=4``): the rotation keeps
+    ``checkpoint-4`` beside the newest, and the NaN at step 10 goes back to it."""
+    run = SpikyRun(tmp_path / "run", ("--save-total-limit", "1", "--margin", "5"),
+                   script=REPO / "tests" / "scripts" / "hf_spiky.py")
+    assert run.until_done() == [PREEMPTED_EXIT, 0]
+    [record] = run.rollbacks()
+    assert (record.step, record.checkpoint, record.skipped) == (10, "checkpoint-4@a1", 6)

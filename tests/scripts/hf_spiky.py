@@ -33,9 +33,11 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--poison", type=int, default=37)
+    parser.add_argument("--margin", type=int, default=1)
+    parser.add_argument("--save-total-limit", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run = sweeprun_hf.init(local_dir=args.out, every_s=None, spikes=sweeprun.Spikes(factor=10, window=5))
+    run = sweeprun_hf.init(local_dir=args.out, every_s=None, spikes=sweeprun.Spikes(factor=10, window=5, margin=args.margin))
     torch.manual_seed(0)
     n = 4 * (args.steps + 8)
     x = torch.randn(n, 4)
@@ -45,6 +47,7 @@ def main() -> None:
     training_args = TrainingArguments(
         output_dir=run.output_dir, max_steps=args.steps, learning_rate=0.05, seed=0,
         per_device_train_batch_size=4, save_strategy="steps", save_steps=4, logging_steps=1,
+        save_total_limit=args.save_total_limit,
         max_grad_norm=1.0, report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=Regression(), args=training_args, train_dataset=data, callbacks=[run])
     run.train(trainer)
