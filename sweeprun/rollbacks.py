@@ -200,6 +200,11 @@ def oom_attempts(paths: RunPaths) -> list[int]:
     return sorted(r[0] for r in found if r is not None and r[1] == "oom")
 
 
+def set_aside(records: list[RollbackRecord]) -> set[str]:
+    """The checkpoints the records set aside: never restored, whichever record named them."""
+    return {name for r in records for name in r.abandoned}
+
+
 def attempt_rollback(records: list[RollbackRecord], attempt: int) -> RollbackRecord | None:
     """The rollback attempt ``attempt`` ended with, if it ended with one."""
     return next((r for r in reversed(records) if r.attempt == attempt), None)

@@ -442,10 +442,9 @@ class _TrainerState:
     def data_position(self) -> dict[str, Any]:
         """Where the training DataLoader's samplers are: what a loss-spike rollback keeps
         while everything else goes back to the restored checkpoint."""
-        policy, pace = self.callback.run.guard.policy, self.callback._pace.per_step
+        policy = self.callback.run.guard.policy
         skip = policy.skip if policy is not None else 0
-        return {"samplers": [s.state_dict_after(skip * pace[str(i)]) if skip and str(i) in pace
-                             and isinstance(s, ResumableSampler) else s.state_dict()
+        return {"samplers": [self.callback._pace.after(str(i), s, skip)
                              for i, s in enumerate(self.callback._samplers)]}
 
     def load_data_position(self, position: dict[str, Any]) -> None:
@@ -499,7 +498,6 @@ def _stateful_samplers(trainer: Trainer) -> list[Any]:
     loader that cannot (Lightning restarts it from its first batch on resume)."""
     from torch.utils.data import DataLoader
 
-    from ..training.sampler import ResumableSampler
 
     combined = trainer.fit_loop._combined_loader
     # "is not None": its truth is its length, which raises before its first iteration (a fit

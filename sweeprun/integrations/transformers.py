@@ -86,7 +86,7 @@ from ..training.sealed import (
     seal,
     verify,
 )
-from ..training.spikes import Spikes, combined, target
+from ..training.spikes import Spikes, combined
 from ..training.start import init as init_run
 from . import hf_rng
 from .hf_loop import LoopCarry
@@ -401,8 +401,7 @@ class SweeprunCallback(TrainerCallback):
             if stop and self._stop_reason is None:
                 self._stop_reason = "another rank was asked to stop"
         if spike is not None:            # back to a sealed folder from before it; exits 75 (or 76)
-            steps = getattr(args.save_strategy, "value", args.save_strategy) == "steps"
-            roll_back(run, spike, _SealedFolders(self), args.save_steps if steps else None)
+            roll_back(run, spike, _SealedFolders(self), _save_grid(args))
         if stop:
             control.should_save = True
             control.should_training_stop = True
@@ -469,15 +468,9 @@ class SweeprunCallback(TrainerCallback):
     def _may_need(self, args: Any, state: Any) -> list[str]:
         """The folders a loss-spike rollback may go back to (as :meth:`~sweeprun.training.spikes.
         Guard.protect` chooses for sweeprun's checkpoints), kept by the rotation too."""
-        policy, guard = self.run.guard.policy, self.run.guard
-        if policy is None:
-            return []
-        suspected = [s for s in (guard.suspected, guard.suspected_elsewhere) if s is not None]
-        limit = (min(suspected) if suspected else state.global_step + 1) - policy.margin
-        steps = getattr(args.save_strategy, "value", args.save_strategy) == "steps"
-        sealed = _SealedFolders(self)._sealed()
-        good = target([c for c, _ in sealed], limit, args.save_steps if steps else None)
-        return [os.path.basename(path) for c, path in sealed if c.step > limit or c is good]
+        sealed = dict(_SealedFolders(self)._sealed())
+        needed = self.run.guard.needed(list(sealed), state.global_step, _save_grid(args))
+        return [os.path.basename(sealed[c]) for c in needed]
 
     def _every_s(self) -> float | None:
         if self.every_s is None:
@@ -533,6 +526,11 @@ class _SealedFolders:
     @property
     def data_offset(self) -> int:
         return self.callback._data_offset
+
+
+def _save_grid(args: Any) -> int | None:
+    """``save_steps`` when the Trainer saves on a step cadence (a rollback's targets lie on it)."""
+    return args.save_steps if getattr(args.save_strategy, "value", args.save_strategy) == "steps" else None
 
 
 def _skip_more(trainer: Trainer, steps: int) -> None:

@@ -35,12 +35,11 @@ from typing import Any, NoReturn, Protocol
 
 from ..errors import CheckpointError, LeaseLost, SweeprunError
 from ..faults import crash_point
-from ..rollbacks import RollbackRecord, read_rollbacks
+from ..rollbacks import RollbackRecord, read_rollbacks, set_aside
 from ..runenv import DIVERGED_EXIT, PREEMPTED_EXIT
 from ..store import RunPaths, atomic_write, create_only, store_errors
 from .checkpoints import CheckpointDir, Loaded, say
 from .ranks import Ranks
-from .sampler import ResumableSampler
 from .spikes import Guard, Spike, target
 from .state import Stateful, from_safe, to_safe
 from .writer import CheckpointWriter
@@ -195,12 +194,9 @@ def _write_positions(run: Run, number: int, rank: int) -> None:
     assert policy is not None
     objects = {}
     for name, obj in data_objects(run._objects).items():
-        per_step = run.guard.positions.per_step.get(name)
-        if isinstance(obj, ResumableSampler) and policy.skip and per_step:
-            objects[name] = obj.state_dict_after(policy.skip * per_step)
-        else:
-            position = obj.data_position() if _carrier(obj) else obj.state_dict()  # type: ignore[attr-defined]
-            objects[name] = to_safe(position, f"the data position of {name!r}")
+        position = (obj.data_position() if _carrier(obj)  # type: ignore[attr-defined]
+                    else run.guard.positions.after(name, obj, policy.skip))
+        objects[name] = to_safe(position, f"the data position of {name!r}")
     raw = io.BytesIO()
     torch.save({"epoch": run.epoch, "objects": objects}, raw)
     atomic_write(run.paths.fs, run.paths.rollback_data(number, rank), raw.getvalue())
@@ -214,8 +210,7 @@ def _commit(run: Run, spike: Spike, number: int, records: list[RollbackRecord], 
     assert policy is not None
     run._writer.fence()                       # a process whose run was taken over writes nothing
     metrics_bytes = run.flush_metrics()
-    set_aside = {a for r in records for a in r.abandoned}
-    candidates = source.candidates(set_aside)
+    candidates = source.candidates(set_aside(records))
     chosen = None if diverged else target(candidates, spike.start - policy.margin, every_steps)
     # a framework that counts its own steps resumes from a checkpoint or not at all: from the
     # start it would train the bad batches again
@@ -257,7 +252,7 @@ def restore_records(run: Run) -> tuple[list[RollbackRecord], set[str]]:
         say(f"this run diverged ({records[-1].text()}); it is not run again: `sweeprun reset` it "
             f"(or remove {run.paths.rollbacks}) to start over; exiting with {DIVERGED_EXIT}")
         raise SystemExit(DIVERGED_EXIT)
-    return records, {a for r in records for a in r.abandoned}
+    return records, set_aside(records)
 
 
 def applies(records: list[RollbackRecord], resumed_attempt: int | None) -> RollbackRecord | None:

@@ -185,16 +185,20 @@ class Guard:
         return self.detector.observe(step, metrics)
 
     def protect(self, manifests: Sequence[Manifest]) -> list[Manifest]:
-        """What retention keeps besides the last ``keep_last``: what a spike starting now (one
-        suspected on any rank: before its start) would go back to, and every checkpoint since,
-        which a spike starting later may need (with ``margin`` wider than the save interval)."""
+        """What retention keeps besides the last ``keep_last`` (:meth:`needed`)."""
+        return self.needed(sorted(manifests, key=lambda m: m.name), self._step(), self._every_steps)
+
+    def needed(self, ordered: Sequence[T], step: int, every_steps: int | None) -> list[T]:
+        """Of ``ordered`` checkpoints (oldest first, each with a ``step``), at ``step``: what a
+        spike starting now (one suspected on any rank: before its start) would go back to, and
+        every one since, which a spike starting later may need (``margin`` wider than the save
+        interval). Kept by sweeprun's retention and by the Trainer's rotation alike."""
         if self.detector is None or self.policy is None:
             return []
         suspected = [s for s in (self.detector.suspected, self.suspected_elsewhere) if s is not None]
-        limit = (min(suspected) if suspected else self._step() + 1) - self.policy.margin
-        ordered = sorted(manifests, key=lambda m: m.name)
-        good = target(ordered, limit, self._every_steps)
-        return [m for m in ordered if m.step > limit or m is good]
+        limit = (min(suspected) if suspected else step + 1) - self.policy.margin
+        good = target(ordered, limit, every_steps)
+        return [c for c in ordered if c.step > limit or c is good]  # type: ignore[attr-defined]
 
     @property
     def suspected(self) -> int | None:
@@ -243,6 +247,14 @@ class Positions:
                 if before is not None and before[0] == now[0] and now[1] > before[1]:
                     self.per_step[name] = now[1] - before[1]
                 self._last[name] = now
+
+    def after(self, name: str, obj: Any, skip: int) -> Any:
+        """``obj``'s state as a rollback leaves it: ``skip`` more batches on for a ResumableSampler
+        whose pace is known (within its epoch), else as it is."""
+        per_step = self.per_step.get(name)
+        if skip and per_step and isinstance(obj, ResumableSampler):
+            return obj.state_dict_after(skip * per_step)
+        return obj.state_dict()
 
 
 def _item(value: Any) -> float | None:
