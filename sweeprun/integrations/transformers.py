@@ -468,6 +468,8 @@ class SweeprunCallback(TrainerCallback):
     def _may_need(self, args: Any, state: Any) -> list[str]:
         """The folders a loss-spike rollback may go back to (as :meth:`~sweeprun.training.spikes.
         Guard.protect` chooses for sweeprun's checkpoints), kept by the rotation too."""
+        if self.run.guard.policy is None:
+            return []                    # no spikes watched: the rotation is the Trainer's own
         sealed = dict(_SealedFolders(self)._sealed())
         needed = self.run.guard.needed(list(sealed), state.global_step, _save_grid(args))
         return [os.path.basename(sealed[c]) for c in needed]
