@@ -431,6 +431,51 @@ def plot(
     print(f"wrote {result.path}: {result.lines} run(s){skipped}")
 
 
+@app.command()
+def report(
+    sweep_file: SweepFile,
+    out: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the page to this local file instead of the sweep's folder.")] = None,
+    store: StoreOpt = None, ledger: LedgerOpt = None,
+) -> None:
+    """Write one self-contained HTML page of the sweep (table, parameters against a metric,
+    curves, each run's attempts) into its folder in the store, and print where. Opens offline
+    (needs the ui extra: plotly)."""
+    from .report import write_report
+    from .sweep import Sweep
+
+    spec = _spec(sweep_file, store=store, ledger=ledger)
+    written = write_report(Sweep(spec, ledger, ephemeral_ok=True), None if out is None else str(out))
+    print(f"wrote {redact(written.url)}: {written.runs} run(s), {written.size / 1e6:.1f} MB")
+
+
+@app.command()
+def ui(
+    sweep_file: SweepFile,
+    host: Annotated[str, typer.Option("--host", help="The address to serve on (loopback unless you say otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="The port (0: any free one).")] = 8765,
+    store: StoreOpt = None, ledger: LedgerOpt = None,
+) -> None:
+    """Serve the report's page live, read-only, until Ctrl-C: it redraws as runs progress."""
+    from .report import collect
+    from .report.serve import make_server
+    from .sweep import Sweep
+
+    spec = _spec(sweep_file, store=store, ledger=ledger)
+    sweep = Sweep(spec, ledger, ephemeral_ok=True)
+    sweep.store.check_present()
+    try:
+        server = make_server(lambda: collect(sweep), host=host, port=port)
+    except OSError as exc:
+        raise SweeprunError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving sweep {redact(spec.name)} on http://{shown}:{server.server_port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()            # Ctrl-C: exit 130, as every command
+    finally:
+        server.server_close()
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def verify(
     command: Annotated[list[str], typer.Argument(

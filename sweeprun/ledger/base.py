@@ -185,6 +185,14 @@ RUN_COLUMNS = ("run_id", "idx", "params", "state", "attempts", "failures", "lost
 MUTABLE_COLUMNS = RUN_COLUMNS[3:]
 
 
+def grouped_attempts(found: Iterable[tuple[Any, ...]]) -> dict[str, list[AttemptRow]]:
+    """``(run_id, *attempt columns)`` rows, ordered by run and attempt, as :meth:`Ledger.every_attempt` returns them."""
+    out: dict[str, list[AttemptRow]] = {}
+    for run_id, *columns in found:
+        out.setdefault(run_id, []).append(AttemptRow(*columns))
+    return out
+
+
 def decode_row(r: tuple[Any, ...], where: str, remedy: str) -> RunRow:
     """A row of a backend's ``runs`` table, in :data:`RUN_COLUMNS` order.
 
@@ -440,6 +448,11 @@ class Ledger(ABC):
     def attempts(self, run_id: str) -> list[AttemptRow]:
         """Every attempt of ``run_id`` the ledger knows, oldest first; read-only, and ``[]``
         for a run it never started (a new machine: the store's attempt records then tell)."""
+
+    @abstractmethod
+    def every_attempt(self) -> dict[str, list[AttemptRow]]:
+        """:meth:`attempts` of every run of the sweep at once (one query: ``sweeprun report``
+        draws the attempts of 10,000 runs); runs never started are absent."""
 
     def settled(self, policy: Policy, grid: str | None = None) -> bool:
         """See :func:`settled`; for the runs of ``grid``."""

@@ -263,6 +263,7 @@ class LedgerContract(EndsContract):
         assert rows[0].ended_at == pytest.approx(rows[0].started_at + 10)
         assert rows[1].started_at == pytest.approx(clock.now) and rows[1].ended_at is None
         assert ledger.attempts(RUNS[1].run_id) == [] and ledger.attempts("no-such-run") == []
+        assert ledger.every_attempt() == {first.run_id: rows}  # all runs at once: the report's read
 
     def test_heartbeat_extends_the_lease(self, ledger: Ledger, clock: FakeClock) -> None:
         held = ledger.claim(OTHER_HOST, POLICY, 60, GRID)

@@ -36,6 +36,7 @@ from .base import (
     check_lease,
     decode_row,
     grid_key,
+    grouped_attempts,
     judge,
     mutable_values,
     with_attempt,
@@ -462,6 +463,14 @@ class PostgresLedger(PostgresDatabase, Ledger):
         found = self._run("reading the attempts", lambda conn, _: conn.execute(
             query, [self.sweep, run_id]).fetchall())
         return [AttemptRow(*r) for r in found]
+
+    def every_attempt(self) -> dict[str, list[AttemptRow]]:
+        if not self._tables:
+            return {}
+        query = (f"SELECT run_id, {_ATTEMPT_COLUMNS} FROM sweeprun_attempts WHERE sweep = %s "
+                 "ORDER BY run_id, attempt")
+        return grouped_attempts(self._run("reading the attempts", lambda conn, _: conn.execute(
+            query, [self.sweep]).fetchall()))
 
     def rows(self, grid: str | None = None, *, params: bool = True) -> list[RunRow]:
         if not self._tables:

@@ -35,6 +35,7 @@ from .base import (
     check_lease,
     decode_row,
     grid_key,
+    grouped_attempts,
     judge,
     mutable_values,
     with_attempt,
@@ -331,6 +332,12 @@ class SqliteLedger(Ledger):
             found = db.execute(f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE sweep = ? AND run_id = ? "
                                "ORDER BY attempt", [self.sweep, run_id]).fetchall()
         return [AttemptRow(*r) for r in found]
+
+    def every_attempt(self) -> dict[str, list[AttemptRow]]:
+        with self._tx(write=False) as db:
+            found = db.execute(f"SELECT run_id, {_ATTEMPT_COLUMNS} FROM attempts WHERE sweep = ? "
+                               "ORDER BY run_id, attempt", [self.sweep]).fetchall()
+        return grouped_attempts(found)
 
     def rows(self, grid: str | None = None, *, params: bool = True) -> list[RunRow]:
         columns = _PREFIXED if params else _PREFIXED.replace("r.params", "'{}'")

@@ -92,6 +92,8 @@ SLURM_LOGS = "slurm"
 SLURM_RECORD = "SLURM"
 #: Held, create-only, by whoever is submitting the sweep's SLURM jobs right now.
 SLURM_SUBMITTING = "SLURM.submitting"
+#: ``sweeprun report``'s page: one self-contained HTML file, replaced by each report.
+REPORT = "report.html"
 #: The prefix of every temp file and folder sweeprun makes: never a run, an entry or a marker.
 TEMP_PREFIX = ".tmp-"
 

@@ -276,6 +276,11 @@ class SweepPaths:
         return posixpath.join(self.dir, layout.SLURM_SUBMITTING)
 
     @property
+    def report(self) -> str:
+        """``report.html``: the page ``sweeprun report`` writes (:mod:`sweeprun.report`)."""
+        return posixpath.join(self.dir, layout.REPORT)
+
+    @property
     def trash(self) -> str:
         """``trash/``: where ``reset`` moves run folders (:func:`.layout.trash_name`)."""
         return posixpath.join(self.dir, layout.TRASH)
