@@ -169,7 +169,9 @@ class Tenure:
         with what its child recorded in the run's folder: a resume at another world size
         (``attempts/<n>.started``), the run's loss-spike rollbacks (``rollbacks/``) and, for an
         attempt out of memory, how many ran out so far (``attempts/<n>.oom``). The ledger keeps
-        them with the run, for ``status``. No child, no record to read."""
+        them with the run, for ``status``; and the run's tracker run, if it has one, takes the
+        status the ledger now gives the run (:func:`sweeprun.trackers.follow`). No child, no
+        record to read."""
         resumed, rollbacks, ooms = None, None, 0
         if child_started:  # a missing or damaged record is no resume (read_started never raises)
             resumed = read_started(self.paths.fs, self.paths.api_started(self.attempt), self.attempt).resume
@@ -182,8 +184,12 @@ class Tenure:
                 ooms = len(oom_attempts(self.paths))
             except SweeprunError:
                 ooms = 1 + policy.oom_retries      # unknown: no retry rather than one too many
-        return self.ledger.finish(self.claim, outcome, policy, exit_code, resumed=resumed,
-                                  rollbacks=rollbacks, ooms=ooms)
+        state = self.ledger.finish(self.claim, outcome, policy, exit_code, resumed=resumed,
+                                   rollbacks=rollbacks, ooms=ooms)
+        if child_started and state is not None:   # its tracker run's status follows the ledger
+            from .trackers import follow
+            follow(self.paths, state)
+        return state
 
     def reported_end(self, rc: int) -> Outcome | None:
         """How the training API said this attempt ended, where that is more than its exit

@@ -19,7 +19,7 @@ import yaml
 from hypothesis import settings
 
 import _zygote
-from servers import postgres_server, postgres_url, s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
+from servers import mlflow_server, postgres_server, postgres_url, s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
 
 # A suite started in the background (`nohup ... &`, a CI step's job control) inherits SIGINT
 # ignored, and so would every process the tests start, so Ctrl-C tests could never reach

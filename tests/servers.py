@@ -16,6 +16,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -190,6 +191,65 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
 def s3_bucket(s3_server: S3Server, s3_env: dict[str, str]) -> str:
     """A new, empty bucket on the session's S3 server, as an ``s3://`` URL."""
     return s3_server.bucket()
+
+
+class MlflowServer:
+    """A real MLflow tracking server (``mlflow server``, the ``mlflow`` package's own) on
+    loopback, its runs in a throwaway SQLite file."""
+
+    def __init__(self) -> None:
+        import time
+        import urllib.request
+
+        self.root = Path(tempfile.mkdtemp(prefix="sweeprun-mlflow-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        binary = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+        if not os.path.exists(binary):
+            pytest.fail("mlflow is not installed; `pip install -e .[test]` installs it")
+        self.log = open(self.root / "server.log", "wb")  # noqa: SIM115 - open while it runs
+        self.proc = subprocess.Popen(
+            [binary, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--default-artifact-root", str(self.root / "artifacts")],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    pytest.fail(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+
+    def client(self) -> object:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.url)
+
+    def close(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[MlflowServer]:
+    server = MlflowServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 class TcpProxy:

@@ -182,6 +182,10 @@ CHECKPOINTS = "checkpoints"
 LEASE = "lease"
 #: A Hugging Face Trainer's ``output_dir`` inside a run folder (:mod:`sweeprun.training.sealed`).
 TRAINER = "trainer"
+#: Which tracker run the run logs to (:mod:`sweeprun.trackers`): ``{"kind", "run", ...}``.
+TRACKER = "tracker.json"
+#: TensorBoard's event files of the run (``tracker="tensorboard"``).
+TENSORBOARD = "tensorboard"
 
 _METRICS_PART = re.compile(rf"attempt-(?P<n>{_POSITIVE})\.jsonl")
 _LOG = re.compile(rf"attempt-(?P<n>{_POSITIVE})\.log")

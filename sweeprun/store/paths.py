@@ -158,6 +158,16 @@ class RunPaths:
         return posixpath.join(self.attempts, layout.attempt_record_name(attempt, "oom"))
 
     @property
+    def tracker(self) -> str:
+        """``tracker.json``: the tracker run this run logs to, for its whole life (:mod:`sweeprun.trackers`)."""
+        return posixpath.join(self.dir, layout.TRACKER)
+
+    @property
+    def tensorboard(self) -> str:
+        """``tensorboard/``: the run's TensorBoard event files."""
+        return posixpath.join(self.dir, layout.TENSORBOARD)
+
+    @property
     def rollbacks(self) -> str:
         """``rollbacks/``: the run's loss-spike rollbacks (:mod:`sweeprun.rollbacks`)."""
         return posixpath.join(self.dir, layout.ROLLBACKS)

@@ -104,6 +104,7 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
          best: str | None = None, mode: Literal["min", "max"] = "min",
          time_limit_s: float | None = None, stop_signals: Iterable[int] = (), rng: bool = True,
          async_save: bool | None = None, spikes: bool | Spikes | Mapping[str, Any] | None = None,
+         tracker: str | None = None,
          clock: Callable[[], float] = time.monotonic, env: Mapping[str, str] | None = None) -> Run:
     """Start (or continue) this process's run.
 
@@ -122,7 +123,9 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     why they matter. ``spikes=True`` (or a :class:`~.spikes.Spikes`) watches the loss of
     each ``end_step``: a NaN, an Inf or a spike rolls the run back to a checkpoint from
     before it and past its batches, at most ``max_rollbacks`` times, then ends it
-    ``diverged`` (:mod:`.rollback`). ``clock`` and ``env`` are for tests.
+    ``diverged`` (:mod:`.rollback`). ``tracker="mlflow"`` or ``"tensorboard"`` sends every
+    metrics line to that tracker too, one tracker run for the run's whole life, each step
+    once across resumes (:mod:`sweeprun.trackers`). ``clock`` and ``env`` are for tests.
 
     Nothing is written before the environment and the folder have been checked: bad
     input is one :class:`SweeprunError` line (exit 2 when uncaught).
@@ -180,6 +183,10 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
                           default=0)
         if ranks is not None:          # one attempt for all ranks: rank 0's count
             attempt = ranks.gather(attempt)[0]
+    feed = None
+    if tracker is not None and (ranks is None or ranks.leader):   # rank 0 logs; before any write
+        from ..trackers import make
+        feed = make(tracker, paths, owner.run_id, owner.sweep, dict(params))
     if run_dir and (ranks is None or ranks.leader):
         paths.write_marker(paths.api_started(attempt), attempt, 0,
                      **({"world_size": ranks.world_size} if ranks else {}))
@@ -191,6 +198,10 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
                clock=clock, under_launcher=bool(run_dir), async_save=async_save, auto=auto,
                fence_attempts=fence_attempts, ranks=ranks, on_world_size_change=policy,
                spikes=policy_spikes, oom_retry=settings.OOM_RETRY.value(env))
+    if feed is not None:   # the launcher sets the status of a run it started; standalone, the run's end
+        from ..trackers import TrackedMetrics
+        run._metrics = TrackedMetrics(run._metrics, feed,
+                                      lambda: None if run_dir else ("KILLED" if run.should_stop else "FINISHED"))
     _CURRENT[:] = [weakref.ref(run)]
     return run
 

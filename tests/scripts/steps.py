@@ -51,12 +51,14 @@ if params.get("api"):
     from sweeprun.training import init
 
     random.seed(params.get("seed", 0))
-    run = init(every_steps=2)
+    run = init(every_steps=2, tracker=params.get("tracker"))   # tracker: also to mlflow / tensorboard
     run.restore()
     side("start", from_step=run.step)
     first = True
     while run.step < steps:
         time.sleep(sleep_s)
+        if run.step == params.get("fail_at"):
+            raise RuntimeError(f"failing on purpose at step {run.step}")
         run.end_step(loss=random.random())
         if first:  # this process's first step: where a resume's wait ends (benchmarks/slurm_requeue.py)
             side("first_step", step=run.step)
