@@ -1,17 +1,17 @@
 """Trackers that resume with the run: one tracker run per sweeprun run, for its whole life.
 
-``sweeprun.init(tracker="mlflow" | "tensorboard")`` sends every metrics line the
+``sweeprun.init(tracker="mlflow" | "wandb" | "tensorboard")`` sends every metrics line the
 run writes (``run.end_step``, ``run.log``) to a tracker as well. What every tracker here
 keeps, whatever its own API:
 
-- **One tracker run per sweeprun run**, found again by each attempt: its id kept in the run's
-  folder (``tracker.json``: MLflow, whose ids the server picks; found by the run id's tag when
-  an attempt died between creating the run and recording it), or the run's folder itself
-  (TensorBoard).
-- **Each step once** after a resume from step S: what the lost attempt logged after S is
-  hidden (TensorBoard's ``purge_step``) or not logged again (MLflow keeps every value logged,
-  per key and step: a step it already holds is passed over; an exact resume logs the same
-  values there anyway).
+- **One tracker run per sweeprun run**, found again by each attempt: its id derived from the
+  run id (W&B), or kept in the run's folder (``tracker.json``: MLflow, whose ids the server
+  picks; found by the run id's tag when an attempt died between creating the run and
+  recording it), or the run's folder itself (TensorBoard).
+- **Each step once** after a resume from step S: the attempt gives the tracker the run's
+  history up to S, and what the lost attempt logged after S is hidden (TensorBoard's
+  ``purge_step``) or not logged again (MLflow and W&B keep every value logged, per key and
+  step: a step they hold is passed over; an exact resume logs the same values there anyway).
 - **Its final status follows the ledger**: the launcher sets it at each attempt's end
   (:func:`follow`): finished when the run is done, failed when it failed for good or
   diverged, killed when it was interrupted, lost with its machine, or will be retried; the
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..store import RunPaths
 
 #: The trackers ``init(tracker=...)`` knows.
-KINDS = ("mlflow", "tensorboard")
+KINDS = ("mlflow", "wandb", "tensorboard")
 #: Seconds the launcher waits for a tracker to take a run's status before it goes on.
 FOLLOW_TIMEOUT_S = 10.0
 
@@ -58,8 +58,8 @@ class Tracker(Protocol):
     def flush(self) -> None:
         """Send what is buffered (before each checkpoint, and at the end)."""
 
-    def close(self, status: str | None) -> None:
-        """Flush and let go; ``status`` (``FINISHED``, ``KILLED``), where the process knows it."""
+    def close(self, status: str) -> None:
+        """Flush and let go, the tracker run ending ``status`` (``FINISHED``, ``KILLED``, ``FAILED``)."""
 
 
 def warn(message: str) -> None:
@@ -75,16 +75,19 @@ def make(kind: str, paths: RunPaths, run_id: str | None, sweep: str | None,
     if kind == "mlflow":
         from .mlflow import MlflowTracker
         return MlflowTracker(paths, run_id or paths.run_id, sweep, params)
+    if kind == "wandb":
+        from .wandb import WandbTracker
+        return WandbTracker(paths, run_id or paths.run_id, sweep, params)
     raise SpecError(f"init(tracker={kind!r}): unknown tracker; choose one of {', '.join(KINDS)}")
 
 
 class TrackedMetrics:
     """A run's metrics log that also feeds a tracker: every line appended goes to both, the
     tracker is opened where the log is (with the step the run resumed from), flushed before each
-    checkpoint and closed with it, with the status ``status()`` gives then (the launcher sets
-    it instead for a run it started). Anything else is the log's own."""
+    checkpoint and closed with it, with the status ``status()`` gives then (:func:`process_status`;
+    the launcher then sets what the ledger says). Anything else is the log's own."""
 
-    def __init__(self, inner: Any, tracker: Tracker, status: Callable[[], str | None]) -> None:
+    def __init__(self, inner: Any, tracker: Tracker, status: Callable[[], str]) -> None:
         self._inner, self._tracker, self._status = inner, tracker, status
         self._failed = False
 
@@ -140,12 +143,23 @@ class TrackedMetrics:
         self._safely("sending", self._tracker.flush)
 
     def abandon(self) -> None:
-        self._inner.abandon()     # another worker has the run: its tracker run is theirs now
-        self._safely("closing", lambda: self._tracker.close(None))
+        self._inner.abandon()     # another worker has the run: this process was cut off
+        self._safely("closing", lambda: self._tracker.close("KILLED"))
 
     def close(self) -> None:
         self._inner.close()
         self._safely("closing", lambda: self._tracker.close(self._status()))
+
+
+def process_status(stopping: bool) -> str:
+    """The status a closing run gives its tracker run, as far as its process knows: ``KILLED``
+    after a stop request (it saved and exits 75), ``FAILED`` while an exception (not an exit)
+    is on its way out (a ``with`` block's), else ``FINISHED``. Under the launcher,
+    :func:`follow` then sets what the ledger says."""
+    if stopping:
+        return "KILLED"
+    kind = sys.exc_info()[0]
+    return "FAILED" if kind is not None and not issubclass(kind, SystemExit) else "FINISHED"
 
 
 def _status_of(state: RunState) -> str:

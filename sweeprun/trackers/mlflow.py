@@ -131,9 +131,9 @@ class MlflowTracker:
         for i in range(0, len(buffer), MAX_METRICS):
             self.client.log_batch(self.mlflow_run, metrics=buffer[i:i + MAX_METRICS])
 
-    def close(self, status: str | None) -> None:
+    def close(self, status: str) -> None:
         self.flush()
-        if status is not None and self.mlflow_run is not None:
+        if self.mlflow_run is not None:
             self.client.set_terminated(self.mlflow_run, status=status)
 
 

@@ -47,7 +47,7 @@ class TensorBoardTracker:
         if self._writer is not None:
             self._writer.flush()
 
-    def close(self, status: str | None) -> None:
+    def close(self, status: str) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -198,10 +198,9 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
                clock=clock, under_launcher=bool(run_dir), async_save=async_save, auto=auto,
                fence_attempts=fence_attempts, ranks=ranks, on_world_size_change=policy,
                spikes=policy_spikes, oom_retry=settings.OOM_RETRY.value(env))
-    if feed is not None:   # the launcher sets the status of a run it started; standalone, the run's end
-        from ..trackers import TrackedMetrics
-        run._metrics = TrackedMetrics(run._metrics, feed,
-                                      lambda: None if run_dir else ("KILLED" if run.should_stop else "FINISHED"))
+    if feed is not None:
+        from ..trackers import TrackedMetrics, process_status
+        run._metrics = TrackedMetrics(run._metrics, feed, lambda: process_status(run.should_stop))
     _CURRENT[:] = [weakref.ref(run)]
     return run
 

@@ -116,3 +116,22 @@ def test_a_tracker_is_checked_before_anything_is_written(tmp_path: Path) -> None
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown tracker" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_offline_files_hold_one_run_each_step_once(sandbox: Sandbox) -> None:
+    from sweeprun.trackers.wandb import wandb_id
+    from sweeprun.trackers.wandb_files import exit_code, history, run_files
+
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    sweep = killed_and_resumed(sandbox, {"seed": [1, 2]}, {"steps": 30, "tracker": "wandb"}, env=env)
+    status = sandbox.status(sweep)
+    for run_id, row in status.items():
+        assert row["state"] == "done"
+        run_dir = sandbox.store / "t" / "runs" / run_id
+        wid = wandb_id("t", run_id)
+        assert json.loads((run_dir / "tracker.json").read_text()) == {"kind": "wandb", "run": wid, "project": "t"}
+        files = run_files(run_dir / "wandb", wid)
+        assert len(files) == row["attempts"] == 2          # one W&B run, resumed by the second attempt
+        steps = [(step, values["loss"]) for f in files for step, values in history(f) if "loss" in values]
+        assert steps == [(s, pytest.approx(v)) for s, v in logged(run_dir)["loss"]], run_id
+        assert exit_code(files[-1]) == 0
