@@ -100,9 +100,8 @@ __all__ = ["init", "SweeprunCallback", "Sealed", "seal", "verify", "PREFIX", "SE
 def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[str] | None = None,
          *, every_s: float | Literal["auto"] | None = "auto", time_limit_s: float | None = None,
          stop_signals: Iterable[int] = (), staging_dir: str | os.PathLike[str] | None = None,
-         spikes: bool | Spikes | Mapping[str, Any] | None = None,
-         clock: Callable[[], float] = time.monotonic,
-         env: Mapping[str, str] | None = None) -> SweeprunCallback:
+         spikes: bool | Spikes | Mapping[str, Any] | None = None, tracker: str | None = None,
+         clock: Callable[[], float] = time.monotonic, env: Mapping[str, str] | None = None) -> SweeprunCallback:
     """Start (or continue) this process's run and return the callback to give the Trainer.
 
     Parameters and directory come from the launcher's environment, or standalone from
@@ -121,11 +120,12 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
     ``spikes`` (as :func:`sweeprun.init`'s) watches each optimizer step's loss: a NaN, an Inf
     or a spike rolls the run back to the newest sealed folder from before it (on
     ``save_steps``), sets the newer ones aside, and resumes past the bad batches with the
-    Trainer's own step count (for now with a run directory on local disk).
+    Trainer's own step count (for now with a run directory on local disk). ``tracker``
+    (as :func:`sweeprun.init`'s): what the Trainer logs goes to MLflow, W&B or TensorBoard too.
     """
     join_from_env()   # under torchrun: the Trainer's accelerate state makes the group only later
     run = init_run(params, local_dir, every_s=every_s, time_limit_s=time_limit_s,
-                   stop_signals=stop_signals, spikes=spikes, clock=clock, env=env)
+                   stop_signals=stop_signals, spikes=spikes, tracker=tracker, clock=clock, env=env)
     staging = None
     if native_path(run.paths.fs, run.paths.dir) is None:  # the Trainer writes OS files: stage them
         if run.guard.policy is not None:

@@ -69,14 +69,15 @@ def main() -> None:
     parser.add_argument("--out", help="run directory when not under sweeprun launch")
     parser.add_argument("--step-sleep-s", type=float, default=0.0)
     parser.add_argument("--own-generator", action="store_true", help="the broken variant (OWN)")
+    parser.add_argument("--tracker", help="mlflow, wandb or tensorboard: what the Trainer logs goes there too")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.own_generator:
         global OWN
         OWN = torch.Generator().manual_seed(args.seed)
 
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "step_sleep_s", "own_generator")}
-    run = sweeprun_hf.init(params=params, local_dir=args.out, every_s=None)
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "step_sleep_s", "own_generator", "tracker")}
+    run = sweeprun_hf.init(params=params, local_dir=args.out, every_s=None, tracker=args.tracker)
     torch.manual_seed(args.seed)
     model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
                                        num_attention_heads=2, intermediate_size=32,

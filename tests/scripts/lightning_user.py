@@ -76,10 +76,11 @@ def main() -> None:
     parser.add_argument("--linger-s", type=float, default=0.0, help="wait after fit returns")
     parser.add_argument("--shuffle", action="store_true",
                         help="the broken variant: shuffle=True, a loader that cannot say where it is")
+    parser.add_argument("--tracker", help="mlflow, wandb or tensorboard: what is logged goes there too")
     args = parser.parse_args()
 
-    sweep = SweeprunCallback(params=vars(args), local_dir=args.out,
-                             every_steps=args.save_every_steps)
+    sweep = SweeprunCallback(params={k: v for k, v in vars(args).items() if k != "tracker"}, local_dir=args.out,
+                             every_steps=args.save_every_steps, tracker=args.tracker)
     torch.set_num_threads(1)
     L.seed_everything(args.seed, verbose=False)
     train = points(192, 1)
