@@ -145,7 +145,7 @@ def _row(row: StatusRow, curves: dict[str, Curve], attempts: list[AttemptRow], c
     """One run as the page's table and charts read it."""
     return {
         "id": row.run_id,
-        "params": redact_tree(row.params),
+        "params": _json_safe(redact_tree(row.params)),
         "state": row.state.value,
         "attempts": row.attempts,
         "failures": row.failures,
@@ -166,6 +166,17 @@ def _row(row: StatusRow, curves: dict[str, Curve], attempts: list[AttemptRow], c
                       "worker": redact(a.worker) if a.worker else None, "exit_code": a.exit_code}
                      for a in attempts],
     }
+
+
+def _json_safe(value: Any) -> Any:
+    """A parameter as JSON can hold it: ``nan`` and ``inf`` (YAML's ``.nan``, ``.inf``) as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _last_step(curves: dict[str, Curve]) -> int | None:

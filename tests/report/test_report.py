@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sweeprun import Sweep, load_spec
+from sweeprun.report import render
 from sweeprun.report.data import collect, curves_of, downsample, higher_is_better, points_per_curve
 
 from _browser import browser, console_errors, drawn, origins, requested_urls, table
@@ -114,10 +115,12 @@ def test_a_spike_survives_downsampling_and_the_best_value_uses_every_point() -> 
 
 
 def test_collect_reads_what_status_reads(sandbox: Sandbox) -> None:
-    sweep_file = sandbox.write_sweep({"lr": [0.1, 0.2]}, {"api": True, "steps": 4, "sleep": 0})
+    sweep_file = sandbox.write_sweep({"lr": [0.1, float("nan")]}, {"api": True, "steps": 4, "sleep": 0})
     assert sandbox.run("launch", str(sweep_file)).returncode == 0
     data = collect(Sweep(load_spec(sweep_file), str(sandbox.ledger)))
     assert data["params"] == ["lr"] and len(data["runs"]) == 2
+    assert [r["params"]["lr"] for r in data["runs"]] == [0.1, "nan"]     # JSON has no NaN
+    assert "report.html" not in render(data, plotly="")                # the page is drawn
     run = data["runs"][0]
     assert run["state"] == "done" and run["attempts"] == 1 and run["step"] == 4
     assert [a["outcome"] for a in run["timeline"]] == ["done"]
