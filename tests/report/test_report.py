@@ -125,3 +125,20 @@ def test_collect_reads_what_status_reads(sandbox: Sandbox) -> None:
     assert run["state"] == "done" and run["attempts"] == 1 and run["step"] == 4
     assert [a["outcome"] for a in run["timeline"]] == ["done"]
     assert len(data["curves"][run["id"]]["loss"][0]) == 4
+
+
+@pytest.mark.slow  # the bucket variant
+def test_the_report_of_a_sweep_in_a_bucket_is_written_into_the_bucket(sandbox: Sandbox, s3_bucket: str) -> None:
+    """The page goes where the sweep is, so it opens from the bucket's console or a synced copy."""
+    import fsspec
+
+    sweep = sandbox.write_sweep({"lr": [0.1, 0.2]}, {"api": True, "steps": 4, "sleep": 0}, store=f"{s3_bucket}/sweeps")
+    assert sandbox.run("launch", str(sweep), timeout=300).returncode == 0
+    result = sandbox.run("report", str(sweep), "--ledger", str(sandbox.ledger))
+    assert result.returncode == 0, result.stderr
+    url = f"{s3_bucket}/sweeps/t/report.html"
+    assert result.stdout.startswith(f"wrote {url}: 2 run(s)"), result.stdout
+    page = fsspec.filesystem("s3").cat_file(url).decode()
+    data = json.loads(page.split('type="application/json">', 1)[1].split("</script>", 1)[0])
+    assert [len(data["curves"][r["id"]]["loss"][0]) for r in data["runs"]] == [4, 4]    # metrics in the bucket
+    assert [r["state"] for r in data["runs"]] == ["done", "done"]
