@@ -17,7 +17,7 @@ from ..errors import SpecError, SweeprunError
 from ..redact import redact_url
 from ..store import atomic_write
 from .data import collect
-from .page import render
+from .page import plotly_js, render
 
 if TYPE_CHECKING:
     from ..sweep import Sweep
@@ -41,8 +41,9 @@ def write_report(sweep: Sweep, output: str | None = None) -> Written:
     if output is None and not sweep.store.fs.exists(sweep.paths.spec):  # nothing to see, and no folder to write in
         raise SpecError(f"sweep {sweep.spec.name} has not been launched in {redact_url(str(sweep.spec.store))} "
                         "(no sweep.yaml there): nothing to report yet; launch it, or give the right --store")
+    plotly = plotly_js()                  # the extra missing: said before the sweep is read
     data = collect(sweep)
-    page = render(data).encode()
+    page = render(data, plotly=plotly).encode()
     if output is None:
         path = sweep.paths.report
         atomic_write(sweep.store.fs, path, page)

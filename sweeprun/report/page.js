@@ -18,6 +18,8 @@ const LIVE = document.body.dataset.live === "1";
 const state = {metric: null, higher: null, topk: 0, by: null, logMetric: false};
 
 function el(id) { return document.getElementById(id); }
+// Plotly reads a subset of HTML in names, labels and tick text (links among it): a parameter
+// value or a metric name is shown as text, never as markup.
 function esc(text) {
   return String(text).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 }
@@ -122,14 +124,14 @@ function axis(name, runs) {
     if (lo > 0 && hi / lo >= 100) {
       const decades = [];
       for (let e = Math.floor(Math.log10(lo)); e <= Math.ceil(Math.log10(hi)); e++) decades.push(e);
-      return {label: name + " (log)", values: raw.map(Math.log10), tickvals: decades,
+      return {label: esc(name) + " (log)", values: raw.map(Math.log10), tickvals: decades,
               ticktext: decades.map(e => fmt(Math.pow(10, e)))};
     }
-    return {label: name, values: raw};
+    return {label: esc(name), values: raw};
   }
   const distinct = [...new Set(raw.map(v => fmt(v)))].sort();
-  return {label: name, values: raw.map(v => distinct.indexOf(fmt(v))),
-          tickvals: distinct.map((_, i) => i), ticktext: distinct};
+  return {label: esc(name), values: raw.map(v => distinct.indexOf(fmt(v))),
+          tickvals: distinct.map((_, i) => i), ticktext: distinct.map(esc)};
 }
 
 function drawParallel() {
@@ -141,10 +143,10 @@ function drawParallel() {
   let values = runs.map(best);
   const log = state.logMetric && values.every(v => v > 0);
   if (log) values = values.map(Math.log10);
-  dims.push({label: (log ? "log10 " : "") + "best " + m, values: values});
+  dims.push({label: (log ? "log10 " : "") + "best " + esc(m), values: values});
   Plotly.react(box, [{type: "parcoords", dimensions: dims,
     line: {color: values, colorscale: "Viridis", reversescale: !state.higher, showscale: true}}],
-    {margin: {l: 60, r: 60, t: 50, b: 20}, height: 360}, PLOT_CONFIG);
+    {margin: {l: 60, r: 60, t: 50, b: 20}, height: 360, uirevision: "keep"}, PLOT_CONFIG);
 }
 
 function drawCurves() {
@@ -154,19 +156,21 @@ function drawCurves() {
   const groups = state.by ? [...new Set(runs.map(r => fmt(r.params[state.by])))].sort((a, b) =>
     (isNaN(a) || isNaN(b)) ? a.localeCompare(b) : Number(a) - Number(b)) : [];
   const legend = new Set();
-  const traces = runs.filter(r => DATA.curves[r.id] && DATA.curves[r.id][m]).map((run, i) => {
+  const drawn = runs.filter(r => DATA.curves[r.id] && DATA.curves[r.id][m]);
+  const kind = drawn.length > 100 ? "scattergl" : "scatter";   // many curves: WebGL
+  const traces = drawn.map((run, i) => {
     const [xs, ys] = DATA.curves[run.id][m];
     const group = state.by ? fmt(run.params[state.by]) : run.id;
     const colour = COLOURS[(state.by ? groups.indexOf(group) : i) % COLOURS.length];
     const first = !legend.has(group);
     legend.add(group);
-    return {type: xs.length > 2000 ? "scattergl" : "scatter", mode: "lines", x: xs, y: ys,
-            name: state.by ? `${state.by}=${group}` : run.id, legendgroup: group, showlegend: first,
+    return {type: kind, mode: "lines", x: xs, y: ys,
+            name: esc(state.by ? `${state.by}=${group}` : run.id), legendgroup: group, showlegend: first,
             line: {color: colour, width: 1.3}, opacity: 0.85,
             hovertemplate: `${esc(run.id)}<br>step %{x}<br>${esc(m)} %{y}<extra></extra>`};
   });
-  Plotly.react(box, traces, {margin: {l: 60, r: 20, t: 30, b: 40}, height: 380,
-    xaxis: {title: {text: "step"}}, yaxis: {title: {text: m}, type: state.logMetric ? "log" : "linear"}},
+  Plotly.react(box, traces, {margin: {l: 60, r: 20, t: 30, b: 40}, height: 380, uirevision: "keep",
+    xaxis: {title: {text: "step"}}, yaxis: {title: {text: esc(m)}, type: state.logMetric ? "log" : "linear"}},
     PLOT_CONFIG);
 }
 
@@ -190,16 +194,16 @@ function drawTimeline() {
       const t = byOutcome[outcome] = byOutcome[outcome] || {x: [], base: [], y: [], text: []};
       t.base.push(new Date(a.start * 1000).toISOString());
       t.x.push(Math.max(1, (end - a.start) * 1000));
-      t.y.push(run.id);
-      t.text.push(`attempt ${a.attempt}: ${outcome}` + (a.worker ? ` on ${a.worker}` : "") +
+      t.y.push(esc(run.id));
+      t.text.push(`attempt ${a.attempt}: ${esc(outcome)}` + (a.worker ? ` on ${esc(a.worker)}` : "") +
                   (a.exit_code !== null && a.exit_code !== undefined ? ` (exit ${a.exit_code})` : ""));
     }
   }
-  const traces = Object.keys(byOutcome).sort().map(o => ({type: "bar", orientation: "h", name: o,
+  const traces = Object.keys(byOutcome).sort().map(o => ({type: "bar", orientation: "h", name: esc(o),
     x: byOutcome[o].x, base: byOutcome[o].base, y: byOutcome[o].y, text: byOutcome[o].text,
     hovertemplate: "%{y}<br>%{text}<extra></extra>", textposition: "none",
     marker: {color: OUTCOMES[o] || "#999"}}));
-  Plotly.react(box, traces, {barmode: "overlay", margin: {l: 160, r: 20, t: 30, b: 40},
+  Plotly.react(box, traces, {barmode: "overlay", margin: {l: 160, r: 20, t: 30, b: 40}, uirevision: "keep",
     height: Math.max(240, 22 * runs.length + 80), xaxis: {type: "date"},
     yaxis: {type: "category", automargin: true, autorange: "reversed"}}, PLOT_CONFIG);
 }
@@ -227,6 +231,7 @@ function wire() {
   el("logmetric").addEventListener("change", e => { state.logMetric = e.target.checked; drawParallel(); drawCurves(); });
 }
 
+// The next request only once this one is answered (and drawn): a slow server is never asked twice at once.
 async function refresh() {
   try {
     const response = await fetch("data.json", {cache: "no-store"});
@@ -238,6 +243,7 @@ async function refresh() {
   } catch (err) {
     el("error").textContent = "cannot refresh: " + err.message;
   }
+  setTimeout(refresh, REFRESH_MS);
 }
 
 state.topk = DATA.runs.length > 50 ? 50 : 0;
@@ -245,4 +251,5 @@ el("topk").value = state.topk;
 setupControls();
 wire();
 drawAll();
-if (LIVE) setInterval(refresh, Number(document.body.dataset.refreshMs) || 3000);
+const REFRESH_MS = Number(document.body.dataset.refreshMs) || 3000;
+if (LIVE) setTimeout(refresh, REFRESH_MS);

@@ -186,6 +186,8 @@ TRAINER = "trainer"
 TRACKER = "tracker.json"
 #: TensorBoard's event files of the run (``tracker="tensorboard"``).
 TENSORBOARD = "tensorboard"
+#: The folder W&B makes for its files in the run's folder (``tracker="wandb"``, local disk).
+WANDB = "wandb"
 
 _METRICS_PART = re.compile(rf"attempt-(?P<n>{_POSITIVE})\.jsonl")
 _LOG = re.compile(rf"attempt-(?P<n>{_POSITIVE})\.log")

