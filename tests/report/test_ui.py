@@ -43,6 +43,11 @@ def test_the_live_page_shows_a_runs_new_steps_without_a_reload(sandbox: Sandbox)
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(urllib.request.Request(url + path, method=method))
             assert refused.value.code == code
+        # another site's page, through a name that resolves to 127.0.0.1 (DNS rebinding)
+        rebound = urllib.request.Request(url + "data.json", headers={"Host": "attacker.example:80"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebound)
+        assert refused.value.code == 403
     finally:
         os.killpg(launch.pid, signal.SIGTERM)
         launch.communicate(timeout=120)

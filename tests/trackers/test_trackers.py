@@ -121,3 +121,38 @@ def test_wandb_offline_files_hold_one_run_each_step_once(sandbox: Sandbox) -> No
         steps = [(step, values["loss"]) for f in files for step, values in history(f) if "loss" in values]
         assert steps == [(s, pytest.approx(v)) for s, v in logged(run_dir)["loss"]], run_id
         assert exit_code(files[-1]) == 0
+
+
+def test_a_reset_run_gets_a_new_tracker_run(sandbox: Sandbox) -> None:
+    """A reset starts the run over in a new folder: a new life, a new W&B run (never the old
+    one's history, whose steps would make the new ones look logged already)."""
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    sweep = sandbox.write_sweep({"seed": [1]}, {"api": True, "steps": 4, "sleep": 0, "tracker": "wandb"})
+    assert sandbox.run("launch", str(sweep), env=env).returncode == 0
+    (run_id,) = sandbox.status(sweep)
+    run_dir = sandbox.store / "t" / "runs" / run_id
+    before = json.loads((run_dir / "tracker.json").read_text())
+    assert sandbox.run("reset", str(sweep), run_id, env=env).returncode == 0
+    assert sandbox.run("launch", str(sweep), env=env).returncode == 0
+    after = json.loads((run_dir / "tracker.json").read_text())
+    assert after["life"] != before["life"] and after["run"] != before["run"]
+    from sweeprun.trackers.wandb_files import history, run_files
+
+    (files,) = [run_files(run_dir / "wandb", after["run"])]
+    assert [step for f in files for step, _ in history(f)] == [1, 2, 3, 4]
+
+
+def test_a_tracker_out_of_reach_never_stops_training(sandbox: Sandbox) -> None:
+    """An MLflow server that does not answer: one line on stderr, the run ends done as ever."""
+    from servers import free_port
+
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    sweep = sandbox.write_sweep({"seed": [1]}, {"api": True, "steps": 6, "sleep": 0, "tracker": "mlflow"})
+    result = sandbox.run("launch", str(sweep), env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (run_id, row), = sandbox.status(sweep).items()
+    assert row["state"] == "done"
+    log = (sandbox.store / "t" / "runs" / run_id / "logs" / "attempt-1.log").read_text()
+    assert log.count("[sweeprun] tracker: opening failed (") == 1, log
+    assert [step for step, _ in logged(sandbox.store / "t" / "runs" / run_id)["loss"]] == list(range(1, 7))
