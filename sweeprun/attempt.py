@@ -184,8 +184,7 @@ class Attempt:
         if not numbered:  # a used number given back, and another machine took the next one
             return self._held_elsewhere()
         self.launcher.sweep.write_params(claim.run_id, claim.params)
-        state = self.ledger.start(self.claim, self.launcher.spec.lease_s, self._progress(),
-                                  self.launcher.policy)
+        state = self.tenure.start(self.launcher.spec.lease_s, self._progress(), self.launcher.policy)
         if state is None:
             self._lose()
             return False

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from .errors import LeaseLost, SweeprunError
 from .leases import Lease, StoreLeases
-from .ledger import Outcome
+from .ledger import Outcome, RunState
 from .redact import record_bytes
 from .resumes import read_started
 from .rollbacks import RollbackSummary, attempt_rollback, oom_attempts, read_rollbacks
@@ -37,7 +37,7 @@ from .slurm import job_label
 from .store import RunPaths, create_only, layout, store_errors
 
 if TYPE_CHECKING:
-    from .ledger import Claim, Ledger, Policy, RunState
+    from .ledger import Claim, Ledger, Policy
 
 #: Generations given back in a row while looking for an attempt number nobody used: more
 #: means something keeps writing attempt files without a lease (another tool's sweep).
@@ -162,6 +162,16 @@ class Tenure:
             return self.renew_lease()
         except SweeprunError:
             return True
+
+    def start(self, lease_s: float, progress: str | None, policy: Policy) -> RunState | None:
+        """The child is about to start (:meth:`~sweeprun.ledger.base.Ledger.start`): ``FAILED``
+        when the run's attempts were lost with their worker too often (its tracker run, if it
+        has one, then ends failed too), ``None`` when the run is no longer this worker's."""
+        state = self.ledger.start(self.claim, lease_s, progress, policy)
+        if state is RunState.FAILED:
+            from .trackers import follow
+            follow(self.paths, state)
+        return state
 
     def finish(self, outcome: Outcome, policy: Policy, exit_code: int | None,
                child_started: bool) -> RunState | None:
