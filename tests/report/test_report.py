@@ -114,6 +114,7 @@ def test_a_spike_survives_downsampling_and_the_best_value_uses_every_point() -> 
     assert points_per_curve(12) == 1_000 and points_per_curve(10_000) == 40
 
 
+@pytest.mark.slow  # the fast subset reads a report through the command
 def test_collect_reads_what_status_reads(sandbox: Sandbox) -> None:
     sweep_file = sandbox.write_sweep({"lr": [0.1, float("nan")]}, {"api": True, "steps": 4, "sleep": 0})
     assert sandbox.run("launch", str(sweep_file)).returncode == 0

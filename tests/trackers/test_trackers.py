@@ -42,7 +42,7 @@ def killed_and_resumed(sandbox: Sandbox, grid: dict[str, list[Any]], params: dic
 def test_mlflow_holds_one_run_per_run_each_step_once_and_the_ledgers_status(
         sandbox: Sandbox, mlflow_server: MlflowServer) -> None:
     env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_EXPERIMENT_NAME": f"exp-{sandbox.root.name}"}
-    killed_and_resumed(sandbox, {"seed": [1, 2, 3]}, {"steps": 40, "tracker": "mlflow"}, env=env,
+    killed_and_resumed(sandbox, {"seed": [1, 2]}, {"steps": 30, "tracker": "mlflow"}, env=env,
                        max_attempts=2)
     failing = sandbox.write_sweep({"seed": [4]}, {"api": True, "steps": 10, "sleep": 0, "tracker": "mlflow",
                                                   "fail_at": 3}, name="t", max_attempts=2)
@@ -61,14 +61,14 @@ def test_mlflow_holds_one_run_per_run_each_step_once_and_the_ledgers_status(
     for run_id, (run,) in by_run.items():
         expected = {"done": "FINISHED", "failed": "FAILED"}[status[run_id]["state"]]
         assert run.info.status == expected, (run_id, run.info.status)
-        assert run.info.run_name == run_id and run.data.params["seed"] in {"1", "2", "3", "4"}
+        assert run.info.run_name == run_id and run.data.params["seed"] in {"1", "2", "4"}
         record = json.loads((sandbox.store / "t" / "runs" / run_id / "tracker.json").read_text())
         assert record == {"life": run.data.tags["sweeprun.life"], "kind": "mlflow", "run": run.info.run_id,
                           "experiment": experiment.experiment_id, "uri": mlflow_server.url}
         history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")]
         assert sorted(history) == logged(sandbox.store / "t" / "runs" / run_id)["loss"], run_id
         restarted += status[run_id]["attempts"] > 1
-    assert restarted >= 3                          # the three killed runs resumed, the failing one retried
+    assert restarted >= 3                          # the two killed runs resumed, the failing one retried
 
     stopped = sandbox.write_sweep({"seed": [5]}, {"api": True, "steps": 10_000, "sleep": 0.05,
                                                   "tracker": "mlflow"}, name="s")
@@ -103,6 +103,7 @@ def test_a_tracker_is_checked_before_anything_is_written(tmp_path: Path) -> None
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # the fast subset keeps TensorBoard's and the check's tests
 def test_wandb_offline_files_hold_one_run_each_step_once(sandbox: Sandbox) -> None:
     from sweeprun.trackers.wandb import wandb_id
     from sweeprun.trackers.wandb_files import exit_code, history, run_files
@@ -123,6 +124,7 @@ def test_wandb_offline_files_hold_one_run_each_step_once(sandbox: Sandbox) -> No
         assert exit_code(files[-1]) == 0
 
 
+@pytest.mark.slow  # the fast subset keeps TensorBoard's and the check's tests
 def test_a_reset_run_gets_a_new_tracker_run(sandbox: Sandbox) -> None:
     """A reset starts the run over in a new folder: a new life, a new W&B run (never the old
     one's history, whose steps would make the new ones look logged already)."""
@@ -142,6 +144,7 @@ def test_a_reset_run_gets_a_new_tracker_run(sandbox: Sandbox) -> None:
     assert [step for f in files for step, _ in history(f)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # the fast subset keeps TensorBoard's and the check's tests
 def test_a_tracker_out_of_reach_never_stops_training(sandbox: Sandbox) -> None:
     """An MLflow server that does not answer: one line on stderr, the run ends done as ever."""
     from servers import free_port

@@ -7,6 +7,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
+
 from _trackers import logged, same_series, tensorboard
 from _training_helpers import REPO, ExampleRun
 
@@ -18,9 +20,10 @@ def killed_then_finished(run: ExampleRun, step: int) -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow  # the fast subset keeps the Trainer's
 def test_lightning_logs_to_tensorboard_each_step_once(tmp_path: Path) -> None:
     run = ExampleRun(tmp_path / "run", script=REPO / "tests" / "scripts" / "lightning_user.py",
-                     flags=("--save-every-steps", "5", "--sleep-s", "0.02", "--epochs", "3",
+                     flags=("--save-every-steps", "5", "--sleep-s", "0.01", "--epochs", "2",
                             "--tracker", "tensorboard"))
     killed_then_finished(run, 12)
     assert same_series(tensorboard(run.out / "tensorboard"), logged(run.out)) == []
