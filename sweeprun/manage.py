@@ -213,17 +213,10 @@ def _params(sweep: Sweep, run_id: str, path: str, files: dict[str, float]) -> di
 def _attempts(sweep: Sweep, run_id: str, files: dict[str, float]) -> tuple[list[AttemptRow], str]:
     """The ledger's attempts; where it has none, the store's attempt records
     (``attempts/<n>.json``: worker and start) with each log's last write as its end."""
-    if sweep.ledger_exists():
-        ledger = sweep.open_ledger(readonly=True)
-        try:
-            key = sweep.ledger_key()
-            if key is not None:
-                ledger.sweep = key
-                found = ledger.attempts(run_id)
-                if found:
-                    return found, "ledger"
-        finally:
-            ledger.close()
+    with sweep.read_ledger() as ledger:
+        found = ledger.attempts(run_id) if ledger is not None else []
+    if found:
+        return found, "ledger"
     numbers = {n for rel in files if (n := _record_number(rel)) is not None}
     numbers |= {n for rel in files if (n := _log_number(rel)) is not None}
     numbers |= set(started_numbers(files))

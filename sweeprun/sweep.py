@@ -6,6 +6,7 @@ This is the library face of the CLI: ``Sweep.open(spec)`` then ``prepare()`` and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -13,7 +14,7 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,22 @@ class Sweep:
 
     def open_ledger(self, readonly: bool = False, key: str | None = None) -> Ledger:
         return open_ledger(self.ledger_location, key or self.spec.name, readonly=readonly)
+
+    @contextlib.contextmanager
+    def read_ledger(self) -> Iterator[Ledger | None]:
+        """This machine's ledger, read-only, looking at this sweep's rows; ``None`` when there is
+        no ledger here or the sweep was never launched with it (then the store tells)."""
+        if not self.ledger_exists():
+            yield None
+            return
+        ledger = self.open_ledger(readonly=True)
+        try:
+            key = self.ledger_key()
+            if key is not None:
+                ledger.sweep = key
+            yield ledger if key is not None else None
+        finally:
+            ledger.close()
 
     def ledger_key(self, create: bool = False) -> str | None:
         """The sweep's rows in a ledger: its name and the id kept in its folder of the store.

@@ -15,11 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import StoreError
 from ..numbers import finite
 from ..redact import redact, redact_tree, redact_url
-from ..store import read_regular
-from ..training.metrics import parse_entries
 
 if TYPE_CHECKING:
     from ..ledger.base import AttemptRow
@@ -111,34 +108,16 @@ def _entries(sweep: Sweep, path: str | None) -> tuple[list[dict[str, Any]], bool
     was cut off; none for a run with no metrics or whose file cannot be read."""
     if path is None:
         return [], False
-    try:
-        blob = read_regular(sweep.store.fs, path, METRICS_BYTES, tail=True)
-    except (StoreError, FileNotFoundError):
-        return [], False
-    cut = len(blob) == METRICS_BYTES
-    if cut:
-        blob = blob[blob.find(b"\n") + 1:]
-    return parse_entries(blob, path), cut
+    entries, whole = sweep._tail_entries(path, METRICS_BYTES)
+    return entries, not whole
 
 
 def _attempts(sweep: Sweep) -> dict[str, list[AttemptRow]]:
-    """Every run's attempts from the ledger, in one query; none where this machine has no ledger
-    (then the table's counts still come from the store, and the timeline is empty)."""
-    if not sweep.ledger_exists():
-        return {}
-    ledger = sweep.open_ledger(readonly=True)
-    try:
-        key = sweep.ledger_key()
-        if key is None:
-            return {}
-        ledger.sweep = key
-        return ledger.every_attempt()
-    finally:
-        ledger.close()
-
-
-def _number(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
+    """Every run's attempts from the ledger, in one query; none where this machine's ledger
+    never saw the sweep (then the table's counts still come from the store, and the timeline
+    is empty)."""
+    with sweep.read_ledger() as ledger:
+        return ledger.every_attempt() if ledger is not None else {}
 
 
 def _row(row: StatusRow, curves: dict[str, Curve], attempts: list[AttemptRow], cut: bool) -> dict[str, Any]:
@@ -154,14 +133,13 @@ def _row(row: StatusRow, curves: dict[str, Curve], attempts: list[AttemptRow], c
         "rollbacks": row.rollbacks.count if row.rollbacks else 0,
         "nproc": row.nproc,
         "step": row.step if row.step is not None else _last_step(curves),
-        "checkpoint_age_s": _number(row.checkpoint_age_s),
+        "checkpoint_age_s": finite(row.checkpoint_age_s),
         "worker": redact(row.worker) if row.worker else None,
         "approximate": row.approximate_resume is not None,
         "cut": cut,
         "best": {m: {"value": c.best[0], "step": c.best[1]} for m, c in curves.items() if c.best},
         "last": {m: c.last for m, c in curves.items()},
-        "timeline": [{"attempt": a.attempt, "start": _number(a.started_at),
-                      "end": _number(a.ended_at) if a.ended_at is not None else None,
+        "timeline": [{"attempt": a.attempt, "start": finite(a.started_at), "end": finite(a.ended_at),
                       "outcome": a.outcome or ("running" if a.ended_at is None else None),
                       "worker": redact(a.worker) if a.worker else None, "exit_code": a.exit_code}
                      for a in attempts],

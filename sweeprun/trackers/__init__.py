@@ -81,9 +81,8 @@ def check(kind: str, paths: RunPaths) -> None:
     :class:`SpecError` line, never a rank left waiting for rank 0."""
     if kind not in KINDS:
         raise SpecError(f"init(tracker={kind!r}): unknown tracker; choose one of {', '.join(KINDS)}")
-    package = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboard"}[kind]
-    if importlib.util.find_spec(package) is None:
-        raise SpecError(f"init(tracker={kind!r}) needs {package}: pip install 'sweeprun[{kind}]' (or {package})")
+    if importlib.util.find_spec(kind) is None:       # each tracker's package has its name
+        raise SpecError(f"init(tracker={kind!r}) needs {kind}: pip install 'sweeprun[{kind}]' (or {kind})")
     if kind == "tensorboard" and backend_for(paths.fs).native_path(paths.tensorboard) is None:
         raise SpecError(f"init(tracker='tensorboard') writes event files into the run's folder, "
                         f"which is in an object store ({paths.url}); use a store on local disk, "
@@ -269,6 +268,9 @@ def follow(paths: RunPaths, state: RunState) -> None:
     """Set the status of the run's tracker run (if it recorded one) as the ledger now judges
     the run (the launcher, at each attempt's end). Never raises, never waits more than
     :data:`FOLLOW_TIMEOUT_S`: the sweep goes on whatever the tracker does."""
+    status = _status_of(state)
+    if status is None:      # it starts again at once: nothing to read or set
+        return
     try:
         with store_errors("read", paths.tracker):
             if not paths.fs.exists(paths.tracker):
@@ -276,8 +278,7 @@ def follow(paths: RunPaths, state: RunState) -> None:
         record = read_json(paths.fs, paths.tracker)
     except (SweeprunError, ValueError):
         return
-    status = _status_of(state)
-    if status is None or not isinstance(record, dict) or record.get("kind") != "mlflow":
+    if not isinstance(record, dict) or record.get("kind") != "mlflow":
         return              # TensorBoard has no status, W&B's is its process's
     from .mlflow import set_status
 
