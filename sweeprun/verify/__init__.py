@@ -170,20 +170,22 @@ def _interrupt(run: ScriptRun, plan: Sequence[Kill], say: Callable[[str], None],
     ``bound`` (seconds, and where that number comes from); what went wrong, if anything."""
     timeout_s = None if math.isinf(bound[0]) else bound[0]
     for kill in plan:
-        attempt = run.interrupt_at(kill, timeout_s)
-        if attempt.timed_out is not None:
-            return _hung(attempt, bound)
-        if attempt.sent == "SIGTERM" and attempt.exit_code == -signal.SIGTERM:
-            attempt.note += (f"; not {PREEMPTED_EXIT}: the script did not save on SIGTERM (is "
-                             "sweeprun.init called before training?), or a wrapper died of it first "
-                             "(exec the script from wrapper scripts)")
-        say(attempt.describe())
+        for _ in range(MAX_RERUNS):  # a rollback before the signal landed is no interruption: again
+            attempt = run.interrupt_at(kill, timeout_s)
+            if attempt.timed_out is not None:
+                return _hung(attempt, bound)
+            if attempt.sent == "SIGTERM" and attempt.exit_code == -signal.SIGTERM:
+                attempt.note += (f"; not {PREEMPTED_EXIT}: the script did not save on SIGTERM (is "
+                                 "sweeprun.init called before training?), or a wrapper died of it "
+                                 "first (exec the script from wrapper scripts)")
+            say(attempt.describe())
+            if attempt.exit_code == 0:
+                return None  # finished before (or as) the signal landed: nothing left to interrupt
+            rolled_back = attempt.exit_code == PREEMPTED_EXIT and _new_rollback(run, attempt)
+            if not (rolled_back and attempt.sent is None):
+                break
         expected = {"SIGKILL": {-signal.SIGKILL}, "SIGTERM": {PREEMPTED_EXIT, -signal.SIGTERM}}
-        if attempt.exit_code == 0:
-            return None  # finished before (or as) the signal landed: nothing left to interrupt
-        if attempt.exit_code == PREEMPTED_EXIT and _new_rollback(run, attempt):
-            continue     # it rolled back after a loss spike before the signal: started again next
-        if attempt.exit_code not in expected.get(attempt.sent or "", {PREEMPTED_EXIT}):
+        if not rolled_back and attempt.exit_code not in expected.get(attempt.sent or "", {PREEMPTED_EXIT}):
             return _failed(attempt)
     for _ in range(MAX_RERUNS):
         attempt = run.complete(timeout_s)
