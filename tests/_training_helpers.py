@@ -27,7 +27,7 @@ import torch
 from sweeprun.runenv import PREEMPTED_EXIT
 from sweeprun.training import load_checkpoint
 
-from _zygote import preload_for, spawn
+from _zygote import SERVER, preload_for, server_for, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "train_mlp.py"
@@ -251,9 +251,22 @@ def stop_the_launcher_mid_run_then_relaunch(sandbox: Any, sweep: Path, past_step
     return run
 
 
-def sweeprun_verify(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m sweeprun verify ARGS`` from the repository root, its temporary folders under ``tmp``."""
+def sweeprun_verify(*args: str, tmp: Path, fresh: bool = False) -> subprocess.CompletedProcess[str]:
+    """``python -m sweeprun verify ARGS`` from the repository root, its temporary folders under
+    ``tmp``. The script's starts fork from this test process's server (``tests/_verify_forked.py``:
+    the same command, verify itself forked too, without importing torch again at every start)
+    unless ``fresh`` or the script runs as ranks (``--nproc``: torchrun starts them)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
     env.pop("SWEEPRUN_RUN_DIR", None)
-    return subprocess.run([sys.executable, "-m", "sweeprun", "verify", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "sweeprun", "verify", *args]
+    split = args.index("--") if "--" in args else len(args)
+    options, after = args[:split], args[split + 1:]
+    script = next((REPO / a for a in after if a.endswith(".py")), None)   # relative: to REPO, verify's cwd
+    server = None if fresh or script is None or {"--nproc", "--resume-nproc"} & set(options) else server_for(script)
+    if server is None:
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env[SERVER] = server
+    command = [sys.executable, str(REPO / "tests" / "_verify_forked.py"), "verify", *args]
+    proc = spawn(command, env, preload_for(script), cwd=str(REPO))   # verify itself forks too
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

@@ -146,6 +146,18 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+#: The variable that hands a server's socket to a process the test starts (``sweeprun verify``
+#: through ``tests/_verify_forked.py``), so that process's script starts fork from it too.
+SERVER = "SWEEPRUN_TEST_ZYGOTE"
+
+
+def server_for(script: Path) -> str | None:
+    """The socket of this process's server for ``script`` (started now if need be), to hand
+    to a child through :data:`SERVER`; ``None`` where scripts start fresh."""
+    preload = preload_for(script)
+    return None if FRESH or not preload else _server(preload)
+
+
 def preload_for(script: Path) -> tuple[str, ...]:
     """What a script imports that is worth importing once: torch (and ``torch._dynamo``, which
     its first optimizer imports), Lightning, the Trainer. A script that never mentions torch
@@ -162,17 +174,25 @@ def preload_for(script: Path) -> tuple[str, ...]:
 
 
 def spawn(argv: list[str], env: dict[str, str], preload: tuple[str, ...],
-          stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE) -> Any:
+          stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE, *,
+          server: str | None = None, session: bool = False, cwd: str | None = None) -> Any:
     """``subprocess.Popen(argv, env=env, text=True, stdout=stdout, stderr=stderr)`` for
-    ``argv = [sys.executable, script, ...]``, from the server that imported ``preload``.
-    ``stdout`` and ``stderr``: ``PIPE``, ``DEVNULL`` or an open file, as for Popen."""
-    if FRESH or not preload:
-        return subprocess.Popen(argv, env=env, text=True, stdout=stdout, stderr=stderr)
-    path = _server(preload)
+    ``argv = [sys.executable, script, ...]``, from the server that imported ``preload``
+    (or the one listening on ``server``, started by another process: see :data:`SERVER`).
+    ``stdout``: ``PIPE``, ``DEVNULL`` or an open file, as for Popen; ``stderr`` also
+    ``STDOUT``. ``session``: the child leads a session of its own (``start_new_session``);
+    ``cwd``: its working directory (this process's by default)."""
+    if server is None and (FRESH or not preload):
+        return subprocess.Popen(argv, env=env, text=True, stdout=stdout, stderr=stderr,
+                                start_new_session=session, cwd=cwd)
+    path = server or _server(preload)
     ours: list[int] = []        # the test's ends of the pipes
     theirs: list[int] = []      # what the child gets as its fds 1 and 2
     for where in (stdout, stderr):
-        if where == subprocess.PIPE:
+        if where == subprocess.STDOUT:
+            ours.append(-1)
+            theirs.append(os.dup(theirs[0]))
+        elif where == subprocess.PIPE:
             read, write = os.pipe()
             ours.append(read)
             theirs.append(write)
@@ -185,7 +205,8 @@ def spawn(argv: list[str], env: dict[str, str], preload: tuple[str, ...],
         conn.connect(path)
         umask = os.umask(0o022)
         os.umask(umask)
-        request = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd(), "umask": umask}).encode() + b"\n"
+        request = json.dumps({"argv": argv, "env": env, "cwd": cwd or os.getcwd(), "umask": umask,
+                              "session": session}).encode() + b"\n"
         socket.send_fds(conn, [request], theirs)
     finally:
         for fd in theirs:
@@ -278,6 +299,8 @@ def _child(request: dict[str, Any], fds: list[int], base_path: list[str]) -> Non
     import random
     import runpy
 
+    if request.get("session"):
+        os.setsid()
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -289,6 +312,7 @@ def _child(request: dict[str, Any], fds: list[int], base_path: list[str]) -> Non
     os.umask(request["umask"])
     os.environ.clear()
     os.environ.update(request["env"])
+    tempfile.tempdir = None                    # read from TMPDIR again, as a fresh interpreter does
     script, *args = request["argv"][1:]
     sys.argv = [script, *args]
     sys.path[:] = [os.path.dirname(os.path.abspath(script)), *base_path]
