@@ -16,6 +16,7 @@ from _spiky import SPIKY
 from conftest import Sandbox
 
 
+@pytest.mark.slow   # the fast subset keeps tests/training/test_spikes.py
 def test_a_sweep_relaunches_a_rolled_back_run_at_once_and_skips_a_diverged_one(sandbox: Sandbox) -> None:
     """Under ``sweeprun launch``: the rollback is an interruption the launcher resumes from
     at once, the divergence a state of its own that a relaunch leaves alone until a reset."""

@@ -72,6 +72,7 @@ def test_lightning_ddp_stopped_at_two_ranks_goes_on_at_one_and_says_it_is_approx
     assert run.final_state()["step"] == total
 
 
+@pytest.mark.slow   # the fast subset keeps tests/training/test_ranks_ddp.py
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
 def test_trainer_on_two_ranks_stopped_on_one_then_killed_resumes_exactly(shared_dir: Path, tmp_path: Path) -> None:
     """SIGTERM to one rank: both save the same step, rank 0 seals the folder once both

@@ -70,6 +70,7 @@ def tiny(tmp_path: Path) -> str:
 DOCUMENTED = ("python", "examples/train_mlp.py", "--epochs", "2", "--save-every-steps", "7")
 
 
+@pytest.mark.slow   # fresh starts of the documented example; the fast subset keeps the wrapper's
 def test_the_documented_command_resumes_exactly(tmp_path: Path) -> None:
     """SIGTERMed, then SIGKILLed, at steps the seed (0 by default) fixes, and resumed each time."""
     assert f"sweeprun verify -- {' '.join(DOCUMENTED)}\n" in (REPO / "docs" / "verify.md").read_text()
