@@ -268,5 +268,9 @@ def sweeprun_verify(*args: str, tmp: Path, fresh: bool = False) -> subprocess.Co
     env[SERVER] = server
     command = [sys.executable, str(REPO / "tests" / "_verify_forked.py"), "verify", *args]
     proc = spawn(command, env, preload_for(script), cwd=str(REPO))   # verify itself forks too
-    out, err = proc.communicate(timeout=600)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()                            # as subprocess.run does (its scripts lead sessions of their own)
+        raise
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
