@@ -78,7 +78,9 @@ class Store:
         if self.protocol not in ("s3", "s3a"):
             return self.fs
         options = dict(self.fs.storage_options)
-        options["config_kwargs"] = {**options.get("config_kwargs", {}), **S3_FIRST_CONTACT}
+        # a copy of the retries: botocore rewrites them in place (max_attempts -> total_max_attempts)
+        first = {**S3_FIRST_CONTACT, "retries": dict(S3_FIRST_CONTACT["retries"])}
+        options["config_kwargs"] = {**options.get("config_kwargs", {}), **first}
         return type(self.fs)(**options)
 
     def _check_bucket(self, fs: fsspec.AbstractFileSystem, next_step: str) -> None:

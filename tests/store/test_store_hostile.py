@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -245,14 +246,19 @@ def test_first_contact_with_s3_is_bounded_and_later_io_keeps_its_retries(
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     store = open_store("s3://bucket/x")
     probe = store.first_contact().config_kwargs
-    assert probe["retries"]["max_attempts"] <= 3 and probe["connect_timeout"] <= 5
-    # fsspec hands back the filesystem an earlier test of this process made, and botocore
-    # rewrites its retries in place once a client exists (max_attempts n -> total n + 1).
-    retries = dict(store.fs.config_kwargs["retries"])
+    assert _retries(probe)["max_attempts"] <= 3 and probe["connect_timeout"] <= 5
+    assert _retries(store.fs.config_kwargs) == S3_RETRIES
+    assert S3_FIRST_CONTACT["retries"] == {"mode": "standard", "max_attempts": 2}, "never rewritten"
+    assert S3_FIRST_CONTACT["retries"]["max_attempts"] < S3_RETRIES["max_attempts"]
+
+
+def _retries(config: dict[str, Any]) -> dict[str, Any]:
+    """fsspec hands back the filesystem an earlier test of this process made, and botocore
+    rewrites its retries in place once a client exists (max_attempts n -> total n + 1)."""
+    retries = dict(config["retries"])
     if "total_max_attempts" in retries:
         retries["max_attempts"] = retries.pop("total_max_attempts") - 1
-    assert retries == S3_RETRIES
-    assert S3_FIRST_CONTACT["retries"]["max_attempts"] < S3_RETRIES["max_attempts"]
+    return retries
 
 
 @pytest.mark.parametrize("command", ["launch", "status"])
