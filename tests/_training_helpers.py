@@ -251,23 +251,24 @@ def stop_the_launcher_mid_run_then_relaunch(sandbox: Any, sweep: Path, past_step
     return run
 
 
-def sweeprun_verify(*args: str, tmp: Path, fresh: bool = False) -> subprocess.CompletedProcess[str]:
+def sweeprun_verify(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     """``python -m sweeprun verify ARGS`` from the repository root, its temporary folders under
-    ``tmp``. The script's starts fork from this test process's server (``tests/_verify_forked.py``:
-    the same command, verify itself forked too, without importing torch again at every start)
-    unless ``fresh`` or the script runs as ranks (``--nproc``: torchrun starts them)."""
+    ``tmp``. For a ``sys.executable script.py`` command, verify and the script's starts fork
+    from this test process's server (``tests/_verify_forked.py``: the same command, without
+    importing torch again at every start); with ``--nproc``, torchrun starts the ranks fresh."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
     env.pop("SWEEPRUN_RUN_DIR", None)
-    command = [sys.executable, "-m", "sweeprun", "verify", *args]
     split = args.index("--") if "--" in args else len(args)
     options, after = args[:split], args[split + 1:]
     script = next((REPO / a for a in after if a.endswith(".py")), None)   # relative: to REPO, verify's cwd
-    server = None if fresh or script is None or {"--nproc", "--resume-nproc"} & set(options) else server_for(script)
+    ranked = bool({"--nproc", "--resume-nproc"} & set(options))
+    server = None if script is None or ranked else server_for(script)
     if server is None:
-        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run([sys.executable, "-m", "sweeprun", "verify", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
     env[SERVER] = server
     command = [sys.executable, str(REPO / "tests" / "_verify_forked.py"), "verify", *args]
-    proc = spawn(command, env, preload_for(script), cwd=str(REPO))   # verify itself forks too
+    proc = spawn(command, env, (), server=server, cwd=str(REPO))   # verify itself forks too
     try:
         out, err = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:

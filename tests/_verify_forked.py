@@ -7,8 +7,9 @@ process's server, it is the same command, with one change: a start of ``python s
 forks from that server (:func:`_zygote.spawn`, the child leading a session of its own, as
 verify's own start does). A start of anything else (torchrun's agent for ``--nproc``) is
 verify's own. Everything verify does with the process (signals to its group, waiting for
-its group to end, exit codes) is what it does with a fresh one; the tests that start
-fresh interpreters (``sweeprun_verify(..., fresh=True)``) keep testing that path.
+its group to end, exit codes) is what it does with a fresh one; the tests whose command is
+not ``sys.executable script.py`` (the documented ``python examples/...``, an ``sh -c``
+wrapper, ``--nproc``) keep testing fresh starts.
 
 A forked script is the server's child, not verify's: verify's look at whether its leader
 has exited (``waitid`` without reaping, which only works on a child) reads ``/proc`` instead.
@@ -45,8 +46,8 @@ def _spawn(argv: Any, **kwargs: Any) -> Any:
 
 def _exited(pid: int) -> bool:
     if pid in _forked:
-        found = procs._proc_stat(pid)
-        return found is None or found[0] in ("Z", "X")   # the server reaps it as it ends
+        found = procs._proc_stat(pid)                   # the server reaps it as it ends
+        return found is None or procs._exited(pid, found[0])
     return _own_exited(pid)
 
 
