@@ -41,6 +41,7 @@ from ..store import atomic_write, fsync_dir
 from ..store.layout import DCP_METADATA, rank_state_name, shard_file_rank
 from .checkpoints import CheckpointDir, Manifest, Name
 from .digest import SHARD_HASH, StreamDigest, new_hash, tensor_memory
+from .writer import SHARD_WRITEBACK_BYTES, start_writeback
 
 #: The key of the write result that carries a rank's file records to rank 0 (never saved).
 REPORT = "__sweeprun_rank_files__"
@@ -74,15 +75,30 @@ def record(data: bytes) -> dict[str, Any]:
 
 class _HashedStream:
     """A file DCP writes into: each chunk goes to a :class:`~.digest.StreamDigest` (hashed
-    on its helper thread while this one writes and fsyncs), then to the file."""
+    on its helper thread while this one writes and fsyncs), then to the file. With the
+    file's descriptor (local disk), the kernel is asked to start the writeback every
+    :data:`~.writer.SHARD_WRITEBACK_BYTES` (:func:`~.writer.start_writeback`), so the disk
+    works while the rest of the shard is serialised and DCP's fsync finds little left:
+    without it, a sharded save took a fifth longer than a plain ``dcp.save`` on a 2-core
+    machine; with it, less time (benchmarks/RESULTS.md)."""
 
     def __init__(self, raw: Any, digest: StreamDigest) -> None:
         self.raw = raw
         self.digest = digest
+        self._hinted = 0
+        try:
+            self._fd: int | None = raw.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            self._fd = None                       # an upload buffer (fsspec): nothing to hint
 
     def write(self, chunk: Any) -> Any:
         self.digest.update(chunk)                 # queued first, so the hash overlaps the write
-        return self.raw.write(chunk)
+        written = self.raw.write(chunk)
+        if self._fd is not None and self.digest.size - self._hinted >= SHARD_WRITEBACK_BYTES:
+            self.raw.flush()
+            start_writeback(self._fd, self._hinted, self.digest.size - self._hinted)
+            self._hinted = self.digest.size
+        return written
 
     def __getattr__(self, name: str) -> Any:     # tell, fileno (DCP's fsync), flush, close
         return getattr(self.raw, name)

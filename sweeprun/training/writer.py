@@ -63,12 +63,15 @@ class Folder:
     manifests: list[Manifest]
 
 
-#: How much a local save writes between two writeback hints (:func:`_start_writeback`).
+#: How much a local save writes between two writeback hints (:func:`start_writeback`).
 WRITEBACK_BYTES = 16 * 2**20
+#: The same for a shard of a sharded save (:mod:`.dcp_io`): measured best at 4 MiB on a
+#: 2-core machine, where 16 MiB left most of a 25 MB shard to the final fsync.
+SHARD_WRITEBACK_BYTES = 4 * 2**20
 _LINUX = sys.platform.startswith("linux")
 
 
-def _start_writeback(fd: int, offset: int, length: int) -> None:
+def start_writeback(fd: int, offset: int, length: int) -> None:
     """Have the kernel start writing these bytes to disk now, without waiting for it.
 
     Left to itself, the kernel holds a whole checkpoint in the page cache and the final
@@ -115,7 +118,7 @@ class _HashingSink:
             written = self.f.write(chunk)
         if self.fd is not None and self.size - self._hinted >= WRITEBACK_BYTES:
             self.f.flush()
-            _start_writeback(self.fd, self._hinted, self.size - self._hinted)
+            start_writeback(self.fd, self._hinted, self.size - self._hinted)
             self._hinted = self.size
         if first:
             crash_point("checkpoint.mid_write")

@@ -497,3 +497,36 @@ def test_the_hashing_thread_never_outlives_a_failed_save() -> None:
         digest.update(view)
         raise OSError("disk full")                             # as a write would fail
     assert not [t for t in __import__("threading").enumerate() if t.name == "sweeprun-checkpoint-hash"]
+
+
+def test_a_shard_is_hashed_as_written_and_its_writeback_started_on_the_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard of a sharded save goes through DCP's own writer: its record (size, XXH3-128)
+    describes the file's bytes, and on local disk the kernel is asked to start writing it
+    back every few MiB while the rest is serialised (what keeps the save near a plain
+    ``dcp.save``), never past what was written."""
+    import torch.distributed.checkpoint as dcp
+    import xxhash
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    from sweeprun.training import dcp_io
+
+    hints: list[tuple[int, int]] = []
+    real = dcp_io.start_writeback
+    monkeypatch.setattr(dcp_io, "start_writeback", lambda fd, offset, length: (
+        hints.append((offset, length)), real(fd, offset, length)))
+    state = {"model": {f"w{i}": torch.randn(1_500_000) for i in range(3)}, "step": torch.tensor(7)}
+    writer = FileSystemWriter(str(tmp_path), sync_files=True)
+    hashing = writer.fs = dcp_io.HashingFileSystem(writer.fs, dcp_io.local_memory(state))
+    dcp.save(state, storage_writer=writer, no_dist=True)
+
+    for name, record in hashing.records.items():
+        data = (tmp_path / name).read_bytes()
+        assert record == {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
+    shard = (tmp_path / "__0_0.distcp").stat().st_size
+    assert len(hints) >= 2 and hints[0][0] == 0               # 18 MB: hinted more than once
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(hints))   # in order, no gap
+    assert hints[-1][0] + hints[-1][1] <= shard
+    loaded = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}, "step": torch.tensor(0)}
+    dcp.load(loaded, storage_reader=FileSystemReader(str(tmp_path)), no_dist=True)
+    assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())
