@@ -153,6 +153,7 @@ def test_gc_in_a_bucket_keeps_the_newest_verified_folder_and_the_best(sandbox: S
     assert "removed 0 file(s), freed 0 B" in again.stdout, again.stdout
 
 
+@pytest.mark.slow  # a sweep trained in a bucket: the full suite's
 def test_a_folder_half_removed_in_a_bucket_is_never_taken_for_a_checkpoint_and_the_next_gc_ends_it(
         sandbox: Sandbox, s3_bucket: str) -> None:
     sweep, run_id, trainer = bucket_trainer_sweep(sandbox, s3_bucket)
@@ -192,6 +193,7 @@ run.finish()
 """
 
 
+@pytest.mark.slow  # a verify that waits out a hung attempt: the full suite's
 def test_verify_kills_a_resumed_attempt_that_never_exits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sweeprun import verify as verify_module
     from sweeprun.verify import attempts

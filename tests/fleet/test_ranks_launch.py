@@ -134,6 +134,7 @@ def test_one_rank_killed_ends_the_attempt_interrupted_and_the_run_resumes(sandbo
     assert resumed > 1 and not events(sandbox, "finish", attempt=1)
 
 
+@pytest.mark.slow  # two launches of two torch ranks: the full suite's
 def test_a_killed_launcher_group_takes_every_rank_down_and_an_escaped_one_dies_at_the_next_launch(
         sandbox: Sandbox) -> None:
     """SIGKILL of the launcher's process group (a terminal closed, a job killed): torchrun dies

@@ -66,6 +66,7 @@ def test_the_report_opens_offline_with_each_runs_attempts_and_state_and_its_char
         assert origins(requested_urls(driver)) <= {"file", "data", "blob"}      # nothing left the machine
 
 
+@pytest.mark.slow  # a sweep trained and its page opened twice: the full suite's
 def test_report_to_a_local_file_and_without_a_ledger(sandbox: Sandbox) -> None:
     """``-o`` writes a copy where the user says; on a machine whose ledger never saw the sweep
     the table still comes from the store (the timeline is then empty)."""

@@ -15,6 +15,7 @@ from _browser import browser, console_errors, origins, requested_urls, table
 from conftest import Sandbox, wait_for
 
 
+@pytest.mark.slow  # a browser kept open while a run trains: the full suite's
 def test_the_live_page_shows_a_runs_new_steps_without_a_reload(sandbox: Sandbox) -> None:
     sweep = sandbox.write_sweep({"lr": [0.1, 0.2]}, {"api": True, "steps": 400, "sleep": 0.2})
     launch = sandbox.sweeprun("launch", str(sweep), "--workers", "2")

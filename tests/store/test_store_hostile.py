@@ -300,6 +300,7 @@ def test_a_local_store_with_brackets_is_taken_literally(sandbox: Sandbox) -> Non
         == sorted(rows)
 
 
+@pytest.mark.slow  # a sweep trained in a bucket: the full suite's
 def test_an_object_store_with_brackets_shows_its_own_runs(sandbox: Sandbox, s3_bucket: str) -> None:
     sweep = _sweep(sandbox, f"{s3_bucket}/out[1]")
     assert sandbox.run("launch", str(sweep)).returncode == 0

@@ -401,6 +401,7 @@ sys.exit(int(os.environ["SWEEPRUN_PARAMS"][6]) - 1)   # {"a": 1} succeeds, {"a":
 """
 
 
+@pytest.mark.slow  # every command run against a bucket: the full suite's
 def test_credentials_appear_nowhere(sandbox: Sandbox, s3_server: S3Server, s3_bucket: str) -> None:
     """A sweep on S3 whose file names a ledger URL with a password: neither that password nor
     the AWS secret reaches any output, log, status or object in the store."""

@@ -83,6 +83,7 @@ def test_mlflow_holds_one_run_per_run_each_step_once_and_the_ledgers_status(
     assert run.info.status == "KILLED"
 
 
+@pytest.mark.slow  # a run killed twice and finished: the full suite's
 def test_tensorboard_shows_each_step_once_after_kills(sandbox: Sandbox) -> None:
     sweep = killed_and_resumed(sandbox, {"seed": [1, 2]}, {"steps": 40, "tracker": "tensorboard"})
     status = sandbox.status(sweep)

@@ -29,6 +29,7 @@ def test_lightning_logs_to_tensorboard_each_step_once(tmp_path: Path) -> None:
     assert same_series(tensorboard(run.out / "tensorboard"), logged(run.out)) == []
 
 
+@pytest.mark.slow  # a Trainer run killed and finished: the full suite's
 def test_the_trainer_logs_to_tensorboard_each_step_once(tmp_path: Path) -> None:
     run = ExampleRun(tmp_path / "run", script=REPO / "tests" / "scripts" / "hf_user.py",
                      flags=("--epochs", "2", "--step-sleep-s", "0.05", "--tracker", "tensorboard"),

@@ -37,6 +37,7 @@ def _saved(err: str) -> tuple[str, int]:
     return found[1], int(found[2])
 
 
+@pytest.mark.slow  # two DDP ranks trained three times; the launcher's SIGTERM test covers it in the fast subset: the full suite's
 def test_sigterm_to_one_rank_saves_once_at_the_same_step_on_both_and_resumes_exactly(
         shared_dir: Path, tmp_path: Path) -> None:
     want = reference(shared_dir, DDP)

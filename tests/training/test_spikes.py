@@ -66,6 +66,7 @@ def test_a_kill_during_the_rollback_changes_nothing(shared_dir: Path, tmp_path: 
     assert [r.restored_step for r in run.rollbacks()] == [15]
 
 
+@pytest.mark.slow  # every rollback of a run trained: the full suite's
 def test_a_run_that_diverges_every_time_ends_diverged_and_is_not_started_again(tmp_path: Path) -> None:
     run = SpikyRun(tmp_path / "run", ("--always-from", "10", "--max-rollbacks", "2", "--every", "4"))
     assert run.until_done() == [PREEMPTED_EXIT, PREEMPTED_EXIT, DIVERGED_EXIT]

@@ -252,6 +252,7 @@ def test_a_newer_attempts_record_fences_saves_on_object_stores_too(
         fs.rm(path, recursive=True)
 
 
+@pytest.mark.slow  # a run trained, taken over and trained again: the full suite's
 def test_a_fenced_process_exits_75_with_one_line(tmp_path: Path) -> None:
     assert script(tmp_path, "plain", 4, launcher_env(tmp_path, 2)).returncode == 0   # the successor
     before = {n: (tmp_path / "checkpoints" / n).read_bytes() for n in names(tmp_path)}

@@ -106,6 +106,7 @@ def test_a_forgotten_piece_of_state_is_named(tmp_path: Path, piece: str, named: 
     assert (Path(kept[1]) / "interrupted" / "logs" / "attempt-2.log").exists()
 
 
+@pytest.mark.slow  # a whole verify with kills: the full suite's
 def test_a_script_that_never_restores_is_not_exact(tmp_path: Path, tiny: str) -> None:
     """Starting over after each kill reproduces the same numbers: exact-looking and wrong."""
     result = sweeprun_verify("--kills", "1", "--", sys.executable, tiny, "--no-restore", tmp=tmp_path)
@@ -144,6 +145,7 @@ def test_an_interruption_that_lands_after_the_last_step_verifies_nothing(tmp_pat
                      r"left to train", result.stdout, re.MULTILINE), result.stdout
 
 
+@pytest.mark.slow  # three uninterrupted runs of a script: the full suite's
 def test_a_script_random_even_uninterrupted_is_told_so(tmp_path: Path, tiny: str) -> None:
     result = sweeprun_verify("--kills", "1", "--", sys.executable, tiny, "--unseeded", tmp=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
