@@ -88,7 +88,7 @@ class _HashedStream:
         self._hinted = 0
         try:
             self._fd: int | None = raw.fileno()
-        except (AttributeError, OSError, io.UnsupportedOperation):
+        except (AttributeError, OSError, ValueError, NotImplementedError):
             self._fd = None                       # an upload buffer (fsspec): nothing to hint
 
     def write(self, chunk: Any) -> Any:
