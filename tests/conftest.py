@@ -47,7 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection(session: pytest.Session) -> Iterator[None]:
     """Keep pytest's rewritten test modules between runs while they are collected: with
     ``PYTHONDONTWRITEBYTECODE`` set, each xdist worker rewrites the asserts of every test
-    module again at each run (6 of the 15 CPU-s a worker spends collecting). Only while
+    module again at each run (a worker's collection: 15 CPU-s, 12 with them kept). Only while
     collecting: a test that imports a module of its own from a temporary folder leaves no
     ``__pycache__`` there."""
     was = sys.dont_write_bytecode
