@@ -105,6 +105,7 @@ class MetricsDiff:
     step: int | None = None                   # its step
     keys: list[str] = field(default_factory=list)
     detail: str = ""
+    absent: list[str] = field(default_factory=list)   # of keys: logged on that line by one run only
 
     @property
     def same(self) -> bool:
@@ -124,6 +125,7 @@ def diff_metrics(a: list[dict[str, Any]], b: list[dict[str, Any]], atol: float =
             keys = keys or ["step"]
             shown = [f"{k} {x.get(k, '-')!r} vs {y.get(k, '-')!r}" for k in keys[:3]]
             result.index, result.step, result.keys = i, x.get("step"), keys
+            result.absent = [k for k in keys if (k in x) != (k in y)]
             result.detail = "; ".join(shown) + (f"; +{len(keys) - 3} more" if len(keys) > 3 else "")
             return result
     if len(a) != len(b):

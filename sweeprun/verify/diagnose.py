@@ -47,6 +47,14 @@ def diagnose(metrics: MetricsDiff, resumes: Sequence[int], resumed_steps: Sequen
         causes.append(f"the data position was not restored: the resumed run logged {b_lines} metric "
                       f"lines where the uninterrupted one logged {a_lines}, so it {how}"
                       + (f"; {fix}" if fix else ""))
+    if metrics.absent:
+        # not a value that drifted but a line that logged something else: what the script
+        # decided to do at that step (evaluate, log) came out otherwise, from a counter
+        return [*causes, f"the runs log different metrics at step {metrics.step} "
+                f"({', '.join(metrics.absent)} in one run only), {step - before[-1]:g} steps after "
+                f"resuming from step {before[-1]}: a counter that decides what runs when (an "
+                "evaluation every n optimizer steps, an epoch count, a best metric) was not "
+                "restored: keep it in run.extras, or derive it from run.step"]
     for c in before:
         cause = _at_resume(c, step, metrics.keys, sorted({s for s in resumed_steps if s > c}),
                            kinds, missing, same_length=a_lines == b_lines)

@@ -303,6 +303,21 @@ def test_a_kill_that_lands_late_still_names_the_optimizer() -> None:
     assert diagnose(same, resumes=[31], resumed_steps=range(1, 33), state=TRACKED) == [], "nothing differs"
 
 
+def test_a_metric_one_run_logs_and_the_other_does_not_names_a_counter_not_the_optimizer() -> None:
+    """With gradient accumulation, the second logged step after a resume is the first update:
+    where a script's own step counter (kept outside run.extras) moves its evaluation, the line
+    there has a ``val_loss`` in one run and none in the other. That is the counter's signature,
+    not the optimizer's, whatever the step."""
+    a = [{"step": s, "loss": 1.0 / s, **({"val_loss": 0.5} if s == 18 else {})} for s in range(1, 33)]
+    b = [{"step": s, "loss": 1.0 / s, **({"val_loss": 0.5} if s == 20 else {})} for s in range(1, 33)]
+    metrics = diff_metrics(a, b)
+    assert (metrics.step, metrics.keys, metrics.absent) == (18, ["val_loss"], ["val_loss"])
+    (found,) = diagnose(metrics, resumes=[16], resumed_steps=range(1, 33), state=TRACKED)
+    assert found.startswith("the runs log different metrics at step 18 (val_loss in one run only), "
+                            "2 steps after resuming from step 16: a counter")
+    assert "run.extras" in found
+
+
 def test_a_fault_is_blamed_on_the_resume_that_caused_it() -> None:
     """Resumed at 20 without the optimizer, saved at 21 (the cadence), killed, resumed at 21: the
     loss of step 22 differs. Measured from 21 it looks like a first-step fault (RNG, data);
