@@ -70,10 +70,9 @@ def _compile_sources() -> None:
     import compileall
     import re
 
-    repo = Path(__file__).resolve().parents[1]
-    compileall.compile_dir(str(repo / "sweeprun"), quiet=2)
+    compileall.compile_dir(str(REPO / "sweeprun"), quiet=2)
     # the helpers the tests' scripts import; a test module's own .pyc is pytest's (rewritten)
-    compileall.compile_dir(str(repo / "tests"), quiet=2, rx=re.compile(r"[/\\]test_[^/\\]*\.py$"))
+    compileall.compile_dir(str(REPO / "tests"), quiet=2, rx=re.compile(r"[/\\]test_[^/\\]*\.py$"))
 
 
 #: Seconds each test file holds its worker (wall time, so a file that mostly waits on a

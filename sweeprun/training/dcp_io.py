@@ -41,7 +41,7 @@ from ..store import atomic_write, fsync_dir
 from ..store.layout import DCP_METADATA, rank_state_name, shard_file_rank
 from .checkpoints import CheckpointDir, Manifest, Name
 from .digest import SHARD_HASH, StreamDigest, new_hash, tensor_memory
-from .writer import SHARD_WRITEBACK_BYTES, start_writeback
+from .writer import SHARD_WRITEBACK_BYTES, Writeback
 
 #: The key of the write result that carries a rank's file records to rank 0 (never saved).
 REPORT = "__sweeprun_rank_files__"
@@ -75,29 +75,22 @@ def record(data: bytes) -> dict[str, Any]:
 
 class _HashedStream:
     """A file DCP writes into: each chunk goes to a :class:`~.digest.StreamDigest` (hashed
-    on its helper thread while this one writes and fsyncs), then to the file. With the
+    on its helper thread while this one writes and fsyncs), then to the file. Given the
     file's descriptor (local disk), the kernel is asked to start the writeback every
-    :data:`~.writer.SHARD_WRITEBACK_BYTES` (:func:`~.writer.start_writeback`), so the disk
-    works while the rest of the shard is serialised and DCP's fsync finds little left:
-    without it, a sharded save took a fifth longer than a plain ``dcp.save`` on a 2-core
-    machine; with it, less time (benchmarks/RESULTS.md)."""
+    :data:`~.writer.SHARD_WRITEBACK_BYTES` (:class:`~.writer.Writeback`), so the disk works
+    while the rest of the shard is serialised and DCP's fsync finds little left: without
+    it, a sharded save took a fifth longer than a plain ``dcp.save`` on a 2-core machine;
+    with it, less time (benchmarks/RESULTS.md)."""
 
-    def __init__(self, raw: Any, digest: StreamDigest) -> None:
+    def __init__(self, raw: Any, digest: StreamDigest, fd: int | None) -> None:
         self.raw = raw
         self.digest = digest
-        self._hinted = 0
-        try:
-            self._fd: int | None = raw.fileno()
-        except (AttributeError, OSError, ValueError, NotImplementedError):
-            self._fd = None                       # an upload buffer (fsspec): nothing to hint
+        self._writeback = Writeback(raw, fd, SHARD_WRITEBACK_BYTES)
 
     def write(self, chunk: Any) -> Any:
         self.digest.update(chunk)                 # queued first, so the hash overlaps the write
         written = self.raw.write(chunk)
-        if self._fd is not None and self.digest.size - self._hinted >= SHARD_WRITEBACK_BYTES:
-            self.raw.flush()
-            start_writeback(self._fd, self._hinted, self.digest.size - self._hinted)
-            self._hinted = self.digest.size
+        self._writeback.wrote(self.digest.size)
         return written
 
     def __getattr__(self, name: str) -> Any:     # tell, fileno (DCP's fsync), flush, close
@@ -108,11 +101,13 @@ class HashingFileSystem:
     """DCP's filesystem (local or fsspec) with every file it writes hashed as it is written.
     :attr:`records` gets ``name -> size, hash`` once a file is closed (uploaded, on object
     stores); a rename (how DCP puts ``.metadata`` in place) carries the record along.
-    Everything else is DCP's own filesystem's."""
+    Everything else is DCP's own filesystem's. ``local``: DCP writes real files there (the
+    store's native path), whose writeback is started as they are written."""
 
-    def __init__(self, inner: Any, memory: set[tuple[int, int]]) -> None:
+    def __init__(self, inner: Any, memory: set[tuple[int, int]], local: bool = False) -> None:
         self.inner = inner
         self.memory = memory
+        self.local = local
         self.records: dict[str, dict[str, Any]] = {}
 
     @contextmanager
@@ -123,7 +118,7 @@ class HashingFileSystem:
             return
         with StreamDigest(self.memory, SHARD_HASH) as digest:
             with self.inner.create_stream(path, mode) as raw:
-                yield _HashedStream(raw, digest)
+                yield _HashedStream(raw, digest, raw.fileno() if self.local else None)
             found = {"size": digest.size, SHARD_HASH: digest.hexdigest()}
         self.records[posixpath.basename(os.fspath(path))] = found
 
@@ -215,7 +210,8 @@ class Commit(StorageWriter):
         self.flush()                              # the fence passed (rank 0 has the metrics)
         folder = self.dir.join(self.name.shards)
         self.inner = storage(self.dir, folder, write=True)
-        self.hashing = self.inner.fs = HashingFileSystem(self.inner.fs, self.memory)
+        self.hashing = self.inner.fs = HashingFileSystem(self.inner.fs, self.memory,
+                                                         local=self.dir.store.native_path(folder) is not None)
         self.inner.set_up_storage_writer(self.setup[0], **self.setup[1])
         results = self.inner.write_data(self.inner.prepare_local_plan(plan), planner).wait()
         crash_point("checkpoint.before_rank_state")

@@ -63,7 +63,7 @@ class Folder:
     manifests: list[Manifest]
 
 
-#: How much a local save writes between two writeback hints (:func:`start_writeback`).
+#: How much a local save writes between two writeback hints (:func:`_start_writeback`).
 WRITEBACK_BYTES = 16 * 2**20
 #: The same for a shard of a sharded save (:mod:`.dcp_io`): measured best at 4 MiB on a
 #: 2-core machine, where 16 MiB left most of a 25 MB shard to the final fsync.
@@ -71,7 +71,7 @@ SHARD_WRITEBACK_BYTES = 4 * 2**20
 _LINUX = sys.platform.startswith("linux")
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
+def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Have the kernel start writing these bytes to disk now, without waiting for it.
 
     Left to itself, the kernel holds a whole checkpoint in the page cache and the final
@@ -87,6 +87,23 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+class Writeback:
+    """The writeback hints of one local file as it is written (:func:`_start_writeback`): once
+    ``every`` bytes were written since the last hint, the file is flushed to the kernel and
+    those bytes are hinted. Without a descriptor (an upload buffer), nothing is hinted."""
+
+    def __init__(self, f: Any, fd: int | None, every: int) -> None:
+        self.f, self.fd, self.every = f, fd, every
+        self._hinted = 0
+
+    def wrote(self, size: int) -> None:
+        """``size``: the bytes written to the file so far."""
+        if self.fd is not None and size - self._hinted >= self.every:
+            self.f.flush()
+            _start_writeback(self.fd, self._hinted, size - self._hinted)
+            self._hinted = size
+
+
 class _HashingSink:
     """A write-only file for ``torch.save`` that hands every chunk to a :class:`StreamDigest`
     (hashed on its helper thread while this one writes) and counts it. Given the file's
@@ -97,8 +114,7 @@ class _HashingSink:
         self.f = f
         self.digest = digest
         self.slice_bytes = slice_bytes
-        self.fd = fd
-        self._hinted = 0
+        self._writeback = Writeback(f, fd, WRITEBACK_BYTES)
 
     @property
     def size(self) -> int:
@@ -116,10 +132,7 @@ class _HashingSink:
             written = len(view)
         else:
             written = self.f.write(chunk)
-        if self.fd is not None and self.size - self._hinted >= WRITEBACK_BYTES:
-            self.f.flush()
-            start_writeback(self.fd, self._hinted, self.size - self._hinted)
-            self._hinted = self.size
+        self._writeback.wrote(self.size)
         if first:
             crash_point("checkpoint.mid_write")
         return written

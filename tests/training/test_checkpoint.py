@@ -509,16 +509,16 @@ def test_a_shard_is_hashed_as_written_and_its_writeback_started_on_the_way(
     import xxhash
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-    from sweeprun.training import dcp_io
+    from sweeprun.training import dcp_io, writer
 
     hints: list[tuple[int, int]] = []
-    real = dcp_io.start_writeback
-    monkeypatch.setattr(dcp_io, "start_writeback", lambda fd, offset, length: (
+    real = writer._start_writeback
+    monkeypatch.setattr(writer, "_start_writeback", lambda fd, offset, length: (
         hints.append((offset, length)), real(fd, offset, length)))
     state = {"model": {f"w{i}": torch.randn(1_500_000) for i in range(3)}, "step": torch.tensor(7)}
-    writer = FileSystemWriter(str(tmp_path), sync_files=True)
-    hashing = writer.fs = dcp_io.HashingFileSystem(writer.fs, dcp_io.local_memory(state))
-    dcp.save(state, storage_writer=writer, no_dist=True)
+    storage = FileSystemWriter(str(tmp_path), sync_files=True)
+    hashing = storage.fs = dcp_io.HashingFileSystem(storage.fs, dcp_io.local_memory(state), local=True)
+    dcp.save(state, storage_writer=storage, no_dist=True)
 
     for name, record in hashing.records.items():
         data = (tmp_path / name).read_bytes()
